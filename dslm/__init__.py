@@ -1,0 +1,1 @@
+"""dslm: pretrain GPT-style language models with DeepSpeed, from one CPU to many GPU nodes."""

@@ -1,0 +1,1 @@
+"""Reading tokenized shards: the manifest format and the training data loader."""

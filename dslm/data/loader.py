@@ -1,0 +1,97 @@
+"""Training batches from tar shards, in a world-size-independent order.
+
+Every sample of a split has a global index. Epoch e visits all of them in the permutation drawn
+from (seed, e); a global cursor counts the samples consumed so far. Each micro-step takes the next
+micro_batch * world_size positions and rank r reads its own contiguous slice of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from wids.wids import IndexedTarSamples
+
+from dslm.data.manifest import Manifest, ShardEntry
+from dslm.errors import DslmError
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"
+    """Folder written by `dslm-shard build` (holds manifest.json)."""
+    num_workers: int = 1
+    """Loader worker processes per rank (0 = read in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker reads ahead."""
+
+
+class ShardSamples(Dataset):
+    """Random access to the samples of one split: index -> (seq_len + 1,) int64 tokens."""
+
+    def __init__(self, root: str | Path, shards: list[ShardEntry]):
+        if not shards:
+            raise DslmError(f"{root}: the manifest lists no shards for this split")
+        self.paths = [str(Path(root) / s.name) for s in shards]
+        self.offsets = np.cumsum([0] + [s.samples for s in shards])
+        self._open: dict[int, IndexedTarSamples] = {}  # per process: workers open their own
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        if shard not in self._open:
+            self._open[shard] = IndexedTarSamples(path=self.paths[shard])
+        sample = self._open[shard][index - int(self.offsets[shard])]
+        return torch.from_numpy(np.load(sample[".tokens.npy"]).astype(np.int64))
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+class GlobalOrderSampler(Sampler[int]):
+    """This rank's sample indices, forever, starting at global position `start`."""
+
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, micro_batch: int, start: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        epoch, order = -1, np.empty(0, dtype=np.int64)
+        while True:
+            first = position + self.rank * self.micro_batch
+            for p in range(first, first + self.micro_batch):
+                if p // self.num_samples != epoch:
+                    epoch = p // self.num_samples
+                    order = epoch_order(self.num_samples, self.seed, epoch)
+                yield int(order[p % self.num_samples])
+            position += self.micro_batch * self.world_size
+
+
+def split_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) tokens -> inputs (B, T) and next-token targets (B, T) on `device`."""
+    batch = batch.to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def train_loader(cfg: DataConfig, manifest: Manifest, seed: int, rank: int, world_size: int,
+                 micro_batch: int, start: int = 0) -> DataLoader:
+    dataset = ShardSamples(cfg.shards, manifest.split("train"))
+    sampler = GlobalOrderSampler(len(dataset), seed, rank, world_size, micro_batch, start)
+    return DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

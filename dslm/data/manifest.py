@@ -1,0 +1,62 @@
+"""manifest.json: the commit marker and table of contents of a shard folder (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dslm.errors import DslmError
+from dslm.files import atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    split: str
+    samples: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SourceStats:
+    documents: int = 0
+    bytes: int = 0
+    tokens: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    tokenizer: str
+    tokenizer_sha256: str
+    vocab_size: int
+    seq_len: int
+    dtype: str
+    shards: list[ShardEntry]
+    sources: dict[str, SourceStats]
+    format: int = FORMAT_VERSION
+
+    def split(self, name: str) -> list[ShardEntry]:
+        return [s for s in self.shards if s.split == name]
+
+    def save(self, folder: str | Path) -> None:
+        atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise DslmError(f"no {MANIFEST_NAME} in {folder}: run `dslm-shard build` first")
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT_VERSION:
+            raise DslmError(f"{path}: manifest format {raw.get('format')} is not {FORMAT_VERSION}")
+        raw["shards"] = [ShardEntry(**s) for s in raw["shards"]]
+        raw["sources"] = {k: SourceStats(**v) for k, v in raw["sources"].items()}
+        return cls(**raw)

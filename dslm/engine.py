@@ -1,0 +1,93 @@
+"""Everything that touches DeepSpeed's setup: distributed init, the DS config, optimizer, engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
+
+from dslm.errors import DslmError
+from dslm.trainer import TrainConfig, lr_factor
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group the launcher described (deepspeed, torchrun, srun); alone if none."""
+    if "RANK" not in os.environ:  # started as a plain process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        # share the cores between the ranks on this machine instead of oversubscribing them
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    else:
+        accel.set_device(local_rank)
+    return DistEnv(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=torch.device(accel.device_name(local_rank)),
+    )
+
+
+def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dict:
+    """Read the DeepSpeed JSON and fill in the batch sizes from the run config; a clash is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DslmError(f"DeepSpeed config {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DslmError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    derived = {
+        "train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (train.grad_accum, "train.grad_accum"),
+        "train_batch_size": (train.micro_batch_size * train.grad_accum * world_size,
+                             f"train.micro_batch_size * train.grad_accum * world size {world_size}"),
+    }
+    for key, (value, source) in derived.items():
+        if key in ds and ds[key] != value:
+            raise DslmError(f"{path}: {key}={ds[key]} disagrees with {source} = {value}; "
+                            f"leave batch sizes out of the DeepSpeed JSON")
+        ds[key] = value
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on Linear weights only; biases, LayerNorms and embeddings are not decayed."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict):
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
+                                  betas=(train.beta1, train.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    return engine

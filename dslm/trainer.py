@@ -1,0 +1,99 @@
+"""The training loop: one optimizer step per `train_step`, logging and checkpoints around it."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dslm.checkpoint import save_checkpoint
+from dslm.data.loader import split_batch
+from dslm.metrics import Metrics
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    max_steps: int = 1000
+    """Optimizer steps in the whole run."""
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    """Where the cosine decay ends, at max_steps."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    """Applied to Linear weights only: not to biases, norms or embeddings."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    seed: int = 1234
+    """Seeds model init and the data order."""
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    """Save every N steps; the last step is always saved."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be within 0..train.max_steps={self.max_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be within 0..train.lr={self.lr}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps (as a factor of cfg.lr)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_step(engine, batches: Iterator[torch.Tensor], grad_accum: int) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss, still on device."""
+    total = torch.zeros((), device=engine.device)
+    for _ in range(grad_accum):
+        inputs, targets = split_batch(next(batches), engine.device)
+        loss = engine(inputs, targets)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer and the lr schedule at the accumulation boundary
+        total += loss.detach().float()
+    return total / grad_accum
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """Mean over ranks: the only host sync, done at log steps."""
+    value = value.clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints, metrics: Metrics,
+          tokens_per_step: int) -> None:
+    progress = tqdm(total=cfg.max_steps, desc="train", unit="step", disable=dist.get_rank() != 0)
+    interval_loss, interval_start = torch.zeros((), device=engine.device), time.perf_counter()
+    for step in range(1, cfg.max_steps + 1):
+        interval_loss += train_step(engine, batches, cfg.grad_accum)
+        progress.update()
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            steps_done = (step - 1) % cfg.log_interval + 1
+            elapsed = time.perf_counter() - interval_start
+            metrics.log(step, {
+                "train/loss": global_mean(interval_loss) / steps_done,
+                "train/lr": engine.get_lr()[0],
+                "train/tokens_per_s": tokens_per_step * steps_done / elapsed,
+                "train/tokens": tokens_per_step * step,
+            })
+            interval_loss.zero_()
+            interval_start = time.perf_counter()
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+            save_checkpoint(engine, checkpoints, step)
+    progress.close()

@@ -1,0 +1,1 @@
+"""dslm-eval: offline evaluation of saved checkpoints, written back into the run."""

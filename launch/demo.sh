@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `make demo`: the whole pipeline on this machine's CPU, on real code (the interpreter's own
+# standard library): tokenizer + shards -> 2-rank DeepSpeed ZeRO-2 bf16 training -> perplexity.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+DATA=data/demo
+RUN=runs/demo
+PORT=${DEMO_PORT:-29500}
+STDLIB=$("$BIN/python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+SOURCES=(--source "code:$STDLIB" --exclude 'site-packages/*')
+
+echo "== 1/3 shards from $STDLIB -> $DATA"
+if [ -f "$DATA/manifest.json" ]; then
+    echo "$DATA/manifest.json exists: reusing those shards (make clean to rebuild)"
+else
+    "$BIN/dslm-shard" tokenizer "${SOURCES[@]}" --vocab-size 2048 --out "$DATA/tokenizer.json"
+    "$BIN/dslm-shard" build "${SOURCES[@]}" --tokenizer "$DATA/tokenizer.json" --out "$DATA" \
+        --seq-len 128 --samples-per-shard 8192 --val-fraction 0.02
+fi
+
+echo "== 2/3 train the tiny model: 2 CPU ranks (gloo), ZeRO-2, bf16, grad accumulation 2"
+rm -rf "$RUN"
+"$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" dslm/train.py \
+    --deepspeed ds_configs/zero2.json --config launch/recipes/demo.yaml
+
+echo "== 3/3 evaluate the checkpoints on the val shards"
+"$BIN/dslm-eval" "$RUN"
+
+"$BIN/python" - "$RUN" <<'PY'
+import sys
+from dslm.metrics import read_scalars
+run = sys.argv[1]
+loss = read_scalars(f"{run}/tb", "train/loss")
+print(f"\ntrain loss: {loss[0][1]:.3f} at step {loss[0][0]} -> {loss[-1][1]:.3f} at step {loss[-1][0]}")
+print(f"shards:      data/demo/manifest.json\nrun:         {run}/ (config.yaml, checkpoints/, eval/)")
+print(f"tensorboard: {sys.prefix}/bin/tensorboard --logdir {run}/tb")
+PY

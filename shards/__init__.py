@@ -1,0 +1,1 @@
+"""dslm-shard: turn raw corpora into tokenized webdataset tar shards with a manifest."""

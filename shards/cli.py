@@ -1,0 +1,65 @@
+"""dslm-shard: train the tokenizer, then write tokenized train/val tar shards and a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dslm.cli import run_command
+from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
+from shards.sources import parse_source
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
+                   help="code:FOLDER (source files by extension: .py .c .h .java); repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files whose path below the source folder matches, e.g. 'site-packages/*'; repeatable")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dslm-shard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the sources")
+    add_source_args(t)
+    t.add_argument("--vocab-size", type=int, default=8888, help="8888 for gpt-12l-1024d, 8000 for code-33m (default: %(default)s)")
+    t.add_argument("--sample-bytes", type=int, default=200_000_000, help="characters of text to learn from (default: %(default)s)")
+    t.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
+
+    b = sub.add_parser("build", help="tokenize the sources into train/val tar shards + manifest.json")
+    add_source_args(b)
+    b.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json from `dslm-shard tokenizer`")
+    b.add_argument("--out", type=Path, required=True, help="output folder")
+    b.add_argument("--seq-len", type=int, default=1024, help="model context; samples hold seq_len+1 tokens (default: %(default)s)")
+    b.add_argument("--samples-per-shard", type=int, default=10_000, help="(default: %(default)s)")
+    b.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in val (default: %(default)s)")
+    b.add_argument("--overwrite", action="store_true", help="replace a finished build in --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command("dslm-shard", lambda: dispatch(parser().parse_args(argv)))
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
+    if args.command == "tokenizer":
+        tok = train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes, args.out)
+        print(f"wrote {args.out} ({tok.get_vocab_size()} tokens)")
+        return
+    cfg = ShardConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                      samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
+                      overwrite=args.overwrite)
+    manifest = build_shards(cfg, sources)
+    for split in ("train", "val"):
+        entries = manifest.split(split)
+        print(f"{split}: {len(entries)} shards, {sum(e.samples for e in entries)} samples, "
+              f"{sum(e.tokens for e in entries)} tokens")
+    print(json.dumps({k: vars(v) for k, v in manifest.sources.items()}, indent=2))
+    print(f"wrote {args.out / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

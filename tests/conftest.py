@@ -1,0 +1,45 @@
+"""Shared fixtures: a small real corpus (stdlib source files) sharded once per test session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from dslm.data.manifest import Manifest
+from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
+from shards.sources import CodeSource
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TINY_VOCAB = 512
+TINY_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="session")
+def code_corpus(tmp_path_factory) -> Path:
+    """A copy of two stdlib packages: real Python, a few hundred KB."""
+    root = tmp_path_factory.mktemp("corpus")
+    for package in ("json", "email"):
+        shutil.copytree(STDLIB / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, code_corpus) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("shards")
+    sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
+    train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=out / "tokenizer.json")
+    cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN,
+                      samples_per_shard=200, val_fraction=0.1)
+    return out, build_shards(cfg, sources)
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

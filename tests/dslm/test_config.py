@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from dslm.config import check_against_manifest, load_config
+from dslm.engine import load_ds_config
+from dslm.errors import DslmError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_preset_then_recipe_then_overrides(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "name: exp\nmodel:\n  preset: code-33m\n  dropout: 0.1\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_config(recipe, ["train.lr=2e-3", "model.n_layer=4"])
+    assert cfg.name == "exp" and cfg.train.lr == 2e-3
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size, cfg.model.dropout) == (4, 512, 8000, 0.1)
+    assert cfg.run_dir.as_posix() == "runs/exp"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lrr=1"], "train.lrr"),
+    (["train.max_steps=many"], "train.max_steps"),
+    (["model.preset=huge"], "model.preset='huge'"),
+    (["model.n_head=3"], "model.d_model=128 is not divisible by model.n_head=3"),
+    (["train.warmup_steps=5000"], "train.warmup_steps=5000"),
+])
+def test_mistakes_name_the_field(overrides, message):
+    with pytest.raises(DslmError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_shards_must_fit_the_model(tiny_shards):
+    _, manifest = tiny_shards
+    with pytest.raises(DslmError, match="model.vocab_size=100"):
+        check_against_manifest(load_config(None, ["model.vocab_size=100"]), manifest)
+    with pytest.raises(DslmError, match="model.context=32"):
+        check_against_manifest(load_config(None, ["model.context=32"]), manifest)
+    check_against_manifest(load_config(None, ["model.preset=tiny"]), manifest)
+
+
+def test_ds_config_batch_sizes_filled_in_or_checked(tmp_path):
+    train = load_config(None, ["train.micro_batch_size=4", "train.grad_accum=3"]).train
+    ds = load_ds_config(write(tmp_path / "ds.json", json.dumps({"zero_optimization": {"stage": 2}})), train, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    clash = write(tmp_path / "clash.json", json.dumps({"train_batch_size": 16}))
+    with pytest.raises(DslmError, match="train_batch_size=16 disagrees with train.micro_batch_size"):
+        load_ds_config(clash, train, world_size=2)
+    with pytest.raises(DslmError, match="not valid JSON"):
+        load_ds_config(write(tmp_path / "bad.json", "{"), train, world_size=1)

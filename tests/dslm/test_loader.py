@@ -1,0 +1,36 @@
+from itertools import islice
+
+import torch
+
+from dslm.data.loader import DataConfig, GlobalOrderSampler, ShardSamples, epoch_order, train_loader
+
+
+def global_steps(num_samples, world_size, micro_batch, steps, start=0):
+    """The set of sample indices each global micro-step reads, over all ranks."""
+    per_rank = [list(islice(iter(GlobalOrderSampler(num_samples, 7, r, world_size, micro_batch, start)), steps * micro_batch))
+                for r in range(world_size)]
+    return [sorted(i for r in per_rank for i in r[s * micro_batch:(s + 1) * micro_batch]) for s in range(steps)]
+
+
+def test_epoch_reads_every_sample_once_whatever_the_world_size():
+    two_ranks = global_steps(num_samples=48, world_size=2, micro_batch=3, steps=8)
+    assert sorted(i for step in two_ranks for i in step) == list(range(48))
+    one_rank = global_steps(num_samples=48, world_size=1, micro_batch=6, steps=8)
+    assert one_rank == two_ranks  # same samples per global step on 1 rank with twice the micro-batch
+
+
+def test_next_epoch_is_a_new_order():
+    first, second = (global_steps(10, 1, 10, 1, start=s)[0] for s in (0, 10))
+    order = list(islice(iter(GlobalOrderSampler(10, 7, 0, 1, 10)), 20))
+    assert first == second == list(range(10)) and order[:10] != order[10:]
+
+
+def test_loader_yields_token_batches(tiny_shards):
+    out, manifest = tiny_shards
+    loader = train_loader(DataConfig(shards=str(out), num_workers=2), manifest, seed=1, rank=0, world_size=1, micro_batch=4)
+    batches = list(islice(iter(loader), 3))
+    assert all(b.shape == (4, manifest.seq_len + 1) and b.dtype == torch.int64 for b in batches)
+    dataset = ShardSamples(out, manifest.split("train"))
+    assert len(dataset) == sum(e.samples for e in manifest.split("train"))
+    expected = [dataset[int(i)] for i in epoch_order(len(dataset), seed=1, epoch=0)[:4]]
+    assert torch.equal(batches[0], torch.stack(expected))
