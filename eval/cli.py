@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=Path, help="shard folder to evaluate on (default: the run's data.shards)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to evaluate on (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -42,10 +44,10 @@ def find_checkpoints(target: Path) -> tuple[Path, list[tuple[int, Path]]]:
     raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}) nor a checkpoint in one")
 
 
-def evaluate(run_cfg: RunConfig, step: int, tag_dir: Path, shards: Path, batch_size: int) -> dict:
+def evaluate(run_cfg: RunConfig, step: int, tag_dir: Path, shards: Path, batch_size: int, device: torch.device) -> dict:
     manifest = Manifest.load(shards)
-    model = load_model(run_cfg.model, tag_dir)
-    val = perplexity(model, ShardSamples(shards, manifest.split("val")), batch_size, torch.device("cpu"))
+    model = load_model(run_cfg.model, tag_dir).to(device)
+    val = perplexity(model, ShardSamples(shards, manifest.split("val")), batch_size, device)
     return {"step": step, "checkpoint": str(tag_dir), "shards": str(shards), "val": dataclasses.asdict(val)}
 
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
         if out.exists() and not args.force:
             print(f"step {step}: already evaluated ({out})")
             continue
-        result = evaluate(run_cfg, step, tag_dir, shards, args.batch_size)
+        result = evaluate(run_cfg, step, tag_dir, shards, args.batch_size, torch.device(args.device))
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         val = result["val"]
         metrics.log(step, {"eval/val_loss": val["loss"], "eval/val_ppl": val["ppl"]})

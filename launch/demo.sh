@@ -27,12 +27,12 @@ rm -rf "$RUN"
 echo "== 3/3 evaluate the checkpoints on the val shards"
 "$BIN/dslm-eval" "$RUN"
 
-"$BIN/python" - "$RUN" <<'PY'
+"$BIN/python" - "$DATA" "$RUN" <<'PY'
 import sys
 from dslm.metrics import read_scalars
-run = sys.argv[1]
+data, run = sys.argv[1:]
 loss = read_scalars(f"{run}/tb", "train/loss")
 print(f"\ntrain loss: {loss[0][1]:.3f} at step {loss[0][0]} -> {loss[-1][1]:.3f} at step {loss[-1][0]}")
-print(f"shards:      data/demo/manifest.json\nrun:         {run}/ (config.yaml, checkpoints/, eval/)")
+print(f"shards:      {data}/manifest.json\nrun:         {run}/ (config.yaml, checkpoints/, eval/)")
 print(f"tensorboard: {sys.prefix}/bin/tensorboard --logdir {run}/tb")
 PY

@@ -57,3 +57,12 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     again = subprocess.run([BIN / "dslm-eval", run], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert again.stdout.count("already evaluated") == 2
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
+
+
+@pytest.mark.slow
+def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=4, warmup_steps=1, log_interval=2, checkpoint_interval=4)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600)
+    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [2, 4]
+    assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step4"
