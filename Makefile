@@ -3,9 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Where pip looks for torch. Empty: the default index (on a CUDA machine, PyPI's CUDA build).
-# On a CPU-only machine without a local CPU wheel, point it at PyTorch's CPU wheel index.
+# torch: with an NVIDIA driver, the default (CUDA) build of torch 2.13.0; without one, the CPU
+# build, found by pip in its local wheels or in TORCH_INDEX (PyTorch's CPU wheel index).
 TORCH_INDEX ?=
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2.13.0+cpu)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test clean
@@ -17,7 +18,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || { \
+	    echo "make install: could not install $(TORCH_SPEC); on a CPU-only machine pass" \
+	         "TORCH_INDEX=https://download.pytorch.org/whl/cpu" >&2; exit 1; }
 	$(PY) -m pip install setuptools wheel packaging psutil ninja numpy==2.4.6
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from dslm.cli import run_command
+from dslm.data.loader import ShardSamples
+from dslm.data.manifest import Manifest
+from dslm.errors import DslmError
 from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from shards.sources import parse_source
+from shards.verify import verify_build
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +41,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--samples-per-shard", type=int, default=10_000, help="(default: %(default)s)")
     b.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in val (default: %(default)s)")
     b.add_argument("--overwrite", action="store_true", help="replace a finished build in --out")
+
+    v = sub.add_parser("verify", help="check every shard's size, sample count and sha256 against the manifest")
+    v.add_argument("folder", type=Path, help="a folder written by `dslm-shard build`")
+
+    i = sub.add_parser("inspect", help="print a build's statistics; --show decodes samples")
+    i.add_argument("folder", type=Path, help="a folder written by `dslm-shard build`")
+    i.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N train samples")
     return p
 
 
@@ -44,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> None:
+    if args.command == "verify":
+        return verify(args.folder)
+    if args.command == "inspect":
+        return inspect(args.folder, args.show)
     sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
     if args.command == "tokenizer":
         tok = train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes, args.out)
@@ -52,13 +68,40 @@ def dispatch(args: argparse.Namespace) -> None:
     cfg = ShardConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
                       samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
                       overwrite=args.overwrite)
-    manifest = build_shards(cfg, sources)
+    print_summary(build_shards(cfg, sources))
+    print(f"wrote {args.out / 'manifest.json'}")
+
+
+def print_summary(manifest: Manifest) -> None:
+    print(f"seq_len {manifest.seq_len}, dtype {manifest.dtype}, vocab {manifest.vocab_size}")
     for split in ("train", "val"):
         entries = manifest.split(split)
-        print(f"{split}: {len(entries)} shards, {sum(e.samples for e in entries)} samples, "
-              f"{sum(e.tokens for e in entries)} tokens")
-    print(json.dumps({k: vars(v) for k, v in manifest.sources.items()}, indent=2))
-    print(f"wrote {args.out / 'manifest.json'}")
+        print(f"{split:>5}: {len(entries)} shards, {sum(e.samples for e in entries):,} samples, "
+              f"{sum(e.tokens for e in entries):,} tokens")
+    for spec, st in manifest.sources.items():
+        per_byte = st.tokens / st.bytes if st.bytes else 0.0
+        filtered = ", ".join(f"{reason} {n}" for reason, n in sorted(st.filtered.items())) or "none"
+        print(f"{spec}: {st.documents:,} documents, {st.bytes:,} bytes, {st.tokens:,} tokens "
+              f"({per_byte:.3f} tokens/byte); skipped: {filtered}")
+
+
+def verify(folder: Path) -> None:
+    problems = verify_build(folder)
+    for line in problems:
+        print(f"BAD {line}")
+    if problems:
+        raise DslmError(f"{folder}: {len(problems)} of the manifest's files do not match")
+    print(f"{folder}: all {len(Manifest.load(folder).shards)} shards match the manifest")
+
+
+def inspect(folder: Path, show: int) -> None:
+    manifest = Manifest.load(folder)
+    print_summary(manifest)
+    if show:
+        tok = Tokenizer.from_file(str(folder / manifest.tokenizer))
+        samples = ShardSamples(folder, manifest.split("train"))
+        for i in range(min(show, len(samples))):
+            print(f"--- sample {i}\n{tok.decode(samples[i].tolist(), skip_special_tokens=False)}")
 
 
 if __name__ == "__main__":
