@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -15,7 +15,8 @@ from tqdm import tqdm
 from dslm.data.manifest import MANIFEST_NAME, Manifest, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
-from shards.sources import CodeSource, Document
+from shards.filters import DocumentFilter, FilterConfig
+from shards.sources import Document, Source, skip
 from shards.tokenizer import BOS_ID, EOS_ID, load_text_tokenizer, train_tokenizer
 from shards.writer import Packer, ShardWriter, split_of
 
@@ -36,6 +37,7 @@ class ShardConfig:
     batch_documents: int = 256
     """Documents encoded together by `Tokenizer.encode_batch`."""
     overwrite: bool = False
+    filters: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.samples_per_shard < 1 or self.batch_documents < 1:
@@ -48,27 +50,61 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def tokenizer_texts(sources: list[CodeSource], sample_bytes: int) -> Iterator[str]:
-    """Documents from all sources in turn, round-robin, until `sample_bytes` of text."""
-    streams = [s.documents(SourceStats()) for s in sources]
-    seen = 0
-    while streams and seen < sample_bytes:
-        for stream in list(streams):
-            doc = next(stream, None)
-            if doc is None:
-                streams.remove(stream)
-                continue
-            seen += len(doc.text)
-            yield doc.text
+def kept_documents(source: Source, doc_filter: DocumentFilter, stats: SourceStats) -> Iterator[Document]:
+    """The source's documents that pass the filters, as kept (long headers stripped); drops are
+    counted by reason in `stats`."""
+    for doc in source.documents(stats):
+        verdict = doc_filter.apply(doc)
+        stats.headers_stripped += verdict.header_stripped
+        if verdict.text is None:
+            skip(stats, verdict.reason)
+            continue
+        yield replace(doc, text=verdict.text)
 
 
-def train_and_save_tokenizer(sources: list[CodeSource], vocab_size: int, sample_bytes: int, out: Path) -> Tokenizer:
-    texts = tqdm(tokenizer_texts(sources, sample_bytes), desc="tokenizer", unit="doc")
+@dataclass
+class TokenizerSample:
+    """The training text drawn from each source, and a slice of it per (source, language) kept
+    aside to report tokens per byte once the tokenizer exists."""
+
+    sample_bytes: int
+    report_bytes: int = 1 << 20
+    report: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def texts(self, sources: list[Source], doc_filter: DocumentFilter) -> Iterator[str]:
+        """Each source's filtered documents until its share of `sample_bytes` (by weight)."""
+        total_weight = sum(s.weight for s in sources)
+        for source in sources:
+            budget, taken = self.sample_bytes * source.weight / total_weight, 0
+            for doc in kept_documents(source, doc_filter, SourceStats()):
+                if taken >= budget:
+                    break
+                taken += len(doc.text.encode())
+                self._keep_for_report((source.spec, doc.language), doc.text)
+                yield doc.text
+
+    def _keep_for_report(self, group: tuple[str, str], text: str) -> None:
+        texts = self.report.setdefault(group, [])
+        if sum(map(len, texts)) < self.report_bytes:
+            texts.append(text)
+
+    def tokens_per_byte(self, tok: Tokenizer) -> dict[tuple[str, str], float]:
+        return {group: sum(len(e.ids) for e in tok.encode_batch(texts)) / sum(len(t.encode()) for t in texts)
+                for group, texts in self.report.items()}
+
+
+def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_bytes: int, out: Path,
+                             filters: FilterConfig | None = None) -> dict[tuple[str, str], float]:
+    """Train on a weighted, filtered sample of the sources, write `out`, and return tokens per
+    byte for each (source, language)."""
+    sample = TokenizerSample(sample_bytes)
+    texts = tqdm(sample.texts(sources, DocumentFilter(filters)), desc="tokenizer", unit="doc")
     tok = train_tokenizer(texts, vocab_size)
     if texts.n == 0:
-        raise DslmError("no text to train the tokenizer on: the sources are empty")
+        raise DslmError("no text to train the tokenizer on: the sources are empty or everything was filtered")
     atomic_write_text(out, tok.to_str())
-    return tok
+    tok.encode_special_tokens = True  # measure as the build encodes
+    return sample.tokens_per_byte(tok)
 
 
 def batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
@@ -77,7 +113,7 @@ def batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def build_shards(cfg: ShardConfig, sources: list[CodeSource]) -> Manifest:
+def build_shards(cfg: ShardConfig, sources: list[Source]) -> Manifest:
     """Encode every document, frame it <bos> ... <eos>, pack and write train/val shards, then the manifest."""
     tok = load_text_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size())
@@ -86,9 +122,10 @@ def build_shards(cfg: ShardConfig, sources: list[CodeSource]) -> Manifest:
     packers = {split: Packer(sample_len, dtype) for split in ("train", "val")}
     writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard) for split in ("train", "val")}
     stats = {s.spec: SourceStats() for s in sources}
+    doc_filter = DocumentFilter(cfg.filters)  # one for all sources: dedup is across the whole build
     progress = tqdm(desc="build", unit="doc")
     for source in sources:
-        for batch in batched(source.documents(stats[source.spec]), cfg.batch_documents):
+        for batch in batched(kept_documents(source, doc_filter, stats[source.spec]), cfg.batch_documents):
             for doc, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
                 ids = [BOS_ID, *enc.ids, EOS_ID]
                 record(stats[source.spec], doc, len(ids))

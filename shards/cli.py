@@ -17,10 +17,13 @@ from shards.verify import verify_build
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
-                   help="code:FOLDER (source files by extension: .py .c .h .java); repeatable")
+    p.add_argument("--source", action="append", required=True, metavar="KIND:PATH[,key=value]",
+                   help="repeatable: code:FOLDER|ARCHIVE (.py .c .h .java files; .zip/.tar/.tar.gz), "
+                        "text:FILES (.parquet .jsonl .jsonl.gz .txt; field=NAME, default text), "
+                        "fineweb:[REPO|FILES] (default HuggingFaceFW/fineweb; config=NAME, default sample-100BT); "
+                        "every kind takes weight=FLOAT (its share of the tokenizer sample)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="skip files whose path below the source folder matches, e.g. 'site-packages/*'; repeatable")
+                   help="skip files whose path below the source's folder matches, e.g. 'site-packages/*'; repeatable")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,8 +65,10 @@ def dispatch(args: argparse.Namespace) -> None:
         return inspect(args.folder, args.show)
     sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
     if args.command == "tokenizer":
-        tok = train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes, args.out)
-        print(f"wrote {args.out} ({tok.get_vocab_size()} tokens)")
+        for (spec, language), ratio in train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes,
+                                                                 args.out).items():
+            print(f"{spec} [{language}]: {ratio:.3f} tokens/byte")
+        print(f"wrote {args.out} (vocab {args.vocab_size})")
         return
     cfg = ShardConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
                       samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
@@ -82,7 +87,7 @@ def print_summary(manifest: Manifest) -> None:
         per_byte = st.tokens / st.bytes if st.bytes else 0.0
         filtered = ", ".join(f"{reason} {n}" for reason, n in sorted(st.filtered.items())) or "none"
         print(f"{spec}: {st.documents:,} documents, {st.bytes:,} bytes, {st.tokens:,} tokens "
-              f"({per_byte:.3f} tokens/byte); skipped: {filtered}")
+              f"({per_byte:.3f} tokens/byte), {st.headers_stripped:,} long headers stripped; skipped: {filtered}")
 
 
 def verify(folder: Path) -> None:

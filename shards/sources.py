@@ -1,70 +1,380 @@
-"""Document sources. A source spec on the command line is KIND:PATH, e.g. `code:/usr/lib/python3.11`."""
+"""Document sources: where the text to tokenize comes from.
+
+A source is given on the command line as `KIND:PATH[,key=value...]`:
+
+    code:PATH      source files (.py python, .c/.h c, .java java) below a folder, or the members
+                   of a .zip, .tar, .tar.gz or .tgz archive (e.g. a JDK's lib/src.zip)
+    text:PATH      .parquet, .jsonl, .jsonl.gz and .txt files: one file, a folder or a glob
+                   (`**` spans folders); a .txt file is one document, the others hold one per record
+    fineweb:PATH   FineWeb records streamed with Hugging Face `datasets`: a hub dataset id
+                   (default HuggingFaceFW/fineweb), or local .parquet/.jsonl/.jsonl.gz files
+                   (file, folder or glob) with FineWeb's columns
+
+    keys:  weight=FLOAT   every kind: the source's relative share in the mix (positive, default 1.0)
+           field=NAME     text: the column or JSON key holding the text (default `text`)
+           config=NAME    fineweb on the hub: the dataset config (default sample-100BT)
+
+    code:/usr/include,weight=0.5         text:data/*.jsonl,field=content
+    fineweb:HuggingFaceFW/fineweb,config=sample-10BT        fineweb:local/fw/*.parquet
+
+PATH cannot contain a comma (commas separate the keys). Files, and members of an archive, are
+read in sorted path order so that a build is reproducible. `--exclude` globs match a file's path
+relative to the source folder (for a glob: its folder part before the first wildcard; for a
+single file: its folder), and an archive member's name. Documents that cannot be used are
+skipped and counted by reason in the manifest: `invalid_utf8`, `empty`, `bad_record` (a record
+without its text, or a jsonl line that is not JSON).
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import glob
+import gzip
+import itertools
+import json
+import math
 import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Collection, Iterable, Iterator, Protocol
+
+import pyarrow.parquet as pq
 
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
 
 CODE_LANGUAGES = {".py": "python", ".c": "c", ".h": "c", ".java": "java"}
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+TEXT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
+FINEWEB_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+FINEWEB_REPO = "HuggingFaceFW/fineweb"
+FINEWEB_CONFIG = "sample-100BT"
+FINEWEB_COLUMNS = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count")
+PARQUET_BATCH_ROWS = 1024
+"""Rows per record batch read from a parquet file: bounds memory whatever the file's size."""
+
+KEYS = {"code": {"weight"}, "text": {"weight", "field"}, "fineweb": {"weight", "config"}}
+"""The keys each kind of source takes after its PATH."""
+USAGE = ("code:FOLDER|ARCHIVE, text:FILES or fineweb:[REPO|FILES], then optional ,key=value: "
+         "weight=FLOAT (any kind), field=NAME (text), config=NAME (fineweb)")
+WILDCARD = re.compile(r"[*?[]")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass
 class Document:
     id: str
+    """Where the text came from within its source: a code file's path below the folder or its
+    archive member name (so rules on paths never see the folders above the corpus), a text
+    file's path, `FILE:N` (N-th record) or a record id."""
     text: str
     language: str
 
 
+class Source(Protocol):
+    """What the shard builder reads. `spec` (the command-line string) keys the source's counts
+    in the manifest; `weight` is its relative share when sources are mixed."""
+
+    spec: str
+    weight: float
+
+    def documents(self, stats: SourceStats) -> Iterator[Document]:
+        """Usable documents in a fixed order; what is skipped is counted in `stats.filtered`."""
+        ...
+
+
 @dataclass
 class CodeSource:
-    """Source files under a folder, language from the extension; files in sorted order."""
+    """Source files below a folder, or members of a .zip/.tar archive; language from the extension."""
 
     spec: str
     root: Path
     exclude: tuple[str, ...] = ()
-
-    def paths(self) -> Iterator[Path]:
-        for folder, dirs, files in os.walk(self.root):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(folder) / name
-                if path.suffix in CODE_LANGUAGES and not self._excluded(path):
-                    yield path
-
-    def _excluded(self, path: Path) -> bool:
-        rel = str(path.relative_to(self.root))
-        return any(fnmatch.fnmatch(rel, pattern) for pattern in self.exclude)
+    weight: float = 1.0
 
     def documents(self, stats: SourceStats) -> Iterator[Document]:
-        """Yield readable, non-empty documents; count what is skipped in `stats.filtered`."""
-        for path in self.paths():
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skip(stats, "invalid_utf8")
-                continue
-            if not text.strip():
-                skip(stats, "empty")
-                continue
-            yield Document(id=str(path), text=text, language=CODE_LANGUAGES[path.suffix])
+        for doc_id, raw in self.files():
+            text = clean_text(raw, stats)
+            if text is not None:
+                yield Document(id=doc_id, text=text, language=CODE_LANGUAGES[PurePosixPath(doc_id).suffix])
+
+    def files(self) -> Iterator[tuple[str, bytes]]:
+        """(id, content) of every source file, in sorted order."""
+        if self.root.is_dir():
+            files = local_files(str(self.root), CODE_LANGUAGES, self.exclude)
+            return ((path.relative_to(self.root).as_posix(), path.read_bytes()) for path in files)
+        return archive_members(self.root, self.keep_member)
+
+    def keep_member(self, name: str) -> bool:
+        return PurePosixPath(name).suffix in CODE_LANGUAGES and not excluded(name, self.exclude)
+
+
+@dataclass
+class TextSource:
+    """Local text files: a .txt file is one document; .parquet and .jsonl(.gz) files hold one per
+    record, its text in `field`."""
+
+    spec: str
+    path: str
+    field: str = "text"
+    exclude: tuple[str, ...] = ()
+    weight: float = 1.0
+
+    def documents(self, stats: SourceStats) -> Iterator[Document]:
+        for file in local_files(self.path, TEXT_SUFFIXES, self.exclude):
+            for doc_id, value in self.records(file, stats):
+                text = clean_text(value, stats)
+                if text is not None:
+                    yield Document(id=doc_id, text=text, language="text")
+
+    def records(self, file: Path, stats: SourceStats) -> Iterable[tuple[str, Any]]:
+        """(id, raw text value) of each record in `file`."""
+        if file.name.endswith(".parquet"):
+            return parquet_values(file, self.field)
+        if file.name.endswith(".txt"):
+            return [(str(file), file.read_bytes())]
+        return jsonl_values(file, self.field, stats)
+
+
+@dataclass
+class FineWebSource:
+    """FineWeb records streamed with Hugging Face `datasets` (read as they arrive, nothing is
+    downloaded ahead): the hub dataset `path` in `config`, or local parquet/jsonl files."""
+
+    spec: str
+    path: str = FINEWEB_REPO
+    config: str = FINEWEB_CONFIG
+    exclude: tuple[str, ...] = ()
+    weight: float = 1.0
+
+    def documents(self, stats: SourceStats) -> Iterator[Document]:
+        for record in self.records():
+            missing = [column for column in FINEWEB_COLUMNS if column not in record]
+            if missing:
+                raise DslmError(f"source {self.spec!r}: the records lack FineWeb's column(s) {', '.join(missing)}")
+            text = clean_text(record["text"], stats)
+            if text is not None:
+                yield Document(id=str(record["id"]), text=text, language=record["language"] or "en")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        # Imported here: `datasets` takes seconds to import and only this source needs it.
+        from datasets import load_dataset
+
+        if is_hub_id(self.path):
+            return iter(load_dataset(self.path, name=self.config, split="train", streaming=True))
+        # One streaming dataset per run of same-format files keeps the sorted file order.
+        runs = itertools.groupby(local_files(self.path, FINEWEB_SUFFIXES, self.exclude),
+                                 key=lambda f: "parquet" if f.name.endswith(".parquet") else "json")
+        return itertools.chain.from_iterable(
+            load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+            for builder, files in runs)
 
 
 def skip(stats: SourceStats, reason: str) -> None:
     stats.filtered[reason] = stats.filtered.get(reason, 0) + 1
 
 
-def parse_source(spec: str, exclude: tuple[str, ...] = ()) -> CodeSource:
-    kind, sep, path = spec.partition(":")
-    if not sep or kind != "code":
-        raise DslmError(f"source {spec!r}: expected code:FOLDER")
+def decode(raw: bytes, stats: SourceStats) -> str | None:
+    """`raw` as UTF-8 text, or None (counted as invalid_utf8): the tokenizer takes only valid text."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        skip(stats, "invalid_utf8")
+        return None
+
+
+def clean_text(value: object, stats: SourceStats) -> str | None:
+    """The text of a document from any source, or None after counting why it is not usable."""
+    if isinstance(value, str):
+        # Lone surrogates (JSON escapes such as "\\udc80") cannot be encoded later: round-tripping
+        # through bytes makes them fail the same UTF-8 check as invalid bytes.
+        value = value.encode("utf-8", "surrogatepass")
+    if not isinstance(value, bytes):
+        skip(stats, "bad_record")
+        return None
+    text = decode(value, stats)
+    if text is not None and not text.strip():
+        skip(stats, "empty")
+        return None
+    return text
+
+
+def jsonl_values(path: Path, field: str, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+    """(`PATH:LINE`, record[field]) per line, read one line at a time; blank lines are not records."""
+    with (gzip.open(path) if path.name.endswith(".gz") else open(path, "rb")) as lines:
+        for number, raw in enumerate(lines, 1):
+            line = decode(raw, stats)
+            if line is None or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or field not in record:
+                skip(stats, "bad_record")
+                continue
+            yield f"{path}:{number}", record[field]
+
+
+def parquet_values(path: Path, field: str) -> Iterator[tuple[str, Any]]:
+    """(`PATH:ROW`, value) per row of column `field` (rows from 1), read in bounded record batches."""
+    parquet = pq.ParquetFile(path)
+    if field not in parquet.schema_arrow.names:
+        raise DslmError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
+                        f"name the text column with field=NAME")
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field])
+    values = (value for batch in batches for value in batch.column(0).to_pylist())
+    for row, value in enumerate(values, 1):
+        yield f"{path}:{row}", value
+
+
+def archive_members(path: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(member name, content) of the wanted members of a zip or tar, in sorted name order."""
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(filter(keep, archive.namelist()), key=PurePosixPath):
+                yield name, archive.read(name)
+        return
+    with open_tar(path) as archive:
+        members = [m for m in archive.getmembers() if m.isfile() and keep(m.name)]
+        for member in sorted(members, key=lambda m: PurePosixPath(m.name)):
+            yield member.name, archive.extractfile(member).read()
+
+
+@contextmanager
+def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """A tar open for random access. A gzipped tar is inflated to a temporary file first: reading
+    its members in sorted rather than stored order would rewind and re-inflate the gzip stream
+    for most members, which takes quadratic time."""
+    if path.name.endswith(".tar"):
+        with tarfile.open(path) as archive:
+            yield archive
+        return
+    with tempfile.TemporaryFile() as plain:
+        with gzip.open(path) as packed:
+            shutil.copyfileobj(packed, plain)
+        plain.seek(0)
+        with tarfile.open(fileobj=plain) as archive:
+            yield archive
+
+
+def local_files(pattern: str, suffixes: Collection[str], exclude: tuple[str, ...]) -> list[Path]:
+    """Files ending in one of `suffixes` that a path names (a file, a folder walked below, or a
+    glob of them), minus excluded ones, in sorted path order."""
+    base = base_folder(pattern)
+    found = set()
+    for match in matches(pattern):
+        for file in walk(match) if match.is_dir() else [match]:
+            if has_suffix(file.name, suffixes) and not excluded(os.path.relpath(file, base), exclude):
+                found.add(file)
+    return sorted(found)
+
+
+def matches(pattern: str) -> list[Path]:
+    """The existing path itself (even if its name holds glob characters), else what the glob matches."""
+    if not pattern:
+        return []
+    path = Path(pattern)
+    return [path] if path.exists() else [Path(p) for p in glob.glob(pattern, recursive=True)]
+
+
+def base_folder(pattern: str) -> Path:
+    """The folder that excludes are relative to: the folder itself, a file's folder, or a glob's
+    folder part before its first wildcard."""
+    path = Path(pattern)
+    if path.exists():
+        return path if path.is_dir() else path.parent
+    return Path(*itertools.takewhile(lambda part: not WILDCARD.search(part), path.parts))
+
+
+def walk(folder: Path) -> Iterator[Path]:
+    """Every file below `folder`; like os.walk, symlinked folders are not entered (no loops)."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            yield Path(parent) / name
+
+
+def has_suffix(name: str, suffixes: Collection[str]) -> bool:
+    return any(name.endswith(suffix) for suffix in suffixes)
+
+
+def excluded(relative: str, exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(relative, pattern) for pattern in exclude)
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a fineweb PATH names a hub dataset (`NAME` or `OWNER/NAME`) rather than local files."""
+    return bool(HUB_ID.fullmatch(path)) and not has_suffix(path, FINEWEB_SUFFIXES) and not Path(path).exists()
+
+
+def parse_source(spec: str, exclude: tuple[str, ...] = ()) -> Source:
+    """The source for a command-line spec `KIND:PATH[,key=value...]` (see the module docstring)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in KEYS:
+        raise spec_error(spec, f"unknown kind {kind!r}" if sep else "no KIND: prefix")
+    path, *pairs = rest.split(",")
+    options = parse_options(spec, pairs, KEYS[kind])
+    weight = parse_weight(spec, options.pop("weight", "1.0"))
+    if kind == "code":
+        return code_source(spec, path, exclude, weight)
+    if kind == "text":
+        require_files(spec, path, TEXT_SUFFIXES)
+        return TextSource(spec=spec, path=path, exclude=exclude, weight=weight, **options)
+    return fineweb_source(spec, path or FINEWEB_REPO, options, exclude, weight)
+
+
+def spec_error(spec: str, problem: str) -> DslmError:
+    return DslmError(f"source {spec!r}: {problem}; expected {USAGE}")
+
+
+def parse_options(spec: str, pairs: list[str], allowed: set[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not value:
+            raise spec_error(spec, f"{pair!r} is not key=value")
+        if key not in allowed:
+            raise spec_error(spec, f"unknown key {key!r} for {spec.partition(':')[0]}")
+        if key in options:
+            raise spec_error(spec, f"key {key!r} given twice")
+        options[key] = value
+    return options
+
+
+def parse_weight(spec: str, value: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not (math.isfinite(weight) and weight > 0):
+        raise spec_error(spec, f"weight {value!r} is not a positive number")
+    return weight
+
+
+def code_source(spec: str, path: str, exclude: tuple[str, ...], weight: float) -> CodeSource:
     root = Path(path)
-    if not root.is_dir():
-        raise DslmError(f"source {spec!r}: {root} is not a folder")
-    return CodeSource(spec=spec, root=root, exclude=exclude)
+    if not path or not (root.is_dir() or (root.is_file() and has_suffix(root.name, ARCHIVE_SUFFIXES))):
+        raise DslmError(f"source {spec!r}: {path!r} is not a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive")
+    return CodeSource(spec=spec, root=root, exclude=exclude, weight=weight)
+
+
+def fineweb_source(spec: str, path: str, options: dict[str, str], exclude: tuple[str, ...],
+                   weight: float) -> FineWebSource:
+    if is_hub_id(path):
+        return FineWebSource(spec=spec, path=path, exclude=exclude, weight=weight, **options)
+    if "config" in options:
+        raise spec_error(spec, "config= names a hub dataset's config; local files have none")
+    require_files(spec, path, FINEWEB_SUFFIXES)
+    return FineWebSource(spec=spec, path=path, exclude=exclude, weight=weight)
+
+
+def require_files(spec: str, path: str, suffixes: tuple[str, ...]) -> None:
+    """A local PATH must name a folder or a file of a readable format (itself or through a glob)."""
+    if not any(m.is_dir() or has_suffix(m.name, suffixes) for m in matches(path)):
+        raise DslmError(f"source {spec!r}: {path!r} matches no folder or {'/'.join(suffixes)} file")

@@ -30,6 +30,9 @@ class SourceStats:
     bytes: int = 0
     tokens: int = 0
     filtered: dict[str, int] = field(default_factory=dict)
+    """Documents skipped or dropped, by reason."""
+    headers_stripped: int = 0
+    """Kept code documents whose long leading comment or docstring was removed."""
 
 
 @dataclass

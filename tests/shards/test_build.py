@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 
 from dslm.data.manifest import Manifest
 from dslm.files import sha256_file
-from shards.build import ShardConfig, build_shards
+from shards.build import ShardConfig, TokenizerSample, build_shards, train_and_save_tokenizer
+from shards.filters import DocumentFilter
 from shards.sources import CodeSource
 from shards.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_text_tokenizer, train_tokenizer
 
@@ -56,10 +57,9 @@ def test_shard_round_trip(tiny_shards, code_corpus):
         assert entry.tokens == entry.samples * (manifest.seq_len + 1)
         stream.extend(np.concatenate(samples).tolist())
     assert stream[0] == BOS_ID
-    # Documents come back whole, framed <bos> ... <eos>, in file order among the train split.
-    first_doc = stream[1:stream.index(EOS_ID)]
-    texts = {p.read_text() for p in code_corpus.rglob("*.py")}
-    assert tok.decode(first_doc, skip_special_tokens=False) in texts
+    # Documents come back whole (less a long leading header), framed <bos> ... <eos>.
+    first_doc = tok.decode(stream[1:stream.index(EOS_ID)], skip_special_tokens=False)
+    assert len(first_doc) > 100 and any(p.read_text().endswith(first_doc) for p in code_corpus.rglob("*.py"))
     total = sum(e.tokens for e in manifest.shards)
     assert 0 < manifest.sources[f"code:{code_corpus}"].tokens - total < 2 * (manifest.seq_len + 1)
     assert manifest.split("val"), "val split is empty"
@@ -96,3 +96,39 @@ def test_cli_empty_source_for_tokenizer(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and "sources are empty" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "tok.json").exists()
+
+
+def write_files(root, files):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_build_filters_and_counts_per_reason(tiny_shards, tmp_path):
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(40))
+    header = "".join(f"# license line {i}\n" for i in range(25))
+    a = write_files(tmp_path / "a", {"m.py": header + body, "tests/t.py": body + "#t\n", "test_x.py": body + "#x\n",
+                                     "tiny.py": "x = 1\n", "Main.java": "class Main {\n  int x;\n}\n" * 5})
+    b = write_files(tmp_path / "b", {"copy.py": body})  # m.py without its header: a duplicate
+    out, _ = tiny_shards
+    cfg = ShardConfig(out=tmp_path / "out", tokenizer=out / "tokenizer.json", seq_len=16, samples_per_shard=100)
+    manifest = build_shards(cfg, [CodeSource(spec="a", root=a), CodeSource(spec="b", root=b)])
+    assert manifest.sources["a"].filtered == {"test_file": 2, "too_few_lines": 1}
+    assert (manifest.sources["a"].documents, manifest.sources["a"].headers_stripped) == (2, 1)
+    assert manifest.sources["b"].filtered == {"duplicate": 1} and manifest.sources["b"].documents == 0
+
+
+def test_tokenizer_sample_is_weighted_and_reports_tokens_per_byte(tmp_path, code_corpus):
+    out = tmp_path / "tok.json"
+    sources = [CodeSource(spec="json", root=code_corpus / "json", weight=1.0),
+               CodeSource(spec="email", root=code_corpus / "email", weight=3.0)]
+    sample = TokenizerSample(sample_bytes=40_000)
+    list(sample.texts(sources, DocumentFilter()))
+    taken = {spec: sum(len(t.encode()) for t in texts) for (spec, _), texts in sample.report.items()}
+    json_bytes = sum(p.stat().st_size for p in (code_corpus / "json").rglob("*.py"))
+    assert 10_000 <= taken["json"] < json_bytes  # a quarter of the sample, then it stops
+    assert taken["email"] >= 30_000
+    ratios = train_and_save_tokenizer(sources, 400, 40_000, out)
+    assert set(ratios) == {("json", "python"), ("email", "python")}
+    assert all(0.1 < r < 1.0 for r in ratios.values()) and out.is_file()

@@ -1,0 +1,230 @@
+"""Document sources on real files: code folders and archives, local text, FineWeb from local files."""
+
+import gzip
+import io
+import json
+import tarfile
+import zipfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dslm.data.manifest import SourceStats
+from dslm.errors import DslmError
+from shards.sources import CodeSource, FineWebSource, TextSource, parse_source
+
+
+def read(source):
+    """(documents as (id, text, language) tuples, skip counts) of one full pass over `source`."""
+    stats = SourceStats()
+    docs = [(d.id, d.text, d.language) for d in source.documents(stats)]
+    return docs, stats.filtered
+
+
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def fineweb_rows(prefix, n, language="en"):
+    return [dict(text=f"{prefix} page {i}", id=f"<urn:{prefix}:{i}>", dump="CC-MAIN-2024-10",
+                 url=f"https://example.com/{prefix}/{i}", date="2024-02-20T10:00:00Z",
+                 file_path=f"s3://commoncrawl/{prefix}.warc.gz", language=language,
+                 language_score=0.93, token_count=3) for i in range(n)]
+
+
+CODE_FILES = {
+    "b/z.py": "z = 1\n",
+    "a.c": "int a;\n",
+    "b/inc/x.h": "#define X 1\n",
+    "Main.java": "class Main {}\n",
+    "README.md": "not code\n",
+    "b/bad.py": b"\xff\xfe not utf-8\n",
+    "b/empty.py": " \n\n",
+    "skip/me.py": "excluded = True\n",
+}
+CODE_ORDER = ["Main.java", "a.c", "b/inc/x.h", "b/z.py"]
+LANGUAGES = {"Main.java": "java", "a.c": "c", "b/inc/x.h": "c", "b/z.py": "python"}
+
+
+@pytest.fixture
+def code_folder(tmp_path):
+    for name, content in CODE_FILES.items():
+        write(tmp_path / "src" / name, content)
+    return tmp_path / "src"
+
+
+def test_code_folder_sorted_languages_skips_excludes(code_folder):
+    source = parse_source(f"code:{code_folder}", exclude=("skip/*",))
+    docs, filtered = read(source)
+    assert [d[0] for d in docs] == CODE_ORDER  # paths below the folder
+    assert [d[2] for d in docs] == [LANGUAGES[n] for n in CODE_ORDER]
+    assert docs[0][1] == "class Main {}\n"
+    assert filtered == {"invalid_utf8": 1, "empty": 1}
+    assert source.spec == f"code:{code_folder}" and source.weight == 1.0
+
+
+def make_zip(path, files):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in reversed(files.items()):  # stored order is not the order read
+            archive.writestr(name, content)
+    return path
+
+
+def make_tar(path, files):
+    with tarfile.open(path, "w:gz" if path.name.endswith(("gz", "tgz")) else "w") as archive:
+        for name, content in reversed(files.items()):
+            data = content if isinstance(content, bytes) else content.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("name, make", [("src.zip", make_zip), ("src.tar", make_tar),
+                                        ("src.tar.gz", make_tar), ("src.tgz", make_tar)])
+def test_code_archive_members_sorted_with_excludes(tmp_path, name, make):
+    archive = make(tmp_path / name, CODE_FILES)
+    docs, filtered = read(parse_source(f"code:{archive}", exclude=("skip/*", "*/inc/*")))
+    expected = [n for n in CODE_ORDER if n != "b/inc/x.h"]
+    assert [d[0] for d in docs] == expected
+    assert [d[2] for d in docs] == [LANGUAGES[n] for n in expected]
+    assert filtered == {"invalid_utf8": 1, "empty": 1}
+
+
+def test_text_jsonl_parquet_txt_in_sorted_order_with_skips(tmp_path):
+    data = tmp_path / "data"
+    lines = [json.dumps({"content": "first"}), "", "{not json", json.dumps({"other": 1}),
+             json.dumps({"content": ""}), json.dumps({"content": None}), json.dumps({"content": "\udc80"}),
+             json.dumps({"content": "last, ünïcode"})]
+    write(data / "b.jsonl", ("\n".join(lines) + "\n").encode() + b'{"content": "\xff"}\n')
+    with gzip.open(data / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"content": "zipped"}) + "\n")
+    pq.write_table(pa.table({"content": ["row one", "  ", "row three"], "n": [1, 2, 3]}), data / "a.parquet",
+                   row_group_size=2)
+    write(data / "sub" / "d.txt", "a whole file\n")
+    write(data / "e.csv", "ignored,format\n")
+
+    docs, filtered = read(parse_source(f"text:{data},field=content"))
+    assert docs == [
+        (f"{data}/a.parquet:1", "row one", "text"),
+        (f"{data}/a.parquet:3", "row three", "text"),
+        (f"{data}/b.jsonl:1", "first", "text"),
+        (f"{data}/b.jsonl:8", "last, ünïcode", "text"),
+        (f"{data}/c.jsonl.gz:1", "zipped", "text"),
+        (f"{data}/sub/d.txt", "a whole file\n", "text"),
+    ]
+    # bad_record: not JSON, no field, null field; invalid_utf8: lone surrogate and a bad byte
+    assert filtered == {"bad_record": 3, "empty": 2, "invalid_utf8": 2}
+
+
+def test_text_single_file_and_glob_with_excludes(tmp_path):
+    for name in ("2024/b.txt", "2024/a.txt", "2023/c.txt", "2024/old/x.txt"):
+        write(tmp_path / name, name)
+    by_glob, _ = read(parse_source(f"text:{tmp_path}/20*/**/*.txt", exclude=("*/old/*",)))
+    assert [d[1] for d in by_glob] == ["2023/c.txt", "2024/a.txt", "2024/b.txt"]
+    one, _ = read(parse_source(f"text:{tmp_path}/2024/a.txt"))
+    assert [d[1] for d in one] == ["2024/a.txt"]
+
+
+def test_text_default_field_and_missing_parquet_column(tmp_path):
+    write(tmp_path / "a.jsonl", json.dumps({"text": "default field"}) + "\n")
+    assert read(parse_source(f"text:{tmp_path}/a.jsonl"))[0][0][1] == "default field"
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(DslmError, match=r"b\.parquet: no column 'text' \(columns: body\)"):
+        read(parse_source(f"text:{tmp_path}/b.parquet"))
+
+
+def test_fineweb_local_parquet_and_jsonl(tmp_path):
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    pq.write_table(pa.Table.from_pylist(fineweb_rows("b", 2)), fw / "b.parquet")
+    pq.write_table(pa.Table.from_pylist(fineweb_rows("a", 2) + [{**fineweb_rows("a", 1)[0], "text": " "}]),
+                   fw / "a.parquet")
+    rows = fineweb_rows("c", 2, language="de")
+    write(fw / "c.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    docs, filtered = read(parse_source(f"fineweb:{fw}"))
+    assert docs == [("<urn:a:0>", "a page 0", "en"), ("<urn:a:1>", "a page 1", "en"),
+                    ("<urn:b:0>", "b page 0", "en"), ("<urn:b:1>", "b page 1", "en"),
+                    ("<urn:c:0>", "c page 0", "de"), ("<urn:c:1>", "c page 1", "de")]
+    assert filtered == {"empty": 1}
+    by_glob, _ = read(parse_source(f"fineweb:{fw}/*.jsonl,weight=2"))
+    assert [d[0] for d in by_glob] == ["<urn:c:0>", "<urn:c:1>"]
+
+
+def test_fineweb_missing_columns_are_named(tmp_path):
+    rows = [{k: v for k, v in r.items() if k not in ("dump", "token_count")} for r in fineweb_rows("x", 2)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    with pytest.raises(DslmError, match="lack FineWeb's column.* dump, token_count"):
+        read(parse_source(f"fineweb:{tmp_path}/x.parquet"))
+
+
+def test_fineweb_hub_streams_the_named_config(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return iter(fineweb_rows("hub", 1))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert read(parse_source("fineweb:"))[0] == [("<urn:hub:0>", "hub page 0", "en")]
+    read(parse_source("fineweb:HuggingFaceFW/fineweb-edu,config=sample-10BT"))
+    assert calls == [("HuggingFaceFW/fineweb", dict(name="sample-100BT", split="train", streaming=True)),
+                     ("HuggingFaceFW/fineweb-edu", dict(name="sample-10BT", split="train", streaming=True))]
+
+
+@pytest.mark.parametrize("spec, weight", [("code:{d}", 1.0), ("code:{d},weight=0.5", 0.5), ("text:{d},weight=3", 3.0),
+                                          ("fineweb:{d},weight=1e-2", 0.01)])
+def test_weight(tmp_path, spec, weight):
+    source = parse_source(spec.format(d=tmp_path))
+    assert source.weight == weight and source.spec == spec.format(d=tmp_path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("web:/tmp", "unknown kind 'web'; expected code:FOLDER"),
+    ("/tmp", "no KIND: prefix"),
+    ("code:{d},field=text", "unknown key 'field' for code"),
+    ("text:{d},config=x", "unknown key 'config' for text"),
+    ("text:{d},field", "'field' is not key=value"),
+    ("text:{d},weight=1,weight=2", "key 'weight' given twice"),
+    ("code:{d},weight=0", "weight '0' is not a positive number"),
+    ("code:{d},weight=-1", "weight '-1' is not a positive number"),
+    ("code:{d},weight=heavy", "weight 'heavy' is not a positive number"),
+    ("code:{d},weight=nan", "weight 'nan' is not a positive number"),
+    ("code:{d}/missing", "is not a folder or a .zip/.tar/.tar.gz/.tgz archive"),
+    ("code:", "'' is not a folder"),
+    ("text:{d}/*.jsonl", "matches no folder or .parquet/.jsonl/.jsonl.gz/.txt file"),
+    ("text:{d}/notes.csv", "matches no folder"),
+    ("fineweb:{d}/fw/*.parquet", "matches no folder or .parquet/.jsonl/.jsonl.gz file"),
+    ("fineweb:{d},config=sample-10BT", "local files have none"),
+])
+def test_bad_specs_are_one_line_naming_the_spec(tmp_path, spec, message):
+    write(tmp_path / "notes.csv", "a,b\n")
+    spec = spec.format(d=tmp_path)
+    with pytest.raises(DslmError) as error:
+        parse_source(spec)
+    assert str(error.value).startswith(f"source {spec!r}: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_kinds_and_fields(tmp_path):
+    assert isinstance(parse_source(f"code:{tmp_path}"), CodeSource)
+    assert parse_source(f"text:{tmp_path},field=content").field == "content"
+    hub = parse_source("fineweb:HuggingFaceFW/fineweb")
+    assert isinstance(hub, FineWebSource) and hub.config == "sample-100BT"
+    assert isinstance(parse_source(f"fineweb:{tmp_path}"), FineWebSource)
+    assert isinstance(parse_source(f"text:{tmp_path}"), TextSource)
+
+
+def test_stdlib_corpus_fixture_still_reads(code_corpus):
+    """The session's stdlib copy, through parse_source as the CLI builds it, matches a direct CodeSource."""
+    parsed, filtered = read(parse_source(f"code:{code_corpus}", exclude=("email/*",)))
+    direct, _ = read(CodeSource(spec="code", root=code_corpus / "json"))
+    assert [(f"json/{i}", t, lang) for i, t, lang in direct] == parsed
+    assert len(parsed) == len(list((code_corpus / "json").rglob("*.py")))
+    assert all(lang == "python" for _, _, lang in parsed) and not filtered
