@@ -44,24 +44,25 @@ def find_checkpoints(target: Path) -> tuple[Path, list[tuple[int, Path]]]:
     raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}) nor a checkpoint in one")
 
 
-def evaluate(run_cfg: RunConfig, step: int, tag_dir: Path, shards: Path, batch_size: int, device: torch.device) -> dict:
-    manifest = Manifest.load(shards)
+def evaluate(run_cfg: RunConfig, step: int, tag_dir: Path, val_samples: ShardSamples, batch_size: int,
+             device: torch.device) -> dict:
     model = load_model(run_cfg.model, tag_dir).to(device)
-    val = perplexity(model, ShardSamples(shards, manifest.split("val")), batch_size, device)
-    return {"step": step, "checkpoint": str(tag_dir), "shards": str(shards), "val": dataclasses.asdict(val)}
+    return {"step": step, "checkpoint": str(tag_dir), "val": dataclasses.asdict(perplexity(model, val_samples, batch_size, device))}
 
 
 def run(args: argparse.Namespace) -> None:
     run_dir, checkpoints = find_checkpoints(args.target)
     run_cfg = load_config(run_dir / CONFIG_NAME, [])
     shards = args.shards or Path(run_cfg.data.shards)
+    val_samples = ShardSamples(shards, Manifest.load(shards).split("val"))  # read once for every checkpoint
     metrics = Metrics(run_dir / "tb", enabled=True)
     for step, tag_dir in checkpoints:
         out = run_dir / "eval" / f"step{step}.json"
         if out.exists() and not args.force:
             print(f"step {step}: already evaluated ({out})")
             continue
-        result = evaluate(run_cfg, step, tag_dir, shards, args.batch_size, torch.device(args.device))
+        result = {**evaluate(run_cfg, step, tag_dir, val_samples, args.batch_size, torch.device(args.device)),
+                  "shards": str(shards)}
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         val = result["val"]
         metrics.log(step, {"eval/val_loss": val["loss"], "eval/val_ppl": val["ppl"]})
