@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from dslm.data.manifest import MANIFEST_NAME, Manifest, SourceStats
+from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
+from shards.encode import Encoded, EncoderConfig, encode_batches
 from shards.filters import DocumentFilter, FilterConfig
-from shards.sources import Document, Source, skip
-from shards.tokenizer import BOS_ID, EOS_ID, load_text_tokenizer, train_tokenizer
-from shards.writer import Packer, ShardWriter, split_of
+from shards.journal import (DIGEST_BYTES, DIGESTS_NAME, BuildState, DigestLog, Position, load_state,
+                            remove_journal, save_state)
+from shards.sources import Document, Source, skip, warn
+from shards.tokenizer import load_text_tokenizer, train_tokenizer
+from shards.verify import shard_problem
+from shards.writer import Packer, ShardWriter
 
 TOKENIZER_NAME = "tokenizer.json"
 
@@ -34,20 +43,45 @@ class ShardConfig:
     samples_per_shard: int = 10_000
     val_fraction: float = 0.01
     """Share of documents (by content hash) that go to the val split."""
+    dtype: str = "auto"
+    """Token dtype in the shards: uint16, uint32, or auto (uint16 when the vocab fits)."""
+    workers: int = field(default_factory=lambda: all_cores())
+    """Processes that filter and tokenize (default: every core this process may use); 0 does it
+    in the main process."""
     batch_documents: int = 256
-    """Documents encoded together by `Tokenizer.encode_batch`."""
+    """Most documents a worker encodes at once."""
+    batch_bytes: int = 1 << 20
+    """Most text (UTF-8 bytes, roughly) a worker encodes at once; with `batch_documents` and the
+    look-ahead of 2 batches per worker this bounds the text in flight."""
     overwrite: bool = False
     filters: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self) -> None:
-        if self.seq_len < 1 or self.samples_per_shard < 1 or self.batch_documents < 1:
-            raise DslmError("seq_len, samples_per_shard and batch_documents must be positive")
+        if min(self.seq_len, self.samples_per_shard, self.batch_documents, self.batch_bytes) < 1:
+            raise DslmError("seq_len, samples_per_shard, batch_documents and batch_bytes must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DslmError(f"val_fraction {self.val_fraction} must be in [0, 1)")
+        if self.workers < 0:
+            raise DslmError(f"workers {self.workers} must not be negative")
+        if self.dtype not in DTYPES:
+            raise DslmError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+def all_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which SLURM and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+DTYPES = {"auto": None, "uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
+
+
+def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    """The dtype that holds every id of the vocab: `requested`, or the smallest for "auto"."""
+    dtype = DTYPES[requested] or (np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32))
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise DslmError(f"the tokenizer's vocab of {vocab_size:,} ids does not fit {dtype.name} "
+                        f"(ids up to {np.iinfo(dtype).max:,}); use --dtype uint32")
+    return dtype
 
 
 def kept_documents(source: Source, doc_filter: DocumentFilter, stats: SourceStats) -> Iterator[Document]:
@@ -107,67 +141,270 @@ def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_byte
     return sample.tokens_per_byte(tok)
 
 
-def batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    it = iter(docs)
-    while batch := list(islice(it, size)):
-        yield batch
+@dataclass
+class Batch:
+    """Documents read together from one source, and what the source skipped while reading them."""
+
+    source: int
+    documents: list[Document]
+    skipped: dict[str, int]
+    end: Position
+    """The input position just after this batch."""
 
 
-def build_shards(cfg: ShardConfig, sources: list[Source]) -> Manifest:
-    """Encode every document, frame it <bos> ... <eos>, pack and write train/val shards, then the manifest."""
+def read_batches(sources: list[Source], start: Position, cfg: ShardConfig) -> Iterator[Batch]:
+    """Every document from `start` on, in order, in batches of at most `cfg.batch_documents`
+    documents or about `cfg.batch_bytes` of text. The last batch of a source ends at the next
+    source, so that the source's trailing skips are counted once."""
+    for index in range(start.source, len(sources)):
+        source, stats = sources[index], SourceStats()
+        docs = source.documents(stats)
+        consumed = start.documents if index == start.source else 0
+        if sum(1 for _ in islice(docs, consumed)) < consumed:
+            raise DslmError(f"source {source.spec!r} now holds fewer than the {consumed:,} documents the "
+                            f"unfinished build read from it; pass --overwrite to start over")
+        stats.filtered.clear()  # the journal counted the skips before `start`
+        batch: list[Document] = []
+        size = 0
+        for doc in docs:
+            batch.append(doc)
+            size += len(doc.text)
+            if len(batch) == cfg.batch_documents or size >= cfg.batch_bytes:
+                consumed += len(batch)
+                yield Batch(index, batch, dict(stats.filtered), Position(index, consumed))
+                stats.filtered.clear()
+                batch, size = [], 0
+        yield Batch(index, batch, dict(stats.filtered), Position(index + 1, 0))
+
+
+def copies(digest: bytes, weight: float) -> int:
+    """How many times a document of a source with this weight is written: floor(weight), plus one
+    more for a share frac(weight) of documents chosen by their digest."""
+    whole, fraction = divmod(weight, 1.0)
+    return int(whole) + (int.from_bytes(digest[:8], "little") / 2**64 < fraction)
+
+
+@dataclass
+class BuildReport:
+    manifest: Manifest
+    seconds: float
+    """This run's wall time."""
+    documents: int
+    """Documents written by this run."""
+    tokens: int
+    """Tokens written by this run."""
+    resumed_shards: int
+    """Shards kept from an unfinished earlier run."""
+
+
+class ShardBuild:
+    """The ordered half of a build, in the main process: dedup, copies by weight, packing,
+    writing, and the journal that lets a rerun continue."""
+
+    def __init__(self, cfg: ShardConfig, sources: list[Source], dtype: np.dtype, state: BuildState):
+        self.cfg = cfg
+        self.sources = sources
+        self.sample_len = cfg.seq_len + 1
+        self.state = state
+        self.stats = {s.spec: state.sources.get(s.spec, SourceStats()) for s in sources}
+        self.digests = DigestLog(cfg.out, state.digests)
+        self.filter = DocumentFilter(cfg.filters, seen=self.digests.load())
+        self.writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard, self.sample_len,
+                                           state.writers.get(split)) for split in SPLITS}
+        self.packers: dict[str, Packer] = {name: Packer(self.sample_len, dtype, pending)
+                                           for name, pending in state.pending.items()}
+        self.dtype = dtype
+
+    def consume(self, batch: Batch, results: list[Encoded]) -> bool:
+        """Write a batch's documents; True when a shard was finished on the way."""
+        source = self.sources[batch.source]
+        stats = self.stats[source.spec]
+        for reason, n in batch.skipped.items():
+            stats.filtered[reason] = stats.filtered.get(reason, 0) + n
+        finished = False
+        for enc in results:
+            if enc.reason is None and not self.filter.first_seen(enc.digest):
+                enc = Encoded("duplicate")
+            if enc.reason is not None:
+                skip(stats, enc.reason)
+                continue
+            self.digests.add(enc.digest)
+            n = copies(enc.digest, source.weight) if enc.split == "train" else min(1, copies(enc.digest, source.weight))
+            if n == 0:
+                skip(stats, "downsampled")
+                continue
+            stats.headers_stripped += enc.header_stripped
+            for copy in range(n):
+                finished |= self.write(f"{enc.split}.{copy}", enc.ids)
+                stats.documents += 1
+                stats.bytes += enc.bytes
+                stats.tokens += len(enc.ids)
+        return finished
+
+    def write(self, stream: str, ids: np.ndarray) -> bool:
+        """Pack a document into its stream (copy k of a document goes to stream k of its split, so
+        repeats never share a sample); True when a shard was finished."""
+        packer = self.packers.setdefault(stream, Packer(self.sample_len, self.dtype))
+        writer = self.writers[stream.split(".")[0]]
+        finished = False
+        for sample in packer.add(ids):
+            finished |= writer.add(sample) is not None
+        return finished
+
+    def checkpoint(self, position: Position) -> None:
+        """Journal the build as it stands after the document at `position`."""
+        self.state.position = position
+        self.state.sources = self.stats
+        self.state.writers = {split: w.sync() for split, w in self.writers.items()}
+        self.state.pending = {name: p.leftover() for name, p in self.packers.items()}
+        self.state.digests = self.digests.sync()
+        save_state(self.cfg.out, self.state)
+
+    def finish(self) -> list[ShardEntry]:
+        """Close the last shards (the tokens left in each stream, less than a sample, are dropped)."""
+        self.digests.close()
+        return [entry for w in self.writers.values() for entry in w.close()]
+
+
+SPLITS = ("train", "val")
+
+
+def build_shards(cfg: ShardConfig, sources: list[Source]) -> BuildReport:
+    """Filter and encode every document in worker processes; in order, drop duplicates, frame
+    <bos> ... <eos>, pack and write train/val shards; then the manifest. Resumes an unfinished
+    build of the same inputs in `cfg.out`."""
+    started = time.monotonic()
     tok = load_text_tokenizer(cfg.tokenizer)
-    dtype = token_dtype(tok.get_vocab_size())
-    prepare_out(cfg)
-    sample_len = cfg.seq_len + 1
-    packers = {split: Packer(sample_len, dtype) for split in ("train", "val")}
-    writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard) for split in ("train", "val")}
-    stats = {s.spec: SourceStats() for s in sources}
-    doc_filter = DocumentFilter(cfg.filters)  # one for all sources: dedup is across the whole build
-    progress = tqdm(desc="build", unit="doc")
-    for source in sources:
-        for batch in batched(kept_documents(source, doc_filter, stats[source.spec]), cfg.batch_documents):
-            for doc, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
-                ids = [BOS_ID, *enc.ids, EOS_ID]
-                record(stats[source.spec], doc, len(ids))
-                split = split_of(doc.text, cfg.val_fraction)
-                for sample in packers[split].add(ids):
-                    writers[split].add(sample)
-            progress.update(len(batch))
-            progress.set_postfix(tokens=sum(s.tokens for s in stats.values()))
-    progress.close()
+    dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
+    state = start_or_resume(cfg, sources)
+    build = ShardBuild(cfg, sources, dtype, state)
+    resumed = sum(len(w.entries) for w in state.writers.values())
+    encoder = EncoderConfig(cfg.out / TOKENIZER_NAME, cfg.filters, cfg.val_fraction, dtype.name)
+    batches = read_batches(sources, state.position, cfg)
+    with BuildProgress(build.stats, resumed) as progress:
+        for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
+            if build.consume(batch, results):
+                build.checkpoint(batch.end)
+            progress.update(batch)
+            if batch.end.source != batch.source and not build.stats[sources[batch.source].spec].documents:
+                warn(f"source {sources[batch.source].spec!r} gave no documents to write")
     manifest = Manifest(
         tokenizer=TOKENIZER_NAME,
         tokenizer_sha256=sha256_file(cfg.out / TOKENIZER_NAME),
         vocab_size=tok.get_vocab_size(),
         seq_len=cfg.seq_len,
         dtype=dtype.name,
-        shards=[e for w in writers.values() for e in w.close(sample_len)],
-        sources=stats,
+        shards=build.finish(),
+        sources=build.stats,
     )
     if not manifest.split("train"):
-        raise DslmError(f"too little text for one training sample of {sample_len} tokens")
-    manifest.save(cfg.out)
-    return manifest
+        raise DslmError(f"too little text for one training sample of {build.sample_len} tokens")
+    manifest.save(cfg.out)  # the commit point
+    remove_journal(cfg.out)
+    return BuildReport(manifest, time.monotonic() - started, *progress.written(), resumed)
 
 
-def record(stats: SourceStats, doc: Document, tokens: int) -> None:
-    stats.documents += 1
-    stats.bytes += len(doc.text.encode())
-    stats.tokens += tokens
+class BuildProgress:
+    """A tqdm bar of documents read, with documents/s and tokens/s of this run."""
+
+    def __init__(self, stats: dict[str, SourceStats], resumed_shards: int):
+        self.stats = stats
+        self.before = self.totals()
+        desc = f"build (kept {resumed_shards} shards)" if resumed_shards else "build"
+        self.bar = tqdm(desc=desc, unit="doc", dynamic_ncols=True)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(s.documents for s in self.stats.values()), sum(s.tokens for s in self.stats.values())
+
+    def written(self) -> tuple[int, int]:
+        """Documents and tokens written since the bar started."""
+        (documents, tokens), (documents0, tokens0) = self.totals(), self.before
+        return documents - documents0, tokens - tokens0
+
+    def update(self, batch: Batch) -> None:
+        self.bar.update(len(batch.documents) + sum(batch.skipped.values()))
+        elapsed = self.bar.format_dict["elapsed"] or 1e-9
+        self.bar.set_postfix_str(f"{self.written()[1] / elapsed:,.0f} tokens/s", refresh=False)
+
+    def __enter__(self) -> BuildProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
-def prepare_out(cfg: ShardConfig) -> None:
-    """Create `out`, refuse to clobber a finished build unless asked, and place the tokenizer in it."""
+def fingerprint(cfg: ShardConfig, sources: list[Source]) -> str:
+    """What decides a build's bytes; a journal with another fingerprint cannot be resumed."""
+    settings = {
+        "tokenizer": sha256_file(cfg.tokenizer),
+        "seq_len": cfg.seq_len,
+        "samples_per_shard": cfg.samples_per_shard,
+        "val_fraction": cfg.val_fraction,
+        "dtype": cfg.dtype,
+        "filters": dataclasses.asdict(cfg.filters),
+        "sources": [repr(s) for s in sources],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def start_or_resume(cfg: ShardConfig, sources: list[Source]) -> BuildState:
+    """Prepare `out`: refuse to clobber a finished build unless asked, place the tokenizer, and
+    return the journal of an unfinished build of the same inputs (or a fresh state)."""
     cfg.out.mkdir(parents=True, exist_ok=True)
-    manifest = cfg.out / MANIFEST_NAME
-    if manifest.exists():
+    if (cfg.out / MANIFEST_NAME).exists():
         if not cfg.overwrite:
             raise DslmError(f"{cfg.out} already holds a finished build; pass --overwrite to replace it")
-        old = Manifest.load(cfg.out)
-        manifest.unlink()  # the old build stops being valid before any of its shards goes
-        for entry in old.shards:
-            (cfg.out / entry.name).unlink(missing_ok=True)
+        remove_finished_build(cfg.out)
+    fresh = BuildState(fingerprint(cfg, sources))
+    state = load_state(cfg.out)
+    if state is not None and state.fingerprint != fresh.fingerprint and not cfg.overwrite:
+        raise DslmError(f"{cfg.out} holds an unfinished build of other sources or settings; rerun it "
+                        f"with the same ones to resume, or pass --overwrite to start over")
+    problem = None if state is None or cfg.overwrite else resume_problem(cfg.out, state)
+    if problem:
+        warn(f"cannot resume the unfinished build in {cfg.out} ({problem}); starting over")
+    if state is not None and (cfg.overwrite or problem):
+        remove_unfinished_build(cfg.out, state)
+        state = None
+    place_tokenizer(cfg)
+    return state or fresh
+
+
+def resume_problem(out: Path, state: BuildState) -> str | None:
+    """Why the files in `out` do not match the journal, or None when the build can continue."""
+    for writer in state.writers.values():
+        for entry in writer.entries:
+            if (problem := shard_problem(out, entry)) is not None:
+                return f"{entry.name}: {problem}"
+    for split, writer in state.writers.items():
+        tmp = out / f".{split}-{len(writer.entries):06d}.tar.tmp"
+        if writer.in_shard and (not tmp.is_file() or tmp.stat().st_size < writer.offset):
+            return f"{tmp.name} is shorter than journaled"
+    digests = out / DIGESTS_NAME
+    if state.digests and (not digests.is_file() or digests.stat().st_size < state.digests * DIGEST_BYTES):
+        return f"{DIGESTS_NAME} is shorter than journaled"
+    return None
+
+
+def remove_finished_build(out: Path) -> None:
+    old = Manifest.load(out)
+    (out / MANIFEST_NAME).unlink()  # the old build stops being valid before any of its shards goes
+    for entry in old.shards:
+        (out / entry.name).unlink(missing_ok=True)
+
+
+def remove_unfinished_build(out: Path, state: BuildState) -> None:
+    remove_journal(out)
+    for writer in state.writers.values():
+        for entry in writer.entries:
+            (out / entry.name).unlink(missing_ok=True)
+    for tmp in out.glob(".*.tar.tmp"):
+        tmp.unlink()
+
+
+def place_tokenizer(cfg: ShardConfig) -> None:
     target = cfg.out / TOKENIZER_NAME
     if not target.exists() or not target.samefile(cfg.tokenizer):
-        shutil.copyfile(cfg.tokenizer, cfg.out / f".{TOKENIZER_NAME}.tmp")
-        (cfg.out / f".{TOKENIZER_NAME}.tmp").replace(target)
+        tmp = cfg.out / f".{TOKENIZER_NAME}.tmp"
+        shutil.copyfile(cfg.tokenizer, tmp)
+        tmp.replace(target)

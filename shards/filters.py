@@ -219,14 +219,13 @@ def text_digest(text: str) -> bytes:
 
 
 class DocumentFilter:
-    """Applies the code or web-text rules to each document, then drops exact duplicates of any
-    document kept before, across all sources of a build.
+    """Applies the code or web-text rules to each document (`check`, no state), then drops exact
+    duplicates of any document kept before, across all sources of a build (`first_seen`).
 
     `seen` holds the 16-byte MD5 digest of every distinct kept text, so memory grows with the
     number of distinct documents: about 83 bytes each with the set's overhead (measured on
-    CPython 3.11: 83 MB per million). A resumed build restores it by passing the documents it
-    already wrote through `apply` again (same order, same verdicts, no tokenizing), or by
-    pre-seeding `seen` with their `text_digest`s.
+    CPython 3.11: 83 MB per million). `dslm-shard build` runs `check` in its worker processes
+    and `first_seen` in order in the main one; a resumed build pre-seeds `seen` from its journal.
     """
 
     def __init__(self, cfg: FilterConfig | None = None, seen: set[bytes] | None = None):
@@ -234,6 +233,13 @@ class DocumentFilter:
         self.seen: set[bytes] = set() if seen is None else seen
 
     def apply(self, doc: Document) -> Verdict:
+        verdict = self.check(doc)
+        if verdict.text is not None and not self.first_seen(text_digest(verdict.text)):
+            return Verdict(None, "duplicate")
+        return verdict
+
+    def check(self, doc: Document) -> Verdict:
+        """The rules for the document's language, without dedup."""
         if doc.language in HEADER_PATTERNS:
             if is_test_file(doc.id):
                 return Verdict(None, "test_file")
@@ -242,11 +248,16 @@ class DocumentFilter:
         else:
             text = doc.text
             reason = self.web_reason(text)
-        if reason is None:
-            reason = self.duplicate_reason(text)
         if reason is not None:
             return Verdict(None, reason)
         return Verdict(text, header_stripped=len(text) != len(doc.text))
+
+    def first_seen(self, digest: bytes) -> bool:
+        """True the first time a kept text's digest comes by (and remember it); False for a duplicate."""
+        if digest in self.seen:
+            return False
+        self.seen.add(digest)
+        return True
 
     def code_reason(self, text: str) -> str | None:
         cfg = self.cfg
@@ -271,12 +282,4 @@ class DocumentFilter:
             return "repeated_lines"
         if alpha_word_fraction(text) < cfg.min_alpha_word_fraction:
             return "few_alpha_words"
-        return None
-
-    def duplicate_reason(self, text: str) -> str | None:
-        """Drop as "duplicate" when this text was kept before; otherwise remember it."""
-        digest = text_digest(text)
-        if digest in self.seen:
-            return "duplicate"
-        self.seen.add(digest)
         return None

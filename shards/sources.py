@@ -22,7 +22,9 @@ read in sorted path order so that a build is reproducible. `--exclude` globs mat
 relative to the source folder (for a glob: its folder part before the first wildcard; for a
 single file: its folder), and an archive member's name. Documents that cannot be used are
 skipped and counted by reason in the manifest: `invalid_utf8`, `empty`, `bad_record` (a record
-without its text, or a jsonl line that is not JSON).
+without its text, or a jsonl line that is not JSON), `unreadable_file` (a file or archive member
+that fails to read: permissions, a damaged archive, parquet or gzip; what was read from it before
+the error is kept, and a warning line names it).
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ import re
 import shutil
 import tarfile
 import tempfile
+import sys
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Collection, Iterable, Iterator, Protocol
+from typing import Any, Callable, Collection, Iterable, Iterator, Protocol, TypeVar
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
@@ -56,6 +63,7 @@ FINEWEB_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
 FINEWEB_REPO = "HuggingFaceFW/fineweb"
 FINEWEB_CONFIG = "sample-100BT"
 FINEWEB_COLUMNS = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count")
+T = TypeVar("T")
 PARQUET_BATCH_ROWS = 1024
 """Rows per record batch read from a parquet file: bounds memory whatever the file's size."""
 
@@ -99,17 +107,19 @@ class CodeSource:
     weight: float = 1.0
 
     def documents(self, stats: SourceStats) -> Iterator[Document]:
-        for doc_id, raw in self.files():
+        for doc_id, raw in self.files(stats):
             text = clean_text(raw, stats)
             if text is not None:
                 yield Document(id=doc_id, text=text, language=CODE_LANGUAGES[PurePosixPath(doc_id).suffix])
 
-    def files(self) -> Iterator[tuple[str, bytes]]:
-        """(id, content) of every source file, in sorted order."""
-        if self.root.is_dir():
-            files = local_files(str(self.root), CODE_LANGUAGES, self.exclude)
-            return ((path.relative_to(self.root).as_posix(), path.read_bytes()) for path in files)
-        return archive_members(self.root, self.keep_member)
+    def files(self, stats: SourceStats) -> Iterator[tuple[str, bytes]]:
+        """(id, content) of every readable source file, in sorted order."""
+        if not self.root.is_dir():
+            yield from guarded(self.root, archive_members(self.root, self.keep_member, stats), stats)
+            return
+        for path in local_files(str(self.root), CODE_LANGUAGES, self.exclude):
+            if (raw := read_or_skip(path, path.read_bytes, stats)) is not None:
+                yield path.relative_to(self.root).as_posix(), raw
 
     def keep_member(self, name: str) -> bool:
         return PurePosixPath(name).suffix in CODE_LANGUAGES and not excluded(name, self.exclude)
@@ -128,18 +138,19 @@ class TextSource:
 
     def documents(self, stats: SourceStats) -> Iterator[Document]:
         for file in local_files(self.path, TEXT_SUFFIXES, self.exclude):
-            for doc_id, value in self.records(file, stats):
+            for doc_id, value in guarded(file, self.records(file, stats), stats):
                 text = clean_text(value, stats)
                 if text is not None:
                     yield Document(id=doc_id, text=text, language="text")
 
-    def records(self, file: Path, stats: SourceStats) -> Iterable[tuple[str, Any]]:
-        """(id, raw text value) of each record in `file`."""
+    def records(self, file: Path, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+        """(id, raw text value) of each record in `file`, read lazily (so `guarded` sees errors)."""
         if file.name.endswith(".parquet"):
-            return parquet_values(file, self.field)
-        if file.name.endswith(".txt"):
-            return [(str(file), file.read_bytes())]
-        return jsonl_values(file, self.field, stats)
+            yield from parquet_values(file, self.field)
+        elif file.name.endswith(".txt"):
+            yield str(file), file.read_bytes()
+        else:
+            yield from jsonl_values(file, self.field, stats)
 
 
 @dataclass
@@ -154,6 +165,14 @@ class FineWebSource:
     weight: float = 1.0
 
     def documents(self, stats: SourceStats) -> Iterator[Document]:
+        """A read error ends the source with one line (a stream cannot skip a bad file and go on;
+        a rerun of the build resumes)."""
+        try:
+            yield from self.read_documents(stats)
+        except READ_ERRORS as e:
+            raise DslmError(f"source {self.spec!r}: reading failed: {e}") from e
+
+    def read_documents(self, stats: SourceStats) -> Iterator[Document]:
         for record in self.records():
             missing = [column for column in FINEWEB_COLUMNS if column not in record]
             if missing:
@@ -178,6 +197,38 @@ class FineWebSource:
 
 def skip(stats: SourceStats, reason: str) -> None:
     stats.filtered[reason] = stats.filtered.get(reason, 0) + 1
+
+
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error, pa.ArrowException)
+"""What reading a damaged, truncated or unreadable file raises (gzip's BadGzipFile is an OSError)."""
+
+
+def guarded(path: Path, items: Iterable[T], stats: SourceStats) -> Iterator[T]:
+    """`items` (read lazily from `path`) until a read error, which is counted as unreadable_file
+    and warned about in one line; what was read before it is kept."""
+    try:
+        yield from items
+    except READ_ERRORS as e:
+        unreadable(path, e, stats)
+
+
+def read_or_skip(path: Path, read: Callable[[], T], stats: SourceStats) -> T | None:
+    """`read()`, or None after counting a read error as unreadable_file."""
+    try:
+        return read()
+    except READ_ERRORS as e:
+        unreadable(path, e, stats)
+        return None
+
+
+def unreadable(path: Path, error: Exception, stats: SourceStats) -> None:
+    skip(stats, "unreadable_file")
+    warn(f"skipped unreadable {path} (or the rest of it): {error}")
+
+
+def warn(line: str) -> None:
+    """One warning line on stderr that does not break a progress bar."""
+    tqdm.write(f"dslm-shard: warning: {line}", file=sys.stderr)
 
 
 def decode(raw: bytes, stats: SourceStats) -> str | None:
@@ -234,17 +285,20 @@ def parquet_values(path: Path, field: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}:{row}", value
 
 
-def archive_members(path: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """(member name, content) of the wanted members of a zip or tar, in sorted name order."""
+def archive_members(path: Path, keep: Callable[[str], bool], stats: SourceStats) -> Iterator[tuple[str, bytes]]:
+    """(member name, content) of the wanted members of a zip or tar, in sorted name order; a
+    member that fails to read (bad checksum) is counted as unreadable_file."""
     if path.name.endswith(".zip"):
         with zipfile.ZipFile(path) as archive:
             for name in sorted(filter(keep, archive.namelist()), key=PurePosixPath):
-                yield name, archive.read(name)
+                if (raw := read_or_skip(path / name, partial(archive.read, name), stats)) is not None:
+                    yield name, raw
         return
     with open_tar(path) as archive:
         members = [m for m in archive.getmembers() if m.isfile() and keep(m.name)]
         for member in sorted(members, key=lambda m: PurePosixPath(m.name)):
-            yield member.name, archive.extractfile(member).read()
+            if (raw := read_or_skip(path / member.name, archive.extractfile(member).read, stats)) is not None:
+                yield member.name, raw
 
 
 @contextmanager

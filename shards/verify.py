@@ -7,8 +7,7 @@ from pathlib import Path
 
 from dslm.data.manifest import Manifest, ShardEntry
 from dslm.files import sha256_file
-
-SAMPLE_SUFFIX = ".tokens.npy"
+from shards.writer import SAMPLE_SUFFIX
 
 
 def count_samples(path: Path) -> int:

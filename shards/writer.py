@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
-import webdataset as wds
 
 from dslm.data.manifest import ShardEntry
 from dslm.files import sha256_file
+
+SAMPLE_SUFFIX = ".tokens.npy"
 
 
 def split_of(text: str, val_fraction: float) -> str:
@@ -23,14 +27,14 @@ def split_of(text: str, val_fraction: float) -> str:
 class Packer:
     """Concatenates token sequences and cuts the stream into samples of `sample_len` tokens."""
 
-    def __init__(self, sample_len: int, dtype: np.dtype):
+    def __init__(self, sample_len: int, dtype: np.dtype, pending: list[int] | None = None):
         self.sample_len = sample_len
         self.dtype = dtype
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
+        self.pending: list[np.ndarray] = [np.asarray(pending or [], dtype=dtype)]
+        self.pending_tokens = len(pending or [])
 
-    def add(self, ids: list[int]) -> Iterator[np.ndarray]:
-        self.pending.append(np.asarray(ids, dtype=self.dtype))
+    def add(self, ids: np.ndarray) -> Iterator[np.ndarray]:
+        self.pending.append(ids)
         self.pending_tokens += len(ids)
         if self.pending_tokens < self.sample_len:
             return
@@ -40,58 +44,109 @@ class Packer:
         self.pending = [stream[full:]]
         self.pending_tokens = len(stream) - full
 
-    @property
-    def leftover(self) -> int:
-        """Tokens at the end of the stream that never filled a sample (dropped)."""
-        return self.pending_tokens
+    def leftover(self) -> list[int]:
+        """Tokens at the end of the stream that have not filled a sample yet (dropped at the end)."""
+        return np.concatenate(self.pending).tolist()
+
+
+@dataclass
+class WriterState:
+    """Where a split's writing stands between two documents: what a resumed build continues from."""
+
+    entries: list[ShardEntry] = field(default_factory=list)
+    """Finished shards, in order."""
+    total: int = 0
+    """Samples written so far, finished shards and the open one."""
+    in_shard: int = 0
+    """Samples in the open shard's temporary file."""
+    offset: int = 0
+    """Bytes of the open shard's temporary file that hold those samples (a member boundary)."""
 
 
 class ShardWriter:
     """Writes one split's samples into `{split}-NNNNNN.tar` files of `samples_per_shard` samples.
 
-    Each tar is written under a hidden temporary name and renamed only once complete.
+    Each tar is written under a hidden temporary name and renamed only once complete. Members
+    are `KEY.tokens.npy`, as webdataset's TarWriter names them, with fixed owner and mtime so a
+    shard's bytes (and sha256) are the same on every build. Tar is written with `tarfile`
+    directly because a resumed build needs the open file cut back to a member boundary
+    (`state.offset`) and appended to, which webdataset's streaming writer cannot do.
     """
 
-    def __init__(self, out: Path, split: str, samples_per_shard: int):
+    def __init__(self, out: Path, split: str, samples_per_shard: int, sample_len: int,
+                 state: WriterState | None = None):
         self.out = out
         self.split = split
         self.samples_per_shard = samples_per_shard
-        self.entries: list[ShardEntry] = []
-        self.total = 0
-        self._tar: wds.TarWriter | None = None
-        self._in_shard = 0
+        self.sample_len = sample_len
+        self.state = state or WriterState()
+        self._file: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        if self.state.in_shard:
+            self._open(self.state.offset)
 
     @property
-    def _name(self) -> str:
-        return f"{self.split}-{len(self.entries):06d}.tar"
+    def _final(self) -> Path:
+        return self.out / f"{self.split}-{len(self.state.entries):06d}.tar"
 
-    def add(self, tokens: np.ndarray) -> None:
+    @property
+    def _tmp(self) -> Path:
+        return self.out / f".{self._final.name}.tmp"
+
+    def add(self, tokens: np.ndarray) -> ShardEntry | None:
+        """Write one sample; return the shard's entry when this sample completed it."""
         if self._tar is None:
-            # a fixed mtime keeps the bytes (and sha256) of a shard the same on every build
-            self._tar = wds.TarWriter(str(self.out / f".{self._name}.tmp"), mtime=0)
-        self._tar.write({"__key__": f"{self.split}-{self.total:09d}", "tokens.npy": tokens})
-        self._in_shard += 1
-        self.total += 1
-        if self._in_shard == self.samples_per_shard:
-            self._finish_shard(tokens.size)
-
-    def close(self, sample_len: int) -> list[ShardEntry]:
-        if self._tar is not None:
-            self._finish_shard(sample_len)
-        return self.entries
-
-    def _finish_shard(self, sample_len: int) -> None:
+            self._open(0)
         assert self._tar is not None
-        self._tar.close()
-        tmp, final = self.out / f".{self._name}.tmp", self.out / self._name
+        data = io.BytesIO()
+        np.lib.format.write_array(data, tokens, allow_pickle=False)
+        info = tarfile.TarInfo(f"{self.split}-{self.state.total:09d}{SAMPLE_SUFFIX}")
+        info.size, info.mode, info.mtime, info.uname, info.gname = data.tell(), 0o444, 0, "bigdata", "bigdata"
+        data.seek(0)
+        self._tar.addfile(info, data)
+        self.state.in_shard += 1
+        self.state.total += 1
+        self.state.offset = self._tar.offset
+        if self.state.in_shard == self.samples_per_shard:
+            return self._finish_shard()
+        return None
+
+    def sync(self) -> WriterState:
+        """Put the open shard's samples on disk; the state then describes the files exactly."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return self.state
+
+    def close(self) -> list[ShardEntry]:
+        """Finish the last, partly filled shard; the entries of all."""
+        if self._tar is not None:
+            self._finish_shard()
+        return self.state.entries
+
+    def _open(self, offset: int) -> None:
+        """Open the temporary file at `offset`: 0 starts a new shard, more continues a resumed one."""
+        self._file = open(self._tmp, "r+b" if offset else "wb")
+        self._file.truncate(offset)
+        self._file.seek(offset)
+        self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def _finish_shard(self) -> ShardEntry:
+        assert self._tar is not None and self._file is not None
+        self._tar.close()  # end-of-archive blocks; the file object stays ours
+        self.sync()
+        self._file.close()
+        tmp, final = self._tmp, self._final
         entry = ShardEntry(
             name=final.name,
             split=self.split,
-            samples=self._in_shard,
-            tokens=self._in_shard * sample_len,
+            samples=self.state.in_shard,
+            tokens=self.state.in_shard * self.sample_len,
             bytes=tmp.stat().st_size,
             sha256=sha256_file(tmp),
         )
         os.replace(tmp, final)
-        self.entries.append(entry)
-        self._tar, self._in_shard = None, 0
+        self.state.entries.append(entry)
+        self.state.in_shard = self.state.offset = 0
+        self._tar = self._file = None
+        return entry

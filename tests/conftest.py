@@ -35,7 +35,7 @@ def tiny_shards(tmp_path_factory, code_corpus) -> tuple[Path, Manifest]:
     train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=out / "tokenizer.json")
     cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN,
                       samples_per_shard=200, val_fraction=0.1)
-    return out, build_shards(cfg, sources)
+    return out, build_shards(cfg, sources).manifest
 
 
 @pytest.fixture

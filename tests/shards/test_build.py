@@ -70,11 +70,11 @@ def test_rebuild_needs_overwrite(tiny_shards, code_corpus, tmp_path):
     target = tmp_path / "again"
     cfg = ShardConfig(out=target, tokenizer=out / "tokenizer.json", seq_len=32, samples_per_shard=50)
     sources = [CodeSource(spec="code", root=code_corpus / "json")]
-    first = build_shards(cfg, sources)
+    first = build_shards(cfg, sources).manifest
     with pytest.raises(Exception, match="--overwrite"):
         build_shards(cfg, sources)
     cfg.overwrite = True
-    assert build_shards(cfg, sources) == first  # deterministic
+    assert build_shards(cfg, sources).manifest == first  # deterministic
     assert sorted(p.name for p in target.glob("*.tar")) == sorted(e.name for e in first.shards)
 
 
@@ -113,7 +113,7 @@ def test_build_filters_and_counts_per_reason(tiny_shards, tmp_path):
     b = write_files(tmp_path / "b", {"copy.py": body})  # m.py without its header: a duplicate
     out, _ = tiny_shards
     cfg = ShardConfig(out=tmp_path / "out", tokenizer=out / "tokenizer.json", seq_len=16, samples_per_shard=100)
-    manifest = build_shards(cfg, [CodeSource(spec="a", root=a), CodeSource(spec="b", root=b)])
+    manifest = build_shards(cfg, [CodeSource(spec="a", root=a), CodeSource(spec="b", root=b)]).manifest
     assert manifest.sources["a"].filtered == {"test_file": 2, "too_few_lines": 1}
     assert (manifest.sources["a"].documents, manifest.sources["a"].headers_stripped) == (2, 1)
     assert manifest.sources["b"].filtered == {"duplicate": 1} and manifest.sources["b"].documents == 0

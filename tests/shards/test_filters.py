@@ -284,14 +284,13 @@ def test_dropped_documents_are_not_remembered():
     assert f.apply(code(BODY)).text == BODY
 
 
-def test_seen_set_can_be_seeded_or_replayed():
-    docs = [code(BODY, id="a.py"), code(hash_block(25) + BODY, id="b.py"), web("\n".join(prose_lines(10)))]
-    seeded = DocumentFilter(seen={text_digest(BODY)})
-    assert seeded.apply(docs[0]) == Verdict(None, "duplicate")
-    first, resumed = DocumentFilter(), DocumentFilter()
-    verdicts = [first.apply(d) for d in docs]
-    assert [resumed.apply(d) for d in docs] == verdicts  # a resumed build replays what it wrote
-    assert resumed.seen == first.seen
+def test_check_is_stateless_and_seen_can_be_seeded():
+    f = DocumentFilter()
+    assert f.check(code(BODY)) == f.check(code(BODY)) == Verdict(BODY)
+    assert not f.seen  # check never dedups: the build runs it in worker processes
+    assert f.first_seen(text_digest(BODY)) and not f.first_seen(text_digest(BODY))
+    seeded = DocumentFilter(seen={text_digest(BODY)})  # a resumed build, from its journal
+    assert seeded.apply(code(BODY)) == Verdict(None, "duplicate")
 
 
 # --- config -------------------------------------------------------------------------------------

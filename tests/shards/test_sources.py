@@ -228,3 +228,46 @@ def test_stdlib_corpus_fixture_still_reads(code_corpus):
     assert [(f"json/{i}", t, lang) for i, t, lang in direct] == parsed
     assert len(parsed) == len(list((code_corpus / "json").rglob("*.py")))
     assert all(lang == "python" for _, _, lang in parsed) and not filtered
+
+
+# --- damaged input ---------------------------------------------------------------------------------
+
+
+def test_damaged_archive_and_unreadable_file_are_counted_and_named(tmp_path, code_folder, capsys):
+    write(tmp_path / "broken.zip", b"PK\x03\x04 not really a zip" * 50)
+    assert read(parse_source(f"code:{tmp_path / 'broken.zip'}")) == ([], {"unreadable_file": 1})
+    assert "broken.zip" in capsys.readouterr().err
+    (code_folder / "gone.py").symlink_to(tmp_path / "nowhere.py")  # unreadable even for root
+    docs, skipped = read(parse_source(f"code:{code_folder}", exclude=("skip/*",)))
+    assert [d[0] for d in docs] == CODE_ORDER and skipped["unreadable_file"] == 1
+    assert "gone.py" in capsys.readouterr().err
+
+
+def test_zip_member_with_a_bad_checksum_is_counted(tmp_path):
+    path = tmp_path / "src.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a.py", "a = 1\n" * 20)
+        z.writestr("b.py", "b = 2\n" * 20)
+    data = path.read_bytes().replace(b"b = 2", b"b = 3", 1)  # stored, not deflated: the CRC no longer matches
+    path.write_bytes(data)
+    docs, skipped = read(parse_source(f"code:{path}"))
+    assert [d[0] for d in docs] == ["a.py"] and skipped == {"unreadable_file": 1}
+
+
+def test_truncated_text_files_keep_what_was_read(tmp_path):
+    lines = "".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(2000))
+    packed = gzip.compress(lines.encode())
+    write(tmp_path / "t" / "a.jsonl.gz", packed[: len(packed) // 2])
+    pq.write_table(pa.table({"text": ["x " * 50] * 10}), tmp_path / "t" / "b.parquet")
+    write(tmp_path / "t" / "c.parquet", (tmp_path / "t" / "b.parquet").read_bytes()[:100])
+    docs, skipped = read(parse_source(f"text:{tmp_path / 't'}"))
+    from_gzip = [d for d in docs if "a.jsonl.gz" in d[0]]
+    assert 0 < len(from_gzip) < 2000 and len(docs) == len(from_gzip) + 10
+    assert skipped == {"unreadable_file": 2}
+
+
+def test_damaged_fineweb_file_is_one_error_line(tmp_path):
+    pq.write_table(pa.Table.from_pylist(fineweb_rows("a", 5)), tmp_path / "a.parquet")
+    write(tmp_path / "a.parquet", (tmp_path / "a.parquet").read_bytes()[:200])
+    with pytest.raises(DslmError, match="reading failed"):
+        read(parse_source(f"fineweb:{tmp_path / 'a.parquet'}"))

@@ -1,0 +1,105 @@
+"""The per-document work of `dslm-shard build` that needs no shared state: the filter rules,
+the dedup digest, the split and the tokens. It runs in worker processes, one batch at a time;
+the main process keeps everything that depends on order (dedup, packing, writing)."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from shards.filters import DocumentFilter, FilterConfig, text_digest
+from shards.sources import Document
+from shards.tokenizer import BOS_ID, EOS_ID, load_text_tokenizer
+from shards.writer import split_of
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One document after the stateless rules: dropped for `reason`, or its framed tokens."""
+
+    reason: str | None
+    header_stripped: bool = False
+    digest: bytes = b""
+    split: str = "train"
+    bytes: int = 0
+    """UTF-8 size of the kept text."""
+    ids: np.ndarray | None = None
+    """<bos> tokens <eos>, in the shard dtype."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    tokenizer: Path
+    filters: FilterConfig
+    val_fraction: float
+    dtype: str
+
+
+class Encoder:
+    def __init__(self, cfg: EncoderConfig):
+        self.tok = load_text_tokenizer(cfg.tokenizer)
+        self.filter = DocumentFilter(cfg.filters)
+        self.cfg = cfg
+
+    def __call__(self, docs: list[Document]) -> list[Encoded]:
+        verdicts = [self.filter.check(doc) for doc in docs]
+        kept = [v.text for v in verdicts if v.text is not None]
+        # encode_batch_fast skips the character offsets, which shards never use
+        encodings = iter(self.tok.encode_batch_fast(kept))
+        return [self.frame(v.text, next(encodings).ids, v.header_stripped) if v.text is not None
+                else Encoded(v.reason) for v in verdicts]
+
+    def frame(self, text: str, ids: list[int], header_stripped: bool) -> Encoded:
+        framed = np.empty(len(ids) + 2, dtype=self.cfg.dtype)
+        framed[0], framed[1:-1], framed[-1] = BOS_ID, ids, EOS_ID
+        return Encoded(reason=None, header_stripped=header_stripped, digest=text_digest(text),
+                       split=split_of(text, self.cfg.val_fraction), bytes=len(text.encode()), ids=framed)
+
+
+_worker_encoder: Encoder | None = None
+
+
+def start_worker(cfg: EncoderConfig) -> None:
+    global _worker_encoder
+    # One tokenizer thread per worker: the workers are the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = Encoder(cfg)
+
+
+def encode_in_worker(docs: list[Document]) -> list[Encoded]:
+    assert _worker_encoder is not None, "start_worker did not run"
+    return _worker_encoder(docs)
+
+
+def encode_batches(cfg: EncoderConfig, batches: Iterable[T], docs_of: Callable[[T], list[Document]],
+                   workers: int) -> Iterator[tuple[T, list[Encoded]]]:
+    """Each batch with its encoded documents, in input order. `workers` processes encode at most
+    2 x `workers` batches ahead of the consumer, so memory stays bounded; 0 encodes inline."""
+    if workers == 0:
+        encoder = Encoder(cfg)
+        yield from ((batch, encoder(docs_of(batch))) for batch in batches)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=start_worker,
+                             initargs=(cfg,)) as pool:
+        pending: deque[tuple[T, Future[list[Encoded]]]] = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(encode_in_worker, docs_of(batch))))
+            if len(pending) >= 2 * workers:
+                yield next_result(pending)
+        while pending:
+            yield next_result(pending)
+
+
+def next_result(pending: deque[tuple[T, Future[R]]]) -> tuple[T, R]:
+    batch, future = pending.popleft()
+    return batch, future.result()
