@@ -10,7 +10,8 @@ A source is given on the command line as `KIND:PATH[,key=value...]`:
                    (default HuggingFaceFW/fineweb), or local .parquet/.jsonl/.jsonl.gz files
                    (file, folder or glob) with FineWeb's columns
 
-    keys:  weight=FLOAT   every kind: the source's relative share in the mix (positive, default 1.0)
+    keys:  weight=FLOAT   every kind: the source's mixing weight (positive, default 1.0): epochs of
+                          it in a build, its relative share of the tokenizer's sample
            field=NAME     text: the column or JSON key holding the text (default `text`)
            config=NAME    fineweb on the hub: the dataset config (default sample-100BT)
 
