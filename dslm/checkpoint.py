@@ -1,43 +1,209 @@
-"""DeepSpeed checkpoints in runs/NAME/checkpoints/global_stepN, and reading weights back for eval/export."""
+"""Checkpoints in runs/NAME/checkpoints/global_stepN: DeepSpeed's files plus dslm's own, sealed
+so that a crash at any moment never leaves `latest` naming an incomplete tag.
+
+A tag is written by every rank (DeepSpeed's model and optimizer files, and `rng_rankR.pt` with
+each rank's python/numpy/torch RNG), then, after a barrier, rank 0 seals it: `dslm_complete.json`
+lists every file of the tag with its size, and only then is `latest` replaced (atomically).
+A tag without the seal, or whose files no longer match it, is never resumed from.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import random
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
+from dslm.files import atomic_write_text
 from dslm.model import GPT, ModelConfig
 
 TAG_PATTERN = re.compile(r"global_step(\d+)$")
+SEAL_NAME = "dslm_complete.json"
+LATEST_NAME = "latest"
+
+
+@dataclass
+class TrainState:
+    """Where training stands after an optimizer step, beside DeepSpeed's own state."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    samples: int = 0
+    """Training samples consumed by all ranks: the loader's global cursor, independent of the
+    world size, so a resumed run reads the next unseen sample whatever its rank count."""
+    world_size: int = 1
+    """Ranks that wrote the checkpoint."""
 
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
-def save_checkpoint(engine, folder: Path, step: int) -> None:
-    """Collective: every rank writes its part. DeepSpeed updates `latest` after the tag."""
-    # universal_checkpoint_info lets ds_to_universal convert the tag for another world size
-    client_state = {"step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(str(folder), tag=tag_for(step), client_state=client_state)
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Checkpointer:
+    """Saves sealed tags under `folder`, keeping the newest `keep_last` (0: all)."""
+
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder = folder
+        self.keep_last = keep_last
+
+    def save(self, engine, state: TrainState) -> Path:
+        """Collective: every rank writes its part; returns the sealed tag folder."""
+        tag = tag_for(state.step)
+        # universal_checkpoint_info lets ds_to_universal convert the tag for another world size
+        client_state = {"dslm": dataclasses.asdict(state),
+                        "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        tag_dir = self.folder / tag
+        if dist.get_rank() == 0:  # a tag written again (after a resume) is unsealed until it is whole again
+            (tag_dir / SEAL_NAME).unlink(missing_ok=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), tag_dir / rng_file(dist.get_rank()))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            seal(tag_dir, state)
+            atomic_write_text(self.folder / LATEST_NAME, tag)
+            self.prune()
+        dist.barrier()
+        return tag_dir
+
+    def prune(self) -> None:
+        """Remove tags older than the newest `keep_last` sealed ones (sealed or not)."""
+        if not self.keep_last:
+            return
+        sealed = [step for step, tag_dir in list_checkpoints(self.folder) if (tag_dir / SEAL_NAME).is_file()]
+        if len(sealed) <= self.keep_last:
+            return
+        oldest_kept = sealed[-self.keep_last]
+        for step, tag_dir in list_checkpoints(self.folder):
+            if step < oldest_kept:
+                shutil.rmtree(tag_dir)
+                shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
+
+
+def seal(tag_dir: Path, state: TrainState) -> None:
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != SEAL_NAME}
+    atomic_write_text(tag_dir / SEAL_NAME, json.dumps({"state": dataclasses.asdict(state), "files": files}, indent=1))
+
+
+def seal_problem(tag_dir: Path) -> str | None:
+    """Why a tag cannot be resumed from (unsealed, or files missing or changed), or None."""
+    seal_path = tag_dir / SEAL_NAME
+    if not seal_path.is_file():
+        return "incomplete (never sealed)"
+    files = json.loads(seal_path.read_text())["files"]
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, sealed with {size}"
+    state = sealed_state(tag_dir)
+    ranks = sum(1 for name in files if name.startswith("rng_rank"))
+    if ranks != state.world_size:
+        return f"holds {ranks} ranks' state, sealed by {state.world_size}"
+    return None
+
+
+def sealed_state(tag_dir: Path) -> TrainState:
+    return TrainState(**json.loads((tag_dir / SEAL_NAME).read_text())["state"])
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """(step, tag folder) for every global_stepN under `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))]
     return sorted(found)
 
 
-def load_fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a ZeRO-1/2/3 checkpoint, consolidated across ranks."""
+def newest_resumable(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest tag that is sealed and intact, and a warning line for each newer one skipped."""
+    skipped = []
+    for _, tag_dir in reversed(list_checkpoints(folder)):
+        problem = seal_problem(tag_dir)
+        if problem is None:
+            return tag_dir, skipped
+        skipped.append(f"skipping checkpoint {tag_dir}: {problem}")
+    return None, skipped
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.with_name(f"{tag_dir.name}_universal")
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """Collective: DeepSpeed's universal form of a tag, which loads on any world size. Rank 0
+    converts it once (into a temporary folder renamed when done); later resumes reuse it."""
+    target = universal_dir(tag_dir)
+    if dist.get_rank() == 0 and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = tag_dir.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False))
+        (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; unused
+        tmp.rename(target)
+    dist.barrier()
+    return target
+
+
+def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint: consolidated across ranks for ZeRO-1/2/3, from the
+    optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for ZeRO-0 in fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    masters = (state.get("optimizer") or {}).get("fp32_groups")
+    if masters is None:
+        return {name: t.float() for name, t in state["module"].items()}
+    from dslm.engine import param_groups  # the optimizer's groups, in the order it holds them
+
+    model = GPT(model_cfg)
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+    return dict(zip(ordered, (t for group in masters for t in group)))
 
 
 def load_model(model_cfg: ModelConfig, tag_dir: Path) -> GPT:
     """A GPT in fp32 with the weights of checkpoint `tag_dir`, in eval mode."""
     model = GPT(model_cfg)
-    model.load_state_dict(load_fp32_weights(tag_dir))
+    model.load_state_dict(load_fp32_weights(tag_dir, model_cfg))
     return model.eval()

@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 
 class Metrics:
-    def __init__(self, logdir: Path, enabled: bool):
-        self.writer = SummaryWriter(str(logdir)) if enabled else None
+    def __init__(self, logdir: Path, enabled: bool, purge_step: int | None = None):
+        self.writer = SummaryWriter(str(logdir), purge_step=purge_step) if enabled else None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

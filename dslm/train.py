@@ -10,10 +10,13 @@ if __package__ in (None, ""):  # run as a script path: import the dslm package, 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import dataclasses
 
 import torch
 import torch.distributed as dist
 
+from dslm.checkpoint import (Checkpointer, TrainState, convert_to_universal, list_checkpoints, newest_resumable,
+                             rng_file, seal_problem, sealed_state, set_rng_state, set_seeds)
 from dslm.cli import run_command
 from dslm.errors import DslmError
 from dslm.config import RunConfig, check_against_manifest, load_config, save_config, to_yaml
@@ -30,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (sets ds_config; default ds_configs/zero2.json)")
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe, e.g. launch/recipes/demo.yaml")
+    p.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
+                   help="auto: continue from the run's newest intact checkpoint (falling back to an older one "
+                        "with a warning); or a checkpoint folder. Without it, a run directory that already "
+                        "holds checkpoints is an error")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
@@ -53,15 +60,66 @@ def run(args: argparse.Namespace) -> None:
     if env.rank == 0:
         print(to_yaml(cfg), flush=True)
         save_config(cfg)
+    checkpoints = Checkpointer(cfg.run_dir / "checkpoints", cfg.train.keep_last)
+    resume_from = find_resume(args.resume, checkpoints.folder, env)
+    load_from = resume_from  # or, on another world size, its universal form
+    if resume_from is not None and sealed_state(resume_from).world_size != env.world_size:
+        load_from = convert_to_universal(resume_from)
+        ds_config["checkpoint"] = {"load_universal": True}
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(GPT(cfg.model), cfg.train, ds_config)
-    loader = train_loader(cfg.data, manifest, cfg.train.seed, env.rank, env.world_size, cfg.train.micro_batch_size)
-    metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size * manifest.seq_len
-    train(engine, iter(loader), cfg.train, cfg.run_dir / "checkpoints", metrics, tokens_per_step)
+    state = TrainState(world_size=env.world_size)
+    if resume_from is not None:
+        state = resume(engine, resume_from, load_from, env, cfg.train.seed)
+    loader = train_loader(cfg.data, manifest, cfg.train.seed, env.rank, env.world_size, cfg.train.micro_batch_size,
+                          start=state.samples)
+    # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
+    metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None)
+    train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len)
     metrics.close()
     report(cfg, env)
     dist.destroy_process_group()
+
+
+def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
+    """The checkpoint to resume from: None for a fresh run; an error when resuming is asked for
+    and nothing loadable exists, or when a fresh run would mix with existing checkpoints."""
+    if resume is None:
+        if list_checkpoints(folder):
+            raise DslmError(f"{folder} already holds checkpoints: pass --resume auto to continue the run, "
+                            f"or choose another name=")
+        return None
+    if resume != "auto":
+        tag_dir = Path(resume)
+        if (problem := seal_problem(tag_dir)) is not None:
+            raise DslmError(f"cannot resume from {tag_dir}: {problem}")
+        return tag_dir
+    tag_dir, skipped = newest_resumable(folder)
+    if env.rank == 0:
+        for line in skipped:
+            print(f"dslm-train: warning: {line}", file=sys.stderr, flush=True)
+    if tag_dir is None:
+        raise DslmError(f"--resume auto: no intact checkpoint in {folder}")
+    return tag_dir
+
+
+def resume(engine, tag_dir: Path, load_from: Path, env: DistEnv, seed: int) -> TrainState:
+    """Load DeepSpeed's state from `load_from` (the tag, or its universal form on another world
+    size) and this rank's RNG; the state to continue from."""
+    state = sealed_state(tag_dir)
+    path, _ = engine.load_checkpoint(str(load_from.parent), tag=load_from.name)
+    if path is None:
+        raise DslmError(f"DeepSpeed could not load {load_from}")
+    if state.world_size == env.world_size:
+        set_rng_state(torch.load(tag_dir / rng_file(env.rank), weights_only=False))
+    else:  # other ranks, other streams: seeded from the run, the step and the rank
+        set_seeds(seed * 1_000_003 + state.step * 1_009 + env.rank)
+    if env.rank == 0:
+        print(f"resumed from {tag_dir} at step {state.step} ({state.samples:,} samples read)", flush=True)
+        if state.world_size != env.world_size:
+            print(f"  on {env.world_size} ranks instead of {state.world_size} (through {load_from.name}): "
+                  f"the global batch is now {env.world_size}/{state.world_size} of what it was", flush=True)
+    return dataclasses.replace(state, world_size=env.world_size)
 
 
 def report(cfg: RunConfig, env: DistEnv) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dslm.checkpoint import save_checkpoint
+from dslm.checkpoint import Checkpointer, TrainState
 from dslm.data.loader import split_batch
 from dslm.metrics import Metrics
 
@@ -37,8 +37,12 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 500
     """Save every N steps; the last step is always saved."""
+    keep_last: int = 3
+    """Checkpoints kept (the newest); older ones are removed once a newer one is sealed. 0 keeps all."""
 
     def __post_init__(self) -> None:
+        if self.keep_last < 0:
+            raise ValueError(f"train.keep_last={self.keep_last} must not be negative")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
@@ -76,24 +80,30 @@ def global_mean(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
-def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints, metrics: Metrics,
-          tokens_per_step: int) -> None:
-    progress = tqdm(total=cfg.max_steps, desc="train", unit="step", disable=dist.get_rank() != 0)
+def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints: Checkpointer,
+          metrics: Metrics, state: TrainState, seq_len: int) -> None:
+    """Steps `state.step + 1` .. `cfg.max_steps`; `state` is updated after every step."""
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * state.world_size
+    resumed_at = state.step
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
+                    disable=dist.get_rank() != 0)
     interval_loss, interval_start = torch.zeros((), device=engine.device), time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(state.step + 1, cfg.max_steps + 1):
         interval_loss += train_step(engine, batches, cfg.grad_accum)
+        state.step, state.samples = step, state.samples + global_batch
         progress.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            steps_done = (step - 1) % cfg.log_interval + 1
+            steps_done = min((step - 1) % cfg.log_interval + 1, step - resumed_at)
             elapsed = time.perf_counter() - interval_start
             metrics.log(step, {
                 "train/loss": global_mean(interval_loss) / steps_done,
                 "train/lr": engine.get_lr()[0],
-                "train/tokens_per_s": tokens_per_step * steps_done / elapsed,
-                "train/tokens": tokens_per_step * step,
+                "train/tokens_per_s": global_batch * seq_len * steps_done / elapsed,
+                "train/samples": state.samples,
+                "train/tokens": state.samples * seq_len,
             })
             interval_loss.zero_()
             interval_start = time.perf_counter()
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(engine, checkpoints, step)
+            checkpoints.save(engine, state)
     progress.close()

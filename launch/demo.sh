@@ -10,7 +10,7 @@ PORT=${DEMO_PORT:-29500}
 STDLIB=$("$BIN/python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 SOURCES=(--source "code:$STDLIB" --exclude 'site-packages/*')
 
-echo "== 1/3 shards from $STDLIB -> $DATA"
+echo "== 1/4 shards from $STDLIB -> $DATA"
 if [ -f "$DATA/manifest.json" ]; then
     echo "$DATA/manifest.json exists: reusing those shards (make clean to rebuild)"
 else
@@ -19,13 +19,16 @@ else
         --seq-len 128 --samples-per-shard 8192 --val-fraction 0.02
 fi
 
-echo "== 2/3 train the tiny model: 2 CPU ranks (gloo), ZeRO-2, bf16, grad accumulation 2"
+echo "== 2/4 train the tiny model: 2 CPU ranks (gloo), ZeRO-2, bf16, grad accumulation 2"
 rm -rf "$RUN"
 "$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" dslm/train.py \
     --deepspeed ds_configs/zero2.json --config launch/recipes/demo.yaml
 
-echo "== 3/3 evaluate the checkpoints on the val shards"
+echo "== 3/4 evaluate the checkpoints on the val shards"
 "$BIN/dslm-eval" "$RUN"
+
+echo "== 4/4 export the last checkpoint for Hugging Face transformers"
+"$BIN/dslm-export" "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")"
 
 "$BIN/python" - "$DATA" "$RUN" <<'PY'
 import sys
@@ -33,6 +36,6 @@ from dslm.metrics import read_scalars
 data, run = sys.argv[1:]
 loss = read_scalars(f"{run}/tb", "train/loss")
 print(f"\ntrain loss: {loss[0][1]:.3f} at step {loss[0][0]} -> {loss[-1][1]:.3f} at step {loss[-1][0]}")
-print(f"shards:      {data}/manifest.json\nrun:         {run}/ (config.yaml, checkpoints/, eval/)")
+print(f"shards:      {data}/manifest.json\nrun:         {run}/ (config.yaml, checkpoints/, eval/, export/)")
 print(f"tensorboard: {sys.prefix}/bin/tensorboard --logdir {run}/tb")
 PY

@@ -1,10 +1,15 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from dslm.checkpoint import load_fp32_weights, load_model
 from dslm.config import load_config
 from dslm.metrics import read_scalars
 
@@ -12,10 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def train_args(shards: Path, runs: Path, **train) -> list[str]:
+def train_args(shards: Path, runs: Path, name: str = "t", **train) -> list[str]:
     settings = dict(micro_batch_size=4, grad_accum=2, max_steps=30, warmup_steps=3, lr=3e-3, min_lr=3e-4,
                     log_interval=5, checkpoint_interval=15) | train
-    return ["--deepspeed", str(REPO / "ds_configs/zero2.json"), "name=t", f"runs_dir={runs}",
+    return ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"name={name}", f"runs_dir={runs}",
             f"data.shards={shards}", "model.preset=tiny", *(f"train.{k}={v}" for k, v in settings.items())]
 
 
@@ -58,6 +63,16 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert again.stdout.count("already evaluated") == 2
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
 
+    subprocess.run([BIN / "dslm-export", ckpts / "global_step30"], cwd=tmp_path, check=True, timeout=300)
+    transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(run / "export" / "step30").eval()
+    model = load_model(load_config(run / "config.yaml", []).model, ckpts / "global_step30")
+    tokens = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "export" / "step30")
+    assert tokenizer.bos_token_id == 2 and tokenizer.eos_token_id == 3
+
 
 @pytest.mark.slow
 def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
@@ -66,3 +81,91 @@ def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [2, 4]
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step4"
+
+
+def kill_when(proc: subprocess.Popen, done) -> None:
+    """SIGKILL the whole launch (launcher and ranks) as soon as `done()` holds, like a node failure."""
+    while proc.poll() is None and not done():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_path, free_port):
+    shards, _ = tiny_shards
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    settings = dict(max_steps=8, warmup_steps=2, log_interval=1, checkpoint_interval=4)
+    subprocess.run([*launch, *train_args(shards, tmp_path, "straight", **settings)], cwd=tmp_path, check=True,
+                   timeout=900, stdout=subprocess.DEVNULL)
+    args = train_args(shards, tmp_path, "resumed", **settings)
+    first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
+    latest = tmp_path / "resumed" / "checkpoints" / "latest"
+    kill_when(first, lambda: latest.exists())
+    assert latest.read_text() == "global_step4"
+    subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
+                   stdout=subprocess.DEVNULL)
+
+    straight, resumed = (read_scalars(tmp_path / name / "tb", "train/loss") for name in ("straight", "resumed"))
+    assert [step for step, _ in resumed] == list(range(1, 9)), "each step once in TensorBoard"
+    assert resumed[4:] == straight[4:]  # steps 5-8, exactly
+    assert read_scalars(tmp_path / "resumed" / "tb", "train/samples")[-1] == (8, 8 * 4 * 2 * 2)
+    model_cfg = load_config(tmp_path / "straight" / "config.yaml", []).model
+    weights = [load_fp32_weights(tmp_path / name / "checkpoints" / "global_step8", model_cfg)
+               for name in ("straight", "resumed")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=4, warmup_steps=1, log_interval=2, checkpoint_interval=2)
+    fresh = subprocess.run([BIN / "dslm-train", *args, "--resume", "auto"], cwd=tmp_path, capture_output=True, text=True)
+    assert fresh.returncode == 2 and "no intact checkpoint" in fresh.stderr.splitlines()[-1]
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    again = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume auto" in again.stderr.splitlines()[-1]
+    damaged = tmp_path / "t" / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    longer = [a.replace("train.max_steps=4", "train.max_steps=6") for a in args]
+    resumed = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping checkpoint" in resumed.stderr and "global_step4" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_ranks_goes_through_a_universal_checkpoint(tiny_shards, tmp_path, free_port):
+    shards, _ = tiny_shards
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    args = train_args(shards, tmp_path, max_steps=4, warmup_steps=1, log_interval=2, checkpoint_interval=4)
+    subprocess.run([*launch, *args], cwd=tmp_path, check=True, timeout=900, stdout=subprocess.DEVNULL)
+    longer = [a.replace("train.max_steps=4", "train.max_steps=8") for a in args]
+    one = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "on 1 ranks instead of 2" in one.stdout
+    checkpoints = tmp_path / "t" / "checkpoints"
+    assert (checkpoints / "global_step4_universal").is_dir() and (checkpoints / "latest").read_text() == "global_step8"
+    assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (8, 4 * 16 + 4 * 8)
+    loss = dict(read_scalars(tmp_path / "t" / "tb", "train/loss"))
+    assert sorted(loss) == [2, 4, 6, 8]
+    assert loss[6] < loss[2] - 0.3, "training restarted from scratch instead of from the checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, tmp_path, stage):
+    shards, _ = tiny_shards
+    args = [a.replace("zero2.json", f"zero{stage}.json")
+            for a in train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2)]
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
+    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
+                   capture_output=True)
+    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3]
+    model = load_model(load_config(tmp_path / "t" / "config.yaml", []).model, tmp_path / "t" / "checkpoints" / "global_step3")
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())

@@ -1,0 +1,56 @@
+"""The HF export: GPT2LMHeadModel gives dslm's logits (transformers is a test-only dependency)."""
+
+import json
+
+import pytest
+import torch
+
+from dslm.export import fold_head_bias, hf_config, hf_state_dict
+from dslm.model import GPT, ModelConfig
+
+transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")
+
+
+def trained_looking(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A GPT whose biases and LayerNorms are not at their init values (as after training)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def hf_model(weights: dict, cfg: ModelConfig):
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(cfg)))
+    hf.load_state_dict(hf_state_dict(weights, cfg), strict=True)
+    return hf.eval()
+
+
+@pytest.mark.parametrize("head_bias", [True, False])
+def test_hf_gpt2_logits_match(head_bias):
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=256, vocab_size=300, context=32, head_bias=head_bias)
+    model = trained_looking(cfg)
+    hf = hf_model(model.state_dict(), cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.context))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_folded_head_bias_is_exact_for_any_normalized_input():
+    torch.manual_seed(1)
+    gain, shift = torch.rand(32) + 0.5, torch.randn(32)
+    weight, bias = torch.randn(100, 32), torch.randn(100)
+    new_gain, new_shift, new_weight = fold_head_bias(gain, shift, weight, bias)
+    n = torch.nn.functional.layer_norm(torch.randn(50, 32), (32,))
+    assert torch.allclose(n @ torch.diag(gain) @ weight.T + shift @ weight.T + bias,
+                          (n * new_gain + new_shift) @ new_weight.T, atol=1e-4)
+
+
+def test_config_is_gpt2s():
+    cfg = ModelConfig(n_layer=3, n_head=2, d_model=32, d_ff=64, vocab_size=100, context=16)
+    config = transformers.GPT2Config(**json.loads(json.dumps(hf_config(cfg))))
+    assert (config.n_layer, config.n_head, config.n_embd, config.n_inner, config.n_positions) == (3, 2, 32, 64, 16)
+    assert not config.tie_word_embeddings
