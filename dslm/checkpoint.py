@@ -41,6 +41,8 @@ class TrainState:
     world size, so a resumed run reads the next unseen sample whatever its rank count."""
     world_size: int = 1
     """Ranks that wrote the checkpoint."""
+    shards: dict = dataclasses.field(default_factory=dict)
+    """What the cursor counts in: the shards' tokenizer_sha256, seq_len and train_samples."""
 
 
 def tag_for(step: int) -> str:

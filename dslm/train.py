@@ -62,14 +62,11 @@ def run(args: argparse.Namespace) -> None:
         save_config(cfg)
     checkpoints = Checkpointer(cfg.run_dir / "checkpoints", cfg.train.keep_last)
     resume_from = find_resume(args.resume, checkpoints.folder, env)
-    load_from = resume_from  # or, on another world size, its universal form
-    if resume_from is not None and sealed_state(resume_from).world_size != env.world_size:
-        load_from = convert_to_universal(resume_from)
-        ds_config["checkpoint"] = {"load_universal": True}
+    load_from = None if resume_from is None else loadable_form(resume_from, manifest, cfg, env, ds_config)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(GPT(cfg.model), cfg.train, ds_config)
-    state = TrainState(world_size=env.world_size)
-    if resume_from is not None:
+    state = TrainState(world_size=env.world_size, shards=shards_identity(manifest))
+    if resume_from is not None and load_from is not None:
         state = resume(engine, resume_from, load_from, env, cfg.train.seed)
     loader = train_loader(cfg.data, manifest, cfg.train.seed, env.rank, env.world_size, cfg.train.micro_batch_size,
                           start=state.samples)
@@ -103,6 +100,16 @@ def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
     return tag_dir
 
 
+def loadable_form(tag_dir: Path, manifest: Manifest, cfg: RunConfig, env: DistEnv, ds_config: dict) -> Path:
+    """What DeepSpeed loads to resume from `tag_dir`: the tag itself, or on another world size
+    its universal form (and `ds_config` is told so)."""
+    check_same_shards(sealed_state(tag_dir), manifest, cfg.data.shards)
+    if sealed_state(tag_dir).world_size == env.world_size:
+        return tag_dir
+    ds_config["checkpoint"] = {"load_universal": True}
+    return convert_to_universal(tag_dir)
+
+
 def resume(engine, tag_dir: Path, load_from: Path, env: DistEnv, seed: int) -> TrainState:
     """Load DeepSpeed's state from `load_from` (the tag, or its universal form on another world
     size) and this rank's RNG; the state to continue from."""
@@ -120,6 +127,20 @@ def resume(engine, tag_dir: Path, load_from: Path, env: DistEnv, seed: int) -> T
             print(f"  on {env.world_size} ranks instead of {state.world_size} (through {load_from.name}): "
                   f"the global batch is now {env.world_size}/{state.world_size} of what it was", flush=True)
     return dataclasses.replace(state, world_size=env.world_size)
+
+
+def shards_identity(manifest: Manifest) -> dict:
+    return {"tokenizer_sha256": manifest.tokenizer_sha256, "seq_len": manifest.seq_len,
+            "train_samples": sum(e.samples for e in manifest.split("train"))}
+
+
+def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> None:
+    """A resumed run must read the shards it started on: its cursor counts their samples."""
+    now = shards_identity(manifest)
+    changed = [f"{key} {state.shards[key]} -> {now[key]}" for key in now if state.shards.get(key) != now[key]]
+    if changed:
+        raise DslmError(f"data.shards={folder} is not what the run was trained on ({'; '.join(changed)}); "
+                        f"point data.shards at the run's shards")
 
 
 def report(cfg: RunConfig, env: DistEnv) -> None:

@@ -73,6 +73,12 @@ def train_step(engine, batches: Iterator[torch.Tensor], grad_accum: int) -> torc
     return total / grad_accum
 
 
+def grad_norm(engine) -> float:
+    """The global gradient norm of the last step, before clipping (nan where DeepSpeed keeps none)."""
+    norm = engine.get_global_grad_norm()
+    return math.nan if norm is None else float(norm)
+
+
 def global_mean(value: torch.Tensor) -> float:
     """Mean over ranks: the only host sync, done at log steps."""
     value = value.clone()
@@ -98,6 +104,7 @@ def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints
             metrics.log(step, {
                 "train/loss": global_mean(interval_loss) / steps_done,
                 "train/lr": engine.get_lr()[0],
+                "train/grad_norm": grad_norm(engine),
                 "train/tokens_per_s": global_batch * seq_len * steps_done / elapsed,
                 "train/samples": state.samples,
                 "train/tokens": state.samples * seq_len,

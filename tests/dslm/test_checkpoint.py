@@ -1,7 +1,13 @@
 """Sealing, checking and pruning checkpoint tags (files only; the training tests cover DeepSpeed)."""
 
+import dataclasses
+
+import pytest
+
 from dslm.checkpoint import (LATEST_NAME, SEAL_NAME, Checkpointer, TrainState, newest_resumable, rng_file, seal,
                              seal_problem, sealed_state, tag_for)
+from dslm.errors import DslmError
+from dslm.train import check_same_shards, shards_identity
 
 
 def fake_tag(folder, step, world_size=2, sealed=True):
@@ -56,3 +62,12 @@ def test_prune_keeps_the_newest_sealed_tags(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(s) for s in (4, 6, 8)]
     Checkpointer(tmp_path, keep_last=0).prune()
     assert len(list(tmp_path.iterdir())) == 3 and not (tmp_path / LATEST_NAME).exists()
+
+
+def test_resuming_on_other_shards_is_an_error_naming_what_changed(tiny_shards):
+    out, manifest = tiny_shards
+    state = TrainState(step=5, shards=shards_identity(manifest))
+    check_same_shards(state, manifest, str(out))
+    other = dataclasses.replace(manifest, seq_len=manifest.seq_len * 2, tokenizer_sha256="0" * 64)
+    with pytest.raises(DslmError, match=r"tokenizer_sha256 .* -> 0000.*seq_len 64 -> 128"):
+        check_same_shards(state, other, str(out))

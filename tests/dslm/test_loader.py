@@ -34,3 +34,29 @@ def test_loader_yields_token_batches(tiny_shards):
     assert len(dataset) == sum(e.samples for e in manifest.split("train"))
     expected = [dataset[int(i)] for i in epoch_order(len(dataset), seed=1, epoch=0)[:4]]
     assert torch.equal(batches[0], torch.stack(expected))
+
+
+def read_positions(out, manifest, world_size, micro_batch, start, stop, workers=2):
+    """Rows (as bytes) at global positions start..stop-1, read by `world_size` real loaders with
+    `workers` worker processes each, the way training ranks read them."""
+    rows = []
+    step_size = world_size * micro_batch
+    for rank in range(world_size):
+        loader = train_loader(DataConfig(shards=str(out), num_workers=workers), manifest, seed=3, rank=rank,
+                              world_size=world_size, micro_batch=micro_batch, start=start)
+        steps = -(-(stop - start) // step_size)
+        for step, batch in enumerate(islice(iter(loader), steps)):
+            for k, row in enumerate(batch):
+                if start + step * step_size + rank * micro_batch + k < stop:
+                    rows.append(row.numpy().tobytes())
+    return rows
+
+
+def test_one_epoch_on_two_ranks_with_workers_reads_every_sample_once_even_after_a_resume_on_one(tiny_shards):
+    out, manifest = tiny_shards
+    dataset = ShardSamples(out, manifest.split("train"))
+    everything = sorted(dataset[i].numpy().tobytes() for i in range(len(dataset)))
+    assert sorted(read_positions(out, manifest, 2, 4, 0, len(dataset))) == everything
+    cursor = 8 * 37  # where a 2-rank run with micro-batch 4 checkpointed, 37 steps in
+    resumed = read_positions(out, manifest, 2, 4, 0, cursor) + read_positions(out, manifest, 1, 8, cursor, len(dataset))
+    assert sorted(resumed) == everything

@@ -47,6 +47,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert loss[-1][1] < loss[0][1] - 1.0, loss
     assert [step for step, _ in read_scalars(run / "tb", "train/lr")] == [5, 10, 15, 20, 25, 30]
     assert all(v > 0 for _, v in read_scalars(run / "tb", "train/tokens_per_s"))
+    assert all(0 < v < 100 for _, v in read_scalars(run / "tb", "train/grad_norm"))
 
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step30"
