@@ -26,8 +26,14 @@ class TrainConfig:
     """Optimizer steps in the whole run."""
     lr: float = 6e-4
     min_lr: float = 6e-5
-    """Where the cosine decay ends, at max_steps."""
+    """Where the decay ends, at max_steps."""
     warmup_steps: int = 100
+    schedule: str = "cosine"
+    """After the linear warmup: "cosine" decays to min_lr over the rest of the run; "wsd"
+    (warmup-stable-decay) holds lr, then decays linearly to min_lr over the last `decay_fraction`
+    of the steps."""
+    decay_fraction: float = 0.2
+    """wsd only: the share of max_steps spent decaying."""
     weight_decay: float = 0.1
     """Applied to Linear weights only: not to biases, norms or embeddings."""
     beta1: float = 0.9
@@ -50,14 +56,26 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be within 0..train.max_steps={self.max_steps}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be within 0..train.lr={self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"train.decay_fraction={self.decay_fraction} must be within (0, 1]")
+
+
+SCHEDULES = ("cosine", "wsd")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps (as a factor of cfg.lr)."""
+    """The lr after `step` optimizer steps as a factor of cfg.lr: linear warmup, then the decay
+    of `cfg.schedule` down to cfg.min_lr at max_steps."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     floor = cfg.min_lr / cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return 1.0 - (1 - floor) * min(max(progress, 0.0), 1.0)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 

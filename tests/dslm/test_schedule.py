@@ -1,0 +1,27 @@
+import pytest
+
+from dslm.trainer import TrainConfig, lr_factor
+
+
+def factors(**settings):
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, max_steps=100, warmup_steps=10, **settings)
+    return [lr_factor(step, cfg) for step in range(cfg.max_steps + 1)]
+
+
+def test_cosine_warms_up_then_decays_to_min_lr():
+    f = factors()
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert f[100] == pytest.approx(0.1) and f[55] == pytest.approx(0.55)
+
+
+def test_wsd_holds_then_decays_linearly_over_the_last_fraction():
+    f = factors(schedule="wsd", decay_fraction=0.2)
+    assert f[9:81] == [1.0] * 72
+    assert f[90] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", [dict(schedule="linear"), dict(decay_fraction=0.0)])
+def test_bad_schedule_settings_name_the_field(bad):
+    with pytest.raises(ValueError, match=f"train.{next(iter(bad))}"):
+        TrainConfig(**bad)
