@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from dslm.checkpoint import Checkpointer, TrainState
 from dslm.data.loader import split_batch
+from dslm.errors import DslmError
 from dslm.metrics import Metrics
 
 
@@ -43,13 +44,17 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 500
     """Save every N steps; the last step is always saved."""
+    max_skipped_in_a_row: int = 10
+    """Steps whose gradients were not finite are skipped on every rank together (DeepSpeed's
+    `check_grad_overflow`); this many in a row stop the run, before any of them is checkpointed."""
     keep_last: int = 3
     """Checkpoints kept (the newest); older ones are removed once a newer one is sealed. 0 keeps all."""
 
     def __post_init__(self) -> None:
         if self.keep_last < 0:
             raise ValueError(f"train.keep_last={self.keep_last} must not be negative")
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval"):
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval",
+                     "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
@@ -104,31 +109,48 @@ def global_mean(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
+class SkipGuard:
+    """Counts steps skipped in a row for non-finite gradients and stops the run after too many."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def after_step(self, step: int, skipped: bool) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise DslmError(f"steps {step - self.in_a_row + 1}-{step} all had non-finite gradients and were skipped "
+                            f"(train.max_skipped_in_a_row={self.limit}); the last checkpoint before them is "
+                            f"intact: lower train.lr, or resume from an earlier checkpoint")
+
+
 def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints: Checkpointer,
           metrics: Metrics, state: TrainState, seq_len: int) -> None:
     """Steps `state.step + 1` .. `cfg.max_steps`; `state` is updated after every step."""
     global_batch = cfg.micro_batch_size * cfg.grad_accum * state.world_size
-    resumed_at = state.step
-    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
-                    disable=dist.get_rank() != 0)
+    resumed_at, guard = state.step, SkipGuard(cfg.max_skipped_in_a_row)
     interval_loss, interval_start = torch.zeros((), device=engine.device), time.perf_counter()
-    for step in range(state.step + 1, cfg.max_steps + 1):
-        interval_loss += train_step(engine, batches, cfg.grad_accum)
-        state.step, state.samples = step, state.samples + global_batch
-        progress.update()
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            steps_done = min((step - 1) % cfg.log_interval + 1, step - resumed_at)
-            elapsed = time.perf_counter() - interval_start
-            metrics.log(step, {
-                "train/loss": global_mean(interval_loss) / steps_done,
-                "train/lr": engine.get_lr()[0],
-                "train/grad_norm": grad_norm(engine),
-                "train/tokens_per_s": global_batch * seq_len * steps_done / elapsed,
-                "train/samples": state.samples,
-                "train/tokens": state.samples * seq_len,
-            })
-            interval_loss.zero_()
-            interval_start = time.perf_counter()
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
-            checkpoints.save(engine, state)
-    progress.close()
+    with tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
+              disable=dist.get_rank() != 0) as progress:
+        for step in range(state.step + 1, cfg.max_steps + 1):
+            skipped_before = engine.skipped_steps
+            interval_loss += train_step(engine, batches, cfg.grad_accum)
+            state.step, state.samples = step, state.samples + global_batch
+            progress.update()
+            guard.after_step(step, engine.skipped_steps > skipped_before)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                steps_done = min((step - 1) % cfg.log_interval + 1, step - resumed_at)
+                elapsed = time.perf_counter() - interval_start
+                metrics.log(step, {
+                    "train/loss": global_mean(interval_loss) / steps_done,
+                    "train/lr": engine.get_lr()[0],
+                    "train/grad_norm": grad_norm(engine),
+                    "train/tokens_per_s": global_batch * seq_len * steps_done / elapsed,
+                    "train/skipped_steps": engine.skipped_steps,
+                    "train/samples": state.samples,
+                    "train/tokens": state.samples * seq_len,
+                })
+                interval_loss.zero_()
+                interval_start = time.perf_counter()
+            if (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps) and not guard.in_a_row:
+                checkpoints.save(engine, state)

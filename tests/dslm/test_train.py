@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights, load_model
+from dslm.checkpoint import load_fp32_weights, load_model, seal, sealed_state
 from dslm.config import load_config
 from dslm.metrics import read_scalars
 
@@ -170,3 +170,31 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, tmp_pat
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3]
     model = load_model(load_config(tmp_path / "t" / "config.yaml", []).model, tmp_path / "t" / "checkpoints" / "global_step3")
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+def poison_weights(tag_dir: Path) -> None:
+    """Put a NaN into the fp32 master weights of a sealed single-rank ZeRO-2 tag, and re-seal it."""
+    path = tag_dir / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0][0] = float("nan")
+    torch.save(state, path)
+    seal(tag_dir, sealed_state(tag_dir))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_the_job(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
+                      max_skipped_in_a_row=3)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    checkpoints = tmp_path / "t" / "checkpoints"
+    poison_weights(checkpoints / "global_step2")
+    longer = [a.replace("train.max_steps=2", "train.max_steps=10") for a in args]
+    run = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 2
+    # Step 3 still runs on the loaded bf16 weights; the NaN master weight reaches them with its update.
+    assert "steps 4-6 all had non-finite gradients" in run.stderr.splitlines()[-1]
+    assert [v for _, v in read_scalars(tmp_path / "t" / "tb", "train/skipped_steps")] == [0, 0, 0, 1, 2]
+    assert (checkpoints / "latest").read_text() == "global_step2"
