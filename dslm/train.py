@@ -20,12 +20,12 @@ from dslm.checkpoint import (Checkpointer, TrainState, convert_to_universal, lis
 from dslm.cli import run_command
 from dslm.errors import DslmError
 from dslm.config import RunConfig, check_against_manifest, load_config, save_config, to_yaml
-from dslm.data.loader import train_loader
+from dslm.data.loader import ShardSamples, train_loader
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, init_distributed, load_ds_config
 from dslm.metrics import Metrics
 from dslm.model import GPT
-from dslm.trainer import train
+from dslm.trainer import Validation, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
     if env.rank == 0:
         print(to_yaml(cfg), flush=True)
         save_config(cfg)
+    validation = make_validation(cfg, manifest)
     checkpoints = Checkpointer(cfg.run_dir / "checkpoints", cfg.train.keep_last)
     resume_from = find_resume(args.resume, checkpoints.folder, env)
     load_from = None if resume_from is None else loadable_form(resume_from, manifest, cfg, env, ds_config)
@@ -72,10 +73,20 @@ def run(args: argparse.Namespace) -> None:
                           start=state.samples)
     # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
     metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None)
-    train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len)
+    train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation)
     metrics.close()
     report(cfg, env)
     dist.destroy_process_group()
+
+
+def make_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
+    if not cfg.train.val_interval:
+        return None
+    if not manifest.split("val"):
+        raise DslmError(f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
+                        f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0")
+    return Validation(ShardSamples(cfg.data.shards, manifest.split("val")), cfg.train.micro_batch_size,
+                      cfg.train.val_batches)
 
 
 def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dslm.checkpoint import Checkpointer, TrainState
@@ -44,6 +45,10 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 500
     """Save every N steps; the last step is always saved."""
+    val_interval: int = 500
+    """Every N steps (and at the last step), val/loss and val/ppl on `val_batches` micro-batches
+    per rank from the start of the val split (the same samples every time); 0 turns it off."""
+    val_batches: int = 8
     max_skipped_in_a_row: int = 10
     """Steps whose gradients were not finite are skipped on every rank together (DeepSpeed's
     `check_grad_overflow`); this many in a row stop the run, before any of them is checkpointed."""
@@ -51,10 +56,11 @@ class TrainConfig:
     """Checkpoints kept (the newest); older ones are removed once a newer one is sealed. 0 keeps all."""
 
     def __post_init__(self) -> None:
-        if self.keep_last < 0:
-            raise ValueError(f"train.keep_last={self.keep_last} must not be negative")
+        for name in ("keep_last", "val_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must not be negative")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval",
-                     "max_skipped_in_a_row"):
+                     "max_skipped_in_a_row", "val_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
@@ -109,6 +115,33 @@ def global_mean(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
+class Validation:
+    """val/loss and val/ppl on a fixed slice of the val split, computed by every rank together:
+    each runs the same number of forward passes (ZeRO-3 gathers weights in each)."""
+
+    def __init__(self, samples: Dataset, micro_batch: int, batches_per_rank: int):
+        world = dist.get_world_size()
+        self.batches = min(batches_per_rank, len(samples) // (micro_batch * world))
+        if self.batches == 0:
+            raise DslmError(f"the val split holds {len(samples)} samples, fewer than one micro-batch of "
+                            f"{micro_batch} per rank on {world} ranks; set train.val_interval=0 or rebuild the "
+                            f"shards with a larger --val-fraction")
+        self.samples, self.micro_batch = samples, micro_batch
+
+    @torch.no_grad()
+    def __call__(self, engine) -> dict[str, float]:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        engine.eval()
+        total = torch.zeros((), device=engine.device)
+        for k in range(self.batches):
+            first = (k * world + rank) * self.micro_batch
+            batch = torch.stack([self.samples[i] for i in range(first, first + self.micro_batch)])
+            total += engine(*split_batch(batch, engine.device)).float()
+        engine.train()
+        loss = global_mean(total) / self.batches  # equal batches: the mean of means is per token
+        return {"val/loss": loss, "val/ppl": math.exp(loss)}
+
+
 class SkipGuard:
     """Counts steps skipped in a row for non-finite gradients and stops the run after too many."""
 
@@ -125,7 +158,7 @@ class SkipGuard:
 
 
 def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints: Checkpointer,
-          metrics: Metrics, state: TrainState, seq_len: int) -> None:
+          metrics: Metrics, state: TrainState, seq_len: int, validation: Validation | None) -> None:
     """Steps `state.step + 1` .. `cfg.max_steps`; `state` is updated after every step."""
     global_batch = cfg.micro_batch_size * cfg.grad_accum * state.world_size
     resumed_at, guard = state.step, SkipGuard(cfg.max_skipped_in_a_row)
@@ -152,5 +185,7 @@ def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints
                 })
                 interval_loss.zero_()
                 interval_start = time.perf_counter()
+            if validation is not None and (step % cfg.val_interval == 0 or step == cfg.max_steps):
+                metrics.log(step, validation(engine))
             if (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps) and not guard.in_a_row:
                 checkpoints.save(engine, state)

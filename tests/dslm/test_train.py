@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 def train_args(shards: Path, runs: Path, name: str = "t", **train) -> list[str]:
     settings = dict(micro_batch_size=4, grad_accum=2, max_steps=30, warmup_steps=3, lr=3e-3, min_lr=3e-4,
-                    log_interval=5, checkpoint_interval=15) | train
+                    log_interval=5, checkpoint_interval=15, val_interval=15, val_batches=4) | train
     return ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"name={name}", f"runs_dir={runs}",
             f"data.shards={shards}", "model.preset=tiny", *(f"train.{k}={v}" for k, v in settings.items())]
 
@@ -59,6 +59,9 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     subprocess.run([BIN / "dslm-eval", run], cwd=tmp_path, check=True, timeout=600)
     results = {s: json.loads((run / "eval" / f"step{s}.json").read_text()) for s in (15, 30)}
     assert results[30]["val"]["loss"] < results[15]["val"]["loss"] < 6.0
+    # during training: bf16, 4 micro-batches per rank of the val split; dslm-eval: fp32, all of it
+    val = dict(read_scalars(run / "tb", "val/loss"))
+    assert sorted(val) == [15, 30] and abs(val[30] - results[30]["val"]["loss"]) < 0.2, (val, results)
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
     again = subprocess.run([BIN / "dslm-eval", run], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert again.stdout.count("already evaluated") == 2
