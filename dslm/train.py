@@ -11,6 +11,7 @@ if __package__ in (None, ""):  # run as a script path: import the dslm package, 
 
 import argparse
 import dataclasses
+import signal
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, init_distributed, load_ds_config
 from dslm.metrics import Metrics
 from dslm.model import GPT
+from dslm.stop import EXIT_STOPPED, StopSignal
 from dslm.trainer import Validation, train
 
 
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
     if env.rank == 0:
         print(to_yaml(cfg), flush=True)
         save_config(cfg)
+    stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
     validation = make_validation(cfg, manifest)
     checkpoints = Checkpointer(cfg.run_dir / "checkpoints", cfg.train.keep_last)
     resume_from = find_resume(args.resume, checkpoints.folder, env)
@@ -73,10 +76,16 @@ def run(args: argparse.Namespace) -> None:
                           start=state.samples)
     # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
     metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None)
-    train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation)
+    stopped_by = train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation,
+                       stop)
     metrics.close()
     report(cfg, env)
     dist.destroy_process_group()
+    if stopped_by:
+        if env.rank == 0:
+            print(f"stopped at step {state.step} on {signal.Signals(stopped_by).name} after a checkpoint; "
+                  f"continue with --resume auto", flush=True)
+        raise SystemExit(EXIT_STOPPED)
 
 
 def make_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:

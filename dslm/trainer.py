@@ -16,6 +16,7 @@ from dslm.checkpoint import Checkpointer, TrainState
 from dslm.data.loader import split_batch
 from dslm.errors import DslmError
 from dslm.metrics import Metrics
+from dslm.stop import StopSignal
 
 
 @dataclass
@@ -158,8 +159,10 @@ class SkipGuard:
 
 
 def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints: Checkpointer,
-          metrics: Metrics, state: TrainState, seq_len: int, validation: Validation | None) -> None:
-    """Steps `state.step + 1` .. `cfg.max_steps`; `state` is updated after every step."""
+          metrics: Metrics, state: TrainState, seq_len: int, validation: Validation | None,
+          stop: StopSignal) -> int:
+    """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns 0, or
+    the signal that stopped the run early (after a checkpoint at that step)."""
     global_batch = cfg.micro_batch_size * cfg.grad_accum * state.world_size
     resumed_at, guard = state.step, SkipGuard(cfg.max_skipped_in_a_row)
     interval_loss, interval_start = torch.zeros((), device=engine.device), time.perf_counter()
@@ -187,5 +190,9 @@ def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints
                 interval_start = time.perf_counter()
             if validation is not None and (step % cfg.val_interval == 0 or step == cfg.max_steps):
                 metrics.log(step, validation(engine))
-            if (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps) and not guard.in_a_row:
+            signum = stop.agreed()
+            if (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or signum) and not guard.in_a_row:
                 checkpoints.save(engine, state)
+            if signum and step < cfg.max_steps:
+                return signum
+    return 0

@@ -1,17 +1,20 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from dslm.checkpoint import load_fp32_weights, load_model, seal, sealed_state
 from dslm.config import load_config
 from dslm.metrics import read_scalars
+from dslm.stop import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -201,3 +204,28 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_the_job(tiny_shard
     assert "steps 4-6 all had non-finite gradients" in run.stderr.splitlines()[-1]
     assert [v for _, v in read_scalars(tmp_path / "t" / "tb", "train/skipped_steps")] == [0, 0, 0, 1, 2]
     assert (checkpoints / "latest").read_text() == "global_step2"
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_checkpoints_both_at_the_same_step_and_resumes(tiny_shards, tmp_path, free_port):
+    shards, _ = tiny_shards
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    args = train_args(shards, tmp_path, max_steps=40, warmup_steps=2, log_interval=1, checkpoint_interval=1000)
+    first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in first.stdout:  # wait until training runs, then signal rank 1 only, as SLURM might
+        output.append(line)
+        if line.startswith("step") and "| loss" in line:
+            rank1 = [p for p in psutil.Process(first.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+            rank1[0].send_signal(signal.SIGUSR1)
+            break
+    output.extend(first.stdout)
+    assert first.wait(timeout=600) == EXIT_STOPPED, "".join(output)[-3000:]
+    stopped = re.search(r"stopped at step (\d+) on SIGUSR1", "".join(output))
+    assert stopped and 1 <= int(stopped.group(1)) < 40
+    checkpoints = tmp_path / "t" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"global_step{stopped.group(1)}"
+    subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
+                   stdout=subprocess.DEVNULL)
+    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == list(range(1, 41))

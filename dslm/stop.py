@@ -1,0 +1,35 @@
+"""Stopping on a signal: schedulers send SIGUSR1 (SLURM's `--signal`) or SIGTERM (preemption)
+some time before they end a job. The handler only sets a flag (a collective inside a signal
+handler would deadlock); at the next step boundary the ranks agree on it, checkpoint together
+and exit with EXIT_STOPPED so that a wrapper can requeue and resume with `--resume auto`."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_STOPPED = 75
+"""sysexits' EX_TEMPFAIL: stopped on request after a checkpoint; run again to continue."""
+
+
+class StopSignal:
+    """Collective: create on every rank after the process group exists."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        # a host-side group: checking the flag every step never waits on the GPU
+        self.group = dist.new_group(backend="gloo")
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def agreed(self) -> int:
+        """Collective: the signal any rank has received (the highest number), or 0."""
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
