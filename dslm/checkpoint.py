@@ -28,6 +28,8 @@ from dslm.model import GPT, ModelConfig
 TAG_PATTERN = re.compile(r"global_step(\d+)$")
 SEAL_NAME = "dslm_complete.json"
 LATEST_NAME = "latest"
+BEST_NAME = "best"
+"""Names the sealed tag with the lowest val/loss; pruning never removes it."""
 
 
 @dataclass
@@ -43,6 +45,8 @@ class TrainState:
     """Ranks that wrote the checkpoint."""
     shards: dict = dataclasses.field(default_factory=dict)
     """What the cursor counts in: the shards' tokenizer_sha256, seq_len and train_samples."""
+    val_loss: float | None = None
+    """val/loss measured at this step, if it was."""
 
 
 def tag_for(step: int) -> str:
@@ -97,20 +101,22 @@ class Checkpointer:
         if dist.get_rank() == 0:
             seal(tag_dir, state)
             atomic_write_text(self.folder / LATEST_NAME, tag)
+            if (best := best_tag(self.folder)) is not None:
+                atomic_write_text(self.folder / BEST_NAME, best.name)
             self.prune()
         dist.barrier()
         return tag_dir
 
     def prune(self) -> None:
-        """Remove tags older than the newest `keep_last` sealed ones (sealed or not)."""
+        """Remove tags older than the newest `keep_last` sealed ones (sealed or not), except the best."""
         if not self.keep_last:
             return
         sealed = [step for step, tag_dir in list_checkpoints(self.folder) if (tag_dir / SEAL_NAME).is_file()]
         if len(sealed) <= self.keep_last:
             return
-        oldest_kept = sealed[-self.keep_last]
+        oldest_kept, best = sealed[-self.keep_last], best_tag(self.folder)
         for step, tag_dir in list_checkpoints(self.folder):
-            if step < oldest_kept:
+            if step < oldest_kept and tag_dir != best:
                 shutil.rmtree(tag_dir)
                 shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
 
@@ -142,6 +148,13 @@ def seal_problem(tag_dir: Path) -> str | None:
 
 def sealed_state(tag_dir: Path) -> TrainState:
     return TrainState(**json.loads((tag_dir / SEAL_NAME).read_text())["state"])
+
+
+def best_tag(folder: Path) -> Path | None:
+    """The sealed tag with the lowest val/loss (the newest of equals), or None when none has one."""
+    scored = [(state.val_loss, -step, tag_dir) for step, tag_dir in list_checkpoints(folder)
+              if (tag_dir / SEAL_NAME).is_file() and (state := sealed_state(tag_dir)).val_loss is not None]
+    return min(scored)[2] if scored else None
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:

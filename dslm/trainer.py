@@ -188,8 +188,11 @@ def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints
                 })
                 interval_loss.zero_()
                 interval_start = time.perf_counter()
+            state.val_loss = None
             if validation is not None and (step % cfg.val_interval == 0 or step == cfg.max_steps):
-                metrics.log(step, validation(engine))
+                values = validation(engine)
+                metrics.log(step, values)
+                state.val_loss = values["val/loss"]
             signum = stop.agreed()
             if (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or signum) and not guard.in_a_row:
                 checkpoints.save(engine, state)

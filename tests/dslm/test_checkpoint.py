@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 
-from dslm.checkpoint import (LATEST_NAME, SEAL_NAME, Checkpointer, TrainState, newest_resumable, rng_file, seal,
-                             seal_problem, sealed_state, tag_for)
+from dslm.checkpoint import (LATEST_NAME, SEAL_NAME, Checkpointer, TrainState, best_tag, newest_resumable, rng_file,
+                             seal, seal_problem, sealed_state, tag_for)
 from dslm.errors import DslmError
 from dslm.train import check_same_shards, shards_identity
 
 
-def fake_tag(folder, step, world_size=2, sealed=True):
+def fake_tag(folder, step, world_size=2, sealed=True, val_loss=None):
     tag_dir = folder / tag_for(step)
     tag_dir.mkdir(parents=True)
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
@@ -18,7 +18,7 @@ def fake_tag(folder, step, world_size=2, sealed=True):
         (tag_dir / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
         (tag_dir / rng_file(rank)).write_bytes(b"r" * 10)
     if sealed:
-        seal(tag_dir, TrainState(step=step, samples=step * 16, world_size=world_size))
+        seal(tag_dir, TrainState(step=step, samples=step * 16, world_size=world_size, val_loss=val_loss))
     return tag_dir
 
 
@@ -71,3 +71,12 @@ def test_resuming_on_other_shards_is_an_error_naming_what_changed(tiny_shards):
     other = dataclasses.replace(manifest, seq_len=manifest.seq_len * 2, tokenizer_sha256="0" * 64)
     with pytest.raises(DslmError, match=r"tokenizer_sha256 .* -> 0000.*seq_len 64 -> 128"):
         check_same_shards(state, other, str(out))
+
+
+def test_the_best_tag_by_val_loss_survives_pruning(tmp_path):
+    for step, val_loss in ((2, 3.0), (4, 2.5), (6, None), (8, 2.7)):
+        fake_tag(tmp_path, step, val_loss=val_loss)
+    assert best_tag(tmp_path) == tmp_path / tag_for(4)
+    Checkpointer(tmp_path, keep_last=1).prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(4), tag_for(8)]
+    assert best_tag(tmp_path / "none") is None

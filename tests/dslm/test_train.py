@@ -53,7 +53,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert all(0 < v < 100 for _, v in read_scalars(run / "tb", "train/grad_norm"))
 
     ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text() == "global_step30"
+    assert (ckpts / "latest").read_text() == "global_step30" and (ckpts / "best").read_text() == "global_step30"
     for tag in ("global_step15", "global_step30"):
         files = sorted(p.name for p in (ckpts / tag).iterdir())
         assert "mp_rank_00_model_states.pt" in files and sum("optim_states" in f for f in files) == 2
