@@ -77,11 +77,14 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on Linear weights only; biases, LayerNorms and embeddings are not decayed."""
-    decay, no_decay = [], []
+    """Weight decay on Linear weights only; biases, LayerNorms and embeddings are not decayed
+    (a head tied to the embedding counts as the embedding, which comes first)."""
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+            if id(p) not in seen:
+                seen.add(id(p))
+                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

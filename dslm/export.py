@@ -75,8 +75,10 @@ def fold_head_bias(gain: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor
 
 
 def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's state dict for dslm's `weights`."""
-    out = {"transformer.wte.weight": weights["wte.weight"], "transformer.wpe.weight": weights["wpe.weight"]}
+    """GPT2LMHeadModel's state dict for dslm's `weights` (padded vocab rows dropped; a tied head
+    is written as its own tensor, since folding the bias changes it)."""
+    vocab = cfg.vocab_size
+    out = {"transformer.wte.weight": weights["wte.weight"][:vocab], "transformer.wpe.weight": weights["wpe.weight"]}
     for i in range(cfg.n_layer):
         for part in ("ln_1", "ln_2"):
             for kind in ("weight", "bias"):
@@ -84,9 +86,9 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         for ours, theirs in LINEAR_NAMES.items():
             out[f"transformer.h.{i}.{theirs}.weight"] = weights[f"blocks.{i}.{ours}.weight"].t()
             out[f"transformer.h.{i}.{theirs}.bias"] = weights[f"blocks.{i}.{ours}.bias"]
-    gain, shift, head = weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"]
+    gain, shift, head = weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"][:vocab]
     if "lm_head.bias" in weights:
-        gain, shift, head = fold_head_bias(gain, shift, head, weights["lm_head.bias"])
+        gain, shift, head = fold_head_bias(gain, shift, head, weights["lm_head.bias"][:vocab])
     out.update({"transformer.ln_f.weight": gain, "transformer.ln_f.bias": shift, "lm_head.weight": head})
     return {name: t.float().contiguous() for name, t in out.items()}
 

@@ -27,12 +27,24 @@ class ModelConfig:
     """Longest sequence the position table covers."""
     dropout: float = 0.0
     head_bias: bool = True
+    """A bias on the output head, as the model cards count (GPT-2 itself has none)."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output head (off in both cards)."""
+    vocab_multiple: int = 1
+    """Round the embedding and head rows up to a multiple of this (128 suits GPU matmuls); the
+    logits of the padded ids are cut off, so they are never predicted or sampled."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
-        if min(self.n_layer, self.n_head, self.d_model, self.d_ff, self.vocab_size, self.context) < 1:
-            raise ValueError("model sizes (n_layer, n_head, d_model, d_ff, vocab_size, context) must be positive")
+        if min(self.n_layer, self.n_head, self.d_model, self.d_ff, self.vocab_size, self.context,
+               self.vocab_multiple) < 1:
+            raise ValueError("model sizes (n_layer, n_head, d_model, d_ff, vocab_size, context, vocab_multiple) "
+                             "must be positive")
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 # Sizes from the source model cards (DESIGN.md); `tiny` is for CPU tests and the demo.
@@ -91,12 +103,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.wpe = nn.Embedding(cfg.context, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=cfg.head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add
         for name, p in self.named_parameters():
@@ -122,7 +136,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.ln_f(x))[..., : self.cfg.vocab_size]  # (B, T, V): padded ids cut off
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

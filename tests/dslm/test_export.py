@@ -28,9 +28,9 @@ def hf_model(weights: dict, cfg: ModelConfig):
     return hf.eval()
 
 
-@pytest.mark.parametrize("head_bias", [True, False])
-def test_hf_gpt2_logits_match(head_bias):
-    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=256, vocab_size=300, context=32, head_bias=head_bias)
+@pytest.mark.parametrize("options", [dict(), dict(head_bias=False), dict(tie_embeddings=True, vocab_multiple=128)])
+def test_hf_gpt2_logits_match(options):
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=256, vocab_size=300, context=32, **options)
     model = trained_looking(cfg)
     hf = hf_model(model.state_dict(), cfg)
     idx = torch.randint(0, cfg.vocab_size, (3, cfg.context))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dslm.engine import param_groups
 from dslm.model import GPT, PRESETS, ModelConfig
 
 MODEL_FILE = Path(__file__).resolve().parents[2] / "dslm" / "model.py"
@@ -47,3 +48,17 @@ def test_model_module_is_single_device_code():
     assert {m.split(".")[0] for m in imported} <= {"torch", "math", "dataclasses", "__future__"}
     code = "import sys, dslm.model; print('deepspeed' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_tied_embeddings_and_padded_vocab():
+    base = dict(n_layer=1, n_head=2, d_model=32, d_ff=64, vocab_size=300, context=16)
+    untied, tied = GPT(ModelConfig(**base)), GPT(ModelConfig(**base, tie_embeddings=True))
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.num_params() - tied.num_params() == 300 * 32
+    padded = GPT(ModelConfig(**base, vocab_multiple=128))
+    assert padded.wte.num_embeddings == padded.lm_head.out_features == 384
+    assert padded(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 300)  # padded ids never predicted
+    groups = param_groups(tied, 0.1)
+    flat = [id(p) for g in groups for p in g["params"]]
+    assert len(flat) == len(set(flat)) == len(list(tied.parameters()))
+    assert any(p is tied.wte.weight for p in groups[1]["params"])  # the tied weight is not decayed

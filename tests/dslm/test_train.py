@@ -229,3 +229,20 @@ def test_a_stop_signal_to_one_rank_checkpoints_both_at_the_same_step_and_resumes
     subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_tied_and_padded_model_trains_and_exports(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2)
+    options = ["model.tie_embeddings=true", "model.vocab_multiple=128", "model.vocab_size=600"]
+    subprocess.run([BIN / "dslm-train", *args, *options], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    tag_dir = tmp_path / "t" / "checkpoints" / "global_step2"
+    model = load_model(load_config(tmp_path / "t" / "config.yaml", []).model, tag_dir)
+    assert model.lm_head.weight is model.wte.weight and model.wte.num_embeddings == 640
+    subprocess.run([BIN / "dslm-export", tag_dir, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=300)
+    transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
