@@ -89,8 +89,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict):
+    """The DeepSpeed engine around `model`: AdamW (PyTorch's fused CUDA kernel on a GPU, which
+    needs no DeepSpeed op build), warmup + decay schedule, and the training options."""
+    model.activation_checkpointing = train.activation_checkpointing
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=(train.beta1, train.beta2))
+                                  betas=(train.beta1, train.beta2), fused=torch.cuda.is_available())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if train.compile:
+        engine.compile()
     return engine

@@ -25,6 +25,7 @@ from dslm.data.loader import ShardSamples, train_loader
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, init_distributed, load_ds_config
 from dslm.metrics import Metrics
+from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
 from dslm.stop import EXIT_STOPPED, StopSignal
 from dslm.trainer import Validation, train
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace) -> None:
     resume_from = find_resume(args.resume, checkpoints.folder, env)
     load_from = None if resume_from is None else loadable_form(resume_from, manifest, cfg, env, ds_config)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(GPT(cfg.model), cfg.train, ds_config)
+    model = GPT(cfg.model)
+    mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)
+    engine = build_engine(model, cfg.train, ds_config)
     state = TrainState(world_size=env.world_size, shards=shards_identity(manifest))
     if resume_from is not None and load_from is not None:
         state = resume(engine, resume_from, load_from, env, cfg.train.seed)
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
     # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
     metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None)
     stopped_by = train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation,
-                       stop)
+                       stop, mfu_per_token)
     metrics.close()
     report(cfg, env)
     dist.destroy_process_group()
@@ -86,6 +89,12 @@ def run(args: argparse.Namespace) -> None:
             print(f"stopped at step {state.step} on {signal.Signals(stopped_by).name} after a checkpoint; "
                   f"continue with --resume auto", flush=True)
         raise SystemExit(EXIT_STOPPED)
+
+
+def mfu_scale(model: GPT, seq_len: int, world_size: int) -> float | None:
+    """MFU per global token/s: FLOPs per token over the peak of all ranks' GPUs (None off a known GPU)."""
+    peak = device_peak_flops()
+    return None if peak is None else flops_per_token(model, seq_len) / (peak * world_size)
 
 
 def make_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:

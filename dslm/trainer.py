@@ -41,6 +41,10 @@ class TrainConfig:
     """Applied to Linear weights only: not to biases, norms or embeddings."""
     beta1: float = 0.9
     beta2: float = 0.95
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile the model (through DeepSpeed's engine.compile)."""
     seed: int = 1234
     """Seeds model init and the data order."""
     log_interval: int = 10
@@ -158,36 +162,58 @@ class SkipGuard:
                             f"intact: lower train.lr, or resume from an earlier checkpoint")
 
 
+class IntervalLog:
+    """The train/* scalars of one log interval; the loss stays on the device until logged."""
+
+    def __init__(self, engine, state: TrainState, global_batch: int, seq_len: int, mfu_per_token: float | None):
+        self.engine, self.state = engine, state
+        self.global_batch, self.seq_len, self.mfu_per_token = global_batch, seq_len, mfu_per_token
+        self.loss, self.steps = torch.zeros((), device=engine.device), 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def values(self) -> dict[str, float]:
+        """Collective (one sync): the interval's scalars; the next interval starts now."""
+        loss = global_mean(self.loss) / self.steps
+        tokens_per_s = self.global_batch * self.seq_len * self.steps / (time.perf_counter() - self.start)
+        values = {
+            "train/loss": loss,
+            "train/lr": self.engine.get_lr()[0],
+            "train/grad_norm": grad_norm(self.engine),
+            "train/tokens_per_s": tokens_per_s,
+            "train/skipped_steps": self.engine.skipped_steps,
+            "train/samples": self.state.samples,
+            "train/tokens": self.state.samples * self.seq_len,
+        }
+        if self.mfu_per_token:
+            values["train/mfu"] = tokens_per_s * self.mfu_per_token
+        self.loss.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return values
+
+
 def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints: Checkpointer,
           metrics: Metrics, state: TrainState, seq_len: int, validation: Validation | None,
-          stop: StopSignal) -> int:
+          stop: StopSignal, mfu_per_token: float | None) -> int:
     """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns 0, or
-    the signal that stopped the run early (after a checkpoint at that step)."""
+    the signal that stopped the run early (after a checkpoint at that step). A resume in the
+    middle of a log interval logs the mean of the steps since the resume."""
     global_batch = cfg.micro_batch_size * cfg.grad_accum * state.world_size
-    resumed_at, guard = state.step, SkipGuard(cfg.max_skipped_in_a_row)
-    interval_loss, interval_start = torch.zeros((), device=engine.device), time.perf_counter()
+    guard = SkipGuard(cfg.max_skipped_in_a_row)
+    interval = IntervalLog(engine, state, global_batch, seq_len, mfu_per_token)
     with tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
               disable=dist.get_rank() != 0) as progress:
         for step in range(state.step + 1, cfg.max_steps + 1):
             skipped_before = engine.skipped_steps
-            interval_loss += train_step(engine, batches, cfg.grad_accum)
+            interval.add(train_step(engine, batches, cfg.grad_accum))
             state.step, state.samples = step, state.samples + global_batch
             progress.update()
             guard.after_step(step, engine.skipped_steps > skipped_before)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                steps_done = min((step - 1) % cfg.log_interval + 1, step - resumed_at)
-                elapsed = time.perf_counter() - interval_start
-                metrics.log(step, {
-                    "train/loss": global_mean(interval_loss) / steps_done,
-                    "train/lr": engine.get_lr()[0],
-                    "train/grad_norm": grad_norm(engine),
-                    "train/tokens_per_s": global_batch * seq_len * steps_done / elapsed,
-                    "train/skipped_steps": engine.skipped_steps,
-                    "train/samples": state.samples,
-                    "train/tokens": state.samples * seq_len,
-                })
-                interval_loss.zero_()
-                interval_start = time.perf_counter()
+                metrics.log(step, interval.values())
             state.val_loss = None
             if validation is not None and (step % cfg.val_interval == 0 or step == cfg.max_steps):
                 values = validation(engine)

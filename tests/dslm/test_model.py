@@ -62,3 +62,16 @@ def test_tied_embeddings_and_padded_vocab():
     flat = [id(p) for g in groups for p in g["params"]]
     assert len(flat) == len(set(flat)) == len(list(tied.parameters()))
     assert any(p is tied.wte.weight for p in groups[1]["params"])  # the tied weight is not decayed
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, vocab_size=100, context=16))
+    idx = torch.randint(0, 100, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        model(idx, idx).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -246,3 +246,19 @@ def test_tied_and_padded_model_trains_and_exports(tiny_shards, tmp_path):
     tokens = torch.randint(0, 512, (2, 64))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_model_with_activation_checkpointing_trains_like_the_plain_one(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
+                      val_interval=0)
+    losses = []
+    for name, options in (("plain", []), ("compiled", ["train.compile=true", "train.activation_checkpointing=true"])):
+        run_args = [a.replace("name=t", f"name={name}") for a in args] + options
+        subprocess.run([BIN / "dslm-train", *run_args], cwd=tmp_path, check=True, timeout=900, capture_output=True)
+        losses.append([v for _, v in read_scalars(tmp_path / name / "tb", "train/loss")])
+    assert losses[1] == pytest.approx(losses[0], abs=0.02)
+    assert load_config(tmp_path / "compiled" / "config.yaml", []).train.compile
+    load_model(load_config(tmp_path / "compiled" / "config.yaml", []).model,
+               tmp_path / "compiled" / "checkpoints" / "global_step2")
