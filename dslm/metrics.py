@@ -18,7 +18,7 @@ class Metrics:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
-        tqdm.write(f"step {step:>6} | " + " | ".join(f"{tag.split('/')[-1]} {value:.4g}" for tag, value in values.items()))
+        tqdm.write(f"step {step:>6} | " + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in values.items()))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -52,7 +52,7 @@ class TrainConfig:
     """Save every N steps; the last step is always saved."""
     val_interval: int = 500
     """Every N steps (and at the last step), val/loss and val/ppl on `val_batches` micro-batches
-    per rank from the start of the val split (the same samples every time); 0 turns it off."""
+    per rank spread evenly over the val split (the same samples every time); 0 turns it off."""
     val_batches: int = 8
     max_skipped_in_a_row: int = 10
     """Steps whose gradients were not finite are skipped on every rank together (DeepSpeed's
@@ -121,8 +121,9 @@ def global_mean(value: torch.Tensor) -> float:
 
 
 class Validation:
-    """val/loss and val/ppl on a fixed slice of the val split, computed by every rank together:
-    each runs the same number of forward passes (ZeRO-3 gathers weights in each)."""
+    """val/loss and val/ppl on a fixed subset of the val split (samples spread evenly over it),
+    computed by every rank together: each runs the same number of forward passes (ZeRO-3
+    gathers weights in each)."""
 
     def __init__(self, samples: Dataset, micro_batch: int, batches_per_rank: int):
         world = dist.get_world_size()
@@ -138,9 +139,11 @@ class Validation:
         rank, world = dist.get_rank(), dist.get_world_size()
         engine.eval()
         total = torch.zeros((), device=engine.device)
+        used = self.batches * world * self.micro_batch
         for k in range(self.batches):
             first = (k * world + rank) * self.micro_batch
-            batch = torch.stack([self.samples[i] for i in range(first, first + self.micro_batch)])
+            # positions spread evenly over the split: its start alone is one corner of the corpus
+            batch = torch.stack([self.samples[p * len(self.samples) // used] for p in range(first, first + self.micro_batch)])
             total += engine(*split_batch(batch, engine.device)).float()
         engine.train()
         loss = global_mean(total) / self.batches  # equal batches: the mean of means is per token
