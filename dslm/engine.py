@@ -40,9 +40,11 @@ def init_distributed() -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
-        # share the cores between the ranks on this machine instead of oversubscribing them
+        # share the cores between the ranks on this machine instead of oversubscribing them,
+        # unless OMP_NUM_THREADS says how many each rank takes
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+        threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // per_node)
+        torch.set_num_threads(int(threads))
     else:
         accel.set_device(local_rank)
     return DistEnv(
