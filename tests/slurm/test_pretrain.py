@@ -1,4 +1,4 @@
-"""`sbatch slurm/pretrain.sh` on a real SLURM cluster of two nodes (slurm/testcluster/), CPU and gloo."""
+"""`sbatch slurm/pretrain.sh` and `slurm/eval.sh` on a real SLURM cluster of two nodes (slurm/testcluster/), CPU and gloo."""
 
 import os
 import shutil
@@ -82,6 +82,13 @@ def test_two_node_job_matches_a_local_two_rank_run(cluster, tiny_shards, tmp_pat
     assert "2 ranks, rendezvous dslm-n1:" in log, log[-3000:]
     assert [s for s, _ in losses(tmp_path / "slurm")] == list(range(1, 13)), log[-3000:]
     assert losses(tmp_path / "slurm") == losses(tmp_path / "local")
+
+    evaluation = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--output={tmp_path / 'eval.out'}",
+                                 REPO / "slurm/eval.sh", tmp_path / "slurm"],
+                                env=cluster, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+    wait_done(cluster, evaluation)
+    assert [s for s, _ in read_scalars(tmp_path / "slurm" / "tb", "eval/val_loss")] == [6, 12], \
+        read_log(tmp_path / "eval.out")[-2000:]
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_shards, tmp_path):
