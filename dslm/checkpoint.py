@@ -132,17 +132,18 @@ def seal_problem(tag_dir: Path) -> str | None:
     seal_path = tag_dir / SEAL_NAME
     if not seal_path.is_file():
         return "incomplete (never sealed)"
-    files = json.loads(seal_path.read_text())["files"]
+    sealed = json.loads(seal_path.read_text())
+    files = sealed["files"]
     for name, size in files.items():
         path = tag_dir / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, sealed with {size}"
-    state = sealed_state(tag_dir)
+    world_size = sealed["state"]["world_size"]
     ranks = sum(1 for name in files if name.startswith("rng_rank"))
-    if ranks != state.world_size:
-        return f"holds {ranks} ranks' state, sealed by {state.world_size}"
+    if ranks != world_size:
+        return f"holds {ranks} ranks' state, sealed by {world_size}"
     return None
 
 

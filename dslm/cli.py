@@ -6,10 +6,17 @@ import os
 import sys
 from typing import Callable
 
+from tqdm import tqdm
+
 from dslm.errors import DslmError
 
 # Errors about the user's input and files; anything else is a bug and keeps its traceback.
 USER_ERRORS = (DslmError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def warn(prog: str, line: str) -> None:
+    """One warning line on stderr that does not break a progress bar."""
+    tqdm.write(f"{prog}: warning: {line}", file=sys.stderr)
 
 
 def run_command(prog: str, main: Callable[[], None]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dslm.checkpoint import TAG_PATTERN
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
@@ -70,3 +71,13 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
     if manifest.seq_len > cfg.model.context:
         raise DslmError(f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.context="
                         f"{cfg.model.context}; rebuild the shards with --seq-len {cfg.model.context} or raise model.context")
+
+
+def run_of(tag_dir: Path) -> tuple[Path, int] | None:
+    """(run directory, step) of a checkpoint folder runs/NAME/checkpoints/global_stepN, or None
+    when `tag_dir` is not one."""
+    match = TAG_PATTERN.match(tag_dir.name)
+    run_dir = tag_dir.parent.parent
+    if match and (run_dir / CONFIG_NAME).is_file():
+        return run_dir, int(match.group(1))
+    return None

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dslm.checkpoint import TAG_PATTERN, load_fp32_weights
+from dslm.checkpoint import load_fp32_weights
 from dslm.cli import run_command
-from dslm.config import CONFIG_NAME, load_config
+from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.model import ModelConfig
@@ -125,13 +125,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     tag_dir = args.checkpoint
-    match = TAG_PATTERN.match(tag_dir.name)
-    run_dir = tag_dir.parent.parent
-    if not match or not (run_dir / CONFIG_NAME).is_file():
+    if (found := run_of(tag_dir)) is None:
         raise DslmError(f"{tag_dir} is not a checkpoint of a run (runs/NAME/checkpoints/global_stepN)")
+    run_dir, step = found
     cfg = load_config(run_dir / CONFIG_NAME, [])
     manifest = Manifest.load(cfg.data.shards)
-    out = args.out or run_dir / "export" / f"step{match.group(1)}"
+    out = args.out or run_dir / "export" / f"step{step}"
     export(tag_dir, out, cfg.model, Path(cfg.data.shards) / manifest.tokenizer)
     print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 

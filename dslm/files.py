@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -17,6 +18,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def open_at(path: str | Path, length: int) -> BinaryIO:
+    """`path` open for writing after its first `length` bytes, the rest cut off (0: a new file)."""
+    f = open(path, "r+b" if length else "wb")
+    f.truncate(length)
+    f.seek(length)
+    return f
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dslm.checkpoint import (Checkpointer, TrainState, convert_to_universal, list_checkpoints, newest_resumable,
                              rng_file, seal_problem, sealed_state, set_rng_state, set_seeds)
-from dslm.cli import run_command
+from dslm.cli import run_command, warn
 from dslm.errors import DslmError
 from dslm.config import RunConfig, check_against_manifest, load_config, save_config, to_yaml
 from dslm.data.loader import ShardSamples, train_loader
@@ -123,7 +123,7 @@ def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
     tag_dir, skipped = newest_resumable(folder)
     if env.rank == 0:
         for line in skipped:
-            print(f"dslm-train: warning: {line}", file=sys.stderr, flush=True)
+            warn("dslm-train", line)
     if tag_dir is None:
         raise DslmError(f"--resume auto: no intact checkpoint in {folder}")
     return tag_dir
@@ -132,8 +132,9 @@ def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
 def loadable_form(tag_dir: Path, manifest: Manifest, cfg: RunConfig, env: DistEnv, ds_config: dict) -> Path:
     """What DeepSpeed loads to resume from `tag_dir`: the tag itself, or on another world size
     its universal form (and `ds_config` is told so)."""
-    check_same_shards(sealed_state(tag_dir), manifest, cfg.data.shards)
-    if sealed_state(tag_dir).world_size == env.world_size:
+    state = sealed_state(tag_dir)
+    check_same_shards(state, manifest, cfg.data.shards)
+    if state.world_size == env.world_size:
         return tag_dir
     ds_config["checkpoint"] = {"load_universal": True}
     return convert_to_universal(tag_dir)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from dslm.checkpoint import TAG_PATTERN, list_checkpoints, load_model
+from dslm.checkpoint import list_checkpoints, load_model
 from dslm.cli import run_command
-from dslm.config import CONFIG_NAME, RunConfig, load_config
+from dslm.config import CONFIG_NAME, RunConfig, load_config, run_of
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
@@ -38,9 +38,9 @@ def find_checkpoints(target: Path) -> tuple[Path, list[tuple[int, Path]]]:
     """The run directory and the (step, tag folder) pairs that `target` names."""
     if (target / CONFIG_NAME).is_file():
         return target, list_checkpoints(target / "checkpoints")
-    match = TAG_PATTERN.match(target.name)
-    if match and (target.parent.parent / CONFIG_NAME).is_file():
-        return target.parent.parent, [(int(match.group(1)), target)]
+    if (found := run_of(target)) is not None:
+        run_dir, step = found
+        return run_dir, [(step, target)]
     raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}) nor a checkpoint in one")
 
 

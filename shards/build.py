@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
@@ -24,10 +25,10 @@ from shards.encode import Encoded, EncoderConfig, encode_batches
 from shards.filters import DocumentFilter, FilterConfig
 from shards.journal import (DIGEST_BYTES, DIGESTS_NAME, BuildState, DigestLog, Position, load_state,
                             remove_journal, save_state)
-from shards.sources import Document, Source, skip, warn
+from shards.sources import Document, Source, skip
 from shards.tokenizer import load_text_tokenizer, train_tokenizer
 from shards.verify import shard_problem
-from shards.writer import Packer, ShardWriter
+from shards.writer import Packer, ShardWriter, shard_path, tmp_path
 
 TOKENIZER_NAME = "tokenizer.json"
 
@@ -229,7 +230,9 @@ class ShardBuild:
                 skip(stats, enc.reason)
                 continue
             self.digests.add(enc.digest)
-            n = copies(enc.digest, source.weight) if enc.split == "train" else min(1, copies(enc.digest, source.weight))
+            n = copies(enc.digest, source.weight)
+            if enc.split == "val":
+                n = min(n, 1)  # val documents are written at most once
             if n == 0:
                 skip(stats, "downsampled")
                 continue
@@ -287,7 +290,7 @@ def build_shards(cfg: ShardConfig, sources: list[Source]) -> BuildReport:
                 build.checkpoint(batch.end)
             progress.update(batch)
             if batch.end.source != batch.source and not build.stats[sources[batch.source].spec].documents:
-                warn(f"source {sources[batch.source].spec!r} gave no documents to write")
+                warn("dslm-shard", f"source {sources[batch.source].spec!r} gave no documents to write")
     manifest = Manifest(
         tokenizer=TOKENIZER_NAME,
         tokenizer_sha256=sha256_file(cfg.out / TOKENIZER_NAME),
@@ -362,7 +365,7 @@ def start_or_resume(cfg: ShardConfig, sources: list[Source]) -> BuildState:
                         f"with the same ones to resume, or pass --overwrite to start over")
     problem = None if state is None or cfg.overwrite else resume_problem(cfg.out, state)
     if problem:
-        warn(f"cannot resume the unfinished build in {cfg.out} ({problem}); starting over")
+        warn("dslm-shard", f"cannot resume the unfinished build in {cfg.out} ({problem}); starting over")
     if state is not None and (cfg.overwrite or problem):
         remove_unfinished_build(cfg.out, state)
         state = None
@@ -377,7 +380,7 @@ def resume_problem(out: Path, state: BuildState) -> str | None:
             if (problem := shard_problem(out, entry)) is not None:
                 return f"{entry.name}: {problem}"
     for split, writer in state.writers.items():
-        tmp = out / f".{split}-{len(writer.entries):06d}.tar.tmp"
+        tmp = tmp_path(shard_path(out, split, len(writer.entries)))
         if writer.in_shard and (not tmp.is_file() or tmp.stat().st_size < writer.offset):
             return f"{tmp.name} is shorter than journaled"
     digests = out / DIGESTS_NAME

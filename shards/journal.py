@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dslm.data.manifest import ShardEntry, SourceStats
-from dslm.files import atomic_write_text
+from dslm.files import atomic_write_text, open_at
 from shards.writer import WriterState
 
 JOURNAL_NAME = ".build-journal.json"
@@ -82,9 +82,7 @@ class DigestLog:
     def __init__(self, out: Path, valid: int):
         self.path = out / DIGESTS_NAME
         self.count = valid
-        self._file: BinaryIO = open(self.path, "r+b" if valid else "wb")
-        self._file.truncate(valid * DIGEST_BYTES)
-        self._file.seek(valid * DIGEST_BYTES)
+        self._file: BinaryIO = open_at(self.path, valid * DIGEST_BYTES)
 
     def load(self) -> set[bytes]:
         with open(self.path, "rb") as f:

@@ -41,7 +41,6 @@ import re
 import shutil
 import tarfile
 import tempfile
-import sys
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -52,8 +51,8 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Protocol, Type
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from dslm.cli import warn
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
 
@@ -224,12 +223,7 @@ def read_or_skip(path: Path, read: Callable[[], T], stats: SourceStats) -> T | N
 
 def unreadable(path: Path, error: Exception, stats: SourceStats) -> None:
     skip(stats, "unreadable_file")
-    warn(f"skipped unreadable {path} (or the rest of it): {error}")
-
-
-def warn(line: str) -> None:
-    """One warning line on stderr that does not break a progress bar."""
-    tqdm.write(f"dslm-shard: warning: {line}", file=sys.stderr)
+    warn("dslm-shard", f"skipped unreadable {path} (or the rest of it): {error}")
 
 
 def decode(raw: bytes, stats: SourceStats) -> str | None:

@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from dslm.data.manifest import ShardEntry
-from dslm.files import sha256_file
+from dslm.files import open_at, sha256_file
 
 SAMPLE_SUFFIX = ".tokens.npy"
 
@@ -47,6 +47,15 @@ class Packer:
     def leftover(self) -> list[int]:
         """Tokens at the end of the stream that have not filled a sample yet (dropped at the end)."""
         return np.concatenate(self.pending).tolist()
+
+
+def shard_path(out: Path, split: str, index: int) -> Path:
+    return out / f"{split}-{index:06d}.tar"
+
+
+def tmp_path(final: Path) -> Path:
+    """Where a shard is written until it is complete."""
+    return final.with_name(f".{final.name}.tmp")
 
 
 @dataclass
@@ -87,11 +96,11 @@ class ShardWriter:
 
     @property
     def _final(self) -> Path:
-        return self.out / f"{self.split}-{len(self.state.entries):06d}.tar"
+        return shard_path(self.out, self.split, len(self.state.entries))
 
     @property
     def _tmp(self) -> Path:
-        return self.out / f".{self._final.name}.tmp"
+        return tmp_path(self._final)
 
     def add(self, tokens: np.ndarray) -> ShardEntry | None:
         """Write one sample; return the shard's entry when this sample completed it."""
@@ -126,9 +135,7 @@ class ShardWriter:
 
     def _open(self, offset: int) -> None:
         """Open the temporary file at `offset`: 0 starts a new shard, more continues a resumed one."""
-        self._file = open(self._tmp, "r+b" if offset else "wb")
-        self._file.truncate(offset)
-        self._file.seek(offset)
+        self._file = open_at(self._tmp, offset)
         self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
     def _finish_shard(self) -> ShardEntry:

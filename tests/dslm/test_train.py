@@ -251,11 +251,10 @@ def test_tied_and_padded_model_trains_and_exports(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_compiled_model_with_activation_checkpointing_trains_like_the_plain_one(tiny_shards, tmp_path):
     shards, _ = tiny_shards
-    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
-                      val_interval=0)
     losses = []
     for name, options in (("plain", []), ("compiled", ["train.compile=true", "train.activation_checkpointing=true"])):
-        run_args = [a.replace("name=t", f"name={name}") for a in args] + options
+        run_args = train_args(shards, tmp_path, name, max_steps=2, warmup_steps=1, log_interval=1,
+                              checkpoint_interval=2, val_interval=0) + options
         subprocess.run([BIN / "dslm-train", *run_args], cwd=tmp_path, check=True, timeout=900, capture_output=True)
         losses.append([v for _, v in read_scalars(tmp_path / name / "tb", "train/loss")])
     assert losses[1] == pytest.approx(losses[0], abs=0.02)
