@@ -1,5 +1,5 @@
-"""Stopping on a signal: schedulers send SIGUSR1 (SLURM's `--signal`) or SIGTERM (preemption)
-some time before they end a job. The handler only sets a flag (a collective inside a signal
+"""Stopping on a signal: schedulers send SIGUSR1 (slurm/pretrain.sh's `--signal`), SIGUSR2
+(submitit's) or SIGTERM (preemption) some time before they end a job. The handler only sets a flag (a collective inside a signal
 handler would deadlock); at the next step boundary the ranks agree on it, checkpoint together
 and exit with EXIT_STOPPED so that a wrapper can requeue and resume with `--resume auto`."""
 
@@ -10,7 +10,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 EXIT_STOPPED = 75
 """sysexits' EX_TEMPFAIL: stopped on request after a checkpoint; run again to continue."""
 

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: continue from the run's newest intact checkpoint (falling back to an older one "
                         "with a warning); or a checkpoint folder. Without it, a run directory that already "
                         "holds checkpoints is an error")
+    p.add_argument("--print-run-dir", action="store_true",
+                   help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
@@ -56,6 +58,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
+    if args.print_run_dir:
+        print(cfg.run_dir.resolve())
+        return
     env = init_distributed()
     manifest = Manifest.load(cfg.data.shards)
     check_against_manifest(cfg, manifest)

@@ -19,7 +19,7 @@
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
-#SBATCH --output=slurm-%x-%j.out
+#SBATCH --output=slurm-%x-%j.out  # and RUN_DIR/logs/slurm-JOBID.out
 set -uo pipefail
 
 EXIT_STOPPED=75  # dslm.stop.EXIT_STOPPED
@@ -36,8 +36,20 @@ RESUME=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     RESUME=(--resume auto)  # a requeued job continues from its newest intact checkpoint
 fi
+# The job's output also goes to the run directory (tee ignores the signals meant for the ranks).
+RUN_DIR=$("$BIN/dslm-train" --print-run-dir "$@" | tail -n 1) || exit 2
+LOG=$RUN_DIR/logs/slurm-$SLURM_JOB_ID.out
+mkdir -p "$RUN_DIR/logs"
+exec > >(trap '' USR1 USR2 TERM; exec tee -a "$LOG") 2>&1
+tee_pid=$!
+finish() {  # close the pipe and let tee write the last lines before the job ends
+    exec >&- 2>&-
+    wait "$tee_pid"
+    exit "$1"
+}
 echo "dslm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST," \
-     "$SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT; log: $PWD/slurm-$SLURM_JOB_NAME-$SLURM_JOB_ID.out"
+     "$SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT"
+echo "dslm: run directory $RUN_DIR; log $LOG; tensorboard --logdir $RUN_DIR/tb"
 
 # SLURM signals this shell (`--signal=B:USR1@120`, or SIGTERM on preemption): pass it on to the
 # ranks through srun; they checkpoint at the next step boundary and stop; then requeue.
@@ -63,6 +75,6 @@ done
 if [ $requeue = 1 ] || [ $status = $EXIT_STOPPED ]; then
     echo "dslm: stopped at a checkpoint; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    finish 0
 fi
-exit $status
+finish $status

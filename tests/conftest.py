@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import socket
 import sysconfig
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -43,3 +45,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Logs:
+    """Reading the log of a job or process that is still writing it."""
+
+    @staticmethod
+    def read(path: Path) -> str:
+        return path.read_text(errors="replace") if path.exists() else ""  # progress bars cut UTF-8 sequences
+
+    @staticmethod
+    def wait_for(path: Path, text: str, alive: Callable[[], bool], timeout: float = 300) -> None:
+        """Until `text` is in the log, failing if `alive()` stops holding or time runs out."""
+        end = time.monotonic() + timeout
+        while text not in Logs.read(path):
+            assert time.monotonic() < end and alive(), f"{text!r} never appeared in {path}:\n{Logs.read(path)[-3000:]}"
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def logs() -> type[Logs]:
+    return Logs

@@ -1,0 +1,332 @@
+"""dslm-submit: training and evaluation jobs through submitit, on SLURM or on this machine.
+
+  dslm-submit train --nodes 2 --gpus-per-node 8 --time 24:00:00 launch/recipes/RECIPE.yaml [key=value ...]
+  dslm-submit eval --gpus-per-node 1 runs/NAME [dslm-eval options ...]
+  dslm-submit train --executor local --tasks-per-node 2 ... --wait      # this machine, 2 ranks
+
+Every task runs `dslm-train` (or `dslm-eval`) as a child process, with RANK, WORLD_SIZE and the
+rendezvous (the job's first host, a port from the job id) from the job's environment: no ssh,
+hostfile or pdsh. Before the time limit (`--signal-delay` seconds) or on preemption the scheduler
+sends submitit's SIGUSR2: the ranks agree at the next step, checkpoint together and stop, and the
+job is requeued and resumes from that checkpoint (`--resume auto`), at most `--max-requeues` times.
+submitit's logs (one per task) go to runs/NAME/submitit/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import submitit
+from submitit.core.utils import UncompletedJobError
+
+from dslm.checkpoint import list_checkpoints
+from dslm.cli import run_command
+from dslm.errors import DslmError
+from dslm.stop import EXIT_STOPPED
+
+PROG = "dslm-submit"
+EXECUTORS = ("auto", "slurm", "local")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass
+class SlurmConfig:
+    """Where and how a job runs; the fields are dslm-submit's options."""
+
+    executor: str = "auto"
+    """"slurm" (sbatch through submitit), "local" (processes on this machine) or "auto" (slurm
+    when `sbatch` is on the PATH)."""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 0
+    """Ranks per node; 0 means one per GPU (one in all without GPUs)."""
+    time_min: int = 24 * 60
+    """Time limit in minutes."""
+    partition: str | None = None
+    cpus_per_task: int | None = None
+    max_requeues: int = 3
+    """Requeues after a timeout or preemption before the job gives up (the run stays resumable)."""
+    signal_delay_s: int = 120
+    """How long before the time limit the ranks are told to checkpoint and stop."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """More sbatch options (`--slurm account=X`), passed on as they are."""
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise DslmError(f"--executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.executor == "auto":
+            self.executor = "slurm" if shutil.which("sbatch") else "local"
+        if self.executor == "slurm" and not shutil.which("sbatch"):
+            raise DslmError("--executor slurm: sbatch is not on the PATH (use --executor local on a machine without SLURM)")
+        if self.executor == "local" and self.nodes != 1:
+            raise DslmError(f"--executor local runs on this machine only: --nodes {self.nodes} needs SLURM")
+        for name in ("nodes", "time_min"):
+            if getattr(self, name) < 1:
+                raise DslmError(f"--{name.replace('_min', '').replace('_', '-')} must be at least 1")
+        for name in ("gpus_per_node", "tasks_per_node", "max_requeues", "signal_delay_s"):
+            if getattr(self, name) < 0:
+                raise DslmError(f"--{name.replace('_s', '').replace('_', '-')} must not be negative")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
+def parse_minutes(text: str) -> int:
+    """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> whole minutes."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise DslmError(f"--time {text!r} is not a SLURM time (minutes, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    else:  # MM or MM:SS
+        seconds = a * 60 + (b or 0)
+    return max(1, -(-seconds // 60))
+
+
+# --- what runs in every task -------------------------------------------------------------------
+
+def rank_env(job: submitit.JobEnvironment) -> dict[str, str]:
+    """torch.distributed's variables for this task, from the scheduler's environment."""
+    return {
+        "RANK": str(job.global_rank),
+        "LOCAL_RANK": str(job.local_rank),
+        "WORLD_SIZE": str(job.num_tasks),
+        "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
+        "MASTER_ADDR": job.hostnames[0],
+        "MASTER_PORT": str(20000 + int(re.sub(r"\D", "", job.job_id) or 0) % 20000),
+    }
+
+
+def start_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start the child and reap it from a thread, so that its exit status can be awaited by
+    polling `returncode`, which takes no lock (submitit's signal handler, which runs in the main
+    thread at any moment, waits for the child too)."""
+    process = subprocess.Popen(argv, env=env, preexec_fn=die_with_task)
+    threading.Thread(target=process.wait, daemon=True).start()
+    return process
+
+
+def die_with_task() -> None:
+    """In the child, before exec: get SIGKILL when the task process dies (the local executor
+    kills only the processes it started, which would leave the child running)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def exit_status(process: subprocess.Popen) -> int:
+    while process.returncode is None:
+        time.sleep(0.2)
+    return process.returncode
+
+
+@dataclass
+class ChildJob:
+    """A submitit task that runs one dslm command in a child process. On the timeout or
+    preemption signal, submitit calls `checkpoint` on rank 0: the child is stopped and waited
+    for, and the returned submission is what the requeued job runs."""
+
+    argv: list[str]
+    max_requeues: int
+    requeues: int = 0
+    stop_signal = signal.SIGTERM
+
+    def __call__(self) -> int:
+        job = submitit.JobEnvironment()
+        print(f"{PROG}: {job} (requeue {self.requeues}): {shlex.join(self.command())}", flush=True)
+        self.child = start_child(self.command(), {**os.environ, **rank_env(job)})
+        status = exit_status(self.child)
+        name = Path(self.argv[0]).name
+        if status == EXIT_STOPPED and job.global_rank != 0:
+            return status  # the ranks stopped together at a checkpoint: rank 0's task requeues the job
+        if status == EXIT_STOPPED:
+            raise DslmError(f"{name} stopped at a checkpoint on a signal submitit does not handle (SIGTERM: "
+                            f"preemption?); the job resumes if SLURM requeues it, else resubmit with --resume auto")
+        if status != 0:
+            raise DslmError(f"{name} exited with status {status}")
+        return status
+
+    def command(self) -> list[str]:
+        return self.argv
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
+        if getattr(self, "child", None) is not None and self.child.returncode is None:
+            self.child.send_signal(self.stop_signal)
+            print(f"{PROG}: stopping {self.argv[0]} ({self.stop_signal.name})", flush=True)
+            exit_status(self.child)
+        if self.requeues >= self.max_requeues:
+            print(f"{PROG}: not requeued: --max-requeues {self.max_requeues} reached; resubmit to go on", flush=True)
+            return None
+        return submitit.helpers.DelayedSubmission(replace(self, requeues=self.requeues + 1))
+
+
+@dataclass
+class TrainJob(ChildJob):
+    """dslm-train on every rank; a requeued job resumes from the run's newest intact checkpoint."""
+
+    checkpoints: str = ""
+    # dslm-train checkpoints at the next step and exits 75 on SIGUSR1 (dslm.stop)
+    stop_signal = signal.SIGUSR1
+
+    def command(self) -> list[str]:
+        requeued = self.requeues > 0 or int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+        if requeued and "--resume" not in self.argv and list_checkpoints(Path(self.checkpoints)):
+            return [*self.argv, "--resume", "auto"]
+        return self.argv
+
+
+# --- submission --------------------------------------------------------------------------------
+
+def make_executor(cfg: SlurmConfig, folder: Path, name: str) -> submitit.Executor:
+    if cfg.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
+        executor.update_parameters(timeout_min=cfg.time_min, tasks_per_node=cfg.ranks_per_node,
+                                   gpus_per_node=cfg.gpus_per_node, signal_delay_s=cfg.signal_delay_s,
+                                   stderr_to_stdout=True)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
+    executor.update_parameters(
+        job_name=name, nodes=cfg.nodes, ntasks_per_node=cfg.ranks_per_node, gpus_per_node=cfg.gpus_per_node,
+        time=cfg.time_min, signal_delay_s=cfg.signal_delay_s, partition=cfg.partition,
+        cpus_per_task=cfg.cpus_per_task, additional_parameters=cfg.extra, stderr_to_stdout=True,
+        # one rank dying ends every task of the job instead of leaving the others in a collective
+        srun_args=["--kill-on-bad-exit=1"],
+    )
+    return executor
+
+
+def describe(executor: submitit.Executor, cfg: SlurmConfig, job: ChildJob, folder: Path) -> str:
+    """What --dry-run prints: the command every task runs and, on SLURM, the sbatch script."""
+    lines = [f"executor: {cfg.executor}, {cfg.nodes} node(s) x {cfg.ranks_per_node} task(s), "
+             f"{cfg.gpus_per_node} GPU(s) per node, {cfg.time_min} min, at most {cfg.max_requeues} requeue(s)",
+             f"logs: {folder}",
+             f"each task: RANK=... WORLD_SIZE={cfg.nodes * cfg.ranks_per_node} {shlex.join(job.command())}"]
+    if isinstance(executor, submitit.SlurmExecutor):
+        # submitit's own script text (private API of the pinned submitit, checked by the tests)
+        lines += ["sbatch script:", executor._make_submission_file_text(executor._submitit_command_str, "dry-run")]
+    return "\n".join(lines)
+
+
+def wait_for(job: submitit.Job, log: Path) -> None:
+    try:
+        job.results()  # one per task
+    except (submitit.core.utils.FailedJobError, UncompletedJobError) as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: job {job.job_id} failed: {last} (log: {log})", file=sys.stderr)
+        raise SystemExit(1) from e
+    print(f"{PROG}: job {job.job_id} finished")
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    launcher = argparse.ArgumentParser(add_help=False)
+    g = launcher.add_argument_group("where the job runs")
+    g.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="slurm (sbatch via submitit), local (this machine), auto: slurm when sbatch is on the PATH")
+    g.add_argument("--nodes", type=int, default=1, help="(default: %(default)s)")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--tasks-per-node", type=int, default=0,
+                   help="ranks per node (default: one per GPU, 1 without GPUs)")
+    g.add_argument("--time", default="24:00:00", help="time limit, in SLURM's formats (default: %(default)s)")
+    g.add_argument("--partition")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--max-requeues", type=int, default=3,
+                   help="requeues on timeout or preemption before giving up (default: %(default)s)")
+    g.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
+                   help="checkpoint and stop this long before the time limit (default: %(default)s)")
+    g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="another sbatch option, e.g. account=myproj or qos=high (repeatable)")
+    g.add_argument("--dry-run", action="store_true", help="print what would be submitted and exit")
+    g.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it failed")
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="kind", required=True)
+    train = sub.add_parser("train", parents=[launcher], help="a training run (dslm-train on every rank)")
+    train.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (default: the recipe's ds_config)")
+    train.add_argument("--resume", metavar="auto|CHECKPOINT", help="as dslm-train --resume")
+    train.add_argument("args", nargs="*", metavar="[RECIPE] key=value", help="a YAML recipe, then overrides")
+    evaluation = sub.add_parser("eval", parents=[launcher], help="dslm-eval over a run's checkpoints (one task)")
+    evaluation.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    evaluation.add_argument("eval_args", nargs=argparse.REMAINDER, metavar="...", help="dslm-eval options")
+    return p.parse_args(argv)
+
+
+def slurm_config(args: argparse.Namespace) -> SlurmConfig:
+    bad = [kv for kv in args.slurm if "=" not in kv]
+    if bad:
+        raise DslmError(f"--slurm {bad[0]!r} is not KEY=VALUE")
+    return SlurmConfig(executor=args.executor, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       tasks_per_node=args.tasks_per_node, time_min=parse_minutes(args.time),
+                       partition=args.partition, cpus_per_task=args.cpus_per_task, max_requeues=args.max_requeues,
+                       signal_delay_s=args.signal_delay, extra=dict(kv.split("=", 1) for kv in args.slurm))
+
+
+def bin_of(command: str) -> str:
+    """The console script beside this interpreter (the tasks run this environment's dslm)."""
+    return str(Path(sys.executable).parent / command)
+
+
+def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Path, str]:
+    from dslm.train import parse_args as train_args, resolve_config  # torch: only for train jobs
+
+    recipe = [a for a in args.args if "=" not in a]
+    if len(recipe) > 1:
+        raise DslmError(f"one recipe at most, got {' '.join(recipe)}")
+    argv = (["--config", recipe[0]] if recipe else []) + [a for a in args.args if "=" in a]
+    argv += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + (["--resume", args.resume] if args.resume else [])
+    run_cfg = resolve_config(train_args(argv))  # fails here, not in the queue, on a bad recipe or override
+    run_dir = run_cfg.run_dir.resolve()
+    job = TrainJob(argv=[bin_of("dslm-train"), *argv], max_requeues=cfg.max_requeues,
+                   checkpoints=str(run_dir / "checkpoints"))
+    return job, run_dir, run_cfg.name
+
+
+def eval_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ChildJob, Path, str]:
+    target = Path(args.target).resolve()
+    if not target.exists():
+        raise DslmError(f"{args.target} does not exist")
+    if cfg.nodes * cfg.ranks_per_node != 1:
+        raise DslmError("dslm-eval runs as one task: leave --nodes and --tasks-per-node at 1")
+    run_dir = target if (target / "checkpoints").is_dir() else target.parent.parent
+    job = ChildJob(argv=[bin_of("dslm-eval"), str(target), *args.eval_args], max_requeues=cfg.max_requeues)
+    return job, run_dir, f"{run_dir.name}-eval"
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = slurm_config(args)
+    job, run_dir, name = (train_job if args.kind == "train" else eval_job)(args, cfg)
+    folder = run_dir / "submitit"
+    executor = make_executor(cfg, folder, f"dslm-{name}")
+    if args.dry_run:
+        print(describe(executor, cfg, job, folder))
+        return
+    submitted = executor.submit(job)
+    log = folder / f"{submitted.job_id}_0_log.out"
+    print(f"{PROG}: submitted {args.kind} job {submitted.job_id} ({cfg.executor}, {cfg.nodes} node(s) x "
+          f"{cfg.ranks_per_node} task(s)) for {run_dir}\n  log:         {log}\n"
+          f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+    if args.wait:
+        wait_for(submitted, log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(PROG, lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
