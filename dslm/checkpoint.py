@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.model import GPT, ModelConfig
 
@@ -199,14 +202,35 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return target
 
 
+def load_weights_only(path: Path) -> dict:
+    """torch.load(weights_only=True) of a DeepSpeed file: tensors, plain containers and the few
+    record types DeepSpeed pickles into them; anything else (arbitrary code) is refused. A zip file
+    (torch.save's format) is memory-mapped: its tensors are read only when used."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise DslmError(f"{path}: refusing to load it: it needs arbitrary unpickling "
+                        f"({found.group(1) if found else 'not only tensors and plain data'}), "
+                        "and checkpoints are read with torch.load(weights_only=True)") from None
+
+
 def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The fp32 master weights of a checkpoint: consolidated across ranks for ZeRO-1/2/3, from the
     optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for ZeRO-0 in fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    for path in sorted(tag_dir.glob("*_states.pt")):  # DeepSpeed's model and optimizer files
+        load_weights_only(path)
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        # DeepSpeed's loader unpickles without restriction, but only files just checked above
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = load_weights_only(tag_dir / "mp_rank_00_model_states.pt")
     masters = (state.get("optimizer") or {}).get("fp32_groups")
     if masters is None:
         return {name: t.float() for name, t in state["module"].items()}

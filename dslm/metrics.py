@@ -9,8 +9,10 @@ from tqdm import tqdm
 
 
 class Metrics:
-    def __init__(self, logdir: Path, enabled: bool, purge_step: int | None = None):
+    def __init__(self, logdir: Path, enabled: bool, purge_step: int | None = None, console: bool = True):
         self.writer = SummaryWriter(str(logdir), purge_step=purge_step) if enabled else None
+        self.console = console
+        """Print a line per log() call as well."""
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
@@ -18,7 +20,9 @@ class Metrics:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
-        tqdm.write(f"step {step:>6} | " + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in values.items()))
+        if self.console:
+            tqdm.write(f"step {step:>6} | " + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}"
+                                                         for tag, value in values.items()))
 
     def close(self) -> None:
         if self.writer is not None:

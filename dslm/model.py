@@ -1,7 +1,8 @@
 """GPT-2 architecture as single-device code: no ranks, no DeepSpeed, only torch.
 
 Pre-LayerNorm blocks, GELU (tanh) MLP, learned absolute positions, biases in every Linear layer
-(the model cards count one on the output head too), GPT-2 initialisation.
+(the model cards count one on the output head too), GPT-2 initialisation. A KVCache lets decoding
+run one token per model pass (eval/generate.py).
 """
 
 from __future__ import annotations
@@ -65,14 +66,60 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, C/H)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            start = cache.length
+            k, v = cache.extend(layer, k, v)  # (B, H, start + T, C/H)
+            # is_causal aligns its mask top-left, right only when the chunk starts the sequence; a
+            # chunk after cached tokens needs the diagonal shifted by `start`; one token sees every key.
+            mask = None if start == 0 or T == 1 else causal_mask(start, T, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=start == 0 and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
+
+
+def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
+    """(T, start + T) bool: query i (at position start + i) may attend to keys 0 .. start + i."""
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, per layer, so that each new token costs one
+    model pass over itself instead of the whole sequence. Rows are sequences of the batch."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if max_len > cfg.context:
+            raise ValueError(f"a cache of {max_len} positions is longer than model.context={cfg.context}")
+        shape = (batch, cfg.n_head, max_len, cfg.d_model // cfg.n_head)  # (B, H, T_max, C/H)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+        """Positions filled; GPT.forward advances it after all layers have extended."""
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a chunk's k, v (B, H, T, C/H) at positions length .. length+T-1 of `layer`; return the
+        keys and values of all positions so far, (B, H, length + T, C/H) views."""
+        end = self.length + k.size(2)
+        if end > self.keys[layer].size(2):
+            raise ValueError(f"the cache holds {self.keys[layer].size(2)} positions; {end} needed")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (new batch size, long), repeats allowed: beam search follows its
+        surviving beams, and one prompt's cache is copied to its beams."""
+        self.keys = [t.index_select(0, rows) for t in self.keys]
+        self.values = [t.index_select(0, rows) for t in self.values]
 
 
 class MLP(nn.Module):
@@ -95,8 +142,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -130,18 +177,26 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T); with targets (B, T), the mean cross-entropy instead."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T); with targets (B, T), the mean cross-entropy instead.
+        With a cache, idx continues the cached sequences (positions from cache.length on) and is
+        added to the cache."""
         B, T = idx.shape
-        if T > self.cfg.context:
-            raise ValueError(f"sequence of {T} tokens is longer than model.context={self.cfg.context}")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.context:
+            raise ValueError(f"sequence of {start + T} tokens is longer than model.context={self.cfg.context}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cache, i)
+            elif self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))[..., : self.cfg.vocab_size]  # (B, T, V): padded ids cut off
         if targets is None:
             return logits

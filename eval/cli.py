@@ -1,78 +1,259 @@
-"""dslm-eval: perplexity of saved checkpoints on the val shards, written to runs/NAME/eval/stepN.json
-and to TensorBoard (eval/*) at the checkpoint's step. A run directory evaluates every checkpoint
-in it that has no result yet."""
+"""dslm-eval: offline evaluation of saved checkpoints, written back into their run.
+
+  dslm-eval runs/NAME                  every sealed checkpoint without a result yet
+  dslm-eval runs/NAME --watch          ... and each new one as training writes it
+  dslm-eval runs/NAME/checkpoints/global_stepN | runs/NAME/export/stepN | EXPORT --shards DIR
+
+Metrics (--metrics): perplexity (loss, perplexity and bits per byte on the val shards, overall
+and per language), exact_match (line completion on held-out code, per language) and
+compile_success (held-out functions completed by the model and checked by python's compile(),
+gcc -fsyntax-only and javac, never run). Results go to runs/NAME/eval/stepN.json and to
+TensorBoard as eval/* at the checkpoint's step; a summary table is printed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tokenizers import Tokenizer
 
-from dslm.checkpoint import list_checkpoints, load_model
-from dslm.cli import run_command
-from dslm.config import CONFIG_NAME, RunConfig, load_config, run_of
+from dslm.checkpoint import list_checkpoints, seal_problem
+from dslm.cli import run_command, warn
+from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.metrics import Metrics
-from eval.perplexity import perplexity
+from eval.checkers import CheckerLimits
+from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
+from eval.generate import GenerationConfig, complete
+from eval.heldout import LabeledSamples, heldout_documents, token_bytes
+from eval.load import LoadedModel, load_for_eval
+from eval.perplexity import ALL, perplexity
+
+PROG = "dslm-eval"
+METRICS = ("perplexity", "exact_match", "compile_success")
+
+
+@dataclass
+class EvalConfig:
+    """What dslm-eval measures on every checkpoint; its fields are dslm-eval's options."""
+
+    metrics: tuple[str, ...] = METRICS
+    batch_size: int = 16
+    """Sequences per forward pass for perplexity; prompts per batch for generation."""
+    exact_match: ExactMatchConfig = dataclasses.field(default_factory=ExactMatchConfig)
+    compile_success: CompileSuccessConfig = dataclasses.field(default_factory=CompileSuccessConfig)
+    limits: CheckerLimits = dataclasses.field(default_factory=CheckerLimits)
+    documents: int = 1000
+    """Held-out documents read per language for the code metrics."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise DslmError(f"--metrics: {', '.join(unknown) or 'none given'}; choose from {', '.join(METRICS)}")
+
+    @property
+    def code(self) -> bool:
+        return "exact_match" in self.metrics or "compile_success" in self.metrics
+
+
+@dataclass
+class Target:
+    """A checkpoint or export to evaluate, and where its results go."""
+
+    step: int
+    path: Path
+
+
+class ValData:
+    """The val split read once for every checkpoint: labelled samples and held-out code."""
+
+    def __init__(self, shards: Path, cfg: EvalConfig):
+        manifest = Manifest.load(shards)
+        self.shards = shards
+        self.tokenizer = Tokenizer.from_file(str(shards / manifest.tokenizer))
+        samples = ShardSamples(shards, manifest.split("val"))
+        self.samples = LabeledSamples(samples)
+        self.documents = heldout_documents(samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
+        if cfg.code and not self.documents:
+            warn(PROG, f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
+                       f"predate per-sample languages): no code metrics")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dslm-eval", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, metavar="RUN_OR_CHECKPOINT",
-                   help="a run directory (runs/NAME) or one checkpoint (runs/NAME/checkpoints/global_stepN)")
-    p.add_argument("--shards", type=Path, help="shard folder to evaluate on (default: the run's data.shards)")
+                   help="a run directory, a checkpoint (runs/NAME/checkpoints/global_stepN) or a dslm-export folder")
+    p.add_argument("--shards", type=Path, help="shard folder whose val split is used (default: the run's data.shards)")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of %(default)s")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--exact-match-samples", type=int, default=200, metavar="N",
+                   help="line completions per language (default: %(default)s)")
+    p.add_argument("--compile-samples", type=int, default=100, metavar="N",
+                   help="function completions per language (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds which lines and functions are asked (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
+    p.add_argument("--watch", action="store_true",
+                   help="keep evaluating new checkpoints of the run until its last step (train.max_steps) is done")
+    p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS",
+                   help="--watch: how often to look for new checkpoints (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to evaluate on (default: %(default)s)")
     return p.parse_args(argv)
 
 
-def find_checkpoints(target: Path) -> tuple[Path, list[tuple[int, Path]]]:
-    """The run directory and the (step, tag folder) pairs that `target` names."""
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        batch_size=args.batch_size,
+        exact_match=ExactMatchConfig(samples_per_language=args.exact_match_samples, seed=args.seed,
+                                     batch_size=args.batch_size),
+        compile_success=CompileSuccessConfig(samples_per_language=args.compile_samples, seed=args.seed,
+                                             batch_size=args.batch_size),
+    )
+
+
+def checkpoints_of(run_dir: Path) -> list[Target]:
+    """The run's sealed checkpoints (one being written is left for a later look)."""
+    return [Target(step, tag) for step, tag in list_checkpoints(run_dir / "checkpoints") if seal_problem(tag) is None]
+
+
+def find_targets(target: Path) -> tuple[Path | None, list[Target]]:
+    """The run directory (None for an export outside a run) and what to evaluate."""
     if (target / CONFIG_NAME).is_file():
-        return target, list_checkpoints(target / "checkpoints")
+        return target, checkpoints_of(target)
     if (found := run_of(target)) is not None:
         run_dir, step = found
-        return run_dir, [(step, target)]
-    raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}) nor a checkpoint in one")
+        return run_dir, [Target(step, target)]
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        in_run = target.parent.parent if (target.parent.parent / CONFIG_NAME).is_file() else None
+        step = int(target.name.removeprefix("step")) if target.name.removeprefix("step").isdigit() else 0
+        return in_run, [Target(step, target)]
+    raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}), a checkpoint in one, "
+                    f"nor a dslm-export folder")
 
 
-def evaluate(run_cfg: RunConfig, step: int, tag_dir: Path, val_samples: ShardSamples, batch_size: int,
-             device: torch.device) -> dict:
-    model = load_model(run_cfg.model, tag_dir).to(device)
-    return {"step": step, "checkpoint": str(tag_dir), "val": dataclasses.asdict(perplexity(model, val_samples, batch_size, device))}
+def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
+    """Exact match and compile success with greedy decoding; generation is capped at half the
+    model's window so that every prompt keeps at least the other half (the settings record it)."""
+    half = loaded.model.cfg.context // 2
+    exact = dataclasses.replace(cfg.exact_match, max_new_tokens=min(cfg.exact_match.max_new_tokens, half))
+    compiled = dataclasses.replace(cfg.compile_success, max_new_tokens=min(cfg.compile_success.max_new_tokens, half))
+
+    def greedy(prompts: list[str], stop: list[str], max_new_tokens: int) -> list[str]:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=tuple(stop), keep_stop_string=True,
+                               batch_size=cfg.batch_size)
+        return complete(loaded.model, loaded.tokenizer, prompts, gen)
+
+    results = {}
+    if "exact_match" in cfg.metrics:
+        results["exact_match"] = run_exact_match(data.documents, greedy, exact)
+    if "compile_success" in cfg.metrics:
+        results["compile_success"] = run_compile_success(data.documents, greedy, cfg.limits, compiled)
+    return results
+
+
+def evaluate(target: Target, data: ValData, cfg: EvalConfig, device: torch.device) -> dict:
+    loaded = load_for_eval(target.path, device)
+    result: dict = {"step": target.step, "checkpoint": str(target.path), "shards": str(data.shards)}
+    if "perplexity" in cfg.metrics:
+        table = token_bytes(data.tokenizer, loaded.model.cfg.vocab_size)
+        by_language = perplexity(loaded.model, data.samples, table, cfg.batch_size, device)
+        result["perplexity"] = {name: dataclasses.asdict(p) for name, p in by_language.items()}
+    return result | code_metrics(loaded, data, cfg)
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """TensorBoard's eval/* scalars of one result."""
+    out = {}
+    for language, p in result.get("perplexity", {}).items():
+        suffix = "" if language == ALL else f"/{language}"
+        out |= {f"eval/val_loss{suffix}": p["loss"], f"eval/val_ppl{suffix}": p["ppl"], f"eval/val_bpb{suffix}": p["bpb"]}
+    for language, r in result.get("exact_match", {}).get("languages", {}).items():
+        out |= {f"eval/exact_match/{language}": r["exact_match"], f"eval/edit_similarity/{language}": r["edit_similarity"]}
+    for language, r in result.get("compile_success", {}).get("languages", {}).items():
+        out[f"eval/compile_rate/{language}"] = r["rate"]
+    return out
+
+
+def summary(result: dict) -> str:
+    """Console lines for one result: a row per language."""
+    rows = {}
+    for language, p in result.get("perplexity", {}).items():
+        rows.setdefault(language, {}).update(loss=f"{p['loss']:.4f}", ppl=f"{p['ppl']:.2f}", bpb=f"{p['bpb']:.4f}")
+    for language, r in result.get("exact_match", {}).get("languages", {}).items():
+        rows.setdefault(language, {}).update(em=f"{r['exact_match']:.3f}", es=f"{r['edit_similarity']:.3f}")
+    for language, r in result.get("compile_success", {}).get("languages", {}).items():
+        rows.setdefault(language, {}).update(compile=f"{r['rate']:.3f} of {r['n']}")
+    header = f"{'step ' + str(result['step']):<12}{'loss':>9}{'ppl':>10}{'bpb':>9}{'exact':>8}{'edit sim':>10}{'compiles':>14}"
+    lines = [header] + [f"  {language:<10}{row.get('loss', '-'):>9}{row.get('ppl', '-'):>10}{row.get('bpb', '-'):>9}"
+                        f"{row.get('em', '-'):>8}{row.get('es', '-'):>10}{row.get('compile', '-'):>14}"
+                        for language, row in rows.items()]
+    return "\n".join(lines)
+
+
+def result_path(run_dir: Path | None, target: Target) -> Path:
+    return run_dir / "eval" / f"step{target.step}.json" if run_dir is not None else target.path / "eval.json"
+
+
+def evaluate_all(targets: list[Target], run_dir: Path | None, data: ValData, cfg: EvalConfig, device: torch.device,
+                 force: bool) -> None:
+    """Evaluate each target without a result (all with `force`); write its JSON and scalars."""
+    metrics = Metrics(run_dir / "tb", enabled=True, console=False) if run_dir is not None else None
+    for target in targets:
+        out = result_path(run_dir, target)
+        if out.exists() and not force:
+            continue
+        result = evaluate(target, data, cfg, device)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        if metrics is not None:
+            metrics.log(target.step, scalars(result))
+        print(f"{summary(result)}\n  -> {out}", flush=True)
+    if metrics is not None:
+        metrics.close()
+
+
+def watch(run_dir: Path, evaluate_new: Callable[[list[Target]], None], poll: float) -> None:
+    """Evaluate new sealed checkpoints as they appear, until the one at train.max_steps is done."""
+    last = load_config(run_dir / CONFIG_NAME, []).train.max_steps
+    while True:
+        targets = checkpoints_of(run_dir)
+        evaluate_new(targets)
+        if any(t.step >= last for t in targets):
+            return
+        time.sleep(poll)
 
 
 def run(args: argparse.Namespace) -> None:
-    run_dir, checkpoints = find_checkpoints(args.target)
-    run_cfg = load_config(run_dir / CONFIG_NAME, [])
-    shards = args.shards or Path(run_cfg.data.shards)
-    val_samples = ShardSamples(shards, Manifest.load(shards).split("val"))  # read once for every checkpoint
-    metrics = Metrics(run_dir / "tb", enabled=True)
-    for step, tag_dir in checkpoints:
-        out = run_dir / "eval" / f"step{step}.json"
-        if out.exists() and not args.force:
-            print(f"step {step}: already evaluated ({out})")
-            continue
-        result = {**evaluate(run_cfg, step, tag_dir, val_samples, args.batch_size, torch.device(args.device)),
-                  "shards": str(shards)}
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-        val = result["val"]
-        metrics.log(step, {"eval/val_loss": val["loss"], "eval/val_ppl": val["ppl"]})
-        print(f"step {step}: val loss {val['loss']:.4f}, perplexity {val['ppl']:.2f} "
-              f"over {val['tokens']} tokens -> {out}")
-    metrics.close()
+    run_dir, targets = find_targets(args.target)
+    if args.watch and (run_dir is None or not (args.target / CONFIG_NAME).is_file()):
+        raise DslmError("--watch follows a run directory (runs/NAME)")
+    if args.shards is None and run_dir is None:
+        raise DslmError(f"{args.target} is not in a run: name the shards to evaluate on with --shards")
+    shards = args.shards or Path(load_config(run_dir / CONFIG_NAME, []).data.shards)
+    cfg = eval_config(args)
+    if not targets and not args.watch:
+        warn(PROG, f"{args.target} holds no sealed checkpoint yet")
+        return
+    data = ValData(shards, cfg)
+    device = torch.device(args.device)
+    if args.watch:
+        watch(run_dir, lambda found: evaluate_all(found, run_dir, data, cfg, device, args.force), args.poll)
+    else:
+        evaluate_all(targets, run_dir, data, cfg, device, args.force)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command("dslm-eval", lambda: run(parse_args(argv)))
+    run_command(PROG, lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Token-weighted perplexity of a model on a split of tokenized shards."""
+"""Token-weighted perplexity and bits per byte of a model on a split of tokenized shards, overall
+and per language."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dslm.data.loader import split_batch
 from dslm.model import GPT
+from eval.heldout import LabeledSamples
+
+ALL = "all"
 
 
 @dataclass
@@ -19,16 +23,45 @@ class Perplexity:
     loss: float
     """Mean next-token cross-entropy in nats, weighted by tokens."""
     ppl: float
+    bpb: float
+    """Bits per byte: the summed loss in bits over the UTF-8 bytes of the predicted tokens
+    (independent of the tokenizer, so runs with different tokenizers compare)."""
     tokens: int
+    bytes: int
+
+
+class Totals:
+    """Summed loss, tokens and bytes per label."""
+
+    def __init__(self, labels: int):
+        self.nats = torch.zeros(labels, dtype=torch.float64)
+        self.tokens = torch.zeros(labels, dtype=torch.int64)
+        self.bytes = torch.zeros(labels, dtype=torch.int64)
+
+    def add(self, labels: torch.Tensor, nats: torch.Tensor, tokens: torch.Tensor, size: torch.Tensor) -> None:
+        """Per-sample sums (B,) into their labels' totals."""
+        self.nats.index_add_(0, labels, nats.double())
+        self.tokens.index_add_(0, labels, tokens)
+        self.bytes.index_add_(0, labels, size)
+
+    def result(self, rows: torch.Tensor | slice) -> Perplexity:
+        nats, tokens, size = (float(t[rows].sum()) for t in (self.nats, self.tokens, self.bytes))
+        loss = nats / tokens
+        return Perplexity(loss=loss, ppl=math.exp(loss), bpb=nats / math.log(2) / max(size, 1),
+                          tokens=int(tokens), bytes=int(size))
 
 
 @torch.no_grad()
-def perplexity(model: GPT, samples: Dataset, batch_size: int, device: torch.device) -> Perplexity:
-    total_loss, total_tokens = 0.0, 0
-    for batch in tqdm(DataLoader(samples, batch_size=batch_size), desc="perplexity", unit="batch"):
+def perplexity(model: GPT, samples: LabeledSamples, token_bytes: torch.Tensor, batch_size: int,
+               device: torch.device) -> dict[str, Perplexity]:
+    """Results over all samples ("all") and over each language's samples."""
+    totals = Totals(len(samples.languages))
+    for batch, labels in tqdm(DataLoader(samples, batch_size=batch_size), desc="perplexity", unit="batch", leave=False):
         inputs, targets = split_batch(batch, device)
         logits = model(inputs)  # (B, T, V)
-        total_loss += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-        total_tokens += targets.numel()
-    loss = total_loss / total_tokens
-    return Perplexity(loss=loss, ppl=math.exp(loss), tokens=total_tokens)
+        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)  # (B,)
+        totals.add(labels, nats.cpu(), torch.full_like(labels, targets.size(1)),
+                   token_bytes[targets.cpu()].sum(1))
+    results = {ALL: totals.result(slice(None))}
+    languages = {name: i for i, name in enumerate(samples.languages) if name}  # "": shards without languages
+    return results | {name: totals.result(torch.tensor([i])) for name, i in languages.items()}

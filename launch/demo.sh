@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on this machine's CPU, on real code (the interpreter's own
-# standard library): tokenizer + shards -> 2-rank DeepSpeed ZeRO-2 bf16 training -> perplexity.
+# standard library): tokenizer + shards -> 2-rank DeepSpeed ZeRO-2 bf16 training -> eval -> export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -24,8 +24,8 @@ rm -rf "$RUN"
 "$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" dslm/train.py \
     --deepspeed ds_configs/zero2.json --config launch/recipes/demo.yaml
 
-echo "== 3/4 evaluate the checkpoints on the val shards"
-"$BIN/dslm-eval" "$RUN"
+echo "== 3/4 evaluate the checkpoints: perplexity, exact match and compile success on held-out code"
+"$BIN/dslm-eval" "$RUN" --exact-match-samples 50 --compile-samples 20
 
 echo "== 4/4 export the last checkpoint for Hugging Face transformers"
 "$BIN/dslm-export" "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")"

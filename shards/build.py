@@ -198,6 +198,21 @@ class BuildReport:
     """Shards kept from an unfinished earlier run."""
 
 
+@dataclass(frozen=True)
+class Stream:
+    """Documents packed together: of one split and one language (so each sample has one language),
+    and copy k of a document goes to stream k, so that repeats never share a sample."""
+
+    split: str
+    copy: int
+    language: str
+
+    @property
+    def name(self) -> str:
+        """The key of the stream's packer in the journal."""
+        return f"{self.split}.{self.copy}.{self.language}"
+
+
 class ShardBuild:
     """The ordered half of a build, in the main process: dedup, copies by weight, packing,
     writing, and the journal that lets a rerun continue."""
@@ -223,7 +238,7 @@ class ShardBuild:
         for reason, n in batch.skipped.items():
             stats.filtered[reason] = stats.filtered.get(reason, 0) + n
         finished = False
-        for enc in results:
+        for doc, enc in zip(batch.documents, results, strict=True):
             if enc.reason is None and not self.filter.first_seen(enc.digest):
                 enc = Encoded("duplicate")
             if enc.reason is not None:
@@ -238,20 +253,18 @@ class ShardBuild:
                 continue
             stats.headers_stripped += enc.header_stripped
             for copy in range(n):
-                finished |= self.write(f"{enc.split}.{copy}", enc.ids)
+                finished |= self.write(Stream(enc.split, copy, doc.language), enc.ids)
                 stats.documents += 1
                 stats.bytes += enc.bytes
                 stats.tokens += len(enc.ids)
         return finished
 
-    def write(self, stream: str, ids: np.ndarray) -> bool:
-        """Pack a document into its stream (copy k of a document goes to stream k of its split, so
-        repeats never share a sample); True when a shard was finished."""
-        packer = self.packers.setdefault(stream, Packer(self.sample_len, self.dtype))
-        writer = self.writers[stream.split(".")[0]]
+    def write(self, stream: Stream, ids: np.ndarray) -> bool:
+        """Pack a document into its stream; True when a shard was finished."""
+        packer = self.packers.setdefault(stream.name, Packer(self.sample_len, self.dtype))
         finished = False
         for sample in packer.add(ids):
-            finished |= writer.add(sample) is not None
+            finished |= self.writers[stream.split].add(sample, stream.language) is not None
         return finished
 
     def checkpoint(self, position: Position) -> None:

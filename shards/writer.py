@@ -16,6 +16,8 @@ from dslm.data.manifest import ShardEntry
 from dslm.files import open_at, sha256_file
 
 SAMPLE_SUFFIX = ".tokens.npy"
+LANGUAGE_SUFFIX = ".language.txt"
+"""The language of the documents packed in a sample (one per sample): python, c, java, text, en, ..."""
 
 
 def split_of(text: str, val_fraction: float) -> str:
@@ -70,13 +72,16 @@ class WriterState:
     """Samples in the open shard's temporary file."""
     offset: int = 0
     """Bytes of the open shard's temporary file that hold those samples (a member boundary)."""
+    languages: dict[str, int] = field(default_factory=dict)
+    """Samples per language in the open shard."""
 
 
 class ShardWriter:
     """Writes one split's samples into `{split}-NNNNNN.tar` files of `samples_per_shard` samples.
 
     Each tar is written under a hidden temporary name and renamed only once complete. Members
-    are `KEY.tokens.npy`, as webdataset's TarWriter names them, with fixed owner and mtime so a
+    are `KEY.tokens.npy` and `KEY.language.txt`, as webdataset's TarWriter names them (a sample
+    packs documents of one language, so that eval can report per language), with fixed owner and mtime so a
     shard's bytes (and sha256) are the same on every build. Tar is written with `tarfile`
     directly because a resumed build needs the open file cut back to a member boundary
     (`state.offset`) and appended to, which webdataset's streaming writer cannot do.
@@ -102,23 +107,29 @@ class ShardWriter:
     def _tmp(self) -> Path:
         return tmp_path(self._final)
 
-    def add(self, tokens: np.ndarray) -> ShardEntry | None:
+    def add(self, tokens: np.ndarray, language: str) -> ShardEntry | None:
         """Write one sample; return the shard's entry when this sample completed it."""
         if self._tar is None:
             self._open(0)
         assert self._tar is not None
-        data = io.BytesIO()
-        np.lib.format.write_array(data, tokens, allow_pickle=False)
-        info = tarfile.TarInfo(f"{self.split}-{self.state.total:09d}{SAMPLE_SUFFIX}")
-        info.size, info.mode, info.mtime, info.uname, info.gname = data.tell(), 0o444, 0, "bigdata", "bigdata"
-        data.seek(0)
-        self._tar.addfile(info, data)
+        array = io.BytesIO()
+        np.lib.format.write_array(array, tokens, allow_pickle=False)
+        key = f"{self.split}-{self.state.total:09d}"
+        self._add_member(key + SAMPLE_SUFFIX, array.getvalue())
+        self._add_member(key + LANGUAGE_SUFFIX, language.encode())
         self.state.in_shard += 1
         self.state.total += 1
         self.state.offset = self._tar.offset
+        self.state.languages[language] = self.state.languages.get(language, 0) + 1
         if self.state.in_shard == self.samples_per_shard:
             return self._finish_shard()
         return None
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        assert self._tar is not None
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 0, "bigdata", "bigdata"
+        self._tar.addfile(info, io.BytesIO(data))
 
     def sync(self) -> WriterState:
         """Put the open shard's samples on disk; the state then describes the files exactly."""
@@ -151,9 +162,11 @@ class ShardWriter:
             tokens=self.state.in_shard * self.sample_len,
             bytes=tmp.stat().st_size,
             sha256=sha256_file(tmp),
+            languages=dict(sorted(self.state.languages.items())),
         )
         os.replace(tmp, final)
         self.state.entries.append(entry)
         self.state.in_shard = self.state.offset = 0
+        self.state.languages = {}
         self._tar = self._file = None
         return entry

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from dslm.data.manifest import Manifest
+from dslm.model import GPT, ModelConfig
 from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from shards.sources import CodeSource
 
@@ -66,3 +68,20 @@ class Logs:
 @pytest.fixture
 def logs() -> type[Logs]:
     return Logs
+
+
+def trained_looking_model(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A GPT whose biases and LayerNorms are off their init values, as after training (the export
+    folds the head bias into the final LayerNorm, which a zero bias would not test)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def trained_looking() -> Callable[..., GPT]:
+    return trained_looking_model

@@ -44,11 +44,18 @@ class ShardSamples(Dataset):
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.load(self._sample(index)[".tokens.npy"]).astype(np.int64))
+
+    def language(self, index: int) -> str:
+        """The language of the documents in sample `index` ("" in shards from before languages were recorded)."""
+        member = self._sample(index).get(".language.txt")
+        return member.read().decode() if member is not None else ""
+
+    def _sample(self, index: int) -> dict:
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         if shard not in self._open:
             self._open[shard] = IndexedTarSamples(path=self.paths[shard])
-        sample = self._open[shard][index - int(self.offsets[shard])]
-        return torch.from_numpy(np.load(sample[".tokens.npy"]).astype(np.int64))
+        return self._open[shard][index - int(self.offsets[shard])]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:

@@ -22,6 +22,8 @@ class ShardEntry:
     tokens: int
     bytes: int
     sha256: str
+    languages: dict[str, int] = field(default_factory=dict)
+    """Samples per language (each sample holds documents of one language)."""
 
 
 @dataclass

@@ -11,17 +11,6 @@ from dslm.model import GPT, ModelConfig
 transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")
 
 
-def trained_looking(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """A GPT whose biases and LayerNorms are not at their init values (as after training)."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
-
-
 def hf_model(weights: dict, cfg: ModelConfig):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(cfg)))
     hf.load_state_dict(hf_state_dict(weights, cfg), strict=True)
@@ -29,7 +18,7 @@ def hf_model(weights: dict, cfg: ModelConfig):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(head_bias=False), dict(tie_embeddings=True, vocab_multiple=128)])
-def test_hf_gpt2_logits_match(options):
+def test_hf_gpt2_logits_match(options, trained_looking):
     cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=256, vocab_size=300, context=32, **options)
     model = trained_looking(cfg)
     hf = hf_model(model.state_dict(), cfg)

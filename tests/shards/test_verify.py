@@ -31,7 +31,7 @@ def test_intact_build_verifies(tiny_shards):
 def test_truncated_corrupted_and_missing_shards_are_named(tiny_shards, tmp_path):
     out, manifest = copy_build(tiny_shards, tmp_path)
     train = manifest.split("train")
-    cut_after_member(out / train[0].name, keep=10)
+    cut_after_member(out / train[0].name, keep=20)  # 10 samples of 2 members (tokens, language)
     assert count_samples(out / train[0].name) == 10  # reads "fine": only the count reveals it
     with open(out / train[1].name, "r+b") as f:
         f.seek(2000)

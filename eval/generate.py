@@ -1,0 +1,314 @@
+"""Text generation with dslm's GPT: greedy, temperature / top-k / top-p sampling and beam search,
+decoding one token per model pass with a KV cache, stopping at stop tokens or stop strings.
+
+Prompts of different lengths are grouped by length and each group is decoded as one batch (of at
+most `batch_size`). Left-padding would batch them all, but with learned absolute positions every
+row would then need its own position offsets and a padding mask in every attention call; grouping
+is exact (each prompt decodes as it would alone) and keeps the model's forward unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from dslm.errors import DslmError
+from dslm.model import GPT, KVCache
+from shards.tokenizer import BOS_ID, EOS_ID
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class GenerationConfig:
+    strategy: str = "greedy"
+    """'greedy' (the most likely token), 'sample' (temperature, top_k, top_p) or 'beam' (num_beams)."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt at most (stop tokens and strings can end it sooner)."""
+    temperature: float = 1.0
+    """sample: logits are divided by it (below 1 sharpens, above 1 flattens)."""
+    top_k: int = 0
+    """sample: draw only from the k most likely tokens (0: no limit)."""
+    top_p: float = 1.0
+    """sample: draw only from the smallest set of most likely tokens whose probability reaches top_p
+    (nucleus sampling, Holtzman et al. 2019; 1.0: no limit)."""
+    num_beams: int = 1
+    """beam: hypotheses kept per prompt; the best by log-probability / length is returned."""
+    stop_tokens: tuple[int, ...] = (EOS_ID,)
+    """Token ids that end a sequence (default: <eos>); the stop token is not part of the output."""
+    stop_strings: tuple[str, ...] = ()
+    """Text that ends a sequence, checked on the decoded new text; complete() cuts the text before it."""
+    keep_stop_string: bool = False
+    """complete(): cut the text after the stop string instead of before it (as transformers'
+    stop_strings leaves it; code metrics need the closing brace that ended a unit)."""
+    seed: int = 0
+    """Seeds the sampling generator: the same prompts, model and seed give the same output."""
+    batch_size: int = 16
+    """Rows decoded together at most: prompts, or prompts x num_beams for beam search."""
+    use_cache: bool = True
+    """Keep keys and values of past positions (one model pass per token); False recomputes the whole
+    sequence for every token (for checking the cache)."""
+
+    def __post_init__(self) -> None:
+        self.stop_tokens, self.stop_strings = tuple(self.stop_tokens), tuple(self.stop_strings)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_beams < 1:
+            raise ValueError("max_new_tokens, batch_size and num_beams must be at least 1")
+        if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1 (got {self.temperature}, "
+                             f"{self.top_k}, {self.top_p})")
+        if self.strategy != "sample" and (self.temperature != 1.0 or self.top_k or self.top_p != 1.0):
+            raise ValueError("temperature, top_k and top_p apply only to strategy='sample'")
+        if self.strategy != "beam" and self.num_beams != 1:
+            raise ValueError("num_beams applies only to strategy='beam'")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be token ids (got {self.stop_tokens})")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError("stop_strings must be non-empty strings")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+
+
+@dataclass
+class Stopper:
+    """Whether new tokens end a sequence: a stop token last, or a stop string in their text."""
+
+    stop_tokens: frozenset[int]
+    stop_strings: tuple[str, ...]
+    decode: Callable[[list[int]], str] | None
+
+    def stopped(self, new: list[int]) -> bool:
+        if new and new[-1] in self.stop_tokens:
+            return True
+        return bool(self.stop_strings) and any(s in self.decode(new) for s in self.stop_strings)
+
+    def output(self, new: list[int]) -> list[int]:
+        """The tokens returned: without a final stop token (a stop string's tokens stay)."""
+        return new[:-1] if new and new[-1] in self.stop_tokens else new
+
+
+class Stepper:
+    """Next-token logits for a batch of growing sequences, from a KV cache or by recomputing."""
+
+    def __init__(self, model: GPT, prompt: torch.Tensor, max_len: int, use_cache: bool):
+        self.model = model
+        self.seq = prompt  # (B, T): kept only without a cache
+        self.cache = KVCache(model.cfg, prompt.size(0), max_len, prompt.device, model.wte.weight.dtype) \
+            if use_cache else None
+
+    def first(self) -> torch.Tensor:
+        """Logits (B, V) after the prompt."""
+        return self.model(self.seq, cache=self.cache)[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after appending tokens (B,)."""
+        if self.cache is None:
+            self.seq = torch.cat([self.seq, tokens[:, None]], dim=1)
+            return self.model(self.seq)[:, -1].float()
+        return self.model(tokens[:, None], cache=self.cache)[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Continue from batch rows `rows` (long, repeats allowed)."""
+        if self.cache is None:
+            self.seq = self.seq.index_select(0, rows)
+        else:
+            self.cache.reorder(rows)
+
+
+def sample_filter(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Logits (B, V) divided by the temperature, with -inf outside the top_k and the top_p nucleus."""
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # drop a token when the more likely ones already reach top_p (the most likely always stays)
+        outside = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+    return logits
+
+
+def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
+    """Next tokens (B,) for logits (B, V): the argmax, or a draw from the filtered distribution."""
+    if cfg.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    probs = sample_filter(logits, cfg).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def decode_batch(model: GPT, prompt: torch.Tensor, cfg: GenerationConfig, stopper: Stopper,
+                 generator: torch.Generator) -> list[list[int]]:
+    """Greedy or sampled new tokens for prompts (B, T) of one length. Rows that stop keep being
+    computed with the batch until every row has stopped; their later tokens are dropped."""
+    stepper = Stepper(model, prompt, prompt.size(1) + cfg.max_new_tokens, cfg.use_cache)
+    logits = stepper.first()
+    new: list[list[int]] = [[] for _ in range(prompt.size(0))]
+    running = set(range(prompt.size(0)))
+    for step in range(cfg.max_new_tokens):
+        tokens = pick(logits, cfg, generator)
+        for row, token in enumerate(tokens.tolist()):
+            if row in running:
+                new[row].append(token)
+                if stopper.stopped(new[row]):
+                    running.discard(row)
+        if not running or step == cfg.max_new_tokens - 1:
+            break
+        logits = stepper.step(tokens)
+    return [stopper.output(tokens) for tokens in new]
+
+
+@dataclass
+class Hypothesis:
+    score: float
+    """Sum of the log-probabilities of the new tokens (a final stop token included)."""
+    tokens: list[int]
+
+    @property
+    def normalized(self) -> float:
+        return self.score / len(self.tokens)
+
+
+def beam_search(model: GPT, prompt: torch.Tensor, cfg: GenerationConfig, stopper: Stopper) -> list[list[int]]:
+    """Beam search over prompts (B, T) of one length: K = num_beams hypotheses per prompt, extended
+    by their 2K best continuations each step (so K can go on when up to K of them stop). Returns
+    each prompt's hypothesis with the best log-probability / length."""
+    B, K, N = prompt.size(0), cfg.num_beams, cfg.max_new_tokens
+    stepper = Stepper(model, prompt, prompt.size(1) + N, cfg.use_cache)
+    logprobs = F.log_softmax(stepper.first(), dim=-1).repeat_interleave(K, dim=0)  # (B*K, V)
+    stepper.reorder(torch.arange(B, device=prompt.device).repeat_interleave(K))  # each prompt's rows -> K beams
+    beams = [Hypothesis(0.0 if row % K == 0 else float("-inf"), []) for row in range(B * K)]  # one live at first
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(N):
+        scores = torch.tensor([h.score for h in beams], device=logprobs.device)
+        top_scores, top_ids = (scores[:, None] + logprobs).view(B, -1).topk(2 * K, dim=-1)  # (B, 2K) over K*V
+        rows, tokens, beams = next_beams(beams, top_scores.tolist(), top_ids.tolist(), logprobs.size(-1), K,
+                                         stopper, finished, done)
+        done = [done[b] or prompt_done(finished[b], beams[b * K:(b + 1) * K], N) for b in range(B)]
+        if all(done) or step == N - 1:
+            break
+        stepper.reorder(torch.tensor(rows, device=prompt.device))
+        logprobs = F.log_softmax(stepper.step(torch.tensor(tokens, device=prompt.device)), dim=-1)
+    for b in range(B):
+        if not done[b]:
+            finished[b].extend(h for h in beams[b * K:(b + 1) * K] if h.score > float("-inf"))
+    return [stopper.output(max(hyps, key=lambda h: h.normalized).tokens) for hyps in finished]
+
+
+def next_beams(beams: list[Hypothesis], top_scores: list[list[float]], top_ids: list[list[int]], vocab: int,
+               K: int, stopper: Stopper, finished: list[list[Hypothesis]],
+               done: list[bool]) -> tuple[list[int], list[int], list[Hypothesis]]:
+    """From each prompt's 2K best continuations: stopped ones go to `finished` (unless the prompt is
+    done), the best K others become the new beams. Returns, per new beam (B*K), the row it continues
+    from, its new token and the beam; empty slots are dead copies (score -inf)."""
+    chosen: list[tuple[int, int, Hypothesis]] = []
+    for b, (scores, ids) in enumerate(zip(top_scores, top_ids)):
+        kept = []
+        for score, i in zip(scores, ids):
+            if score == float("-inf") or len(kept) == K:
+                break
+            row, token = b * K + i // vocab, i % vocab
+            hyp = Hypothesis(score, beams[row].tokens + [token])
+            if not stopper.stopped(hyp.tokens):
+                kept.append((row, token, hyp))
+            elif not done[b]:
+                finished[b].append(hyp)
+        dead = (b * K, 0, Hypothesis(float("-inf"), beams[b * K].tokens + [0]))
+        chosen += kept + [dead] * (K - len(kept))
+    rows, tokens, new_beams = zip(*chosen)
+    return list(rows), list(tokens), list(new_beams)
+
+
+def prompt_done(finished: list[Hypothesis], beams: list[Hypothesis], max_new_tokens: int) -> bool:
+    """No running beam can beat the best finished one: log-probs are <= 0, so a beam with score s
+    can reach at most s / max_new_tokens."""
+    if not finished:
+        return False
+    best = max(h.normalized for h in finished)
+    return all(h.score / max_new_tokens <= best for h in beams)
+
+
+def fit_to_context(prompt: list[int], max_new_tokens: int, context: int) -> list[int]:
+    """The prompt's last tokens, as many as leave room for max_new_tokens: the continuation depends
+    most on the nearest text, and with learned absolute positions the cache cannot slide."""
+    if max_new_tokens >= context:
+        raise DslmError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in model.context={context}")
+    return prompt[-(context - max_new_tokens):]
+
+
+def batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of prompts of one length, at most batch_size at a time, shortest prompts first."""
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
+@contextlib.contextmanager
+def eval_mode(model: GPT) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
+             decode: Callable[[list[int]], str] | None = None, progress: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (token ids), on the model's device, in eval mode. A prompt
+    longer than model.context - max_new_tokens keeps its last tokens. `decode` (token ids -> text)
+    is needed for stop strings. Sampling draws from one generator seeded with cfg.seed, batch by
+    batch in a fixed order, so the output depends on the seed, the prompts and cfg.batch_size."""
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if cfg.stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function")
+    device = model.wte.weight.device
+    prompts = [fit_to_context(p, cfg.max_new_tokens, model.cfg.context) for p in prompts]
+    stopper = Stopper(frozenset(cfg.stop_tokens), cfg.stop_strings, decode)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    batch_size = max(1, cfg.batch_size // cfg.num_beams) if cfg.strategy == "beam" else cfg.batch_size
+    with eval_mode(model):
+        for rows in tqdm(list(batches_by_length(prompts, batch_size)), desc="generate", unit="batch",
+                         disable=not progress, leave=False):
+            batch = torch.tensor([prompts[i] for i in rows], device=device)
+            if cfg.strategy == "beam":
+                new = beam_search(model, batch, cfg, stopper)
+            else:
+                new = decode_batch(model, batch, cfg, stopper, generator)
+            for i, tokens in zip(rows, new):
+                out[i] = tokens
+    return out
+
+
+def cut_at_stop(text: str, stop_strings: tuple[str, ...], keep: bool = False) -> str:
+    """`text` up to the stop string that starts first in it, without it or (keep) with it."""
+    found = [(i, s) for s in stop_strings if (i := text.find(s)) >= 0]
+    if not found:
+        return text
+    start, stop = min(found, key=lambda match: match[0])
+    return text[:start + len(stop)] if keep else text[:start]
+
+
+def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerationConfig,
+             progress: bool = False) -> list[str]:
+    """The new text after each prompt. Each prompt is encoded after <bos>, as every training
+    document starts; the new text is cut at the first stop string (cfg.keep_stop_string)."""
+    ids = [[BOS_ID, *tokenizer.encode(p).ids] for p in prompts]
+    new = generate(model, ids, cfg, decode=tokenizer.decode, progress=progress)
+    return [cut_at_stop(tokenizer.decode(tokens), cfg.stop_strings, cfg.keep_stop_string) for tokens in new]

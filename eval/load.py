@@ -1,0 +1,124 @@
+"""A model and its tokenizer for evaluation and generation, from a DeepSpeed checkpoint (any ZeRO
+stage, consolidated on the fly), a run directory (its newest intact checkpoint) or a `dslm-export`
+folder. Weights are read as safetensors or with torch.load(weights_only=True) (dslm.checkpoint)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from dslm.checkpoint import load_model, newest_resumable
+from dslm.config import CONFIG_NAME, load_config, run_of
+from dslm.data.manifest import Manifest
+from dslm.errors import DslmError
+from dslm.export import LINEAR_NAMES
+from dslm.model import GPT, ModelConfig
+from shards.tokenizer import load_text_tokenizer
+
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+EXPORT_STEP = re.compile(r"step(\d+)$")
+"""dslm-export's default folder runs/NAME/export/stepN."""
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    """fp32, in eval mode, on the device asked for."""
+    tokenizer: Tokenizer
+    run_dir: Path | None
+    """The run the weights come from, where known."""
+    step: int | None
+    """The checkpoint's optimizer step, where known."""
+
+
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME, or an export folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DslmError(f"{path} does not exist")
+    if all((path / name).is_file() for name in EXPORT_FILES):
+        loaded = load_export(path)
+    elif (path / CONFIG_NAME).is_file():
+        loaded = load_checkpoint(newest_checkpoint(path))
+    elif run_of(path) is not None:
+        loaded = load_checkpoint(path)
+    else:
+        raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory "
+                        f"or an export folder ({', '.join(EXPORT_FILES)})")
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    tag_dir, _ = newest_resumable(run_dir / "checkpoints")
+    if tag_dir is None:
+        raise DslmError(f"{run_dir} holds no sealed, intact checkpoint")
+    return tag_dir
+
+
+def load_checkpoint(tag_dir: Path) -> LoadedModel:
+    run_dir, step = run_of(tag_dir)
+    cfg = load_config(run_dir / CONFIG_NAME, [])
+    tokenizer = Path(cfg.data.shards) / Manifest.load(cfg.data.shards).tokenizer
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints its progress
+        model = load_model(cfg.model, tag_dir)
+    return LoadedModel(model, load_text_tokenizer(tokenizer), run_dir, step)
+
+
+def load_export(folder: Path) -> LoadedModel:
+    cfg = model_config_of(json.loads((folder / "config.json").read_text()), folder)
+    try:
+        hf = load_file(str(folder / "model.safetensors"))
+    except SafetensorError as e:
+        raise DslmError(f"{folder / 'model.safetensors'}: {e}") from None
+    model = GPT(cfg)
+    model.load_state_dict(dslm_state_dict(hf, cfg, folder))
+    run_dir, step = None, None
+    if (match := EXPORT_STEP.match(folder.name)) and (folder.parent.parent / CONFIG_NAME).is_file():
+        run_dir, step = folder.parent.parent, int(match.group(1))
+    return LoadedModel(model, load_text_tokenizer(folder / "tokenizer.json"), run_dir, step)
+
+
+def model_config_of(hf: dict, folder: Path) -> ModelConfig:
+    """dslm's ModelConfig for a GPT-2 config.json (the export has no head bias: it is folded)."""
+    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise DslmError(f"{folder / 'config.json'}: not a GPT-2 model with tanh GELU, as dslm-export writes")
+    try:
+        return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
+                           d_ff=hf.get("n_inner") or 4 * hf["n_embd"], vocab_size=hf["vocab_size"],
+                           context=hf["n_positions"], head_bias=False,
+                           tie_embeddings=hf.get("tie_word_embeddings", True))  # GPT-2's default: tied
+    except KeyError as e:
+        raise DslmError(f"{folder / 'config.json'} has no {e.args[0]}") from None
+    except ValueError as e:
+        raise DslmError(f"{folder / 'config.json'}: {e}") from None
+
+
+def dslm_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> dict[str, torch.Tensor]:
+    """dslm's weights for GPT2LMHeadModel's: the inverse of dslm.export.hf_state_dict (GPT-2's
+    Conv1D weights are stored transposed; a tied head may be left out of the file)."""
+    def get(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise DslmError(f"{folder / 'model.safetensors'} has no tensor {name}")
+        return hf[name]
+
+    out = {"wte.weight": get("transformer.wte.weight"), "wpe.weight": get("transformer.wpe.weight"),
+           "ln_f.weight": get("transformer.ln_f.weight"), "ln_f.bias": get("transformer.ln_f.bias")}
+    out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else get("lm_head.weight")
+    for i in range(cfg.n_layer):
+        for part in ("ln_1", "ln_2"):
+            for kind in ("weight", "bias"):
+                out[f"blocks.{i}.{part}.{kind}"] = get(f"transformer.h.{i}.{part}.{kind}")
+        for ours, theirs in LINEAR_NAMES.items():
+            out[f"blocks.{i}.{ours}.weight"] = get(f"transformer.h.{i}.{theirs}.weight").t()
+            out[f"blocks.{i}.{ours}.bias"] = get(f"transformer.h.{i}.{theirs}.bias")
+    return out

@@ -1,0 +1,210 @@
+"""The checkers against the real tools run directly, and their limits on hostile input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from dslm.errors import DslmError
+from eval.checkers import (MAX_OUTPUT_BYTES, CheckerLimits, blank_literals, check_c, check_java, check_java_many,
+                           check_python, run_limited, write_java_source)
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+needs_javac = pytest.mark.skipif(shutil.which("javac") is None, reason="a JDK (javac) is not installed")
+LIMITS = CheckerLimits(timeout_s=20, memory_mb=512)  # generous time: CI machines are shared
+
+PYTHON = [
+    ("def f(x):\n    return x + 1\n", True),
+    ("class A:\n    '''Doc.'''\n    x: int = 1\n\n    async def g(self):\n        await self.h()\n", True),
+    ("match point:\n    case (0, y):\n        pass\n", True),
+    ("def f(:\n    pass\n", False),
+    ("if x\n    pass\n", False),
+    ("def f():\nreturn 1\n", False),
+    ("return 1\n", False),  # found by the compiler, not the parser
+    ("x = (1,\n", False),
+]
+C = [
+    ("int add(int a, int b) { return a + b; }\n", True),
+    ('#include <stdio.h>\nint main(void) {\n    printf("{%c}\\n", \'}\');\n    return 0;\n}\n', True),
+    ("typedef struct { int x; } P;\nstatic int get(const P *p) { return p->x; }\n", True),
+    ("int f(void) { return 1 }\n", False),
+    ("int f(void) { return y; }\n", False),
+    ("#include <no_such_header_dslm.h>\n", False),
+    ("int f(void) {\n", False),
+]
+JDK_PROBE = "package java.util;\npublic class DslmProbe {\n    int f() { return new ArrayList<String>().size(); }\n}\n"
+PATCH_JAVA_BASE = ("--patch-module", "java.base={src}")  # a JDK package compiles as part of its module
+JAVA = [  # (the file name javac wants, source, compiles, javac's extra options)
+    ("Foo.java", "import java.util.*;\npublic class Foo {\n    int n(List<String> xs) { return xs.size(); }\n}\n",
+     True, ()),
+    ("Point.java", "public record Point(int x, int y) {\n    int sum() { return x + y; }\n}\n", True, ()),
+    ("DslmProbe.java", JDK_PROBE, True, PATCH_JAVA_BASE),
+    ("Bar.java", 'public class Bar {\n    void f() { int x = "s"; }\n}\n', False, ()),
+    ("Baz.java", "public class Baz {\n    void f( }\n", False, ()),
+    ("Qux.java", "class Qux {\n    int f() { }\n}\n", False, ()),
+    ("DslmProbe.java", JDK_PROBE.replace("size()", "sighs()"), False, PATCH_JAVA_BASE),
+]
+
+def run_tool(cmd: list[str]) -> bool:
+    return subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=120).returncode == 0
+
+
+def direct_javac(tmp: Path, name: str, code: str, options: tuple[str, ...]) -> bool:
+    (tmp / "src").mkdir(parents=True)
+    (tmp / "src" / name).write_text(code)
+    fast_start = ["-J-XX:TieredStopAtLevel=1", "-J-XX:+UseSerialGC"]  # JVM start-up only, no effect on verdicts
+    options = [option.format(src=tmp / "src") for option in options]
+    return run_tool(["javac", *fast_start, "-d", str(tmp / "classes"), "-proc:none", *options, str(tmp / "src" / name)])
+
+
+@pytest.mark.parametrize("code,valid", PYTHON)
+def test_python_checker_agrees_with_py_compile(tmp_path, code, valid):
+    (tmp_path / "snippet.py").write_text(code)
+    assert run_tool([sys.executable, "-m", "py_compile", str(tmp_path / "snippet.py")]) == valid
+    result = check_python(code, LIMITS)
+    assert result.ok == valid
+    assert result.reason == "ok" if valid else result.reason.startswith("syntax error: line ")
+
+
+@needs_gcc
+@pytest.mark.parametrize("code,valid", C)
+def test_c_checker_agrees_with_gcc(tmp_path, code, valid):
+    (tmp_path / "snippet.c").write_text(code)
+    assert run_tool(["gcc", "-fsyntax-only", "-std=gnu11", "-w", str(tmp_path / "snippet.c")]) == valid
+    result = check_c(code, LIMITS)
+    assert result.ok == valid
+    assert result.reason == "ok" if valid else result.reason.startswith("compile error: completion.c:")
+
+
+@needs_javac
+def test_java_checkers_agree_with_javac(tmp_path):
+    with ThreadPoolExecutor(2) as pool:
+        direct = list(pool.map(lambda i: direct_javac(tmp_path / str(i), JAVA[i][0], JAVA[i][1], JAVA[i][3]),
+                               range(len(JAVA))))
+    assert direct == [valid for _, _, valid, _ in JAVA]
+    batch = check_java_many([code for _, code, _, _ in JAVA], LIMITS)
+    assert [r.ok for r in batch] == direct
+    # each file's own error, though all were compiled in one JVM
+    failed_in = [r.reason.split(":")[1].strip() for r in batch if not r.ok]
+    assert failed_in == ["Bar.java", "Baz.java", "Qux.java", "DslmProbe.java"]
+    assert batch[3].reason == "compile error: Bar.java:2: error: incompatible types: String cannot be converted to int"
+
+
+@needs_javac
+def test_bare_java_members_are_wrapped_in_a_class():
+    snippets = ["int twice(int x) { return 2 * x; }\n",
+                "import java.util.List;\n\nint size(List<String> xs) { return xs.size(); }\n",
+                "int twice(int x) { return 2 * y; }\n"]
+    assert [r.ok for r in check_java_many(snippets, LIMITS)] == [True, True, False]
+
+
+def test_java_file_is_named_for_its_public_top_level_type(tmp_path):
+    code = "class Helper {\n    public static class Inner {}\n}\n\npublic final class Main {}\n"
+    assert write_java_source(tmp_path / "a", code).name == "Main.java"
+    assert write_java_source(tmp_path / "b", "// public class Fake\nclass Plain {}\n").name == "Plain.java"
+    wrapped = write_java_source(tmp_path / "c", "import java.util.List;\nvoid f() {}\n")
+    assert wrapped.read_text() == "import java.util.List;\nclass Snippet {\nvoid f() {}\n\n}\n"
+
+
+def test_blank_literals_keeps_offsets_and_hides_braces():
+    code = 'int f() { /* { */ char c = \'{\'; s = "}{"; // }\n#define X {\n}\n'
+    masked = blank_literals(code, "c")
+    assert len(masked) == len(code) and masked.count("\n") == code.count("\n")
+    assert masked.count("{") == masked.count("}") == 1
+    java = 'String s = """\n  { "\n  """; int x = 1;'
+    assert "{" not in blank_literals(java, "java") and "int x = 1;" in blank_literals(java, "java")
+
+
+def test_generated_code_is_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    assert check_python(f"open({str(marker)!r}, 'w').write('ran')\n", LIMITS).ok
+    assert not marker.exists()
+
+
+@needs_gcc
+def test_c_constructor_is_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    code = ("#include <stdio.h>\n__attribute__((constructor)) static void hook(void) {\n"
+            f"    fclose(fopen(\"{marker}\", \"w\"));\n}}\nint main(void) {{ return 0; }}\n")
+    assert check_c(code, LIMITS).ok
+    assert not marker.exists()
+
+
+@needs_javac
+def test_java_static_initializer_is_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    code = ("public class Init {\n    static {\n"
+            f"        try {{ new java.io.File(\"{marker}\").createNewFile(); }} catch (java.io.IOException e) {{ }}\n"
+            "    }\n}\n")
+    assert check_java(code, LIMITS).ok
+    assert not marker.exists()
+
+
+def test_a_hanging_process_is_stopped_at_the_time_limit(tmp_path):
+    start = time.monotonic()
+    result = run_limited([sys.executable, "-c", "while True: pass"], tmp_path, timeout_s=1.0, memory_bytes=512 << 20)
+    assert (result.ok, result.reason) == (False, "timeout")
+    assert time.monotonic() - start < 4.0
+
+
+def test_the_whole_process_group_is_killed(tmp_path):
+    grandchild = ("import os, time\nopen('pid', 'w').write(str(os.getpid()))\ntime.sleep(60)")
+    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\ntime.sleep(60)"
+    assert run_limited([sys.executable, "-c", parent], tmp_path, timeout_s=2.0, memory_bytes=None).reason == "timeout"
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a zombie waiting for its reaper is dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("code", ["bytearray(8 * 2**30)", "x = []\nwhile True: x.append(bytearray(2**20))"])
+def test_a_memory_flood_is_stopped(tmp_path, code):
+    start = time.monotonic()
+    result = run_limited([sys.executable, "-c", code], tmp_path, timeout_s=20, memory_bytes=512 << 20)
+    assert (result.ok, result.reason) == (False, "memory")
+    assert time.monotonic() - start < 10
+
+
+def test_an_output_flood_is_stopped_and_cut(tmp_path):
+    result = run_limited(["yes", "flood"], tmp_path, timeout_s=20, memory_bytes=512 << 20)
+    assert (result.ok, result.reason) == (False, "output limit")
+    assert len(result.output) == MAX_OUTPUT_BYTES
+
+
+@needs_gcc
+def test_a_gcc_macro_bomb_is_stopped(tmp_path):
+    # Object-like macros expand lazily: ten levels stream 10**10 ";" tokens in little memory.
+    levels = "".join(f"#define X{i} {' '.join([f'X{i - 1}'] * 10)}\n" for i in range(1, 10))
+    bomb = "#define X0 ;;;;;;;;;;\n" + levels + "X9\n"
+    start = time.monotonic()
+    result = check_c(bomb, CheckerLimits(timeout_s=2, memory_mb=512))
+    assert (result.ok, result.reason) == (False, "timeout")
+    assert time.monotonic() - start < 5
+
+
+@needs_javac
+def test_a_javac_batch_past_its_time_still_answers_every_file():
+    # No JVM starts in 0.2 s: each file is charged the timeout in turn, none is left unanswered.
+    results = check_java_many([JAVA[0][1], JAVA[2][1]], CheckerLimits(timeout_s=0.2, memory_mb=256))
+    assert [(r.ok, r.reason) for r in results] == [(False, "timeout"), (False, "timeout")]
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout_s": 0}, {"timeout_s": -1.0}, {"memory_mb": 16}])
+def test_limits_reject_bad_values(kwargs):
+    with pytest.raises(DslmError):
+        CheckerLimits(**kwargs)

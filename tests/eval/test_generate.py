@@ -1,0 +1,238 @@
+"""Generation: the KV cache against full recomputation, sampling, beam search, stops, the CLI."""
+
+import itertools
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from dslm.errors import DslmError
+from dslm.export import hf_config, hf_state_dict
+from dslm.model import GPT, KVCache, ModelConfig
+from eval.generate import GenerationConfig, complete, cut_at_stop, generate, sample_filter
+from eval.generate_cli import main
+from shards.tokenizer import load_text_tokenizer, train_tokenizer
+
+BIN = Path(sys.executable).parent
+CFG = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=128, vocab_size=300, context=32)
+NO_STOP = dict(stop_tokens=())
+
+
+def peaked_model(cfg: ModelConfig = CFG, seed: int = 0) -> GPT:
+    """A random GPT whose next-token distributions are far from uniform (a scaled-up head), so
+    that greedy choices are not near-ties that float rounding could flip."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding written out: the whole sequence through the model for every token."""
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+def sequence_logprobs(model: GPT, prompt: list[int], news: list[list[int]]) -> list[float]:
+    """log P(new | prompt) for each of `news` (all of one length), in one batch."""
+    seqs = torch.tensor([prompt + new for new in news])  # (N, T + n)
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(seqs)[:, len(prompt) - 1:-1], dim=-1)  # (N, n, V)
+    return logprobs.gather(-1, seqs[:, len(prompt):, None]).sum(dim=(1, 2)).tolist()
+
+
+PROMPTS = [[5, 17, 2], [9, 1, 40, 41, 42, 43, 44], [7, 7, 7], [250]]  # two of length 3: one batch
+
+
+def test_cached_logits_equal_full_logits_for_a_chunked_prefill():
+    model = peaked_model()
+    idx = torch.randint(0, CFG.vocab_size, (3, 20))
+    cache = KVCache(CFG, batch=3, max_len=CFG.context)
+    with torch.no_grad():
+        chunks = [model(idx[:, a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 13), (13, 20))]
+        full = model(idx)
+        assert cache.length == 20
+        assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+        with pytest.raises(ValueError, match="model.context"):  # positions go on from the cache's length
+            model(idx[:, :13], cache=cache)
+
+
+def test_kv_cache_greedy_equals_full_recomputation_for_prompts_of_different_lengths():
+    model = peaked_model()
+    cached = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, **NO_STOP))
+    recomputed = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, use_cache=False, **NO_STOP))
+    assert cached == recomputed == [reference_greedy(model, p, 12) for p in PROMPTS]
+
+
+def test_sampling_is_reproducible_with_its_seed_and_differs_with_another():
+    model = peaked_model()
+    cfg = dict(strategy="sample", temperature=3.0, max_new_tokens=16, **NO_STOP)
+    first = generate(model, PROMPTS, GenerationConfig(seed=1, **cfg))
+    assert generate(model, PROMPTS, GenerationConfig(seed=1, **cfg)) == first
+    assert generate(model, PROMPTS, GenerationConfig(seed=1, use_cache=False, **cfg)) == first
+    assert generate(model, PROMPTS, GenerationConfig(seed=2, **cfg)) != first
+
+
+def test_top_k_1_is_greedy():
+    model = peaked_model()
+    greedy = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10, **NO_STOP))
+    assert generate(model, PROMPTS, GenerationConfig(strategy="sample", top_k=1, temperature=5.0, seed=3,
+                                                     max_new_tokens=10, **NO_STOP)) == greedy
+
+
+def test_top_k_and_top_p_keep_the_most_likely_tokens():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda **kw: torch.isfinite(sample_filter(logits, GenerationConfig(strategy="sample", **kw)))[0].tolist()
+    assert kept(top_k=3) == [True, True, True, False]
+    assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, then 0.5 + 0.3 reaches it
+    assert kept(top_p=0.4) == [True, False, False, False]  # the most likely token always stays
+    assert kept(top_p=0.9, top_k=2) == [True, True, False, False]
+
+
+def test_beam_search_with_one_beam_is_greedy():
+    model = peaked_model()
+    greedy = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10, **NO_STOP))
+    assert generate(model, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=10,
+                                                     **NO_STOP)) == greedy
+    assert generate(model, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=10,
+                                                     use_cache=False, **NO_STOP)) == greedy
+
+
+def test_beam_search_as_wide_as_the_vocab_finds_the_most_likely_pair():
+    # Two new tokens and V beams keep every first token: the search is exhaustive, so its answer is
+    # the most likely of all V^2 pairs (beam search in general is not, and may even lose to greedy).
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, vocab_size=12, context=16)
+    model = peaked_model(cfg, seed=4)
+    with torch.no_grad():
+        model.lm_head.weight.div_(10)  # flatter, so the best pair is often not greedy's
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 0]]
+    beams = generate(model, prompts, GenerationConfig(strategy="beam", num_beams=12, max_new_tokens=2, **NO_STOP))
+    greedy = generate(model, prompts, GenerationConfig(max_new_tokens=2, **NO_STOP))
+    pairs = [list(p) for p in itertools.product(range(12), repeat=2)]
+    for prompt, beam, greedy_pair in zip(prompts, beams, greedy):
+        logprobs = sequence_logprobs(model, prompt, pairs)
+        assert beam == pairs[max(range(len(pairs)), key=logprobs.__getitem__)]
+        assert logprobs[pairs.index(beam)] >= logprobs[pairs.index(greedy_pair)]
+    assert beams != greedy, "no prompt where the best pair differs from greedy's: the check is weak"
+
+
+def test_beam_search_stops_at_a_likely_stop_token():
+    model = peaked_model()
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)
+        probs = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+    stop = int(probs.argmax())
+    assert probs[stop] > 0.9  # so the one-token hypothesis beats every longer one by log-prob / length
+    cfg = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=8, stop_tokens=(stop,))
+    assert generate(model, [prompt, PROMPTS[0]], cfg)[0] == []
+
+
+def test_stop_tokens_end_a_row_without_stopping_the_others():
+    model = peaked_model()
+    free = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, **NO_STOP))
+    row, token = next((r, t) for r, tokens in enumerate(free) for i, t in enumerate(tokens[1:], 1)
+                      if t not in tokens[:i] and not any(t in other for other in free[:r] + free[r + 1:]))
+    stopped = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, stop_tokens=(token,)))
+    assert stopped[row] == free[row][:free[row].index(token)]
+    assert [s for i, s in enumerate(stopped) if i != row] == [f for i, f in enumerate(free) if i != row]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer (dslm's) that fits CFG.vocab_size, trained on one stdlib file."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "encoder.py").read_text()
+    return train_tokenizer([text], vocab_size=CFG.vocab_size)
+
+
+def test_stop_strings_cut_the_new_text_before_them(tokenizer):
+    model = peaked_model()
+    prompts = ["def encode(self, o):", "import json\n"]
+    free = complete(model, tokenizer, prompts, GenerationConfig(max_new_tokens=20))
+    assert all(free)
+    text = free[0]
+    start = next(i for i in range(1, len(text) - 1) if text[i:i + 2].isascii() and text[i:i + 2].strip())
+    stop = text[start:start + 2]
+    cut = complete(model, tokenizer, prompts, GenerationConfig(max_new_tokens=20, stop_strings=(stop,)))
+    assert cut[0] == text[:text.find(stop)]
+    assert cut[1] == cut_at_stop(free[1], (stop,))
+    kept = complete(model, tokenizer, prompts[:1], GenerationConfig(max_new_tokens=20, stop_strings=("@@", stop),
+                                                                    keep_stop_string=True))
+    assert kept[0] == text[:text.find(stop) + len(stop)]
+
+
+def test_a_long_prompt_keeps_its_last_tokens():
+    model = peaked_model()
+    long = list(range(1, 41))  # 40 tokens, context 32
+    cfg = GenerationConfig(max_new_tokens=8, **NO_STOP)
+    assert generate(model, [long], cfg) == generate(model, [long[-24:]], cfg)
+    with pytest.raises(DslmError, match="no room for a prompt"):
+        generate(model, [long], GenerationConfig(max_new_tokens=32))
+
+
+def test_generation_runs_in_eval_mode_and_restores_the_mode():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**CFG.__dict__, "dropout": 0.5})).train()
+    cfg = GenerationConfig(max_new_tokens=6, **NO_STOP)
+    first = generate(model, PROMPTS, cfg)
+    assert model.training and generate(model, PROMPTS, cfg) == first == generate(model.eval(), PROMPTS, cfg)
+
+
+@pytest.mark.parametrize("bad", [dict(strategy="nucleus"), dict(max_new_tokens=0), dict(temperature=0.0),
+                                 dict(strategy="sample", top_p=0.0), dict(strategy="sample", top_k=-1),
+                                 dict(temperature=0.7), dict(num_beams=4), dict(strategy="beam", num_beams=0),
+                                 dict(stop_tokens=(-1,)), dict(stop_strings=("",)), dict(seed=-1)])
+def test_bad_generation_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        GenerationConfig(**bad)
+
+
+def write_export(folder: Path, model: GPT, tokenizer) -> Path:
+    """The files dslm-export writes, from a model in memory."""
+    folder.mkdir()
+    save_file(hf_state_dict(model.state_dict(), model.cfg), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf_config(model.cfg)))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("class JSONEncoder:\n")
+    main([str(folder), "--prompt", "def encode(", "--prompt-file", str(prompt_file), "--max-new-tokens", "10",
+          "--device", "cpu"])
+    out = capsys.readouterr().out
+    expected = complete(peaked_model(), load_text_tokenizer(folder / "tokenizer.json"),
+                        ["def encode(", "class JSONEncoder:\n"], GenerationConfig(max_new_tokens=10))
+    assert out == f"def encode({expected[0]}\n{'-' * 40}\nclass JSONEncoder:\n{expected[1]}\n"
+    proc = subprocess.run([BIN / "dslm-generate", folder, "--prompt", "def encode(", "--max-new-tokens", "10",
+                           "--strategy", "sample", "--top-p", "0.9", "--seed", "5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("def encode("), proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--temperature", "0.5"], "apply only to strategy='sample'"),
+    (["--prompt", "x", "--max-new-tokens", "32"], "no room for a prompt"),
+    ([], "give at least one --prompt"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer, capsys, args, message):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), "--prompt", "x"])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
