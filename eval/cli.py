@@ -206,13 +206,14 @@ def result_path(run_dir: Path | None, target: Target) -> Path:
 
 
 def evaluate_all(targets: list[Target], run_dir: Path | None, data: ValData, cfg: EvalConfig, device: torch.device,
-                 force: bool) -> None:
+                 force: bool, report_skips: bool = True) -> None:
     """Evaluate each target without a result (all with `force`); write its JSON and scalars."""
+    done = [t for t in targets if result_path(run_dir, t).exists() and not force]
+    if done and report_skips:
+        print(f"steps {', '.join(str(t.step) for t in done)}: already evaluated (--force to redo)", flush=True)
     metrics = Metrics(run_dir / "tb", enabled=True, console=False) if run_dir is not None else None
-    for target in targets:
+    for target in (t for t in targets if t not in done):
         out = result_path(run_dir, target)
-        if out.exists() and not force:
-            continue
         result = evaluate(target, data, cfg, device)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         if metrics is not None:
@@ -223,12 +224,15 @@ def evaluate_all(targets: list[Target], run_dir: Path | None, data: ValData, cfg
 
 
 def watch(run_dir: Path, evaluate_new: Callable[[list[Target]], None], poll: float) -> None:
-    """Evaluate new sealed checkpoints as they appear, until the one at train.max_steps is done."""
+    """Evaluate new sealed checkpoints as they appear (each once), until the one at
+    train.max_steps is done."""
     last = load_config(run_dir / CONFIG_NAME, []).train.max_steps
+    seen: set[int] = set()
     while True:
-        targets = checkpoints_of(run_dir)
-        evaluate_new(targets)
-        if any(t.step >= last for t in targets):
+        new = [t for t in checkpoints_of(run_dir) if t.step not in seen]
+        evaluate_new(new)
+        seen |= {t.step for t in new}
+        if any(step >= last for step in seen):
             return
         time.sleep(poll)
 
@@ -247,7 +251,8 @@ def run(args: argparse.Namespace) -> None:
     data = ValData(shards, cfg)
     device = torch.device(args.device)
     if args.watch:
-        watch(run_dir, lambda found: evaluate_all(found, run_dir, data, cfg, device, args.force), args.poll)
+        watch(run_dir, lambda found: evaluate_all(found, run_dir, data, cfg, device, args.force, report_skips=False),
+              args.poll)
     else:
         evaluate_all(targets, run_dir, data, cfg, device, args.force)
 

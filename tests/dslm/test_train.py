@@ -59,15 +59,16 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
         assert "mp_rank_00_model_states.pt" in files and sum("optim_states" in f for f in files) == 2
     assert load_config(run / "config.yaml", []).train.max_steps == 30
 
-    subprocess.run([BIN / "dslm-eval", run], cwd=tmp_path, check=True, timeout=600)
-    results = {s: json.loads((run / "eval" / f"step{s}.json").read_text()) for s in (15, 30)}
-    assert results[30]["val"]["loss"] < results[15]["val"]["loss"] < 6.0
+    evaluate = [BIN / "dslm-eval", run, "--metrics", "perplexity"]
+    subprocess.run(evaluate, cwd=tmp_path, check=True, timeout=600)
+    results = {s: json.loads((run / "eval" / f"step{s}.json").read_text())["perplexity"]["all"] for s in (15, 30)}
+    assert results[30]["loss"] < results[15]["loss"] < 6.0
     # during training: bf16, 4 micro-batches per rank of the val split; dslm-eval: fp32, all of it
     val = dict(read_scalars(run / "tb", "val/loss"))
-    assert sorted(val) == [15, 30] and abs(val[30] - results[30]["val"]["loss"]) < 0.2, (val, results)
+    assert sorted(val) == [15, 30] and abs(val[30] - results[30]["loss"]) < 0.2, (val, results)
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
-    again = subprocess.run([BIN / "dslm-eval", run], cwd=tmp_path, check=True, capture_output=True, text=True)
-    assert again.stdout.count("already evaluated") == 2
+    again = subprocess.run(evaluate, cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert "steps 15, 30: already evaluated" in again.stdout
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
 
     subprocess.run([BIN / "dslm-export", ckpts / "global_step30"], cwd=tmp_path, check=True, timeout=300)

@@ -52,7 +52,7 @@ def test_each_checkpoint_is_evaluated_once_and_a_rerun_adds_nothing(run, capsys)
         assert [s for s, _ in read_scalars(run / "tb", tag)] == [2, 4], tag
 
     main([str(run), *SMALL])
-    assert "step" not in capsys.readouterr().out
+    assert capsys.readouterr().out == "steps 2, 4: already evaluated (--force to redo)\n"
     assert {p: p.stat().st_mtime_ns for p in (run / "eval").iterdir()} == mtimes
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [2, 4], "a rerun adds nothing"
 
