@@ -64,6 +64,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, logs, tiny_
     logs.wait_for(log, "step      2 |", lambda: cluster.in_queue(job))
     # what `#SBATCH --signal=B:USR1@120` does before the time limit: signal the batch script
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
+    cluster.start_requeued(job)
     cluster.wait_done(job)
     text = logs.read(log)
     assert "requeueing job" in text and "(restart 1)" in text, text[-3000:]
@@ -97,7 +98,7 @@ def test_a_killed_rank_fails_the_job_and_the_next_run_resumes(cluster, logs, tin
     killed = time.monotonic()
     cluster.wait_done(job, timeout=60)  # --kill-on-bad-exit: no rank is left waiting in a collective
     assert time.monotonic() - killed < 60
-    assert cluster.job_state(job) == "FAILED", logs.read(log)[-3000:]
+    assert cluster.job_field(job, "JobState") == "FAILED", logs.read(log)[-3000:]
     assert "requeueing" not in logs.read(log), "a crash is not a time limit: the job must not requeue itself"
 
     log = tmp_path / "again.out"
