@@ -36,17 +36,9 @@ RESUME=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     RESUME=(--resume auto)  # a requeued job continues from its newest intact checkpoint
 fi
-# The job's output also goes to the run directory (tee ignores the signals meant for the ranks).
+source slurm/run_log.sh
 RUN_DIR=$("$BIN/dslm-train" --print-run-dir "$@" | tail -n 1) || exit 2
-LOG=$RUN_DIR/logs/slurm-$SLURM_JOB_ID.out
-mkdir -p "$RUN_DIR/logs"
-exec > >(trap '' USR1 USR2 TERM; exec tee -a "$LOG") 2>&1
-tee_pid=$!
-finish() {  # close the pipe and let tee write the last lines before the job ends
-    exec >&- 2>&-
-    wait "$tee_pid"
-    exit "$1"
-}
+log_to_run "$RUN_DIR" slurm
 echo "dslm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST," \
      "$SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT"
 echo "dslm: run directory $RUN_DIR; log $LOG; tensorboard --logdir $RUN_DIR/tb"

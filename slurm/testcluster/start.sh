@@ -32,6 +32,8 @@ ClusterName=dslmtest
 SlurmctldHost=$(hostname)($SUBNET.1)
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job may start again once its credential expires (default 120 s): short, for the tests
+AuthInfo=cred_expire=20
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

@@ -35,15 +35,6 @@ class Cluster:
         out = subprocess.run(["scontrol", "show", "job", job], env=self.env, capture_output=True, text=True).stdout
         return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{name}=")), "")
 
-    def start_requeued(self, job: str, timeout: float = 300) -> None:
-        """Once `job` has been requeued, let it start now: slurmctld holds a requeued job for about
-        two minutes (its begin time), which only makes the tests wait."""
-        end = time.monotonic() + timeout
-        while not (self.job_field(job, "Restarts") not in ("", "0") and self.job_field(job, "JobState") == "PENDING"):
-            assert time.monotonic() < end and self.in_queue(job), f"job {job} was not requeued"
-            time.sleep(0.5)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=self.env, check=True)
-
 
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:

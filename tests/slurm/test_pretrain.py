@@ -55,6 +55,7 @@ def test_two_node_job_matches_a_local_two_rank_run(cluster, logs, tiny_shards, t
     cluster.wait_done(evaluation)
     assert [s for s, _ in read_scalars(tmp_path / "slurm" / "tb", "eval/val_loss")] == [6, 12], \
         logs.read(tmp_path / "eval.out")[-2000:]
+    assert "dslm-eval: job" in logs.read(tmp_path / "slurm" / "logs" / f"eval-{evaluation}.out")
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, logs, tiny_shards, tmp_path):
@@ -64,7 +65,6 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, logs, tiny_
     logs.wait_for(log, "step      2 |", lambda: cluster.in_queue(job))
     # what `#SBATCH --signal=B:USR1@120` does before the time limit: signal the batch script
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
-    cluster.start_requeued(job)
     cluster.wait_done(job)
     text = logs.read(log)
     assert "requeueing job" in text and "(restart 1)" in text, text[-3000:]

@@ -28,7 +28,6 @@ def test_submitit_job_requeues_on_its_timeout_signal_and_resumes(cluster, logs, 
     logs.wait_for(log, "step      3 |", lambda: cluster.in_queue(job))
     # what SLURM does `--signal-delay` seconds before the time limit: SIGUSR2 to every task
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster.env, check=True)
-    cluster.start_requeued(job)
     cluster.wait_done(job)
     text = logs.read(log)
     assert "Caught signal SIGUSR2" in text and "(requeue 1)" in text, text[-3000:]
