@@ -36,7 +36,7 @@ from eval.checkers import CheckerLimits
 from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
 from eval.generate import GenerationConfig, complete
 from eval.heldout import LabeledSamples, heldout_documents, token_bytes
-from eval.load import LoadedModel, load_for_eval
+from eval.load import LoadedModel, export_origin, is_export, load_for_eval
 from eval.perplexity import ALL, perplexity
 
 PROG = "dslm-eval"
@@ -83,7 +83,7 @@ class ValData:
         self.tokenizer = Tokenizer.from_file(str(shards / manifest.tokenizer))
         samples = ShardSamples(shards, manifest.split("val"))
         self.samples = LabeledSamples(samples)
-        self.documents = heldout_documents(samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
+        self.documents = heldout_documents(self.samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
         if cfg.code and not self.documents:
             warn(PROG, f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
                        f"predate per-sample languages): no code metrics")
@@ -137,10 +137,9 @@ def find_targets(target: Path) -> tuple[Path | None, list[Target]]:
     if (found := run_of(target)) is not None:
         run_dir, step = found
         return run_dir, [Target(step, target)]
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        in_run = target.parent.parent if (target.parent.parent / CONFIG_NAME).is_file() else None
-        step = int(target.name.removeprefix("step")) if target.name.removeprefix("step").isdigit() else 0
-        return in_run, [Target(step, target)]
+    if is_export(target):
+        run_dir, step = export_origin(target)
+        return run_dir, [Target(step or 0, target)]
     raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}), a checkpoint in one, "
                     f"nor a dslm-export folder")
 

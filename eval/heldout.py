@@ -40,16 +40,15 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.int64)
 
 
-def heldout_documents(samples: ShardSamples, tokenizer: Tokenizer, languages: set[str],
+def heldout_documents(samples: LabeledSamples, tokenizer: Tokenizer, languages: set[str],
                       limit: int) -> dict[str, list[str]]:
     """Up to `limit` whole val documents per language, as text. The samples of one language,
     in order, are that language's packed stream cut into pieces, so their concatenation holds
     whole documents framed <bos> ... <eos>; a document cut off at the end of the stream is left out."""
     streams: dict[str, list[np.ndarray]] = defaultdict(list)
     for i in tqdm(range(len(samples)), desc="held-out documents", unit="sample", leave=False):
-        language = samples.language(i)
-        if language in languages:
-            streams[language].append(samples[i].numpy())
+        if (language := samples.languages[samples.labels[i]]) in languages:  # labels read once, at init
+            streams[language].append(samples.samples[i].numpy())
     documents = {}
     for language, parts in streams.items():
         framed = split_documents(np.concatenate(parts))[:limit]

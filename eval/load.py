@@ -45,7 +45,7 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
     path = Path(path)
     if not path.exists():
         raise DslmError(f"{path} does not exist")
-    if all((path / name).is_file() for name in EXPORT_FILES):
+    if is_export(path):
         loaded = load_export(path)
     elif (path / CONFIG_NAME).is_file():
         loaded = load_checkpoint(newest_checkpoint(path))
@@ -82,10 +82,19 @@ def load_export(folder: Path) -> LoadedModel:
         raise DslmError(f"{folder / 'model.safetensors'}: {e}") from None
     model = GPT(cfg)
     model.load_state_dict(dslm_state_dict(hf, cfg, folder))
-    run_dir, step = None, None
+    return LoadedModel(model, load_text_tokenizer(folder / "tokenizer.json"), *export_origin(folder))
+
+
+def is_export(path: Path) -> bool:
+    return all((path / name).is_file() for name in EXPORT_FILES)
+
+
+def export_origin(folder: Path) -> tuple[Path | None, int | None]:
+    """(run directory, step) of an export at dslm-export's default place runs/NAME/export/stepN,
+    else (None, None)."""
     if (match := EXPORT_STEP.match(folder.name)) and (folder.parent.parent / CONFIG_NAME).is_file():
-        run_dir, step = folder.parent.parent, int(match.group(1))
-    return LoadedModel(model, load_text_tokenizer(folder / "tokenizer.json"), run_dir, step)
+        return folder.parent.parent, int(match.group(1))
+    return None, None
 
 
 def model_config_of(hf: dict, folder: Path) -> ModelConfig:

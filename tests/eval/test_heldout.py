@@ -61,13 +61,13 @@ def test_samples_carry_their_language_and_the_manifest_counts_them(mixed):
 def test_held_out_documents_are_whole_val_files(mixed):
     corpus, out, manifest = mixed
     tokenizer = load_text_tokenizer(out / "tokenizer.json")
-    documents = heldout_documents(ShardSamples(out, manifest.split("val")), tokenizer, {"python", "c"}, limit=1000)
+    documents = heldout_documents(LabeledSamples(ShardSamples(out, manifest.split("val"))), tokenizer, {"python", "c"}, limit=1000)
     c_files = {unicodedata.normalize("NFKC", p.read_text()) for p in corpus.glob("*.c")}
     py_files = [unicodedata.normalize("NFKC", p.read_text()) for p in corpus.rglob("*.py")]
     assert documents["c"] and all(doc in c_files for doc in documents["c"]), "a C document is a whole file"
     # Python files may lose a long leading header to the filters: what is kept ends the file
     assert documents["python"] and all(any(f.endswith(doc) for f in py_files) for doc in documents["python"])
-    assert len(heldout_documents(ShardSamples(out, manifest.split("val")), tokenizer, {"c"}, limit=3)["c"]) == 3
+    assert len(heldout_documents(LabeledSamples(ShardSamples(out, manifest.split("val"))), tokenizer, {"c"}, limit=3)["c"]) == 3
 
 
 def test_split_documents_leaves_out_a_document_cut_at_the_end():
