@@ -22,6 +22,8 @@ other and warmed up (compilation included, untimed); then each takes --windows t
 load on the machine) hits every side alike. The device is synchronised only at window ends.
 tokens/s is the median over a side's windows; the ratio is dslm's over the baseline's. MFU counts
 6N + 12·L·H·Q·T FLOPs per token (`dslm.mfu`) against the GPU's dense bf16 peak (none on a CPU).
+One more untimed step after the warm-up runs under torch.profiler, which counts what a step
+dispatches (`OpCensus`): ATen ops, host syncs and, on a GPU, kernels and copies.
 Peak memory is the most a side allocated during its set-up and warm-up beyond what the sides set
 up before it hold. All sides of one micro-batch size are held at once: 1 + (number of stages)
 copies of the model's weights and optimizer states.
@@ -58,10 +60,12 @@ import deepspeed
 import psutil
 import torch
 from deepspeed.utils import logger as deepspeed_logger
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from dslm.cli import run_command
 from dslm.config import RunConfig, check_against_manifest, load_config
-from dslm.data.loader import split_batch, train_loader
+from dslm.data.loader import DeviceBatches, split_batch, train_loader
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.engine import build_engine, init_distributed, load_ds_config, param_groups
 from dslm.errors import DslmError
@@ -128,7 +132,8 @@ class BenchSettings:
 
     @property
     def total_steps(self) -> int:
-        return self.warmup + self.windows * self.steps
+        """Warm-up, the step `op_census` counts, and the windows."""
+        return self.warmup + 1 + self.windows * self.steps
 
     def ds_config(self, zero_stage: int) -> Path:
         return self.ds_configs / f"zero{zero_stage}.json"
@@ -217,6 +222,37 @@ def bench_shards(settings: BenchSettings) -> tuple[Path, Manifest]:
 
 
 @dataclass
+class OpCensus:
+    """What one optimizer step dispatches, counted by torch.profiler: the framework's overhead in
+    terms that do not depend on the device's speed."""
+    ops: int
+    """ATen ops not called by another ATen op: each is a dispatch from Python-level code, and most
+    launch a kernel on a GPU."""
+    host_syncs: int
+    """Device values read on the host (`aten::_local_scalar_dense`: .item(), bool(), float()); each
+    waits for the device to catch up. (On a CPU, torch's non-fused AdamW reads each parameter's step
+    count this way: two per parameter in the baseline, free there.)"""
+    gpu_events: int | None
+    """Kernels and copies run on the GPU; None on a CPU."""
+
+
+def op_census(step: Callable[[], torch.Tensor]) -> OpCensus:
+    """Run one step under the profiler and count what it dispatched."""
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if ON_GPU else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        step()
+        synchronize()
+    events = prof.events()
+    def is_aten(event) -> bool:
+        return event is not None and event.name.startswith("aten::")
+    return OpCensus(
+        ops=sum(is_aten(e) and not is_aten(e.cpu_parent) for e in events),
+        host_syncs=sum(e.name == "aten::_local_scalar_dense" for e in events),
+        gpu_events=sum(e.device_type == DeviceType.CUDA for e in events) if ON_GPU else None,
+    )
+
+
+@dataclass
 class Side:
     """One side of the comparison at one micro-batch size, ready for timed windows."""
     name: str
@@ -226,6 +262,7 @@ class Side:
     """One optimizer step; returns its mean loss, still on the device."""
     close: Callable[[], None]
     peak_memory: int | None = None
+    census: OpCensus | None = None
     window_seconds: list[float] = field(default_factory=list)
     loss: float | None = None
     """Mean training loss over the last window."""
@@ -240,8 +277,8 @@ def dslm_side(cfg: RunConfig, manifest: Manifest, ds_config_file: Path, zero_sta
     """The real training path at one ZeRO stage."""
     ds_config = load_ds_config(ds_config_file, cfg.train, world_size=1)
     engine = build_engine(seeded_model(cfg), cfg.train, ds_config)
-    batches = iter(train_loader(cfg.data, manifest, cfg.train.seed, rank=0, world_size=1,
-                                micro_batch=cfg.train.micro_batch_size))
+    loader = train_loader(cfg.data, manifest, cfg.train.seed, rank=0, world_size=1, micro_batch=cfg.train.micro_batch_size)
+    batches = DeviceBatches(iter(loader), engine.device)
     # destroy: DeepSpeed's own teardown (optimizer buffers, hooks, its GC setting)
     return Side("dslm", zero_stage, lambda: train_step(engine, batches, cfg.train.grad_accum), engine.destroy)
 
@@ -296,8 +333,9 @@ def free_memory() -> None:
 
 
 def warmed_up(start: Callable[[], Side], warmup: int) -> Side | None:
-    """The side `start` sets up, after its warm-up steps, with the most it allocated beyond what
-    the sides set up before it hold (they are idle meanwhile); None if it does not fit."""
+    """The side `start` sets up, after its warm-up steps and one more counted by `op_census`,
+    with the most it allocated beyond what the sides set up before it hold (they are idle
+    meanwhile); None if it does not fit."""
     before = torch.cuda.memory_allocated() if ON_GPU else 0
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
@@ -305,7 +343,7 @@ def warmed_up(start: Callable[[], Side], warmup: int) -> Side | None:
         side = start()
         for _ in range(warmup):
             side.step()
-        synchronize()
+        side.census = op_census(side.step)
     except torch.OutOfMemoryError:
         side = None
     if side is None:
@@ -341,6 +379,7 @@ class Measurement:
     """Mean training loss over the last window: the sides should agree (same weights, same data)."""
     peak_memory: int | None
     """Bytes allocated at most during set-up and warm-up (see `warmed_up`); None on a CPU."""
+    census: OpCensus | None
 
     @property
     def window_rates(self) -> list[float]:
@@ -371,7 +410,7 @@ def compare(cfg: RunConfig, manifest: Manifest, settings: BenchSettings, clip: f
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * manifest.seq_len
     results = [Measurement(name, cfg.train.micro_batch_size, stage, tokens, settings.steps,
                            side.window_seconds if side else [], side.loss if side else None,
-                           side.peak_memory if side else None)
+                           side.peak_memory if side else None, side.census if side else None)
                for (name, stage), side in sides.items()]
     del sides, running
     free_memory()
@@ -414,6 +453,7 @@ class Row:
     mfu: float | None = None
     peak_memory: int | None = None
     loss: float | None = None
+    census: OpCensus | None = None
     ratio: float | None = None
     """dslm tokens/s over the baseline's, at the same micro-batch size."""
 
@@ -425,7 +465,8 @@ def row(m: Measurement, mfu_per_token: float | None) -> Row:
     median = statistics.median(rates)
     return Row(m.side, m.micro_batch_size, m.zero_stage, tokens_per_s=median, slowest=min(rates),
                fastest=max(rates), step_ms=1000 * m.tokens_per_step / median,
-               mfu=median * mfu_per_token if mfu_per_token else None, peak_memory=m.peak_memory, loss=m.loss)
+               mfu=median * mfu_per_token if mfu_per_token else None, peak_memory=m.peak_memory, loss=m.loss,
+               census=m.census)
 
 
 def rows(results: list[Measurement], mfu_per_token: float | None) -> list[Row]:
@@ -487,17 +528,18 @@ def markdown(meta: dict[str, str], table: list[Row]) -> str:
         f"overrides: {meta['overrides']}{ds_configs}; 1-minute load average {meta['load']}.",
         "",
         "| date | commit | device | micro-batch | side | tokens/s (median) | windows (min-max) | step ms | MFU "
-        "| peak GPU memory | loss | dslm / baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak GPU memory | loss | ops / host syncs / GPU events per step | dslm / baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         side = "PyTorch baseline" if r.side == "baseline" else f"dslm ZeRO-{r.zero_stage}"
         rate = "out of memory" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         spread = "" if r.slowest is None else f"{r.slowest:,.0f}-{r.fastest:,.0f}"
         ratio = f"**{r.ratio:.3f}**" if r.ratio else ""
+        census = "" if r.census is None else f"{r.census.ops:,} / {r.census.host_syncs:,} / {fmt(r.census.gpu_events, ',')}"
         lines.append(f"| {meta['date']} | {meta['commit']} | {meta['device']} | {r.micro_batch_size} | {side} | "
                      f"{rate} | {spread} | {fmt(r.step_ms, '.1f')} | {fmt(r.mfu, '.1%')} | "
-                     f"{fmt(r.peak_memory, '.2f', 2**-30, ' GiB')} | {fmt(r.loss, '.3f')} | {ratio} |")
+                     f"{fmt(r.peak_memory, '.2f', 2**-30, ' GiB')} | {fmt(r.loss, '.3f')} | {census} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -21,9 +21,9 @@ from dslm.checkpoint import (Checkpointer, TrainState, convert_to_universal, lis
 from dslm.cli import run_command, warn
 from dslm.errors import DslmError
 from dslm.config import RunConfig, check_against_manifest, load_config, save_config, to_yaml
-from dslm.data.loader import ShardSamples, train_loader
+from dslm.data.loader import DeviceBatches, ShardSamples, train_loader
 from dslm.data.manifest import Manifest
-from dslm.engine import DistEnv, build_engine, init_distributed, load_ds_config
+from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config
 from dslm.metrics import Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> None:
     model = GPT(cfg.model)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)
     engine = build_engine(model, cfg.train, ds_config)
+    if env.rank == 0:
+        print(describe(engine, env.world_size), flush=True)
     state = TrainState(world_size=env.world_size, shards=shards_identity(manifest))
     if resume_from is not None and load_from is not None:
         state = resume(engine, resume_from, load_from, env, cfg.train.seed)
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
                           start=state.samples)
     # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
     metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None)
-    stopped_by = train(engine, iter(loader), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation,
+    stopped_by = train(engine, DeviceBatches(iter(loader), engine.device), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation,
                        stop, mfu_per_token)
     metrics.close()
     report(cfg, env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,7 +12,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dslm.checkpoint import Checkpointer, TrainState
-from dslm.data.loader import split_batch
+from dslm.data.loader import DeviceBatches, split_batch
 from dslm.errors import DslmError
 from dslm.metrics import Metrics
 from dslm.stop import StopSignal
@@ -95,13 +94,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_step(engine, batches: Iterator[torch.Tensor], grad_accum: int) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss, still on device."""
+def train_step(engine, batches: DeviceBatches, grad_accum: int) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss, still on device.
+    No host sync of its own: the loss is read at log steps."""
     total = torch.zeros((), device=engine.device)
     for _ in range(grad_accum):
-        inputs, targets = split_batch(next(batches), engine.device)
+        inputs, targets = next(batches)
         loss = engine(inputs, targets)
         engine.backward(loss)
+        batches.prefetch()  # the next micro-batch, while the device runs this backward pass
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule at the accumulation boundary
         total += loss.detach().float()
     return total / grad_accum
@@ -198,7 +199,7 @@ class IntervalLog:
         return values
 
 
-def train(engine, batches: Iterator[torch.Tensor], cfg: TrainConfig, checkpoints: Checkpointer,
+def train(engine, batches: DeviceBatches, cfg: TrainConfig, checkpoints: Checkpointer,
           metrics: Metrics, state: TrainState, seq_len: int, validation: Validation | None,
           stop: StopSignal, mfu_per_token: float | None) -> int:
     """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns 0, or

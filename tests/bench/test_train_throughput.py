@@ -32,6 +32,11 @@ def test_cpu_run_prints_a_row_per_side_with_rate_and_ratio(tmp_path):
     assert rows[1]["ratio"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
     # same initial weights and batches: both sides train alike
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 0.1, rows
+    # a step's dispatches were counted: DeepSpeed's bookkeeping makes more ops than the plain loop;
+    # dslm's step itself reads nothing back, ZeRO-2 a few values (overflow and norm decisions)
+    baseline_census, dslm_census = rows[0]["census"], rows[1]["census"]
+    assert 0 < baseline_census["ops"] < dslm_census["ops"], rows
+    assert 0 < dslm_census["host_syncs"] < 10 and dslm_census["gpu_events"] is None, rows
 
 
 def test_bad_input_is_one_line():

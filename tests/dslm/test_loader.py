@@ -2,7 +2,8 @@ from itertools import islice
 
 import torch
 
-from dslm.data.loader import DataConfig, GlobalOrderSampler, ShardSamples, epoch_order, train_loader
+from dslm.data.loader import (DataConfig, DeviceBatches, GlobalOrderSampler, ShardSamples, epoch_order,
+                              split_batch, train_loader)
 
 
 def global_steps(num_samples, world_size, micro_batch, steps, start=0):
@@ -34,6 +35,21 @@ def test_loader_yields_token_batches(tiny_shards):
     assert len(dataset) == sum(e.samples for e in manifest.split("train"))
     expected = [dataset[int(i)] for i in epoch_order(len(dataset), seed=1, epoch=0)[:4]]
     assert torch.equal(batches[0], torch.stack(expected))
+
+
+def test_device_batches_take_one_batch_ahead_and_keep_the_order():
+    rows = [torch.arange(i * 5, i * 5 + 5).view(1, 5) for i in range(4)]
+    taken = []
+    source = (taken.append(i) or row for i, row in enumerate(rows))
+    batches = DeviceBatches(source, torch.device("cpu"))
+    assert taken == []  # nothing is read before it is asked for
+    first = next(batches)
+    batches.prefetch()
+    batches.prefetch()  # a second prefetch does not skip a batch
+    assert taken == [0, 1]
+    assert [torch.equal(a, b) for a, b in zip(first, split_batch(rows[0], torch.device("cpu")))] == [True, True]
+    rest = [inputs[0, 0].item() for inputs, _ in islice(batches, 3)]
+    assert rest == [5, 10, 15] and taken == [0, 1, 2, 3]
 
 
 def read_positions(out, manifest, world_size, micro_batch, start, stop, workers=2):

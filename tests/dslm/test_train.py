@@ -170,7 +170,9 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, tmp_pat
     shards, _ = tiny_shards
     args = [a.replace("zero2.json", f"zero{stage}.json")
             for a in train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2)]
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    first = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True,
+                           text=True)
+    assert f"engine: 1 rank(s) on cpu, backend gloo, ZeRO stage {stage}, bfloat16 weights, AdamW\n" in first.stdout
     longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
     subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
                    capture_output=True)
