@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 def train(shards: Path, runs: Path, name: str, max_steps: int, *extra: str) -> subprocess.CompletedProcess:
     args = ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"name={name}", f"runs_dir={runs}",
-            f"data.shards={shards}", "model.preset=tiny", "model.vocab_multiple=128", "train.compile=true",
+            f"data.shards={shards}", "model.preset=tiny", "train.compile=true",
             "train.micro_batch_size=8", "train.grad_accum=2", f"train.max_steps={max_steps}", "train.warmup_steps=2",
             "train.lr=3e-3", "train.log_interval=1", "train.checkpoint_interval=10", "train.keep_last=0",
             "train.val_interval=10",
