@@ -236,6 +236,10 @@ class OpCensus:
     """Kernels and copies run on the GPU; None on a CPU."""
 
 
+def is_aten(event) -> bool:
+    return event is not None and event.name.startswith("aten::")
+
+
 def op_census(step: Callable[[], torch.Tensor]) -> OpCensus:
     """Run one step under the profiler and count what it dispatched."""
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if ON_GPU else [ProfilerActivity.CPU]
@@ -243,8 +247,6 @@ def op_census(step: Callable[[], torch.Tensor]) -> OpCensus:
         step()
         synchronize()
     events = prof.events()
-    def is_aten(event) -> bool:
-        return event is not None and event.name.startswith("aten::")
     return OpCensus(
         ops=sum(is_aten(e) and not is_aten(e.cpu_parent) for e in events),
         host_syncs=sum(e.name == "aten::_local_scalar_dense" for e in events),
@@ -277,7 +279,8 @@ def dslm_side(cfg: RunConfig, manifest: Manifest, ds_config_file: Path, zero_sta
     """The real training path at one ZeRO stage."""
     ds_config = load_ds_config(ds_config_file, cfg.train, world_size=1)
     engine = build_engine(seeded_model(cfg), cfg.train, ds_config)
-    loader = train_loader(cfg.data, manifest, cfg.train.seed, rank=0, world_size=1, micro_batch=cfg.train.micro_batch_size)
+    loader = train_loader(cfg.data, manifest, cfg.train.seed, rank=0, world_size=1,
+                          micro_batch=cfg.train.micro_batch_size)
     batches = DeviceBatches(iter(loader), engine.device)
     # destroy: DeepSpeed's own teardown (optimizer buffers, hooks, its GC setting)
     return Side("dslm", zero_stage, lambda: train_step(engine, batches, cfg.train.grad_accum), engine.destroy)
@@ -536,7 +539,8 @@ def markdown(meta: dict[str, str], table: list[Row]) -> str:
         rate = "out of memory" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         spread = "" if r.slowest is None else f"{r.slowest:,.0f}-{r.fastest:,.0f}"
         ratio = f"**{r.ratio:.3f}**" if r.ratio else ""
-        census = "" if r.census is None else f"{r.census.ops:,} / {r.census.host_syncs:,} / {fmt(r.census.gpu_events, ',')}"
+        census = ("" if r.census is None
+                  else f"{r.census.ops:,} / {r.census.host_syncs:,} / {fmt(r.census.gpu_events, ',')}")
         lines.append(f"| {meta['date']} | {meta['commit']} | {meta['device']} | {r.micro_batch_size} | {side} | "
                      f"{rate} | {spread} | {fmt(r.step_ms, '.1f')} | {fmt(r.mfu, '.1%')} | "
                      f"{fmt(r.peak_memory, '.2f', 2**-30, ' GiB')} | {fmt(r.loss, '.3f')} | {census} | {ratio} |")

@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> None:
                           start=state.samples)
     # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
     metrics = Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None)
-    stopped_by = train(engine, DeviceBatches(iter(loader), engine.device), cfg.train, checkpoints, metrics, state, manifest.seq_len, validation,
-                       stop, mfu_per_token)
+    batches = DeviceBatches(iter(loader), engine.device)
+    stopped_by = train(engine, batches, cfg.train, checkpoints, metrics, state, manifest.seq_len, validation, stop,
+                       mfu_per_token)
     metrics.close()
     report(cfg, env)
     dist.destroy_process_group()

@@ -91,7 +91,7 @@ def split_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor
 
 class DeviceBatches:
     """(inputs, targets) micro-batches on `device` from an iterator of (B, T+1) token batches, the
-    next one taken ahead of use: `prefetch()` takes it from the loader (1.5-3 ms of the main
+    next one taken ahead of use: `prefetch()` takes it from the loader (a few ms of the main
     process's time per micro-batch, receiving it from the worker) and starts its copy to the device
     (non-blocking from pinned memory). The training step calls it while the device still works
     through the backward pass, not after the optimizer step's host sync, when the device would idle."""
