@@ -21,7 +21,6 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,8 +32,10 @@ from safetensors.torch import save_file
 from dslm.export import hf_config, hf_state_dict
 from dslm.model import GPT, PRESETS, ModelConfig
 from eval.generate import GenerationConfig, generate
-from eval.load import EXPORT_FILES, load_for_eval
+from eval.load import is_export, load_for_eval
 from shards.tokenizer import SPECIAL_TOKENS
+
+from provenance import git_commit  # bench/provenance.py, beside this script
 
 
 def write_hf_folder(model: GPT, folder: Path) -> Path:
@@ -48,12 +49,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads"
-
-
-def commit() -> str:
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent)
-    return found.stdout.strip() or "unknown"
 
 
 def seconds_of(run: Callable[[], list[list[int]]], device: torch.device) -> float:
@@ -87,8 +82,8 @@ def load_models(target: Path | None, device: torch.device, tmp: Path):
         model, what = GPT(ModelConfig(preset="tiny", **PRESETS["tiny"])).eval(), "random tiny model"
     else:
         model, what = load_for_eval(target, device).model, str(target)
-    is_export = target is not None and all((target / f).is_file() for f in EXPORT_FILES)
-    hf = GPT2LMHeadModel.from_pretrained(target if is_export else write_hf_folder(model, tmp))
+    exported = target is not None and is_export(target)
+    hf = GPT2LMHeadModel.from_pretrained(target if exported else write_hf_folder(model, tmp))
     return model.to(device), hf.to(device).eval(), what
 
 
@@ -138,7 +133,8 @@ def main() -> None:
     prompts = torch.randint(len(SPECIAL_TOKENS), cfg.vocab_size, (args.batch_size, args.prompt_len),
                             generator=torch.Generator().manual_seed(1)).to(device)
     tokens, seconds = time_sides(runners(model, hf, prompts, args.new_tokens), args.repeats, device)
-    print(f"{datetime.date.today()} commit {commit()} | {device_name(device)} | torch {torch.__version__}")
+    stamp = f"{datetime.date.today()} commit {git_commit('dslm', 'eval')}"
+    print(f"{stamp} | {device_name(device)} | torch {torch.__version__}")
     print(f"model: {what} ({cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, fp32); "
           f"batch {args.batch_size} x prompt {args.prompt_len} + {args.new_tokens} new tokens; "
           f"median of {args.repeats} after a warm-up")

@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sysconfig
 import tempfile
 import time
@@ -74,6 +73,8 @@ from dslm.model import GPT, PRESETS
 from dslm.trainer import lr_factor, train_step
 from shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
 from shards.sources import CodeSource
+
+from provenance import git_commit  # bench/provenance.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -488,21 +489,10 @@ def device_name() -> str:
     return f"CPU, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB (no GPU)"
 
 
-def git_commit() -> str:
-    """The commit, marked when dslm/ or ds_configs/ differ from it (what the figures depend on)."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode:
-        return "unknown"
-    changed = git("diff", "--quiet", "HEAD", "--", "dslm", "ds_configs").returncode
-    return head.stdout.strip() + (" + local changes" if changed else "")
-
-
 def describe(settings: BenchSettings, params: int, seq_len: int, shards: Path) -> dict[str, str]:
     return {
         "date": date.today().isoformat(),
-        "commit": git_commit(),
+        "commit": git_commit("dslm", "ds_configs"),
         "device": device_name(),
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,

@@ -1,7 +1,8 @@
 """Stopping on a signal: schedulers send SIGUSR1 (slurm/pretrain.sh's `--signal`), SIGUSR2
-(submitit's) or SIGTERM (preemption) some time before they end a job. The handler only sets a flag (a collective inside a signal
-handler would deadlock); at the next step boundary the ranks agree on it, checkpoint together
-and exit with EXIT_STOPPED so that a wrapper can requeue and resume with `--resume auto`."""
+(submitit's) or SIGTERM (preemption) some time before they end a job. The handler only sets a
+flag (a collective inside a signal handler would deadlock); at the next step boundary the ranks
+agree on it, checkpoint together and exit with EXIT_STOPPED so that a wrapper can requeue and
+resume with `--resume auto`."""
 
 from __future__ import annotations
 

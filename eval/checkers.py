@@ -190,22 +190,23 @@ def require_tool(name: str) -> str:
     return path
 
 
+def check_file(code: str, filename: str, tool: list[str], kind: str, limits: CheckerLimits) -> CheckResult:
+    """Run `tool` on `code` saved as `filename` in a throwaway directory, under the limits; a plain
+    error exit is reported as `kind` with the first error."""
+    with tempfile.TemporaryDirectory(prefix="dslm-check-") as tmp:
+        Path(tmp, filename).write_text(code, encoding="utf-8")
+        result = run_limited([*tool, filename], Path(tmp), limits.timeout_s, limits.memory_mb << 20)
+    return compile_failure(result, kind)
+
+
 def check_python(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResult:
     """`compile(code, "<completion>", "exec")` in a fresh interpreter (this one's version); never exec."""
-    with tempfile.TemporaryDirectory(prefix="dslm-check-") as tmp:
-        Path(tmp, "completion.py").write_text(code, encoding="utf-8")
-        result = run_limited([sys.executable, "-I", "-S", "-c", _PYTHON_CHECK, "completion.py"], Path(tmp),
-                             limits.timeout_s, limits.memory_mb << 20)
-    return compile_failure(result, "syntax error")
+    return check_file(code, "completion.py", [sys.executable, "-I", "-S", "-c", _PYTHON_CHECK], "syntax error", limits)
 
 
 def check_c(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResult:
     """`gcc -fsyntax-only` (see GCC_FLAGS): parses and type-checks, writes and runs nothing."""
-    gcc = require_tool("gcc")
-    with tempfile.TemporaryDirectory(prefix="dslm-check-") as tmp:
-        Path(tmp, "completion.c").write_text(code, encoding="utf-8")
-        result = run_limited([gcc, *GCC_FLAGS, "completion.c"], Path(tmp), limits.timeout_s, limits.memory_mb << 20)
-    return compile_failure(result, "compile error")
+    return check_file(code, "completion.c", [require_tool("gcc"), *GCC_FLAGS], "compile error", limits)
 
 
 def check_java(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResult:

@@ -297,14 +297,17 @@ def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Pat
 
 
 def eval_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ChildJob, Path, str]:
+    from eval.cli import find_targets  # torch: only for eval jobs
+
     target = Path(args.target).resolve()
     if not target.exists():
         raise DslmError(f"{args.target} does not exist")
     if cfg.nodes * cfg.ranks_per_node != 1:
         raise DslmError("dslm-eval runs as one task: leave --nodes and --tasks-per-node at 1")
-    run_dir = target if (target / "checkpoints").is_dir() else target.parent.parent
+    run_dir, _ = find_targets(target)  # the run dslm-eval writes into; None: an export outside a run
+    home = run_dir or target
     job = ChildJob(argv=[bin_of("dslm-eval"), str(target), *args.eval_args], max_requeues=cfg.max_requeues)
-    return job, run_dir, f"{run_dir.name}-eval"
+    return job, home, f"{home.name}-eval"
 
 
 def run(args: argparse.Namespace) -> None:
