@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,13 @@ from eval.checkers import (MAX_OUTPUT_BYTES, CheckerLimits, blank_literals, chec
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 needs_javac = pytest.mark.skipif(shutil.which("javac") is None, reason="a JDK (javac) is not installed")
 LIMITS = CheckerLimits(timeout_s=20, memory_mb=512)  # generous time: CI machines are shared
+# A child that a time limit must stop cannot finish: it blocks (sleeping, or opening a FIFO that
+# nothing writes), so no machine is fast enough to beat the limit, and, using no CPU, it cannot
+# trip the CPU-time backstop either: "timeout" then means the wall clock stopped it.
+NEVER_ENDS = "import time\nwhile True: time.sleep(60)"
+STOP_SLACK_S = 10
+"""Seconds a test allows past a time limit for the kill and the reap, which take milliseconds
+unless a shared machine stalls."""
 
 PYTHON = [
     ("def f(x):\n    return x + 1\n", True),
@@ -148,17 +156,19 @@ def test_java_static_initializer_is_never_run(tmp_path):
 
 def test_a_hanging_process_is_stopped_at_the_time_limit(tmp_path):
     start = time.monotonic()
-    result = run_limited([sys.executable, "-c", "while True: pass"], tmp_path, timeout_s=1.0, memory_bytes=512 << 20)
+    result = run_limited([sys.executable, "-c", NEVER_ENDS], tmp_path, timeout_s=1.0, memory_bytes=512 << 20)
     assert (result.ok, result.reason) == (False, "timeout")
-    assert time.monotonic() - start < 4.0
+    assert time.monotonic() - start < 1.0 + STOP_SLACK_S
 
 
 def test_the_whole_process_group_is_killed(tmp_path):
-    grandchild = ("import os, time\nopen('pid', 'w').write(str(os.getpid()))\ntime.sleep(60)")
-    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\ntime.sleep(60)"
-    assert run_limited([sys.executable, "-c", parent], tmp_path, timeout_s=2.0, memory_bytes=None).reason == "timeout"
+    # The parent records the grandchild's pid once Popen has started it, so only the parent's own
+    # start (well under a second) must fit in the time limit.
+    parent = (f"import subprocess, sys\ngrandchild = subprocess.Popen([sys.executable, '-c', {NEVER_ENDS!r}])\n"
+              f"open('pid', 'w').write(str(grandchild.pid))\n{NEVER_ENDS}")
+    assert run_limited([sys.executable, "-c", parent], tmp_path, timeout_s=5.0, memory_bytes=None).reason == "timeout"
     pid = int((tmp_path / "pid").read_text())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + STOP_SLACK_S
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(pid)
@@ -187,19 +197,64 @@ def test_an_output_flood_is_stopped_and_cut(tmp_path):
 
 
 @needs_gcc
-def test_a_gcc_macro_bomb_is_stopped(tmp_path):
-    # Object-like macros expand lazily: ten levels stream 10**10 ";" tokens in little memory.
+def test_a_gcc_macro_bomb_is_stopped():
+    # Object-like macros expand lazily: ten levels stream 10**10 ";" tokens. gcc keeps each
+    # expansion's location, so the memory limit or the time limit stops it, whichever comes first
+    # on this machine; either way it never finishes.
     levels = "".join(f"#define X{i} {' '.join([f'X{i - 1}'] * 10)}\n" for i in range(1, 10))
-    bomb = "#define X0 ;;;;;;;;;;\n" + levels + "X9\n"
     start = time.monotonic()
-    result = check_c(bomb, CheckerLimits(timeout_s=2, memory_mb=512))
+    result = check_c("#define X0 ;;;;;;;;;;\n" + levels + "X9\n", CheckerLimits(timeout_s=2, memory_mb=512))
+    assert not result.ok and result.reason in ("timeout", "memory")
+    assert time.monotonic() - start < 2 + STOP_SLACK_S
+
+
+@needs_gcc
+def test_a_gcc_that_cannot_finish_is_stopped_at_the_time_limit(tmp_path):
+    # gcc opens the included FIFO and waits for a writer that never comes. (A macro bomb is no
+    # such input: gcc keeps every expansion's location, so it runs out of memory within seconds,
+    # and which limit comes first depends on the machine.)
+    never_written = tmp_path / "never_written.h"
+    os.mkfifo(never_written)
+    start = time.monotonic()
+    result = check_c(f'#include "{never_written}"\n', CheckerLimits(timeout_s=2, memory_mb=512))
     assert (result.ok, result.reason) == (False, "timeout")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 2 + STOP_SLACK_S
+
+
+# The real JVM and javac of the JDK on PATH, except that each job's source is first replaced by a
+# FIFO nothing writes: javac blocks opening it. BatchJavac's last argument is its job list, one
+# "PACKAGE<TAB>SOURCE<TAB>OPTION..." line per file. Redone at each JVM start, so a start killed
+# between the unlink and the mkfifo leaves nothing the next one trips on.
+_BLOCKING_JAVA = """\
+#!{python}
+import os, sys
+from pathlib import Path
+for line in open(sys.argv[-1], encoding="utf-8"):
+    source = Path(line.split("\\t")[1])
+    source.unlink(missing_ok=True)
+    os.mkfifo(source)
+os.execv({java!r}, [{java!r}, *sys.argv[1:]])
+"""
+
+
+def blocking_jdk(bin_dir: Path) -> Path:
+    """A bin folder to put first on PATH. check_java_many runs the `java` beside the `javac` it
+    finds: here the real javac is run as it is, and `java` is _BLOCKING_JAVA."""
+    real_javac = Path(os.path.realpath(shutil.which("javac")))
+    real_java = str(real_javac.with_name("java"))
+    bin_dir.mkdir()
+    (bin_dir / "javac").write_text(f'#!/bin/sh\nexec "{real_javac}" "$@"\n')
+    (bin_dir / "java").write_text(_BLOCKING_JAVA.format(python=sys.executable, java=real_java))
+    for tool in ("javac", "java"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
 
 
 @needs_javac
-def test_a_javac_batch_past_its_time_still_answers_every_file():
-    # No JVM starts in 0.2 s: each file is charged the timeout in turn, none is left unanswered.
+def test_a_javac_batch_past_its_time_still_answers_every_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{blocking_jdk(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
+    # Whether BatchJavac gives up on the file or run_limited kills its JVM first (that depends on
+    # how fast the JVM starts), the file is charged the timeout and a new JVM takes the rest.
     results = check_java_many([JAVA[0][1], JAVA[2][1]], CheckerLimits(timeout_s=0.2, memory_mb=256))
     assert [(r.ok, r.reason) for r in results] == [(False, "timeout"), (False, "timeout")]
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,20 +145,42 @@ def test_dtype_must_hold_the_vocab():
 
 
 @pytest.mark.slow
-def test_killed_build_resumes_from_the_command_line(tiny_shards, tmp_path):
-    """A real SIGKILL in the middle of a build with worker processes, then the same command again."""
-    corpus = Path(sysconfig.get_paths()["stdlib"]) / "email"
-    cmd = [sys.executable, "-m", "shards.cli", "build", "--source", f"code:{corpus}", "--tokenizer",
-           str(tiny_shards[0] / "tokenizer.json"), "--seq-len", "16", "--samples-per-shard", "50", "--workers", "2"]
+def test_killed_build_resumes_from_the_command_line(tiny_shards, code_corpus, tmp_path):
+    """A real SIGKILL in the middle of a build with a worker process, then the same command again."""
+    last = tmp_path / "last" / "textwrap.py"
+    last.parent.mkdir()
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py", last)
+    roots = [code_corpus / "email", code_corpus / "json", last.parent]
+    cmd = [sys.executable, "-m", "shards.cli", "build", *(a for root in roots for a in ("--source", f"code:{root}")),
+           "--tokenizer", str(tiny_shards[0] / "tokenizer.json"), "--seq-len", "16", "--samples-per-shard", "50",
+           "--workers", "1"]
     whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, text=True, check=True)
     out = tmp_path / "out"
+    # The killed build cannot finish: the last source's file becomes a FIFO that nothing writes, so
+    # reading it blocks. Each source ends a batch and one worker encodes at most 2 batches ahead of
+    # the writing (encode_batches), so email's shards are written and journaled before that read.
+    text = last.read_bytes()
+    last.unlink()
+    os.mkfifo(last)
     proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    while proc.poll() is None and not (out / JOURNAL_NAME).exists():
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the build finished before it could be killed"
+    try:
+        wait_for_journal(out, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the build ended before it could be killed"
+    last.unlink()
+    last.write_bytes(text)
     again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=True)
     assert "shards kept from the unfinished run" in again.stdout, again.stdout
     assert json.loads((out / "manifest.json").read_text()) == json.loads((tmp_path / "whole" / "manifest.json").read_text())
     assert whole.returncode == 0 and verify_build(out) == []
+
+
+def wait_for_journal(out: Path, proc: subprocess.Popen) -> None:
+    """Until the build in `out` has journaled a shard. That takes about a second: the generous
+    limit only ends the wait for a build that blocks before journaling anything."""
+    end = time.monotonic() + 300
+    while not (out / JOURNAL_NAME).exists():
+        assert proc.poll() is None and time.monotonic() < end, "the build journaled no shard"
+        time.sleep(0.05)
