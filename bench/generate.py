@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dslm.export import hf_config, hf_state_dict
-from dslm.model import GPT, PRESETS, ModelConfig
+from dslm.data.tokens import SPECIAL_TOKENS
+from dslm.hf import hf_config, hf_state_dict
+from dslm.model import GPT, ModelConfig
 from eval.generate import GenerationConfig, generate
 from eval.load import is_export, load_for_eval
-from shards.tokenizer import SPECIAL_TOKENS
 
 from provenance import git_commit  # bench/provenance.py, beside this script
 
@@ -79,7 +79,7 @@ def load_models(target: Path | None, device: torch.device, tmp: Path):
 
     if target is None:
         torch.manual_seed(0)
-        model, what = GPT(ModelConfig(preset="tiny", **PRESETS["tiny"])).eval(), "random tiny model"
+        model, what = GPT(ModelConfig(preset="tiny")).eval(), "random tiny model"
     else:
         model, what = load_for_eval(target, device).model, str(target)
     exported = target is not None and is_export(target)
@@ -127,15 +127,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, hf, what = load_models(args.target, device, Path(tmp))
     cfg = model.cfg
-    if args.prompt_len + args.new_tokens > cfg.context:
-        p.error(f"--prompt-len + --new-tokens must fit model.context={cfg.context}")
+    if args.prompt_len + args.new_tokens > cfg.block_size:
+        p.error(f"--prompt-len + --new-tokens must fit model.block_size={cfg.block_size}")
     # ids past the special tokens (<pad> <unk> <bos> <eos> ...), as in text
     prompts = torch.randint(len(SPECIAL_TOKENS), cfg.vocab_size, (args.batch_size, args.prompt_len),
                             generator=torch.Generator().manual_seed(1)).to(device)
     tokens, seconds = time_sides(runners(model, hf, prompts, args.new_tokens), args.repeats, device)
     stamp = f"{datetime.date.today()} commit {git_commit('dslm', 'eval')}"
     print(f"{stamp} | {device_name(device)} | torch {torch.__version__}")
-    print(f"model: {what} ({cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, fp32); "
+    print(f"model: {what} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32); "
           f"batch {args.batch_size} x prompt {args.prompt_len} + {args.new_tokens} new tokens; "
           f"median of {args.repeats} after a warm-up")
     report(tokens, seconds, args.batch_size * args.new_tokens)

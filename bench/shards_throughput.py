@@ -30,10 +30,10 @@ from pathlib import Path
 import psutil
 
 from dslm.data.manifest import Manifest, SourceStats
+from dslm.data.tokens import load_text_tokenizer
 from shards.build import all_cores, train_and_save_tokenizer
 from shards.filters import DocumentFilter
 from shards.sources import CodeSource, Document
-from shards.tokenizer import load_text_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 BASELINES = ("encode_batch", "encode_batch_fast")

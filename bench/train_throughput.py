@@ -64,13 +64,15 @@ from torch.profiler import ProfilerActivity, profile
 
 from dslm.cli import run_command
 from dslm.config import RunConfig, check_against_manifest, load_config
-from dslm.data.loader import DeviceBatches, split_batch, train_loader
+from dslm.data.loader import DeviceBatches, train_loader
 from dslm.data.manifest import MANIFEST_NAME, Manifest
-from dslm.engine import build_engine, init_distributed, load_ds_config, param_groups
+from dslm.engine import build_engine, init_distributed, load_ds_config
 from dslm.errors import DslmError
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT, PRESETS
-from dslm.trainer import lr_factor, train_step
+from dslm.objective import next_token
+from dslm.optim import lr_factor, param_groups
+from dslm.trainer import train_step
 from shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
 from shards.sources import CodeSource
 
@@ -89,28 +91,44 @@ ON_GPU = torch.cuda.is_available()
 
 @dataclass
 class BenchSettings:
+    """What the benchmark measures; the fields are its command-line options (parse_args, whose
+    defaults depend on whether there is a GPU). Raises DslmError for a value out of its range."""
+
     preset: str
-    """Model size from dslm.model.PRESETS."""
+    """Model size, a name in dslm.model.PRESETS (--preset)."""
     micro_batch_sizes: tuple[int, ...]
+    """Micro-batch sizes to sweep, in sequences per forward pass (train.micro_batch_size), each >= 1,
+    at least one (--micro-batch-sizes); every side is measured at each."""
     zero_stages: tuple[int, ...]
-    """`ds_configs`/zeroN.json for each N."""
+    """ZeRO stages of the dslm side to sweep, each 0, 1 or 2, at least one (--zero-stages); stage N
+    needs `ds_configs`/zeroN.json. The baseline clips gradients as the first stage's config says."""
     grad_accum: int
-    """Micro-batches per optimizer step, on both sides."""
+    """Micro-batches per optimizer step, on both sides, >= 1 (--grad-accum)."""
     warmup: int
-    """Untimed optimizer steps before the windows (torch.compile compiles here)."""
+    """Untimed optimizer steps per side before the windows, >= 1 (--warmup; torch.compile compiles
+    here); also the lr schedule's train.warmup_steps."""
     windows: int
+    """Timed windows per side, >= 1 (--windows), taken in turns with the other sides; a side's
+    tokens/s is the median over its windows."""
     steps: int
-    """Optimizer steps per timed window."""
+    """Optimizer steps per timed window, >= 1 (--steps). Each side runs warmup + 1 + windows x steps
+    steps in all (train.max_steps)."""
     compile: bool
-    """torch.compile on both sides (dslm: train.compile=true)."""
+    """torch.compile on both sides (--compile; dslm: train.compile=true)."""
     shards: Path | None
-    """An existing `dslm-shard build` folder; None builds (or reuses) stdlib shards in `cache`."""
+    """An existing `dslm-shard build` folder (--shards), whose vocab and seq_len must fit the model;
+    None builds (or reuses) stdlib shards in `cache`."""
     cache: Path
+    """Folder where the stdlib shards are built and kept, one subfolder per vocab size and seq_len
+    (--cache); used only when `shards` is None."""
     ds_configs: Path = REPO / "ds_configs"
-    """Folder holding zeroN.json: another one tries DeepSpeed settings without touching ds_configs/."""
+    """Folder holding zeroN.json (--ds-configs): another one tries DeepSpeed settings without
+    touching ds_configs/."""
     overrides: tuple[str, ...] = ()
-    """Dotted dslm config overrides for both sides, e.g. model.vocab_multiple=128."""
+    """Dotted dslm config overrides (key=value) for both sides, e.g. model.vocab_multiple=128; a key
+    the options set (OWNED_KEYS) is refused."""
     json_out: Path | None = None
+    """File to write the results to as JSON as well (--json); None: the printed table only."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -216,7 +234,7 @@ def stdlib_shards(cache: Path, vocab_size: int, seq_len: int) -> Path:
 def bench_shards(settings: BenchSettings) -> tuple[Path, Manifest]:
     """--shards, checked against the model, or stdlib shards at the preset's vocab and context."""
     model = run_config(settings, None, 1).model
-    folder = settings.shards or stdlib_shards(settings.cache, model.vocab_size, model.context)
+    folder = settings.shards or stdlib_shards(settings.cache, model.vocab_size, model.block_size)
     manifest = Manifest.load(folder)
     check_against_manifest(run_config(settings, folder, 1), manifest)
     return folder, manifest
@@ -284,7 +302,7 @@ def dslm_side(cfg: RunConfig, manifest: Manifest, ds_config_file: Path, zero_sta
                           micro_batch=cfg.train.micro_batch_size)
     batches = DeviceBatches(iter(loader), engine.device)
     # destroy: DeepSpeed's own teardown (optimizer buffers, hooks, its GC setting)
-    return Side("dslm", zero_stage, lambda: train_step(engine, batches, cfg.train.grad_accum), engine.destroy)
+    return Side("dslm", zero_stage, lambda: train_step(engine, batches, next_token, cfg.train.grad_accum), engine.destroy)
 
 
 def read_ahead(cfg: RunConfig, manifest: Manifest, total_steps: int) -> list[torch.Tensor]:
@@ -302,14 +320,14 @@ def baseline_side(cfg: RunConfig, batches: list[torch.Tensor], clip: float) -> S
     train = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
                                   betas=(train.beta1, train.beta2), fused=ON_GPU, foreach=not ON_GPU)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, train.max_steps))
     forward = torch.compile(model) if train.compile else model
     micro_batches = cycle(batches)
 
     def step() -> torch.Tensor:
         total = torch.zeros((), device=device)
         for _ in range(train.grad_accum):
-            inputs, targets = split_batch(next(micro_batches), device)
+            inputs, targets = next_token(next(micro_batches).to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = forward(inputs, targets)
             (loss / train.grad_accum).backward()
@@ -420,7 +438,7 @@ def compare(cfg: RunConfig, manifest: Manifest, settings: BenchSettings, clip: f
     free_memory()
     # every side compiled a new model: without a reset, dynamo would count them all against its
     # recompile limit over the sweep and fall back to eager
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return results
 
 

@@ -5,11 +5,13 @@ A tag is written by every rank (DeepSpeed's model and optimizer files, and `rng_
 each rank's python/numpy/torch RNG), then, after a barrier, rank 0 seals it: `dslm_complete.json`
 lists every file of the tag with its size, and only then is `latest` replaced (atomically).
 A tag without the seal, or whose files no longer match it, is never resumed from.
+
+This module is the checkpoint format: writing, sealing, finding and checking tags, and reading
+their weights for eval and export. Continuing a run from a tag is dslm.resume.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pickle
@@ -24,9 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dslm.compat import import_attr, require
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.model import GPT, ModelConfig
+from dslm.optim import parameter_order
 
 TAG_PATTERN = re.compile(r"global_step(\d+)$")
 SEAL_NAME = "dslm_complete.json"
@@ -181,37 +185,24 @@ def newest_resumable(folder: Path) -> tuple[Path | None, list[str]]:
 
 
 def universal_dir(tag_dir: Path) -> Path:
+    """Where DeepSpeed's universal form of a tag is kept (dslm.resume writes it), beside the tag."""
     return tag_dir.with_name(f"{tag_dir.name}_universal")
 
 
-def convert_to_universal(tag_dir: Path) -> Path:
-    """Collective: DeepSpeed's universal form of a tag, which loads on any world size. Rank 0
-    converts it once (into a temporary folder renamed when done); later resumes reuse it."""
-    target = universal_dir(tag_dir)
-    if dist.get_rank() == 0 and not target.is_dir():
-        from deepspeed.checkpoint import ds_to_universal
-
-        tmp = tag_dir.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal.main(argparse.Namespace(
-            input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True, inject_missing_state=False))
-        (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; unused
-        tmp.rename(target)
-    dist.barrier()
-    return target
+def deepspeed_records() -> list[type]:
+    """The record types DeepSpeed pickles into its checkpoint files, besides tensors and containers."""
+    scalers = "deepspeed.runtime.fp16.loss_scaler"
+    return [import_attr("deepspeed", module, name) for module, name in (
+        (scalers, "LossScaler"), (scalers, "DynamicLossScaler"), ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"))]
 
 
 def load_weights_only(path: Path) -> dict:
     """torch.load(weights_only=True) of a DeepSpeed file: tensors, plain containers and the few
     record types DeepSpeed pickles into them; anything else (arbitrary code) is refused. A zip file
     (torch.save's format) is memory-mapped: its tensors are read only when used."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        with torch.serialization.safe_globals(deepspeed_records()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
@@ -233,12 +224,10 @@ def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.
     state = load_weights_only(tag_dir / "mp_rank_00_model_states.pt")
     masters = (state.get("optimizer") or {}).get("fp32_groups")
     if masters is None:
+        require("deepspeed", "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",
+                all(t.dtype == torch.float32 for t in state["module"].values()))
         return {name: t.float() for name, t in state["module"].items()}
-    from dslm.engine import param_groups  # the optimizer's groups, in the order it holds them
-
-    model = GPT(model_cfg)
-    names = {id(p): name for name, p in model.named_parameters()}
-    ordered = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+    ordered = parameter_order(GPT(model_cfg))  # the optimizer's groups hold the masters in this order
     return dict(zip(ordered, (t for group in masters for t in group)))
 
 

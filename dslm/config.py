@@ -5,30 +5,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dslm.checkpoint import TAG_PATTERN
+from dslm.cli import warn
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
-from dslm.model import PRESETS, ModelConfig
+from dslm.model import SIZES, ModelConfig
 from dslm.trainer import TrainConfig
 
 CONFIG_NAME = "config.yaml"
+RENAMED_MODEL_KEYS = {"d_model": "n_embd", "d_ff": "intermediate_size", "context": "block_size",
+                      "head_bias": "lm_head_bias"}
+"""model.* keys renamed to the field's standard names (GPT-2, nanoGPT, litgpt): a recipe, an
+override or a run's config.yaml that still uses an old one is read with a warning."""
 
 
 @dataclass
 class RunConfig:
+    """Everything a training run is made from; saved as runs/NAME/config.yaml. Each part goes
+    only to what it configures: `model` to the GPT, `data` to the loader, `train` to the loop,
+    the optimizer and the checkpoints."""
+
     name: str = "run"
     """The run directory is runs_dir/name."""
     runs_dir: str = "runs"
+    """Folder that holds the run directories."""
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON (ZeRO stage, bf16, clipping); batch sizes in it are filled in from `train`."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The GPT's architecture (`model.*`; dslm.model.ModelConfig)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training samples (`data.*`; dslm.data.loader.DataConfig)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop, optimizer, schedule and checkpoints (`train.*`; dslm.trainer.TrainConfig)."""
 
     @property
     def run_dir(self) -> Path:
@@ -36,21 +49,40 @@ class RunConfig:
 
 
 def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
-    """Defaults < model preset < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`)."""
+    """Defaults < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`); model sizes not
+    set anywhere come from model.preset. Raises DslmError (one line) for an unknown key, a value
+    of the wrong type or out of its range."""
     try:
-        user = OmegaConf.merge(
-            OmegaConf.load(recipe) if recipe else OmegaConf.create(),
-            OmegaConf.from_dotlist(overrides),
-        )
-        preset = OmegaConf.select(user, "model.preset", default="")
-        if preset and preset not in PRESETS:
-            raise DslmError(f"model.preset={preset!r} is not one of {', '.join(PRESETS)}")
-        layers = [OmegaConf.structured(RunConfig), {"model": PRESETS.get(preset, {})}, user]
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
+        recipe_conf = OmegaConf.load(recipe) if recipe else OmegaConf.create()
+        override_conf = OmegaConf.from_dotlist(overrides)
+        for conf, source in ((recipe_conf, str(recipe)), (override_conf, "override")):
+            rename_old_keys(conf, source)
+        return OmegaConf.to_object(OmegaConf.merge(schema(), recipe_conf, override_conf))
     except OmegaConfBaseException as e:
         raise DslmError(str(e).splitlines()[0] + (f" ({e.full_key})" if getattr(e, "full_key", None) else "")) from e
     except ValueError as e:  # a __post_init__ check
         raise DslmError(str(e)) from e
+
+
+def schema() -> DictConfig:
+    """RunConfig's defaults with the model sizes unset, so that ModelConfig takes from the preset
+    the recipe or an override names every size neither of them sets."""
+    conf = OmegaConf.structured(RunConfig)
+    for name in SIZES:
+        conf.model[name] = None
+    return conf
+
+
+def rename_old_keys(conf: DictConfig, source: str) -> None:
+    """Move model.* keys that RENAMED_MODEL_KEYS lists to their new names, with a warning each."""
+    model = conf.get("model")
+    if not isinstance(model, DictConfig):
+        return
+    for old, new in RENAMED_MODEL_KEYS.items():
+        if old in model:
+            warn("dslm", f"{source}: model.{old} is now model.{new}; read as such")
+            value = model.pop(old)
+            model.setdefault(new, value)
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -68,9 +100,10 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
     if manifest.vocab_size > cfg.model.vocab_size:
         raise DslmError(f"the shards' tokenizer has {manifest.vocab_size} tokens but model.vocab_size="
                         f"{cfg.model.vocab_size}; set model.vocab_size >= {manifest.vocab_size}")
-    if manifest.seq_len > cfg.model.context:
-        raise DslmError(f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.context="
-                        f"{cfg.model.context}; rebuild the shards with --seq-len {cfg.model.context} or raise model.context")
+    if manifest.seq_len > cfg.model.block_size:
+        raise DslmError(f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.block_size="
+                        f"{cfg.model.block_size}; rebuild the shards with --seq-len {cfg.model.block_size} or "
+                        f"raise model.block_size")
 
 
 def run_of(tag_dir: Path) -> tuple[Path, int] | None:

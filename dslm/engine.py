@@ -1,4 +1,4 @@
-"""Everything that touches DeepSpeed's setup: distributed init, the DS config, optimizer, engine."""
+"""Everything that touches DeepSpeed's setup: distributed init, the DS config, the engine."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import deepspeed
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+from dslm.compat import has_method, import_attr, require
 from dslm.errors import DslmError
-from dslm.trainer import TrainConfig, lr_factor
+from dslm.optim import build_optimizer
+from dslm.trainer import TrainConfig
 
 
 @dataclass
@@ -57,7 +58,8 @@ def init_distributed() -> DistEnv:
 
 
 def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dict:
-    """Read the DeepSpeed JSON and fill in the batch sizes from the run config; a clash is an error."""
+    """Read the DeepSpeed JSON and fill in the batch sizes from the run config; a clash, a missing
+    file or bad JSON is a DslmError."""
     path = Path(path)
     if not path.is_file():
         raise DslmError(f"DeepSpeed config {path} does not exist")
@@ -79,25 +81,15 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on Linear weights only; biases, LayerNorms and embeddings are not decayed
-    (a head tied to the embedding counts as the embedding, which comes first)."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict):
-    """The DeepSpeed engine around `model`: AdamW (PyTorch's fused CUDA kernel on a GPU, which
-    needs no DeepSpeed op build), warmup + decay schedule, and the training options."""
+def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, load_universal: bool = False):
+    """The DeepSpeed engine around `model`: dslm.optim's AdamW (PyTorch's fused CUDA kernel on a
+    GPU, which needs no DeepSpeed op build) and schedule, and the training options.
+    `load_universal`: the checkpoint it will load is DeepSpeed's universal form
+    (dslm.resume.Resume.load_universal); `ds_config` itself is left unchanged."""
     model.activation_checkpointing = train.activation_checkpointing
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=(train.beta1, train.beta2), fused=torch.cuda.is_available())
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    optimizer, schedule = build_optimizer(model, train, train.max_steps)
+    if load_universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     drop_redundant_overflow_check(engine.optimizer)
     if train.compile:
@@ -109,15 +101,21 @@ def drop_redundant_overflow_check(optimizer) -> None:
     """Let ZeRO-1/2 look for non-finite gradients once per step instead of twice.
 
     With `check_grad_overflow` (our bf16 configs) DeepSpeed 0.19's ZeRO-1/2 step first checks every
-    gradient tensor for inf/NaN (7 ops per tensor, an all-reduce and a host sync: 1,056 of a 12-layer
-    step's 5,267 ops), then computes the global gradient norm for clipping and skips the step if that
-    norm is not finite, which it is not exactly when some gradient element is inf or NaN (or the
+    gradient tensor for inf/NaN (several ops per tensor, an all-reduce and a host sync; the op
+    counts are in bench/RESULTS.md), then computes the global gradient norm for clipping and skips
+    the step if that norm is not finite, which it is not exactly when some gradient element is inf or NaN (or the
     squares overflow, which the first check does not even catch). The first check decides nothing
     the second does not, so it is turned off on this optimizer; skipped steps and
     `engine.skipped_steps` are unchanged (tests/dslm/test_engine.py poisons a gradient at each stage).
     ZeRO-0's optimizer keeps its check: its norm turns inf into -1 and then squares it away."""
-    if (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.check_grad_overflow
-            and optimizer.compute_grad_norm and not optimizer.cpu_offload):
+    zero_optimizer = import_attr("deepspeed", "deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer")
+    if not isinstance(optimizer, zero_optimizer):
+        return
+    flags = ("check_grad_overflow", "compute_grad_norm", "cpu_offload")
+    require("deepspeed", f"DeepSpeedZeroOptimizer has {', '.join(flags)} and check_overflow(partition_gradients)",
+            all(hasattr(optimizer, flag) for flag in flags)
+            and has_method(optimizer, "check_overflow", ("partition_gradients",)))
+    if optimizer.check_grad_overflow and optimizer.compute_grad_norm and not optimizer.cpu_offload:
         # step() then leaves `overflow` False for the norm check to set
         optimizer.check_overflow = lambda partition_gradients=True: None
 
@@ -125,6 +123,8 @@ def drop_redundant_overflow_check(optimizer) -> None:
 def describe(engine, world_size: int) -> str:
     """One line on what trains: where, over which process group, with which ZeRO stage, precision,
     optimizer and compilation."""
+    require("deepspeed", "the engine keeps the client's optimizer as engine.basic_optimizer",
+            hasattr(engine, "basic_optimizer"))
     optimizer = engine.basic_optimizer
     fused = "fused " if getattr(optimizer, "defaults", {}).get("fused") else ""
     dtype = str(next(engine.module.parameters()).dtype).removeprefix("torch.")

@@ -24,7 +24,7 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     cfg = model.cfg
     lookups = model.wpe.weight.numel() + (0 if cfg.tie_embeddings else model.wte.weight.numel())
     n = model.num_params() - lookups
-    return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * seq_len
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
 
 
 def peak_flops(device_name: str) -> float | None:

@@ -16,45 +16,69 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+# Sizes from the source model cards (DESIGN.md); `tiny` is for CPU tests and the demo.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt-12l-1024d": dict(n_layer=12, n_head=16, n_embd=1024, intermediate_size=4096, vocab_size=8888, block_size=1024),
+    "code-33m": dict(n_layer=8, n_head=8, n_embd=512, intermediate_size=2048, vocab_size=8000, block_size=256),
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, intermediate_size=512, vocab_size=2048, block_size=128),
+}
+SIZES = ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size")
+"""The fields a preset sets."""
+
+
 @dataclass
 class ModelConfig:
-    preset: str = ""
-    """Name in PRESETS whose sizes fill every field not set explicitly ('' = use the fields)."""
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 512
-    vocab_size: int = 2048
-    context: int = 128
-    """Longest sequence the position table covers."""
+    """A GPT's architecture. Names follow GPT-2/nanoGPT (n_layer, n_head, n_embd, block_size) and
+    litgpt (intermediate_size, lm_head_bias, padded_vocab_size).
+
+    A size left at None is taken from `preset`, so `ModelConfig(preset="code-33m")` is the card's
+    model and `ModelConfig(preset="code-33m", n_layer=4)` a 4-layer variant of it.
+    Raises ValueError for an unknown preset, a missing size, or sizes that do not fit together."""
+
+    preset: str = "tiny"
+    """A name in PRESETS whose sizes fill every size field left at None; "" for none (then every
+    size must be given)."""
+    n_layer: int | None = None
+    """Transformer blocks, >= 1."""
+    n_head: int | None = None
+    """Attention heads per block, >= 1; must divide n_embd (head size n_embd // n_head)."""
+    n_embd: int | None = None
+    """Width of the residual stream (embedding size), >= 1."""
+    intermediate_size: int | None = None
+    """Hidden width of each block's MLP, >= 1 (4 * n_embd in GPT-2 and both cards)."""
+    vocab_size: int | None = None
+    """Token ids the model predicts, >= 1; at least the tokenizer's vocabulary."""
+    block_size: int | None = None
+    """Longest sequence in tokens (the position table's rows), >= 1; at least the shards' seq_len."""
     dropout: float = 0.0
-    head_bias: bool = True
+    """Dropout probability after the embeddings, attention and MLP, in [0, 1); 0 in both cards."""
+    lm_head_bias: bool = True
     """A bias on the output head, as the model cards count (GPT-2 itself has none)."""
     tie_embeddings: bool = False
     """Share the token embedding with the output head (off in both cards)."""
     vocab_multiple: int = 1
-    """Round the embedding and head rows up to a multiple of this (128 suits GPU matmuls); the
+    """Round the embedding and head rows up to a multiple of this, >= 1 (128 suits GPU matmuls); the
     logits of the padded ids are cut off, so they are never predicted or sampled."""
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
-        if min(self.n_layer, self.n_head, self.d_model, self.d_ff, self.vocab_size, self.context,
-               self.vocab_multiple) < 1:
-            raise ValueError("model sizes (n_layer, n_head, d_model, d_ff, vocab_size, context, vocab_multiple) "
-                             "must be positive")
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"model.preset={self.preset!r} is not one of {', '.join(PRESETS)}")
+        for name, value in PRESETS.get(self.preset, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if missing := [name for name in SIZES if getattr(self, name) is None]:
+            raise ValueError(f"model.{missing[0]} is not set and model.preset is empty; set it or name a preset")
+        if min(*(getattr(self, name) for name in SIZES), self.vocab_multiple) < 1:
+            raise ValueError(f"model sizes ({', '.join(SIZES)}, vocab_multiple) must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be within [0, 1)")
 
     @property
-    def padded_vocab(self) -> int:
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of vocab_multiple: the rows of the embedding and head."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-
-# Sizes from the source model cards (DESIGN.md); `tiny` is for CPU tests and the demo.
-PRESETS: dict[str, dict[str, int]] = {
-    "gpt-12l-1024d": dict(n_layer=12, n_head=16, d_model=1024, d_ff=4096, vocab_size=8888, context=1024),
-    "code-33m": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, vocab_size=8000, context=256),
-    "tiny": dict(n_layer=2, n_head=4, d_model=128, d_ff=512, vocab_size=2048, context=128),
-}
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,8 +86,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -97,9 +121,9 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
-        if max_len > cfg.context:
-            raise ValueError(f"a cache of {max_len} positions is longer than model.context={cfg.context}")
-        shape = (batch, cfg.n_head, max_len, cfg.d_model // cfg.n_head)  # (B, H, T_max, C/H)
+        if max_len > cfg.block_size:
+            raise ValueError(f"a cache of {max_len} positions is longer than model.block_size={cfg.block_size}")
+        shape = (batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)  # (B, H, T_max, C/H)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0
@@ -125,8 +149,8 @@ class KVCache:
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.fc = nn.Linear(cfg.n_embd, cfg.intermediate_size)
+        self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +161,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -151,12 +175,12 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.padded_vocab, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.context, cfg.d_model)
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=cfg.head_bias)
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=cfg.lm_head_bias)
         self.activation_checkpointing = False
         """Training option: recompute each block in the backward pass instead of keeping its activations."""
         if cfg.tie_embeddings:
@@ -184,8 +208,8 @@ class GPT(nn.Module):
         added to the cache."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
-        if start + T > self.cfg.context:
-            raise ValueError(f"sequence of {start + T} tokens is longer than model.context={self.cfg.context}")
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than model.block_size={self.cfg.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):

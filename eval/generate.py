@@ -18,39 +18,51 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.model import GPT, KVCache
-from shards.tokenizer import BOS_ID, EOS_ID
 
 STRATEGIES = ("greedy", "sample", "beam")
 
 
 @dataclass
 class GenerationConfig:
+    """How `generate` and `complete` decode: the strategy, its settings, when to stop, and batching.
+    temperature, top_k and top_p must stay at their defaults unless strategy is 'sample', and
+    num_beams must be 1 unless it is 'beam'. Raises ValueError for a value out of its range."""
+
     strategy: str = "greedy"
     """'greedy' (the most likely token), 'sample' (temperature, top_k, top_p) or 'beam' (num_beams)."""
     max_new_tokens: int = 64
-    """Tokens generated per prompt at most (stop tokens and strings can end it sooner)."""
+    """Tokens generated per prompt at most, >= 1 (stop tokens and strings can end it sooner). generate()
+    also needs it below model.block_size, to leave room for the prompt (DslmError otherwise)."""
     temperature: float = 1.0
-    """sample: logits are divided by it (below 1 sharpens, above 1 flattens)."""
+    """sample: logits are divided by it (below 1 sharpens, above 1 flattens); > 0. Stays 1.0 for the
+    other strategies."""
     top_k: int = 0
-    """sample: draw only from the k most likely tokens (0: no limit)."""
+    """sample: draw only from the k most likely tokens, >= 0 (0: no limit). Stays 0 for the other
+    strategies."""
     top_p: float = 1.0
     """sample: draw only from the smallest set of most likely tokens whose probability reaches top_p
-    (nucleus sampling, Holtzman et al. 2019; 1.0: no limit)."""
+    (nucleus sampling, Holtzman et al. 2019), in (0, 1] (1.0: no limit). Stays 1.0 for the other
+    strategies."""
     num_beams: int = 1
-    """beam: hypotheses kept per prompt; the best by log-probability / length is returned."""
+    """beam: hypotheses kept per prompt, >= 1; the best by log-probability / length is returned.
+    Stays 1 for the other strategies."""
     stop_tokens: tuple[int, ...] = (EOS_ID,)
-    """Token ids that end a sequence (default: <eos>); the stop token is not part of the output."""
+    """Token ids (non-negative ints) that end a sequence (default: <eos>); the stop token is not
+    part of the output. Empty: none."""
     stop_strings: tuple[str, ...] = ()
-    """Text that ends a sequence, checked on the decoded new text; complete() cuts the text before it."""
+    """Non-empty texts that end a sequence, checked on the decoded new text; complete() cuts the text
+    before it; generate() needs a decode function for them."""
     keep_stop_string: bool = False
     """complete(): cut the text after the stop string instead of before it (as transformers'
     stop_strings leaves it; code metrics need the closing brace that ended a unit)."""
     seed: int = 0
-    """Seeds the sampling generator: the same prompts, model and seed give the same output."""
+    """Seeds the sampling generator, >= 0: the same prompts, model and seed give the same output."""
     batch_size: int = 16
-    """Rows decoded together at most: prompts, or prompts x num_beams for beam search."""
+    """Rows decoded together at most, >= 1: prompts, or for beam search max(1, batch_size // num_beams)
+    prompts of num_beams rows each."""
     use_cache: bool = True
     """Keep keys and values of past positions (one model pass per token); False recomputes the whole
     sequence for every token (for checking the cache)."""
@@ -241,7 +253,7 @@ def fit_to_context(prompt: list[int], max_new_tokens: int, context: int) -> list
     """The prompt's last tokens, as many as leave room for max_new_tokens: the continuation depends
     most on the nearest text, and with learned absolute positions the cache cannot slide."""
     if max_new_tokens >= context:
-        raise DslmError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in model.context={context}")
+        raise DslmError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in model.block_size={context}")
     return prompt[-(context - max_new_tokens):]
 
 
@@ -270,7 +282,7 @@ def eval_mode(model: GPT) -> Iterator[None]:
 def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
              decode: Callable[[list[int]], str] | None = None, progress: bool = False) -> list[list[int]]:
     """New token ids for each prompt (token ids), on the model's device, in eval mode. A prompt
-    longer than model.context - max_new_tokens keeps its last tokens. `decode` (token ids -> text)
+    longer than model.block_size - max_new_tokens keeps its last tokens. `decode` (token ids -> text)
     is needed for stop strings. Sampling draws from one generator seeded with cfg.seed, batch by
     batch in a fixed order, so the output depends on the seed, the prompts and cfg.batch_size."""
     if any(not p for p in prompts):
@@ -278,7 +290,7 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
     if cfg.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function")
     device = model.wte.weight.device
-    prompts = [fit_to_context(p, cfg.max_new_tokens, model.cfg.context) for p in prompts]
+    prompts = [fit_to_context(p, cfg.max_new_tokens, model.cfg.block_size) for p in prompts]
     stopper = Stopper(frozenset(cfg.stop_tokens), cfg.stop_strings, decode)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in prompts]

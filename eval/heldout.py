@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dslm.data.loader import ShardSamples
-from shards.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS
+from dslm.data.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS
 
 
 class LabeledSamples(Dataset):

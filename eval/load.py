@@ -19,10 +19,10 @@ from tokenizers import Tokenizer
 from dslm.checkpoint import load_model, newest_resumable
 from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.manifest import Manifest
+from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.export import LINEAR_NAMES
-from dslm.model import GPT, ModelConfig
-from shards.tokenizer import load_text_tokenizer
+from dslm.hf import dslm_state_dict, model_config_from_hf
+from dslm.model import GPT
 
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 EXPORT_STEP = re.compile(r"step(\d+)$")
@@ -75,13 +75,13 @@ def load_checkpoint(tag_dir: Path) -> LoadedModel:
 
 
 def load_export(folder: Path) -> LoadedModel:
-    cfg = model_config_of(json.loads((folder / "config.json").read_text()), folder)
+    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
     try:
         hf = load_file(str(folder / "model.safetensors"))
     except SafetensorError as e:
         raise DslmError(f"{folder / 'model.safetensors'}: {e}") from None
     model = GPT(cfg)
-    model.load_state_dict(dslm_state_dict(hf, cfg, folder))
+    model.load_state_dict(dslm_state_dict(hf, cfg, folder / "model.safetensors"))
     return LoadedModel(model, load_text_tokenizer(folder / "tokenizer.json"), *export_origin(folder))
 
 
@@ -95,39 +95,3 @@ def export_origin(folder: Path) -> tuple[Path | None, int | None]:
     if (match := EXPORT_STEP.match(folder.name)) and (folder.parent.parent / CONFIG_NAME).is_file():
         return folder.parent.parent, int(match.group(1))
     return None, None
-
-
-def model_config_of(hf: dict, folder: Path) -> ModelConfig:
-    """dslm's ModelConfig for a GPT-2 config.json (the export has no head bias: it is folded)."""
-    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise DslmError(f"{folder / 'config.json'}: not a GPT-2 model with tanh GELU, as dslm-export writes")
-    try:
-        return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
-                           d_ff=hf.get("n_inner") or 4 * hf["n_embd"], vocab_size=hf["vocab_size"],
-                           context=hf["n_positions"], head_bias=False,
-                           tie_embeddings=hf.get("tie_word_embeddings", True))  # GPT-2's default: tied
-    except KeyError as e:
-        raise DslmError(f"{folder / 'config.json'} has no {e.args[0]}") from None
-    except ValueError as e:
-        raise DslmError(f"{folder / 'config.json'}: {e}") from None
-
-
-def dslm_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> dict[str, torch.Tensor]:
-    """dslm's weights for GPT2LMHeadModel's: the inverse of dslm.export.hf_state_dict (GPT-2's
-    Conv1D weights are stored transposed; a tied head may be left out of the file)."""
-    def get(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise DslmError(f"{folder / 'model.safetensors'} has no tensor {name}")
-        return hf[name]
-
-    out = {"wte.weight": get("transformer.wte.weight"), "wpe.weight": get("transformer.wpe.weight"),
-           "ln_f.weight": get("transformer.ln_f.weight"), "ln_f.bias": get("transformer.ln_f.bias")}
-    out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else get("lm_head.weight")
-    for i in range(cfg.n_layer):
-        for part in ("ln_1", "ln_2"):
-            for kind in ("weight", "bias"):
-                out[f"blocks.{i}.{part}.{kind}"] = get(f"transformer.h.{i}.{part}.{kind}")
-        for ours, theirs in LINEAR_NAMES.items():
-            out[f"blocks.{i}.{ours}.weight"] = get(f"transformer.h.{i}.{theirs}.weight").t()
-            out[f"blocks.{i}.{ours}.bias"] = get(f"transformer.h.{i}.{theirs}.bias")
-    return out

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dslm.data.loader import split_batch
 from dslm.model import GPT
+from dslm.objective import next_token
 from eval.heldout import LabeledSamples
 
 ALL = "all"
@@ -57,7 +57,7 @@ def perplexity(model: GPT, samples: LabeledSamples, token_bytes: torch.Tensor, b
     """Results over all samples ("all") and over each language's samples."""
     totals = Totals(len(samples.languages))
     for batch, labels in tqdm(DataLoader(samples, batch_size=batch_size), desc="perplexity", unit="batch", leave=False):
-        inputs, targets = split_batch(batch, device)
+        inputs, targets = next_token(batch.to(device))
         logits = model(inputs)  # (B, T, V)
         nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)  # (B,)
         totals.add(labels, nats.cpu(), torch.full_like(labels, targets.size(1)),

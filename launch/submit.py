@@ -33,6 +33,7 @@ from submitit.core.utils import UncompletedJobError
 
 from dslm.checkpoint import list_checkpoints
 from dslm.cli import run_command
+from dslm.compat import has_method, require
 from dslm.errors import DslmError
 from dslm.stop import EXIT_STOPPED
 
@@ -43,25 +44,38 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 @dataclass
 class SlurmConfig:
-    """Where and how a job runs; the fields are dslm-submit's options."""
+    """Where and how a job runs; the fields are dslm-submit's options. Raises DslmError for a value
+    out of its range."""
 
     executor: str = "auto"
-    """"slurm" (sbatch through submitit), "local" (processes on this machine) or "auto" (slurm
-    when `sbatch` is on the PATH)."""
+    """"slurm" (sbatch through submitit), "local" (processes on this machine) or "auto" (--executor;
+    slurm when `sbatch` is on the PATH, else local: resolved on creation)."""
     nodes: int = 1
+    """Nodes the job runs on, >= 1 (--nodes); the local executor takes only 1."""
     gpus_per_node: int = 0
+    """GPUs per node, >= 0 (--gpus-per-node): SLURM's --gpus-per-node; the local executor makes
+    GPUs 0 .. N-1 visible (none for 0). 0 runs CPU ranks."""
     tasks_per_node: int = 0
-    """Ranks per node; 0 means one per GPU (one in all without GPUs)."""
+    """Ranks (processes) per node, >= 0 (--tasks-per-node); 0 means one per GPU (one per node
+    without GPUs). The world size is nodes x ranks per node."""
     time_min: int = 24 * 60
-    """Time limit in minutes."""
+    """Time limit in minutes, >= 1 (--time, in SLURM's formats, rounded up to whole minutes); the
+    local executor enforces it too."""
     partition: str | None = None
+    """SLURM partition (--partition); None: the cluster's default. Not used by the local executor."""
     cpus_per_task: int | None = None
+    """CPU cores per task, i.e. per rank (--cpus-per-task); None: SLURM's default. Not used by the
+    local executor. Not checked: sbatch judges the value."""
     max_requeues: int = 3
-    """Requeues after a timeout or preemption before the job gives up (the run stays resumable)."""
+    """Requeues after a timeout or preemption before the job gives up, >= 0 (--max-requeues); the
+    run stays resumable with --resume auto."""
     signal_delay_s: int = 120
-    """How long before the time limit the ranks are told to checkpoint and stop."""
+    """Seconds before the time limit that the ranks are told to checkpoint and stop, >= 0
+    (--signal-delay)."""
     extra: dict[str, str] = field(default_factory=dict)
-    """More sbatch options (`--slurm account=X`), passed on as they are."""
+    """More sbatch options from `--slurm KEY=VALUE` (e.g. account=X, qos=high): sbatch's option name
+    without the leading dashes, and its value; each becomes `#SBATCH --KEY=VALUE`, not checked.
+    Not used by the local executor."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -216,9 +230,17 @@ def describe(executor: submitit.Executor, cfg: SlurmConfig, job: ChildJob, folde
              f"logs: {folder}",
              f"each task: RANK=... WORLD_SIZE={cfg.nodes * cfg.ranks_per_node} {shlex.join(job.command())}"]
     if isinstance(executor, submitit.SlurmExecutor):
-        # submitit's own script text (private API of the pinned submitit, checked by the tests)
-        lines += ["sbatch script:", executor._make_submission_file_text(executor._submitit_command_str, "dry-run")]
+        lines += ["sbatch script:", sbatch_script(executor)]
     return "\n".join(lines)
+
+
+def sbatch_script(executor: submitit.SlurmExecutor) -> str:
+    """The sbatch script submitit would submit, from its own private text builder (submitit has no
+    public way to show it): checked to exist with the signature it had in the pinned version."""
+    require("submitit", "SlurmExecutor has _make_submission_file_text(command, uid) and _submitit_command_str",
+            has_method(executor, "_make_submission_file_text", ("command", "uid"))
+            and isinstance(getattr(executor, "_submitit_command_str", None), str))
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
 def wait_for(job: submitit.Job, log: Path) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -19,43 +18,65 @@ from tqdm import tqdm
 
 from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
+from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import atomic_write_text, sha256_file
+from dslm.files import atomic_copy, atomic_write_text, sha256_file, tmp_path
 from shards.encode import Encoded, EncoderConfig, encode_batches
 from shards.filters import DocumentFilter, FilterConfig
 from shards.journal import (DIGEST_BYTES, DIGESTS_NAME, BuildState, DigestLog, Position, load_state,
                             remove_journal, save_state)
 from shards.sources import Document, Source, skip
-from shards.tokenizer import load_text_tokenizer, train_tokenizer
+from shards.tokenizer import train_tokenizer
 from shards.verify import shard_problem
-from shards.writer import Packer, ShardWriter, shard_path, tmp_path
+from shards.writer import Packer, ShardWriter, shard_path
 
 TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass
 class ShardConfig:
+    """The settings of `dslm-shard build`; all but `filters`, `batch_documents` and `batch_bytes`
+    are its options. Raises DslmError for a value out of its range."""
+
     out: Path
-    """Folder for tokenizer.json, the tar shards and manifest.json."""
+    """Output folder (created if missing) for tokenizer.json, the train/val tar shards and
+    manifest.json, and for the journal of a build not finished yet (--out)."""
     tokenizer: Path
-    """Tokenizer to encode with (from `dslm-shard tokenizer`); copied into `out`."""
+    """tokenizer.json to encode with, from `dslm-shard tokenizer` (--tokenizer); copied into `out`
+    unless it is that file. Its vocab must fit `dtype`."""
     seq_len: int = 1024
-    """Model context; each sample holds seq_len + 1 tokens (inputs and shifted targets)."""
+    """Model context in tokens, >= 1 (--seq-len); each sample holds seq_len + 1 tokens (inputs and
+    the targets shifted by one). Training on the shards needs model.block_size >= seq_len."""
     samples_per_shard: int = 10_000
+    """Samples per tar shard, >= 1 (--samples-per-shard); the last shard of each split holds the
+    rest. The build journals its progress each time a shard is finished, so a rerun after a crash
+    redoes at most the work since then."""
     val_fraction: float = 0.01
-    """Share of documents (by content hash) that go to the val split."""
+    """Share of documents that go to the val split, in [0, 1) (--val-fraction): chosen by a hash
+    of the kept text (in steps of 1e-6), so a document and its duplicates sit in one split. A val
+    document is written at most once, whatever its source's weight."""
     dtype: str = "auto"
-    """Token dtype in the shards: uint16, uint32, or auto (uint16 when the vocab fits)."""
+    """Token dtype in the shards (--dtype): "uint16", "uint32", or "auto" (uint16 when the vocab
+    has at most 65,536 ids, else uint32); one too small for the vocab is an error."""
     workers: int = field(default_factory=lambda: all_cores())
-    """Processes that filter and tokenize (default: every core this process may use); 0 does it
-    in the main process."""
+    """Processes that filter and tokenize, >= 0 (--workers); 0 does it in the main process.
+    Default: every core this process may use (its CPU affinity). The output is the same for any
+    number."""
     batch_documents: int = 256
-    """Most documents a worker encodes at once."""
+    """Most documents in one batch, the unit a worker encodes at once, >= 1."""
     batch_bytes: int = 1 << 20
-    """Most text (UTF-8 bytes, roughly) a worker encodes at once; with `batch_documents` and the
-    look-ahead of 2 batches per worker this bounds the text in flight."""
+    """Text in one batch, in characters (str length; bytes for ASCII text), >= 1: a batch ends
+    once its documents reach this much, so its last document may pass it. With `batch_documents`
+    and at most 2 batches per worker in flight, this bounds the text in flight. Neither batch
+    size changes the output."""
     overwrite: bool = False
+    """Replace a finished build in `out`, or start an unfinished one over (--overwrite). Without
+    it a finished build is an error, and an unfinished one is resumed (an error if it was of
+    other sources or settings)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
+    """Thresholds of the document filters (shards.filters.FilterConfig); no option sets them.
+    Part of the settings a resumed build must share, with seq_len, samples_per_shard,
+    val_fraction, dtype, the tokenizer and the sources."""
 
     def __post_init__(self) -> None:
         if min(self.seq_len, self.samples_per_shard, self.batch_documents, self.batch_bytes) < 1:
@@ -421,6 +442,4 @@ def remove_unfinished_build(out: Path, state: BuildState) -> None:
 def place_tokenizer(cfg: ShardConfig) -> None:
     target = cfg.out / TOKENIZER_NAME
     if not target.exists() or not target.samefile(cfg.tokenizer):
-        tmp = cfg.out / f".{TOKENIZER_NAME}.tmp"
-        shutil.copyfile(cfg.tokenizer, tmp)
-        tmp.replace(target)
+        atomic_copy(cfg.tokenizer, target)

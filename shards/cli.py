@@ -34,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the sources")
     add_source_args(t)
     t.add_argument("--vocab-size", type=int, default=8888, help="8888 for gpt-12l-1024d, 8000 for code-33m (default: %(default)s)")
-    t.add_argument("--sample-bytes", type=int, default=200_000_000, help="characters of text to learn from (default: %(default)s)")
+    t.add_argument("--sample-bytes", type=int, default=200_000_000,
+                   help="UTF-8 bytes of filtered text to learn from, shared among the sources by weight "
+                        "(default: %(default)s)")
     t.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
 
     b = sub.add_parser("build", help="tokenize the sources into train/val tar shards + manifest.json")
@@ -120,7 +122,7 @@ def inspect(folder: Path, show: int) -> None:
     manifest = Manifest.load(folder)
     print_summary(manifest)
     if show:
-        # Imported here: the loader brings in torch (~180 MB), which the build's processes do not need.
+        # Imported here: the loader brings in torch, which the build's processes do not need.
         from dslm.data.loader import ShardSamples
 
         tok = Tokenizer.from_file(str(folder / manifest.tokenizer))

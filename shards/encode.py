@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
 from shards.filters import DocumentFilter, FilterConfig, text_digest
 from shards.sources import Document
-from shards.tokenizer import BOS_ID, EOS_ID, load_text_tokenizer
 from shards.writer import split_of
 
 T = TypeVar("T")
@@ -39,10 +39,20 @@ class Encoded:
 
 @dataclass(frozen=True)
 class EncoderConfig:
+    """What each worker of `dslm-shard build` needs to filter, split and tokenize documents on its
+    own; build_shards makes it from its ShardConfig, whose checks cover the values, and every worker
+    process gets a pickled copy. No checks of its own."""
+
     tokenizer: Path
+    """tokenizer.json that each worker loads (the copy in the build's `out` folder)."""
     filters: FilterConfig
+    """Thresholds of the filter rules, applied without dedup (the main process drops duplicates)."""
     val_fraction: float
+    """Share of documents sent to the val split by a hash of their kept text, in [0, 1)
+    (ShardConfig.val_fraction)."""
     dtype: str
+    """numpy dtype name of the framed token arrays, "uint16" or "uint32" (ShardConfig's "auto"
+    already resolved for the vocab)."""
 
 
 class Encoder:

@@ -38,37 +38,45 @@ HEADER_STRIPPED = "header_stripped"
 
 @dataclass
 class FilterConfig:
-    """Thresholds of `DocumentFilter`. A document is dropped only strictly past a threshold."""
+    """Thresholds of `DocumentFilter`. A document is dropped only strictly past a threshold. Code
+    lines are those of str.splitlines(); lengths are in characters (len) and are taken after header
+    stripping. Raises DslmError for a value out of its range."""
 
     min_lines: int = 3
-    """Code with fewer lines is dropped (too_few_lines): stubs and empty `__init__.py` (model card)."""
+    """Code with fewer lines is dropped (too_few_lines): stubs and empty `__init__.py` (model card).
+    1 <= min_lines <= max_lines."""
     max_lines: int = 4000
-    """Code with more lines is dropped (too_many_lines): generated tables, amalgamations (model card)."""
+    """Code with more lines is dropped (too_many_lines): generated tables, amalgamations (model card).
+    At least min_lines."""
     max_non_ascii: float = 0.25
-    """Code whose share of non-ASCII characters is higher is dropped (non_ascii). Source code is
-    almost all ASCII even with localized comments; a quarter non-ASCII means a data file, a
-    mis-decoded binary or a string table rather than code."""
+    """Code whose share of non-ASCII characters is higher is dropped (non_ascii), a fraction in
+    [0, 1]. Source code is almost all ASCII even with localized comments; a quarter non-ASCII means
+    a data file, a mis-decoded binary or a string table rather than code."""
     max_line_length: int = 1000
-    """Code with a longer line is dropped (long_lines): minified code, one-line data and base64
-    blobs. The value of Codex (Chen et al. 2021) and The Stack / StarCoder."""
+    """Code with a line longer than this many characters (len(line), line break excluded) is dropped
+    (long_lines), > 0: minified code, one-line data and base64 blobs. The value of Codex
+    (Chen et al. 2021) and The Stack / StarCoder."""
     max_mean_line_length: float = 100.0
-    """Code whose mean line length is higher is dropped (long_lines); same sources as
-    `max_line_length`. Hand-written code averages 30-40 characters a line."""
+    """Code whose mean line length in characters (line breaks excluded) is higher is dropped
+    (long_lines), > 0; same sources as `max_line_length`. Hand-written code averages well below it."""
     max_encoded_run: int = 1024
-    """Code with a longer run of base64 characters (`[A-Za-z0-9+/=\\n]`, newlines included) is
-    dropped (encoded_data): wrapped blobs whose 64-76 character lines pass the line-length rules.
-    StarCoder2's encoded-data filter (Lozhkov et al. 2024) with its 1,024 limit."""
+    """Code with a longer run, in characters, of base64 characters (`[A-Za-z0-9+/=\\n]`, newlines
+    included) is dropped (encoded_data), > 0: wrapped blobs whose 64-76 character lines pass the
+    line-length rules. StarCoder2's encoded-data filter (Lozhkov et al. 2024) with its 1,024 limit."""
     max_header_lines: int = 20
-    """A leading comment block or module docstring longer than this is stripped from code
-    (license headers); one this long or shorter is kept (model card)."""
+    """A leading comment block or module docstring longer than this many lines is stripped from code
+    (license headers); one this long or shorter is kept (model card). >= 0 (0 strips every header)."""
     min_text_chars: int = 200
-    """Web text with fewer characters, not counting whitespace at the ends, is dropped (too_short)."""
+    """Web text with fewer characters, not counting whitespace at the ends, is dropped (too_short).
+    >= 0 (0 turns this rule off)."""
     max_duplicate_line_fraction: float = 0.3
     """Web text where a higher share of its non-blank lines repeat an earlier line is dropped
-    (repeated_lines): menus, boilerplate, spam. Gopher's repetition rule (Rae et al. 2021, table A1)."""
+    (repeated_lines): menus, boilerplate, spam. A fraction in [0, 1]. Gopher's repetition rule
+    (Rae et al. 2021, table A1)."""
     min_alpha_word_fraction: float = 0.8
     """Web text where a lower share of its words hold a letter is dropped (few_alpha_words):
-    tables of numbers, symbol soup. Gopher's quality rule (Rae et al. 2021, appendix A)."""
+    tables of numbers, symbol soup. A fraction in [0, 1]. Gopher's quality rule (Rae et al. 2021,
+    appendix A)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lines <= self.max_lines:
@@ -223,8 +231,8 @@ class DocumentFilter:
     duplicates of any document kept before, across all sources of a build (`first_seen`).
 
     `seen` holds the 16-byte MD5 digest of every distinct kept text, so memory grows with the
-    number of distinct documents: about 83 bytes each with the set's overhead (measured on
-    CPython 3.11: 83 MB per million). `dslm-shard build` runs `check` in its worker processes
+    number of distinct documents (the digest plus the set's overhead per document; the figure is
+    in bench/RESULTS.md). `dslm-shard build` runs `check` in its worker processes
     and `first_seen` in order in the main one; a resumed build pre-seeds `seen` from its journal.
     """
 

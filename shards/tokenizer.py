@@ -1,19 +1,13 @@
-"""Byte-level BPE tokenizer (HF `tokenizers`) with dslm's fixed special tokens."""
+"""Training the byte-level BPE tokenizer (HF `tokenizers`) with dslm's fixed special tokens
+(dslm.data.tokens holds them and the loading rule)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-# Fixed ids: the model and the loader rely on <pad>=0 <unk>=1 <bos>=2 <eos>=3.
-SPECIAL_TOKENS = [
-    "<pad>", "<unk>", "<bos>", "<eos>",
-    "<|im_start|>", "<|im_end|>", "<|instruction|>", "<|response|>",
-]
-BOS_ID = SPECIAL_TOKENS.index("<bos>")
-EOS_ID = SPECIAL_TOKENS.index("<eos>")
+from dslm.data.tokens import SPECIAL_TOKENS
 
 
 def new_tokenizer() -> Tokenizer:
@@ -36,12 +30,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.train_from_iterator(texts, trainer)
     return tok
 
-
-def load_text_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer for corpus text: "<bos>" written in a document stays text, never the special id.
-
-    (tokenizers does not save this setting in tokenizer.json, so it is set on every load.)
-    """
-    tok = Tokenizer.from_file(str(path))
-    tok.encode_special_tokens = True
-    return tok

@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from dslm.data.manifest import ShardEntry
-from dslm.files import open_at, sha256_file
+from dslm.files import open_at, sha256_file, tmp_path
 
 SAMPLE_SUFFIX = ".tokens.npy"
 LANGUAGE_SUFFIX = ".language.txt"
@@ -53,11 +53,6 @@ class Packer:
 
 def shard_path(out: Path, split: str, index: int) -> Path:
     return out / f"{split}-{index:06d}.tar"
-
-
-def tmp_path(final: Path) -> Path:
-    """Where a shard is written until it is complete."""
-    return final.with_name(f".{final.name}.tmp")
 
 
 @dataclass

@@ -22,12 +22,21 @@ from dslm.errors import DslmError
 
 @dataclass
 class DataConfig:
+    """Where the training samples come from and how they are read. Raises ValueError (naming
+    the field) for a value out of its range."""
+
     shards: str = "data/shards"
-    """Folder written by `dslm-shard build` (holds manifest.json)."""
+    """Folder written by `dslm-shard build` (holds manifest.json and the tar shards)."""
     num_workers: int = 1
-    """Loader worker processes per rank (0 = read in the training process)."""
+    """Loader worker processes per rank, >= 0 (0: read in the training process)."""
     prefetch_factor: int = 2
-    """Batches each worker reads ahead."""
+    """Micro-batches each worker reads ahead, >= 1 (PyTorch DataLoader's prefetch_factor)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must not be negative")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor={self.prefetch_factor} must be at least 1")
 
 
 class ShardSamples(Dataset):
@@ -83,32 +92,26 @@ class GlobalOrderSampler(Sampler[int]):
             position += self.micro_batch * self.world_size
 
 
-def split_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) tokens -> inputs (B, T) and next-token targets (B, T) on `device`."""
-    batch = batch.to(device, non_blocking=True)
-    return batch[:, :-1], batch[:, 1:]
-
-
 class DeviceBatches:
-    """(inputs, targets) micro-batches on `device` from an iterator of (B, T+1) token batches, the
-    next one taken ahead of use: `prefetch()` takes it from the loader (a few ms of the main
-    process's time per micro-batch, receiving it from the worker) and starts its copy to the device
-    (non-blocking from pinned memory). The training step calls it while the device still works
-    through the backward pass, not after the optimizer step's host sync, when the device would idle."""
+    """(B, T+1) token micro-batches on `device` from the loader, the next one taken ahead of use:
+    `prefetch()` takes it from the loader (receiving it from the worker costs the main process
+    time) and starts its copy to the device (non-blocking from pinned memory). The training step
+    calls it while the device still works through the backward pass, not after the optimizer
+    step's host sync, when the device would idle."""
 
     def __init__(self, batches: Iterator[torch.Tensor], device: torch.device):
         self.batches, self.device = batches, device
-        self.ready: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ready: torch.Tensor | None = None
 
     def prefetch(self) -> None:
         """Take the next micro-batch now, unless one is already waiting."""
         if self.ready is None:
-            self.ready = split_batch(next(self.batches), self.device)
+            self.ready = next(self.batches).to(self.device, non_blocking=True)
 
     def __iter__(self) -> DeviceBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> torch.Tensor:
         self.prefetch()
         ready, self.ready = self.ready, None
         return ready

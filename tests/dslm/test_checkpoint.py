@@ -7,7 +7,7 @@ import pytest
 from dslm.checkpoint import (LATEST_NAME, SEAL_NAME, Checkpointer, TrainState, best_tag, newest_resumable, rng_file,
                              seal, seal_problem, sealed_state, tag_for)
 from dslm.errors import DslmError
-from dslm.train import check_same_shards, shards_identity
+from dslm.resume import check_same_shards, shards_identity
 
 
 def fake_tag(folder, step, world_size=2, sealed=True, val_loss=None):

@@ -16,7 +16,7 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     recipe = write(tmp_path / "r.yaml", "name: exp\nmodel:\n  preset: code-33m\n  dropout: 0.1\ntrain:\n  lr: 1.0e-3\n")
     cfg = load_config(recipe, ["train.lr=2e-3", "model.n_layer=4"])
     assert cfg.name == "exp" and cfg.train.lr == 2e-3
-    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size, cfg.model.dropout) == (4, 512, 8000, 0.1)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size, cfg.model.dropout) == (4, 512, 8000, 0.1)
     assert cfg.run_dir.as_posix() == "runs/exp"
 
 
@@ -24,7 +24,7 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     (["train.lrr=1"], "train.lrr"),
     (["train.max_steps=many"], "train.max_steps"),
     (["model.preset=huge"], "model.preset='huge'"),
-    (["model.n_head=3"], "model.d_model=128 is not divisible by model.n_head=3"),
+    (["model.n_head=3"], "model.n_embd=128 is not divisible by model.n_head=3"),
     (["train.warmup_steps=5000"], "train.warmup_steps=5000"),
 ])
 def test_mistakes_name_the_field(overrides, message):
@@ -36,8 +36,8 @@ def test_shards_must_fit_the_model(tiny_shards):
     _, manifest = tiny_shards
     with pytest.raises(DslmError, match="model.vocab_size=100"):
         check_against_manifest(load_config(None, ["model.vocab_size=100"]), manifest)
-    with pytest.raises(DslmError, match="model.context=32"):
-        check_against_manifest(load_config(None, ["model.context=32"]), manifest)
+    with pytest.raises(DslmError, match="model.block_size=32"):
+        check_against_manifest(load_config(None, ["model.block_size=32"]), manifest)
     check_against_manifest(load_config(None, ["model.preset=tiny"]), manifest)
 
 
@@ -50,3 +50,12 @@ def test_ds_config_batch_sizes_filled_in_or_checked(tmp_path):
         load_ds_config(clash, train, world_size=2)
     with pytest.raises(DslmError, match="not valid JSON"):
         load_ds_config(write(tmp_path / "bad.json", "{"), train, world_size=1)
+
+
+def test_old_model_keys_are_read_under_their_new_names(tmp_path, capsys):
+    old = write(tmp_path / "config.yaml", "model:\n  preset: tiny\n  d_model: 64\n  d_ff: 256\n  context: 32\n"
+                                          "  head_bias: false\n")
+    model = load_config(old, ["model.d_model=32"]).model
+    assert (model.n_embd, model.intermediate_size, model.block_size, model.lm_head_bias) == (32, 256, 32, False)
+    err = capsys.readouterr().err
+    assert "model.d_model is now model.n_embd" in err and "model.head_bias is now model.lm_head_bias" in err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dslm.export import fold_head_bias, hf_config, hf_state_dict
+from dslm.hf import fold_head_bias, hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
 
 transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")
@@ -17,12 +17,12 @@ def hf_model(weights: dict, cfg: ModelConfig):
     return hf.eval()
 
 
-@pytest.mark.parametrize("options", [dict(), dict(head_bias=False), dict(tie_embeddings=True, vocab_multiple=128)])
+@pytest.mark.parametrize("options", [dict(), dict(lm_head_bias=False), dict(tie_embeddings=True, vocab_multiple=128)])
 def test_hf_gpt2_logits_match(options, trained_looking):
-    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=256, vocab_size=300, context=32, **options)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=256, vocab_size=300, block_size=32, **options)
     model = trained_looking(cfg)
     hf = hf_model(model.state_dict(), cfg)
-    idx = torch.randint(0, cfg.vocab_size, (3, cfg.context))
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
     with torch.no_grad():
         ours, theirs = model(idx), hf(idx).logits
     assert (ours - theirs).abs().max().item() < 1e-4
@@ -39,7 +39,7 @@ def test_folded_head_bias_is_exact_for_any_normalized_input():
 
 
 def test_config_is_gpt2s():
-    cfg = ModelConfig(n_layer=3, n_head=2, d_model=32, d_ff=64, vocab_size=100, context=16)
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, intermediate_size=64, vocab_size=100, block_size=16)
     config = transformers.GPT2Config(**json.loads(json.dumps(hf_config(cfg))))
     assert (config.n_layer, config.n_head, config.n_embd, config.n_inner, config.n_positions) == (3, 2, 32, 64, 16)
     assert not config.tie_word_embeddings

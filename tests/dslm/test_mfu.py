@@ -11,7 +11,7 @@ def test_flops_per_token_of_the_headline_model():
 
 
 def test_tied_head_counts_as_a_matmul():
-    base = dict(n_layer=1, n_head=2, d_model=32, d_ff=64, vocab_size=100, context=16)
+    base = dict(n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=100, block_size=16)
     untied, tied = GPT(ModelConfig(**base)), GPT(ModelConfig(**base, tie_embeddings=True))
     assert flops_per_token(untied, 16) == flops_per_token(tied, 16)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dslm.engine import param_groups
 from dslm.model import GPT, PRESETS, ModelConfig
+from dslm.optim import param_groups
 
 MODEL_FILE = Path(__file__).resolve().parents[2] / "dslm" / "model.py"
 
@@ -28,8 +28,8 @@ def test_forward_shapes_and_initial_loss():
     assert model(idx).shape == (2, 16, cfg.vocab_size)
     # GPT-2 init gives near-uniform predictions: loss close to ln(vocab)
     assert model(idx, idx).item() == pytest.approx(math.log(cfg.vocab_size), abs=0.1)
-    with pytest.raises(ValueError, match="model.context"):
-        model(torch.zeros(1, cfg.context + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="model.block_size"):
+        model(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
@@ -51,7 +51,7 @@ def test_model_module_is_single_device_code():
 
 
 def test_tied_embeddings_and_padded_vocab():
-    base = dict(n_layer=1, n_head=2, d_model=32, d_ff=64, vocab_size=300, context=16)
+    base = dict(n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=300, block_size=16)
     untied, tied = GPT(ModelConfig(**base)), GPT(ModelConfig(**base, tie_embeddings=True))
     assert tied.lm_head.weight is tied.wte.weight
     assert untied.num_params() - tied.num_params() == 300 * 32
@@ -66,7 +66,7 @@ def test_tied_embeddings_and_padded_vocab():
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, vocab_size=100, context=16))
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, intermediate_size=64, vocab_size=100, block_size=16))
     idx = torch.randint(0, 100, (2, 16))
     grads = []
     for flag in (False, True):
@@ -75,3 +75,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(idx, idx).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_a_preset_fills_the_sizes_left_unset_in_code():
+    with torch.device("meta"):
+        assert GPT(ModelConfig(preset="code-33m")).num_params() == 33_551_168
+    variant = ModelConfig(preset="code-33m", n_layer=4)
+    assert (variant.n_layer, variant.n_embd, variant.block_size) == (4, 512, 256)
+    assert ModelConfig().n_embd == PRESETS["tiny"]["n_embd"]  # the default preset
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(preset="huge"), "model.preset='huge' is not one of"),
+    (dict(preset="", n_layer=2), "model.n_head is not set"),
+    (dict(dropout=1.0), "model.dropout=1.0"),
+])
+def test_bad_model_configs_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)

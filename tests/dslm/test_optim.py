@@ -1,11 +1,12 @@
 import pytest
 
-from dslm.trainer import TrainConfig, lr_factor
+from dslm.optim import lr_factor
+from dslm.trainer import TrainConfig
 
 
 def factors(**settings):
     cfg = TrainConfig(lr=1.0, min_lr=0.1, max_steps=100, warmup_steps=10, **settings)
-    return [lr_factor(step, cfg) for step in range(cfg.max_steps + 1)]
+    return [lr_factor(step, cfg, cfg.max_steps) for step in range(cfg.max_steps + 1)]
 
 
 def test_cosine_warms_up_then_decays_to_min_lr():
@@ -21,7 +22,8 @@ def test_wsd_holds_then_decays_linearly_over_the_last_fraction():
     assert f[90] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("bad", [dict(schedule="linear"), dict(decay_fraction=0.0)])
+@pytest.mark.parametrize("bad", [dict(schedule="linear"), dict(decay_fraction=0.0), dict(lr=0.0), dict(beta2=1.0),
+                                 dict(weight_decay=-0.1)])
 def test_bad_schedule_settings_name_the_field(bad):
     with pytest.raises(ValueError, match=f"train.{next(iter(bad))}"):
         TrainConfig(**bad)

@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.export import hf_config, hf_state_dict
+from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, KVCache, ModelConfig
 from eval.generate import GenerationConfig, complete, cut_at_stop, generate, sample_filter
 from eval.generate_cli import main
-from shards.tokenizer import load_text_tokenizer, train_tokenizer
+from shards.tokenizer import train_tokenizer
 
 BIN = Path(sys.executable).parent
-CFG = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=128, vocab_size=300, context=32)
+CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=300, block_size=32)
 NO_STOP = dict(stop_tokens=())
 
 
@@ -57,13 +58,13 @@ PROMPTS = [[5, 17, 2], [9, 1, 40, 41, 42, 43, 44], [7, 7, 7], [250]]  # two of l
 def test_cached_logits_equal_full_logits_for_a_chunked_prefill():
     model = peaked_model()
     idx = torch.randint(0, CFG.vocab_size, (3, 20))
-    cache = KVCache(CFG, batch=3, max_len=CFG.context)
+    cache = KVCache(CFG, batch=3, max_len=CFG.block_size)
     with torch.no_grad():
         chunks = [model(idx[:, a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 13), (13, 20))]
         full = model(idx)
         assert cache.length == 20
         assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
-        with pytest.raises(ValueError, match="model.context"):  # positions go on from the cache's length
+        with pytest.raises(ValueError, match="model.block_size"):  # positions go on from the cache's length
             model(idx[:, :13], cache=cache)
 
 
@@ -111,7 +112,7 @@ def test_beam_search_with_one_beam_is_greedy():
 def test_beam_search_as_wide_as_the_vocab_finds_the_most_likely_pair():
     # Two new tokens and V beams keep every first token: the search is exhaustive, so its answer is
     # the most likely of all V^2 pairs (beam search in general is not, and may even lose to greedy).
-    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, vocab_size=12, context=16)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, intermediate_size=64, vocab_size=12, block_size=16)
     model = peaked_model(cfg, seed=4)
     with torch.no_grad():
         model.lm_head.weight.div_(10)  # flatter, so the best pair is often not greedy's

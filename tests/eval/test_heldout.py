@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from dslm.data.loader import ShardSamples
+from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
 from dslm.model import GPT, ModelConfig
 from eval.heldout import LabeledSamples, heldout_documents, split_documents, token_bytes
 from eval.perplexity import ALL, perplexity
 from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from shards.sources import CodeSource
-from shards.tokenizer import BOS_ID, EOS_ID, load_text_tokenizer
 
 C_FILE = """#include <stdio.h>
 
@@ -87,7 +87,7 @@ def test_token_bytes_count_the_text_each_token_decodes_to(mixed):
 def test_perplexity_per_language_adds_up_to_the_whole(mixed):
     _, out, manifest = mixed
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, d_ff=64, vocab_size=512, context=64)).eval()
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=512, block_size=64)).eval()
     samples = LabeledSamples(ShardSamples(out, manifest.split("val")))
     table = token_bytes(load_text_tokenizer(out / "tokenizer.json"), 512)
     results = perplexity(model, samples, table, batch_size=7, device=torch.device("cpu"))

@@ -9,13 +9,13 @@ from tokenizers import Tokenizer
 from dslm.checkpoint import TrainState, rng_file, rng_state, seal, tag_for
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
+from dslm.data.tokens import EOS_ID, load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.export import export
 from dslm.model import GPT, ModelConfig
 from eval.load import load_for_eval
-from shards.tokenizer import EOS_ID, load_text_tokenizer
 
-CFG = ModelConfig(n_layer=2, n_head=4, d_model=64, d_ff=128, vocab_size=600, context=32)
+CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 
 
 def write_checkpoint(run_dir, step: int, state: dict, sealed: bool = True):
@@ -46,7 +46,7 @@ def run(tmp_path, tiny_shards, model):
 
 def logits(model: GPT) -> torch.Tensor:
     with torch.no_grad():
-        return model(torch.arange(2 * CFG.context).view(2, CFG.context) % CFG.vocab_size)
+        return model(torch.arange(2 * CFG.block_size).view(2, CFG.block_size) % CFG.vocab_size)
 
 
 def test_a_checkpoint_and_its_run_load_the_trained_weights_and_the_tokenizer(run, tiny_shards, model):

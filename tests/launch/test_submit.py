@@ -134,3 +134,16 @@ def test_requeues_are_bounded_and_the_run_stays_resumable(tiny_shards, tmp_path,
     assert "--max-requeues 0 reached" in logs.read(log)
     latest = (tmp_path / "bounded" / "checkpoints" / "latest").read_text()
     assert int(latest.removeprefix("global_step")) >= 3, "stopped at a checkpoint"
+
+
+def test_the_dry_run_script_guard_names_submitit_when_its_private_builder_changes(tmp_path, monkeypatch):
+    import submitit
+
+    from launch.submit import sbatch_script
+
+    executor = submitit.SlurmExecutor(folder=tmp_path)
+    assert "#SBATCH" in sbatch_script(executor)
+    # a version whose builder takes other arguments
+    monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_file_text", lambda self, text: text)
+    with pytest.raises(DslmError, match=r"submitit .*_make_submission_file_text.*submitit==1\."):
+        sbatch_script(executor)

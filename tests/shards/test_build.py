@@ -9,11 +9,12 @@ import pytest
 from tokenizers import Tokenizer
 
 from dslm.data.manifest import Manifest
+from dslm.data.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_text_tokenizer
 from dslm.files import sha256_file
 from shards.build import ShardConfig, TokenizerSample, build_shards, train_and_save_tokenizer
 from shards.filters import DocumentFilter
 from shards.sources import CodeSource
-from shards.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_text_tokenizer, train_tokenizer
+from shards.tokenizer import train_tokenizer
 
 TRICKY = [
     "def f(x):\n\treturn x  \n",

@@ -1,0 +1,33 @@
+"""The token contract between the shards and everything that reads them: the special tokens, their
+fixed ids, and how a tokenizer is loaded for corpus text. `dslm-shard` writes by it; the loader,
+eval, generation and the export read by it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+SPECIAL_TOKENS = [
+    "<pad>", "<unk>", "<bos>", "<eos>",
+    "<|im_start|>", "<|im_end|>", "<|instruction|>", "<|response|>",
+]
+"""Ids 0..7 of every dslm tokenizer, in this order: the model, the loader and the export rely on
+<pad>=0 <unk>=1 <bos>=2 <eos>=3. The last four frame instruction data (chat-style markers)."""
+PAD_ID = SPECIAL_TOKENS.index("<pad>")
+BOS_ID = SPECIAL_TOKENS.index("<bos>")
+"""Starts every document in the shards."""
+EOS_ID = SPECIAL_TOKENS.index("<eos>")
+"""Ends every document in the shards; generation stops on it."""
+
+
+def load_text_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer for corpus text: "<bos>" written in a document stays text, never the special id.
+
+    (tokenizers does not save this setting in tokenizer.json, so it is set on every load.)
+    Raises: FileNotFoundError when `path` is missing; Exception from `tokenizers` for a file that
+    is not a tokenizer.
+    """
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok

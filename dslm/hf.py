@@ -1,0 +1,141 @@
+"""dslm's GPT and Hugging Face's GPT2LMHeadModel, both directions: one table of names for the
+config and one for the weights, used by `dslm-export` (to HF) and eval's loader (from HF).
+
+The block is GPT-2's, so the weights map one to one (Linear weights transposed into GPT-2's
+Conv1D layout), except the output head's bias, which the model cards count and GPT-2 lacks. It
+is folded into the final LayerNorm and the head exactly: a LayerNorm's normalized output sums to
+zero, so one hidden dimension k is a linear function of the others and the head can take its
+weight over to them; dimension k is then set to the constant 1 (gain 0, bias 1) and its column
+of the head carries the bias. k is the dimension whose move perturbs the head least. The logits
+are the same up to float rounding; the last hidden state differs in dimension k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dslm.data.tokens import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
+from dslm.errors import DslmError
+from dslm.model import ModelConfig
+
+CONFIG_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "intermediate_size": "n_inner",
+                "vocab_size": "vocab_size", "block_size": "n_positions"}
+"""ModelConfig's sizes -> GPT2Config's keys."""
+
+BLOCK_NAMES = {
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "attn.qkv.weight": "attn.c_attn.weight", "attn.qkv.bias": "attn.c_attn.bias",
+    "attn.proj.weight": "attn.c_proj.weight", "attn.proj.bias": "attn.c_proj.bias",
+    "mlp.fc.weight": "mlp.c_fc.weight", "mlp.fc.bias": "mlp.c_fc.bias",
+    "mlp.proj.weight": "mlp.c_proj.weight", "mlp.proj.bias": "mlp.c_proj.bias",
+}
+"""A block's tensors, dslm -> GPT-2. GPT-2's Conv1D stores the Linear weights transposed."""
+
+
+def weight_names(cfg: ModelConfig) -> dict[str, str]:
+    """dslm's tensor names -> GPT2LMHeadModel's, for every tensor of the exported model."""
+    names = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
+             "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(cfg.n_layer):
+        names.update({f"blocks.{i}.{ours}": f"transformer.h.{i}.{theirs}" for ours, theirs in BLOCK_NAMES.items()})
+    return names
+
+
+def is_conv1d(name: str) -> bool:
+    """Whether GPT-2 stores this dslm tensor transposed: a block's Linear weight."""
+    return name.startswith("blocks.") and name.endswith(".weight") and ".ln_" not in name
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it)."""
+    sizes = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_NAMES.items()}
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        **sizes,
+        "activation_function": "gelu_new",  # GELU with the tanh approximation, as dslm's MLP
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def model_config_from_hf(hf: dict, source: Path) -> ModelConfig:
+    """dslm's ModelConfig for a GPT-2 config.json read from `source` (named in errors).
+    Raises DslmError for another architecture, a missing key or sizes that do not fit."""
+    tanh_gelu = hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+    if hf.get("model_type") != "gpt2" or not tanh_gelu:
+        raise DslmError(f"{source}: not a GPT-2 model with tanh GELU, as dslm-export writes")
+    hf = {"n_inner": None, **hf}
+    try:
+        sizes = {ours: hf[theirs] for ours, theirs in CONFIG_NAMES.items()}
+        sizes["intermediate_size"] = sizes["intermediate_size"] or 4 * sizes["n_embd"]  # GPT-2's default
+        return ModelConfig(preset="", **sizes, lm_head_bias=False,
+                           tie_embeddings=hf.get("tie_word_embeddings", True))  # GPT-2's default: tied
+    except KeyError as e:
+        raise DslmError(f"{source} has no {e.args[0]}") from None
+    except ValueError as e:
+        raise DslmError(f"{source}: {e}") from None
+
+
+def tokenizer_config() -> dict:
+    """Lets `AutoTokenizer.from_pretrained(OUT)` load tokenizer.json with dslm's special tokens."""
+    pad, unk, bos, eos = SPECIAL_TOKENS[:4]
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "unk_token": unk, "bos_token": bos,
+            "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None}
+
+
+def fold_head_bias(gain: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gain, shift, weight) of a final LayerNorm and a bias-free head with the same logits as
+    `weight @ (gain * n + shift) + bias` for every normalized n (which sums to zero).
+    Shapes: gain, shift (C,); weight (V, C); bias (V,). Raises DslmError if a gain is zero."""
+    gain, shift, weight, bias = (t.double() for t in (gain, shift, weight, bias))
+    k = int(torch.argmin(gain.abs() * weight.norm(dim=0)))
+    others = torch.arange(len(gain)) != k
+    if gain[others].abs().min() < 1e-6:
+        raise DslmError("cannot fold the output head's bias: a final LayerNorm gain is zero")
+    moved = torch.outer(weight[:, k], gain[k] / gain)  # head weight taken over from k, per dimension
+    new_weight = weight - moved
+    new_weight[:, k] = bias + weight[:, k] * shift[k] + (moved[:, others] * shift[others]).sum(dim=1)
+    new_gain, new_shift = gain.clone(), shift.clone()
+    new_gain[k], new_shift[k] = 0.0, 1.0
+    return new_gain.float(), new_shift.float(), new_weight.float()
+
+
+def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's state dict for dslm's `weights` (padded vocab rows dropped; a tied head
+    is written as its own tensor, since folding the bias changes it)."""
+    vocab = cfg.vocab_size
+    weights = {**weights, "wte.weight": weights["wte.weight"][:vocab],
+               "lm_head.weight": weights["lm_head.weight"][:vocab]}
+    if "lm_head.bias" in weights:
+        folded = fold_head_bias(weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"],
+                                weights["lm_head.bias"][:vocab])
+        weights.update(zip(("ln_f.weight", "ln_f.bias", "lm_head.weight"), folded))
+    return {theirs: (weights[ours].t() if is_conv1d(ours) else weights[ours]).float().contiguous()
+            for ours, theirs in weight_names(cfg).items()}
+
+
+def dslm_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+    """dslm's weights for GPT2LMHeadModel's read from `source` (named in errors): the inverse of
+    `hf_state_dict`. A tied head may be left out of the file. Raises DslmError for a missing tensor."""
+    out = {}
+    for ours, theirs in weight_names(cfg).items():
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            out[ours] = out["wte.weight"]
+        elif theirs not in hf:
+            raise DslmError(f"{source} has no tensor {theirs}")
+        else:
+            out[ours] = hf[theirs].t() if is_conv1d(ours) else hf[theirs]
+    return out

@@ -1,0 +1,138 @@
+"""Continuing a run from a checkpoint: which tag (`--resume auto` or a path), whether the run
+may continue from it (sealed, intact, the same shards), the form DeepSpeed loads it in (the tag
+itself, or DeepSpeed's universal form on another world size), and loading it into the engine
+with each rank's RNG. Saving and the tag format are dslm.checkpoint.
+
+The order in dslm.train: `plan_resume` before the engine exists (its `load_universal` is an
+argument of dslm.engine.build_engine), `Resume.load` once the engine is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dslm.checkpoint import (TrainState, list_checkpoints, newest_resumable, rng_file, seal_problem, sealed_state,
+                             set_rng_state, set_seeds, universal_dir)
+from dslm.cli import warn
+from dslm.data.manifest import Manifest
+from dslm.engine import DistEnv
+from dslm.errors import DslmError
+from dslm.files import atomic_path
+
+
+@dataclass
+class Resume:
+    """A sealed, intact checkpoint of this run's shards, and how DeepSpeed loads it."""
+
+    tag_dir: Path
+    """The tag the run continues from."""
+    state: TrainState
+    """Where the run stood at that tag, as sealed."""
+    load_from: Path
+    """What DeepSpeed loads: the tag itself, or its universal form when the world size changed."""
+
+    @property
+    def load_universal(self) -> bool:
+        """Whether DeepSpeed loads the universal form (its engine must be built for that)."""
+        return self.load_from != self.tag_dir
+
+    def load(self, engine, env: DistEnv, seed: int) -> TrainState:
+        """Load DeepSpeed's state and this rank's RNG into `engine`; the state to continue from.
+        On another world size the RNG streams are new, seeded from `seed`, the step and the rank.
+        Raises DslmError when DeepSpeed loads nothing."""
+        path, _ = engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name)
+        if path is None:
+            raise DslmError(f"DeepSpeed could not load {self.load_from}")
+        if self.load_universal:
+            set_seeds(seed * 1_000_003 + self.state.step * 1_009 + env.rank)
+        else:
+            set_rng_state(torch.load(self.tag_dir / rng_file(env.rank), weights_only=False))
+        if env.rank == 0:
+            print(f"resumed from {self.tag_dir} at step {self.state.step} ({self.state.samples:,} samples read)",
+                  flush=True)
+            if self.load_universal:
+                print(f"  on {env.world_size} ranks instead of {self.state.world_size} (through "
+                      f"{self.load_from.name}): the global batch is now {env.world_size}/{self.state.world_size} "
+                      f"of what it was", flush=True)
+        return dataclasses.replace(self.state, world_size=env.world_size)
+
+
+def plan_resume(resume: str | None, folder: Path, manifest: Manifest, shards: str, env: DistEnv) -> Resume | None:
+    """Collective. What `--resume` (None, "auto" or a tag folder) continues from in the run's
+    checkpoint `folder`, converted for this world size; None for a fresh run. Raises DslmError
+    when nothing loadable exists, when a fresh run would mix with existing checkpoints, or when
+    data.shards=`shards` is not what the checkpoint was trained on."""
+    tag_dir = find_resume(resume, folder, env)
+    if tag_dir is None:
+        return None
+    state = sealed_state(tag_dir)
+    check_same_shards(state, manifest, shards)
+    load_from = tag_dir if state.world_size == env.world_size else convert_to_universal(tag_dir)
+    return Resume(tag_dir, state, load_from)
+
+
+def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
+    """The checkpoint to resume from: None for a fresh run; an error when resuming is asked for
+    and nothing loadable exists, or when a fresh run would mix with existing checkpoints."""
+    if resume is None:
+        if list_checkpoints(folder):
+            raise DslmError(f"{folder} already holds checkpoints: pass --resume auto to continue the run, "
+                            f"or choose another name=")
+        return None
+    if resume != "auto":
+        tag_dir = Path(resume)
+        if (problem := seal_problem(tag_dir)) is not None:
+            raise DslmError(f"cannot resume from {tag_dir}: {problem}")
+        return tag_dir
+    tag_dir, skipped = newest_resumable(folder)
+    if env.rank == 0:
+        for line in skipped:
+            warn("dslm-train", line)
+    if tag_dir is None:
+        raise DslmError(f"--resume auto: no intact checkpoint in {folder}")
+    return tag_dir
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """Collective: DeepSpeed's universal form of a tag, which loads on any world size. Rank 0
+    converts it once with DeepSpeed's converter command (into a temporary folder renamed when
+    done); later resumes reuse it. Raises DslmError with the converter's last line if it fails."""
+    target = universal_dir(tag_dir)
+    if dist.get_rank() == 0 and not target.is_dir():
+        with atomic_path(target) as tmp:
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                       "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; unused
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise DslmError(f"converting {tag_dir} to DeepSpeed's universal form failed: {last}")
+    dist.barrier()
+    return target
+
+
+def fresh_state(world_size: int, manifest: Manifest) -> TrainState:
+    """The state of a run that starts at step 0 on `manifest`'s shards."""
+    return TrainState(world_size=world_size, shards=shards_identity(manifest))
+
+
+def shards_identity(manifest: Manifest) -> dict:
+    """What a run's sample cursor counts in (TrainState.shards)."""
+    return {"tokenizer_sha256": manifest.tokenizer_sha256, "seq_len": manifest.seq_len,
+            "train_samples": sum(e.samples for e in manifest.split("train"))}
+
+
+def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> None:
+    """A resumed run must read the shards it started on: its cursor counts their samples."""
+    now = shards_identity(manifest)
+    changed = [f"{key} {state.shards[key]} -> {now[key]}" for key in now if state.shards.get(key) != now[key]]
+    if changed:
+        raise DslmError(f"data.shards={folder} is not what the run was trained on ({'; '.join(changed)}); "
+                        f"point data.shards at the run's shards")
