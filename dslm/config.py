@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -47,21 +48,36 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
 
 def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
     """Defaults < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`); model sizes not
     set anywhere come from model.preset. Raises DslmError (one line) for an unknown key, a value
     of the wrong type or out of its range."""
     try:
-        recipe_conf = OmegaConf.load(recipe) if recipe else OmegaConf.create()
+        recipe_conf = load_recipe(recipe) if recipe else OmegaConf.create()
         override_conf = OmegaConf.from_dotlist(overrides)
-        for conf, source in ((recipe_conf, str(recipe)), (override_conf, "override")):
+        for conf, source in ((recipe_conf, str(recipe)), (override_conf, "the overrides")):
             rename_old_keys(conf, source)
         return OmegaConf.to_object(OmegaConf.merge(schema(), recipe_conf, override_conf))
     except OmegaConfBaseException as e:
         raise DslmError(str(e).splitlines()[0] + (f" ({e.full_key})" if getattr(e, "full_key", None) else "")) from e
     except ValueError as e:  # a __post_init__ check
         raise DslmError(str(e)) from e
+
+
+def load_recipe(path: str | Path) -> DictConfig:
+    """A YAML recipe or config.yaml; DslmError for a file that is not YAML or not a mapping."""
+    try:
+        conf = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise DslmError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(conf, DictConfig):
+        raise DslmError(f"{path} must be a mapping of sections (model:, data:, train:, ...), not a list")
+    return conf
 
 
 def schema() -> DictConfig:
@@ -79,10 +95,12 @@ def rename_old_keys(conf: DictConfig, source: str) -> None:
     if not isinstance(model, DictConfig):
         return
     for old, new in RENAMED_MODEL_KEYS.items():
-        if old in model:
-            warn("dslm", f"{source}: model.{old} is now model.{new}; read as such")
-            value = model.pop(old)
-            model.setdefault(new, value)
+        if old not in model:
+            continue
+        if new in model:
+            raise DslmError(f"{source} set both model.{old} and model.{new} (its new name); keep model.{new}")
+        warn("dslm", f"{source}: model.{old} is now model.{new}; read as such")
+        model[new] = model.pop(old)
 
 
 def to_yaml(cfg: RunConfig) -> str:

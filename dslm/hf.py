@@ -123,8 +123,9 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         folded = fold_head_bias(weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"],
                                 weights["lm_head.bias"][:vocab])
         weights.update(zip(("ln_f.weight", "ln_f.bias", "lm_head.weight"), folded))
-    return {theirs: (weights[ours].t() if is_conv1d(ours) else weights[ours]).float().contiguous()
-            for ours, theirs in weight_names(cfg).items()}
+    # copies: a tied head and the embedding are one tensor, and safetensors refuses shared storage
+    return {theirs: (weights[ours].t() if is_conv1d(ours) else weights[ours]).to(torch.float32, copy=True)
+            .contiguous() for ours, theirs in weight_names(cfg).items()}
 
 
 def dslm_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:

@@ -35,9 +35,9 @@ class ModelConfig:
     model and `ModelConfig(preset="code-33m", n_layer=4)` a 4-layer variant of it.
     Raises ValueError for an unknown preset, a missing size, or sizes that do not fit together."""
 
-    preset: str = "tiny"
-    """A name in PRESETS whose sizes fill every size field left at None; "" for none (then every
-    size must be given)."""
+    preset: str | None = "tiny"
+    """A name in PRESETS whose sizes fill every size field left at None; "" or None for none
+    (then every size must be given)."""
     n_layer: int | None = None
     """Transformer blocks, >= 1."""
     n_head: int | None = None
@@ -63,7 +63,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"model.preset={self.preset!r} is not one of {', '.join(PRESETS)}")
-        for name, value in PRESETS.get(self.preset, {}).items():
+        for name, value in PRESETS.get(self.preset or "", {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if missing := [name for name in SIZES if getattr(self, name) is None]:

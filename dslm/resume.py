@@ -21,10 +21,12 @@ import torch.distributed as dist
 from dslm.checkpoint import (TrainState, list_checkpoints, newest_resumable, rng_file, seal_problem, sealed_state,
                              set_rng_state, set_seeds, universal_dir)
 from dslm.cli import warn
+from dslm.config import CONFIG_NAME, RunConfig, load_config, run_of
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv
 from dslm.errors import DslmError
 from dslm.files import atomic_path
+from dslm.model import SIZES
 
 
 @dataclass
@@ -64,16 +66,17 @@ class Resume:
         return dataclasses.replace(self.state, world_size=env.world_size)
 
 
-def plan_resume(resume: str | None, folder: Path, manifest: Manifest, shards: str, env: DistEnv) -> Resume | None:
+def plan_resume(resume: str | None, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> Resume | None:
     """Collective. What `--resume` (None, "auto" or a tag folder) continues from in the run's
-    checkpoint `folder`, converted for this world size; None for a fresh run. Raises DslmError
+    checkpoint folder, converted for this world size; None for a fresh run. Raises DslmError
     when nothing loadable exists, when a fresh run would mix with existing checkpoints, or when
-    data.shards=`shards` is not what the checkpoint was trained on."""
-    tag_dir = find_resume(resume, folder, env)
+    the shards, the model or the optimizer settings are not those the checkpoint holds."""
+    tag_dir = find_resume(resume, cfg.checkpoint_dir, env)
     if tag_dir is None:
         return None
     state = sealed_state(tag_dir)
-    check_same_shards(state, manifest, shards)
+    check_same_shards(state, manifest, cfg.data.shards)
+    check_same_settings(cfg, tag_dir)
     load_from = tag_dir if state.world_size == env.world_size else convert_to_universal(tag_dir)
     return Resume(tag_dir, state, load_from)
 
@@ -127,6 +130,31 @@ def shards_identity(manifest: Manifest) -> dict:
     """What a run's sample cursor counts in (TrainState.shards)."""
     return {"tokenizer_sha256": manifest.tokenizer_sha256, "seq_len": manifest.seq_len,
             "train_samples": sum(e.samples for e in manifest.split("train"))}
+
+
+KEPT_MODEL_FIELDS = (*SIZES, "lm_head_bias", "tie_embeddings", "vocab_multiple")
+"""What the weights' shapes depend on."""
+KEPT_TRAIN_FIELDS = ("lr", "beta1", "beta2", "weight_decay")
+"""What the optimizer's saved state holds and a resume would restore over a new value (as
+Megatron-LM refuses a changed scheduler setting by default). The schedule's shape (warmup,
+decay, max_steps, min_lr) follows the resumed run's config."""
+
+
+def check_same_settings(cfg: RunConfig, tag_dir: Path) -> None:
+    """A resumed run keeps the model and the optimizer settings of the run that wrote `tag_dir`
+    (its config.yaml); DslmError naming the first field that differs. A tag outside a run
+    directory has nothing to compare with."""
+    if (found := run_of(tag_dir)) is None:
+        return
+    saved_path = found[0] / CONFIG_NAME
+    saved = load_config(saved_path, [])
+    fields = [("model", name) for name in KEPT_MODEL_FIELDS] + [("train", name) for name in KEPT_TRAIN_FIELDS]
+    for section, name in fields:
+        now, then = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)
+        if now != then:
+            raise DslmError(f"{section}.{name}={now} differs from {then} in {saved_path}: a resumed run keeps the "
+                            f"model's shapes and the optimizer's lr, betas and weight decay, which its checkpoint "
+                            f"holds; drop the override, or start a new run")
 
 
 def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> None:

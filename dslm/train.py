@@ -65,15 +65,15 @@ def run(args: argparse.Namespace) -> None:
     manifest = load_shards(cfg)
     validation = build_validation(cfg, manifest)
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
-    save_run_config(cfg, env)
     stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
-    resume = plan_resume(args.resume, checkpoints_dir(cfg), manifest, cfg.data.shards, env)
+    resume = plan_resume(args.resume, cfg, manifest, env)
     model = build_model(cfg)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)  # before ZeRO-3 partitions the weights
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
     if env.rank == 0:
         print(describe(engine, env.world_size), flush=True)
     state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, manifest)
+    save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
     trainer = build_trainer(cfg, env, manifest, engine, state, stop, validation, mfu_per_token)
     stopped_by = trainer.fit(state)
     trainer.metrics.close()
@@ -105,10 +105,6 @@ def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
                       cfg.train.val_batches)
 
 
-def checkpoints_dir(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "checkpoints"
-
-
 def save_run_config(cfg: RunConfig, env: DistEnv) -> None:
     """Print the resolved config and save it as the run's config.yaml (rank 0)."""
     if env.rank == 0:
@@ -130,7 +126,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, stat
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
     return Trainer(
         cfg=train, engine=engine, batches=DeviceBatches(iter(loader), engine.device), objective=next_token,
-        checkpointer=Checkpointer(checkpoints_dir(cfg), train.keep_last),
+        checkpointer=Checkpointer(cfg.checkpoint_dir, train.keep_last),
         # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
         metrics=Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None),
         stop=stop, validation=validation,

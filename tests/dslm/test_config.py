@@ -59,3 +59,22 @@ def test_old_model_keys_are_read_under_their_new_names(tmp_path, capsys):
     assert (model.n_embd, model.intermediate_size, model.block_size, model.lm_head_bias) == (32, 256, 32, False)
     err = capsys.readouterr().err
     assert "model.d_model is now model.n_embd" in err and "model.head_bias is now model.lm_head_bias" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [1, 2\n", "is not valid YAML: while parsing"),
+    ("- model\n- train\n", "must be a mapping of sections"),
+    ("model:\n  d_model: 64\n  n_embd: 32\n", "set both model.d_model and model.n_embd"),
+])
+def test_a_broken_recipe_is_one_line(tmp_path, text, message):
+    with pytest.raises(DslmError, match=message) as e:
+        load_config(write(tmp_path / "r.yaml", text), [])
+    assert "\n" not in str(e.value)
+
+
+def test_an_empty_preset_from_the_shell_means_no_preset():
+    with pytest.raises(DslmError, match="model.n_layer is not set and model.preset is empty"):
+        load_config(None, ["model.preset="])  # what bash passes for model.preset=""
+    sizes = ["model.n_layer=1", "model.n_head=2", "model.n_embd=8", "model.intermediate_size=16",
+             "model.vocab_size=10", "model.block_size=4"]
+    assert load_config(None, ["model.preset=", *sizes]).model.n_embd == 8

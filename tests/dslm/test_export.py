@@ -43,3 +43,15 @@ def test_config_is_gpt2s():
     config = transformers.GPT2Config(**json.loads(json.dumps(hf_config(cfg))))
     assert (config.n_layer, config.n_head, config.n_embd, config.n_inner, config.n_positions) == (3, 2, 32, 64, 16)
     assert not config.tie_word_embeddings
+
+
+def test_a_tied_head_is_written_as_a_tensor_of_its_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=100, block_size=16,
+                      tie_embeddings=True, lm_head_bias=False)
+    weights = GPT(cfg).state_dict()  # lm_head.weight is wte.weight, as in a consolidated ZeRO-3 checkpoint
+    assert weights["lm_head.weight"].data_ptr() == weights["wte.weight"].data_ptr()
+    save_file(hf_state_dict(weights, cfg), str(tmp_path / "model.safetensors"))
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(saved["lm_head.weight"], saved["transformer.wte.weight"])

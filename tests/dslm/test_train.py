@@ -131,9 +131,16 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tiny_shards, tmp_path)
     args = train_args(shards, tmp_path, max_steps=4, warmup_steps=1, log_interval=2, checkpoint_interval=2)
     fresh = subprocess.run([BIN / "dslm-train", *args, "--resume", "auto"], cwd=tmp_path, capture_output=True, text=True)
     assert fresh.returncode == 2 and "no intact checkpoint" in fresh.stderr.splitlines()[-1]
+    assert not (tmp_path / "t" / "config.yaml").exists(), "a refused start writes no config.yaml"
     subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
-    again = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, capture_output=True, text=True)
+    saved = (tmp_path / "t" / "config.yaml").read_text()
+    again = subprocess.run([BIN / "dslm-train", *args, "model.dropout=0.1"], cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume auto" in again.stderr.splitlines()[-1]
+    for change in ("train.lr=0.001", "model.n_layer=3"):  # what the checkpoint holds cannot change on resume
+        refused = subprocess.run([BIN / "dslm-train", *args, change, "--resume", "auto"], cwd=tmp_path,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and f"{change} differs from" in refused.stderr.splitlines()[-1], refused.stderr
+    assert (tmp_path / "t" / "config.yaml").read_text() == saved, "refused starts leave the run's config.yaml as it was"
     damaged = tmp_path / "t" / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt"
     damaged.write_bytes(damaged.read_bytes()[:100])
     longer = [a.replace("train.max_steps=4", "train.max_steps=6") for a in args]
