@@ -33,7 +33,8 @@ from dslm.data.tokens import SPECIAL_TOKENS
 from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
 from eval.generate import GenerationConfig, generate
-from eval.load import is_export, load_for_eval
+from dslm.weights import is_export
+from eval.load import load_for_eval
 
 from provenance import git_commit  # bench/provenance.py, beside this script
 

@@ -26,6 +26,18 @@ override or a run's config.yaml that still uses an old one is read with a warnin
 
 
 @dataclass
+class Origin:
+    """Where a fine-tuned run's initial weights came from (`train.init_from`), recorded by the run."""
+
+    path: str = ""
+    """The checkpoint tag or export folder read; "" for a run that started from random weights."""
+    step: int | None = None
+    """That checkpoint's optimizer step, where known."""
+    sha256: str = ""
+    """sha256 of the weights read (dslm.weights.weights_sha256)."""
+
+
+@dataclass
 class RunConfig:
     """Everything a training run is made from; saved as runs/NAME/config.yaml. Each part goes
     only to what it configures: `model` to the GPT, `data` to the loader, `train` to the loop,
@@ -43,6 +55,8 @@ class RunConfig:
     """The training samples (`data.*`; dslm.data.loader.DataConfig)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop, optimizer, schedule and checkpoints (`train.*`; dslm.trainer.TrainConfig)."""
+    origin: Origin = field(default_factory=Origin)
+    """Written by the run, not read: where `train.init_from` took the weights from."""
 
     @property
     def run_dir(self) -> Path:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from dslm.checkpoint import (TrainState, list_checkpoints, newest_resumable, rng_file, seal_problem, sealed_state,
                              set_rng_state, set_seeds, universal_dir)
 from dslm.cli import warn
-from dslm.config import CONFIG_NAME, RunConfig, load_config, run_of
+from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv
 from dslm.errors import DslmError
@@ -39,6 +39,8 @@ class Resume:
     """Where the run stood at that tag, as sealed."""
     load_from: Path
     """What DeepSpeed loads: the tag itself, or its universal form when the world size changed."""
+    origin: Origin
+    """Where the run's initial weights came from (its config.yaml), kept by the resumed run."""
 
     @property
     def load_universal(self) -> bool:
@@ -76,9 +78,11 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifest: Manifest, env: Dis
         return None
     state = sealed_state(tag_dir)
     check_same_shards(state, manifest, cfg.data.shards)
-    check_same_settings(cfg, tag_dir)
+    saved = saved_config(tag_dir)
+    if saved is not None:
+        check_same_settings(cfg, *saved)
     load_from = tag_dir if state.world_size == env.world_size else convert_to_universal(tag_dir)
-    return Resume(tag_dir, state, load_from)
+    return Resume(tag_dir, state, load_from, saved[1].origin if saved else Origin())
 
 
 def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
@@ -140,14 +144,18 @@ Megatron-LM refuses a changed scheduler setting by default). The schedule's shap
 decay, max_steps, min_lr) follows the resumed run's config."""
 
 
-def check_same_settings(cfg: RunConfig, tag_dir: Path) -> None:
-    """A resumed run keeps the model and the optimizer settings of the run that wrote `tag_dir`
-    (its config.yaml); DslmError naming the first field that differs. A tag outside a run
-    directory has nothing to compare with."""
+def saved_config(tag_dir: Path) -> tuple[Path, RunConfig] | None:
+    """(path, config) of the config.yaml of the run that wrote `tag_dir`; None for a tag outside
+    a run directory."""
     if (found := run_of(tag_dir)) is None:
-        return
-    saved_path = found[0] / CONFIG_NAME
-    saved = load_config(saved_path, [])
+        return None
+    path = found[0] / CONFIG_NAME
+    return path, load_config(path, [])
+
+
+def check_same_settings(cfg: RunConfig, saved_path: Path, saved: RunConfig) -> None:
+    """A resumed run keeps the model and the optimizer settings of the run that wrote its
+    checkpoint (`saved`, read from `saved_path`); DslmError naming the first field that differs."""
     fields = [("model", name) for name in KEPT_MODEL_FIELDS] + [("train", name) for name in KEPT_TRAIN_FIELDS]
     for section, name in fields:
         now, then = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)

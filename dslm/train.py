@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dslm.checkpoint import Checkpointer, TrainState
 from dslm.cli import run_command
-from dslm.config import RunConfig, check_against_manifest, load_config, save_config, to_yaml
+from dslm.config import Origin, RunConfig, check_against_manifest, load_config, save_config, to_yaml
 from dslm.data.loader import DeviceBatches, ShardSamples, train_loader
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config
@@ -26,9 +26,10 @@ from dslm.metrics import Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
 from dslm.objective import next_token
-from dslm.resume import fresh_state, plan_resume
+from dslm.resume import Resume, fresh_state, plan_resume
 from dslm.stop import EXIT_STOPPED, StopSignal
 from dslm.trainer import IntervalLog, Trainer, Validation
+from dslm.weights import load_into, read_weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
     stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
     resume = plan_resume(args.resume, cfg, manifest, env)
     model = build_model(cfg)
+    cfg.origin = initial_weights(cfg, resume, model, env)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)  # before ZeRO-3 partitions the weights
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
     if env.rank == 0:
@@ -115,6 +117,23 @@ def save_run_config(cfg: RunConfig, env: DistEnv) -> None:
 def build_model(cfg: RunConfig) -> GPT:
     torch.manual_seed(cfg.train.seed)
     return GPT(cfg.model)
+
+
+def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, env: DistEnv) -> Origin:
+    """The run's origin. A resumed run keeps its own (its checkpoint's weights load later);
+    otherwise `train.init_from` names the weights to copy into `model` now."""
+    if resume is not None:
+        if cfg.train.init_from and env.rank == 0:
+            print(f"train.init_from={cfg.train.init_from} is ignored: --resume continues the run from "
+                  f"{resume.tag_dir}", flush=True)
+        return resume.origin
+    if not cfg.train.init_from:
+        return Origin()
+    _, weights, origin = read_weights(cfg.train.init_from)
+    load_into(model, weights, origin.path)
+    if env.rank == 0:
+        print(f"initialized from {origin.path} (step {origin.step}, weights sha256 {origin.sha256})", flush=True)
+    return origin
 
 
 def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, state: TrainState, stop: StopSignal,

@@ -43,6 +43,11 @@ class TrainConfig(OptimConfig):
     """torch.compile the model (through DeepSpeed's engine.compile)."""
     seed: int = 1234
     """Seeds model init and the data order."""
+    init_from: str = ""
+    """Fine-tune: start from the weights at this path, a sealed checkpoint tag, a run directory
+    (its `best` tag, else `latest`) or a dslm-export folder; the optimizer, schedule, data cursor
+    and step start fresh. model.* must describe the source's model. "" starts from random weights.
+    A resumed run continues from its own checkpoint instead."""
     log_interval: int = 10
     """Log the train/* scalars every N steps (and at the last step), >= 1."""
     checkpoint_interval: int = 500

@@ -36,7 +36,8 @@ from eval.checkers import CheckerLimits
 from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
 from eval.generate import GenerationConfig, complete
 from eval.heldout import LabeledSamples, heldout_documents, token_bytes
-from eval.load import LoadedModel, export_origin, is_export, load_for_eval
+from dslm.weights import export_origin, is_export
+from eval.load import LoadedModel, load_for_eval
 from eval.perplexity import ALL, perplexity
 
 PROG = "dslm-eval"

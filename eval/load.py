@@ -4,30 +4,18 @@ folder. Weights are read as safetensors or with torch.load(weights_only=True) (d
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from dslm.checkpoint import load_model, newest_resumable
 from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.manifest import Manifest
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.hf import dslm_state_dict, model_config_from_hf
-from dslm.model import GPT
-
-EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
-EXPORT_STEP = re.compile(r"step(\d+)$")
-"""dslm-export's default folder runs/NAME/export/stepN."""
-
+from dslm.model import GPT, ModelConfig
+from dslm.weights import EXPORT_FILES, export_origin, is_export, newest_checkpoint, read_export, read_tag
 
 @dataclass
 class LoadedModel:
@@ -41,7 +29,8 @@ class LoadedModel:
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME, or an export folder."""
+    """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), or an
+    export folder. Raises DslmError for anything else."""
     path = Path(path)
     if not path.exists():
         raise DslmError(f"{path} does not exist")
@@ -58,40 +47,19 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
     return loaded
 
 
-def newest_checkpoint(run_dir: Path) -> Path:
-    tag_dir, _ = newest_resumable(run_dir / "checkpoints")
-    if tag_dir is None:
-        raise DslmError(f"{run_dir} holds no sealed, intact checkpoint")
-    return tag_dir
-
-
 def load_checkpoint(tag_dir: Path) -> LoadedModel:
     run_dir, step = run_of(tag_dir)
-    cfg = load_config(run_dir / CONFIG_NAME, [])
-    tokenizer = Path(cfg.data.shards) / Manifest.load(cfg.data.shards).tokenizer
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints its progress
-        model = load_model(cfg.model, tag_dir)
-    return LoadedModel(model, load_text_tokenizer(tokenizer), run_dir, step)
+    shards = load_config(run_dir / CONFIG_NAME, []).data.shards
+    tokenizer = Path(shards) / Manifest.load(shards).tokenizer
+    return LoadedModel(model_with(*read_tag(tag_dir)), load_text_tokenizer(tokenizer), run_dir, step)
 
 
 def load_export(folder: Path) -> LoadedModel:
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
-    try:
-        hf = load_file(str(folder / "model.safetensors"))
-    except SafetensorError as e:
-        raise DslmError(f"{folder / 'model.safetensors'}: {e}") from None
+    return LoadedModel(model_with(*read_export(folder)), load_text_tokenizer(folder / "tokenizer.json"),
+                       *export_origin(folder))
+
+
+def model_with(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> GPT:
     model = GPT(cfg)
-    model.load_state_dict(dslm_state_dict(hf, cfg, folder / "model.safetensors"))
-    return LoadedModel(model, load_text_tokenizer(folder / "tokenizer.json"), *export_origin(folder))
-
-
-def is_export(path: Path) -> bool:
-    return all((path / name).is_file() for name in EXPORT_FILES)
-
-
-def export_origin(folder: Path) -> tuple[Path | None, int | None]:
-    """(run directory, step) of an export at dslm-export's default place runs/NAME/export/stepN,
-    else (None, None)."""
-    if (match := EXPORT_STEP.match(folder.name)) and (folder.parent.parent / CONFIG_NAME).is_file():
-        return folder.parent.parent, int(match.group(1))
-    return None, None
+    model.load_state_dict(weights)
+    return model

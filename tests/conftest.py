@@ -12,6 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
+from dslm.checkpoint import TrainState, rng_file, rng_state, seal, tag_for
 from dslm.data.manifest import Manifest
 from dslm.model import GPT, ModelConfig
 from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
@@ -85,3 +86,19 @@ def trained_looking_model(cfg: ModelConfig, seed: int = 0) -> GPT:
 @pytest.fixture
 def trained_looking() -> Callable[..., GPT]:
     return trained_looking_model
+
+
+def write_tag(run_dir: Path, step: int, state: dict, sealed: bool = True) -> Path:
+    """A ZeRO-0 fp32 tag as DeepSpeed writes it (the module's weights in mp_rank_00_model_states.pt)."""
+    tag_dir = run_dir / "checkpoints" / tag_for(step)
+    tag_dir.mkdir(parents=True)
+    torch.save(state, tag_dir / "mp_rank_00_model_states.pt")
+    torch.save(rng_state(), tag_dir / rng_file(0))
+    if sealed:
+        seal(tag_dir, TrainState(step=step, world_size=1))
+    return tag_dir
+
+
+@pytest.fixture
+def write_checkpoint() -> Callable[..., Path]:
+    return write_tag

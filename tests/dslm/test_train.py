@@ -15,6 +15,7 @@ from dslm.checkpoint import load_fp32_weights, load_model, seal, sealed_state
 from dslm.config import load_config
 from dslm.metrics import read_scalars
 from dslm.stop import EXIT_STOPPED
+from dslm.weights import read_weights, weights_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -134,7 +135,8 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tiny_shards, tmp_path)
     assert not (tmp_path / "t" / "config.yaml").exists(), "a refused start writes no config.yaml"
     subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
     saved = (tmp_path / "t" / "config.yaml").read_text()
-    again = subprocess.run([BIN / "dslm-train", *args, "model.dropout=0.1"], cwd=tmp_path, capture_output=True, text=True)
+    again = subprocess.run([BIN / "dslm-train", *args, "model.dropout=0.1"], cwd=tmp_path, capture_output=True,
+                           text=True)
     assert again.returncode == 2 and "--resume auto" in again.stderr.splitlines()[-1]
     for change in ("train.lr=0.001", "model.n_layer=3"):  # what the checkpoint holds cannot change on resume
         refused = subprocess.run([BIN / "dslm-train", *args, change, "--resume", "auto"], cwd=tmp_path,
@@ -271,3 +273,29 @@ def test_compiled_model_with_activation_checkpointing_trains_like_the_plain_one(
     assert load_config(tmp_path / "compiled" / "config.yaml", []).train.compile
     load_model(load_config(tmp_path / "compiled" / "config.yaml", []).model,
                tmp_path / "compiled" / "checkpoints" / "global_step2")
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_its_origin(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    base = train_args(shards, tmp_path, "base", max_steps=12, warmup_steps=2, log_interval=1, checkpoint_interval=12,
+                      val_interval=0)
+    subprocess.run([BIN / "dslm-train", *base], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    tuned = train_args(shards, tmp_path, "tuned", max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
+                       val_interval=0, lr=1e-4, min_lr=1e-5) + [f"train.init_from={tmp_path / 'base'}"]
+    proc = subprocess.run([BIN / "dslm-train", *tuned], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tag = tmp_path / "base" / "checkpoints" / "global_step12"
+    origin = load_config(tmp_path / "tuned" / "config.yaml", []).origin
+    assert (origin.path, origin.step) == (str(tag), 12) and f"initialized from {tag}" in proc.stdout
+    assert origin.sha256 == weights_sha256(read_weights(tag)[1])
+    base_loss, tuned_loss = (read_scalars(tmp_path / name / "tb", "train/loss") for name in ("base", "tuned"))
+    assert tuned_loss[0][1] < (base_loss[0][1] + base_loss[-1][1]) / 2  # it starts where the base ended
+    state = sealed_state(tmp_path / "tuned" / "checkpoints" / "global_step2")
+    assert (state.step, state.samples) == (2, 2 * 4 * 2)  # fresh step and data cursor
+
+    longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in tuned]
+    resumed = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0 and "train.init_from" in resumed.stdout and "is ignored" in resumed.stdout
+    assert load_config(tmp_path / "tuned" / "config.yaml", []).origin == origin  # the resumed run keeps it

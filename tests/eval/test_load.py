@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from dslm.checkpoint import TrainState, rng_file, rng_state, seal, tag_for
+from dslm.checkpoint import tag_for
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
 from dslm.data.tokens import EOS_ID, load_text_tokenizer
@@ -18,24 +18,13 @@ from eval.load import load_for_eval
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 
 
-def write_checkpoint(run_dir, step: int, state: dict, sealed: bool = True):
-    """A ZeRO-0 fp32 tag as DeepSpeed writes it (the module's weights in mp_rank_00_model_states.pt)."""
-    tag_dir = run_dir / "checkpoints" / tag_for(step)
-    tag_dir.mkdir(parents=True)
-    torch.save(state, tag_dir / "mp_rank_00_model_states.pt")
-    torch.save(rng_state(), tag_dir / rng_file(0))
-    if sealed:
-        seal(tag_dir, TrainState(step=step, world_size=1))
-    return tag_dir
-
-
 @pytest.fixture
 def model(trained_looking) -> GPT:
     return trained_looking(CFG)
 
 
 @pytest.fixture
-def run(tmp_path, tiny_shards, model):
+def run(tmp_path, tiny_shards, model, write_checkpoint):
     """A run directory holding a sealed checkpoint at step 7 of `model`."""
     shards, _ = tiny_shards
     cfg = RunConfig(name="r", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(shards)))
@@ -49,7 +38,8 @@ def logits(model: GPT) -> torch.Tensor:
         return model(torch.arange(2 * CFG.block_size).view(2, CFG.block_size) % CFG.vocab_size)
 
 
-def test_a_checkpoint_and_its_run_load_the_trained_weights_and_the_tokenizer(run, tiny_shards, model):
+def test_a_checkpoint_and_its_run_load_the_trained_weights_and_the_tokenizer(run, tiny_shards, model,
+                                                                            write_checkpoint):
     shards, manifest = tiny_shards
     newer_unsealed = write_checkpoint(run, 9, {"module": GPT(CFG).state_dict()}, sealed=False)
     for path in (run / "checkpoints" / tag_for(7), run):  # the run: its newest intact checkpoint
@@ -74,7 +64,7 @@ def test_an_export_gives_the_logits_of_the_model_it_was_exported_from(run, tiny_
     assert EOS_ID not in loaded.tokenizer.encode(text).ids
 
 
-def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused(tmp_path, tiny_shards):
+def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused(tmp_path, tiny_shards, write_checkpoint):
     shards, _ = tiny_shards
     cfg = RunConfig(name="r", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(shards)))
     save_config(cfg)

@@ -1,0 +1,125 @@
+"""Weights for a model that starts from them rather than resuming a run: from a sealed checkpoint
+tag, a run directory or a `dslm-export` folder. Fine-tuning (`train.init_from`) and eval read
+them here; resuming a run (optimizer, RNG, data cursor too) is dslm.resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dslm.checkpoint import BEST_NAME, LATEST_NAME, load_fp32_weights, newest_resumable, seal_problem
+from dslm.config import CONFIG_NAME, Origin, load_config, run_of
+from dslm.errors import DslmError
+from dslm.hf import dslm_state_dict, model_config_from_hf
+from dslm.model import GPT, ModelConfig
+
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+EXPORT_STEP = re.compile(r"step(\d+)$")
+"""dslm-export's default folder runs/NAME/export/stepN."""
+
+
+def is_export(path: Path) -> bool:
+    return all((path / name).is_file() for name in EXPORT_FILES)
+
+
+def export_origin(folder: Path) -> tuple[Path | None, int | None]:
+    """(run directory, step) of an export at dslm-export's default place runs/NAME/export/stepN,
+    else (None, None)."""
+    if (match := EXPORT_STEP.match(folder.name)) and (folder.parent.parent / CONFIG_NAME).is_file():
+        return folder.parent.parent, int(match.group(1))
+    return None, None
+
+
+def read_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and fp32 weights of a dslm-export folder (no head bias: the export folds it).
+    Raises DslmError for a config or safetensors file it cannot read."""
+    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    try:
+        hf = load_file(str(folder / "model.safetensors"))
+    except SafetensorError as e:
+        raise DslmError(f"{folder / 'model.safetensors'}: {e}") from None
+    return cfg, dslm_state_dict(hf, cfg, folder / "model.safetensors")
+
+
+def read_tag(tag_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config (from its run's config.yaml) and fp32 weights of a checkpoint tag."""
+    run_dir, _ = run_of(tag_dir)
+    cfg = load_config(run_dir / CONFIG_NAME, []).model
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints its progress
+        return cfg, load_fp32_weights(tag_dir, cfg)
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The newest sealed, intact tag of a run (what eval reads from a run directory)."""
+    tag_dir, _ = newest_resumable(run_dir / "checkpoints")
+    if tag_dir is None:
+        raise DslmError(f"{run_dir} holds no sealed, intact checkpoint")
+    return tag_dir
+
+
+def chosen_checkpoint(run_dir: Path) -> Path:
+    """What a run directory fine-tunes from: the tag `best` names (lowest val/loss), else the one
+    `latest` names, else the newest intact one; each only when sealed and intact."""
+    folder = run_dir / "checkpoints"
+    for pointer in (folder / BEST_NAME, folder / LATEST_NAME):
+        if pointer.is_file() and seal_problem(tag_dir := folder / pointer.read_text().strip()) is None:
+            return tag_dir
+    return newest_checkpoint(run_dir)
+
+
+def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
+    """The model config, fp32 weights and origin of `path`: a checkpoint tag
+    (runs/NAME/checkpoints/global_stepN), a run directory (`chosen_checkpoint`) or an export folder.
+    Raises DslmError for anything else, or a tag that is not sealed and intact."""
+    path = Path(path)
+    if not path.exists():
+        raise DslmError(f"{path} does not exist")
+    if is_export(path):
+        (cfg, weights), step, source = read_export(path), export_origin(path)[1], path
+    else:
+        tag_dir = chosen_checkpoint(path) if (path / CONFIG_NAME).is_file() else path
+        if run_of(tag_dir) is None:
+            raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory "
+                            f"or an export folder ({', '.join(EXPORT_FILES)})")
+        if (problem := seal_problem(tag_dir)) is not None:
+            raise DslmError(f"cannot read weights from {tag_dir}: {problem}")
+        (cfg, weights), step, source = read_tag(tag_dir), run_of(tag_dir)[1], tag_dir
+    return cfg, weights, Origin(path=str(source), step=step, sha256=weights_sha256(weights))
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, shape and fp32 bytes, in name order: the same weights give
+    the same digest whatever file they came from."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().to(torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_into(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy `weights` into `model` (fp32 master copies, before the engine is built). A head bias
+    the source lacks (an export folds it into the head) starts at zero, which leaves the logits
+    unchanged. Raises DslmError naming the first tensor missing, extra or of another shape."""
+    own = model.state_dict()
+    if "lm_head.bias" in own and "lm_head.bias" not in weights:
+        weights = {**weights, "lm_head.bias": torch.zeros_like(own["lm_head.bias"])}
+    for name, tensor in own.items():
+        if name not in weights:
+            raise DslmError(f"{source} has no tensor {name} ({tuple(tensor.shape)} in this model)")
+        if weights[name].shape != tensor.shape:
+            raise DslmError(f"{source}: {name} is {tuple(weights[name].shape)} there and {tuple(tensor.shape)} in "
+                            f"this model; set model.* as the source model has them")
+    if extra := sorted(set(weights) - set(own)):
+        raise DslmError(f"{source} has tensor {extra[0]}, which this model lacks; set model.* as the source has them")
+    model.load_state_dict(weights)

@@ -1,0 +1,88 @@
+"""Weights for fine-tuning (train.init_from): from a tag, a run directory or an export, into a new model."""
+
+import pytest
+import torch
+
+from dslm.checkpoint import BEST_NAME, LATEST_NAME, tag_for
+from dslm.config import RunConfig, save_config
+from dslm.data.loader import DataConfig
+from dslm.errors import DslmError
+from dslm.export import export
+from dslm.model import GPT, ModelConfig
+from dslm.weights import chosen_checkpoint, load_into, read_weights, weights_sha256
+
+CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
+
+
+@pytest.fixture
+def source(tmp_path, tiny_shards, trained_looking, write_checkpoint):
+    """(run directory with a sealed tag at step 7, the model in it)."""
+    model = trained_looking(CFG)
+    cfg = RunConfig(name="src", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tiny_shards[0])))
+    save_config(cfg)
+    write_checkpoint(cfg.run_dir, 7, {"module": model.state_dict()})
+    return cfg.run_dir, model
+
+
+def logits(model: GPT) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.arange(2 * CFG.block_size).view(2, CFG.block_size) % CFG.vocab_size)
+
+
+def test_a_tag_a_run_and_an_export_give_the_source_logits_at_step_0(source, tiny_shards):
+    run, model = source
+    shards, manifest = tiny_shards
+    export(run / "checkpoints" / tag_for(7), run / "export" / "step7", CFG, shards / manifest.tokenizer)
+    digests = set()
+    for path in (run / "checkpoints" / tag_for(7), run, run / "export" / "step7"):
+        _, weights, origin = read_weights(path)
+        torch.manual_seed(99)
+        fresh = GPT(CFG)  # the fine-tuned run's own model, random until loaded
+        load_into(fresh, weights, origin.path)
+        assert (logits(fresh) - logits(model)).abs().max().item() < 1e-4, path
+        assert origin.step == 7
+        digests.add(origin.sha256)
+    assert origin.path == str(run / "export" / "step7")
+    assert len(digests) == 2  # the tag and its run read the same weights; the export folds the head bias
+
+
+def test_a_run_fine_tunes_from_best_then_latest_then_its_newest_intact_tag(source, write_checkpoint):
+    run, model = source
+    write_checkpoint(run, 9, {"module": model.state_dict()})
+    unsealed = write_checkpoint(run, 11, {"module": model.state_dict()}, sealed=False)
+    assert chosen_checkpoint(run).name == tag_for(9)
+    (run / "checkpoints" / LATEST_NAME).write_text(unsealed.name)
+    assert chosen_checkpoint(run).name == tag_for(9)
+    (run / "checkpoints" / LATEST_NAME).write_text(tag_for(7))
+    assert chosen_checkpoint(run).name == tag_for(7)
+    (run / "checkpoints" / BEST_NAME).write_text(tag_for(9))
+    assert chosen_checkpoint(run).name == tag_for(9)
+
+
+def test_another_model_shape_is_one_line_naming_the_tensor_and_both_shapes(source):
+    run, _ = source
+    _, weights, origin = read_weights(run)
+    wider = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=32, intermediate_size=128, vocab_size=600, block_size=32))
+    with pytest.raises(DslmError, match=r"wte.weight is \(600, 64\) there and \(600, 32\) in this model") as e:
+        load_into(wider, weights, origin.path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DslmError, match="has no tensor blocks.2"):
+        load_into(GPT(ModelConfig(**{**CFG.__dict__, "n_layer": 3})), weights, origin.path)
+
+
+def test_what_is_not_a_source_is_refused(source, tmp_path, write_checkpoint):
+    run, model = source
+    unsealed = write_checkpoint(run, 11, {"module": model.state_dict()}, sealed=False)
+    with pytest.raises(DslmError, match="incomplete"):
+        read_weights(unsealed)
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(DslmError, match=str(path)):
+            read_weights(path)
+
+
+def test_the_weights_digest_sees_every_value():
+    weights = GPT(CFG).state_dict()
+    before = weights_sha256(weights)
+    weights["blocks.1.mlp.fc.bias"][3] += 1e-6
+    assert weights_sha256(weights) != before
