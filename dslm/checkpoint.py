@@ -30,7 +30,7 @@ from dslm.compat import import_attr, require
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.model import GPT, ModelConfig
-from dslm.optim import parameter_order
+from dslm.optim import freeze, parameter_order
 
 TAG_PATTERN = re.compile(r"global_step(\d+)$")
 SEAL_NAME = "dslm_complete.json"
@@ -54,6 +54,8 @@ class TrainState:
     """What the cursor counts in: the shards' tokenizer_sha256, seq_len and train_samples."""
     val_loss: float | None = None
     """val/loss measured at this step, if it was."""
+    frozen: list[str] = dataclasses.field(default_factory=list)
+    """Parameters that did not train (train.freeze): they have no optimizer state."""
 
 
 def tag_for(step: int) -> str:
@@ -213,22 +215,28 @@ def load_weights_only(path: Path) -> dict:
 
 def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The fp32 master weights of a checkpoint: consolidated across ranks for ZeRO-1/2/3, from the
-    optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for ZeRO-0 in fp32."""
+    optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for ZeRO-0 in fp32. Frozen
+    parameters (TrainState.frozen), which have no master copy under ZeRO-0/1, come from the
+    module's own weights, in the precision they were trained with."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     for path in sorted(tag_dir.glob("*_states.pt")):  # DeepSpeed's model and optimizer files
         load_weights_only(path)
+    whole = tag_dir / "mp_rank_00_model_states.pt"  # the whole module; ZeRO-3 writes none
+    state = load_weights_only(whole) if whole.is_file() else {"module": {}}
+    module = {name: t.float() for name, t in state["module"].items()}
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         # DeepSpeed's loader unpickles without restriction, but only files just checked above
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    state = load_weights_only(tag_dir / "mp_rank_00_model_states.pt")
+        return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)}
     masters = (state.get("optimizer") or {}).get("fp32_groups")
     if masters is None:
         require("deepspeed", "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",
                 all(t.dtype == torch.float32 for t in state["module"].values()))
-        return {name: t.float() for name, t in state["module"].items()}
-    ordered = parameter_order(GPT(model_cfg))  # the optimizer's groups hold the masters in this order
-    return dict(zip(ordered, (t for group in masters for t in group)))
+        return module
+    model = GPT(model_cfg)
+    freeze(model, (state.get("dslm") or {}).get("frozen", []))
+    ordered = parameter_order(model)  # the optimizer's groups hold the masters in this order
+    return {**module, **dict(zip(ordered, (t for group in masters for t in group)))}
 
 
 def load_model(model_cfg: ModelConfig, tag_dir: Path) -> GPT:

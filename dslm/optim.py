@@ -6,11 +6,14 @@ needs the order of the parameter groups) both build on it.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from dslm.errors import DslmError
 
 SCHEDULES = ("cosine", "wsd")
 
@@ -57,14 +60,30 @@ class OptimConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be within [0, 1)")
 
 
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Turn off the gradient of every parameter whose name (as in `model.named_parameters()`)
+    matches one of the fnmatch `patterns`; returns their names. Raises DslmError for a pattern
+    that matches no parameter (a typo would otherwise train everything)."""
+    names = [name for name, _ in model.named_parameters()]
+    if unmatched := [p for p in patterns if not fnmatch.filter(names, p)]:
+        raise DslmError(f"train.freeze: {unmatched[0]!r} matches no parameter (names look like "
+                         f"{names[0]!r}, {names[-1]!r})")
+    frozen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """[decayed, not decayed]: weight decay on Linear weights only; biases, LayerNorms and
-    embeddings are not decayed (a head tied to the embedding counts as the embedding, which comes
-    first). Checkpoints of ZeRO-0 store the fp32 masters in this order."""
+    """[decayed, not decayed] over the trainable parameters: weight decay on Linear weights only;
+    biases, LayerNorms and embeddings are not decayed (a head tied to the embedding counts as the
+    embedding, which comes first). Frozen parameters are in no group. Checkpoints of ZeRO-0 store
+    the fp32 masters in this order."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if id(p) not in seen:
+            if id(p) not in seen and p.requires_grad:
                 seen.add(id(p))
                 (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -125,9 +125,9 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return target
 
 
-def fresh_state(world_size: int, manifest: Manifest) -> TrainState:
-    """The state of a run that starts at step 0 on `manifest`'s shards."""
-    return TrainState(world_size=world_size, shards=shards_identity(manifest))
+def fresh_state(world_size: int, manifest: Manifest, frozen: list[str]) -> TrainState:
+    """The state of a run that starts at step 0 on `manifest`'s shards with `frozen` parameters."""
+    return TrainState(world_size=world_size, shards=shards_identity(manifest), frozen=frozen)
 
 
 def shards_identity(manifest: Manifest) -> dict:
@@ -138,10 +138,11 @@ def shards_identity(manifest: Manifest) -> dict:
 
 KEPT_MODEL_FIELDS = (*SIZES, "lm_head_bias", "tie_embeddings", "vocab_multiple")
 """What the weights' shapes depend on."""
-KEPT_TRAIN_FIELDS = ("lr", "beta1", "beta2", "weight_decay")
-"""What the optimizer's saved state holds and a resume would restore over a new value (as
-Megatron-LM refuses a changed scheduler setting by default). The schedule's shape (warmup,
-decay, max_steps, min_lr) follows the resumed run's config."""
+KEPT_TRAIN_FIELDS = ("lr", "beta1", "beta2", "weight_decay", "freeze", "freeze_blocks")
+"""What the optimizer's saved state holds (its groups, and its hyperparameters, which a resume
+would restore over a new value; Megatron-LM likewise refuses a changed scheduler setting by
+default). The schedule's shape (warmup, decay, max_steps, min_lr) follows the resumed run's
+config."""
 
 
 def saved_config(tag_dir: Path) -> tuple[Path, RunConfig] | None:

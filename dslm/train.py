@@ -26,9 +26,10 @@ from dslm.metrics import Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
 from dslm.objective import next_token
+from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, plan_resume
 from dslm.stop import EXIT_STOPPED, StopSignal
-from dslm.trainer import IntervalLog, Trainer, Validation
+from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
 from dslm.weights import load_into, read_weights
 
 
@@ -70,11 +71,12 @@ def run(args: argparse.Namespace) -> None:
     resume = plan_resume(args.resume, cfg, manifest, env)
     model = build_model(cfg)
     cfg.origin = initial_weights(cfg, resume, model, env)
+    frozen = freeze_parameters(model, cfg, env)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)  # before ZeRO-3 partitions the weights
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
     if env.rank == 0:
         print(describe(engine, env.world_size), flush=True)
-    state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, manifest)
+    state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, manifest, frozen)
     save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
     trainer = build_trainer(cfg, env, manifest, engine, state, stop, validation, mfu_per_token)
     stopped_by = trainer.fit(state)
@@ -134,6 +136,16 @@ def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, env: Dist
     if env.rank == 0:
         print(f"initialized from {origin.path} (step {origin.step}, weights sha256 {origin.sha256})", flush=True)
     return origin
+
+
+def freeze_parameters(model: GPT, cfg: RunConfig, env: DistEnv) -> list[str]:
+    """Freeze what train.freeze and train.freeze_blocks name; print what trains (rank 0)."""
+    frozen = freeze(model, freeze_patterns(cfg.train))
+    if env.rank == 0 and frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"trainable parameters: {trainable:,} of {model.num_params():,} ({len(frozen)} tensors frozen)",
+              flush=True)
+    return frozen
 
 
 def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, state: TrainState, stop: StopSignal,

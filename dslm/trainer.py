@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,13 @@ class TrainConfig(OptimConfig):
     """torch.compile the model (through DeepSpeed's engine.compile)."""
     seed: int = 1234
     """Seeds model init and the data order."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters that do not train: fnmatch patterns of their names as in
+    `model.named_parameters()`, e.g. ["wte.*", "blocks.0.*"]. Frozen parameters get no gradient
+    and no optimizer state; a pattern that matches nothing is an error."""
+    freeze_blocks: int = 0
+    """Shorthand, >= 0: freeze the embeddings (wte, wpe) and the first N blocks, as the
+    instruction-tuning card allows; adds to `freeze`."""
     init_from: str = ""
     """Fine-tune: start from the weights at this path, a sealed checkpoint tag, a run directory
     (its `best` tag, else `latest`) or a dslm-export folder; the optimizer, schedule, data cursor
@@ -67,7 +74,7 @@ class TrainConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("keep_last", "val_interval"):
+        for name in ("keep_last", "val_interval", "freeze_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must not be negative")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval",
@@ -76,6 +83,12 @@ class TrainConfig(OptimConfig):
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be within 0..train.max_steps={self.max_steps}")
+
+
+def freeze_patterns(cfg: TrainConfig) -> list[str]:
+    """train.freeze with train.freeze_blocks spelled out as patterns."""
+    blocks = [f"blocks.{i}.*" for i in range(cfg.freeze_blocks)]
+    return [*cfg.freeze, *(["wte.*", "wpe.*", *blocks] if cfg.freeze_blocks else [])]
 
 
 def train_step(engine, batches: DeviceBatches, objective: Objective, grad_accum: int) -> torch.Tensor:

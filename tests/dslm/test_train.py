@@ -14,6 +14,7 @@ import torch
 from dslm.checkpoint import load_fp32_weights, load_model, seal, sealed_state
 from dslm.config import load_config
 from dslm.metrics import read_scalars
+from dslm.model import GPT
 from dslm.stop import EXIT_STOPPED
 from dslm.weights import read_weights, weights_sha256
 
@@ -299,3 +300,49 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
                              text=True, timeout=600)
     assert resumed.returncode == 0 and "train.init_from" in resumed.stdout and "is ignored" in resumed.stdout
     assert load_config(tmp_path / "tuned" / "config.yaml", []).origin == origin  # the resumed run keeps it
+
+
+def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a run started from (dslm.train.build_model: the seed, then the model), as its
+    bf16 training holds them."""
+    cfg = load_config(run_dir / "config.yaml", [])
+    torch.manual_seed(cfg.train.seed)
+    return {name: t.bfloat16().float() for name, t in GPT(cfg.model).state_dict().items()}
+
+
+def assert_only_unfrozen_trained(run_dir: Path, tag: str) -> None:
+    init, trained = initial_weights(run_dir), load_fp32_weights(run_dir / "checkpoints" / tag,
+                                                               load_config(run_dir / "config.yaml", []).model)
+    frozen = sealed_state(run_dir / "checkpoints" / tag).frozen
+    assert frozen and all(torch.equal(trained[name], init[name]) for name in frozen)
+    assert all(not torch.equal(trained[name], init[name]) for name in init if name not in frozen and "ln" not in name)
+
+
+@pytest.mark.slow
+def test_frozen_blocks_stay_bitwise_unchanged_on_two_ranks_at_zero2(tiny_shards, tmp_path, free_port):
+    shards, _ = tiny_shards
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    args = train_args(shards, tmp_path, max_steps=20, warmup_steps=2, log_interval=10, checkpoint_interval=20,
+                      val_interval=0) + ["train.freeze_blocks=1"]
+    proc = subprocess.run([*launch, *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "trainable parameters: " in proc.stdout and "(14 tensors frozen)" in proc.stdout
+    assert_only_unfrozen_trained(tmp_path / "t", "global_step20")
+    longer = [a.replace("train.max_steps=20", "train.max_steps=21") for a in args]  # on 1 rank: the universal form
+    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
+                   capture_output=True)
+    assert_only_unfrozen_trained(tmp_path / "t", "global_step21")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_freezing_works_at_every_zero_stage_and_resumes(tiny_shards, tmp_path, stage):
+    shards, _ = tiny_shards
+    args = [a.replace("zero2.json", f"zero{stage}.json") for a in train_args(
+        shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2, val_interval=0)]
+    args += ["train.freeze=[blocks.1.*,ln_f.*]"]
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
+    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
+                   capture_output=True)
+    assert_only_unfrozen_trained(tmp_path / "t", "global_step3")
