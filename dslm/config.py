@@ -44,7 +44,7 @@ class RunConfig:
     the optimizer and the checkpoints."""
 
     name: str = "run"
-    """The run directory is runs_dir/name."""
+    """The run directory is runs_dir/name: one folder name (no "/", not "." or "..")."""
     runs_dir: str = "runs"
     """Folder that holds the run directories."""
     ds_config: str = "ds_configs/zero2.json"
@@ -57,6 +57,10 @@ class RunConfig:
     """The loop, optimizer, schedule and checkpoints (`train.*`; dslm.trainer.TrainConfig)."""
     origin: Origin = field(default_factory=Origin)
     """Written by the run, not read: where `train.init_from` took the weights from."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name={self.name!r} must be one folder name inside runs_dir={self.runs_dir}")
 
     @property
     def run_dir(self) -> Path:

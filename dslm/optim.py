@@ -45,8 +45,8 @@ class OptimConfig:
     """AdamW's second-moment decay, within [0, 1) (0.95 as GPT-3 and nanoGPT)."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"train.lr={self.lr} must be positive")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"train.lr={self.lr} must be positive and finite")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be within 0..train.lr={self.lr}")
         if self.schedule not in SCHEDULES:

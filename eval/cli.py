@@ -37,7 +37,7 @@ from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, r
 from eval.generate import GenerationConfig, complete
 from eval.heldout import LabeledSamples, heldout_documents, token_bytes
 from dslm.weights import export_origin, is_export
-from eval.load import LoadedModel, load_for_eval
+from eval.load import LoadedModel, load_for_eval, parse_device
 from eval.perplexity import ALL, perplexity
 
 PROG = "dslm-eval"
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
         warn(PROG, f"{args.target} holds no sealed checkpoint yet")
         return
     data = ValData(shards, cfg)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     if args.watch:
         watch(run_dir, lambda found: evaluate_all(found, run_dir, data, cfg, device, args.force, report_skips=False),
               args.poll)

@@ -14,7 +14,7 @@ import torch
 from dslm.cli import run_command
 from dslm.errors import DslmError
 from eval.generate import STRATEGIES, GenerationConfig, complete
-from eval.load import load_for_eval
+from eval.load import load_for_eval, parse_device
 
 SEPARATOR = "-" * 40
 
@@ -64,7 +64,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     cfg, prompts = generation_config(args), read_prompts(args)
-    loaded = load_for_eval(args.target, args.device)
+    loaded = load_for_eval(args.target, parse_device(args.device))
     for i, (prompt, text) in enumerate(zip(prompts, complete(loaded.model, loaded.tokenizer, prompts, cfg,
                                                              progress=True))):
         if i:

@@ -28,6 +28,20 @@ class LoadedModel:
     """The checkpoint's optimizer step, where known."""
 
 
+def parse_device(text: str) -> torch.device:
+    """The torch device `text` names ("cpu", "cuda", "cuda:N"), checked to exist on this machine.
+    Raises DslmError for another name or a CUDA device this machine lacks."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise DslmError(f"--device {text}: not a torch device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DslmError(f"--device {text}: dslm evaluates on cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DslmError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), or an
     export folder. Raises DslmError for anything else."""

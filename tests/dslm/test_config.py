@@ -26,6 +26,8 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     (["model.preset=huge"], "model.preset='huge'"),
     (["model.n_head=3"], "model.n_embd=128 is not divisible by model.n_head=3"),
     (["train.warmup_steps=5000"], "train.warmup_steps=5000"),
+    (["train.lr=inf"], "train.lr=inf must be positive and finite"),
+    (["name=../elsewhere"], "name='../elsewhere' must be one folder name"),
 ])
 def test_mistakes_name_the_field(overrides, message):
     with pytest.raises(DslmError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -96,6 +96,7 @@ def test_watch_follows_a_training_run_to_its_last_checkpoint(tiny_shards, tmp_pa
     (["{tmp}"], "is neither a run directory"),
     (["{run}", "--metrics", "perplexity,bleu"], "--metrics: bleu"),
     (["{run}/checkpoints/global_step2", "--watch"], "--watch follows a run directory"),
+    (["{run}", "--device", "cuda:63"], "--device cuda:63: this machine has"),
 ])
 def test_bad_input_is_one_line_and_status_2(run, tmp_path, args, message):
     argv = [a.format(tmp=tmp_path, run=run) for a in args]

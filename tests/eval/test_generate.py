@@ -227,6 +227,8 @@ def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
     (["--prompt", "x", "--temperature", "0.5"], "apply only to strategy='sample'"),
     (["--prompt", "x", "--max-new-tokens", "32"], "no room for a prompt"),
     ([], "give at least one --prompt"),
+    (["--prompt", "x", "--device", "gpu"], "--device gpu: not a torch device"),
+    (["--prompt", "x", "--device", "cuda:63"], "--device cuda:63: this machine has"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer, capsys, args, message):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
