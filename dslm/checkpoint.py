@@ -238,9 +238,3 @@ def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.
     ordered = parameter_order(model)  # the optimizer's groups hold the masters in this order
     return {**module, **dict(zip(ordered, (t for group in masters for t in group)))}
 
-
-def load_model(model_cfg: ModelConfig, tag_dir: Path) -> GPT:
-    """A GPT in fp32 with the weights of checkpoint `tag_dir`, in eval mode."""
-    model = GPT(model_cfg)
-    model.load_state_dict(load_fp32_weights(tag_dir, model_cfg))
-    return model.eval()

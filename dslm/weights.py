@@ -76,6 +76,13 @@ def chosen_checkpoint(run_dir: Path) -> Path:
     return newest_checkpoint(run_dir)
 
 
+def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> GPT:
+    """A GPT of `cfg` in fp32 with `weights` (as read_tag and read_export give them), in eval mode."""
+    model = GPT(cfg)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
 def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
     """The model config, fp32 weights and origin of `path`: a checkpoint tag
     (runs/NAME/checkpoints/global_stepN), a run directory (`chosen_checkpoint`) or an export folder.

@@ -14,8 +14,8 @@ from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.manifest import Manifest
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.model import GPT, ModelConfig
-from dslm.weights import EXPORT_FILES, export_origin, is_export, newest_checkpoint, read_export, read_tag
+from dslm.model import GPT
+from dslm.weights import EXPORT_FILES, export_origin, is_export, model_from, newest_checkpoint, read_export, read_tag
 
 @dataclass
 class LoadedModel:
@@ -65,15 +65,9 @@ def load_checkpoint(tag_dir: Path) -> LoadedModel:
     run_dir, step = run_of(tag_dir)
     shards = load_config(run_dir / CONFIG_NAME, []).data.shards
     tokenizer = Path(shards) / Manifest.load(shards).tokenizer
-    return LoadedModel(model_with(*read_tag(tag_dir)), load_text_tokenizer(tokenizer), run_dir, step)
+    return LoadedModel(model_from(*read_tag(tag_dir)), load_text_tokenizer(tokenizer), run_dir, step)
 
 
 def load_export(folder: Path) -> LoadedModel:
-    return LoadedModel(model_with(*read_export(folder)), load_text_tokenizer(folder / "tokenizer.json"),
+    return LoadedModel(model_from(*read_export(folder)), load_text_tokenizer(folder / "tokenizer.json"),
                        *export_origin(folder))
-
-
-def model_with(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> GPT:
-    model = GPT(cfg)
-    model.load_state_dict(weights)
-    return model

@@ -11,12 +11,12 @@ import psutil
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights, load_model, seal, sealed_state
+from dslm.checkpoint import load_fp32_weights, seal, sealed_state
 from dslm.config import load_config
 from dslm.metrics import read_scalars
 from dslm.model import GPT
 from dslm.stop import EXIT_STOPPED
-from dslm.weights import read_weights, weights_sha256
+from dslm.weights import model_from, read_tag, read_weights, weights_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -76,7 +76,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     subprocess.run([BIN / "dslm-export", ckpts / "global_step30"], cwd=tmp_path, check=True, timeout=300)
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(run / "export" / "step30").eval()
-    model = load_model(load_config(run / "config.yaml", []).model, ckpts / "global_step30")
+    model = model_from(*read_tag(ckpts / "global_step30"))
     tokens = torch.randint(0, 512, (2, 64))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
@@ -187,7 +187,7 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, tmp_pat
     subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
                    capture_output=True)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3]
-    model = load_model(load_config(tmp_path / "t" / "config.yaml", []).model, tmp_path / "t" / "checkpoints" / "global_step3")
+    model = model_from(*read_tag(tmp_path / "t" / "checkpoints" / "global_step3"))
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -251,7 +251,7 @@ def test_tied_and_padded_model_trains_and_exports(tiny_shards, tmp_path):
     options = ["model.tie_embeddings=true", "model.vocab_multiple=128", "model.vocab_size=600"]
     subprocess.run([BIN / "dslm-train", *args, *options], cwd=tmp_path, check=True, timeout=600, capture_output=True)
     tag_dir = tmp_path / "t" / "checkpoints" / "global_step2"
-    model = load_model(load_config(tmp_path / "t" / "config.yaml", []).model, tag_dir)
+    model = model_from(*read_tag(tag_dir))
     assert model.lm_head.weight is model.wte.weight and model.wte.num_embeddings == 640
     subprocess.run([BIN / "dslm-export", tag_dir, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=300)
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
@@ -272,8 +272,7 @@ def test_compiled_model_with_activation_checkpointing_trains_like_the_plain_one(
         losses.append([v for _, v in read_scalars(tmp_path / name / "tb", "train/loss")])
     assert losses[1] == pytest.approx(losses[0], abs=0.02)
     assert load_config(tmp_path / "compiled" / "config.yaml", []).train.compile
-    load_model(load_config(tmp_path / "compiled" / "config.yaml", []).model,
-               tmp_path / "compiled" / "checkpoints" / "global_step2")
+    model_from(*read_tag(tmp_path / "compiled" / "checkpoints" / "global_step2"))
 
 
 @pytest.mark.slow
