@@ -68,7 +68,7 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return checkpoint_dir(self.run_dir)
 
 
 def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
@@ -140,6 +140,11 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
         raise DslmError(f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.block_size="
                         f"{cfg.model.block_size}; rebuild the shards with --seq-len {cfg.model.block_size} or "
                         f"raise model.block_size")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run directory keeps its checkpoint tags (runs/NAME/checkpoints)."""
+    return run_dir / "checkpoints"
 
 
 def run_of(tag_dir: Path) -> tuple[Path, int] | None:

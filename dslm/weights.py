@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dslm.checkpoint import BEST_NAME, LATEST_NAME, load_fp32_weights, newest_resumable, seal_problem
-from dslm.config import CONFIG_NAME, Origin, load_config, run_of
+from dslm.config import CONFIG_NAME, Origin, checkpoint_dir, load_config, run_of
 from dslm.errors import DslmError
 from dslm.hf import dslm_state_dict, model_config_from_hf
 from dslm.model import GPT, ModelConfig
@@ -60,7 +60,7 @@ def read_tag(tag_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 def newest_checkpoint(run_dir: Path) -> Path:
     """The newest sealed, intact tag of a run (what eval reads from a run directory)."""
-    tag_dir, _ = newest_resumable(run_dir / "checkpoints")
+    tag_dir, _ = newest_resumable(checkpoint_dir(run_dir))
     if tag_dir is None:
         raise DslmError(f"{run_dir} holds no sealed, intact checkpoint")
     return tag_dir
@@ -69,7 +69,7 @@ def newest_checkpoint(run_dir: Path) -> Path:
 def chosen_checkpoint(run_dir: Path) -> Path:
     """What a run directory fine-tunes from: the tag `best` names (lowest val/loss), else the one
     `latest` names, else the newest intact one; each only when sealed and intact."""
-    folder = run_dir / "checkpoints"
+    folder = checkpoint_dir(run_dir)
     for pointer in (folder / BEST_NAME, folder / LATEST_NAME):
         if pointer.is_file() and seal_problem(tag_dir := folder / pointer.read_text().strip()) is None:
             return tag_dir
@@ -83,23 +83,34 @@ def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> GPT:
     return model.eval()
 
 
-def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
-    """The model config, fp32 weights and origin of `path`: a checkpoint tag
-    (runs/NAME/checkpoints/global_stepN), a run directory (`chosen_checkpoint`) or an export folder.
-    Raises DslmError for anything else, or a tag that is not sealed and intact."""
-    path = Path(path)
+def source_kind(path: Path) -> str:
+    """What `path` is: "export" (a dslm-export folder), "run" (a run directory) or "tag" (a
+    checkpoint runs/NAME/checkpoints/global_stepN). Raises DslmError for anything else."""
     if not path.exists():
         raise DslmError(f"{path} does not exist")
     if is_export(path):
+        return "export"
+    if (path / CONFIG_NAME).is_file():
+        return "run"
+    if run_of(path) is not None:
+        return "tag"
+    raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory "
+                    f"or an export folder ({', '.join(EXPORT_FILES)})")
+
+
+def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
+    """The model config, fp32 weights and origin of `path`: a checkpoint tag, a run directory
+    (`chosen_checkpoint`) or an export folder. Raises DslmError for anything else, or a tag that
+    is not sealed and intact."""
+    path = Path(path)
+    kind = source_kind(path)
+    if kind == "export":
         (cfg, weights), step, source = read_export(path), export_origin(path)[1], path
     else:
-        tag_dir = chosen_checkpoint(path) if (path / CONFIG_NAME).is_file() else path
-        if run_of(tag_dir) is None:
-            raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory "
-                            f"or an export folder ({', '.join(EXPORT_FILES)})")
-        if (problem := seal_problem(tag_dir)) is not None:
-            raise DslmError(f"cannot read weights from {tag_dir}: {problem}")
-        (cfg, weights), step, source = read_tag(tag_dir), run_of(tag_dir)[1], tag_dir
+        source = chosen_checkpoint(path) if kind == "run" else path
+        if (problem := seal_problem(source)) is not None:
+            raise DslmError(f"cannot read weights from {source}: {problem}")
+        (cfg, weights), step = read_tag(source), run_of(source)[1]
     return cfg, weights, Origin(path=str(source), step=step, sha256=weights_sha256(weights))
 
 

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from dslm.checkpoint import list_checkpoints, seal_problem
 from dslm.cli import run_command, warn
-from dslm.config import CONFIG_NAME, load_config, run_of
+from dslm.config import CONFIG_NAME, checkpoint_dir, load_config, run_of
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
@@ -141,7 +141,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
 
 def checkpoints_of(run_dir: Path) -> list[Target]:
     """The run's sealed checkpoints (one being written is left for a later look)."""
-    return [Target(step, tag) for step, tag in list_checkpoints(run_dir / "checkpoints") if seal_problem(tag) is None]
+    return [Target(step, tag) for step, tag in list_checkpoints(checkpoint_dir(run_dir)) if seal_problem(tag) is None]
 
 
 def find_targets(target: Path) -> tuple[Path | None, list[Target]]:

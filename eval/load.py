@@ -15,7 +15,7 @@ from dslm.data.manifest import Manifest
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.model import GPT
-from dslm.weights import EXPORT_FILES, export_origin, is_export, model_from, newest_checkpoint, read_export, read_tag
+from dslm.weights import export_origin, model_from, newest_checkpoint, read_export, read_tag, source_kind
 
 @dataclass
 class LoadedModel:
@@ -46,17 +46,11 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
     """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), or an
     export folder. Raises DslmError for anything else."""
     path = Path(path)
-    if not path.exists():
-        raise DslmError(f"{path} does not exist")
-    if is_export(path):
+    kind = source_kind(path)
+    if kind == "export":
         loaded = load_export(path)
-    elif (path / CONFIG_NAME).is_file():
-        loaded = load_checkpoint(newest_checkpoint(path))
-    elif run_of(path) is not None:
-        loaded = load_checkpoint(path)
     else:
-        raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory "
-                        f"or an export folder ({', '.join(EXPORT_FILES)})")
+        loaded = load_checkpoint(newest_checkpoint(path) if kind == "run" else path)
     loaded.model.to(device).eval()
     return loaded
 

@@ -314,7 +314,7 @@ def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Pat
     run_cfg = resolve_config(train_args(argv))  # fails here, not in the queue, on a bad recipe or override
     run_dir = run_cfg.run_dir.resolve()
     job = TrainJob(argv=[bin_of("dslm-train"), *argv], max_requeues=cfg.max_requeues,
-                   checkpoints=str(run_dir / "checkpoints"))
+                   checkpoints=str(run_cfg.checkpoint_dir.resolve()))
     return job, run_dir, run_cfg.name
 
 
