@@ -32,4 +32,4 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) data/demo runs/demo .pytest_cache
+	rm -rf $(VENV) data/demo runs/demo data/demo-instructions.jsonl data/code-instruct-tiny runs/code-instruct-tiny .pytest_cache

@@ -64,7 +64,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dslm.cli import run_command
 from dslm.config import RunConfig, check_against_manifest, load_config
-from dslm.data.loader import DeviceBatches, train_loader
+from dslm.data.loader import Batch, DeviceBatches, to_device, train_loader
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.engine import build_engine, init_distributed, load_ds_config
 from dslm.errors import DslmError
@@ -310,10 +310,10 @@ def read_ahead(cfg: RunConfig, manifest: Manifest, total_steps: int) -> list[tor
     data = dataclasses.replace(cfg.data, num_workers=0)
     loader = train_loader(data, manifest, cfg.train.seed, rank=0, world_size=1, micro_batch=cfg.train.micro_batch_size)
     batches = list(islice(loader, total_steps * cfg.train.grad_accum))
-    return [b.pin_memory() for b in batches] if ON_GPU else batches
+    return [{name: t.pin_memory() for name, t in b.items()} for b in batches] if ON_GPU else batches
 
 
-def baseline_side(cfg: RunConfig, batches: list[torch.Tensor], clip: float) -> Side:
+def baseline_side(cfg: RunConfig, batches: list[Batch], clip: float) -> Side:
     """A plain PyTorch loop of the same model, data, optimizer and schedule."""
     device = torch.device("cuda" if ON_GPU else "cpu")
     model = seeded_model(cfg).to(device)
@@ -327,7 +327,7 @@ def baseline_side(cfg: RunConfig, batches: list[torch.Tensor], clip: float) -> S
     def step() -> torch.Tensor:
         total = torch.zeros((), device=device)
         for _ in range(train.grad_accum):
-            inputs, targets = next_token(next(micro_batches).to(device, non_blocking=True))
+            inputs, targets = next_token(to_device(next(micro_batches), device))
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = forward(inputs, targets)
             (loss / train.grad_accum).backward()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from dslm.compat import import_attr, require
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
+from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.model import GPT, ModelConfig
 from dslm.optim import freeze, parameter_order
 
@@ -213,11 +214,12 @@ def load_weights_only(path: Path) -> dict:
                         "and checkpoints are read with torch.load(weights_only=True)") from None
 
 
-def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a checkpoint: consolidated across ranks for ZeRO-1/2/3, from the
-    optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for ZeRO-0 in fp32. Frozen
-    parameters (TrainState.frozen), which have no master copy under ZeRO-0/1, come from the
-    module's own weights, in the precision they were trained with."""
+def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint, named as the trained module names them (with
+    `lora`, the run's train.lora, its adapters and peft's names): consolidated across ranks for
+    ZeRO-1/2/3, from the optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for
+    ZeRO-0 in fp32. Frozen parameters (TrainState.frozen), which have no master copy under
+    ZeRO-0/1, come from the module's own weights, in the precision they were trained with."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     for path in sorted(tag_dir.glob("*_states.pt")):  # DeepSpeed's model and optimizer files
@@ -234,7 +236,15 @@ def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.
                 all(t.dtype == torch.float32 for t in state["module"].values()))
         return module
     model = GPT(model_cfg)
+    add_adapters(model, lora or LoraConfig())
     freeze(model, (state.get("dslm") or {}).get("frozen", []))
     ordered = parameter_order(model)  # the optimizer's groups hold the masters in this order
     return {**module, **dict(zip(ordered, (t for group in masters for t in group)))}
 
+
+
+def load_model_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's fp32 weights as the plain GPT of `model_cfg` names them: load_fp32_weights
+    with the adapters of `lora` (the run's train.lora) merged into their layers. What eval,
+    fine-tuning (train.init_from) and the export read."""
+    return merge_lora_weights(load_fp32_weights(tag_dir, model_cfg, lora), lora)

@@ -140,6 +140,10 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
         raise DslmError(f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.block_size="
                         f"{cfg.model.block_size}; rebuild the shards with --seq-len {cfg.model.block_size} or "
                         f"raise model.block_size")
+    if manifest.masks and manifest.direction != cfg.data.direction:
+        raise DslmError(f"the shards' loss masks were made for data.direction={manifest.direction} (template "
+                        f"{manifest.template}) but the run has data.direction={cfg.data.direction}; set it, or "
+                        f"rebuild them with `dslm-shard sft --direction {cfg.data.direction}`")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -16,26 +16,30 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from dslm.checkpoint import load_fp32_weights
+from dslm.checkpoint import load_model_weights
 from dslm.cli import run_command
 from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.manifest import Manifest
+from dslm.data.templates import Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_path
 from dslm.hf import hf_config, hf_state_dict, tokenizer_config
+from dslm.lora import LoraConfig
 from dslm.model import ModelConfig
 
 
-def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path) -> None:
-    """Write the HF folder under a temporary name, then rename it into place. Raises DslmError
-    when `out` exists."""
+def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path, framing: Framing = Framing(),
+           lora: LoraConfig | None = None) -> None:
+    """Write the HF folder under a temporary name, then rename it into place; config.json records
+    the model's framing (dslm.hf.DIRECTION_KEY). `lora`: the run's train.lora, whose adapters are
+    merged into the weights. Raises DslmError when `out` exists."""
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")
-    weights = load_fp32_weights(tag_dir, cfg)
+    weights = load_model_weights(tag_dir, cfg, lora or LoraConfig())
     with atomic_path(out) as tmp:
         tmp.mkdir()
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
 
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_config(run_dir / CONFIG_NAME, [])
     manifest = Manifest.load(cfg.data.shards)
     out = args.out or run_dir / "export" / f"step{step}"
-    export(tag_dir, out, cfg.model, Path(cfg.data.shards) / manifest.tokenizer)
+    export(tag_dir, out, cfg.model, Path(cfg.data.shards) / manifest.tokenizer,
+           Framing(cfg.data.direction, manifest.template), cfg.train.lora)
     print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 
 

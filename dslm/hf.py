@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dslm.data.templates import DIRECTIONS, TEMPLATES, Framing
 from dslm.data.tokens import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from dslm.errors import DslmError
 from dslm.model import ModelConfig
@@ -23,6 +24,10 @@ from dslm.model import ModelConfig
 CONFIG_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "intermediate_size": "n_inner",
                 "vocab_size": "vocab_size", "block_size": "n_positions"}
 """ModelConfig's sizes -> GPT2Config's keys."""
+DIRECTION_KEY, TEMPLATE_KEY = "dslm_direction", "dslm_template"
+"""dslm's own config.json keys (GPT2Config keeps unknown keys as attributes): the model's Framing.
+A "backward" model reads text reversed in token order: reverse a prompt's ids before the model and
+the generated ids after it. Absent: forward, no template."""
 
 BLOCK_NAMES = {
     "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
@@ -49,8 +54,8 @@ def is_conv1d(name: str) -> bool:
     return name.startswith("blocks.") and name.endswith(".weight") and ".ln_" not in name
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it)."""
+def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
+    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it) and its framing."""
     sizes = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_NAMES.items()}
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -67,7 +72,19 @@ def hf_config(cfg: ModelConfig) -> dict:
         "pad_token_id": PAD_ID,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
+        DIRECTION_KEY: framing.direction,
+        TEMPLATE_KEY: framing.template,
     }
+
+
+def framing_from_hf(hf: dict, source: Path) -> Framing:
+    """The Framing a config.json records (forward, no template, when it records none). Raises
+    DslmError naming `source` for a direction or template dslm does not know."""
+    framing = Framing(hf.get(DIRECTION_KEY, "forward"), hf.get(TEMPLATE_KEY, ""))
+    if framing.direction not in DIRECTIONS or framing.template not in ("", *TEMPLATES):
+        raise DslmError(f"{source}: {DIRECTION_KEY}={framing.direction!r} or {TEMPLATE_KEY}={framing.template!r} "
+                        f"is not one dslm knows")
+    return framing
 
 
 def model_config_from_hf(hf: dict, source: Path) -> ModelConfig:

@@ -15,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+IGNORE_INDEX = -100
+"""A target the loss skips: not a training target (PyTorch cross_entropy's default ignore_index)."""
+
 
 # Sizes from the source model cards (DESIGN.md); `tiny` is for CPU tests and the demo.
 PRESETS: dict[str, dict[str, int]] = {
@@ -203,9 +206,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T); with targets (B, T), the mean cross-entropy instead.
-        With a cache, idx continues the cached sequences (positions from cache.length on) and is
-        added to the cache."""
+        """Logits (B, T, V) for token ids (B, T); with targets (B, T), the mean cross-entropy over
+        the targets that are not IGNORE_INDEX (-100) instead (0 when all are, with zero gradients: an instruction
+        batch may hold no target). With a cache, idx continues the cached sequences (positions from
+        cache.length on) and is added to the cache."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.block_size:
@@ -224,4 +228,6 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))[..., : self.cfg.vocab_size]  # (B, T, V): padded ids cut off
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        targets = targets.reshape(-1)
+        total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -78,15 +78,18 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """[decayed, not decayed] over the trainable parameters: weight decay on Linear weights only;
     biases, LayerNorms and embeddings are not decayed (a head tied to the embedding counts as the
-    embedding, which comes first). Frozen parameters are in no group. Checkpoints of ZeRO-0 store
-    the fp32 masters in this order."""
+    embedding, which comes first). Frozen parameters are in no group, and a group left without
+    parameters (LoRA adapters are all Linear weights) is left out: DeepSpeed's engine drops it
+    from the optimizer, and the schedule built on the optimizer would still count it. Checkpoints
+    of ZeRO-0 store the fp32 masters in this order."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) not in seen and p.requires_grad:
                 seen.add(id(p))
                 (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def parameter_order(model: nn.Module) -> list[str]:

@@ -10,6 +10,7 @@ argument of dslm.engine.build_engine), `Resume.load` once the engine is built.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -143,6 +144,9 @@ KEPT_TRAIN_FIELDS = ("lr", "beta1", "beta2", "weight_decay", "freeze", "freeze_b
 would restore over a new value; Megatron-LM likewise refuses a changed scheduler setting by
 default). The schedule's shape (warmup, decay, max_steps, min_lr) follows the resumed run's
 config."""
+KEPT_LORA_FIELDS = ("rank", "alpha", "target_modules")
+"""What a LoRA run's adapters are (their shapes, the layers they are on, their scale); their dropout
+may change, as model.dropout may."""
 
 
 def saved_config(tag_dir: Path) -> tuple[Path, RunConfig] | None:
@@ -155,15 +159,16 @@ def saved_config(tag_dir: Path) -> tuple[Path, RunConfig] | None:
 
 
 def check_same_settings(cfg: RunConfig, saved_path: Path, saved: RunConfig) -> None:
-    """A resumed run keeps the model and the optimizer settings of the run that wrote its
+    """A resumed run keeps the model, the adapters and the optimizer settings of the run that wrote its
     checkpoint (`saved`, read from `saved_path`); DslmError naming the first field that differs."""
-    fields = [("model", name) for name in KEPT_MODEL_FIELDS] + [("train", name) for name in KEPT_TRAIN_FIELDS]
+    fields = ([("model", name) for name in KEPT_MODEL_FIELDS] + [("train", name) for name in KEPT_TRAIN_FIELDS]
+              + [("train.lora", name) for name in KEPT_LORA_FIELDS])
     for section, name in fields:
-        now, then = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)
+        now, then = (getattr(operator.attrgetter(section)(config), name) for config in (cfg, saved))
         if now != then:
             raise DslmError(f"{section}.{name}={now} differs from {then} in {saved_path}: a resumed run keeps the "
-                            f"model's shapes and the optimizer's lr, betas and weight decay, which its checkpoint "
-                            f"holds; drop the override, or start a new run")
+                            f"model's shapes, its adapters and the optimizer's lr, betas and weight decay, which its "
+                            f"checkpoint holds; drop the override, or start a new run")
 
 
 def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> None:

@@ -22,6 +22,7 @@ from dslm.data.loader import DeviceBatches, ShardSamples, train_loader
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config
 from dslm.errors import DslmError
+from dslm.lora import add_adapters
 from dslm.metrics import Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
@@ -30,7 +31,10 @@ from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, plan_resume
 from dslm.stop import EXIT_STOPPED, StopSignal
 from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
-from dslm.weights import load_into, read_weights
+from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256_of
+
+OBJECTIVE = next_token
+"""Every run's objective; the previous-token model is this one on reversed samples (data.direction)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
     stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
     resume = plan_resume(args.resume, cfg, manifest, env)
     model = build_model(cfg)
-    cfg.origin = initial_weights(cfg, resume, model, env)
+    cfg.origin = initial_weights(cfg, resume, model, manifest, env)
+    add_adapters(model, cfg.train.lora)  # train.lora: around the initial weights; a resume loads its own adapters
     frozen = freeze_parameters(model, cfg, env)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)  # before ZeRO-3 partitions the weights
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
@@ -105,8 +110,8 @@ def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
     if not manifest.split("val"):
         raise DslmError(f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
                         f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0")
-    return Validation(ShardSamples(cfg.data.shards, manifest.split("val")), next_token, cfg.train.micro_batch_size,
-                      cfg.train.val_batches)
+    return Validation(ShardSamples(cfg.data.shards, manifest, "val", cfg.data.direction), OBJECTIVE,
+                      cfg.train.micro_batch_size, cfg.train.val_batches)
 
 
 def save_run_config(cfg: RunConfig, env: DistEnv) -> None:
@@ -121,7 +126,7 @@ def build_model(cfg: RunConfig) -> GPT:
     return GPT(cfg.model)
 
 
-def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, env: DistEnv) -> Origin:
+def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, manifest: Manifest, env: DistEnv) -> Origin:
     """The run's origin. A resumed run keeps its own (its checkpoint's weights load later);
     otherwise `train.init_from` names the weights to copy into `model` now."""
     if resume is not None:
@@ -131,6 +136,7 @@ def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, env: Dist
         return resume.origin
     if not cfg.train.init_from:
         return Origin()
+    check_init_source(Path(cfg.train.init_from), cfg, manifest, env)
     _, weights, origin = read_weights(cfg.train.init_from)
     load_into(model, weights, origin.path)
     if env.rank == 0:
@@ -138,13 +144,37 @@ def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, env: Dist
     return origin
 
 
+def check_init_source(source: Path, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> None:
+    """The weights at `source` suit the run's shards: DslmError when they were trained with
+    another tokenizer (their token ids would mean other text); a note when that cannot be known,
+    or when they were trained in the other direction (rank 0)."""
+    tokenizer = tokenizer_sha256_of(source)
+    if tokenizer is not None and tokenizer != manifest.tokenizer_sha256:
+        raise DslmError(f"train.init_from={source} was trained with another tokenizer than the one of "
+                        f"{cfg.data.shards}; build the shards with the base model's (--tokenizer)")
+    if env.rank != 0:
+        return
+    if tokenizer is None:
+        print(f"note: the shards {source} was trained on are gone, so its tokenizer cannot be checked against "
+              f"{cfg.data.shards}'s", flush=True)
+    if (direction := framing_of(source).direction) != cfg.data.direction:
+        print(f"note: {source} was trained {direction}; this run reads {cfg.data.direction} (data.direction)",
+              flush=True)
+
+
 def freeze_parameters(model: GPT, cfg: RunConfig, env: DistEnv) -> list[str]:
-    """Freeze what train.freeze and train.freeze_blocks name; print what trains (rank 0)."""
-    frozen = freeze(model, freeze_patterns(cfg.train))
+    """Freeze what train.freeze and train.freeze_blocks name, on top of what train.lora froze;
+    print what trains (rank 0). Returns the names of all frozen parameters."""
+    if cfg.train.freeze_blocks > cfg.model.n_layer:
+        raise DslmError(f"train.freeze_blocks={cfg.train.freeze_blocks} is more than the model's "
+                        f"{cfg.model.n_layer} blocks (model.n_layer)")
+    freeze(model, freeze_patterns(cfg.train))
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if env.rank == 0 and frozen:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"trainable parameters: {trainable:,} of {model.num_params():,} ({len(frozen)} tensors frozen)",
-              flush=True)
+        adapters = f"; LoRA adapters of rank {cfg.train.lora.rank}" if cfg.train.lora.rank else ""
+        print(f"trainable parameters: {trainable:,} of {model.num_params():,} ({len(frozen)} tensors frozen"
+              f"{adapters})", flush=True)
     return frozen
 
 
@@ -156,7 +186,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, stat
                           start=state.samples)
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
     return Trainer(
-        cfg=train, engine=engine, batches=DeviceBatches(iter(loader), engine.device), objective=next_token,
+        cfg=train, engine=engine, batches=DeviceBatches(iter(loader), engine.device), objective=OBJECTIVE,
         checkpointer=Checkpointer(cfg.checkpoint_dir, train.keep_last),
         # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
         metrics=Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None),

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from dslm.checkpoint import Checkpointer, TrainState
-from dslm.data.loader import DeviceBatches
+from dslm.data.loader import DeviceBatches, to_device
 from dslm.errors import DslmError
+from dslm.lora import LoraConfig
 from dslm.metrics import Metrics
 from dslm.objective import Objective
 from dslm.optim import OptimConfig
@@ -55,6 +56,9 @@ class TrainConfig(OptimConfig):
     (its `best` tag, else `latest`) or a dslm-export folder; the optimizer, schedule, data cursor
     and step start fresh. model.* must describe the source's model. "" starts from random weights.
     A resumed run continues from its own checkpoint instead."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (`train.lora.rank`, `alpha`, `dropout`, `target_modules`; dslm.lora.LoraConfig):
+    with rank > 0 only they train, on top of the frozen model (after init_from's weights)."""
     log_interval: int = 10
     """Log the train/* scalars every N steps (and at the last step), >= 1."""
     checkpoint_interval: int = 500
@@ -140,10 +144,10 @@ class Validation:
         for k in range(self.batches):
             first = (k * world + rank) * self.micro_batch
             # positions spread evenly over the split: its start alone is one corner of the corpus
-            batch = torch.stack([self.samples[p * len(self.samples) // used] for p in range(first, first + self.micro_batch)])
-            total += engine(*self.objective(batch.to(engine.device))).float()
+            batch = default_collate([self.samples[p * len(self.samples) // used] for p in range(first, first + self.micro_batch)])
+            total += engine(*self.objective(to_device(batch, engine.device))).float()
         engine.train()
-        loss = global_mean(total) / self.batches  # equal batches: the mean of means is per token
+        loss = global_mean(total) / self.batches  # the mean of equal micro-batches: per token where all tokens are targets
         return {"val/loss": loss, "val/ppl": math.exp(loss)}
 
 

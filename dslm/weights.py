@@ -16,10 +16,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dslm.checkpoint import BEST_NAME, LATEST_NAME, load_fp32_weights, newest_resumable, seal_problem
+from dslm.checkpoint import BEST_NAME, LATEST_NAME, load_model_weights, newest_resumable, seal_problem
 from dslm.config import CONFIG_NAME, Origin, checkpoint_dir, load_config, run_of
+from dslm.data.loader import DataConfig
+from dslm.data.manifest import MANIFEST_NAME, Manifest
+from dslm.data.templates import Framing
 from dslm.errors import DslmError
-from dslm.hf import dslm_state_dict, model_config_from_hf
+from dslm.files import sha256_file
+from dslm.hf import dslm_state_dict, framing_from_hf, model_config_from_hf
 from dslm.model import GPT, ModelConfig
 
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -51,11 +55,40 @@ def read_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def read_tag(tag_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The model config (from its run's config.yaml) and fp32 weights of a checkpoint tag."""
+    """The model config (from its run's config.yaml) and fp32 weights of a checkpoint tag, as the
+    plain GPT names them (a LoRA run's adapters merged)."""
     run_dir, _ = run_of(tag_dir)
-    cfg = load_config(run_dir / CONFIG_NAME, []).model
+    cfg = load_config(run_dir / CONFIG_NAME, [])
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints its progress
-        return cfg, load_fp32_weights(tag_dir, cfg)
+        return cfg.model, load_model_weights(tag_dir, cfg.model, cfg.train.lora)
+
+
+def run_data(path: Path) -> tuple[DataConfig, Manifest | None]:
+    """The data settings of the run that trained the tag or run directory `path`, and its shards'
+    manifest (None when the shards are gone)."""
+    run_dir = path if source_kind(path) == "run" else run_of(path)[0]
+    data = load_config(run_dir / CONFIG_NAME, []).data
+    found = (Path(data.shards) / MANIFEST_NAME).is_file()
+    return data, Manifest.load(data.shards) if found else None
+
+
+def framing_of(path: Path) -> Framing:
+    """How the model at `path` (a tag, a run directory or an export folder) reads its input: what
+    the export's config.json records, or its run's data.direction and its shards' template (none
+    when the shards are gone). Raises DslmError as source_kind does."""
+    if source_kind(path) == "export":
+        return framing_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
+    data, manifest = run_data(path)
+    return Framing(data.direction, manifest.template if manifest else "")
+
+
+def tokenizer_sha256_of(path: Path) -> str | None:
+    """sha256 of the tokenizer.json the model at `path` was trained with: the export's own, or its
+    run's shards' (None when those are gone). Raises DslmError as source_kind does."""
+    if source_kind(path) == "export":
+        return sha256_file(path / "tokenizer.json")
+    _, manifest = run_data(path)
+    return manifest.tokenizer_sha256 if manifest else None
 
 
 def newest_checkpoint(run_dir: Path) -> Path:

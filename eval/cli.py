@@ -32,11 +32,11 @@ from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.metrics import Metrics
+from dslm.weights import export_origin, is_export
 from eval.checkers import CheckerLimits
 from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
 from eval.generate import GenerationConfig, complete
 from eval.heldout import LabeledSamples, heldout_documents, token_bytes
-from dslm.weights import export_origin, is_export
 from eval.load import LoadedModel, load_for_eval, parse_device
 from eval.perplexity import ALL, perplexity
 
@@ -93,9 +93,9 @@ class ValData:
 
     def __init__(self, shards: Path, cfg: EvalConfig):
         manifest = Manifest.load(shards)
-        self.shards = shards
+        self.shards, self.manifest = shards, manifest
         self.tokenizer = Tokenizer.from_file(str(shards / manifest.tokenizer))
-        samples = ShardSamples(shards, manifest.split("val"))
+        samples = ShardSamples(shards, manifest, "val")
         self.samples = LabeledSamples(samples)
         self.documents = heldout_documents(self.samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
         if cfg.code and not self.documents:
@@ -171,6 +171,10 @@ def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
         return complete(loaded.model, loaded.tokenizer, prompts, gen)
 
     results = {}
+    if cfg.code and loaded.framing.direction == "backward":
+        warn(PROG, "exact_match and compile_success continue code forwards; this model reads backward "
+                   "(data.direction=backward): skipped")
+        return results
     if "exact_match" in cfg.metrics:
         results["exact_match"] = run_exact_match(data.documents, greedy, exact)
     if "compile_success" in cfg.metrics:
@@ -178,12 +182,20 @@ def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
     return results
 
 
+def check_masks_fit(manifest: Manifest, shards: Path, direction: str) -> None:
+    """Instruction shards' loss masks fit one reading direction: DslmError for a model of the other."""
+    if manifest.masks and manifest.direction != direction:
+        raise DslmError(f"the loss masks of {shards} were made for {manifest.direction} models and this one reads "
+                        f"{direction}; evaluate it on shards built with `dslm-shard sft --direction {direction}`")
+
+
 def evaluate(target: Target, data: ValData, cfg: EvalConfig, device: torch.device) -> dict:
     loaded = load_for_eval(target.path, device)
     result: dict = {"step": target.step, "checkpoint": str(target.path), "shards": str(data.shards)}
     if "perplexity" in cfg.metrics:
+        check_masks_fit(data.manifest, data.shards, loaded.framing.direction)
         table = token_bytes(data.tokenizer, loaded.model.cfg.vocab_size)
-        by_language = perplexity(loaded.model, data.samples, table, cfg.batch_size, device)
+        by_language = perplexity(loaded.model, data.samples, table, cfg.batch_size, device, loaded.framing.direction)
         result["perplexity"] = {name: dataclasses.asdict(p) for name, p in by_language.items()}
     return result | code_metrics(loaded, data, cfg)
 

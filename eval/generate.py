@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from dslm.data.templates import Framer, Framing, get_template
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.model import GPT, KVCache
@@ -308,8 +309,12 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
     return out
 
 
-def cut_at_stop(text: str, stop_strings: tuple[str, ...], keep: bool = False) -> str:
-    """`text` up to the stop string that starts first in it, without it or (keep) with it."""
+def cut_at_stop(text: str, stop_strings: tuple[str, ...], keep: bool = False, backward: bool = False) -> str:
+    """`text` up to the stop string that starts first in it, without it or (keep) with it. Text
+    written backward (leftwards) is cut the other way: from the stop string that ends last on."""
+    if backward:
+        flipped = tuple(s[::-1] for s in stop_strings)
+        return cut_at_stop(text[::-1], flipped, keep)[::-1]
     found = [(i, s) for s in stop_strings if (i := text.find(s)) >= 0]
     if not found:
         return text
@@ -317,10 +322,48 @@ def cut_at_stop(text: str, stop_strings: tuple[str, ...], keep: bool = False) ->
     return text[:start + len(stop)] if keep else text[:start]
 
 
+class PromptFraming:
+    """How prompts go into a model of one Framing, where its generation stops, and how its new
+    tokens become text. Forward: a prompt is a text's start (after <bos>); the model writes on
+    and stops at <eos>. Backward: a prompt is a text's end (before <eos>), fed reversed in token
+    order; the model writes what came before, leftwards, and stops at <bos>; the new text is
+    turned back. With a template, a prompt fills the template's given block and the model writes
+    the target block (dslm.data.templates.Framer)."""
+
+    def __init__(self, tokenizer: Tokenizer, framing: Framing):
+        self.tok, self.backward = tokenizer, framing.direction == "backward"
+        self.direction = framing.direction
+        self.framer = Framer(get_template(framing.template), tokenizer) if framing.template else None
+
+    def ids(self, prompt: str) -> list[int]:
+        """The model's input for `prompt`, in its reading order."""
+        if self.framer is not None:
+            return self.framer.prompt(prompt, self.direction)
+        ids = self.tok.encode(prompt).ids
+        return [EOS_ID, *reversed(ids)] if self.backward else [BOS_ID, *ids]
+
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        if self.framer is not None:
+            return (self.framer.stop_token(self.direction),)
+        return (BOS_ID,) if self.backward else (EOS_ID,)
+
+    def decode(self, new: list[int]) -> str:
+        """New ids (in the model's reading order) as text in the page's order."""
+        return self.tok.decode(new[::-1] if self.backward else new)
+
+    def text(self, new: list[int]) -> str:
+        """What the model wrote: the new text, or with a template the target's text."""
+        return self.framer.reply(new, self.direction) if self.framer is not None else self.decode(new)
+
+
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerationConfig,
-             progress: bool = False) -> list[str]:
-    """The new text after each prompt. Each prompt is encoded after <bos>, as every training
-    document starts; the new text is cut at the first stop string (cfg.keep_stop_string)."""
-    ids = [[BOS_ID, *tokenizer.encode(p).ids] for p in prompts]
-    new = generate(model, ids, cfg, decode=tokenizer.decode, progress=progress)
-    return [cut_at_stop(tokenizer.decode(tokens), cfg.stop_strings, cfg.keep_stop_string) for tokens in new]
+             progress: bool = False, framing: Framing = Framing()) -> list[str]:
+    """The new text for each prompt, framed as the model reads (PromptFraming); cfg.stop_tokens
+    is replaced by the framing's end token. Forward, the text follows its prompt; backward, it
+    precedes it; with a template, it is the reply. It is cut at the first stop string
+    (cfg.keep_stop_string), the first in the model's writing order."""
+    frame = PromptFraming(tokenizer, framing)
+    cfg = replace(cfg, stop_tokens=frame.stop_tokens)
+    new = generate(model, [frame.ids(p) for p in prompts], cfg, decode=frame.decode, progress=progress)
+    return [cut_at_stop(frame.text(tokens), cfg.stop_strings, cfg.keep_stop_string, frame.backward) for tokens in new]

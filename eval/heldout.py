@@ -16,7 +16,8 @@ from dslm.data.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS
 
 
 class LabeledSamples(Dataset):
-    """(tokens (T+1,), language index) for each sample of a split; `languages[i]` names index i."""
+    """(sample {"input_ids", "labels"}, language index) for each sample of a split; `languages[i]`
+    names index i."""
 
     def __init__(self, samples: ShardSamples):
         self.samples = samples
@@ -27,7 +28,7 @@ class LabeledSamples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], int]:
         return self.samples[index], self.labels[index]
 
 
@@ -48,7 +49,7 @@ def heldout_documents(samples: LabeledSamples, tokenizer: Tokenizer, languages: 
     streams: dict[str, list[np.ndarray]] = defaultdict(list)
     for i in tqdm(range(len(samples)), desc="held-out documents", unit="sample", leave=False):
         if (language := samples.languages[samples.labels[i]]) in languages:  # labels read once, at init
-            streams[language].append(samples.samples[i].numpy())
+            streams[language].append(samples.samples[i]["input_ids"].numpy())
     documents = {}
     for language, parts in streams.items():
         framed = split_documents(np.concatenate(parts))[:limit]

@@ -12,10 +12,12 @@ from tokenizers import Tokenizer
 
 from dslm.config import CONFIG_NAME, load_config, run_of
 from dslm.data.manifest import Manifest
+from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.model import GPT
-from dslm.weights import export_origin, model_from, newest_checkpoint, read_export, read_tag, source_kind
+from dslm.weights import export_origin, framing_of, model_from, newest_checkpoint, read_export, read_tag, source_kind
+
 
 @dataclass
 class LoadedModel:
@@ -26,6 +28,8 @@ class LoadedModel:
     """The run the weights come from, where known."""
     step: int | None
     """The checkpoint's optimizer step, where known."""
+    framing: Framing = Framing()
+    """How the model reads its input (direction, template), as it was trained."""
 
 
 def parse_device(text: str) -> torch.device:
@@ -52,6 +56,7 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
     else:
         loaded = load_checkpoint(newest_checkpoint(path) if kind == "run" else path)
     loaded.model.to(device).eval()
+    loaded.framing = framing_of(path)
     return loaded
 
 

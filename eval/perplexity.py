@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dslm.model import GPT
+from dslm.data.loader import reverse, to_device
+from dslm.model import GPT, IGNORE_INDEX
 from dslm.objective import next_token
 from eval.heldout import LabeledSamples
 
@@ -53,15 +54,18 @@ class Totals:
 
 @torch.no_grad()
 def perplexity(model: GPT, samples: LabeledSamples, token_bytes: torch.Tensor, batch_size: int,
-               device: torch.device) -> dict[str, Perplexity]:
-    """Results over all samples ("all") and over each language's samples."""
+               device: torch.device, direction: str = "forward") -> dict[str, Perplexity]:
+    """Results over all samples ("all") and over each language's samples, in the model's reading
+    `direction` (backward: each sample reversed, as the model was trained). Only training targets
+    count (labels not IGNORE_INDEX), so instruction shards score the responses."""
     totals = Totals(len(samples.languages))
     for batch, labels in tqdm(DataLoader(samples, batch_size=batch_size), desc="perplexity", unit="batch", leave=False):
-        inputs, targets = next_token(batch.to(device))
+        batch = to_device(batch, device)
+        inputs, targets = next_token(reverse(batch) if direction == "backward" else batch)
         logits = model(inputs)  # (B, T, V)
-        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)  # (B,)
-        totals.add(labels, nats.cpu(), torch.full_like(labels, targets.size(1)),
-                   token_bytes[targets.cpu()].sum(1))
+        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)  # (B,): 0 where ignored
+        counted = (targets != IGNORE_INDEX).cpu()
+        totals.add(labels, nats.cpu(), counted.sum(1), (token_bytes[targets.cpu().clamp(min=0)] * counted).sum(1))
     results = {ALL: totals.result(slice(None))}
     languages = {name: i for i, name in enumerate(samples.languages) if name}  # "": shards without languages
     return results | {name: totals.result(torch.tensor([i])) for name, i in languages.items()}

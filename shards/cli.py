@@ -9,8 +9,11 @@ from tokenizers import Tokenizer
 
 from dslm.cli import run_command
 from dslm.data.manifest import Manifest
+from dslm.data.templates import DIRECTIONS, TEMPLATES
+from dslm.data.tokens import PAD_ID
 from dslm.errors import DslmError
 from shards.build import BuildReport, ShardConfig, all_cores, build_shards, train_and_save_tokenizer
+from shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
 from shards.sources import parse_source
 from shards.verify import verify_build
 
@@ -54,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    help="replace a finished build in --out, or start an unfinished one over (a rerun "
                         "without it resumes an unfinished build of the same inputs)")
 
+    add_sft_parser(sub)
+
     v = sub.add_parser("verify", help="check every shard's size, sample count and sha256 against the manifest")
     v.add_argument("folder", type=Path, help="a folder written by `dslm-shard build`")
 
@@ -61,6 +66,46 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("folder", type=Path, help="a folder written by `dslm-shard build`")
     i.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N train samples")
     return p
+
+
+def add_sft_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "sft", help="frame instruction records with a template into train/val tar shards with loss masks",
+        description="Read Alpaca records (instruction, optional input, output) or chat records (messages: "
+                    "[{role, content}]; each user message followed by an assistant message is one example), "
+                    "frame each example with --template, and pack whole examples into samples of seq_len+1 "
+                    "tokens (padded with <pad>; an example is never split across samples). Each sample "
+                    "carries KEY.mask.npy, 1 on the tokens the loss is on. Bad records are skipped, counted "
+                    "in the manifest and warned about (FILE:LINE); an example longer than a sample is "
+                    "dropped (too_long), not cut, because a cut response teaches the model to stop "
+                    "mid-answer and a cut instruction can lose the question.")
+    s.add_argument("--source", action="append", required=True, metavar="FILES",
+                   help=f"repeatable: {' '.join(SFT_SUFFIXES)} files of records: a file, a folder (walked "
+                        f"below) or a glob (`**` spans folders); a record with the messages field is chat, "
+                        f"any other Alpaca")
+    s.add_argument("--template", required=True, choices=list(TEMPLATES),
+                   help=". ".join(f"{t.name}: {t.summary}" for t in TEMPLATES.values())
+                        + ". With --direction backward the loss is on the other block (the one read last backward)")
+    s.add_argument("--tokenizer", type=Path, required=True,
+                   help="tokenizer.json from `dslm-shard tokenizer` (it must hold the template markers)")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--direction", choices=DIRECTIONS, default="forward",
+                   help="the reading direction the masks are made for; training needs data.direction to "
+                        "match (default: %(default)s)")
+    s.add_argument("--seq-len", type=int, default=1024,
+                   help="model context; samples hold seq_len+1 tokens (default: %(default)s)")
+    s.add_argument("--samples-per-shard", type=int, default=10_000,
+                   help="samples per tar shard; the last of a split holds the rest (default: %(default)s)")
+    s.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of examples in val, by a hash of the example (default: %(default)s)")
+    fields = {"instruction": "Alpaca: the instruction's field", "output": "Alpaca: the response's field",
+              "input": "Alpaca: the optional input's field, put after the instruction and a blank line",
+              "messages": "chat: the field of the [{role, content}] list; a record with it is read as chat"}
+    for name, default in vars(RecordFields()).items():
+        s.add_argument(f"--{name}-field", default=default, help=f"{fields[name]} (default: %(default)s)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a finished build in --out (without it, one there is an error); an "
+                        "interrupted run is always started over")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +117,8 @@ def dispatch(args: argparse.Namespace) -> None:
         return verify(args.folder)
     if args.command == "inspect":
         return inspect(args.folder, args.show)
+    if args.command == "sft":
+        return sft(args)
     sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
     if args.command == "tokenizer":
         for (spec, language), ratio in train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes,
@@ -88,12 +135,24 @@ def dispatch(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'manifest.json'}")
 
 
+def sft(args: argparse.Namespace) -> None:
+    fields = RecordFields(args.instruction_field, args.input_field, args.output_field, args.messages_field)
+    cfg = SftConfig(out=args.out, tokenizer=args.tokenizer, template=args.template, sources=args.source,
+                    direction=args.direction, seq_len=args.seq_len, samples_per_shard=args.samples_per_shard,
+                    val_fraction=args.val_fraction, fields=fields, overwrite=args.overwrite)
+    manifest = build_sft_shards(cfg)
+    print_summary(manifest)
+    print(f"wrote {args.out / 'manifest.json'}")
+
+
 def print_summary(manifest: Manifest) -> None:
     print(f"seq_len {manifest.seq_len}, dtype {manifest.dtype}, vocab {manifest.vocab_size}")
     for split in ("train", "val"):
         entries = manifest.split(split)
         print(f"{split:>5}: {len(entries)} shards, {sum(e.samples for e in entries):,} samples, "
               f"{sum(e.tokens for e in entries):,} tokens")
+    if manifest.masks:
+        print_examples(manifest)
     all_tokens = sum(st.tokens for st in manifest.sources.values()) or 1
     for spec, st in manifest.sources.items():
         per_byte = st.tokens / st.bytes if st.bytes else 0.0
@@ -101,6 +160,16 @@ def print_summary(manifest: Manifest) -> None:
         print(f"{spec}: {st.documents:,} documents, {st.bytes:,} bytes, {st.tokens:,} tokens "
               f"({st.tokens / all_tokens:.1%} of all, {per_byte:.3f} tokens/byte), "
               f"{st.headers_stripped:,} long headers stripped; skipped: {filtered}")
+
+
+def print_examples(manifest: Manifest) -> None:
+    """The packing of instruction shards: examples written and dropped, and how full samples are."""
+    examples = sum(st.documents for st in manifest.sources.values())
+    too_long = sum(st.filtered.get("too_long", 0) for st in manifest.sources.values())
+    fill = sum(st.tokens for st in manifest.sources.values()) / (sum(e.tokens for e in manifest.shards) or 1)
+    print(f"template {manifest.template}, direction {manifest.direction}: {examples:,} examples packed "
+          f"whole, mean fill {fill:.1%} of sample tokens (the rest <pad>), {too_long:,} dropped as longer "
+          f"than a sample of {manifest.seq_len + 1} tokens (too_long)")
 
 
 def print_speed(report: BuildReport) -> None:
@@ -126,9 +195,36 @@ def inspect(folder: Path, show: int) -> None:
         from dslm.data.loader import ShardSamples
 
         tok = Tokenizer.from_file(str(folder / manifest.tokenizer))
-        samples = ShardSamples(folder, manifest.split("train"))
+        samples = ShardSamples(folder, manifest, "train")
         for i in range(min(show, len(samples))):
-            print(f"--- sample {i}\n{tok.decode(samples[i].tolist(), skip_special_tokens=False)}")
+            sample = samples[i]
+            print(f"--- sample {i}\n{decode_sample(tok, sample['input_ids'].tolist())}")
+            if manifest.masks:
+                spans = target_spans(sample["input_ids"].tolist(), sample["labels"].tolist())
+                print(f"--- sample {i}: {len(spans)} targets (the tokens the loss is on)")
+                for n, span in enumerate(spans, 1):
+                    print(f"[{n}] {tok.decode(span, skip_special_tokens=False)}")
+
+
+def decode_sample(tok: Tokenizer, ids: list[int]) -> str:
+    """The sample's text with its special tokens, its trailing <pad> run counted rather than spelled out."""
+    pads = next((n for n, token in enumerate(reversed(ids)) if token != PAD_ID), len(ids))
+    text = tok.decode(ids[:len(ids) - pads], skip_special_tokens=False)
+    return f"{text} (+{pads} <pad>)" if pads else text
+
+
+def target_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive training targets of a sample: tokens whose label is the token
+    itself (the others are labelled with the loss's ignore index, never a token id)."""
+    spans: list[list[int]] = []
+    was_target = False
+    for token, label in zip(ids, labels):
+        if token == label:
+            if not was_target:
+                spans.append([])
+            spans[-1].append(token)
+        was_target = token == label
+    return spans
 
 
 if __name__ == "__main__":

@@ -251,21 +251,28 @@ def clean_text(value: object, stats: SourceStats) -> str | None:
     return text
 
 
-def jsonl_values(path: Path, field: str, stats: SourceStats) -> Iterator[tuple[str, Any]]:
-    """(`PATH:LINE`, record[field]) per line, read one line at a time; blank lines are not records."""
+def jsonl_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(`PATH:LINE`, the raw line) per line of a .jsonl or .jsonl.gz file (lines from 1), read
+    one line at a time."""
     with (gzip.open(path) if path.name.endswith(".gz") else open(path, "rb")) as lines:
         for number, raw in enumerate(lines, 1):
-            line = decode(raw, stats)
-            if line is None or not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or field not in record:
-                skip(stats, "bad_record")
-                continue
-            yield f"{path}:{number}", record[field]
+            yield f"{path}:{number}", raw
+
+
+def jsonl_values(path: Path, field: str, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+    """(`PATH:LINE`, record[field]) per line, read one line at a time; blank lines are not records."""
+    for where, raw in jsonl_lines(path):
+        line = decode(raw, stats)
+        if line is None or not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or field not in record:
+            skip(stats, "bad_record")
+            continue
+        yield where, record[field]
 
 
 def parquet_values(path: Path, field: str) -> Iterator[tuple[str, Any]]:
@@ -274,10 +281,19 @@ def parquet_values(path: Path, field: str) -> Iterator[tuple[str, Any]]:
     if field not in parquet.schema_arrow.names:
         raise DslmError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
                         f"name the text column with field=NAME")
-    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field])
-    values = (value for batch in batches for value in batch.column(0).to_pylist())
-    for row, value in enumerate(values, 1):
-        yield f"{path}:{row}", value
+    for where, row in parquet_rows(path, [field]):
+        yield where, row[field]
+
+
+def parquet_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`PATH:ROW`, {column: value}) per row (rows from 1), holding those of `columns` that the
+    file has (a row of a file with none of them is {}), read in bounded record batches."""
+    parquet = pq.ParquetFile(path)
+    present = [column for column in columns if column in parquet.schema_arrow.names]
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=present)
+    rows = (row for batch in batches for row in batch.to_pylist())
+    for number, row in enumerate(rows, 1):
+        yield f"{path}:{number}", row
 
 
 def archive_members(path: Path, keep: Callable[[str], bool], stats: SourceStats) -> Iterator[tuple[str, bytes]]:

@@ -16,6 +16,9 @@ from dslm.data.manifest import ShardEntry
 from dslm.files import open_at, sha256_file, tmp_path
 
 SAMPLE_SUFFIX = ".tokens.npy"
+MASK_SUFFIX = ".mask.npy"
+"""A sample's loss mask in instruction shards (`dslm-shard sft`): (seq_len + 1,) uint8, 1 where the
+token is a training target."""
 LANGUAGE_SUFFIX = ".language.txt"
 """The language of the documents packed in a sample (one per sample): python, c, java, text, en, ..."""
 
@@ -51,6 +54,13 @@ class Packer:
         return np.concatenate(self.pending).tolist()
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` in .npy format, as np.save writes it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def shard_path(out: Path, split: str, index: int) -> Path:
     return out / f"{split}-{index:06d}.tar"
 
@@ -75,8 +85,9 @@ class ShardWriter:
     """Writes one split's samples into `{split}-NNNNNN.tar` files of `samples_per_shard` samples.
 
     Each tar is written under a hidden temporary name and renamed only once complete. Members
-    are `KEY.tokens.npy` and `KEY.language.txt`, as webdataset's TarWriter names them (a sample
-    packs documents of one language, so that eval can report per language), with fixed owner and mtime so a
+    are `KEY.tokens.npy`, `KEY.mask.npy` (only for a sample given a mask) and `KEY.language.txt`,
+    as webdataset's TarWriter names them (a sample packs documents of one language, so that eval
+    can report per language), with fixed owner and mtime so a
     shard's bytes (and sha256) are the same on every build. Tar is written with `tarfile`
     directly because a resumed build needs the open file cut back to a member boundary
     (`state.offset`) and appended to, which webdataset's streaming writer cannot do.
@@ -102,15 +113,16 @@ class ShardWriter:
     def _tmp(self) -> Path:
         return tmp_path(self._final)
 
-    def add(self, tokens: np.ndarray, language: str) -> ShardEntry | None:
-        """Write one sample; return the shard's entry when this sample completed it."""
+    def add(self, tokens: np.ndarray, language: str, mask: np.ndarray | None = None) -> ShardEntry | None:
+        """Write one sample, and its (sample_len,) loss mask as uint8 when given one; return the
+        shard's entry when this sample completed it."""
         if self._tar is None:
             self._open(0)
         assert self._tar is not None
-        array = io.BytesIO()
-        np.lib.format.write_array(array, tokens, allow_pickle=False)
         key = f"{self.split}-{self.state.total:09d}"
-        self._add_member(key + SAMPLE_SUFFIX, array.getvalue())
+        self._add_member(key + SAMPLE_SUFFIX, npy_bytes(tokens))
+        if mask is not None:
+            self._add_member(key + MASK_SUFFIX, npy_bytes(mask.astype(np.uint8)))
         self._add_member(key + LANGUAGE_SUFFIX, language.encode())
         self.state.in_shard += 1
         self.state.total += 1

@@ -47,6 +47,14 @@ class Manifest:
     shards: list[ShardEntry]
     sources: dict[str, SourceStats]
     format: int = FORMAT_VERSION
+    template: str = ""
+    """The instruction template the examples are framed with (dslm.data.templates), written by
+    `dslm-shard sft`; "" for `dslm-shard build`'s documents."""
+    masks: bool = False
+    """Each sample carries KEY.mask.npy (1 where the token is a training target)."""
+    direction: str = ""
+    """The reading direction the masks were made for ("forward" or "backward"); training on the
+    shards needs data.direction to match. "" for shards without masks, which train either way."""
 
     def split(self, name: str) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == name]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from dslm.errors import DslmError
+
 SPECIAL_TOKENS = [
     "<pad>", "<unk>", "<bos>", "<eos>",
     "<|im_start|>", "<|im_end|>", "<|instruction|>", "<|response|>",
@@ -25,9 +27,13 @@ def load_text_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer for corpus text: "<bos>" written in a document stays text, never the special id.
 
     (tokenizers does not save this setting in tokenizer.json, so it is set on every load.)
-    Raises: FileNotFoundError when `path` is missing; Exception from `tokenizers` for a file that
-    is not a tokenizer.
+    Raises DslmError when `path` is not a file or not a tokenizer `tokenizers` can read.
     """
-    tok = Tokenizer.from_file(str(path))
+    if not Path(path).is_file():
+        raise DslmError(f"tokenizer {path}: no such file")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
+        raise DslmError(f"tokenizer {path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
     tok.encode_special_tokens = True
     return tok

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,20 @@ def test_an_empty_preset_from_the_shell_means_no_preset():
     sizes = ["model.n_layer=1", "model.n_head=2", "model.n_embd=8", "model.intermediate_size=16",
              "model.vocab_size=10", "model.block_size=4"]
     assert load_config(None, ["model.preset=", *sizes]).model.n_embd == 8
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "launch" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_its_tiny_form_fits_the_cpu(recipe):
+    cfg = load_config(recipe, [])
+    assert cfg.name == recipe.stem
+    tiny = cfg if recipe.stem.endswith("-tiny") or recipe.stem == "demo" else load_config(recipe, ["model.preset=tiny"])
+    assert tiny.model.n_layer == 2 and tiny.train.micro_batch_size * tiny.train.grad_accum <= 256
+
+
+def test_the_backchat_recipe_has_the_cards_settings():
+    cfg = load_config(Path(__file__).resolve().parents[2] / "launch/recipes/backchat-pretrain.yaml", [])
+    assert (cfg.model.vocab_size, cfg.model.block_size, cfg.data.direction) == (8888, 1024, "backward")
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.lr, cfg.train.schedule) == (64, 4, 3e-4, "cosine")

@@ -40,6 +40,14 @@ def test_missing_shards_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().endswith("run `dslm-shard build` first")
 
 
+def test_freezing_more_blocks_than_the_model_has_is_one_line(tiny_shards, tmp_path):
+    args = train_args(tiny_shards[0], tmp_path, max_steps=2, warmup_steps=1) + ["train.freeze_blocks=3"]
+    proc = subprocess.run([BIN / "dslm-train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("train.freeze_blocks=3 is more than the model's 2 blocks "
+                                                         "(model.n_layer)")
+
+
 @pytest.mark.slow
 def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, tmp_path, free_port):
     shards, _ = tiny_shards

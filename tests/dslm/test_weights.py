@@ -1,15 +1,20 @@
 """Weights for fine-tuning (train.init_from): from a tag, a run directory or an export, into a new model."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from dslm.checkpoint import BEST_NAME, LATEST_NAME, tag_for
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
+from dslm.data.templates import Framing
+from dslm.engine import DistEnv
 from dslm.errors import DslmError
 from dslm.export import export
 from dslm.model import GPT, ModelConfig
-from dslm.weights import chosen_checkpoint, load_into, read_weights, weights_sha256
+from dslm.train import check_init_source
+from dslm.weights import chosen_checkpoint, framing_of, load_into, read_weights, tokenizer_sha256_of, weights_sha256
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 
@@ -86,3 +91,31 @@ def test_the_weights_digest_sees_every_value():
     before = weights_sha256(weights)
     weights["blocks.1.mlp.fc.bias"][3] += 1e-6
     assert weights_sha256(weights) != before
+
+
+def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_refused(source, tiny_shards, tmp_path,
+                                                                                        capsys):
+    run, _ = source
+    shards, manifest = tiny_shards
+    tag = run / "checkpoints" / tag_for(7)
+    export(tag, run / "export" / "step7", CFG, shards / manifest.tokenizer, Framing("backward", "instruct"))
+    for path in (tag, run, run / "export" / "step7"):
+        assert tokenizer_sha256_of(path) == manifest.tokenizer_sha256
+    assert framing_of(run / "export" / "step7") == Framing("backward", "instruct")
+    assert framing_of(tag) == Framing("forward", "")
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = RunConfig(name="tuned", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(shards)))
+    check_init_source(run, cfg, manifest, env)
+    assert "was trained" not in capsys.readouterr().out
+    check_init_source(run / "export" / "step7", cfg, manifest, env)
+    assert "step7 was trained backward; this run reads forward" in capsys.readouterr().out
+    other = dataclasses.replace(manifest, tokenizer_sha256="0" * 64)
+    with pytest.raises(DslmError, match="was trained with another tokenizer than the one of"):
+        check_init_source(tag, cfg, other, env)
+
+    moved = RunConfig(name="src", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tmp_path / "gone")))
+    save_config(moved)
+    assert tokenizer_sha256_of(run) is None and framing_of(run) == Framing()
+    check_init_source(run, cfg, other, env)  # nothing to compare: a note, not an error
+    assert "its tokenizer cannot be checked" in capsys.readouterr().out

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from dslm.data.loader import ShardSamples
+from dslm.data.manifest import Manifest
 from dslm.metrics import read_scalars
 from eval.cli import main
+from eval.load import load_for_eval
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -67,8 +69,8 @@ def test_perplexity_of_an_export_equals_transformers(run, tiny_shards, tmp_path)
     ours = json.loads((export / "eval.json").read_text())["perplexity"]["all"]
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(export).eval()
-    samples = ShardSamples(shards, manifest.split("val"))
-    batch = torch.stack([samples[i] for i in range(len(samples))])
+    samples = ShardSamples(shards, manifest, "val")
+    batch = torch.stack([samples[i]["input_ids"] for i in range(len(samples))])
     with torch.no_grad():
         logits = hf(batch[:, :-1]).logits
     nats = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
@@ -104,3 +106,50 @@ def test_bad_input_is_one_line_and_status_2(run, tmp_path, args, message):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "dslm-eval: error" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_a_backward_export_is_measured_backward_and_its_code_metrics_skipped(run, tiny_shards, tmp_path, capsys):
+    shards, manifest = tiny_shards
+    export = tmp_path / "export"
+    subprocess.run([BIN / "dslm-export", run / "checkpoints" / "global_step4", export], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = json.loads((export / "config.json").read_text())
+    assert (config["dslm_direction"], config["dslm_template"]) == ("forward", "")
+    (export / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
+    main([str(export), "--shards", str(shards), *SMALL])
+    result = json.loads((export / "eval.json").read_text())
+    assert "exact_match" not in result and "compile_success" not in result
+    assert "this model reads backward (data.direction=backward): skipped" in capsys.readouterr().err
+
+    model = load_for_eval(export).model
+    samples = ShardSamples(shards, manifest, "val", direction="backward")
+    batch = torch.stack([samples[i]["input_ids"] for i in range(len(samples))])
+    with torch.no_grad():
+        nats = F.cross_entropy(model(batch[:, :-1]).transpose(1, 2), batch[:, 1:], reduction="sum").item()
+    assert abs(result["perplexity"]["all"]["loss"] - nats / batch[:, 1:].numel()) < 1e-4
+
+
+def test_instruction_shards_are_scored_on_their_targets_in_the_masks_direction(run, tiny_shards, tmp_path, capsys):
+    shards, _ = tiny_shards
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"instruction": f"Add {i} to x.", "output": f"return x + {i}"}) + "\n"
+                               for i in range(40)))
+    sft = tmp_path / "sft"
+    subprocess.run([BIN / "dslm-shard", "sft", "--source", records, "--template", "instruct", "--tokenizer",
+                    shards / "tokenizer.json", "--seq-len", "64", "--val-fraction", "0.5", "--out", sft],
+                   check=True, capture_output=True)
+    export = tmp_path / "export"
+    subprocess.run([BIN / "dslm-export", run / "checkpoints" / "global_step4", export], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main([str(export), "--shards", str(sft), "--metrics", "perplexity"])
+    scored = json.loads((export / "eval.json").read_text())["perplexity"]["all"]
+    samples = ShardSamples(sft, Manifest.load(sft), "val")
+    targets = sum(int((samples[i]["labels"][1:] != -100).sum()) for i in range(len(samples)))
+    assert scored["tokens"] == targets < len(samples) * 64  # only the responses and their closing markers
+
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(export), "--shards", str(sft), "--metrics", "perplexity", "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "were made for forward models and this one reads backward" in err[-1]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.hf import hf_config, hf_state_dict
@@ -229,6 +230,8 @@ def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
     ([], "give at least one --prompt"),
     (["--prompt", "x", "--device", "gpu"], "--device gpu: not a torch device"),
     (["--prompt", "x", "--device", "cuda:63"], "--device cuda:63: this machine has"),
+    (["--prompt", "x", "--interactive"], "--interactive reads its prompts from the terminal"),
+    (["--prompt", "x", "--out", "/no/such/dir/out.jsonl"], "its folder does not exist"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer, capsys, args, message):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
@@ -239,3 +242,80 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer, capsys, args,
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing"), "--prompt", "x"])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_runs_a_fixed_prompt_set_on_several_models_side_by_side(tmp_path, tokenizer, capsys):
+    first = write_export(tmp_path / "first", peaked_model(seed=0), tokenizer)
+    second = write_export(tmp_path / "second", peaked_model(seed=1), tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def encode("}\n\n{"prompt": "import json\\n", "id": 2}\n')
+    out = tmp_path / "side.jsonl"
+    args = [str(first), str(second), "--prompts", str(prompts), "--seed", "3", "--strategy", "sample",
+            "--temperature", "0.9", "--max-new-tokens", "8", "--out", str(out)]
+    main(args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cfg = GenerationConfig(strategy="sample", temperature=0.9, max_new_tokens=8, seed=3)
+    for folder, seed in ((first, 0), (second, 1)):
+        expected = complete(peaked_model(seed=seed), tokenizer, ["def encode(", "import json\n"], cfg)
+        assert [row["outputs"][str(folder)] for row in rows] == expected
+    assert [row["prompt"] for row in rows] == ["def encode(", "import json\n"] and rows[0]["seed"] == 3
+    printed = capsys.readouterr().out
+    assert f"[{first}]\ndef encode({rows[0]['outputs'][str(first)]}" in printed and f"[{second}]" in printed
+    main(args)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows  # the same set, the same outputs
+    with pytest.raises(SystemExit):
+        main([str(first), str(first), "--prompt", "x"])
+    assert "a model is named twice" in capsys.readouterr().err
+
+
+def test_cli_interactive_changes_the_sampler_as_it_goes(tmp_path, tokenizer):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    lines = "temp=0.5\ntop_k=abc\ntokens=32\ntemp=0.7 tokens=6\ndef encode(\nquit\nnever read\n"
+    proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--seed", "2"], input=lines,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # the card's sampler to start with, its 500 tokens cut to half the model's context of 32
+    assert "max new tokens: 16 (half of model.block_size=32" in proc.stdout
+    assert "temp=0.8 top_k=200 tokens=16" in proc.stdout
+    assert "temp=0.5 top_k=200 tokens=16" in proc.stdout and "temp=0.7 top_k=200 tokens=6" in proc.stdout
+    assert "not changed: invalid literal" in proc.stdout
+    assert "not changed: tokens=32 leaves no room for a prompt in a context of 32" in proc.stdout
+    expected = complete(peaked_model(), tokenizer, ["def encode("], GenerationConfig(
+        strategy="sample", temperature=0.7, top_k=200, max_new_tokens=6, seed=2))[0]
+    assert f"def encode({expected}\n" in proc.stdout and "never read" not in proc.stdout
+
+
+def test_cli_follows_the_direction_and_template_an_export_records(tmp_path, tokenizer, capsys):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
+    main([str(folder), "--prompt", "return x", "--max-new-tokens", "6"])
+    expected = complete(peaked_model(), tokenizer, ["return x"], GenerationConfig(max_new_tokens=6),
+                        framing=Framing("backward"))[0]
+    assert capsys.readouterr().out == f"{expected}return x\n"  # the new text goes before the prompt
+    main([str(folder), "--prompt", "return x", "--max-new-tokens", "6", "--template", "instruct"])
+    reply = complete(peaked_model(), tokenizer, ["return x"], GenerationConfig(max_new_tokens=6),
+                     framing=Framing("backward", "instruct"))[0]
+    assert capsys.readouterr().out == f"return x\n=> {reply}\n"
+    (folder / "config.json").write_text(json.dumps({**config, "dslm_direction": "sideways"}))
+    with pytest.raises(SystemExit):
+        main([str(folder), "--prompt", "x"])
+    assert "dslm_direction='sideways'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"\xff\xfe\x00", "prompts.jsonl: not UTF-8 text"),
+    ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2: not a JSON object with a string "prompt"'),
+    ('{"prompt": 3}\n', 'prompts.jsonl:1: not a JSON object'),
+    ("[1, 2]\n", "prompts.jsonl:1: not a JSON object"),
+])
+def test_cli_bad_prompt_set_is_one_line(tmp_path, tokenizer, capsys, content, message):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    if content is not None:
+        prompts.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--prompts", str(prompts)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err

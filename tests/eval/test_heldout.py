@@ -52,7 +52,7 @@ def mixed(tmp_path_factory, code_corpus):
 def test_samples_carry_their_language_and_the_manifest_counts_them(mixed):
     _, out, manifest = mixed
     val = manifest.split("val")
-    samples = LabeledSamples(ShardSamples(out, val))
+    samples = LabeledSamples(ShardSamples(out, manifest, "val"))
     assert samples.languages == ["c", "python"]
     counts = {name: samples.labels.count(i) for i, name in enumerate(samples.languages)}
     assert counts == {name: sum(e.languages.get(name, 0) for e in val) for name in samples.languages}
@@ -61,13 +61,13 @@ def test_samples_carry_their_language_and_the_manifest_counts_them(mixed):
 def test_held_out_documents_are_whole_val_files(mixed):
     corpus, out, manifest = mixed
     tokenizer = load_text_tokenizer(out / "tokenizer.json")
-    documents = heldout_documents(LabeledSamples(ShardSamples(out, manifest.split("val"))), tokenizer, {"python", "c"}, limit=1000)
+    documents = heldout_documents(LabeledSamples(ShardSamples(out, manifest, "val")), tokenizer, {"python", "c"}, limit=1000)
     c_files = {unicodedata.normalize("NFKC", p.read_text()) for p in corpus.glob("*.c")}
     py_files = [unicodedata.normalize("NFKC", p.read_text()) for p in corpus.rglob("*.py")]
     assert documents["c"] and all(doc in c_files for doc in documents["c"]), "a C document is a whole file"
     # Python files may lose a long leading header to the filters: what is kept ends the file
     assert documents["python"] and all(any(f.endswith(doc) for f in py_files) for doc in documents["python"])
-    assert len(heldout_documents(LabeledSamples(ShardSamples(out, manifest.split("val"))), tokenizer, {"c"}, limit=3)["c"]) == 3
+    assert len(heldout_documents(LabeledSamples(ShardSamples(out, manifest, "val")), tokenizer, {"c"}, limit=3)["c"]) == 3
 
 
 def test_split_documents_leaves_out_a_document_cut_at_the_end():
@@ -88,7 +88,7 @@ def test_perplexity_per_language_adds_up_to_the_whole(mixed):
     _, out, manifest = mixed
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=512, block_size=64)).eval()
-    samples = LabeledSamples(ShardSamples(out, manifest.split("val")))
+    samples = LabeledSamples(ShardSamples(out, manifest, "val"))
     table = token_bytes(load_text_tokenizer(out / "tokenizer.json"), 512)
     results = perplexity(model, samples, table, batch_size=7, device=torch.device("cpu"))
     assert set(results) == {ALL, "c", "python"}
