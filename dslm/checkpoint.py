@@ -2,9 +2,14 @@
 so that a crash at any moment never leaves `latest` naming an incomplete tag.
 
 A tag is written by every rank (DeepSpeed's model and optimizer files, and `rng_rankR.pt` with
-each rank's python/numpy/torch RNG), then, after a barrier, rank 0 seals it: `dslm_complete.json`
-lists every file of the tag with its size, and only then is `latest` replaced (atomically).
+each rank's python/numpy/torch RNG as tensors and plain values), then, after a barrier, each rank
+hashes the files it wrote (xxh3_128) and rank 0 seals the tag: `dslm_complete.json` lists every
+file of the tag with its size and checksum, and only then is `latest` replaced (atomically).
 A tag without the seal, or whose files no longer match it, is never resumed from.
+
+Lineage: `latest` names the newest tag of the live branch. A run resumed from an earlier tag
+starts a new branch there (`start_branch`): the tags beyond it are moved aside into
+checkpoints/abandoned/, so that neither `--resume auto` nor pruning ever sees them again.
 
 This module is the checkpoint format: writing, sealing, finding and checking tags, and reading
 their weights for eval and export. Continuing a run from a tag is dslm.resume.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import random
 import re
@@ -25,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import xxhash
 
 from dslm.compat import import_attr, require
 from dslm.errors import DslmError
@@ -32,12 +39,21 @@ from dslm.files import atomic_write_text
 from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.model import GPT, ModelConfig
 from dslm.optim import freeze, parameter_order
+from dslm.writes import KeptWrites
 
 TAG_PATTERN = re.compile(r"global_step(\d+)$")
 SEAL_NAME = "dslm_complete.json"
 LATEST_NAME = "latest"
 BEST_NAME = "best"
 """Names the sealed tag with the lowest val/loss; pruning never removes it."""
+ABANDONED_NAME = "abandoned"
+"""Where `start_branch` moves the tags of an abandoned branch: checkpoints/abandoned/after_global_stepN/."""
+CHECKSUM = "xxh3_128"
+"""The hash the seal records of every file (xxhash's XXH3, 128 bits: not cryptographic, it
+detects damage, not tampering; bench/checksum_cost.py measures its cost per GB)."""
+WRITER = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+"""The rank a tag's file names as its writer (DeepSpeed's zero_pp_rank_R, dslm's rng_rankR);
+every other file (mp_rank_00_model_states.pt) is written by rank 0."""
 
 
 @dataclass
@@ -57,6 +73,9 @@ class TrainState:
     """val/loss measured at this step, if it was."""
     frozen: list[str] = dataclasses.field(default_factory=list)
     """Parameters that did not train (train.freeze): they have no optimizer state."""
+    global_batch: int = 0
+    """Samples per optimizer step of the run that wrote the tag (micro-batch x grad_accum x
+    ranks); 0 in tags written before dslm recorded it."""
 
 
 def tag_for(step: int) -> str:
@@ -68,18 +87,36 @@ def rng_file(rank: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's python, numpy and torch (and CUDA) RNG states as tensors, tuples of ints and
+    strings only, so that torch.load(weights_only=True) reads them back without unpickling code."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                            "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what rng_state returned, or the form dslm saved before it (numpy's state as its
+    legacy tuple with an array)."""
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(path: Path) -> dict:
+    """A rank's rng_rankR.pt, read with the rule of load_weights_only; numpy's array type is
+    allowed besides, for the files dslm wrote before it stored the state as tensors. Raises
+    DslmError for a file that needs anything else."""
+    return load_weights_only(path, numpy_array_records())
 
 
 def set_seeds(seed: int) -> None:
@@ -96,60 +133,93 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save(self, engine, state: TrainState) -> Path:
-        """Collective: every rank writes its part; returns the sealed tag folder."""
+        """Collective: every rank writes its part and hashes it; returns the sealed tag folder."""
+        state = dataclasses.replace(state, global_batch=engine.train_batch_size())
         tag = tag_for(state.step)
         # universal_checkpoint_info lets ds_to_universal convert the tag for another world size
         client_state = {"dslm": dataclasses.asdict(state),
                         "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
         tag_dir = self.folder / tag
-        if dist.get_rank() == 0:  # a tag written again (after a resume) is unsealed until it is whole again
+        if dist.get_rank() == 0:  # a tag written again (over debris) is unsealed until it is whole again
             (tag_dir / SEAL_NAME).unlink(missing_ok=True)
         dist.barrier()
+        writes = KeptWrites.around(engine)  # a failed write (disk full) is kept, not raised mid-save
         engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), tag_dir / rng_file(dist.get_rank()))
-        dist.barrier()
+        with writes.kept(tag_dir / rng_file(dist.get_rank())):
+            torch.save(rng_state(), tag_dir / rng_file(dist.get_rank()))
+        writes.raise_if_failed(tag_dir)  # collective: the partial tag removed, WriteError on every rank
+        checksums = [None] * dist.get_world_size()  # each rank hashes its own files, still in its page cache
+        dist.all_gather_object(checksums, own_checksums(tag_dir, dist.get_rank(), dist.get_world_size()))
         if dist.get_rank() == 0:
-            seal(tag_dir, state)
+            seal(tag_dir, state, {name: digest for part in checksums for name, digest in part.items()})
             atomic_write_text(self.folder / LATEST_NAME, tag)
-            if (best := best_tag(self.folder)) is not None:
-                atomic_write_text(self.folder / BEST_NAME, best.name)
+            write_best(self.folder)
             self.prune()
         dist.barrier()
         return tag_dir
 
     def prune(self) -> None:
-        """Remove tags older than the newest `keep_last` sealed ones (sealed or not), except the best."""
+        """Remove the live branch's tags (live_checkpoints) older than its newest `keep_last` sealed
+        ones (sealed or not), except the best. Tags beyond `latest` are neither counted nor removed."""
         if not self.keep_last:
             return
-        sealed = [step for step, tag_dir in list_checkpoints(self.folder) if (tag_dir / SEAL_NAME).is_file()]
+        live = live_checkpoints(self.folder)
+        sealed = [step for step, tag_dir in live if (tag_dir / SEAL_NAME).is_file()]
         if len(sealed) <= self.keep_last:
             return
         oldest_kept, best = sealed[-self.keep_last], best_tag(self.folder)
-        for step, tag_dir in list_checkpoints(self.folder):
+        for step, tag_dir in live:
             if step < oldest_kept and tag_dir != best:
                 shutil.rmtree(tag_dir)
                 shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
 
 
-def seal(tag_dir: Path, state: TrainState) -> None:
-    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and p.name != SEAL_NAME}
+def tag_files(tag_dir: Path) -> list[str]:
+    """The files of a tag (but the seal), as paths relative to it."""
+    return [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != SEAL_NAME]
+
+
+def file_checksum(path: Path) -> str:
+    """The CHECKSUM hex digest of a file's bytes, read in 16 MiB blocks."""
+    digest, block = xxhash.xxh3_128(), bytearray(1 << 24)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            digest.update(memoryview(block)[:n])
+    return digest.hexdigest()
+
+
+def own_checksums(tag_dir: Path, rank: int, world_size: int) -> dict[str, str]:
+    """Checksums of the files of a tag that `rank` wrote (WRITER), by name."""
+    return {name: file_checksum(tag_dir / name) for name in tag_files(tag_dir)
+            if int(m.group(1) if (m := WRITER.search(name)) else 0) % world_size == rank}
+
+
+def seal(tag_dir: Path, state: TrainState, checksums: dict[str, str] | None = None) -> None:
+    """Write the tag's seal: `state` and every file's size and checksum (from `checksums` where it
+    has the file, hashed here otherwise)."""
+    checksums = checksums or {}
+    files = {name: {"bytes": (tag_dir / name).stat().st_size,
+                    CHECKSUM: checksums.get(name) or file_checksum(tag_dir / name)} for name in tag_files(tag_dir)}
     atomic_write_text(tag_dir / SEAL_NAME, json.dumps({"state": dataclasses.asdict(state), "files": files}, indent=1))
 
 
-def seal_problem(tag_dir: Path) -> str | None:
-    """Why a tag cannot be resumed from (unsealed, or files missing or changed), or None."""
+def seal_problem(tag_dir: Path, checksums: bool = False) -> str | None:
+    """Why a tag cannot be resumed from (unsealed, files missing, of another size or, with
+    `checksums`, other bytes than sealed), or None. Tags sealed before dslm recorded checksums
+    are checked by size only."""
     seal_path = tag_dir / SEAL_NAME
     if not seal_path.is_file():
         return "incomplete (never sealed)"
     sealed = json.loads(seal_path.read_text())
     files = sealed["files"]
-    for name, size in files.items():
-        path = tag_dir / name
+    for name, record in files.items():
+        path, record = tag_dir / name, record if isinstance(record, dict) else {"bytes": record}
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, sealed with {size}"
+        if path.stat().st_size != record["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, sealed with {record['bytes']}"
+        if checksums and CHECKSUM in record and file_checksum(path) != record[CHECKSUM]:
+            return f"{name} does not match its {CHECKSUM} checksum in {SEAL_NAME} (its bytes changed after sealing)"
     world_size = sealed["state"]["world_size"]
     ranks = sum(1 for name in files if name.startswith("rng_rank"))
     if ranks != world_size:
@@ -157,13 +227,36 @@ def seal_problem(tag_dir: Path) -> str | None:
     return None
 
 
+def resume_problem(tag_dir: Path) -> str | None:
+    """Why a run cannot continue from a tag, or None: seal_problem with checksums, then any torch
+    file of it that needs arbitrary unpickling (the rule of load_weights_only)."""
+    if (problem := seal_problem(tag_dir, checksums=True)) is not None:
+        return problem
+    try:
+        check_loads_safely(tag_dir)
+    except DslmError as e:
+        return str(e)
+    return None
+
+
+def check_loads_safely(folder: Path) -> None:
+    """Every torch file under `folder` (*.pt, any depth) loads with load_weights_only (numpy
+    arrays allowed in rng files); DslmError naming the first that does not."""
+    for path in sorted(folder.rglob("*.pt")):
+        if path.name.startswith("rng_rank"):
+            load_rng_state(path)
+        else:
+            load_weights_only(path)
+
+
 def sealed_state(tag_dir: Path) -> TrainState:
     return TrainState(**json.loads((tag_dir / SEAL_NAME).read_text())["state"])
 
 
 def best_tag(folder: Path) -> Path | None:
-    """The sealed tag with the lowest val/loss (the newest of equals), or None when none has one."""
-    scored = [(state.val_loss, -step, tag_dir) for step, tag_dir in list_checkpoints(folder)
+    """The live branch's sealed tag with the lowest val/loss (the newest of equals), or None when
+    none has one."""
+    scored = [(state.val_loss, -step, tag_dir) for step, tag_dir in live_checkpoints(folder)
               if (tag_dir / SEAL_NAME).is_file() and (state := sealed_state(tag_dir)).val_loss is not None]
     return min(scored)[2] if scored else None
 
@@ -176,15 +269,78 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def latest_step(folder: Path) -> int | None:
+    """The step of the tag `latest` names (whether or not that tag still exists), or None without
+    a `latest` naming a tag."""
+    latest = folder / LATEST_NAME
+    match = TAG_PATTERN.match(latest.read_text().strip()) if latest.is_file() else None
+    return int(match.group(1)) if match else None
+
+
+def live_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """list_checkpoints up to the step `latest` names (all of them without `latest`): the live
+    branch. A tag beyond it is not part of the run: one being written, the debris of a crash, or
+    a branch abandoned by a resume from an earlier tag (start_branch moves those aside)."""
+    upto = latest_step(folder)
+    return [(step, tag_dir) for step, tag_dir in list_checkpoints(folder) if upto is None or step <= upto]
+
+
 def newest_resumable(folder: Path) -> tuple[Path | None, list[str]]:
-    """The newest tag that is sealed and intact, and a warning line for each newer one skipped."""
+    """The newest tag of the live branch that a run can continue from (resume_problem: sealed,
+    checksums match, safe to load): the one `latest` names when it is, else the newest older one.
+    Also a warning line for each tag passed over, newer ones included."""
+    live = {tag_dir for _, tag_dir in live_checkpoints(folder)}
     skipped = []
     for _, tag_dir in reversed(list_checkpoints(folder)):
-        problem = seal_problem(tag_dir)
-        if problem is None:
+        if tag_dir not in live:
+            skipped.append(f"skipping checkpoint {tag_dir}: beyond {tag_for(latest_step(folder))}, which "
+                           f"{folder / LATEST_NAME} names (not on the run's live branch)")
+        elif (problem := resume_problem(tag_dir)) is None:
             return tag_dir, skipped
-        skipped.append(f"skipping checkpoint {tag_dir}: {problem}")
+        else:
+            skipped.append(f"skipping checkpoint {tag_dir}: {problem}")
     return None, skipped
+
+
+def start_branch(folder: Path, tag_dir: Path) -> list[str]:
+    """Make `tag_dir` (a sealed tag a run resumes from) the head of `folder`'s live branch: the
+    tags beyond its step are moved into folder/abandoned/after_global_stepN/ (those never sealed
+    are removed: they are partial), their universal forms removed, `latest` and `best` rewritten.
+    Returns a line for each thing done, for rank 0 to print."""
+    step, lines = sealed_state(tag_dir).step, []
+    beyond = [later for later_step, later in list_checkpoints(folder) if later_step > step]
+    if tag_dir.parent.resolve() == folder.resolve():
+        atomic_write_text(folder / LATEST_NAME, tag_dir.name)
+    aside = fresh_folder(folder / ABANDONED_NAME / f"after_{tag_for(step)}") if beyond else None
+    for later in beyond:
+        shutil.rmtree(universal_dir(later), ignore_errors=True)
+        if (later / SEAL_NAME).is_file():
+            aside.mkdir(parents=True, exist_ok=True)
+            os.rename(later, aside / later.name)
+        else:
+            shutil.rmtree(later)
+            lines.append(f"removed {later}: never sealed (a save that did not finish)")
+    if aside is not None and aside.is_dir():
+        lines.append(f"moved {', '.join(sorted(p.name for p in aside.iterdir()))} (beyond {tag_dir.name}, an abandoned "
+                     f"branch) to {aside}: --resume auto and pruning no longer see them; delete it to free the space")
+    write_best(folder)
+    return lines
+
+
+def fresh_folder(path: Path) -> Path:
+    """`path`, or path_2, path_3 ... : the first that does not exist yet."""
+    n = 1
+    while (candidate := path if n == 1 else path.with_name(f"{path.name}_{n}")).exists():
+        n += 1
+    return candidate
+
+
+def write_best(folder: Path) -> None:
+    """Point `best` at best_tag, or remove it when no live tag has a val/loss."""
+    if (best := best_tag(folder)) is not None:
+        atomic_write_text(folder / BEST_NAME, best.name)
+    else:
+        (folder / BEST_NAME).unlink(missing_ok=True)
 
 
 def universal_dir(tag_dir: Path) -> Path:
@@ -200,18 +356,29 @@ def deepspeed_records() -> list[type]:
         ("deepspeed.utils.tensor_fragment", "fragment_address"))]
 
 
-def load_weights_only(path: Path) -> dict:
+def numpy_array_records() -> list:
+    """What numpy's RNG state array (uint32) pickles as: numpy's private array reconstructor among
+    them; nothing of them runs code."""
+    return [import_attr("numpy", "numpy._core.multiarray", "_reconstruct"), np.ndarray, np.dtype,
+            np.dtypes.UInt32DType]
+
+
+def load_weights_only(path: Path, allowed: list | None = None) -> dict:
     """torch.load(weights_only=True) of a DeepSpeed file: tensors, plain containers and the few
-    record types DeepSpeed pickles into them; anything else (arbitrary code) is refused. A zip file
-    (torch.save's format) is memory-mapped: its tensors are read only when used."""
+    record types DeepSpeed pickles into them (and the types in `allowed`); anything else
+    (arbitrary code) is refused with a DslmError naming the file. A zip file (torch.save's format)
+    is memory-mapped: its tensors are read only when used."""
     try:
-        with torch.serialization.safe_globals(deepspeed_records()):
+        with torch.serialization.safe_globals(deepspeed_records() + (allowed or [])):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)|but got <class '([^']+)'>", str(e), re.IGNORECASE)
         raise DslmError(f"{path}: refusing to load it: it needs arbitrary unpickling "
-                        f"({found.group(1) if found else 'not only tensors and plain data'}), "
+                        f"({found.group(1) or found.group(2) if found else 'not only tensors and plain data'}), "
                         "and checkpoints are read with torch.load(weights_only=True)") from None
+    except (RuntimeError, EOFError) as e:  # torch's zip reader on a damaged file; an empty one
+        reason = str(e).split(". ")[0] or "it ends before its data"
+        raise DslmError(f"{path}: cannot read it: damaged or not a torch file ({reason})") from None
 
 
 def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | None = None) -> dict[str, torch.Tensor]:
@@ -222,8 +389,7 @@ def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | 
     ZeRO-0/1, come from the module's own weights, in the precision they were trained with."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    for path in sorted(tag_dir.glob("*_states.pt")):  # DeepSpeed's model and optimizer files
-        load_weights_only(path)
+    check_loads_safely(tag_dir)  # every file, before DeepSpeed's loader below unpickles without restriction
     whole = tag_dir / "mp_rank_00_model_states.pt"  # the whole module; ZeRO-3 writes none
     state = load_weights_only(whole) if whole.is_file() else {"module": {}}
     module = {name: t.float() for name, t in state["module"].items()}

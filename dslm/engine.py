@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed.distributed_c10d as c10d
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from dslm.compat import has_method, import_attr, require
-from dslm.errors import DslmError
+from dslm.errors import DslmError, RankFailure
 from dslm.optim import build_optimizer
 from dslm.trainer import TrainConfig
 
@@ -33,12 +36,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group the launcher described (deepspeed, torchrun, srun); alone if none."""
+PORT_BASE, PORT_SPAN, PORT_STRIDE = 10000, 20000, 7919
+"""rendezvous_port's range, 10000-29999: below Linux's ephemeral ports (32768-60999), which the
+kernel hands to outgoing connections at random, so any of them may be taken when a job starts."""
+
+
+def rendezvous_port(job_id: int, restart: int = 0) -> int:
+    """MASTER_PORT for a scheduler's job: from its id, and moved on each restart (a requeued job does
+    not wait on a port still held). slurm/rendezvous.sh is the same function in bash."""
+    return PORT_BASE + (job_id + restart * PORT_STRIDE) % PORT_SPAN
+
+
+def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
+    """Join the process group the launcher described (deepspeed, torchrun, srun); alone if none.
+    Every collective, in every group (DeepSpeed's and dslm's too), gives up after
+    `collective_timeout_s` seconds. A failed rendezvous (MASTER_PORT taken, rank 0 unreachable)
+    is a RankFailure."""
     if "RANK" not in os.environ:  # started as a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    timeout = set_group_timeout(collective_timeout_s)
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+    except torch.distributed.DistError as e:  # DistNetworkError (EADDRINUSE), DistStoreError (no rank 0)
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise RankFailure(f"rank {os.environ['RANK']}: the rendezvous at {where} failed: "
+                          f"{str(e).strip().splitlines()[0]}; running again can help "
+                          f"(another port: DSLM_MASTER_PORT)") from e
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
@@ -57,6 +81,35 @@ def init_distributed() -> DistEnv:
     )
 
 
+def set_group_timeout(seconds: int) -> timedelta:
+    """Make `seconds` the timeout of every process group, also those made without one (DeepSpeed's
+    clone of the world group, dslm.stop's), which torch gives its own default (30 min on gloo)."""
+    timeout = timedelta(seconds=seconds)
+    require("torch", "torch.distributed.distributed_c10d keeps the default group timeouts in default_pg_timeout "
+            "and default_pg_nccl_timeout", isinstance(getattr(c10d, "default_pg_timeout", None), timedelta)
+            and hasattr(c10d, "default_pg_nccl_timeout"))
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def timed_out_collective(error: BaseException, step: int | None, timeout_s: int) -> RankFailure | None:
+    """A RankFailure naming the collective that timed out in `error` (gloo's "Timed out waiting",
+    NCCL's watchdog), the dslm function it was in and `step` (None: before training); None when
+    `error` is no collective's timeout."""
+    if not isinstance(error, RuntimeError) or "timed out" not in str(error).lower():
+        return None
+    frames = [(f.f_code.co_filename, f.f_code.co_qualname) for f, _ in traceback.walk_tb(error.__traceback__)]
+    ops = [name for file, name in frames if file.endswith(("distributed_c10d.py", "deepspeed/comm/comm.py"))]
+    ours = [f"{Path(file).stem}.{name}" for file, name in frames if f"{os.sep}dslm{os.sep}" in file]
+    in_step = "" if step is None else f" during step {step + any(name.endswith('train_step') for name in ours)}"
+    return RankFailure(f"rank {torch.distributed.get_rank()}: collective {ops[-1] if ops else '?'} (in "
+                       f"{ours[-1] if ours else '?'}) timed out after {timeout_s} s{in_step}: another rank stopped "
+                       f"answering (train.collective_timeout_s={timeout_s}); run again to continue from the last "
+                       f"checkpoint")
+
+
 def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dict:
     """Read the DeepSpeed JSON and fill in the batch sizes from the run config; a clash, a missing
     file or bad JSON is a DslmError."""
@@ -65,8 +118,10 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
         raise DslmError(f"DeepSpeed config {path} does not exist")
     try:
         ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DslmError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DslmError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise DslmError(f"DeepSpeed config {path} is not a JSON object")
     derived = {
         "train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (train.grad_accum, "train.grad_accum"),

@@ -1,5 +1,32 @@
-"""The one exception type for bad input: commands report it as a single line and exit 2."""
+"""The exceptions for failures that are not bugs. Commands report each as one line on stderr and
+exit with its `exit_status` (dslm.cli lists them), so that a wrapper can tell bad input (2, fix
+it first) from a failure that running again can get past (69), and a checkpoint that could not
+be written (74)."""
+
+EXIT_BAD_INPUT = 2
+EXIT_RETRY = 69
+"""sysexits' EX_UNAVAILABLE: another rank or the rendezvous did not answer; run again (requeue)."""
+EXIT_WRITE_FAILED = 74
+"""sysexits' EX_IOERR: a checkpoint could not be written; free space before running again."""
 
 
 class DslmError(Exception):
     """A problem with the user's input or files, not a bug: its message says what and where."""
+
+    exit_status = EXIT_BAD_INPUT
+
+
+class RankFailure(DslmError):
+    """Another rank stopped answering (a collective timed out) or the rendezvous failed (MASTER_PORT
+    taken, rank 0 unreachable): nothing is wrong with the input, and running again, from the last
+    checkpoint, can get past it."""
+
+    exit_status = EXIT_RETRY
+
+
+class WriteError(DslmError):
+    """A checkpoint's files could not be written (disk full, quota, file size limit, read-only):
+    the partial tag is gone and the previous checkpoint is intact; running again fails the same way
+    until space is freed."""
+
+    exit_status = EXIT_WRITE_FAILED

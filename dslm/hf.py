@@ -12,13 +12,16 @@ are the same up to float rounding; the last hidden state differs in dimension k.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, processors
 
 from dslm.data.templates import DIRECTIONS, TEMPLATES, Framing
 from dslm.data.tokens import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from dslm.errors import DslmError
+from dslm.files import sha256_file
 from dslm.model import ModelConfig
 
 CONFIG_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "intermediate_size": "n_inner",
@@ -105,11 +108,54 @@ def model_config_from_hf(hf: dict, source: Path) -> ModelConfig:
         raise DslmError(f"{source}: {e}") from None
 
 
-def tokenizer_config() -> dict:
-    """Lets `AutoTokenizer.from_pretrained(OUT)` load tokenizer.json with dslm's special tokens."""
+TOKENIZER_SHA_KEY = "dslm_tokenizer_sha256"
+"""dslm's own tokenizer_config.json key (transformers keeps unknown keys): the sha256 of the
+tokenizer.json the exported model was trained with (its shards' Manifest.tokenizer_sha256). The
+export's tokenizer.json differs from that file by its post-processor (`hf_tokenizer`)."""
+
+
+def export_tokenizer_sha256(folder: Path) -> str:
+    """sha256 of the tokenizer.json the model exported to `folder` was trained with: the record in
+    its tokenizer_config.json (TOKENIZER_SHA_KEY), else, for an export written before that record
+    (its tokenizer.json then a plain copy), the sha256 of its tokenizer.json. Raises DslmError for
+    a tokenizer_config.json that is not JSON."""
+    config = folder / "tokenizer_config.json"
+    try:
+        recorded = json.loads(config.read_text()).get(TOKENIZER_SHA_KEY) if config.is_file() else None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DslmError(f"{config}: not a tokenizer config ({e})") from None
+    return recorded or sha256_file(folder / "tokenizer.json")
+
+
+def tokenizer_config(source_sha256: str) -> dict:
+    """Lets `AutoTokenizer.from_pretrained(OUT)` load tokenizer.json with dslm's special tokens, and
+    keep a special token written in a prompt as text, as dslm does (load_text_tokenizer):
+    tokenizer.json cannot record that (tokenizers does not save `encode_special_tokens`), so
+    "split_special_tokens" asks transformers to set it; 5.x reads it from here. Where a version
+    does not, the call that encodes as dslm is `tokenizer(prompt, split_special_tokens=True)`.
+    ("add_bos_token" is not written: transformers drops it when there is a tokenizer.json; the
+    <bos> comes from its post-processor, see `hf_tokenizer`.) `source_sha256`: the sha256 of the
+    tokenizer.json the model was trained with (TOKENIZER_SHA_KEY)."""
     pad, unk, bos, eos = SPECIAL_TOKENS[:4]
     return {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "unk_token": unk, "bos_token": bos,
-            "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None}
+            "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None,
+            "split_special_tokens": True, TOKENIZER_SHA_KEY: source_sha256}
+
+
+def hf_tokenizer(tok: Tokenizer, framing: Framing = Framing()) -> Tokenizer:
+    """A copy of dslm's tokenizer `tok` whose encode frames a prompt as dslm's generation does
+    (eval.generate.PromptFraming), through a TemplateProcessing post-processor: <bos> before the
+    text for a forward model; <eos> after it for a backward one (the ids in page order: reversed,
+    they are what the model reads). A template's blocks are not added: build those ids as
+    PromptFraming does. dslm's own loader drops the post-processor again
+    (dslm.data.tokens.load_text_tokenizer): dslm adds its special tokens itself."""
+    out = Tokenizer.from_str(tok.to_str())
+    bos, eos = SPECIAL_TOKENS[BOS_ID], SPECIAL_TOKENS[EOS_ID]
+    forward = framing.direction == "forward"
+    single, pair = (f"{bos} $A", f"{bos} $A $B:1") if forward else (f"$A {eos}", f"$A $B:1 {eos}")
+    out.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                       special_tokens=[(bos, BOS_ID), (eos, EOS_ID)])
+    return out
 
 
 def fold_head_bias(gain: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,

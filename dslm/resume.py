@@ -1,7 +1,11 @@
 """Continuing a run from a checkpoint: which tag (`--resume auto` or a path), whether the run
-may continue from it (sealed, intact, the same shards), the form DeepSpeed loads it in (the tag
-itself, or DeepSpeed's universal form on another world size), and loading it into the engine
-with each rank's RNG. Saving and the tag format are dslm.checkpoint.
+may continue from it (sealed, checksums intact, every file safe to load, the same shards), the
+branch it starts (later tags moved aside), the form DeepSpeed loads it in (the tag itself, or
+DeepSpeed's universal form on another world size), and loading it into the engine with each
+rank's RNG. Saving and the tag format are dslm.checkpoint.
+
+Rank 0 alone reads and checks the files; the other ranks take its answer (`on_rank0`), so a
+refusal reaches every rank instead of leaving them waiting at a barrier.
 
 The order in dslm.train: `plan_resume` before the engine exists (its `load_universal` is an
 argument of dslm.engine.build_engine), `Resume.load` once the engine is built.
@@ -11,16 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Callable, TypeVar
 
-import torch
 import torch.distributed as dist
 
-from dslm.checkpoint import (TrainState, list_checkpoints, newest_resumable, rng_file, seal_problem, sealed_state,
-                             set_rng_state, set_seeds, universal_dir)
+from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, SEAL_NAME, TrainState, check_loads_safely,
+                             fresh_folder, list_checkpoints, load_rng_state, newest_resumable, resume_problem, rng_file,
+                             sealed_state, set_rng_state, set_seeds, start_branch, universal_dir)
 from dslm.cli import warn
 from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
 from dslm.data.manifest import Manifest
@@ -28,6 +36,8 @@ from dslm.engine import DistEnv
 from dslm.errors import DslmError
 from dslm.files import atomic_path
 from dslm.model import SIZES
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,30 +61,57 @@ class Resume:
     def load(self, engine, env: DistEnv, seed: int) -> TrainState:
         """Load DeepSpeed's state and this rank's RNG into `engine`; the state to continue from.
         On another world size the RNG streams are new, seeded from `seed`, the step and the rank.
-        Raises DslmError when DeepSpeed loads nothing."""
+        The files were checked by plan_resume (resume_problem, and check_loads_safely for the
+        universal form); the RNG file is read with the same weights-only rule. Raises DslmError
+        when DeepSpeed loads nothing."""
         path, _ = engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name)
         if path is None:
             raise DslmError(f"DeepSpeed could not load {self.load_from}")
         if self.load_universal:
             set_seeds(seed * 1_000_003 + self.state.step * 1_009 + env.rank)
         else:
-            set_rng_state(torch.load(self.tag_dir / rng_file(env.rank), weights_only=False))
+            set_rng_state(load_rng_state(self.tag_dir / rng_file(env.rank)))
+        global_batch = engine.train_batch_size()
         if env.rank == 0:
             print(f"resumed from {self.tag_dir} at step {self.state.step} ({self.state.samples:,} samples read)",
                   flush=True)
+            note = batch_note(recorded_batch(self.state), global_batch,
+                              engine.train_micro_batch_size_per_gpu() * env.world_size)
             if self.load_universal:
                 print(f"  on {env.world_size} ranks instead of {self.state.world_size} (through "
-                      f"{self.load_from.name}): the global batch is now {env.world_size}/{self.state.world_size} "
-                      f"of what it was", flush=True)
-        return dataclasses.replace(self.state, world_size=env.world_size)
+                      f"{self.load_from.name}): {note}", flush=True)
+            elif recorded_batch(self.state) not in (0, global_batch):
+                print(f"  {note}", flush=True)
+        return dataclasses.replace(self.state, world_size=env.world_size, global_batch=global_batch)
+
+
+def recorded_batch(state: TrainState) -> int:
+    """The global batch (samples per step) of the run that wrote a tag: as recorded, or for a tag
+    from before dslm recorded it, samples / step when that divides evenly; else 0 (unknown)."""
+    if state.global_batch or not state.step or state.samples % state.step:
+        return state.global_batch
+    return state.samples // state.step
+
+
+def batch_note(old: int, new: int, per_accumulation: int) -> str:
+    """How a resumed run's global batch `new` compares with its checkpoint's `old` (samples per
+    step; 0: unknown), and the train.grad_accum that keeps it, given the samples of one
+    accumulation step on all ranks (`per_accumulation`: micro-batch x ranks)."""
+    if not old:
+        return f"the global batch is {new} samples (the checkpoint does not record what it was)"
+    if old == new:
+        return f"the global batch stays {new} samples"
+    keep = f"; train.grad_accum={old // per_accumulation} keeps it" if old % per_accumulation == 0 else ""
+    return f"the global batch is now {new} samples, was {old} (x{Fraction(new, old)}){keep}"
 
 
 def plan_resume(resume: str | None, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> Resume | None:
-    """Collective. What `--resume` (None, "auto" or a tag folder) continues from in the run's
+    """Collective. What `--resume` (None, "auto", "if-any" or a tag folder) continues from in the run's
     checkpoint folder, converted for this world size; None for a fresh run. Raises DslmError
     when nothing loadable exists, when a fresh run would mix with existing checkpoints, or when
-    the shards, the model or the optimizer settings are not those the checkpoint holds."""
-    tag_dir = find_resume(resume, cfg.checkpoint_dir, env)
+    the shards, the model or the optimizer settings are not those the checkpoint holds. Once
+    they are, the tag starts the run's live branch (checkpoint.start_branch, rank 0)."""
+    tag_dir = on_rank0(lambda: find_resume(resume, cfg.checkpoint_dir))
     if tag_dir is None:
         return None
     state = sealed_state(tag_dir)
@@ -82,38 +119,88 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifest: Manifest, env: Dis
     saved = saved_config(tag_dir)
     if saved is not None:
         check_same_settings(cfg, *saved)
+    if env.rank == 0:
+        for line in start_branch(cfg.checkpoint_dir, tag_dir):
+            print(line, flush=True)
     load_from = tag_dir if state.world_size == env.world_size else convert_to_universal(tag_dir)
     return Resume(tag_dir, state, load_from, saved[1].origin if saved else Origin())
 
 
-def find_resume(resume: str | None, folder: Path, env: DistEnv) -> Path | None:
-    """The checkpoint to resume from: None for a fresh run; an error when resuming is asked for
-    and nothing loadable exists, or when a fresh run would mix with existing checkpoints."""
+def on_rank0(work: Callable[[], T]) -> T:
+    """Collective: `work` runs on rank 0 alone; every rank returns its (picklable) result, or
+    raises the DslmError it raised."""
+    box: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box = [work(), None]
+        except DslmError as e:
+            box = [None, str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise DslmError(box[1])
+    return box[0]
+
+
+def find_resume(resume: str | None, folder: Path) -> Path | None:
+    """The checkpoint to resume from (checkpoint.resume_problem says it can be): None for a fresh
+    run; for "auto", newest_resumable in `folder` (a warning for each tag passed over); for
+    "if-any" (what the wrappers pass on a requeue) the same, or a fresh start when there is none
+    (clear_for_fresh_start); else the tag folder `resume` names. Raises DslmError when resuming is
+    asked for and nothing loadable exists, or when a fresh run would mix with existing checkpoints."""
     if resume is None:
         if list_checkpoints(folder):
             raise DslmError(f"{folder} already holds checkpoints: pass --resume auto to continue the run, "
                             f"or choose another name=")
         return None
-    if resume != "auto":
+    if resume not in ("auto", "if-any"):
         tag_dir = Path(resume)
-        if (problem := seal_problem(tag_dir)) is not None:
+        if (problem := resume_problem(tag_dir)) is not None:
             raise DslmError(f"cannot resume from {tag_dir}: {problem}")
         return tag_dir
     tag_dir, skipped = newest_resumable(folder)
-    if env.rank == 0:
-        for line in skipped:
+    for line in skipped:
+        warn("dslm-train", line)
+    if tag_dir is None and resume == "if-any":
+        for line in clear_for_fresh_start(folder):
             warn("dslm-train", line)
-    if tag_dir is None:
+        print(f"--resume if-any: no intact checkpoint in {folder}: starting fresh at step 0", flush=True)
+    elif tag_dir is None:
         raise DslmError(f"--resume auto: no intact checkpoint in {folder}")
     return tag_dir
+
+
+def clear_for_fresh_start(folder: Path) -> list[str]:
+    """Make way for a fresh run in `folder`, which holds no tag to continue from: tags never sealed
+    are removed (partial saves), sealed ones that failed their check are moved into
+    folder/abandoned/unresumable/ for a person to look at; `latest` and `best` are removed.
+    Returns a line for each thing done."""
+    lines, aside = [], fresh_folder(folder / ABANDONED_NAME / "unresumable")
+    for _, tag_dir in list_checkpoints(folder):
+        shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
+        if (tag_dir / SEAL_NAME).is_file():
+            aside.mkdir(parents=True, exist_ok=True)
+            os.rename(tag_dir, aside / tag_dir.name)
+            lines.append(f"moved {tag_dir} to {aside}: it cannot be resumed from; delete it to free the space")
+        else:
+            shutil.rmtree(tag_dir)
+            lines.append(f"removed {tag_dir}: never sealed (a save that did not finish)")
+    for name in (LATEST_NAME, BEST_NAME):
+        (folder / name).unlink(missing_ok=True)
+    return lines
 
 
 def convert_to_universal(tag_dir: Path) -> Path:
     """Collective: DeepSpeed's universal form of a tag, which loads on any world size. Rank 0
     converts it once with DeepSpeed's converter command (into a temporary folder renamed when
-    done); later resumes reuse it. Raises DslmError with the converter's last line if it fails."""
+    done; later resumes reuse it) and checks that every file of it loads with the weights-only
+    rule. Raises DslmError with the converter's last line if it fails, or naming an unsafe file."""
+    return on_rank0(lambda: universal_form(tag_dir))
+
+
+def universal_form(tag_dir: Path) -> Path:
+    """convert_to_universal's work on rank 0."""
     target = universal_dir(tag_dir)
-    if dist.get_rank() == 0 and not target.is_dir():
+    if not target.is_dir():
         with atomic_path(target) as tmp:
             command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                        "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
@@ -122,7 +209,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise DslmError(f"converting {tag_dir} to DeepSpeed's universal form failed: {last}")
-    dist.barrier()
+    check_loads_safely(target)
     return target
 
 

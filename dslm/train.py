@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from dslm.checkpoint import Checkpointer, TrainState
-from dslm.cli import run_command
+from dslm.cli import ArgumentParser, run_command
 from dslm.config import Origin, RunConfig, check_against_manifest, load_config, save_config, to_yaml
 from dslm.data.loader import DeviceBatches, ShardSamples, train_loader
 from dslm.data.manifest import Manifest
-from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config
+from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective
 from dslm.errors import DslmError
 from dslm.lora import add_adapters
 from dslm.metrics import Metrics
@@ -31,21 +31,25 @@ from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, plan_resume
 from dslm.stop import EXIT_STOPPED, StopSignal
 from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
-from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256_of
+from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
 
 OBJECTIVE = next_token
 """Every run's objective; the previous-token model is this one on reversed samples (data.direction)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dslm-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="dslm-train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (sets ds_config; default ds_configs/zero2.json)")
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe, e.g. launch/recipes/demo.yaml")
-    p.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
+    p.add_argument("--resume", metavar="auto|if-any|CHECKPOINT", default=None,
                    help="auto: continue from the run's newest intact checkpoint (falling back to an older one "
-                        "with a warning); or a checkpoint folder. Without it, a run directory that already "
-                        "holds checkpoints is an error")
+                        "with a warning), an error when there is none; if-any (what slurm/pretrain.sh and "
+                        "dslm-submit pass on a requeue): the same, or, with none, start fresh, removing tags "
+                        "never sealed and moving damaged ones into checkpoints/abandoned/; or a checkpoint "
+                        "folder. Without it, a run directory that already holds checkpoints is an error. "
+                        "Exit statuses: 2 bad input, 69 a rank or the rendezvous failed (run again), "
+                        "74 a checkpoint could not be written (free space first), 75 stopped after a checkpoint")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -67,7 +71,26 @@ def run(args: argparse.Namespace) -> None:
     if args.print_run_dir:
         print(cfg.run_dir.resolve())
         return
-    env = init_distributed()
+    env = init_distributed(cfg.train.collective_timeout_s)
+    states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
+    try:
+        stopped_by = train(args, cfg, env, states)
+    except RuntimeError as e:
+        if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
+            raise failure from e
+        raise
+    report(cfg, env)
+    dist.destroy_process_group()
+    if stopped_by:
+        if env.rank == 0:
+            print(f"stopped at step {states[0].step} on {signal.Signals(stopped_by).name} after a checkpoint; "
+                  f"continue with --resume auto", flush=True)
+        raise SystemExit(EXIT_STOPPED)
+
+
+def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[TrainState]) -> int:
+    """Build the run and train it; returns 0, or the signal that stopped it after a checkpoint.
+    The run's state is appended to `states` as soon as it exists."""
     manifest = load_shards(cfg)
     validation = build_validation(cfg, manifest)
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
@@ -82,17 +105,12 @@ def run(args: argparse.Namespace) -> None:
     if env.rank == 0:
         print(describe(engine, env.world_size), flush=True)
     state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, manifest, frozen)
+    states.append(state)
     save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
     trainer = build_trainer(cfg, env, manifest, engine, state, stop, validation, mfu_per_token)
     stopped_by = trainer.fit(state)
     trainer.metrics.close()
-    report(cfg, env)
-    dist.destroy_process_group()
-    if stopped_by:
-        if env.rank == 0:
-            print(f"stopped at step {state.step} on {signal.Signals(stopped_by).name} after a checkpoint; "
-                  f"continue with --resume auto", flush=True)
-        raise SystemExit(EXIT_STOPPED)
+    return stopped_by
 
 
 def load_shards(cfg: RunConfig) -> Manifest:
@@ -148,13 +166,13 @@ def check_init_source(source: Path, cfg: RunConfig, manifest: Manifest, env: Dis
     """The weights at `source` suit the run's shards: DslmError when they were trained with
     another tokenizer (their token ids would mean other text); a note when that cannot be known,
     or when they were trained in the other direction (rank 0)."""
-    tokenizer = tokenizer_sha256_of(source)
-    if tokenizer is not None and tokenizer != manifest.tokenizer_sha256:
+    tokenizers = tokenizer_sha256s(source)
+    if tokenizers and manifest.tokenizer_sha256 not in tokenizers:
         raise DslmError(f"train.init_from={source} was trained with another tokenizer than the one of "
                         f"{cfg.data.shards}; build the shards with the base model's (--tokenizer)")
     if env.rank != 0:
         return
-    if tokenizer is None:
+    if not tokenizers:
         print(f"note: the shards {source} was trained on are gone, so its tokenizer cannot be checked against "
               f"{cfg.data.shards}'s", flush=True)
     if (direction := framing_of(source).direction) != cfg.data.direction:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -76,13 +76,20 @@ class TrainConfig(OptimConfig):
     """Checkpoints kept (the newest), >= 0; older ones are removed once a newer one is sealed
     (the best by val/loss is always kept). 0 keeps all."""
 
+    collective_timeout_s: int = 600
+    """Seconds, >= 1, that any rank waits in a collective (an all-reduce, a barrier) for the others
+    before dslm-train stops with one line naming it and the step and exits 69, which the wrappers
+    requeue: a rank that stops answering (a stuck filesystem, a lost node) then costs this long, not
+    torch's default 30 min. Raise it for a checkpoint or evaluation that keeps the ranks apart
+    longer. On GPUs, NCCL's watchdog ends the process instead (SIGABRT, no line)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("keep_last", "val_interval", "freeze_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must not be negative")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval",
-                     "max_skipped_in_a_row", "val_batches"):
+                     "max_skipped_in_a_row", "val_batches", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
@@ -173,10 +180,16 @@ class IntervalLog:
         self.engine = engine
         self.global_batch, self.seq_len, self.mfu_per_token = global_batch, seq_len, mfu_per_token
         self.loss, self.steps = torch.zeros((), device=engine.device), 0
+        self.lr = math.nan
+        """The learning rate the interval's last step used."""
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss += loss
+    def step(self, run_step: Callable[[], torch.Tensor]) -> None:
+        """Run one optimizer step (`run_step` returns its loss) and count it. Its learning rate is
+        read before it runs: the schedule moves on inside the step, so afterwards the optimizer
+        holds the next step's rate."""
+        self.lr = self.engine.get_lr()[0]
+        self.loss += run_step()
         self.steps += 1
 
     def values(self, samples: int) -> dict[str, float]:
@@ -186,7 +199,7 @@ class IntervalLog:
         tokens_per_s = self.global_batch * self.seq_len * self.steps / (time.perf_counter() - self.start)
         values = {
             "train/loss": loss,
-            "train/lr": self.engine.get_lr()[0],
+            "train/lr": self.lr,
             "train/grad_norm": grad_norm(self.engine),
             "train/tokens_per_s": tokens_per_s,
             "train/skipped_steps": self.engine.skipped_steps,
@@ -226,7 +239,7 @@ class Trainer:
                   disable=dist.get_rank() != 0) as progress:
             for step in range(state.step + 1, self.cfg.max_steps + 1):
                 skipped_before = self.engine.skipped_steps
-                self.interval.add(train_step(self.engine, self.batches, self.objective, self.cfg.grad_accum))
+                self.interval.step(lambda: train_step(self.engine, self.batches, self.objective, self.cfg.grad_accum))
                 state.step, state.samples = step, state.samples + global_batch
                 progress.update()
                 guard.after_step(step, self.engine.skipped_steps > skipped_before)

@@ -23,7 +23,7 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.data.templates import Framing
 from dslm.errors import DslmError
 from dslm.files import sha256_file
-from dslm.hf import dslm_state_dict, framing_from_hf, model_config_from_hf
+from dslm.hf import dslm_state_dict, export_tokenizer_sha256, framing_from_hf, model_config_from_hf
 from dslm.model import GPT, ModelConfig
 
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -82,13 +82,15 @@ def framing_of(path: Path) -> Framing:
     return Framing(data.direction, manifest.template if manifest else "")
 
 
-def tokenizer_sha256_of(path: Path) -> str | None:
-    """sha256 of the tokenizer.json the model at `path` was trained with: the export's own, or its
-    run's shards' (None when those are gone). Raises DslmError as source_kind does."""
+def tokenizer_sha256s(path: Path) -> set[str]:
+    """The sha256s that name the tokenizer the model at `path` was trained with: an export's
+    record of it (dslm.hf.export_tokenizer_sha256) and its own tokenizer.json, which shards built
+    with `--tokenizer EXPORT/tokenizer.json` record; a tag's or run's shards' (none when those are
+    gone). Raises DslmError as source_kind does."""
     if source_kind(path) == "export":
-        return sha256_file(path / "tokenizer.json")
+        return {export_tokenizer_sha256(path), sha256_file(path / "tokenizer.json")}
     _, manifest = run_data(path)
-    return manifest.tokenizer_sha256 if manifest else None
+    return {manifest.tokenizer_sha256} if manifest else set()
 
 
 def newest_checkpoint(run_dir: Path) -> Path:

@@ -135,7 +135,7 @@ class CheckResult:
     ok: bool
     reason: str
     """"ok", "syntax error: ...", "compile error: ...", "timeout", "memory", "output limit",
-    "exit N" or "signal N"."""
+    "exit N" or "signal N"; eval.code_tasks adds "empty: ..." for a completion it does not compile."""
     output: str = ""
     """The tool's output (stdout and stderr), cut to MAX_OUTPUT_BYTES."""
 
@@ -244,10 +244,15 @@ def write_java_source(root: Path, code: str) -> Path:
     return source
 
 
-def blank_literals(code: str, language: str) -> str:
+def blank_literals(code: str, language: str, strings: bool = True) -> str:
     """`code` with comments, string and char literals (and C preprocessor lines) blanked to spaces:
-    same length and line breaks, so offsets match and braces in them no longer count."""
-    return _LITERALS[language].sub(lambda m: re.sub(r"[^\n]+", lambda s: " " * len(s[0]), m[0]), code)
+    same length and line breaks, so offsets match and braces in them no longer count. With
+    strings=False, string and char literals are kept: only what is no code is blanked."""
+    def blank(m: re.Match) -> str:
+        if not strings and m[0][0] in "\"'":
+            return m[0]
+        return re.sub(r"[^\n]+", lambda s: " " * len(s[0]), m[0])
+    return _LITERALS[language].sub(blank, code)
 
 
 def top_level(masked: str) -> str:

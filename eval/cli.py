@@ -25,14 +25,14 @@ import torch
 from tokenizers import Tokenizer
 
 from dslm.checkpoint import list_checkpoints, seal_problem
-from dslm.cli import run_command, warn
+from dslm.cli import ArgumentParser, run_command, warn
 from dslm.config import CONFIG_NAME, checkpoint_dir, load_config, run_of
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.metrics import Metrics
-from dslm.weights import export_origin, is_export
+from dslm.weights import export_origin, is_export, tokenizer_sha256s
 from eval.checkers import CheckerLimits
 from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
 from eval.generate import GenerationConfig, complete
@@ -104,7 +104,7 @@ class ValData:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, metavar="RUN_OR_CHECKPOINT",
                    help="a run directory, a checkpoint (runs/NAME/checkpoints/global_stepN) or a dslm-export folder")
     p.add_argument("--shards", type=Path, help="shard folder whose val split is used (default: the run's data.shards)")
@@ -182,8 +182,14 @@ def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
     return results
 
 
-def check_masks_fit(manifest: Manifest, shards: Path, direction: str) -> None:
-    """Instruction shards' loss masks fit one reading direction: DslmError for a model of the other."""
+def check_shards_fit(data: ValData, target: Path, direction: str) -> None:
+    """The shards fit the model at `target`: DslmError when they were tokenized with another
+    tokenizer than the model's (where it is known), or their loss masks were made for the other
+    reading direction."""
+    manifest, shards = data.manifest, data.shards
+    if (tokenizers := tokenizer_sha256s(target)) and manifest.tokenizer_sha256 not in tokenizers:
+        raise DslmError(f"{target} was trained with another tokenizer than the one of {shards}; evaluate it on "
+                        f"shards built with its own")
     if manifest.masks and manifest.direction != direction:
         raise DslmError(f"the loss masks of {shards} were made for {manifest.direction} models and this one reads "
                         f"{direction}; evaluate it on shards built with `dslm-shard sft --direction {direction}`")
@@ -191,9 +197,9 @@ def check_masks_fit(manifest: Manifest, shards: Path, direction: str) -> None:
 
 def evaluate(target: Target, data: ValData, cfg: EvalConfig, device: torch.device) -> dict:
     loaded = load_for_eval(target.path, device)
+    check_shards_fit(data, target.path, loaded.framing.direction)
     result: dict = {"step": target.step, "checkpoint": str(target.path), "shards": str(data.shards)}
     if "perplexity" in cfg.metrics:
-        check_masks_fit(data.manifest, data.shards, loaded.framing.direction)
         table = token_bytes(data.tokenizer, loaded.model.cfg.vocab_size)
         by_language = perplexity(loaded.model, data.samples, table, cfg.batch_size, device, loaded.framing.direction)
         result["perplexity"] = {name: dataclasses.asdict(p) for name, p in by_language.items()}

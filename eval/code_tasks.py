@@ -16,6 +16,15 @@ the unit ends and put back into its file in place of the original body; the real
 that file (eval/checkers.py). A unit is only used when its reference (the original body through
 the same cut, i.e. the original file) compiles, so a failure measures the model, not a missing
 header or a newer language version.
+
+A completion counts only if it adds at least one statement to the unit's body (`adds_code`):
+a HumanEval prompt, and a held-out Python prompt, ends after the docstring, and a body that is
+only its docstring compiles, so a model that wrote nothing would score 1. Python: the unit's
+body, parsed with `ast`, has a statement that starts in the completion and is not its
+docstring. C and Java: the completion has a token before the unit's closing brace that is not
+a comment, whitespace (or a C preprocessor line). Any statement counts, `pass` and `;`
+included: they are what the model wrote. A completion that adds none fails as "empty" without
+being compiled; references are held to the same rule.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from dslm.errors import DslmError
-from eval.checkers import TOOLS, CheckerLimits, blank_literals, check_many, tool_version
+from eval.checkers import TOOLS, CheckerLimits, CheckResult, blank_literals, check_many, tool_version
 
 LANGUAGES = ("python", "c", "java")
 HUMANEVAL = "humaneval"
@@ -326,6 +335,52 @@ def braced_unit(completion: str, language: str) -> str:
     return completion
 
 
+EMPTY = CheckResult(ok=False, reason="empty: the completion adds no statement to the unit's body")
+"""The result of a completion that `adds_code` rejects: reported as the failure reason "empty"."""
+
+
+def adds_code(task: UnitTask, completion: str) -> bool:
+    """Whether `completion`, cut where the unit ends, adds at least one statement to the unit's
+    body (the rule per language is in the module docstring). Python that does not parse counts
+    as adding code unless it is only blank and comment lines: the compiler then reports its
+    syntax error."""
+    unit = cut_unit(task.language, completion)
+    if checker_language(task.language) == "python":
+        return python_adds_statement(task.prefix, unit)
+    inner = unit[:-1] if unit.endswith("}") else unit  # the unit's closing brace, where it has one
+    return bool(blank_literals(inner, task.language, strings=False).strip())
+
+
+def python_adds_statement(prefix: str, unit: str) -> bool:
+    """Whether the top-level def or class that `prefix` ends inside of has a body statement that
+    starts in `unit` and is not its docstring. Positions are (1-based line, UTF-8 byte column), as
+    ast gives them. A unit of blank and comment lines adds none, whether or not the file parses."""
+    if all(not line.strip() or line.lstrip().startswith("#") for line in unit.split("\n")):
+        return False
+    try:
+        tree = ast.parse(prefix + unit)
+    except (SyntaxError, ValueError, RecursionError):  # ValueError: NUL bytes
+        return True
+    last_line = prefix[prefix.rfind("\n") + 1:]
+    start = (prefix.count("\n") + 1, len(last_line.encode()))
+    opened = [node for node in tree.body if (node.lineno, node.col_offset) < start]
+    node = opened[-1] if opened else None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return True
+    body = node.body[1:] if ast.get_docstring(node, clean=False) is not None else node.body
+    return any((stmt.lineno, stmt.col_offset) >= start for stmt in body)
+
+
+def check_completions(units: Sequence[UnitTask], completions: Sequence[str], limits: CheckerLimits,
+                      workers: int) -> list[CheckResult]:
+    """Results for completions of units of one language, in order: EMPTY where a completion adds
+    no statement (not compiled), else the compiler's verdict on its program."""
+    adds = [adds_code(u, c) for u, c in zip(units, completions)]
+    programs = [program(u, c) for u, c, a in zip(units, completions, adds) if a]
+    compiled = iter(check_many(checker_language(units[0].language), programs, limits, workers) if programs else [])
+    return [next(compiled) if a else EMPTY for a in adds]
+
+
 def python_units(text: str) -> Iterator[tuple[int, int, str]]:
     """(body offset, body line, indent) of top-level defs and classes: the prompt ends
     after the signature, or after the docstring where there is one, and the rest of the body
@@ -436,17 +491,16 @@ def build_compile_tasks(docs: Mapping[str, Sequence[str]], cfg: CompileSuccessCo
 
 def first_passing(units: Sequence[UnitTask], n: int, limits: CheckerLimits,
                   workers: int) -> tuple[list[UnitTask], dict[str, int]]:
-    """The first n units in order whose reference compiles, and counts of references checked and
-    passed. Checks go in chunks a little larger than what is still missing; the result does not
-    depend on them."""
+    """The first n units in order whose reference compiles and adds code (`check_completions`),
+    and counts of references checked and passed. Checks go in chunks a little larger than what is
+    still missing; the result does not depend on them."""
     kept: list[UnitTask] = []
     checked = passed = 0
     with tqdm(total=n, desc="reference checks", unit="unit") as bar:
         while len(kept) < n and checked < len(units):
             chunk = units[checked:checked + max(2 * workers, (n - len(kept)) * 5 // 4)]
             checked += len(chunk)
-            results = check_many(checker_language(chunk[0].language), [program(u, u.body) for u in chunk],
-                                 limits, workers)
+            results = check_completions(chunk, [u.body for u in chunk], limits, workers)
             good = [u for u, r in zip(chunk, results) if r.ok]
             passed += len(good)
             bar.update(min(len(good), n - len(kept)))
@@ -463,7 +517,7 @@ def score_compile_success(tasks: CompileTasks, complete: Complete, cfg: CompileS
     languages = {}
     for language in dict.fromkeys(u.language for u in units):
         mine = [(u, c) for u, c in zip(units, completions) if u.language == language]
-        results = check_many(checker_language(language), [program(u, c) for u, c in mine], limits, cfg.workers)
+        results = check_completions(*zip(*mine), limits, cfg.workers)
         compiled = sum(r.ok for r in results)
         languages[language] = {"n": len(mine), "compiled": compiled, "rate": compiled / len(mine),
                                "failures": dict(Counter(r.reason.split(":")[0] for r in results if not r.ok))}
@@ -475,5 +529,7 @@ def score_compile_success(tasks: CompileTasks, complete: Complete, cfg: CompileS
 def run_compile_success(docs: Mapping[str, Sequence[str]], complete: Complete, limits: CheckerLimits = CheckerLimits(),
                         cfg: CompileSuccessConfig = CompileSuccessConfig(), fit: Fit = keep_all) -> dict:
     """Compile-success rate per language: {"settings": {...}, "languages": {language: {"n",
-    "compiled", "rate", "failures"}}}; a language without usable units is left out."""
+    "compiled", "rate", "failures"}}}; a language without usable units is left out. "failures"
+    counts failed completions by reason: "empty" (adds no statement, see `adds_code`), "syntax
+    error", "compile error", or a checker limit (eval.checkers.CheckResult.reason)."""
     return score_compile_success(build_compile_tasks(docs, cfg, limits), complete, cfg, limits, fit)

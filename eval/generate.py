@@ -135,6 +135,14 @@ class Stepper:
             self.cache.reorder(rows)
 
 
+TOP_P_TOLERANCE = 1e-6
+"""A nucleus whose probability mass is within this of top_p counts as reaching it. Probabilities
+come from float32 logits, whose rounding (relative 2^-24 ~ 6e-8 per logit, times the logit's size)
+moves a mass that is exactly top_p on paper, e.g. 0.5 + 0.3 for top_p 0.8, to either side of it;
+no real boundary is that close. The cost is bounded: the mass of the kept nucleus falls short of
+top_p by at most 1e-6, so the sampled distribution moves by at most 1e-6 in total variation."""
+
+
 def sample_filter(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Logits (B, V) divided by the temperature, with -inf outside the top_k and the top_p nucleus."""
     logits = logits / cfg.temperature
@@ -143,11 +151,21 @@ def sample_filter(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # drop a token when the more likely ones already reach top_p (the most likely always stays)
-        outside = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        outside = outside_nucleus(ordered, cfg.top_p)
         logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
     return logits
+
+
+def outside_nucleus(ordered: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For logits (B, V) sorted in descending order, True (B, V) for the tokens past the smallest
+    prefix whose probability reaches top_p, as transformers' TopPLogitsWarper does: a token is
+    dropped when the more likely ones already reach it (within TOP_P_TOLERANCE); the most likely
+    token always stays. The masses are summed in float64, so a large vocabulary adds no rounding."""
+    probs = ordered.double().softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # (B, V): the mass of the more likely tokens
+    outside = before >= top_p - TOP_P_TOLERANCE
+    outside[:, 0] = False
+    return outside
 
 
 def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from dslm.cli import run_command
+from dslm.cli import ArgumentParser, run_command
 from dslm.data.templates import TEMPLATES, Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
@@ -40,8 +40,8 @@ SETTINGS = {"temp": "temperature", "top_k": "top_k", "tokens": "max_new_tokens"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dslm-generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="dslm-generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", type=Path, nargs="+", metavar="CHECKPOINT_OR_EXPORT",
                    help="runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), "
                         "or a dslm-export folder; several: their outputs side by side")

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dslm.cli import run_command
+from dslm.cli import ArgumentParser, run_command
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 
@@ -53,8 +53,8 @@ def pairs(short: bool) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="humaneval_pairs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="humaneval_pairs", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="the jsonl file to write")
     p.add_argument("--short", action="store_true", help="first docstring sentence -> signature line")
     args = p.parse_args(argv)

@@ -8,8 +8,12 @@ Every task runs `dslm-train` (or `dslm-eval`) as a child process, with RANK, WOR
 rendezvous (the job's first host, a port from the job id) from the job's environment: no ssh,
 hostfile or pdsh. Before the time limit (`--signal-delay` seconds) or on preemption the scheduler
 sends submitit's SIGUSR2: the ranks agree at the next step, checkpoint together and stop, and the
-job is requeued and resumes from that checkpoint (`--resume auto`), at most `--max-requeues` times.
-submitit's logs (one per task) go to runs/NAME/submitit/.
+job is requeued and resumes from that checkpoint (`--resume if-any`: a job requeued before its
+first checkpoint starts fresh), at most `--max-requeues` times. A rank that stops answering
+(train.collective_timeout_s) or a failed rendezvous (dslm-train's exit status 69) requeues the
+job the same way. The port is DSLM_MASTER_PORT, else one from the job id and its restart count
+below Linux's ephemeral range (dslm.engine.rendezvous_port). submitit's logs (one per task) go to
+runs/NAME/submitit/.
 """
 
 from __future__ import annotations
@@ -31,10 +35,9 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import UncompletedJobError
 
-from dslm.checkpoint import list_checkpoints
-from dslm.cli import run_command
+from dslm.cli import ArgumentParser, run_command
 from dslm.compat import has_method, require
-from dslm.errors import DslmError
+from dslm.errors import EXIT_RETRY, DslmError
 from dslm.stop import EXIT_STOPPED
 
 PROG = "dslm-submit"
@@ -117,13 +120,16 @@ def parse_minutes(text: str) -> int:
 
 def rank_env(job: submitit.JobEnvironment) -> dict[str, str]:
     """torch.distributed's variables for this task, from the scheduler's environment."""
+    from dslm.engine import rendezvous_port  # deepspeed: only in the tasks
+
     return {
         "RANK": str(job.global_rank),
         "LOCAL_RANK": str(job.local_rank),
         "WORLD_SIZE": str(job.num_tasks),
         "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
         "MASTER_ADDR": job.hostnames[0],
-        "MASTER_PORT": str(20000 + int(re.sub(r"\D", "", job.job_id) or 0) % 20000),
+        "MASTER_PORT": os.environ.get("DSLM_MASTER_PORT") or str(rendezvous_port(
+            int(re.sub(r"\D", "", job.job_id) or 0), int(os.environ.get("SLURM_RESTART_COUNT", 0)))),
     }
 
 
@@ -165,8 +171,12 @@ class ChildJob:
         self.child = start_child(self.command(), {**os.environ, **rank_env(job)})
         status = exit_status(self.child)
         name = Path(self.argv[0]).name
-        if status == EXIT_STOPPED and job.global_rank != 0:
+        if status in (EXIT_STOPPED, EXIT_RETRY) and job.global_rank != 0:
             return status  # the ranks stopped together at a checkpoint: rank 0's task requeues the job
+        if status == EXIT_RETRY:  # a hung rank or a failed rendezvous: requeue as on the timeout signal
+            print(f"{PROG}: {name} exited with {status} (a rank or the rendezvous failed): requeueing", flush=True)
+            os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler calls `checkpoint` and requeues
+            time.sleep(60)  # the handler exits this process
         if status == EXIT_STOPPED:
             raise DslmError(f"{name} stopped at a checkpoint on a signal submitit does not handle (SIGTERM: "
                             f"preemption?); the job resumes if SLURM requeues it, else resubmit with --resume auto")
@@ -192,14 +202,13 @@ class ChildJob:
 class TrainJob(ChildJob):
     """dslm-train on every rank; a requeued job resumes from the run's newest intact checkpoint."""
 
-    checkpoints: str = ""
     # dslm-train checkpoints at the next step and exits 75 on SIGUSR1 (dslm.stop)
     stop_signal = signal.SIGUSR1
 
     def command(self) -> list[str]:
         requeued = self.requeues > 0 or int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
-        if requeued and "--resume" not in self.argv and list_checkpoints(Path(self.checkpoints)):
-            return [*self.argv, "--resume", "auto"]
+        if requeued and "--resume" not in self.argv:  # from the newest intact checkpoint, else fresh
+            return [*self.argv, "--resume", "if-any"]
         return self.argv
 
 
@@ -276,11 +285,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--dry-run", action="store_true", help="print what would be submitted and exit")
     g.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it failed")
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
     train = sub.add_parser("train", parents=[launcher], help="a training run (dslm-train on every rank)")
     train.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (default: the recipe's ds_config)")
-    train.add_argument("--resume", metavar="auto|CHECKPOINT", help="as dslm-train --resume")
+    train.add_argument("--resume", metavar="auto|if-any|CHECKPOINT", help="as dslm-train --resume")
     train.add_argument("args", nargs="*", metavar="[RECIPE] key=value", help="a YAML recipe, then overrides")
     evaluation = sub.add_parser("eval", parents=[launcher], help="dslm-eval over a run's checkpoints (one task)")
     evaluation.add_argument("target", metavar="RUN_OR_CHECKPOINT")
@@ -313,8 +322,7 @@ def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Pat
     argv += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + (["--resume", args.resume] if args.resume else [])
     run_cfg = resolve_config(train_args(argv))  # fails here, not in the queue, on a bad recipe or override
     run_dir = run_cfg.run_dir.resolve()
-    job = TrainJob(argv=[bin_of("dslm-train"), *argv], max_requeues=cfg.max_requeues,
-                   checkpoints=str(run_cfg.checkpoint_dir.resolve()))
+    job = TrainJob(argv=[bin_of("dslm-train"), *argv], max_requeues=cfg.max_requeues)
     return job, run_dir, run_cfg.name
 
 

@@ -145,7 +145,8 @@ class TokenizerSample:
             texts.append(text)
 
     def tokens_per_byte(self, tok: Tokenizer) -> dict[tuple[str, str], float]:
-        return {group: sum(len(e.ids) for e in tok.encode_batch(texts)) / sum(len(t.encode()) for t in texts)
+        # encode_batch_fast, as the build's workers: the same ids, without the character offsets
+        return {group: sum(len(e.ids) for e in tok.encode_batch_fast(texts)) / sum(len(t.encode()) for t in texts)
                 for group, texts in self.report.items()}
 
 
@@ -248,7 +249,7 @@ class ShardBuild:
         self.filter = DocumentFilter(cfg.filters, seen=self.digests.load())
         self.writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard, self.sample_len,
                                            state.writers.get(split)) for split in SPLITS}
-        self.packers: dict[str, Packer] = {name: Packer(self.sample_len, dtype, pending)
+        self.packers: dict[str, Packer] = {name: Packer(self.sample_len, dtype, pending, state.owners.get(name))
                                            for name, pending in state.pending.items()}
         self.dtype = dtype
 
@@ -274,17 +275,17 @@ class ShardBuild:
                 continue
             stats.headers_stripped += enc.header_stripped
             for copy in range(n):
-                finished |= self.write(Stream(enc.split, copy, doc.language), enc.ids)
+                finished |= self.write(Stream(enc.split, copy, doc.language), enc.ids, batch.source)
                 stats.documents += 1
                 stats.bytes += enc.bytes
                 stats.tokens += len(enc.ids)
         return finished
 
-    def write(self, stream: Stream, ids: np.ndarray) -> bool:
-        """Pack a document into its stream; True when a shard was finished."""
+    def write(self, stream: Stream, ids: np.ndarray, source: int) -> bool:
+        """Pack a document of sources[source] into its stream; True when a shard was finished."""
         packer = self.packers.setdefault(stream.name, Packer(self.sample_len, self.dtype))
         finished = False
-        for sample in packer.add(ids):
+        for sample in packer.add(ids, source):
             finished |= self.writers[stream.split].add(sample, stream.language) is not None
         return finished
 
@@ -294,13 +295,26 @@ class ShardBuild:
         self.state.sources = self.stats
         self.state.writers = {split: w.sync() for split, w in self.writers.items()}
         self.state.pending = {name: p.leftover() for name, p in self.packers.items()}
+        self.state.owners = {name: p.owners for name, p in self.packers.items()}
         self.state.digests = self.digests.sync()
         save_state(self.cfg.out, self.state)
 
     def finish(self) -> list[ShardEntry]:
-        """Close the last shards (the tokens left in each stream, less than a sample, are dropped)."""
+        """Close the last shards; the tokens left in each stream, fewer than a sample, are dropped
+        (see `dropped_tokens`)."""
         self.digests.close()
         return [entry for w in self.writers.values() for entry in w.close()]
+
+    def dropped_tokens(self) -> dict[str, int]:
+        """The tokens left in each stream, fewer than a sample, which are not written: per stream
+        name, and added to each source's SourceStats.dropped_tokens. Call once, at the end.
+        Dropped rather than padded: at most seq_len tokens per stream, while a padded sample would
+        need a loss mask, which pretraining shards do not carry, and would change their bytes."""
+        for packer in self.packers.values():
+            for source, tokens in packer.owners:
+                if source >= 0:
+                    self.stats[self.sources[source].spec].dropped_tokens += tokens
+        return {name: self.packers[name].pending_tokens for name in sorted(self.packers)}
 
 
 SPLITS = ("train", "val")
@@ -333,12 +347,32 @@ def build_shards(cfg: ShardConfig, sources: list[Source]) -> BuildReport:
         dtype=dtype.name,
         shards=build.finish(),
         sources=build.stats,
+        dropped_tokens=build.dropped_tokens(),
     )
+    warn_unsampled(manifest)
     if not manifest.split("train"):
         raise DslmError(f"too little text for one training sample of {build.sample_len} tokens")
     manifest.save(cfg.out)  # the commit point
     remove_journal(cfg.out)
     return BuildReport(manifest, time.monotonic() - started, *progress.written(), resumed)
+
+
+def warn_unsampled(manifest: Manifest) -> None:
+    """One warning line for each language, and each source, that has documents but no sample:
+    all their tokens were in the last, partial sample of their streams (Manifest.dropped_tokens)."""
+    sampled = {language for entry in manifest.shards for language in entry.languages}
+    dropped: dict[str, int] = {}
+    for name, tokens in manifest.dropped_tokens.items():
+        language = name.split(".", 2)[2]  # SPLIT.COPY.LANGUAGE; only the language may hold dots
+        dropped[language] = dropped.get(language, 0) + tokens
+    tail = (f"all in the last, partial sample of their streams (under {manifest.seq_len + 1} tokens), "
+            f"which is dropped; lower --seq-len or add text")
+    for language, tokens in sorted(dropped.items()):
+        if language not in sampled:
+            warn("dslm-shard", f"language {language!r} has no sample: its {tokens:,} tokens are {tail}")
+    for spec, stats in manifest.sources.items():
+        if stats.tokens and stats.dropped_tokens == stats.tokens:
+            warn("dslm-shard", f"source {spec!r} has no sample: its {stats.tokens:,} tokens are {tail}")
 
 
 class BuildProgress:

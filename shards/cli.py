@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from dslm.cli import run_command
+from dslm.cli import ArgumentParser, run_command
 from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID
@@ -31,7 +31,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dslm-shard", description=__doc__)
+    p = ArgumentParser(prog="dslm-shard", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the sources")
@@ -153,13 +153,25 @@ def print_summary(manifest: Manifest) -> None:
               f"{sum(e.tokens for e in entries):,} tokens")
     if manifest.masks:
         print_examples(manifest)
+    if manifest.dropped_tokens:
+        print_dropped(manifest)
     all_tokens = sum(st.tokens for st in manifest.sources.values()) or 1
     for spec, st in manifest.sources.items():
         per_byte = st.tokens / st.bytes if st.bytes else 0.0
         filtered = ", ".join(f"{reason} {n:,}" for reason, n in sorted(st.filtered.items())) or "none"
         print(f"{spec}: {st.documents:,} documents, {st.bytes:,} bytes, {st.tokens:,} tokens "
               f"({st.tokens / all_tokens:.1%} of all, {per_byte:.3f} tokens/byte), "
-              f"{st.headers_stripped:,} long headers stripped; skipped: {filtered}")
+              f"{st.headers_stripped:,} long headers stripped; skipped: {filtered}"
+              + (f"; {st.dropped_tokens:,} tokens dropped at stream ends" if st.dropped_tokens else ""))
+
+
+def print_dropped(manifest: Manifest) -> None:
+    """The tokens of each packing stream left in its last, partial sample and not written."""
+    streams = ", ".join(f"{name} {n:,}" for name, n in manifest.dropped_tokens.items())
+    total = sum(manifest.dropped_tokens.values())
+    of_all = total / (sum(st.tokens for st in manifest.sources.values()) or 1)
+    print(f"dropped: {total:,} tokens ({of_all:.2%} of the documents'), each stream's last sample being "
+          f"shorter than {manifest.seq_len + 1} tokens: {streams}")
 
 
 def print_examples(manifest: Manifest) -> None:

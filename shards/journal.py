@@ -45,6 +45,8 @@ class BuildState:
     writers: dict[str, WriterState] = field(default_factory=dict)
     pending: dict[str, list[int]] = field(default_factory=dict)
     """Tokens waiting in each packing stream for the next sample."""
+    owners: dict[str, list[list[int]]] = field(default_factory=dict)
+    """Which source each stream's pending tokens came from: runs [source index, tokens] (Packer.owners)."""
     digests: int = 0
     """Valid digests at the start of the digest log."""
 
@@ -66,6 +68,7 @@ def load_state(out: Path) -> BuildState | None:
         writers={split: WriterState(**{**w, "entries": [ShardEntry(**e) for e in w["entries"]]})
                  for split, w in raw["writers"].items()},
         pending=raw["pending"],
+        owners=raw.get("owners", {}),  # absent from journals written before it was kept
         digests=raw["digests"],
     )
 

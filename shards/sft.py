@@ -54,7 +54,7 @@ from dslm.files import sha256_file
 from shards.build import (SPLITS, TOKENIZER_NAME, place_tokenizer, remove_finished_build, remove_unfinished_build,
                           token_dtype)
 from shards.journal import load_state
-from shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip
+from shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip, without_bom
 from shards.writer import ShardWriter, split_of
 
 SFT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -139,7 +139,7 @@ def as_object(raw: bytes | dict[str, Any]) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = json.loads(without_bom(raw.decode("utf-8")))
     except UnicodeDecodeError:
         raise BadRecord("invalid_utf8", "the line is not UTF-8") from None
     except json.JSONDecodeError as e:
@@ -150,7 +150,8 @@ def as_object(raw: bytes | dict[str, Any]) -> dict[str, Any]:
 
 
 def text_field(record: dict[str, Any], name: str, required: bool = True) -> str:
-    """record[name] as text; an optional field that is absent or null is "". Raises BadRecord."""
+    """record[name] as text without a leading byte-order mark; an optional field that is absent
+    or null is "". Raises BadRecord."""
     value = record.get(name)
     if value is None:
         if required:
@@ -162,7 +163,7 @@ def text_field(record: dict[str, Any], name: str, required: bool = True) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a JSON escape: the tokenizer cannot take it
         raise BadRecord("invalid_utf8", f"{name!r} is not valid Unicode text") from None
-    return value
+    return without_bom(value)
 
 
 def join_blocks(*texts: str) -> str:

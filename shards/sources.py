@@ -73,6 +73,10 @@ USAGE = ("code:FOLDER|ARCHIVE, text:FILES or fineweb:[REPO|FILES], then optional
          "weight=FLOAT (any kind), field=NAME (text), config=NAME (fineweb)")
 WILDCARD = re.compile(r"[*?[]")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+BOM = "\ufeff"
+"""A byte-order mark: U+FEFF, the bytes EF BB BF in UTF-8, which some editors (Notepad, Visual
+Studio) put at the start of a file. It marks the encoding and is not text (Unicode 15, section
+23.8), so `decode` strips it from the start of every document and jsonl line."""
 
 
 @dataclass
@@ -227,16 +231,23 @@ def unreadable(path: Path, error: Exception, stats: SourceStats) -> None:
 
 
 def decode(raw: bytes, stats: SourceStats) -> str | None:
-    """`raw` as UTF-8 text, or None (counted as invalid_utf8): the tokenizer takes only valid text."""
+    """`raw` as UTF-8 text without leading byte-order marks, or None (counted as invalid_utf8):
+    the tokenizer takes only valid text."""
     try:
-        return raw.decode("utf-8")
+        return without_bom(raw.decode("utf-8"))
     except UnicodeDecodeError:
         skip(stats, "invalid_utf8")
         return None
 
 
+def without_bom(text: str) -> str:
+    """`text` without the byte-order marks (BOM) at its start."""
+    return text.lstrip(BOM)
+
+
 def clean_text(value: object, stats: SourceStats) -> str | None:
-    """The text of a document from any source, or None after counting why it is not usable."""
+    """The text of a document from any source, without a leading byte-order mark, or None after
+    counting why it is not usable."""
     if isinstance(value, str):
         # Lone surrogates (JSON escapes such as "\\udc80") cannot be encoded later: round-tripping
         # through bytes makes them fail the same UTF-8 check as invalid bytes.

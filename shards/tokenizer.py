@@ -3,11 +3,27 @@
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from dslm.data.tokens import SPECIAL_TOKENS
+
+SAMPLE_PIECE_CHARS = 64
+"""Longest run of non-whitespace (or of whitespace) characters that the tokenizer's trainer sees
+whole; a longer run is cut into pieces of this many characters, trained on as separate texts.
+The trainer's cost per run grows faster than quadratically with the run's length (measured on 2
+cores: a 100,000-letter word 4-8 s, 100,000 CJK characters ~1 min, 1,000,000 letters minutes), as
+every merge rescans each word holding the pair. 64 is
+far past any token worth learning (SentencePiece's max_sentencepiece_length defaults to 16) and
+leaves ordinary words, identifiers and URLs whole."""
+SAMPLE_RUN_CHARS = 1000
+"""Characters of a long run kept in the tokenizer's sample; the rest of the run is left out. Runs
+this long are data, not words (the code filter's max_line_length, 1,000 as in Codex and
+StarCoder), and their first 1,000 characters show the trainer their pairs; the cap keeps one
+pathological document from costing more than this per run (bench/RESULTS.md)."""
+LONG_RUN = re.compile(rf"\S{{{SAMPLE_PIECE_CHARS + 1},}}|\s{{{SAMPLE_PIECE_CHARS + 1},}}")
 
 
 def new_tokenizer() -> Tokenizer:
@@ -18,8 +34,27 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
+def sample_pieces(text: str) -> list[str]:
+    """`text` as the tokenizer's trainer sees it: cut into pieces so that none holds a run of more
+    than SAMPLE_PIECE_CHARS characters without whitespace (or of whitespace), a run's characters
+    past SAMPLE_RUN_CHARS left out. Runs are measured in characters (str length), before NFKC.
+    Only the sample is cut; `dslm-shard build` encodes documents whole."""
+    pieces: list[str] = []
+    start = 0
+    for run in LONG_RUN.finditer(text):
+        kept = min(run.end(), run.start() + SAMPLE_RUN_CHARS)
+        for cut in range(run.start() + SAMPLE_PIECE_CHARS, kept, SAMPLE_PIECE_CHARS):
+            pieces.append(text[start:cut])
+            start = cut
+        pieces.append(text[start:kept])
+        start = run.end()
+    pieces.append(text[start:])
+    return [piece for piece in pieces if piece]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Learn merges from `texts`; every byte is in the base alphabet, so nothing is ever <unk>."""
+    """Learn merges from `texts`, each cut by `sample_pieces` (which bounds the trainer's cost per
+    character); every byte is in the base alphabet, so nothing is ever <unk>."""
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -27,6 +62,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tok = new_tokenizer()
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator((sample_pieces(text) for text in texts), trainer)
     return tok
 

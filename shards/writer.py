@@ -30,17 +30,29 @@ def split_of(text: str, val_fraction: float) -> str:
 
 
 class Packer:
-    """Concatenates token sequences and cuts the stream into samples of `sample_len` tokens."""
+    """Concatenates token sequences and cuts the stream into samples of `sample_len` tokens.
+    `owners` says which source the tokens still waiting for a sample came from: runs
+    [source index, tokens], oldest first, covering `pending` (-1: unknown, as in a journal
+    written before owners were kept)."""
 
-    def __init__(self, sample_len: int, dtype: np.dtype, pending: list[int] | None = None):
+    def __init__(self, sample_len: int, dtype: np.dtype, pending: list[int] | None = None,
+                 owners: list[list[int]] | None = None):
         self.sample_len = sample_len
         self.dtype = dtype
         self.pending: list[np.ndarray] = [np.asarray(pending or [], dtype=dtype)]
         self.pending_tokens = len(pending or [])
+        if owners is None:
+            owners = [[-1, self.pending_tokens]] if self.pending_tokens else []
+        self.owners = [list(run) for run in owners]
 
-    def add(self, ids: np.ndarray) -> Iterator[np.ndarray]:
+    def add(self, ids: np.ndarray, owner: int = -1) -> Iterator[np.ndarray]:
+        """The samples that `ids` (from source `owner`) completed, in order."""
         self.pending.append(ids)
         self.pending_tokens += len(ids)
+        if self.owners and self.owners[-1][0] == owner:
+            self.owners[-1][1] += len(ids)
+        else:
+            self.owners.append([owner, len(ids)])
         if self.pending_tokens < self.sample_len:
             return
         stream = np.concatenate(self.pending)
@@ -48,6 +60,16 @@ class Packer:
         yield from stream[:full].reshape(-1, self.sample_len)
         self.pending = [stream[full:]]
         self.pending_tokens = len(stream) - full
+        self._release(full)
+
+    def _release(self, tokens: int) -> None:
+        """Forget the owners of the first `tokens` pending tokens, now written."""
+        while tokens:
+            taken = min(tokens, self.owners[0][1])
+            self.owners[0][1] -= taken
+            tokens -= taken
+            if not self.owners[0][1]:
+                self.owners.pop(0)
 
     def leftover(self) -> list[int]:
         """Tokens at the end of the stream that have not filled a sample yet (dropped at the end)."""

@@ -35,6 +35,9 @@ class SourceStats:
     """Documents skipped or dropped, by reason."""
     headers_stripped: int = 0
     """Kept code documents whose long leading comment or docstring was removed."""
+    dropped_tokens: int = 0
+    """Of `tokens`, those not written because they were in the last, partial sample of a packing
+    stream (see Manifest.dropped_tokens). 0 in manifests written before it was counted."""
 
 
 @dataclass
@@ -55,6 +58,11 @@ class Manifest:
     direction: str = ""
     """The reading direction the masks were made for ("forward" or "backward"); training on the
     shards needs data.direction to match. "" for shards without masks, which train either way."""
+    dropped_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens not written, per packing stream `SPLIT.COPY.LANGUAGE` of `dslm-shard build` (copy k
+    of a document goes to stream k): each stream's last, partial sample (fewer than seq_len + 1
+    tokens) is dropped, not padded. {} for `dslm-shard sft`, which pads its last samples, and in
+    manifests written before it was counted."""
 
     def split(self, name: str) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == name]
@@ -67,9 +75,12 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise DslmError(f"no {MANIFEST_NAME} in {folder}: run `dslm-shard build` first")
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT_VERSION:
-            raise DslmError(f"{path}: manifest format {raw.get('format')} is not {FORMAT_VERSION}")
-        raw["shards"] = [ShardEntry(**s) for s in raw["shards"]]
-        raw["sources"] = {k: SourceStats(**v) for k, v in raw["sources"].items()}
-        return cls(**raw)
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT_VERSION:
+                raise DslmError(f"{path}: manifest format {raw.get('format')} is not {FORMAT_VERSION}")
+            raw["shards"] = [ShardEntry(**s) for s in raw["shards"]]
+            raw["sources"] = {k: SourceStats(**v) for k, v in raw["sources"].items()}
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a manifest's fields
+            raise DslmError(f"{path}: not a dslm-shard manifest ({type(e).__name__}: {e})") from None

@@ -24,9 +24,10 @@ EOS_ID = SPECIAL_TOKENS.index("<eos>")
 
 
 def load_text_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer for corpus text: "<bos>" written in a document stays text, never the special id.
-
-    (tokenizers does not save this setting in tokenizer.json, so it is set on every load.)
+    """A tokenizer for corpus text: "<bos>" written in a document stays text, never the special id,
+    and encode adds no special tokens: dslm adds them itself. (tokenizers does not save the first
+    setting in tokenizer.json, so it is set on every load; the post-processor that dslm-export
+    writes for transformers, dslm.hf.hf_tokenizer, is dropped.)
     Raises DslmError when `path` is not a file or not a tokenizer `tokenizers` can read.
     """
     if not Path(path).is_file():
@@ -36,4 +37,5 @@ def load_text_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
         raise DslmError(f"tokenizer {path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
     tok.encode_special_tokens = True
+    tok.post_processor = None
     return tok

@@ -1,12 +1,22 @@
 """The HF export: GPT2LMHeadModel gives dslm's logits (transformers is a test-only dependency)."""
 
 import json
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from dslm.hf import fold_head_bias, hf_config, hf_state_dict
+from dslm.data.templates import Framing
+from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
+from dslm.export import write_tokenizer_files
+from dslm.files import sha256_file
+from dslm.hf import export_tokenizer_sha256, fold_head_bias, hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
+from eval.generate import PromptFraming
+from eval.generate_cli import main as generate_main
+from shards.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")
 
@@ -55,3 +65,73 @@ def test_a_tied_head_is_written_as_a_tensor_of_its_own(tmp_path):
     save_file(hf_state_dict(weights, cfg), str(tmp_path / "model.safetensors"))
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(saved["lm_head.weight"], saved["transformer.wte.weight"])
+
+
+PROMPTS = ["def encode(self, o):", "a <eos> b <|im_start|>user\n<bos>x", "  ünïcode ✓\n\t", "<pad><|response|>", ""]
+"""Special tokens written as text (issue 15: `<eos>` became id 3), text the normalizer changes, nothing."""
+
+
+@pytest.fixture(scope="module")
+def shards_tokenizer(tmp_path_factory) -> Path:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "encoder.py").read_text()
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_tokenizer([text], vocab_size=300).save(str(path))
+    return path
+
+
+def write_export(folder: Path, model: GPT, tokenizer: Path, framing: Framing = Framing()) -> Path:
+    """The files dslm-export writes, from a model in memory."""
+    folder.mkdir()
+    save_file(hf_state_dict(model.state_dict(), model.cfg), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf_config(model.cfg, framing)))
+    write_tokenizer_files(folder, tokenizer, framing)
+    return folder
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_exported_tokenizer_encodes_prompts_as_dslm(tmp_path, shards_tokenizer, direction):
+    framing = Framing(direction)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_tokenizer_files(folder, shards_tokenizer, framing)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = PromptFraming(load_text_tokenizer(shards_tokenizer), framing)
+    from_export = PromptFraming(load_text_tokenizer(folder / "tokenizer.json"), framing)  # no second <bos>
+    for prompt in PROMPTS:
+        ids = theirs(prompt)["input_ids"]
+        assert ids == theirs(prompt, split_special_tokens=True)["input_ids"]  # the call for other versions
+        in_reading_order = ids if direction == "forward" else ids[::-1]
+        assert in_reading_order == ours.ids(prompt) == from_export.ids(prompt), prompt
+    # the export records the tokenizer it was trained with; its own file differs by the post-processor
+    assert export_tokenizer_sha256(folder) == sha256_file(shards_tokenizer) != sha256_file(folder / "tokenizer.json")
+    first = [BOS_ID] if direction == "forward" else []
+    assert theirs(PROMPTS[1])["input_ids"][:len(first) + 1] == first + load_text_tokenizer(shards_tokenizer).encode(
+        PROMPTS[1]).ids[:1]
+    assert EOS_ID not in theirs(PROMPTS[1])["input_ids"][:-1]
+
+
+def test_greedy_continuations_on_the_export_equal_dslm_generates(tmp_path, shards_tokenizer):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=300, block_size=64))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # far-from-uniform choices: no near-ties for float rounding to flip
+    folder = write_export(tmp_path / "export", model.eval(), shards_tokenizer)
+    prompts = PROMPTS[:4]
+    out = tmp_path / "out.jsonl"
+    generate_main([str(folder), *(a for p in prompts for a in ("--prompt", p)), "--max-new-tokens", "12",
+                   "--device", "cpu", "--out", str(out)])
+    dslm = [json.loads(line)["outputs"][str(folder)] for line in out.read_text().splitlines()]
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    for prompt, text in zip(prompts, dslm):
+        enc = tok(prompt, return_tensors="pt")
+        new = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc["input_ids"].size(1):].tolist()
+        new = new[:new.index(EOS_ID)] if EOS_ID in new else new  # dslm-generate stops before <eos>
+        assert tok.decode(new, skip_special_tokens=True) == text, prompt
+
+
+def test_an_export_without_a_recorded_tokenizer_is_known_by_its_tokenizer_file(tmp_path, shards_tokenizer):
+    folder = tmp_path / "old-export"  # written before the record: tokenizer.json was a plain copy
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(shards_tokenizer.read_bytes())
+    assert export_tokenizer_sha256(folder) == sha256_file(shards_tokenizer)

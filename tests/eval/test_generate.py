@@ -2,9 +2,11 @@
 
 import itertools
 import json
+import random
 import subprocess
 import sys
 import sysconfig
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dslm.data.templates import Framing
-from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
+from dslm.export import write_tokenizer_files
 from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, KVCache, ModelConfig
 from eval.generate import GenerationConfig, complete, cut_at_stop, generate, sample_filter
@@ -99,6 +101,48 @@ def test_top_k_and_top_p_keep_the_most_likely_tokens():
     assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, then 0.5 + 0.3 reaches it
     assert kept(top_p=0.4) == [True, False, False, False]  # the most likely token always stays
     assert kept(top_p=0.9, top_k=2) == [True, True, False, False]
+
+
+def kept_count(probs: list[float], top_p: float) -> int:
+    """How many tokens sample_filter keeps for float32 logits log(probs) and top_p."""
+    logits = torch.tensor([probs], dtype=torch.float64).log().float()
+    return int(torch.isfinite(sample_filter(logits, GenerationConfig(strategy="sample", top_p=top_p))).sum())
+
+
+def nucleus_size(parts: list[int], denominator: int, top_p: Fraction) -> int:
+    """The smallest number of most likely tokens whose mass reaches top_p, in exact arithmetic."""
+    ordered = sorted(parts, reverse=True)
+    return next(k for k in range(1, len(parts) + 1) if Fraction(sum(ordered[:k]), denominator) >= top_p)
+
+
+def test_top_p_keeps_the_smallest_nucleus_that_reaches_it_exactly_at_the_boundary():
+    assert kept_count([0.5, 0.3, 0.1, 0.1], 0.8) == 2  # issue 15: float rounding kept 3
+    assert kept_count([0.25] * 4, 0.75) == 3 and kept_count([0.5, 0.3, 0.1, 0.1], 0.9) == 3
+    # masses that are sums of twentieths: top_p is exactly a prefix's mass
+    rng = random.Random(0)
+    for _ in range(1000):
+        cuts = sorted(rng.sample(range(1, 20), rng.randrange(1, 6)))
+        parts = sorted((b - a for a, b in zip([0, *cuts], [*cuts, 20])), reverse=True)
+        top_p = Fraction(sum(parts[:rng.randrange(1, len(parts))]), 20)
+        assert kept_count([q / 20 for q in parts], float(top_p)) == nucleus_size(parts, 20, top_p), (parts, top_p)
+
+
+def test_top_p_adds_no_rounding_over_a_large_vocabulary():
+    # one token of 0.4 and 30,000 of 0.6 / 30,000: top_p 0.7 needs 15,000 of them (float32 sums kept one fewer)
+    assert kept_count([0.4] + [0.6 / 30000] * 30000, 0.7) == 1 + 15000
+    assert kept_count([0.5, 0.5], 1e-9) == 1  # below the tolerance the most likely token still stays
+
+
+def test_top_p_matches_transformers():
+    warper = pytest.importorskip("transformers.generation.logits_process").TopPLogitsWarper
+    generator = torch.Generator().manual_seed(0)
+    cases = [(torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log(), 0.8)]
+    for top_p in (0.1, 0.5, 0.8, 0.9, 0.95, 0.99):  # random rows, and peaked ones
+        cases += [(torch.randn(4, 50, generator=generator) * scale, top_p) for scale in (1.0, 5.0)]
+    for logits, top_p in cases:
+        ours = torch.isfinite(sample_filter(logits, GenerationConfig(strategy="sample", top_p=top_p)))
+        theirs = torch.isfinite(warper(top_p)(None, logits.clone()))
+        assert torch.equal(ours, theirs), (logits, top_p)
 
 
 def test_beam_search_with_one_beam_is_greedy():
@@ -200,11 +244,14 @@ def test_bad_generation_settings_are_refused(bad):
 
 
 def write_export(folder: Path, model: GPT, tokenizer) -> Path:
-    """The files dslm-export writes, from a model in memory."""
+    """The files dslm-export writes, from a model in memory (its tokenizer.json, with the <bos>
+    post-processor for transformers, included)."""
     folder.mkdir()
     save_file(hf_state_dict(model.state_dict(), model.cfg), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(hf_config(model.cfg)))
-    tokenizer.save(str(folder / "tokenizer.json"))
+    shards_tokenizer = folder.with_name(f"{folder.name}-tokenizer.json")
+    tokenizer.save(str(shards_tokenizer))
+    write_tokenizer_files(folder, shards_tokenizer)
     return folder
 
 
@@ -215,7 +262,7 @@ def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
     main([str(folder), "--prompt", "def encode(", "--prompt-file", str(prompt_file), "--max-new-tokens", "10",
           "--device", "cpu"])
     out = capsys.readouterr().out
-    expected = complete(peaked_model(), load_text_tokenizer(folder / "tokenizer.json"),
+    expected = complete(peaked_model(), tokenizer,  # the shards' tokenizer: the export's adds no second <bos>
                         ["def encode(", "class JSONEncoder:\n"], GenerationConfig(max_new_tokens=10))
     assert out == f"def encode({expected[0]}\n{'-' * 40}\nclass JSONEncoder:\n{expected[1]}\n"
     proc = subprocess.run([BIN / "dslm-generate", folder, "--prompt", "def encode(", "--max-new-tokens", "10",

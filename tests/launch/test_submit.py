@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dslm.checkpoint import list_checkpoints
+from dslm.engine import rendezvous_port
 from dslm.errors import DslmError
 from dslm.metrics import read_scalars
 from launch.submit import parse_minutes
@@ -147,3 +149,49 @@ def test_the_dry_run_script_guard_names_submitit_when_its_private_builder_change
     monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_file_text", lambda self, text: text)
     with pytest.raises(DslmError, match=r"submitit .*_make_submission_file_text.*submitit==1\."):
         sbatch_script(executor)
+
+
+def test_a_requeued_train_job_resumes_if_it_can_and_a_first_start_does_not(monkeypatch):
+    from launch.submit import TrainJob
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    job = TrainJob(argv=["dslm-train", "name=x"], max_requeues=3)
+    assert job.command() == ["dslm-train", "name=x"]
+    assert TrainJob(argv=job.argv, max_requeues=3, requeues=1).command() == ["dslm-train", "name=x", "--resume", "if-any"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued by SLURM itself (preemption)
+    assert job.command()[-2:] == ["--resume", "if-any"]
+    typed = TrainJob(argv=["dslm-train", "--resume", "auto"], max_requeues=3, requeues=1)
+    assert typed.command() == typed.argv, "a --resume the person gave is kept"
+
+
+def test_the_tasks_rendezvous_port_follows_the_job_and_can_be_overridden(monkeypatch):
+    from launch.submit import rank_env
+
+    class Job:  # what submitit.JobEnvironment gives rank_env
+        job_id, global_rank, local_rank, num_tasks, num_nodes, hostnames = "123456_0", 0, 0, 2, 1, ["n1"]
+
+    monkeypatch.delenv("DSLM_MASTER_PORT", raising=False)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert rank_env(Job())["MASTER_PORT"] == str(rendezvous_port(1234560, 1))
+    monkeypatch.setenv("DSLM_MASTER_PORT", "23456")
+    assert rank_env(Job())["MASTER_PORT"] == "23456"
+
+
+@pytest.mark.slow
+def test_a_failed_rendezvous_requeues_the_job_within_max_requeues(tiny_shards, tmp_path, logs):
+    shards, _ = tiny_shards
+    # DSLM_MASTER_PORT names a port another process holds. One task: on the local executor a second rank,
+    # connected to that process instead of rank 0, would wait until it answers (on SLURM, srun ends it)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = [*tiny_run(shards, tmp_path, "taken", 4), "train.collective_timeout_s=5"]
+        submitter = subprocess.Popen(
+            [SUBMIT, "train", "--executor", "local", "--tasks-per-node", "1", "--wait", "--max-requeues", "1", *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "DSLM_MASTER_PORT": str(taken.getsockname()[1])})
+        out, _ = submitter.communicate(timeout=600)
+    assert submitter.returncode == 1, out
+    text = logs.read(rank0_log(tmp_path / "taken" / "submitit", submitter))
+    assert "EADDRINUSE" in text and "(a rank or the rendezvous failed): requeueing" in text, text[-3000:]
+    assert "(requeue 1)" in text and "--max-requeues 1 reached" in text, text[-3000:]

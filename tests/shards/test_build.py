@@ -1,4 +1,6 @@
 import io
+import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -133,3 +135,60 @@ def test_tokenizer_sample_is_weighted_and_reports_tokens_per_byte(tmp_path, code
     ratios = train_and_save_tokenizer(sources, 400, 40_000, out)
     assert set(ratios) == {("json", "python"), ("email", "python")}
     assert all(0.1 < r < 1.0 for r in ratios.values()) and out.is_file()
+
+
+def small_tree(root):
+    """Issue 15's case: 3 Python files that fill samples, and 1 C and 1 Java file too short for one."""
+    body = "".join(f"def f{i}(x):\n    return x * {i} + {i}\n" for i in range(12))
+    return write_files(root, {**{f"py/m{n}.py": f"# module {n}\n" + body for n in range(3)},
+                              "cj/a.c": "int a(void) {\n  return 1;\n}\n",
+                              "cj/Main.java": "class Main {\n  int x;\n}\n"})
+
+
+def test_tokens_dropped_at_stream_ends_are_counted_and_a_language_without_a_sample_is_named(
+        tiny_shards, tmp_path, capsys):
+    """Each (split, copy, language) stream's last, partial sample is dropped: every token is either
+    in a shard or counted as dropped, per stream and per source, and a language or source left with
+    no sample gets one warning line each."""
+    root = small_tree(tmp_path / "tree")
+    sources = [CodeSource(spec="py", root=root / "py"), CodeSource(spec="cj", root=root / "cj")]
+    cfg = ShardConfig(out=tmp_path / "out", tokenizer=tiny_shards[0] / "tokenizer.json", seq_len=64,
+                      samples_per_shard=100, val_fraction=0.0, workers=0)
+    manifest = build_shards(cfg, sources).manifest
+    py, cj = manifest.sources["py"], manifest.sources["cj"]
+    assert (py.documents, cj.documents) == (3, 2)
+    assert {language for entry in manifest.shards for language in entry.languages} == {"python"}
+    assert set(manifest.dropped_tokens) == {"train.0.c", "train.0.java", "train.0.python"}
+    assert cj.dropped_tokens == cj.tokens == manifest.dropped_tokens["train.0.c"] + manifest.dropped_tokens["train.0.java"]
+    assert py.dropped_tokens == manifest.dropped_tokens["train.0.python"] < manifest.seq_len + 1
+    assert sum(e.tokens for e in manifest.shards) + sum(manifest.dropped_tokens.values()) == py.tokens + cj.tokens
+    warnings = re.findall(r"dslm-shard: warning: (.*)", capsys.readouterr().err)
+    assert [w.split(" has no sample: ")[0] for w in warnings] == ["language 'c'", "language 'java'", "source 'cj'"]
+    assert all("in the last, partial sample" in w and "lower --seq-len" in w for w in warnings)
+    assert Manifest.load(cfg.out) == manifest
+
+
+def test_the_summary_shows_the_dropped_tokens(tiny_shards, tmp_path):
+    root = small_tree(tmp_path / "tree")
+    cmd = [sys.executable, "-m", "shards.cli", "build", "--source", f"code:{root}", "--tokenizer",
+           str(tiny_shards[0] / "tokenizer.json"), "--out", str(tmp_path / "out"), "--seq-len", "64",
+           "--val-fraction", "0", "--workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    dropped = Manifest.load(tmp_path / "out").dropped_tokens
+    line, = [line for line in proc.stdout.splitlines() if line.startswith("dropped: ")]
+    assert all(f"{name} {n:,}" in line for name, n in dropped.items())
+    assert f"{sum(dropped.values()):,} tokens dropped at stream ends" in proc.stdout
+    assert proc.stderr.count("has no sample") == 2  # c and java; the source has python too
+
+
+def test_a_manifest_written_before_the_dropped_counts_loads(tiny_shards, tmp_path):
+    out, manifest = tiny_shards
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["dropped_tokens"]
+    for stats in raw["sources"].values():
+        del stats["dropped_tokens"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    old = Manifest.load(tmp_path)
+    assert old.dropped_tokens == {} and all(s.dropped_tokens == 0 for s in old.sources.values())
+    assert old.shards == manifest.shards

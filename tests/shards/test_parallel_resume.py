@@ -114,6 +114,39 @@ def test_an_unfinished_build_of_other_inputs_is_not_resumed(tiny_shards, sources
     assert verify_build(cfg.out) == []
 
 
+def test_a_journal_without_owners_resumes_with_the_same_shards(tiny_shards, sources, whole, tmp_path, monkeypatch):
+    """A journal written before the pending tokens' sources were kept: the build resumes and
+    counts the dropped tokens per stream as before; only per source can some go uncounted."""
+    out, cfg = tmp_path / "out", config(tiny_shards, tmp_path / "out")
+    crash_at_batch(monkeypatch, 9)
+    with pytest.raises(RuntimeError):
+        build_shards(cfg, sources)
+    monkeypatch.undo()
+    raw = json.loads((out / JOURNAL_NAME).read_text())
+    assert any(raw.pop("owners").values())
+    (out / JOURNAL_NAME).write_text(json.dumps(raw))
+    manifest = build_shards(cfg, sources).manifest
+    assert (manifest.shards, manifest.dropped_tokens) == (whole.shards, whole.dropped_tokens)
+    assert all(manifest.sources[s].dropped_tokens <= whole.sources[s].dropped_tokens for s in whole.sources)
+
+
+def accounted(manifest):
+    """Every token of every source is in a shard or counted as dropped, per stream and per source."""
+    dropped = sum(manifest.dropped_tokens.values())
+    assert sum(e.tokens for e in manifest.shards) + dropped == sum(s.tokens for s in manifest.sources.values())
+    assert sum(s.dropped_tokens for s in manifest.sources.values()) == dropped
+    assert all(0 <= n <= manifest.seq_len for n in manifest.dropped_tokens.values())
+
+
+def test_every_token_is_in_a_shard_or_counted_as_dropped(tiny_shards, code_corpus, whole, tmp_path):
+    accounted(whole)
+    assert {name.split(".")[0] for name in whole.dropped_tokens} == {"train", "val"}
+    source = CodeSource(spec="json", root=code_corpus / "json", weight=2.0)
+    twice = build_shards(config(tiny_shards, tmp_path / "twice"), [source]).manifest
+    accounted(twice)
+    assert {"train.0.python", "train.1.python"} <= set(twice.dropped_tokens)
+
+
 def test_copies_follow_the_weight():
     digests = [bytes(np.random.default_rng(i).integers(0, 256, 16, dtype=np.uint8)) for i in range(4000)]
     assert {copies(d, 1.0) for d in digests} == {1}

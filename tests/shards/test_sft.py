@@ -245,6 +245,26 @@ def test_chat_records_and_custom_field_names(tmp_path, tok_path):
     assert len(read_samples(out, manifest)) == 1  # five short examples share one sample
 
 
+def test_a_byte_order_mark_is_stripped_from_records(tmp_path, tok_path):
+    """A BOM at the start of a jsonl file, or of a field's text (jsonl or parquet), is not text."""
+    records = tmp_path / "records"
+    records.mkdir()
+    bom = "\ufeff"
+    lines = [{"instruction": "Say hi", "output": "hi"}, {"instruction": bom + "Say bye", "output": bom + "bye"},
+             {"instruction": bom, "output": "only a BOM before it"}]
+    (records / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in lines).encode())
+    chat = [{"role": bom + "user", "content": bom + "Hi"}, {"role": "assistant", "content": bom + "Hello"}]
+    pq.write_table(pa.table({"instruction": [bom + "Name a colour"], "output": [bom + "Blue"],
+                             "messages": [None]}), records / "b.parquet")
+    (records / "c.jsonl").write_text(json.dumps({"messages": chat}) + "\n", encoding="utf-8-sig")
+    out, manifest = build(tmp_path, tok_path, [records], val_fraction=0.0)
+    tok = load_text_tokenizer(out / "tokenizer.json")
+    examples = [(decoded(tok, ids, "instruction"), decoded(tok, ids, "response"))
+                for ids, _ in all_examples(out, manifest)]
+    assert examples == [("Say hi", "hi"), ("Say bye", "bye"), ("Name a colour", "Blue"), ("Hi", "Hello")]
+    assert manifest.sources[str(records)].filtered == {"empty_instruction": 1}
+
+
 BAD_LINES = [
     ("not json", "not_json"),
     ("[1, 2]", "not_object"),

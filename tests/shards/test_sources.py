@@ -12,6 +12,7 @@ import pytest
 
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
+from shards.filters import DocumentFilter
 from shards.sources import CodeSource, FineWebSource, TextSource, parse_source
 
 
@@ -118,6 +119,66 @@ def test_text_jsonl_parquet_txt_in_sorted_order_with_skips(tmp_path):
     ]
     # bad_record: not JSON, no field, null field; invalid_utf8: lone surrogate and a bad byte
     assert filtered == {"bad_record": 3, "empty": 2, "invalid_utf8": 2}
+
+
+BOM = b"\xef\xbb\xbf"
+CODE = "x = 1\n"
+
+
+def bom_jsonl_bytes(field="text", rows=None):
+    """A jsonl file that starts with a BOM, whose first value starts with one too; its second
+    record is a BOM and nothing else."""
+    rows = rows or [{field: "\ufeff" + CODE}, {field: "\ufeff"}]
+    return BOM + b"".join(json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows)
+
+
+def bom_fineweb_rows():
+    first, second = fineweb_rows("bom", 2)
+    return [{**first, "text": "\ufeff" + CODE}, {**second, "text": "\ufeff"}]
+
+
+def bom_files(d, make, suffix):
+    """A file holding CODE after a BOM and one holding only a BOM, made by `make(path, content)`."""
+    make(d / f"a{suffix}", BOM + CODE.encode())
+    make(d / f"b{suffix}", BOM)
+    return d
+
+
+def bom_parquet(d, rows):
+    pq.write_table(pa.Table.from_pylist(rows), d / "a.parquet")
+    return d / "a.parquet"
+
+
+BOM_SOURCES = {
+    "code folder": lambda d: f"code:{bom_files(d, write, '.py')}",
+    "code zip": lambda d: f"code:{make_zip(d / 'a.zip', {'a.py': BOM + CODE.encode(), 'b.py': BOM})}",
+    "code tar.gz": lambda d: f"code:{make_tar(d / 'a.tgz', {'a.py': BOM + CODE.encode(), 'b.py': BOM})}",
+    "text txt": lambda d: f"text:{bom_files(d, write, '.txt')}",
+    "text jsonl": lambda d: f"text:{write(d / 'a.jsonl', bom_jsonl_bytes())}",
+    "text jsonl.gz": lambda d: f"text:{write(d / 'a.jsonl.gz', gzip.compress(bom_jsonl_bytes()))}",
+    "text parquet": lambda d: f"text:{bom_parquet(d, [{'text': chr(0xFEFF) + CODE}, {'text': chr(0xFEFF)}])}",
+    "fineweb jsonl": lambda d: f"fineweb:{write(d / 'a.jsonl', bom_jsonl_bytes(rows=bom_fineweb_rows()))}",
+    "fineweb parquet": lambda d: f"fineweb:{bom_parquet(d, bom_fineweb_rows())}",
+}
+
+
+@pytest.mark.parametrize("kind", BOM_SOURCES)
+def test_a_byte_order_mark_is_stripped_from_every_kind_of_source(tmp_path, kind):
+    """A UTF-8 BOM at the start of a file or of a record's text is not text: the document reads as
+    without it, and a document that is only a BOM is empty."""
+    docs, filtered = read(parse_source(BOM_SOURCES[kind](tmp_path)))
+    assert [text for _, text, _ in docs] == [CODE]
+    assert filtered == {"empty": 1}
+
+
+def test_a_byte_order_mark_does_not_stop_header_stripping(tmp_path):
+    header = "".join(f"# license line {i}\n" for i in range(25))
+    body = "def f(x):\n    return x + 1\n\n\nprint(f(1))\n"
+    write(tmp_path / "plain" / "m.py", header + body)
+    write(tmp_path / "bom" / "m.py", BOM + BOM + (header + body).encode())
+    verdicts = [DocumentFilter().apply(doc) for folder in ("plain", "bom")
+                for doc in CodeSource(spec=folder, root=tmp_path / folder).documents(SourceStats())]
+    assert [(v.text, v.header_stripped) for v in verdicts] == [(body, True)] * 2
 
 
 def test_text_single_file_and_glob_with_excludes(tmp_path):

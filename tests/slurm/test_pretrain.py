@@ -107,3 +107,29 @@ def test_a_killed_rank_fails_the_job_and_the_next_run_resumes(cluster, logs, tin
     text = logs.read(log)
     assert "resumed from" in text and "global_step6 at step 6" in text, text[-3000:]
     assert [s for s, _ in losses(tmp_path / "killed")] == list(range(1, 13)), "each step once in TensorBoard"
+
+
+def test_a_job_requeued_before_its_first_checkpoint_starts_fresh(cluster, logs, tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    log = tmp_path / "job.out"
+    job = submit(cluster, log, train_args(shards, tmp_path, "early"))
+    logs.wait_for(log, "step      2 |", lambda: cluster.in_queue(job))  # before the step-6 checkpoint
+    subprocess.run(["scontrol", "requeue", job], env=cluster.env, check=True)  # as after a node failure
+    cluster.wait_done(job)
+    text = logs.read(log)
+    assert "(restart 1)" in text and "--resume if-any: no intact checkpoint" in text, text[-3000:]
+    assert cluster.job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert (tmp_path / "early" / "checkpoints" / "latest").read_text() == "global_step12"
+
+
+def test_a_stopped_rank_times_out_and_the_job_requeues_and_finishes(cluster, logs, tiny_shards, tmp_path):
+    shards, _ = tiny_shards
+    log = tmp_path / "job.out"
+    job = submit(cluster, log, [*train_args(shards, tmp_path, "hung"), "train.collective_timeout_s=5"])
+    logs.wait_for(log, "step      8 |", lambda: cluster.in_queue(job))  # after the step-6 checkpoint
+    os.kill(rank_pid("hung", 1), signal.SIGSTOP)  # a rank that stops answering
+    cluster.wait_done(job)
+    text = logs.read(log)
+    assert "timed out after 5 s" in text and "requeueing job" in text and "(restart 1)" in text, text[-3000:]
+    assert "resumed from" in text and cluster.job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert (tmp_path / "hung" / "checkpoints" / "latest").read_text() == "global_step12"

@@ -1,0 +1,89 @@
+"""Bad input across every command: a missing path, a file of the wrong kind, an empty corpus,
+a manifest from other shards, a config typo. Each is one line naming the problem, a non-zero
+exit and no traceback."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_shards):
+    """Paths for the table: real shards, shards of another tokenizer, files of the wrong kind."""
+    root = tmp_path_factory.mktemp("bad")
+    shards, manifest = tiny_shards
+    other = root / "other"
+    shutil.copytree(shards, other)
+    raw = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**raw, "tokenizer_sha256": "0" * 64}))
+    (root / "empty").mkdir()
+    (root / "notjson").mkdir()
+    (root / "notjson" / "manifest.json").write_text("{not json")
+    (root / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (root / "recipe.yaml").write_text("train:\n  max_step: 5\n")
+    (root / "records.jsonl").write_text('{"instruction": "Add one.", "output": "x + 1"}\n')
+    return {"shards": str(shards), "other": str(other), "root": str(root), "missing": str(root / "missing"),
+            "empty": str(root / "empty"), "notjson": str(root / "notjson"), "png": str(root / "picture.png"),
+            "recipe": str(root / "recipe.yaml"), "records": str(root / "records.jsonl"),
+            "tokenizer": str(shards / manifest.tokenizer)}
+
+
+CASES = [
+    # (command, arguments with {placeholders}, what the line must say)
+    ("dslm-shard", "tokenizer --source code:{missing} --out {root}/t.json", "is not a folder"),
+    ("dslm-shard", "tokenizer --source code:{empty} --out {root}/t.json", "sources are empty"),
+    ("dslm-shard", "build --source code:{empty} --tokenizer {png} --out {root}/b", "not a tokenizer.json"),
+    ("dslm-shard", "build --source code:{empty} --tokenizer {missing} --out {root}/b", "no such file"),
+    ("dslm-shard", "verify {missing}", "no manifest.json"),
+    ("dslm-shard", "verify {notjson}", "manifest.json"),
+    ("dslm-shard", "inspect {png}", "no manifest.json"),
+    ("dslm-shard", "sft --source {png} --template instruct --tokenizer {tokenizer} --out {root}/s",
+     "matches no .jsonl"),
+    ("dslm-shard", "sft --source {records} --template chatml --tokenizer {tokenizer} --out {root}/s", "chatml"),
+    ("dslm-shard", "build --source code:{empty} --tokenizer {tokenizer} --out {root}/b --seq-len many", "many"),
+    ("dslm-generate", "{missing} --prompt x --strategy nucleus", "nucleus"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={missing} runs_dir={root}/runs", "no manifest.json"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " --config {recipe} data.shards={shards} runs_dir={root}/runs",
+     "max_step"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " --config {missing} runs_dir={root}/runs", "missing"),
+    ("dslm-train", "--deepspeed {png} data.shards={shards} runs_dir={root}/runs", "picture.png"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={notjson} runs_dir={root}/runs", "manifest.json"),
+    ("dslm-eval", "{missing}", "missing"),
+    ("dslm-eval", "{png} --shards {shards}", "picture.png"),
+    ("dslm-generate", "{missing} --prompt x", "does not exist"),
+    ("dslm-generate", "{png} --prompt x", "is not a checkpoint"),
+    ("dslm-export", "{missing}", "missing"),
+    ("dslm-export", "{png}", "not a checkpoint"),
+    ("dslm-submit", "train --executor local --dry-run {missing}", "missing"),
+    ("dslm-submit", "train --executor local --dry-run {recipe}", "max_step"),
+]
+
+
+@pytest.mark.parametrize("command, args, message", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_and_a_non_zero_exit(world, command, args, message):
+    proc = subprocess.run([BIN / command, *args.format(**world).split()], capture_output=True, text=True,
+                          cwd=world["root"], timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(command) and ": error:" in line]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "usage:" not in proc.stderr  # argparse's errors too are one line
+
+
+def test_eval_refuses_shards_of_another_tokenizer(world, tmp_path):
+    """A model scored on shards whose tokenizer is not its own would report a meaningless loss."""
+    settings = ["train.max_steps=2", "train.warmup_steps=1", "train.val_interval=0", "train.checkpoint_interval=2",
+                "model.preset=tiny", "train.micro_batch_size=2"]
+    subprocess.run([BIN / "dslm-train", "--deepspeed", ZERO2, f"data.shards={world['shards']}", f"runs_dir={tmp_path}",
+                    "name=r", *settings], check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([BIN / "dslm-eval", tmp_path / "r", "--shards", world["other"], "--metrics", "perplexity"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "another tokenizer" in proc.stderr.strip().splitlines()[-1]
