@@ -4,6 +4,8 @@ folder. Weights are read as safetensors or with torch.load(weights_only=True) (d
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +50,15 @@ def parse_device(text: str) -> torch.device:
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), or an
-    export folder. Raises DslmError for anything else."""
+    export folder. Raises DslmError for anything else. What DeepSpeed prints while checking and
+    reading a checkpoint goes to stderr: stdout holds the command's own output."""
     path = Path(path)
     kind = source_kind(path)
-    if kind == "export":
-        loaded = load_export(path)
-    else:
-        loaded = load_checkpoint(newest_checkpoint(path) if kind == "run" else path)
+    with contextlib.redirect_stdout(sys.stderr):
+        if kind == "export":
+            loaded = load_export(path)
+        else:
+            loaded = load_checkpoint(newest_checkpoint(path) if kind == "run" else path)
     loaded.model.to(device).eval()
     loaded.framing = framing_of(path)
     return loaded
