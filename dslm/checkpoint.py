@@ -311,20 +311,30 @@ def start_branch(folder: Path, tag_dir: Path) -> list[str]:
     beyond = [later for later_step, later in list_checkpoints(folder) if later_step > step]
     if tag_dir.parent.resolve() == folder.resolve():
         atomic_write_text(folder / LATEST_NAME, tag_dir.name)
-    aside = fresh_folder(folder / ABANDONED_NAME / f"after_{tag_for(step)}") if beyond else None
-    for later in beyond:
-        shutil.rmtree(universal_dir(later), ignore_errors=True)
-        if (later / SEAL_NAME).is_file():
-            aside.mkdir(parents=True, exist_ok=True)
-            os.rename(later, aside / later.name)
-        else:
-            shutil.rmtree(later)
-            lines.append(f"removed {later}: never sealed (a save that did not finish)")
-    if aside is not None and aside.is_dir():
-        lines.append(f"moved {', '.join(sorted(p.name for p in aside.iterdir()))} (beyond {tag_dir.name}, an abandoned "
-                     f"branch) to {aside}: --resume auto and pruning no longer see them; delete it to free the space")
+    aside = fresh_folder(folder / ABANDONED_NAME / f"after_{tag_for(step)}")
+    moved, lines = set_aside(beyond, aside)
+    if moved:
+        lines.append(f"moved {', '.join(sorted(moved))} (beyond {tag_dir.name}, an abandoned branch) to {aside}: "
+                     f"--resume auto and pruning no longer see them; delete it to free the space")
     write_best(folder)
     return lines
+
+
+def set_aside(tags: list[Path], aside: Path) -> tuple[list[str], list[str]]:
+    """Take `tags` out of their checkpoint folder: each one's universal form removed, sealed tags
+    moved into `aside` (made when needed), tags never sealed (partial saves) removed. Returns the
+    names moved and a line for each tag removed."""
+    moved, lines = [], []
+    for tag_dir in tags:
+        shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
+        if (tag_dir / SEAL_NAME).is_file():
+            aside.mkdir(parents=True, exist_ok=True)
+            os.rename(tag_dir, aside / tag_dir.name)
+            moved.append(tag_dir.name)
+        else:
+            shutil.rmtree(tag_dir)
+            lines.append(f"removed {tag_dir}: never sealed (a save that did not finish)")
+    return moved, lines
 
 
 def fresh_folder(path: Path) -> Path:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,9 +24,10 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
-from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, SEAL_NAME, TrainState, check_loads_safely,
+from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely,
                              fresh_folder, list_checkpoints, load_rng_state, newest_resumable, resume_problem, rng_file,
-                             sealed_state, set_rng_state, set_seeds, start_branch, universal_dir)
+                             sealed_state, set_aside, set_rng_state, set_seeds, start_branch,
+                             universal_dir)
 from dslm.cli import warn
 from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
 from dslm.data.manifest import Manifest
@@ -174,16 +173,10 @@ def clear_for_fresh_start(folder: Path) -> list[str]:
     are removed (partial saves), sealed ones that failed their check are moved into
     folder/abandoned/unresumable/ for a person to look at; `latest` and `best` are removed.
     Returns a line for each thing done."""
-    lines, aside = [], fresh_folder(folder / ABANDONED_NAME / "unresumable")
-    for _, tag_dir in list_checkpoints(folder):
-        shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
-        if (tag_dir / SEAL_NAME).is_file():
-            aside.mkdir(parents=True, exist_ok=True)
-            os.rename(tag_dir, aside / tag_dir.name)
-            lines.append(f"moved {tag_dir} to {aside}: it cannot be resumed from; delete it to free the space")
-        else:
-            shutil.rmtree(tag_dir)
-            lines.append(f"removed {tag_dir}: never sealed (a save that did not finish)")
+    aside = fresh_folder(folder / ABANDONED_NAME / "unresumable")
+    moved, lines = set_aside([tag_dir for _, tag_dir in list_checkpoints(folder)], aside)
+    lines += [f"moved {folder / name} to {aside}: it cannot be resumed from; delete it to free the space"
+              for name in moved]
     for name in (LATEST_NAME, BEST_NAME):
         (folder / name).unlink(missing_ok=True)
     return lines
