@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 
 # torch first, then the build tools deepspeed's setup.py imports, then dslm with deepspeed built
 # against that torch (--no-build-isolation, or pip pulls a second, multi-GB CUDA torch into the build).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml local/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || { \

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from dslm.data.tokens import SPECIAL_TOKENS
 from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
-from eval.generate import GenerationConfig, generate
+from dslm_local.decoding import GenerationConfig
+from eval.generate import generate
 from dslm.weights import is_export
 from eval.load import load_for_eval
 

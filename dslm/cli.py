@@ -10,47 +10,21 @@ exit status that tells a wrapper (slurm/pretrain.sh, dslm-submit) what to do nex
   75   dslm-train stopped on a signal after a checkpoint (dslm.stop): the wrappers requeue
   130  interrupted (Ctrl-C)
 
-Any other status (1, or a signal) is a crash with a traceback.
+Any other status (1, or a signal) is a crash with a traceback. ArgumentParser and run_command
+live in dslm_local.cli, so that dslm-complete, which has no torch, reports as every command does.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from typing import Callable, NoReturn
 
 from tqdm import tqdm
 
-from dslm.errors import EXIT_BAD_INPUT, DslmError
+from dslm_local.cli import ArgumentParser, run_command
 
-# Errors about the user's input and files; anything else is a bug and keeps its traceback.
-USER_ERRORS = (DslmError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, with a usage error as one line like every other dslm error:
-    `PROG: error: MESSAGE (see PROG --help)`, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+__all__ = ["ArgumentParser", "run_command", "warn"]
 
 
 def warn(prog: str, line: str) -> None:
     """One warning line on stderr that does not break a progress bar."""
     tqdm.write(f"{prog}: warning: {line}", file=sys.stderr)
-
-
-def run_command(prog: str, main: Callable[[], None]) -> None:
-    """Run a command's `main`: a DslmError or a file error becomes one line and its exit status
-    (see above; DSLM_TRACEBACK=1 keeps the traceback)."""
-    try:
-        main()
-    except USER_ERRORS as e:
-        if os.environ.get("DSLM_TRACEBACK"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_status if isinstance(e, DslmError) else EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)

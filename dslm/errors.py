@@ -1,19 +1,17 @@
 """The exceptions for failures that are not bugs. Commands report each as one line on stderr and
 exit with its `exit_status` (dslm.cli lists them), so that a wrapper can tell bad input (2, fix
 it first) from a failure that running again can get past (69), and a checkpoint that could not
-be written (74)."""
+be written (74). DslmError itself lives in dslm_local.errors, for dslm-complete, which has no
+torch."""
 
-EXIT_BAD_INPUT = 2
+from dslm_local.errors import EXIT_BAD_INPUT, DslmError
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_RETRY", "EXIT_WRITE_FAILED", "DslmError", "RankFailure", "WriteError"]
+
 EXIT_RETRY = 69
 """sysexits' EX_UNAVAILABLE: another rank or the rendezvous did not answer; run again (requeue)."""
 EXIT_WRITE_FAILED = 74
 """sysexits' EX_IOERR: a checkpoint could not be written; free space before running again."""
-
-
-class DslmError(Exception):
-    """A problem with the user's input or files, not a bug: its message says what and where."""
-
-    exit_status = EXIT_BAD_INPUT
 
 
 class RankFailure(DslmError):

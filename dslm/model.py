@@ -104,18 +104,19 @@ class CausalSelfAttention(nn.Module):
         else:
             start = cache.length
             k, v = cache.extend(layer, k, v)  # (B, H, start + T, C/H)
-            # is_causal aligns its mask top-left, right only when the chunk starts the sequence; a
-            # chunk after cached tokens needs the diagonal shifted by `start`; one token sees every key.
-            mask = None if start == 0 or T == 1 else causal_mask(start, T, q.device)
+            mask = cache.attn_mask(start, T, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=start == 0 and T > 1)
+                                               is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
 
 def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
-    """(T, start + T) bool: query i (at position start + i) may attend to keys 0 .. start + i."""
-    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+    """(T, start + T) bool: query i (at position start + i) may attend to keys 0 .. start + i.
+    Built from two aranges, not tril, so that an exported graph (dslm.onnx_export) takes `start`
+    as a dynamic size."""
+    keys = torch.arange(start + T, device=device)
+    return keys[None, :] <= torch.arange(start, start + T, device=device)[:, None]
 
 
 class KVCache:
@@ -141,6 +142,13 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    @staticmethod
+    def attn_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
+        """The mask for T queries after `start` cached positions; None where SDPA's is_causal (T > 1)
+        or no mask (T == 1) is right: is_causal aligns its mask top-left, right only when the chunk
+        starts the sequence; a chunk after cached tokens needs the diagonal shifted by `start`."""
+        return None if start == 0 or T == 1 else causal_mask(start, T, device)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (new batch size, long), repeats allowed: beam search follows its

@@ -23,7 +23,7 @@ from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective
 from dslm.errors import DslmError
 from dslm.lora import add_adapters
-from dslm.metrics import Metrics
+from dslm.metrics import METRICS_CSV, Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
 from dslm.objective import next_token
@@ -206,8 +206,10 @@ def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, stat
     return Trainer(
         cfg=train, engine=engine, batches=DeviceBatches(iter(loader), engine.device), objective=OBJECTIVE,
         checkpointer=Checkpointer(cfg.checkpoint_dir, train.keep_last),
-        # purge_step: events a killed run wrote after the checkpoint are dropped, so each step appears once
-        metrics=Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1 if state.step else None),
+        # purge_step: events a killed run (or a fresh start's failed attempt) wrote after the checkpoint
+        # are dropped, so each step appears once
+        metrics=Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1,
+                        csv_path=cfg.run_dir / METRICS_CSV),
         stop=stop, validation=validation,
         interval=IntervalLog(engine, global_batch, manifest.seq_len, mfu_per_token))
 

@@ -111,10 +111,12 @@ def chosen_checkpoint(run_dir: Path) -> Path:
     return newest_checkpoint(run_dir)
 
 
-def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> GPT:
-    """A GPT of `cfg` in fp32 with `weights` (as read_tag and read_export give them), in eval mode."""
+def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str | Path = "the weights") -> GPT:
+    """A GPT of `cfg` in fp32 with `weights` (as read_tag and read_export give them), in eval mode.
+    Raises DslmError naming `source` and the first tensor that does not fit `cfg` (a checkpoint
+    whose run config.yaml describes another model)."""
     model = GPT(cfg)
-    model.load_state_dict(weights)
+    load_into(model, weights, source)
     return model.eval()
 
 

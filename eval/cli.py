@@ -33,9 +33,10 @@ from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.metrics import Metrics
 from dslm.weights import export_origin, is_export, tokenizer_sha256s
+from dslm_local.decoding import GenerationConfig
 from eval.checkers import CheckerLimits
 from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
-from eval.generate import GenerationConfig, complete
+from eval.generate import complete
 from eval.heldout import LabeledSamples, heldout_documents, token_bytes
 from eval.load import LoadedModel, load_for_eval, parse_device
 from eval.perplexity import ALL, perplexity

@@ -22,89 +22,8 @@ from dslm.data.templates import Framer, Framing, get_template
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.model import GPT, KVCache
-
-STRATEGIES = ("greedy", "sample", "beam")
-
-
-@dataclass
-class GenerationConfig:
-    """How `generate` and `complete` decode: the strategy, its settings, when to stop, and batching.
-    temperature, top_k and top_p must stay at their defaults unless strategy is 'sample', and
-    num_beams must be 1 unless it is 'beam'. Raises ValueError for a value out of its range."""
-
-    strategy: str = "greedy"
-    """'greedy' (the most likely token), 'sample' (temperature, top_k, top_p) or 'beam' (num_beams)."""
-    max_new_tokens: int = 64
-    """Tokens generated per prompt at most, >= 1 (stop tokens and strings can end it sooner). generate()
-    also needs it below model.block_size, to leave room for the prompt (DslmError otherwise)."""
-    temperature: float = 1.0
-    """sample: logits are divided by it (below 1 sharpens, above 1 flattens); > 0. Stays 1.0 for the
-    other strategies."""
-    top_k: int = 0
-    """sample: draw only from the k most likely tokens, >= 0 (0: no limit). Stays 0 for the other
-    strategies."""
-    top_p: float = 1.0
-    """sample: draw only from the smallest set of most likely tokens whose probability reaches top_p
-    (nucleus sampling, Holtzman et al. 2019), in (0, 1] (1.0: no limit). Stays 1.0 for the other
-    strategies."""
-    num_beams: int = 1
-    """beam: hypotheses kept per prompt, >= 1; the best by log-probability / length is returned.
-    Stays 1 for the other strategies."""
-    stop_tokens: tuple[int, ...] = (EOS_ID,)
-    """Token ids (non-negative ints) that end a sequence (default: <eos>); the stop token is not
-    part of the output. Empty: none."""
-    stop_strings: tuple[str, ...] = ()
-    """Non-empty texts that end a sequence, checked on the decoded new text; complete() cuts the text
-    before it; generate() needs a decode function for them."""
-    keep_stop_string: bool = False
-    """complete(): cut the text after the stop string instead of before it (as transformers'
-    stop_strings leaves it; code metrics need the closing brace that ended a unit)."""
-    seed: int = 0
-    """Seeds the sampling generator, >= 0: the same prompts, model and seed give the same output."""
-    batch_size: int = 16
-    """Rows decoded together at most, >= 1: prompts, or for beam search max(1, batch_size // num_beams)
-    prompts of num_beams rows each."""
-    use_cache: bool = True
-    """Keep keys and values of past positions (one model pass per token); False recomputes the whole
-    sequence for every token (for checking the cache)."""
-
-    def __post_init__(self) -> None:
-        self.stop_tokens, self.stop_strings = tuple(self.stop_tokens), tuple(self.stop_strings)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_beams < 1:
-            raise ValueError("max_new_tokens, batch_size and num_beams must be at least 1")
-        if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1 (got {self.temperature}, "
-                             f"{self.top_k}, {self.top_p})")
-        if self.strategy != "sample" and (self.temperature != 1.0 or self.top_k or self.top_p != 1.0):
-            raise ValueError("temperature, top_k and top_p apply only to strategy='sample'")
-        if self.strategy != "beam" and self.num_beams != 1:
-            raise ValueError("num_beams applies only to strategy='beam'")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_tokens):
-            raise ValueError(f"stop_tokens must be token ids (got {self.stop_tokens})")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError("stop_strings must be non-empty strings")
-        if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0")
-
-
-@dataclass
-class Stopper:
-    """Whether new tokens end a sequence: a stop token last, or a stop string in their text."""
-
-    stop_tokens: frozenset[int]
-    stop_strings: tuple[str, ...]
-    decode: Callable[[list[int]], str] | None
-
-    def stopped(self, new: list[int]) -> bool:
-        if new and new[-1] in self.stop_tokens:
-            return True
-        return bool(self.stop_strings) and any(s in self.decode(new) for s in self.stop_strings)
-
-    def output(self, new: list[int]) -> list[int]:
-        """The tokens returned: without a final stop token (a stop string's tokens stay)."""
-        return new[:-1] if new and new[-1] in self.stop_tokens else new
+from dslm_local.decoding import GenerationConfig, Stopper, cut_at_stop
+from dslm_local.decoding import sample_filter as filter_logits
 
 
 class Stepper:
@@ -135,37 +54,11 @@ class Stepper:
             self.cache.reorder(rows)
 
 
-TOP_P_TOLERANCE = 1e-6
-"""A nucleus whose probability mass is within this of top_p counts as reaching it. Probabilities
-come from float32 logits, whose rounding (relative 2^-24 ~ 6e-8 per logit, times the logit's size)
-moves a mass that is exactly top_p on paper, e.g. 0.5 + 0.3 for top_p 0.8, to either side of it;
-no real boundary is that close. The cost is bounded: the mass of the kept nucleus falls short of
-top_p by at most 1e-6, so the sampled distribution moves by at most 1e-6 in total variation."""
-
-
 def sample_filter(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """Logits (B, V) divided by the temperature, with -inf outside the top_k and the top_p nucleus."""
-    logits = logits / cfg.temperature
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        outside = outside_nucleus(ordered, cfg.top_p)
-        logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-    return logits
-
-
-def outside_nucleus(ordered: torch.Tensor, top_p: float) -> torch.Tensor:
-    """For logits (B, V) sorted in descending order, True (B, V) for the tokens past the smallest
-    prefix whose probability reaches top_p, as transformers' TopPLogitsWarper does: a token is
-    dropped when the more likely ones already reach it (within TOP_P_TOLERANCE); the most likely
-    token always stays. The masses are summed in float64, so a large vocabulary adds no rounding."""
-    probs = ordered.double().softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # (B, V): the mass of the more likely tokens
-    outside = before >= top_p - TOP_P_TOLERANCE
-    outside[:, 0] = False
-    return outside
+    """Logits (B, V) divided by the temperature, with -inf outside the top_k and the top_p nucleus:
+    dslm_local.decoding.sample_filter's rules (one home for them, shared with dslm-complete), on
+    the CPU; a (B, V) copy per token costs little beside the model pass that made it."""
+    return torch.from_numpy(filter_logits(logits.float().cpu().numpy(), cfg)).to(logits.device)
 
 
 def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
@@ -300,7 +193,8 @@ def eval_mode(model: GPT) -> Iterator[None]:
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
              decode: Callable[[list[int]], str] | None = None, progress: bool = False) -> list[list[int]]:
-    """New token ids for each prompt (token ids), on the model's device, in eval mode. A prompt
+    """New token ids for each prompt (token ids), on the model's device, in eval mode, each ending
+    at the first of cfg.stop_tokens (default: none; complete() sets the model's end token). A prompt
     longer than model.block_size - max_new_tokens keeps its last tokens. `decode` (token ids -> text)
     is needed for stop strings. Sampling draws from one generator seeded with cfg.seed, batch by
     batch in a fixed order, so the output depends on the seed, the prompts and cfg.batch_size."""
@@ -325,19 +219,6 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
             for i, tokens in zip(rows, new):
                 out[i] = tokens
     return out
-
-
-def cut_at_stop(text: str, stop_strings: tuple[str, ...], keep: bool = False, backward: bool = False) -> str:
-    """`text` up to the stop string that starts first in it, without it or (keep) with it. Text
-    written backward (leftwards) is cut the other way: from the stop string that ends last on."""
-    if backward:
-        flipped = tuple(s[::-1] for s in stop_strings)
-        return cut_at_stop(text[::-1], flipped, keep)[::-1]
-    found = [(i, s) for s in stop_strings if (i := text.find(s)) >= 0]
-    if not found:
-        return text
-    start, stop = min(found, key=lambda match: match[0])
-    return text[:start + len(stop)] if keep else text[:start]
 
 
 class PromptFraming:

@@ -27,7 +27,9 @@ from dslm.cli import ArgumentParser, run_command
 from dslm.data.templates import TEMPLATES, Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
-from eval.generate import STRATEGIES, GenerationConfig, complete
+from dslm_local.decoding import STRATEGIES, GenerationConfig, checked_config
+from dslm_local.prompts import read_prompt_set, read_text
+from eval.generate import complete
 from eval.load import LoadedModel, load_for_eval, parse_device
 
 SEPARATOR = "-" * 40
@@ -82,44 +84,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     chosen = {**defaults, **given}
     if chosen["strategy"] != "sample":  # the card's sampler settings apply to sampling only
         chosen |= {name: PLAIN[name] for name in ("temperature", "top_k") if name not in given}
-    return checked(lambda: GenerationConfig(**chosen, top_p=args.top_p, num_beams=args.num_beams,
-                                            stop_strings=tuple(args.stop), seed=args.seed,
-                                            batch_size=args.batch_size))
-
-
-def checked(make) -> GenerationConfig:
-    try:
-        return make()
-    except ValueError as e:  # a __post_init__ check, in the config's field names
-        raise DslmError(str(e)) from None
-
-
-def read_text(path: Path, option: str) -> str:
-    """The UTF-8 text of a prompt file; DslmError naming `option` when it is missing or not text."""
-    if not path.is_file():
-        raise DslmError(f"{option} {path}: no such file")
-    try:
-        return path.read_text()
-    except UnicodeDecodeError:
-        raise DslmError(f"{option} {path}: not UTF-8 text") from None
-
-
-def read_prompt_set(path: Path) -> list[str]:
-    """One prompt per non-empty line, or per .jsonl record's "prompt". Raises DslmError naming the
-    line of a record that is not JSON or lacks a string "prompt"."""
-    lines = [(n, line) for n, line in enumerate(read_text(path, "--prompts").splitlines(), 1) if line.strip()]
-    if path.suffix != ".jsonl":
-        return [line for _, line in lines]
-    prompts = []
-    for n, line in lines:
-        try:
-            prompt = json.loads(line).get("prompt")
-        except (json.JSONDecodeError, AttributeError):
-            prompt = None
-        if not isinstance(prompt, str):
-            raise DslmError(f"{path}:{n}: not a JSON object with a string \"prompt\"")
-        prompts.append(prompt)
-    return prompts
+    return checked_config(**chosen, top_p=args.top_p, num_beams=args.num_beams, stop_strings=tuple(args.stop),
+                          seed=args.seed, batch_size=args.batch_size)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

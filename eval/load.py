@@ -68,9 +68,9 @@ def load_checkpoint(tag_dir: Path) -> LoadedModel:
     run_dir, step = run_of(tag_dir)
     shards = load_config(run_dir / CONFIG_NAME, []).data.shards
     tokenizer = Path(shards) / Manifest.load(shards).tokenizer
-    return LoadedModel(model_from(*read_tag(tag_dir)), load_text_tokenizer(tokenizer), run_dir, step)
+    return LoadedModel(model_from(*read_tag(tag_dir), tag_dir), load_text_tokenizer(tokenizer), run_dir, step)
 
 
 def load_export(folder: Path) -> LoadedModel:
-    return LoadedModel(model_from(*read_export(folder)), load_text_tokenizer(folder / "tokenizer.json"),
+    return LoadedModel(model_from(*read_export(folder), folder), load_text_tokenizer(folder / "tokenizer.json"),
                        *export_origin(folder))

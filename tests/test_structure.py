@@ -2,23 +2,32 @@
 a circle, functions stay short, and every config field says what it means."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("dslm", "shards", "eval", "launch")
+PACKAGES = ("dslm", "shards", "eval", "launch", "dslm_local")
+ROOTS = {"dslm_local": REPO / "local"}
+"""Where a package's folder is, when not at the top of the repository (the light dslm-local package)."""
 MAX_FUNCTION_LINES = 60
+LOCAL_DEPENDENCIES = {"numpy", "onnxruntime", "tokenizers"}
+"""All that dslm_local may import besides the standard library and itself (local/pyproject.toml)."""
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_files(package: str) -> list[Path]:
+    return sorted((ROOTS.get(package, REPO) / package).rglob("*.py"))
 
 
 def sources(packages=PACKAGES) -> dict[str, Path]:
     """module name -> file, for every module of `packages`."""
-    return {module_name(p): p for package in packages for p in sorted((REPO / package).rglob("*.py"))}
+    return {module_name(p, ROOTS.get(package, REPO)): p for package in packages for p in package_files(package)}
 
 
 def imported(tree: ast.AST, module: str, known: set[str], is_package: bool = False) -> set[str]:
@@ -92,13 +101,26 @@ def test_no_import_cycles_between_modules():
 
 def test_dslm_imports_none_of_the_packages_built_on_it():
     above = [(module, target) for module, targets in import_graph().items() if module.split(".")[0] == "dslm"
-             for target in targets if target.split(".")[0] != "dslm"]
+             for target in targets if target.split(".")[0] not in ("dslm", "dslm_local")]
     assert above == []
+
+
+def test_dslm_local_needs_nothing_but_its_three_libraries():
+    """dslm-complete runs where torch is not installed: dslm_local imports only the standard
+    library, itself and LOCAL_DEPENDENCIES (a test in tests/local runs it with torch unimportable)."""
+    found = set()
+    for path in package_files("dslm_local"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found.add(node.module.split(".")[0])
+    assert found - set(sys.stdlib_module_names) - {"dslm_local", "__future__"} == LOCAL_DEPENDENCIES
 
 
 def functions(packages=PACKAGES + ("bench",)):
     for package in packages:
-        for path in sorted((REPO / package).rglob("*.py")):
+        for path in package_files(package):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     yield path.relative_to(REPO), node
@@ -113,7 +135,7 @@ def test_no_function_is_longer_than_60_lines():
 def config_classes(packages=PACKAGES + ("bench",)):
     """Dataclasses that hold settings: named *Config, *Limits or *Settings."""
     for package in packages:
-        for path in sorted((REPO / package).rglob("*.py")):
+        for path in package_files(package):
             for node in ast.walk(ast.parse(path.read_text())):
                 if (isinstance(node, ast.ClassDef) and node.name.endswith(("Config", "Limits", "Settings"))
                         and any("dataclass" in ast.unparse(d) for d in node.decorator_list)):

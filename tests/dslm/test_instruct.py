@@ -13,7 +13,8 @@ from dslm.config import load_config
 from dslm.data.manifest import Manifest
 from dslm.data.templates import Framer, get_template
 from dslm.data.tokens import load_text_tokenizer
-from eval.generate import GenerationConfig, PromptFraming, generate
+from dslm_local.decoding import GenerationConfig
+from eval.generate import PromptFraming, generate
 from eval.load import load_for_eval
 from launch import humaneval_pairs
 

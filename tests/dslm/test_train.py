@@ -18,7 +18,7 @@ from dslm.checkpoint import load_fp32_weights, seal, sealed_state
 from dslm.config import load_config
 from dslm.checkpoint import resume_problem
 from dslm.errors import EXIT_RETRY, EXIT_WRITE_FAILED
-from dslm.metrics import read_scalars
+from dslm.metrics import METRICS_CSV, read_rows, read_scalars
 from dslm.model import GPT
 from dslm.optim import OptimConfig, lr_factor
 from dslm.stop import EXIT_STOPPED
@@ -67,6 +67,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert [step for step, _ in read_scalars(run / "tb", "train/lr")] == [5, 10, 15, 20, 25, 30]
     assert all(v > 0 for _, v in read_scalars(run / "tb", "train/tokens_per_s"))
     assert all(0 < v < 100 for _, v in read_scalars(run / "tb", "train/grad_norm"))
+    assert_csv_matches_tensorboard(run)
 
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step30" and (ckpts / "best").read_text() == "global_step30"
@@ -88,6 +89,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
 
     subprocess.run([BIN / "dslm-export", ckpts / "global_step30"], cwd=tmp_path, check=True, timeout=300)
+    assert len({p.stat().st_mode for p in (run / "export" / "step30").iterdir()}) == 1  # safetensors' file too
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(run / "export" / "step30").eval()
     model = model_from(*read_tag(ckpts / "global_step30"))
@@ -120,6 +122,25 @@ def kill_when(proc: subprocess.Popen, done) -> None:
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
 
+def logged_steps(path: Path) -> list[int]:
+    """The steps of metrics.csv's complete rows so far."""
+    return [int(row["step"]) for row in read_rows(path)[1]]
+
+
+def assert_csv_matches_tensorboard(run: Path) -> None:
+    """metrics.csv has each step once, and every scalar of every step that TensorBoard has."""
+    columns, rows = read_rows(run / METRICS_CSV)
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(set(steps)), "each step once in metrics.csv"
+    tags = [c for c in columns if c not in ("step", "wall_time")]
+    assert "train/loss" in tags
+    for tag in tags:
+        from_csv = {int(row["step"]): float(row[tag]) for row in rows if row[tag]}
+        from_tb = dict(read_scalars(run / "tb", tag))
+        assert from_csv.keys() == from_tb.keys(), tag
+        assert [from_csv[s] for s in from_tb] == pytest.approx(list(from_tb.values()), rel=1e-6), tag  # TB: float32
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_path, free_port):
     shards, _ = tiny_shards
@@ -129,14 +150,15 @@ def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_
                    timeout=900, stdout=subprocess.DEVNULL)
     args = train_args(shards, tmp_path, "resumed", **settings)
     first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
-    latest = tmp_path / "resumed" / "checkpoints" / "latest"
-    kill_when(first, lambda: latest.exists())
+    latest, log = tmp_path / "resumed" / "checkpoints" / "latest", tmp_path / "resumed" / METRICS_CSV
+    kill_when(first, lambda: latest.exists() and max(logged_steps(log), default=0) >= 5)  # a step past it logged
     assert latest.read_text() == "global_step4"
     subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
 
     straight, resumed = (read_scalars(tmp_path / name / "tb", "train/loss") for name in ("straight", "resumed"))
     assert [step for step, _ in resumed] == list(range(1, 9)), "each step once in TensorBoard"
+    assert_csv_matches_tensorboard(tmp_path / "resumed")
     assert resumed[4:] == straight[4:]  # steps 5-8, exactly
     assert read_scalars(tmp_path / "resumed" / "tb", "train/samples")[-1] == (8, 8 * 4 * 2 * 2)
     model_cfg = load_config(tmp_path / "straight" / "config.yaml", []).model

@@ -19,7 +19,8 @@ from dslm.errors import DslmError
 from dslm.export import write_tokenizer_files
 from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, KVCache, ModelConfig
-from eval.generate import GenerationConfig, complete, cut_at_stop, generate, sample_filter
+from dslm_local.decoding import GenerationConfig, cut_at_stop
+from eval.generate import complete, generate, sample_filter
 from eval.generate_cli import main
 from shards.tokenizer import train_tokenizer
 

@@ -1,0 +1,206 @@
+"""Local completion: peak memory and speed of dslm-generate's path (torch, fp32) against
+dslm-complete's (ONNX Runtime, fp32 and int8 weights), side by side in one run, on held-out
+lines of code; and what each export costs in exactness.
+
+    python bench/local_inference.py SOURCE [--lines 40] [--max-new-tokens 24] [--threads 2] [--json OUT]
+
+SOURCE is a checkpoint, a run or an export folder (as dslm-export --format onnx takes); its run's
+shards (--shards for an export folder) give the held-out lines: the val split's documents per
+language, a line start sampled as dslm-eval's exact match does, the code before it as the
+prompt. The ONNX exports are written to a temporary folder.
+
+Each path runs in a fresh process of its own that loads the model and completes every line in
+turn (one sequence at a time, greedy, stopping at the end of the line), and reports the peak
+resident memory of the whole process (VmHWM, the kernel's high-water mark: interpreter,
+libraries, weights, buffers) and tokens per second over the completions. The ONNX processes
+import no torch (checked). int8 runs twice: as dslm-complete runs it, and with ONNX Runtime's
+default memory patterns, which dslm-complete turns off (dslm_local.onnx_model.session_options).
+Exactness, measured here in the parent: the largest |logit| difference between ONNX fp32 and
+torch over whole prompts; the share of lines whose greedy completion equals torch's; and the
+int8 export's top-1 agreement with fp32 on every token of the held-out lines (teacher-forced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+MODES = ("torch fp32", "onnx fp32", "onnx int8", "onnx int8, memory patterns on")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM) in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+# ------------------------------------------------------------------ the measured processes
+
+def torch_worker(source: str, lines: list[dict], max_new_tokens: int, threads: int) -> dict:
+    """dslm-generate's path: the model loaded as it loads it, one line at a time."""
+    import torch
+
+    from dslm_local.decoding import GenerationConfig, cut_at_stop
+    from eval.generate import PromptFraming, generate
+    from eval.load import load_for_eval
+
+    torch.set_num_threads(threads)
+    loaded = load_for_eval(source)
+    frame = PromptFraming(loaded.tokenizer, loaded.framing)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_tokens=frame.stop_tokens, stop_strings=("\n",))
+    start, texts, new_tokens = time.perf_counter(), [], 0
+    for line in lines:
+        new = generate(loaded.model, [frame.ids(line["prompt"])], cfg, decode=frame.decode)[0]
+        new_tokens += len(new)
+        texts.append(cut_at_stop(frame.decode(new), cfg.stop_strings))
+    return {"seconds": time.perf_counter() - start, "new_tokens": new_tokens, "texts": texts}
+
+
+def onnx_worker(folder: str, lines: list[dict], max_new_tokens: int, threads: int, mem_pattern: bool) -> dict:
+    """dslm-complete's path (dslm_local only: no torch)."""
+    from dslm_local.complete import Completer
+    from dslm_local.decoding import GenerationConfig
+    from dslm_local.onnx_model import OnnxModel
+
+    completer = Completer(OnnxModel(folder, threads, mem_pattern), GenerationConfig(max_new_tokens=max_new_tokens,
+                                                                                    stop_strings=("\n",)))
+    start = time.perf_counter()
+    texts = [completer.complete(line["prompt"], keep_last=True) for line in lines]
+    return {"seconds": time.perf_counter() - start, "new_tokens": completer.new_tokens, "texts": texts}
+
+
+def worker(args: argparse.Namespace) -> None:
+    lines = [json.loads(line) for line in Path(args.lines_file).read_text().splitlines()]
+    if args.worker == "torch fp32":
+        result = torch_worker(args.target, lines, args.max_new_tokens, args.threads)
+    else:
+        result = onnx_worker(args.target, lines, args.max_new_tokens, args.threads,
+                             mem_pattern="patterns on" in args.worker)
+    result |= {"peak_rss_mb": peak_rss_mb(), "imported_torch": "torch" in sys.modules}
+    print(json.dumps(result))
+
+
+def run_worker(mode: str, target: Path, lines_file: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(HERE), "--worker", mode, str(target), "--lines-file", str(lines_file),
+           "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if proc.returncode:
+        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ the parent
+
+def heldout_lines(source: Path, shards: str | None, n: int, seed: int = 0) -> list[dict]:
+    """{"language", "prompt", "target"} of up to n held-out lines per language (dslm-eval's exact
+    match sampling), from the val split of the shards the source was trained on."""
+    from dslm.data.loader import ShardSamples
+    from dslm.data.manifest import Manifest
+    from dslm.data.tokens import load_text_tokenizer
+    from dslm.weights import run_data, source_kind
+    from eval.code_tasks import LANGUAGES, ExactMatchConfig, build_exact_match_tasks
+    from eval.heldout import LabeledSamples, heldout_documents
+
+    if shards is None and source_kind(source) == "export":
+        raise SystemExit("local_inference: an export folder needs --shards (whose val split gives the lines)")
+    root = shards or run_data(source)[0].shards
+    manifest = Manifest.load(root)
+    samples = LabeledSamples(ShardSamples(root, manifest, "val"))
+    docs = heldout_documents(samples, load_text_tokenizer(Path(root) / manifest.tokenizer), set(LANGUAGES), 50)
+    tasks = build_exact_match_tasks(docs, ExactMatchConfig(samples_per_language=n, seed=seed, context_chars=2000))
+    return [{"language": t.language, "prompt": t.prompt, "target": t.target} for t in tasks]
+
+
+def exactness(source: Path, fp32: Path, int8: Path, lines: list[dict]) -> dict:
+    """max |logit| difference ONNX fp32 vs torch, and int8's top-1 agreement with fp32, over the
+    prompt and target of each line (its last 256 tokens)."""
+    import numpy as np
+    import torch
+
+    from dslm_local.onnx_model import OnnxModel
+    from eval.load import load_for_eval
+
+    loaded = load_for_eval(source)
+    full, small = OnnxModel(fp32), OnnxModel(int8)
+    block = loaded.model.cfg.block_size
+    worst, agree, total = 0.0, 0, 0
+    for line in lines:
+        target_len = len(loaded.tokenizer.encode(line["target"]).ids)
+        ids = loaded.tokenizer.encode(line["prompt"] + line["target"]).ids[-block:]
+        with torch.no_grad():
+            reference = loaded.model(torch.tensor([ids]))[0].numpy()
+        full.reset(), small.reset()
+        logits32, logits8 = full.forward(ids), small.forward(ids)
+        worst = max(worst, float(np.abs(logits32 - reference).max()))
+        tail = slice(len(ids) - target_len - 1, len(ids) - 1)  # the positions that predict the target's tokens
+        agree += int((logits32[tail].argmax(-1) == logits8[tail].argmax(-1)).sum())
+        total += target_len
+    return {"max_abs_logit_diff_fp32": worst, "int8_top1_agreement": agree / max(total, 1), "target_tokens": total}
+
+
+def device_line(threads: int) -> str:
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} threads per process"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", type=Path, help="a checkpoint, run or export folder")
+    p.add_argument("--shards", help="the shards whose val split gives the lines (default: the run's)")
+    p.add_argument("--lines", type=int, default=40, help="held-out lines per language (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each path (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--lines-file", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, str(HERE.parents[1]))
+    from dslm.export import write_onnx
+    from provenance import git_commit  # bench/provenance.py, beside this script
+
+    lines = heldout_lines(args.target, args.shards, args.lines)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's lines
+        fp32, int8 = write_onnx(args.target, Path(tmp) / "fp32", False), write_onnx(args.target, Path(tmp) / "int8", True)
+        lines_file = Path(tmp) / "lines.jsonl"
+        lines_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        targets = {"torch fp32": args.target, "onnx fp32": fp32, "onnx int8": int8, MODES[3]: int8}
+        results = {mode: run_worker(mode, targets[mode], lines_file, args) for mode in MODES}
+        sizes = {"onnx fp32": sum(f.stat().st_size for f in fp32.iterdir() if f.name.startswith("model.onnx")),
+                 "onnx int8": sum(f.stat().st_size for f in int8.iterdir() if f.name.startswith("model.onnx"))}
+        exact = exactness(args.target, fp32, int8, lines)
+    report(args, lines, results, sizes, exact, git_commit("dslm", "local", "eval", "bench"))
+
+
+def report(args, lines, results, sizes, exact, commit) -> None:
+    torch_texts = results["torch fp32"]["texts"]
+    print(f"local_inference: {args.target}, {len(lines)} held-out lines, up to {args.max_new_tokens} new tokens each; "
+          f"{device_line(args.threads)}; {datetime.date.today()}; commit {commit}")
+    print("| path | model file | peak RSS (MiB) | tokens/s | greedy = torch | torch imported |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        same = sum(a == b for a, b in zip(r["texts"], torch_texts)) / len(torch_texts)
+        size = sizes.get(mode.split(",")[0])
+        print(f"| {mode} | {f'{size / 2**20:.1f} MiB' if size else '-'} | {r['peak_rss_mb']:.1f} | "
+              f"{r['new_tokens'] / r['seconds']:.1f} | {same:.1%} | {r['imported_torch']} |")
+    print(f"ONNX fp32 vs torch: max |logit difference| {exact['max_abs_logit_diff_fp32']:.2e}; int8 vs fp32: top-1 "
+          f"agreement {exact['int8_top1_agreement']:.2%} over {exact['target_tokens']} target tokens")
+    if args.json:
+        summary = {mode: {k: v for k, v in r.items() if k != "texts"} for mode, r in results.items()}
+        args.json.write_text(json.dumps({"results": summary, "sizes": sizes, **exact, "commit": commit}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

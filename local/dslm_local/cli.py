@@ -1,0 +1,37 @@
+"""How every dslm command, dslm-complete included, reports a failure that is not a bug: one clear
+line on stderr and an exit status (dslm.cli lists them all)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, NoReturn
+
+from dslm_local.errors import EXIT_BAD_INPUT, DslmError
+
+# Errors about the user's input and files; anything else is a bug and keeps its traceback.
+USER_ERRORS = (DslmError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error as one line like every other dslm error:
+    `PROG: error: MESSAGE (see PROG --help)`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_command(prog: str, main: Callable[[], None]) -> None:
+    """Run a command's `main`: a DslmError or a file error becomes one line and its exit status
+    (DSLM_TRACEBACK=1 keeps the traceback)."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if os.environ.get("DSLM_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_status if isinstance(e, DslmError) else EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

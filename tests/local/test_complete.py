@@ -1,0 +1,148 @@
+"""dslm-complete: completion from an ONNX export without torch, its cursor and prompt options,
+sampling, the inputs it refuses, and the light install (pip install ./local)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from dslm_local.complete import Completer, main
+from dslm_local.decoding import GenerationConfig
+from dslm_local.onnx_model import OnnxModel
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+NO_TORCH = '''
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "deepspeed", "dslm", "eval", "shards", "launch", "transformers"}:
+            raise ImportError(f"dslm-complete imported {name}")
+sys.meta_path.insert(0, Refuse())
+'''
+"""A sitecustomize.py that makes importing torch (and dslm's torch packages) fail in its process."""
+
+
+def run_complete(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "dslm-complete", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_completion_runs_with_torch_unimportable(onnx_exports, tmp_path):
+    _, _, fp32, _ = onnx_exports
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    prompt = "def encode(self, o):\n    "
+    env = {"PYTHONPATH": str(tmp_path), "PATH": str(BIN)}
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert "dslm-complete imported torch" in blocked.stderr  # the guard works
+    proc = run_complete(fp32, "--prompt", prompt, env=env)
+    assert proc.returncode == 0, proc.stderr
+    expected = Completer(OnnxModel(fp32), GenerationConfig(stop_strings=("\n",))).complete(prompt)
+    assert proc.stdout == expected + "\n"
+
+
+def test_a_file_cursor_completes_the_text_before_it(onnx_exports, tmp_path, capsys):
+    _, _, fp32, _ = onnx_exports
+    source = tmp_path / "f.py"
+    source.write_text("import json\n\ndef load(path):\n    with open(path) as f:\n        return json.lo\n")
+    main([str(fp32), "--file", str(source), "--line", "5"])
+    at_end = capsys.readouterr().out
+    main([str(fp32), "--file", str(source), "--line", "5", "--column", "16"])
+    before_lo = capsys.readouterr().out
+    completer = Completer(OnnxModel(fp32), GenerationConfig(stop_strings=("\n",)))
+    text = source.read_text()
+    assert at_end == completer.complete(text[:text.index(".lo\n") + 3], keep_last=True) + "\n"
+    assert before_lo == completer.complete(text[:text.index(".lo\n") + 1], keep_last=True) + "\n"
+    assert "\n" not in at_end.rstrip("\n")  # one line
+
+
+def test_a_long_file_keeps_the_code_nearest_the_cursor_but_a_long_prompt_is_refused(onnx_exports, tmp_path):
+    _, _, fp32, _ = onnx_exports
+    source = tmp_path / "long.py"
+    source.write_text("".join(f"value_{i} = compute({i}, scale=2)\n" for i in range(200)))
+    proc = run_complete(fp32, "--file", source, "--line", "200")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_complete(fp32, "--prompt", source.read_text())
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "leaves room for 32 beside --max-new-tokens 64: shorten the prompt" in proc.stderr, proc.stderr
+
+
+def test_a_prompt_set_gives_one_json_line_per_prompt(onnx_exports, tmp_path):
+    _, _, fp32, _ = onnx_exports
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["import ", "class A:\n    def "]))
+    proc = run_complete(fp32, "--prompts", prompts, "--jsonl", "--multiline", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["import ", "class A:\n    def "]
+    assert all(1 <= r["new_tokens"] <= 8 and r["seconds"] >= 0 for r in rows)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(onnx_exports):
+    _, _, fp32, _ = onnx_exports
+    prompt = ["--prompt", "def f(x):\n", "--multiline", "--max-new-tokens", "20"]
+    greedy = run_complete(fp32, *prompt).stdout
+    sample = ["--strategy", "sample", "--temperature", "3.0"]
+    assert run_complete(fp32, *prompt, *sample, "--top-k", "1", "--seed", "5").stdout == greedy
+    first, again, other = (run_complete(fp32, *prompt, *sample, "--seed", str(s)).stdout for s in (1, 1, 2))
+    assert first == again != other
+
+
+def test_the_int8_export_completes_too(onnx_exports):
+    _, _, _, int8 = onnx_exports
+    proc = run_complete(int8, "--prompt", "import os\nimport ", "--stop", "\n")
+    assert proc.returncode == 0 and proc.stdout.endswith("\n"), proc.stderr
+
+
+@pytest.mark.parametrize("case", ["no_model", "no_tokenizer", "other_config", "backward", "line_range",
+                                  "line_without_file", "beam_like", "not_a_folder"])
+def test_bad_input_is_one_line(onnx_exports, tmp_path, case):
+    run, _, fp32, _ = onnx_exports
+    folder = tmp_path / "export"
+    shutil.copytree(fp32, folder)
+    args = [folder, "--prompt", "x = "]
+    if case == "no_model":
+        (folder / "model.onnx").unlink()
+    elif case == "no_tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif case == "other_config":  # a config.json of another preset beside this model
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "n_layer": 8, "n_head": 8, "n_embd": 512}))
+    elif case == "backward":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
+    elif case == "line_range":
+        (tmp_path / "f.py").write_text("a = 1\n")
+        args = [folder, "--file", tmp_path / "f.py", "--line", "7"]
+    elif case == "line_without_file":
+        args = [folder, "--prompt", "x", "--line", "2"]
+    elif case == "beam_like":
+        args = [folder, "--prompt", "x", "--temperature", "0.5"]  # a sampler setting with greedy
+    elif case == "not_a_folder":
+        args = [tmp_path / "nothing", "--prompt", "x"]
+    proc = run_complete(*args)
+    assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("dslm-complete: error: "), proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_the_light_package_installs_and_runs_without_torch(onnx_exports, tmp_path):
+    """`pip install ./local` in a fresh virtual environment: dslm-complete and its three
+    dependencies, no torch, no deepspeed (pip finds the wheels in its cache or the registry)."""
+    _, _, _, int8 = onnx_exports
+    venv.create(tmp_path / "venv", with_pip=True)
+    pip = [tmp_path / "venv" / "bin" / "python", "-m", "pip", "--disable-pip-version-check"]
+    package = shutil.copytree(REPO / "local", tmp_path / "local", ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    subprocess.run([*pip, "install", "-q", package], check=True, timeout=900)  # pip builds in the folder it is given
+    installed = subprocess.run([*pip, "list", "--format", "json"], capture_output=True, text=True, check=True).stdout
+    names = {p["name"].lower() for p in json.loads(installed)}
+    assert {"dslm-local", "onnxruntime", "tokenizers", "numpy"} <= names
+    assert not names & {"torch", "deepspeed", "dslm"}
+    proc = subprocess.run([tmp_path / "venv" / "bin" / "dslm-complete", int8, "--prompt", "import "],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
