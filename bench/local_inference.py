@@ -173,7 +173,7 @@ def main() -> None:
 
     lines = heldout_lines(args.target, args.shards, args.lines)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's lines
-        fp32, int8 = write_onnx(args.target, Path(tmp) / "fp32", False), write_onnx(args.target, Path(tmp) / "int8", True)
+        (fp32, _), (int8, _) = write_onnx(args.target, Path(tmp) / "fp32", False), write_onnx(args.target, Path(tmp) / "int8", True)
         lines_file = Path(tmp) / "lines.jsonl"
         lines_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
         targets = {"torch fp32": args.target, "onnx fp32": fp32, "onnx int8": int8, MODES[3]: int8}

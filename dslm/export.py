@@ -27,9 +27,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from dslm.checkpoint import load_model_weights
+from dslm.checkpoint import load_model_weights, seal_problem
 from dslm.cli import ArgumentParser, run_command
-from dslm.config import CONFIG_NAME, load_config, run_of
+from dslm.config import CONFIG_NAME, Origin, load_config, run_of
 from dslm.data.manifest import Manifest
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
@@ -49,6 +49,8 @@ def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path, framing:
     merged into the weights. Raises DslmError when `out` exists."""
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")
+    if (problem := seal_problem(tag_dir, checksums=True)) is not None:
+        raise DslmError(f"cannot export {tag_dir}: {problem}")
     weights = load_model_weights(tag_dir, cfg, lora or LoraConfig())
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -102,14 +104,16 @@ def run_hf(tag_dir: Path, out: Path | None) -> None:
 
 def run_onnx(source: Path, out: Path | None, int8: bool) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's and the exporter's progress lines
-        out = write_onnx(source, out, int8)
-    print(f"wrote {out} (dslm-complete {out} --prompt ...)")
+        out, origin = write_onnx(source, out, int8)
+    step = f", step {origin.step}" if origin.step is not None else ""
+    print(f"wrote {out} from {origin.path}{step} (dslm-complete {out} --prompt ...)")
 
 
-def write_onnx(source: Path, out: Path | None, int8: bool) -> Path:
+def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin]:
     """The ONNX export of `source` (a tag, a run: its chosen_checkpoint, or an export folder) at
     `out`, by default runs/NAME/export/stepN-onnx[-int8], or beside an export folder. Raises
-    DslmError, before reading any weights, when the folder exists."""
+    DslmError, before reading any weights, when the folder exists. Returns the folder and where
+    the weights came from."""
     suffix = "-onnx-int8" if int8 else "-onnx"
     if source_kind(source) == "export":
         tag, tokenizer, sha256 = source, source / "tokenizer.json", export_tokenizer_sha256(source)
@@ -126,7 +130,7 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> Path:
     framing = framing_of(source)
     export_onnx(model_from(cfg, weights, origin.path), out, framing, int8,
                 lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256))
-    return out
+    return out, origin
 
 
 def run(args: argparse.Namespace) -> None:

@@ -138,14 +138,14 @@ def source_kind(path: Path) -> str:
 def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
     """The model config, fp32 weights and origin of `path`: a checkpoint tag, a run directory
     (`chosen_checkpoint`) or an export folder. Raises DslmError for anything else, or a tag that
-    is not sealed and intact."""
+    is not sealed and intact, its files' checksums included (about 0.6 s per GB)."""
     path = Path(path)
     kind = source_kind(path)
     if kind == "export":
         (cfg, weights), step, source = read_export(path), export_origin(path)[1], path
     else:
         source = chosen_checkpoint(path) if kind == "run" else path
-        if (problem := seal_problem(source)) is not None:
+        if (problem := seal_problem(source, checksums=True)) is not None:
             raise DslmError(f"cannot read weights from {source}: {problem}")
         (cfg, weights), step = read_tag(source), run_of(source)[1]
     return cfg, weights, Origin(path=str(source), step=step, sha256=weights_sha256(weights))

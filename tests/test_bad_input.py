@@ -65,7 +65,7 @@ CASES = [
     ("dslm-export", "{png} --format onnx", "not a checkpoint"),
     ("dslm-export", "{missing} --format onnx --int8", "missing"),
     ("dslm-export", "{missing} --format tflite", "tflite"),
-    ("dslm-complete", "{missing} --prompt x", "no model.onnx"),
+    ("dslm-complete", "{missing} --prompt x", "no such folder"),
     ("dslm-complete", "{root} --prompt x", "no model.onnx"),
     ("dslm-complete", "{root} --file {png} --line 1", "not UTF-8"),
     ("dslm-complete", "{root} --prompt x --top-p 2", "top_p"),

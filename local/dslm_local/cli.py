@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 from dslm_local.errors import EXIT_BAD_INPUT, DslmError
 
 # Errors about the user's input and files; anything else is a bug and keeps its traceback.
-USER_ERRORS = (DslmError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS = (DslmError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,3 +35,6 @@ def run_command(prog: str, main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`| head`): stop as a shell pipeline does, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
+        sys.exit(141)

@@ -26,6 +26,9 @@ from dslm_local.errors import DslmError
 from dslm_local.onnx_model import OnnxModel
 from dslm_local.prompts import read_prompt_set, read_text
 
+MAX_THREADS = 256
+"""--threads at most: each is an OS thread with its own stack; far more than cores only slows."""
+
 
 class Completer:
     """Completions of code with an ONNX export of a forward model without a template (a code
@@ -133,8 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.file is None) != (args.line is None) or (args.column is not None and args.file is None):
         p.error("--line (and --column) go with --file, and --file needs --line")
-    if args.threads < 0:
-        p.error(f"--threads {args.threads}: must be >= 0")
+    if not 0 <= args.threads <= MAX_THREADS:
+        p.error(f"--threads {args.threads}: must be within 0..{MAX_THREADS}")
     return args
 
 

@@ -75,7 +75,7 @@ def session_options(threads: int, mem_pattern: bool = False) -> ort.SessionOptio
     options = ort.SessionOptions()
     options.enable_mem_pattern = mem_pattern
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: its warnings would mix into a completion's output
+    options.log_severity_level = 4  # fatal only: its errors come back as exceptions, reported in one line
     return options
 
 
@@ -87,12 +87,17 @@ class OnnxModel:
         """`threads`: ONNX Runtime's intra-op threads (0: one per core); `mem_pattern`: see
         session_options."""
         folder = Path(folder)
+        if not folder.is_dir():
+            raise DslmError(f"{folder}: no such folder; name a dslm-export --format onnx folder")
         if not (folder / ONNX_NAME).is_file():
             raise DslmError(f"{folder}: no {ONNX_NAME}; write one with dslm-export CHECKPOINT --format onnx")
         self.config = ExportConfig.read(folder)
         if not (folder / "tokenizer.json").is_file():
             raise DslmError(f"{folder}: no tokenizer.json; export it again with dslm-export --format onnx")
         self.tokenizer = load_text_tokenizer(folder / "tokenizer.json")
+        if self.tokenizer.get_vocab_size() > self.config.vocab_size:
+            raise DslmError(f"{folder}: tokenizer.json has {self.tokenizer.get_vocab_size()} tokens, more than the "
+                            f"model's {self.config.vocab_size}: it is another model's tokenizer")
         try:
             self.session = ort.InferenceSession(str(folder / ONNX_NAME), session_options(threads, mem_pattern),
                                                 providers=["CPUExecutionProvider"])
@@ -126,7 +131,11 @@ class OnnxModel:
             raise DslmError(f"{past_keys.shape[3] + len(ids)} tokens do not fit the model's context of "
                             f"{self.config.block_size}")
         inputs = (np.array([ids], dtype=np.int64), past_keys, past_values)
-        logits, keys, values = self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, inputs)))
+        try:
+            logits, keys, values = self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, inputs)))
+        except Exception as e:  # onnxruntime's own error types: a graph that config.json does not describe
+            raise DslmError(f"ONNX Runtime failed on {past_keys.shape[3] + len(ids)} tokens "
+                            f"({str(e).splitlines()[0][:200]}); is config.json this model's?") from None
         self.past = keys, values
         return logits[0]
 

@@ -9,11 +9,12 @@ from dslm_local.errors import DslmError
 
 
 def read_text(path: Path, option: str) -> str:
-    """The UTF-8 text of a prompt file; DslmError naming `option` when it is missing or not text."""
+    """The UTF-8 text of a prompt file, a byte-order mark dropped (as dslm-shard drops it);
+    DslmError naming `option` when it is missing, a folder or not text."""
     if not path.is_file():
-        raise DslmError(f"{option} {path}: no such file")
+        raise DslmError(f"{option} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise DslmError(f"{option} {path}: not UTF-8 text") from None
 

@@ -2,6 +2,7 @@
 against dslm-generate, int8 weights, the folder it writes and the inputs it refuses."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -136,3 +137,20 @@ def test_a_checkpoint_of_another_preset_than_its_run_config_is_one_line(onnx_exp
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "is (512, 64) there and (8000, 512) in this model" in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (cfg.run_dir / "export").exists()
+
+
+def test_a_checkpoint_whose_bytes_changed_after_sealing_is_not_exported(onnx_exports, tmp_path):
+    run, _, _, _ = onnx_exports
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    states = copy / "checkpoints" / "global_step7" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte, as a failing disk flips it
+    states.write_bytes(bytes(data))
+    for fmt in (["--format", "onnx"], ["--format", "hf"]):
+        proc = subprocess.run([BIN / "dslm-export", copy / "checkpoints" / "global_step7", tmp_path / "out", *fmt],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "does not match its xxh3_128 checksum" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "out").exists()
+

@@ -99,7 +99,8 @@ def test_the_int8_export_completes_too(onnx_exports):
 
 
 @pytest.mark.parametrize("case", ["no_model", "no_tokenizer", "other_config", "backward", "line_range",
-                                  "line_without_file", "beam_like", "not_a_folder"])
+                                  "line_without_file", "beam_like", "not_a_folder", "other_tokenizer",
+                                  "longer_context_in_config"])
 def test_bad_input_is_one_line(onnx_exports, tmp_path, case):
     run, _, fp32, _ = onnx_exports
     folder = tmp_path / "export"
@@ -124,6 +125,15 @@ def test_bad_input_is_one_line(onnx_exports, tmp_path, case):
         args = [folder, "--prompt", "x", "--temperature", "0.5"]  # a sampler setting with greedy
     elif case == "not_a_folder":
         args = [tmp_path / "nothing", "--prompt", "x"]
+    elif case == "other_tokenizer":  # a tokenizer of more tokens than the model predicts
+        tokenizer = json.loads((folder / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        vocab.update({f"extra{i}": len(vocab) + i for i in range(600)})
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    elif case == "longer_context_in_config":  # positions past the graph's table
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "n_positions": 1024}))
+        args = [folder, "--prompt", "x = 1\n" * 60, "--max-new-tokens", "8"]
     proc = run_complete(*args)
     assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("dslm-complete: error: "), proc.stderr
@@ -146,3 +156,25 @@ def test_the_light_package_installs_and_runs_without_torch(onnx_exports, tmp_pat
     proc = subprocess.run([tmp_path / "venv" / "bin" / "dslm-complete", int8, "--prompt", "import "],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_byte_order_mark_is_not_part_of_the_prompt(onnx_exports, tmp_path, capsys):
+    _, _, fp32, _ = onnx_exports
+    plain, marked = tmp_path / "plain.py", tmp_path / "marked.py"
+    plain.write_text("import os\nimport sys\n", encoding="utf-8")
+    marked.write_text("\ufeffimport os\nimport sys\n", encoding="utf-8")
+    outputs = []
+    for path in (plain, marked):
+        main([str(fp32), "--file", str(path), "--line", "1", "--column", "8"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(onnx_exports, tmp_path):
+    _, _, fp32, _ = onnx_exports
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("import \n" * 40)
+    proc = subprocess.run(f"'{BIN / 'dslm-complete'}' '{fp32}' --prompts '{prompts}' --jsonl | head -1", shell=True,
+                          capture_output=True, text=True, timeout=300)
+    assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
