@@ -61,10 +61,11 @@ import torch
 from deepspeed.utils import logger as deepspeed_logger
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader
 
 from dslm.cli import run_command
 from dslm.config import RunConfig, check_against_manifest, load_config
-from dslm.data.loader import Batch, DeviceBatches, to_device, train_loader
+from dslm.data.loader import Batch, DataConfig, DeviceBatches, TrainSamples, to_device, train_loader, train_order
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.engine import build_engine, init_distributed, load_ds_config
 from dslm.errors import DslmError
@@ -298,17 +299,20 @@ def dslm_side(cfg: RunConfig, manifest: Manifest, ds_config_file: Path, zero_sta
     """The real training path at one ZeRO stage."""
     ds_config = load_ds_config(ds_config_file, cfg.train, world_size=1)
     engine = build_engine(seeded_model(cfg), cfg.train, ds_config)
-    loader = train_loader(cfg.data, manifest, cfg.train.seed, rank=0, world_size=1,
-                          micro_batch=cfg.train.micro_batch_size)
-    batches = DeviceBatches(iter(loader), engine.device)
+    batches = DeviceBatches(iter(dslm_loader(cfg.data, cfg, manifest)), engine.device)
     # destroy: DeepSpeed's own teardown (optimizer buffers, hooks, its GC setting)
     return Side("dslm", zero_stage, lambda: train_step(engine, batches, next_token, cfg.train.grad_accum), engine.destroy)
 
 
+def dslm_loader(data: DataConfig, cfg: RunConfig, manifest: Manifest) -> DataLoader:
+    """dslm's training loader on one rank from the start, as dslm.train builds it."""
+    return train_loader(data, TrainSamples(data, [manifest]), train_order(data, [manifest], cfg.train.seed), rank=0,
+                        world_size=1, micro_batch=cfg.train.micro_batch_size)
+
+
 def read_ahead(cfg: RunConfig, manifest: Manifest, total_steps: int) -> list[torch.Tensor]:
     """The micro-batches dslm's loader yields, in its order, read before the clock starts."""
-    data = dataclasses.replace(cfg.data, num_workers=0)
-    loader = train_loader(data, manifest, cfg.train.seed, rank=0, world_size=1, micro_batch=cfg.train.micro_batch_size)
+    loader = dslm_loader(dataclasses.replace(cfg.data, num_workers=0), cfg, manifest)
     batches = list(islice(loader, total_steps * cfg.train.grad_accum))
     return [{name: t.pin_memory() for name, t in b.items()} for b in batches] if ON_GPU else batches
 

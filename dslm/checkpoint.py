@@ -76,6 +76,12 @@ class TrainState:
     global_batch: int = 0
     """Samples per optimizer step of the run that wrote the tag (micro-batch x grad_accum x
     ranks); 0 in tags written before dslm recorded it."""
+    shuffle_window: int = 0
+    """data.shuffle_window of the order the cursor walks (dslm.data.order); 0 in tags written
+    before it existed, whose epochs were each one full permutation."""
+    mix: dict = dataclasses.field(default_factory=dict)
+    """With data.mix: {"sources": [{"name", "weight", "shards": identity}], "base": {"samples",
+    "cursors"}} (dslm.data.mix.MixBase); {} for a run that reads data.shards alone."""
 
 
 def tag_for(step: int) -> str:

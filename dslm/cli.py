@@ -3,6 +3,8 @@ exit status that tells a wrapper (slurm/pretrain.sh, dslm-submit) what to do nex
 
   0    done
   2    bad input (a config typo, a missing file, nothing to resume with --resume auto): fix it first
+  65   dslm-train found a training shard that no longer matches its manifest (data.on_bad_shard=stop):
+       it stopped after a checkpoint; run `dslm-shard verify`, rebuild the shard, then resume: not requeued
   69   another rank stopped answering (train.collective_timeout_s) or the rendezvous failed
        (MASTER_PORT taken): run again, from the last checkpoint; the wrappers requeue
   74   a checkpoint could not be written (disk full, quota): the partial tag is removed and the

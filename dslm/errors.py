@@ -1,12 +1,17 @@
 """The exceptions for failures that are not bugs. Commands report each as one line on stderr and
 exit with its `exit_status` (dslm.cli lists them), so that a wrapper can tell bad input (2, fix
-it first) from a failure that running again can get past (69), and a checkpoint that could not
-be written (74). DslmError itself lives in dslm_local.errors, for dslm-complete, which has no
-torch."""
+it first) from a failure that running again can get past (69), a damaged shard (65) and a
+checkpoint that could not be written (74). DslmError itself lives in dslm_local.errors, for
+dslm-complete, which has no torch."""
 
 from dslm_local.errors import EXIT_BAD_INPUT, DslmError
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_RETRY", "EXIT_WRITE_FAILED", "DslmError", "RankFailure", "WriteError"]
+__all__ = ["EXIT_BAD_DATA", "EXIT_BAD_INPUT", "EXIT_RETRY", "EXIT_WRITE_FAILED", "BadShard", "DslmError", "RankFailure",
+           "WriteError"]
+
+EXIT_BAD_DATA = 65
+"""sysexits' EX_DATAERR: a training shard does not match its manifest; the run stopped after a
+checkpoint, and resumes once the shard is rebuilt (or with data.on_bad_shard=skip)."""
 
 EXIT_RETRY = 69
 """sysexits' EX_UNAVAILABLE: another rank or the rendezvous did not answer; run again (requeue)."""
@@ -20,6 +25,13 @@ class RankFailure(DslmError):
     checkpoint, can get past it."""
 
     exit_status = EXIT_RETRY
+
+
+class BadShard(DslmError):
+    """A training shard no longer matches its manifest (cut short, overwritten, unreadable): the
+    ranks stopped together after a checkpoint (data.on_bad_shard=stop)."""
+
+    exit_status = EXIT_BAD_DATA
 
 
 class WriteError(DslmError):

@@ -213,11 +213,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); with targets (B, T), the mean cross-entropy over
         the targets that are not IGNORE_INDEX (-100) instead (0 when all are, with zero gradients: an instruction
-        batch may hold no target). With a cache, idx continues the cached sequences (positions from
-        cache.length on) and is added to the cache."""
+        batch may hold no target), or with reduction="none" (PyTorch's cross_entropy's) each
+        token's, (B, T) float32, 0 at ignored targets. With a cache, idx continues the cached
+        sequences (positions from cache.length on) and is added to the cache."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.block_size:
@@ -236,6 +237,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))[..., : self.cfg.vocab_size]  # (B, T, V): padded ids cut off
         if targets is None:
             return logits
-        targets = targets.reshape(-1)
-        total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, reduction="sum")
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        if reduction == "none":
+            return losses.view(B, T)
+        return losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)

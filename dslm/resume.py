@@ -24,13 +24,14 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
-from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely,
-                             fresh_folder, list_checkpoints, load_rng_state, newest_resumable, resume_problem, rng_file,
-                             sealed_state, set_aside, set_rng_state, set_seeds, start_branch,
-                             universal_dir)
+from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely, fresh_folder,
+                             list_checkpoints, load_rng_state, newest_resumable, resume_problem, rng_file, sealed_state,
+                             set_aside, set_rng_state, set_seeds, start_branch, universal_dir)
 from dslm.cli import warn
 from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
+from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
+from dslm.data.mix import Interleave, MixBase
 from dslm.engine import DistEnv
 from dslm.errors import DslmError
 from dslm.files import atomic_path
@@ -104,17 +105,17 @@ def batch_note(old: int, new: int, per_accumulation: int) -> str:
     return f"the global batch is now {new} samples, was {old} (x{Fraction(new, old)}){keep}"
 
 
-def plan_resume(resume: str | None, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> Resume | None:
+def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], env: DistEnv) -> Resume | None:
     """Collective. What `--resume` (None, "auto", "if-any" or a tag folder) continues from in the run's
     checkpoint folder, converted for this world size; None for a fresh run. Raises DslmError
     when nothing loadable exists, when a fresh run would mix with existing checkpoints, or when
-    the shards, the model or the optimizer settings are not those the checkpoint holds. Once
-    they are, the tag starts the run's live branch (checkpoint.start_branch, rank 0)."""
+    the shards (`manifests`, one per DataConfig.sources), the model or the optimizer settings are
+    not those the checkpoint holds. Once they are, the tag starts the run's live branch
+    (checkpoint.start_branch, rank 0)."""
     tag_dir = on_rank0(lambda: find_resume(resume, cfg.checkpoint_dir))
     if tag_dir is None:
         return None
-    state = sealed_state(tag_dir)
-    check_same_shards(state, manifest, cfg.data.shards)
+    state = continue_data(sealed_state(tag_dir), cfg.data, manifests, env)
     saved = saved_config(tag_dir)
     if saved is not None:
         check_same_settings(cfg, *saved)
@@ -206,15 +207,71 @@ def universal_form(tag_dir: Path) -> Path:
     return target
 
 
-def fresh_state(world_size: int, manifest: Manifest, frozen: list[str]) -> TrainState:
-    """The state of a run that starts at step 0 on `manifest`'s shards with `frozen` parameters."""
-    return TrainState(world_size=world_size, shards=shards_identity(manifest), frozen=frozen)
+def fresh_state(world_size: int, data: DataConfig, manifests: list[Manifest], frozen: list[str]) -> TrainState:
+    """The state of a run that starts at step 0 on the shards of `manifests` (one per
+    DataConfig.sources) with `frozen` parameters."""
+    return TrainState(world_size=world_size, shards=shards_identity(manifests[0]), frozen=frozen,
+                      shuffle_window=data.shuffle_window,
+                      mix=mix_state(data, manifests, MixBase(0, [0] * len(manifests))))
 
 
 def shards_identity(manifest: Manifest) -> dict:
     """What a run's sample cursor counts in (TrainState.shards)."""
     return {"tokenizer_sha256": manifest.tokenizer_sha256, "seq_len": manifest.seq_len,
             "train_samples": sum(e.samples for e in manifest.split("train"))}
+
+
+def mix_state(data: DataConfig, manifests: list[Manifest], base: MixBase) -> dict:
+    """TrainState.mix for data.mix's sources, their weights taking over at `base`; {} without data.mix."""
+    if not data.mix:
+        return {}
+    sources = [{"name": name, "weight": source.weight, "shards": shards_identity(manifest)}
+               for (name, source), manifest in zip(data.sources(), manifests)]
+    return {"sources": sources, "base": dataclasses.asdict(base)}
+
+
+def mix_base(state: TrainState) -> MixBase | None:
+    """Where the run's current mix weights took over (None: at its start, or no data.mix)."""
+    return MixBase(**state.mix["base"]) if state.mix else None
+
+
+def continue_data(state: TrainState, data: DataConfig, manifests: list[Manifest], env: DistEnv) -> TrainState:
+    """The checkpoint's `state` with the data of this run: DslmError when the shards, their order or
+    the set of data.mix sources are not those its cursors count in. New mix weights are allowed:
+    each source's cursor continues, and the new weights take over at the checkpoint (said on rank 0)."""
+    names = [name for name, _ in data.sources()] if data.mix else []
+    then = [source["name"] for source in state.mix.get("sources", [])]
+    if names != then:
+        def sources(names: list[str]) -> str:
+            return f"data.mix {names}" if names else "data.shards alone"
+
+        raise DslmError(f"this run reads {sources(names)}, but the checkpoint's was trained on {sources(then)}: a "
+                        f"resumed run keeps its sources, whose cursors its checkpoint holds; set data.mix back, or "
+                        f"start a new run with train.init_from")
+    if not data.mix:
+        check_same_shards(state, manifests[0], data.shards)
+    for (name, source), manifest, saved in zip(data.sources(), manifests, state.mix.get("sources", [])):
+        check_same_shards(dataclasses.replace(state, shards=saved["shards"]), manifest, f"{source.shards} ({name})")
+    if state.shuffle_window and state.shuffle_window != data.shuffle_window:
+        raise DslmError(f"data.shuffle_window={data.shuffle_window} differs from {state.shuffle_window}, the order "
+                        f"the run's cursor walks; set it back (it is fixed for a run)")
+    if not state.shuffle_window and env.rank == 0:
+        warn("dslm-train", "this checkpoint is from before the shard-window order (data.shuffle_window): the rest "
+                           "of its epoch is read in the new order, so some of its samples may repeat or be missed")
+    weights = [source.weight for _, source in data.sources()]
+    weights_then = [source["weight"] for source in state.mix.get("sources", [])]
+    if not data.mix or normalized(weights) == normalized(weights_then):
+        return dataclasses.replace(state, shuffle_window=data.shuffle_window)
+    cursors = Interleave(weights_then, mix_base(state)).cursors(state.samples)
+    if env.rank == 0:
+        print(f"data.mix weights {weights_then} -> {weights} from sample {state.samples:,} on; each source continues "
+              f"from its cursor ({', '.join(f'{n} {c:,}' for n, c in zip(names, cursors))})", flush=True)
+    return dataclasses.replace(state, shuffle_window=data.shuffle_window,
+                               mix=mix_state(data, manifests, MixBase(state.samples, cursors)))
+
+
+def normalized(weights: list[float]) -> list[float]:
+    return [round(w / sum(weights), 12) for w in weights]
 
 
 KEPT_MODEL_FIELDS = (*SIZES, "lm_head_bias", "tie_embeddings", "vocab_multiple")
@@ -256,5 +313,5 @@ def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> Non
     now = shards_identity(manifest)
     changed = [f"{key} {state.shards[key]} -> {now[key]}" for key in now if state.shards.get(key) != now[key]]
     if changed:
-        raise DslmError(f"data.shards={folder} is not what the run was trained on ({'; '.join(changed)}); "
-                        f"point data.shards at the run's shards")
+        raise DslmError(f"{folder} is not what the run was trained on ({'; '.join(changed)}); point the run at "
+                        f"its shards")

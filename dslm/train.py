@@ -18,18 +18,18 @@ import torch.distributed as dist
 from dslm.checkpoint import Checkpointer, TrainState
 from dslm.cli import ArgumentParser, run_command
 from dslm.config import Origin, RunConfig, check_against_manifest, load_config, save_config, to_yaml
-from dslm.data.loader import DeviceBatches, ShardSamples, train_loader
+from dslm.data.loader import DeviceBatches, ShardDamage, ShardSamples, TrainSamples, train_loader, train_order
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective
-from dslm.errors import DslmError
+from dslm.errors import EXIT_BAD_DATA, BadShard, DslmError
 from dslm.lora import add_adapters
 from dslm.metrics import METRICS_CSV, Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
 from dslm.objective import next_token
 from dslm.optim import freeze
-from dslm.resume import Resume, fresh_state, plan_resume
-from dslm.stop import EXIT_STOPPED, StopSignal
+from dslm.resume import Resume, fresh_state, mix_base, plan_resume
+from dslm.stop import EXIT_STOPPED, Stop, StopSignal
 from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
 from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
 
@@ -74,28 +74,42 @@ def run(args: argparse.Namespace) -> None:
     env = init_distributed(cfg.train.collective_timeout_s)
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
-        stopped_by = train(args, cfg, env, states)
+        stopped = train(args, cfg, env, states)
     except RuntimeError as e:
         if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
             raise failure from e
         raise
     report(cfg, env)
     dist.destroy_process_group()
-    if stopped_by:
-        if env.rank == 0:
-            print(f"stopped at step {states[0].step} on {signal.Signals(stopped_by).name} after a checkpoint; "
-                  f"continue with --resume auto", flush=True)
-        raise SystemExit(EXIT_STOPPED)
+    if stopped:
+        raise stop_exit(stopped, env)
 
 
-def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[TrainState]) -> int:
-    """Build the run and train it; returns 0, or the signal that stopped it after a checkpoint.
-    The run's state is appended to `states` as soon as it exists."""
-    manifest = load_shards(cfg)
+def stop_exit(stopped: Stop, env: DistEnv) -> Exception:
+    """What ends a run that stopped early: on rank 0, BadShard naming the damaged shards (exit
+    status 65), or SystemExit(75) after a line on the signal; on the other ranks a quiet exit
+    with the same status."""
+    if stopped.damaged:
+        if env.rank != 0:
+            return SystemExit(EXIT_BAD_DATA)
+        where = f"at step {stopped.step}, its checkpoint" if stopped.step else "before its first step"
+        return BadShard(f"{'; '.join(stopped.damaged)}. The run stopped {where}: rebuild the shard, then continue "
+                        f"with --resume auto (or set data.on_bad_shard=skip)")
+    if env.rank == 0:
+        print(f"stopped at step {stopped.step} on {signal.Signals(stopped.signal).name} after a checkpoint; "
+              f"continue with --resume auto", flush=True)
+    return SystemExit(EXIT_STOPPED)
+
+
+def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[TrainState]) -> Stop | None:
+    """Build the run and train it; returns None, or why it stopped early (Trainer.fit). The run's
+    state is appended to `states` as soon as it exists."""
+    manifests = load_sources(cfg)
+    manifest = manifests[[source.shards for _, source in cfg.data.sources()].index(cfg.data.shards)]
     validation = build_validation(cfg, manifest)
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
     stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
-    resume = plan_resume(args.resume, cfg, manifest, env)
+    resume = plan_resume(args.resume, cfg, manifests, env)
     model = build_model(cfg)
     cfg.origin = initial_weights(cfg, resume, model, manifest, env)
     add_adapters(model, cfg.train.lora)  # train.lora: around the initial weights; a resume loads its own adapters
@@ -104,32 +118,47 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[T
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
     if env.rank == 0:
         print(describe(engine, env.world_size), flush=True)
-    state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, manifest, frozen)
+    state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, cfg.data, manifests, frozen)
     states.append(state)
     save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
-    trainer = build_trainer(cfg, env, manifest, engine, state, stop, validation, mfu_per_token)
-    stopped_by = trainer.fit(state)
+    trainer = build_trainer(cfg, env, manifests, engine, state, stop, validation, mfu_per_token)
+    stopped = trainer.fit(state)
     trainer.metrics.close()
-    return stopped_by
+    return stopped
 
 
-def load_shards(cfg: RunConfig) -> Manifest:
-    """The shards' manifest, checked against the model."""
-    manifest = Manifest.load(cfg.data.shards)
-    check_against_manifest(cfg, manifest)
-    return manifest
+def load_sources(cfg: RunConfig) -> list[Manifest]:
+    """The manifest of each folder the training samples come from (DataConfig.sources), checked
+    against the model; with data.mix, also against the first: one tokenizer, one seq_len."""
+    manifests = []
+    for _, source in cfg.data.sources():
+        manifests.append(Manifest.load(source.shards))
+        check_against_manifest(cfg, manifests[-1])
+    first = cfg.data.sources()[0][1].shards
+    for (_, source), manifest in zip(cfg.data.sources()[1:], manifests[1:]):
+        if manifest.tokenizer_sha256 != manifests[0].tokenizer_sha256:
+            raise DslmError(f"data.mix: {source.shards} was built with another tokenizer than {first} (sha256 "
+                            f"{manifest.tokenizer_sha256[:12]} vs {manifests[0].tokenizer_sha256[:12]}); build every "
+                            f"source with the same `dslm-shard build --tokenizer`")
+        if manifest.seq_len != manifests[0].seq_len:
+            raise DslmError(f"data.mix: {source.shards} holds samples of seq_len {manifest.seq_len}, {first} of "
+                            f"{manifests[0].seq_len}; build every source with the same --seq-len")
+    return manifests
 
 
 def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
     """Validation on the val split, or None when train.val_interval=0; a DslmError when the
-    split is missing or too small for a micro-batch on every rank."""
+    split is missing or too small for a micro-batch on every rank, BadShard when one of its shards
+    does not match the manifest."""
     if not cfg.train.val_interval:
         return None
     if not manifest.split("val"):
         raise DslmError(f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
                         f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0")
-    return Validation(ShardSamples(cfg.data.shards, manifest, "val", cfg.data.direction), OBJECTIVE,
-                      cfg.train.micro_batch_size, cfg.train.val_batches)
+    samples = ShardSamples(cfg.data.shards, manifest, "val", cfg.data.direction, cfg.data.max_open_shards,
+                           cfg.data.verify)
+    samples.check_all()  # now: a damaged val shard found inside a validation would leave the other ranks waiting
+    return Validation(samples, OBJECTIVE, cfg.train.micro_batch_size, cfg.train.val_batches)
 
 
 def save_run_config(cfg: RunConfig, env: DistEnv) -> None:
@@ -196,11 +225,13 @@ def freeze_parameters(model: GPT, cfg: RunConfig, env: DistEnv) -> list[str]:
     return frozen
 
 
-def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, state: TrainState, stop: StopSignal,
-                  validation: Validation | None, mfu_per_token: float | None) -> Trainer:
+def build_trainer(cfg: RunConfig, env: DistEnv, manifests: list[Manifest], engine, state: TrainState,
+                  stop: StopSignal, validation: Validation | None, mfu_per_token: float | None) -> Trainer:
     """The loop and its collaborators, reading on from `state`: batches, checkpoints, metrics."""
     train = cfg.train
-    loader = train_loader(cfg.data, manifest, train.seed, env.rank, env.world_size, train.micro_batch_size,
+    samples = TrainSamples(cfg.data, manifests)
+    order = train_order(cfg.data, manifests, train.seed, mix_base(state))
+    loader = train_loader(cfg.data, samples, order, env.rank, env.world_size, train.micro_batch_size,
                           start=state.samples)
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
     return Trainer(
@@ -210,8 +241,9 @@ def build_trainer(cfg: RunConfig, env: DistEnv, manifest: Manifest, engine, stat
         # are dropped, so each step appears once
         metrics=Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1,
                         csv_path=cfg.run_dir / METRICS_CSV),
-        stop=stop, validation=validation,
-        interval=IntervalLog(engine, global_batch, manifest.seq_len, mfu_per_token))
+        stop=stop, validation=validation, damage=ShardDamage(samples, cfg.data.on_bad_shard),
+        interval=IntervalLog(engine, global_batch, samples.seq_len, mfu_per_token, samples.names, order.interleave,
+                             count_skipped=cfg.data.on_bad_shard == "skip"))
 
 
 def mfu_scale(model: GPT, seq_len: int, world_size: int) -> float | None:

@@ -14,13 +14,15 @@ from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from dslm.checkpoint import Checkpointer, TrainState
-from dslm.data.loader import DeviceBatches, to_device
+from dslm.data.loader import Batch, DeviceBatches, ShardDamage, to_device
+from dslm.data.mix import Interleave
 from dslm.errors import DslmError
 from dslm.lora import LoraConfig
 from dslm.metrics import Metrics
+from dslm.model import IGNORE_INDEX
 from dslm.objective import Objective
 from dslm.optim import OptimConfig
-from dslm.stop import StopSignal
+from dslm.stop import Stop, StopSignal
 
 
 @dataclass
@@ -102,16 +104,47 @@ def freeze_patterns(cfg: TrainConfig) -> list[str]:
     return [*cfg.freeze, *(["wte.*", "wpe.*", *blocks] if cfg.freeze_blocks else [])]
 
 
-def train_step(engine, batches: DeviceBatches, objective: Objective, grad_accum: int) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss, still on device.
-    No host sync of its own: the loss is read at log steps."""
+class SourceLoss:
+    """Per source of the training samples (data.mix), the sums of its token losses and its
+    targets, and the samples skipped for a damaged shard, kept on the device (no host sync)."""
+
+    def __init__(self, sources: int, device: torch.device):
+        self.loss = torch.zeros(sources, device=device)
+        self.targets = torch.zeros(sources, device=device)
+        self.skipped = torch.zeros((), device=device)
+
+    def add(self, batch: Batch, token_losses: torch.Tensor, targets: torch.Tensor) -> None:
+        """Count a micro-batch: `token_losses` and `targets` (B, T) as the objective and the model gave them."""
+        rows = batch["source"]
+        self.loss.index_add_(0, rows, token_losses.detach().sum(1))
+        self.targets.index_add_(0, rows, (targets != IGNORE_INDEX).sum(1).float())
+        self.skipped += batch["skipped"].sum()
+
+    def totals(self) -> torch.Tensor:
+        """(2 * sources + 1,): the loss sums, the target counts, the skipped samples; then zeroed."""
+        totals = torch.cat([self.loss, self.targets, self.skipped.view(1)])
+        for t in (self.loss, self.targets, self.skipped):
+            t.zero_()
+        return totals
+
+
+def train_step(engine, batches: DeviceBatches, objective: Objective, grad_accum: int,
+               sources: SourceLoss | None = None) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (the mean over each
+    micro-batch's targets, averaged over the micro-batches), still on device. No host sync of its
+    own: the loss is read at log steps. `sources` counts each source's share of it."""
     total = torch.zeros((), device=engine.device)
     for _ in range(grad_accum):
-        loss = engine(*objective(next(batches)))
+        batch = next(batches)
+        inputs, targets = objective(batch)
+        token_losses = engine(inputs, targets, reduction="none")  # (B, T)
+        loss = token_losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
         engine.backward(loss)
         batches.prefetch()  # the next micro-batch, while the device runs this backward pass
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule at the accumulation boundary
         total += loss.detach().float()
+        if sources is not None:
+            sources.add(batch, token_losses, targets)
     return total / grad_accum
 
 
@@ -174,28 +207,37 @@ class SkipGuard:
 
 
 class IntervalLog:
-    """The train/* scalars of one log interval; the loss stays on the device until logged."""
+    """The train/* and data/* scalars of one log interval; the losses stay on the device until
+    logged. With several sources (`names`, data.mix) also train/loss/NAME, each source's mean loss
+    per target, and data/samples/NAME, the samples read from it so far (from `interleave`); with
+    `count_skipped`, data/skipped_samples, the samples of damaged shards skipped in the interval."""
 
-    def __init__(self, engine, global_batch: int, seq_len: int, mfu_per_token: float | None):
+    def __init__(self, engine, global_batch: int, seq_len: int, mfu_per_token: float | None,
+                 names: list[str], interleave: Interleave, count_skipped: bool = False):
         self.engine = engine
         self.global_batch, self.seq_len, self.mfu_per_token = global_batch, seq_len, mfu_per_token
+        self.names, self.interleave, self.count_skipped = names, interleave, count_skipped
         self.loss, self.steps = torch.zeros((), device=engine.device), 0
+        self.sources = SourceLoss(len(names), engine.device)
         self.lr = math.nan
         """The learning rate the interval's last step used."""
         self.start = time.perf_counter()
 
-    def step(self, run_step: Callable[[], torch.Tensor]) -> None:
-        """Run one optimizer step (`run_step` returns its loss) and count it. Its learning rate is
-        read before it runs: the schedule moves on inside the step, so afterwards the optimizer
-        holds the next step's rate."""
+    def step(self, run_step: Callable[[SourceLoss], torch.Tensor]) -> None:
+        """Run one optimizer step (`run_step` returns its loss and counts each source's share in
+        the SourceLoss it is given) and count it. Its learning rate is read before it runs: the
+        schedule moves on inside the step, so afterwards the optimizer holds the next step's rate."""
         self.lr = self.engine.get_lr()[0]
-        self.loss += run_step()
+        self.loss += run_step(self.sources)
         self.steps += 1
 
     def values(self, samples: int) -> dict[str, float]:
         """Collective (one sync): the interval's scalars, `samples` read so far by all ranks; the
         next interval starts now."""
-        loss = global_mean(self.loss) / self.steps
+        totals = torch.cat([self.loss.view(1), self.sources.totals()])
+        dist.all_reduce(totals)
+        totals = totals.tolist()
+        loss = totals[0] / dist.get_world_size() / self.steps
         tokens_per_s = self.global_batch * self.seq_len * self.steps / (time.perf_counter() - self.start)
         values = {
             "train/loss": loss,
@@ -208,6 +250,13 @@ class IntervalLog:
         }
         if self.mfu_per_token:
             values["train/mfu"] = tokens_per_s * self.mfu_per_token
+        n = len(self.names)
+        if n > 1:
+            for i, (name, read) in enumerate(zip(self.names, self.interleave.cursors(samples))):
+                values[f"train/loss/{name}"] = totals[1 + i] / totals[1 + n + i] if totals[1 + n + i] else math.nan
+                values[f"data/samples/{name}"] = read
+        if self.count_skipped:
+            values["data/skipped_samples"] = totals[-1]
         self.loss.zero_()
         self.steps, self.start = 0, time.perf_counter()
         return values
@@ -228,28 +277,44 @@ class Trainer:
     stop: StopSignal
     interval: IntervalLog
     validation: Validation | None = None
+    damage: ShardDamage | None = None
+    """data.on_bad_shard for the samples `batches` reads."""
 
-    def fit(self, state: TrainState) -> int:
-        """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns 0, or
-        the signal that stopped the run early (after a checkpoint at that step). A resume in the
-        middle of a log interval logs the mean of the steps since the resume."""
+    def fit(self, state: TrainState) -> Stop | None:
+        """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns
+        None, or why the ranks stopped early: a signal, or damaged shards in the next step's
+        micro-batches (data.on_bad_shard=stop), after a checkpoint at that step (none when that
+        is before this process's first step: the run stands at its last checkpoint). A resume in
+        the middle of a log interval logs the mean of the steps since the resume."""
         global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * state.world_size
         guard = SkipGuard(self.cfg.max_skipped_in_a_row)
+        _, damaged = self.boundary()
+        if damaged:
+            return Stop(state.step, damaged=damaged)
         with tqdm(total=self.cfg.max_steps, initial=state.step, desc="train", unit="step",
                   disable=dist.get_rank() != 0) as progress:
             for step in range(state.step + 1, self.cfg.max_steps + 1):
                 skipped_before = self.engine.skipped_steps
-                self.interval.step(lambda: train_step(self.engine, self.batches, self.objective, self.cfg.grad_accum))
+                self.interval.step(lambda sources: train_step(self.engine, self.batches, self.objective,
+                                                              self.cfg.grad_accum, sources))
                 state.step, state.samples = step, state.samples + global_batch
                 progress.update()
                 guard.after_step(step, self.engine.skipped_steps > skipped_before)
                 self.log(state)
-                signum = self.stop.agreed()
-                if self.checkpoint_due(step, signum) and not guard.in_a_row:
+                signum, damaged = self.boundary(last=step == self.cfg.max_steps)
+                if self.checkpoint_due(step, bool(signum or damaged)) and not guard.in_a_row:
                     self.checkpointer.save(self.engine, state)
-                if signum and step < self.cfg.max_steps:
-                    return signum
-        return 0
+                if (signum or damaged) and step < self.cfg.max_steps:
+                    return Stop(step, signum, damaged)
+        return None
+
+    def boundary(self, last: bool = False) -> tuple[int, list[str]]:
+        """Collective, between two steps: take the next step's micro-batches (unless this was the
+        `last` step), apply data.on_bad_shard to the damaged shards among them, and agree with the
+        other ranks on (a stop signal or 0, the damaged shards that stop the run)."""
+        if not last:
+            self.batches.prefetch(self.cfg.grad_accum)
+        return self.stop.agreed(self.damage.found(self.batches) if self.damage else "")
 
     def log(self, state: TrainState) -> None:
         """The train/* scalars at log steps; val/* (kept in `state` for the checkpoint) at val steps."""
@@ -262,5 +327,5 @@ class Trainer:
             self.metrics.log(step, values)
             state.val_loss = values["val/loss"]
 
-    def checkpoint_due(self, step: int, signum: int) -> bool:
-        return step % self.cfg.checkpoint_interval == 0 or step == self.cfg.max_steps or bool(signum)
+    def checkpoint_due(self, step: int, stopping: bool) -> bool:
+        return step % self.cfg.checkpoint_interval == 0 or step == self.cfg.max_steps or stopping

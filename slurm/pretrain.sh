@@ -15,7 +15,8 @@
 # never got to a checkpoint). Preemption (SIGTERM) does the same. A rank that stops answering
 # (train.collective_timeout_s) or a failed rendezvous ends the ranks with 69: the job is requeued
 # too, at most DSLM_MAX_RETRIES times (default 3). Any other status ends the job: 2 bad input,
-# 74 a checkpoint could not be written (free space, then resubmit), else a crash.
+# 65 a damaged training shard (after a checkpoint: rebuild it, then resubmit), 74 a checkpoint
+# could not be written (free space, then resubmit), else a crash.
 # MASTER_PORT: DSLM_MASTER_PORT, else from the job id and its restart count (slurm/rendezvous.sh).
 #SBATCH --job-name=dslm
 #SBATCH --nodes=2

@@ -43,6 +43,29 @@ def tiny_shards(tmp_path_factory, code_corpus) -> tuple[Path, Manifest]:
     return out, build_shards(cfg, sources).manifest
 
 
+@pytest.fixture(scope="session")
+def other_shards(tmp_path_factory, tiny_shards) -> tuple[Path, Manifest]:
+    """Shards of other real Python (two more stdlib packages) with tiny_shards' tokenizer and
+    seq_len: a second source to mix with it."""
+    corpus, out = tmp_path_factory.mktemp("other_corpus"), tmp_path_factory.mktemp("other")
+    for package in ("logging", "concurrent"):
+        shutil.copytree(STDLIB / package, corpus / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(tiny_shards[0] / "tokenizer.json", out / "tokenizer.json")
+    cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN, samples_per_shard=200,
+                      val_fraction=0.1)
+    return out, build_shards(cfg, [CodeSource(spec=f"code:{corpus}", root=corpus)]).manifest
+
+
+@pytest.fixture(scope="session")
+def many_shards(tmp_path_factory, code_corpus, tiny_shards) -> tuple[Path, Manifest]:
+    """Thousands of one-sample shards of 17 tokens with tiny_shards' tokenizer: more than a process
+    may open under `ulimit -n 256`."""
+    out = tmp_path_factory.mktemp("many")
+    shutil.copy(tiny_shards[0] / "tokenizer.json", out / "tokenizer.json")
+    cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=16, samples_per_shard=1, val_fraction=0.02)
+    return out, build_shards(cfg, [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]).manifest
+
+
 @pytest.fixture
 def free_port() -> int:
     with socket.socket() as s:

@@ -30,9 +30,11 @@ def world(tmp_path_factory, tiny_shards):
     (root / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     (root / "recipe.yaml").write_text("train:\n  max_step: 5\n")
     (root / "records.jsonl").write_text('{"instruction": "Add one.", "output": "x + 1"}\n')
+    (root / "mix.yaml").write_text(f"data:\n  mix:\n    - {{shards: {shards}, weight: 0.5}}\n"
+                                   f"    - {{shards: {other}, weight: 0.5}}\n")
     return {"shards": str(shards), "other": str(other), "root": str(root), "missing": str(root / "missing"),
             "empty": str(root / "empty"), "notjson": str(root / "notjson"), "png": str(root / "picture.png"),
-            "recipe": str(root / "recipe.yaml"), "records": str(root / "records.jsonl"),
+            "recipe": str(root / "recipe.yaml"), "records": str(root / "records.jsonl"), "mix": str(root / "mix.yaml"),
             "tokenizer": str(shards / manifest.tokenizer)}
 
 
@@ -56,6 +58,9 @@ CASES = [
     ("dslm-train", "--deepspeed " + ZERO2 + " --config {missing} runs_dir={root}/runs", "missing"),
     ("dslm-train", "--deepspeed {png} data.shards={shards} runs_dir={root}/runs", "picture.png"),
     ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={notjson} runs_dir={root}/runs", "manifest.json"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " --config {mix} runs_dir={root}/runs", "another tokenizer"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} data.on_bad_shard=ignore", "stop, skip"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} data.max_open_shards=4", "data.shuffle_window=16"),
     ("dslm-eval", "{missing}", "missing"),
     ("dslm-eval", "{png} --shards {shards}", "picture.png"),
     ("dslm-generate", "{missing} --prompt x", "does not exist"),

@@ -4,16 +4,21 @@ A sample is a dict of two (seq_len + 1,) int64 tensors, as Hugging Face and litg
 `input_ids`, the tokens, and `labels`, the same tokens with IGNORE_INDEX where a token is not a
 training target (from KEY.mask.npy in instruction shards; every token is one in pretraining
 shards). With data.direction=backward both are reversed in token order as they are read, so the
-same shards train a previous-token model. A batch is the same dict with (B, seq_len + 1) tensors.
+same shards train a previous-token model. A training sample also carries three () int64 tensors:
+`source` (its data.mix entry), `index` (its sample index in that source's train split) and
+`skipped` (1 when its shard failed the check against the manifest: its labels are then all
+IGNORE_INDEX). A batch is the same dict with a leading batch dimension B.
 
-Every sample of a split has a global index. Epoch e visits all of them in the permutation drawn
-from (seed, e); a global cursor counts the samples consumed so far. Each micro-step takes the next
-micro_batch * world_size positions and rank r reads its own contiguous slice of them.
+A global cursor counts the samples consumed so far. Each global position reads one source
+(dslm.data.mix) and that source's next sample in its own order (dslm.data.order). Each
+micro-step takes the next micro_batch * world_size positions and rank r reads its own contiguous
+slice of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -22,14 +27,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from wids.wids import IndexedTarSamples
 
-from dslm.data.manifest import Manifest
+from dslm.cli import warn
+from dslm.data.manifest import Manifest, shard_problem
+from dslm.data.mix import Interleave, MixBase, MixedOrder, MixSource
+from dslm.data.order import WindowOrder
 from dslm.data.templates import check_direction
-from dslm.errors import DslmError
+from dslm.errors import BadShard, DslmError
 from dslm.model import IGNORE_INDEX
 
 TOKENS_SUFFIX, MASK_SUFFIX, LANGUAGE_SUFFIX = ".tokens.npy", ".mask.npy", ".language.txt"
 """The members of a sample in a shard (shards.writer writes them)."""
 Batch = dict[str, torch.Tensor]
+VERIFY_LEVELS = ("size", "full")
+BAD_SHARD_POLICIES = ("stop", "skip")
+DEFAULT_SHARDS = "data/shards"
 
 
 @dataclass
@@ -37,8 +48,15 @@ class DataConfig:
     """Where the training samples come from and how they are read. Raises ValueError (naming
     the field) for a value out of its range."""
 
-    shards: str = "data/shards"
-    """Folder written by `dslm-shard build` (holds manifest.json and the tar shards)."""
+    shards: str = DEFAULT_SHARDS
+    """Folder written by `dslm-shard build` (holds manifest.json and the tar shards). With
+    data.mix, one of its folders (the first unless set): its tokenizer and its val split serve
+    validation, dslm-eval and dslm-export."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several shard folders read together by weight, e.g. [{shards: data/fineweb, weight: 0.7},
+    {shards: data/code, weight: 0.3}] (dslm.data.mix.MixSource). They must share one tokenizer
+    and seq_len. A resume may change the weights (each source's cursor continues), not the set
+    of sources. [] reads data.shards alone."""
     num_workers: int = 1
     """Loader worker processes per rank, >= 0 (0: read in the training process)."""
     prefetch_factor: int = 2
@@ -47,28 +65,67 @@ class DataConfig:
     """"forward" trains a next-token model; "backward" reverses every training and validation
     sample in token order as it is read, which trains a previous-token model (the BackChat card)
     on the same shards. dslm-eval, dslm-generate and dslm-export follow the run's direction."""
+    shuffle_window: int = 16
+    """Shards whose samples are shuffled together, >= 1 (dslm.data.order): each epoch permutes
+    the shards, then the samples within each window of this many. Memory per rank is O(shards)
+    plus O(samples in a window); a window of all the shards is a full shuffle. Fixed for a run."""
+    max_open_shards: int = 64
+    """Shards each loader worker keeps open, >= 1 (least recently used closed first); each costs
+    two file descriptors. Keep it at least shuffle_window times the number of sources."""
+    verify: str = "size"
+    """How a shard is checked against its manifest entry when a worker opens it: "size" (its
+    bytes and sample count) or "full" (also its sha256, one read of the shard per worker)."""
+    on_bad_shard: str = "stop"
+    """A shard that fails the check: "stop" (every rank stops at the step boundary before it is
+    used, after a checkpoint; exit status 65) or "skip" (its samples train nothing: their labels
+    are all ignored; counted in data/skipped_samples and named in a warning)."""
 
     def __post_init__(self) -> None:
         check_direction(self.direction, "data.direction")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must not be negative")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"data.prefetch_factor={self.prefetch_factor} must be at least 1")
+        for name in ("prefetch_factor", "shuffle_window", "max_open_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be at least 1")
+        for name, allowed in (("verify", VERIFY_LEVELS), ("on_bad_shard", BAD_SHARD_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.mix:
+            self.shards = self.mix[0].shards if self.shards == DEFAULT_SHARDS else self.shards
+            if self.shards not in [source.shards for source in self.mix]:
+                raise ValueError(f"data.shards={self.shards} is not one of data.mix's folders")
+            names = [name for name, _ in self.sources()]
+            if len(set(names)) < len(names):
+                raise ValueError(f"data.mix names its sources {names}: give each a unique name")
+        if self.max_open_shards < self.shuffle_window * len(self.sources()):
+            raise ValueError(f"data.max_open_shards={self.max_open_shards} is less than data.shuffle_window="
+                             f"{self.shuffle_window} x {len(self.sources())} source(s): a loader worker would open "
+                             f"shards again for most samples; raise it, or lower data.shuffle_window")
+
+    def sources(self) -> list[tuple[str, MixSource]]:
+        """(name, source) of each folder the training samples come from: data.mix, or data.shards."""
+        return [(source.name or Path(source.shards).name, source) for source in self.mix or [MixSource(self.shards)]]
 
 
 class ShardSamples(Dataset):
     """Random access to the samples of one split: index -> {"input_ids", "labels"}, each a
-    (seq_len + 1,) int64 tensor. Reading a sample raises DslmError when it has a mask and the
-    manifest says the samples carry none, or the other way round."""
+    (seq_len + 1,) int64 tensor. At most `max_open_shards` shards are open at a time (least
+    recently used closed first); each is checked against its manifest entry when first opened
+    (`verify`: "size" or "full"). Reading a sample raises BadShard for a shard that fails the
+    check, and DslmError when it has a mask and the manifest says the samples carry none, or the
+    other way round."""
 
-    def __init__(self, root: str | Path, manifest: Manifest, split: str, direction: str = "forward"):
-        shards = manifest.split(split)
-        if not shards:
+    def __init__(self, root: str | Path, manifest: Manifest, split: str, direction: str = "forward",
+                 max_open_shards: int = 64, verify: str = "size"):
+        self.entries = manifest.split(split)
+        if not self.entries:
             raise DslmError(f"{root}: the manifest lists no shards for the {split} split")
-        self.paths = [str(Path(root) / s.name) for s in shards]
-        self.offsets = np.cumsum([0] + [s.samples for s in shards])
+        self.root = Path(root)
+        self.offsets = np.cumsum([0] + [s.samples for s in self.entries])
         self.masks, self.backward = manifest.masks, check_direction(direction) == "backward"
-        self._open: dict[int, IndexedTarSamples] = {}  # per process: workers open their own
+        self.max_open_shards, self.full_check = max_open_shards, verify == "full"
+        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()  # per process: workers open their own
+        self._checked: dict[int, str | None] = {}  # shard -> its problem (None: intact), found once per process
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -79,7 +136,7 @@ class ShardSamples(Dataset):
         labels = tokens.clone()
         if self.masks != (MASK_SUFFIX in sample):
             has = "has" if MASK_SUFFIX in sample else "lacks"
-            raise DslmError(f"{self.paths[self._shard(index)]}: sample {sample['__key__']} {has} a mask, but the "
+            raise DslmError(f"{self.path(self.shard_of(index))}: sample {sample['__key__']} {has} a mask, but the "
                             f"manifest says the samples {'carry masks' if self.masks else 'carry none'}")
         if self.masks:
             labels[torch.from_numpy(np.load(sample[MASK_SUFFIX])) == 0] = IGNORE_INDEX
@@ -91,14 +148,124 @@ class ShardSamples(Dataset):
         member = self._sample(index).get(LANGUAGE_SUFFIX)
         return member.read().decode() if member is not None else ""
 
-    def _shard(self, index: int) -> int:
+    def shard_of(self, index: int) -> int:
         return int(np.searchsorted(self.offsets, index, side="right")) - 1
 
+    def path(self, shard: int) -> Path:
+        return self.root / self.entries[shard].name
+
+    def damage(self, index: int) -> str | None:
+        """One line on what is wrong with the shard that holds sample `index`: its path, how it
+        differs from its manifest entry, what to run; None when it is intact (checked once per
+        process)."""
+        shard = self.shard_of(index)
+        if shard not in self._checked:
+            try:
+                self._reader(shard)
+            except BadShard:
+                pass
+        problem = self._checked[shard]
+        return problem and f"{self.path(shard)}: {problem} (check the folder: dslm-shard verify {self.root})"
+
+    def check_all(self) -> None:
+        """Check every shard of the split now; BadShard naming the first that fails."""
+        for shard in range(len(self.entries)):
+            self._reader(shard)
+            self._close(shard)
+
+    def close(self) -> None:
+        for shard in list(self._open):
+            self._close(shard)
+
     def _sample(self, index: int) -> dict:
-        shard = self._shard(index)
-        if shard not in self._open:
-            self._open[shard] = IndexedTarSamples(path=self.paths[shard])
-        return self._open[shard][index - int(self.offsets[shard])]
+        shard = self.shard_of(index)
+        return self._reader(shard)[index - int(self.offsets[shard])]
+
+    def _reader(self, shard: int) -> IndexedTarSamples:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        if self._checked.get(shard):
+            raise BadShard(self.damage(int(self.offsets[shard])))
+        while len(self._open) >= self.max_open_shards:
+            self._close(next(iter(self._open)))
+        opened: list[IndexedTarSamples] = []  # the reader shard_problem counts the samples with
+
+        def count_samples(path: Path) -> int:
+            opened.append(IndexedTarSamples(path=str(path)))
+            return len(opened[0])
+
+        # sha256 once per process: a shard closed and opened again is checked for its size and count only
+        problem = shard_problem(self.path(shard), self.entries[shard], count_samples,
+                                sha256=self.full_check and shard not in self._checked)
+        self._checked[shard] = problem
+        if problem:
+            for reader in opened:
+                reader.close()
+            raise BadShard(self.damage(int(self.offsets[shard])))
+        self._open[shard] = opened[0]
+        return opened[0]
+
+    def _close(self, shard: int) -> None:
+        self._open.pop(shard).close()
+
+
+class TrainSamples(Dataset):
+    """The training samples of every source: (source, index) -> a sample of source `source`'s train
+    split with its `source`, `index` and `skipped` tensors. A sample of a shard that fails its
+    check is not an error here: it comes back with skipped=1, every label IGNORE_INDEX and
+    input_ids 0, and the trainer applies data.on_bad_shard."""
+
+    def __init__(self, cfg: DataConfig, manifests: list[Manifest]):
+        self.names = [name for name, _ in cfg.sources()]
+        self.sources = [ShardSamples(source.shards, manifest, "train", cfg.direction, cfg.max_open_shards, cfg.verify)
+                        for (_, source), manifest in zip(cfg.sources(), manifests)]
+        self.seq_len = manifests[0].seq_len
+
+    def __len__(self) -> int:
+        return sum(len(source) for source in self.sources)
+
+    def __getitem__(self, item: tuple[int, int]) -> Batch:
+        source, index = item
+        try:
+            sample, skipped = self.sources[source][index], 0
+        except BadShard:
+            sample, skipped = self.blank(), 1
+        return {**sample, "source": torch.tensor(source), "index": torch.tensor(index), "skipped": torch.tensor(skipped)}
+
+    def blank(self) -> Batch:
+        tokens = torch.zeros(self.seq_len + 1, dtype=torch.int64)
+        return {"input_ids": tokens, "labels": torch.full_like(tokens, IGNORE_INDEX)}
+
+    def damage(self, source: int, index: int) -> str:
+        """ShardSamples.damage for sample `index` of source `source`, which a loader worker found
+        damaged (also when it reads intact in this process: a read that failed once)."""
+        samples = self.sources[source]
+        return samples.damage(index) or (f"{samples.path(samples.shard_of(index))}: a loader worker could not read "
+                                         f"it, though it matches its manifest now (check the folder: dslm-shard "
+                                         f"verify {samples.root})")
+
+
+class ShardDamage:
+    """data.on_bad_shard at a step boundary, for the skipped samples of the micro-batches taken
+    so far (DeviceBatches.skipped; the next step's are all taken by then)."""
+
+    def __init__(self, samples: TrainSamples, policy: str):
+        self.samples, self.policy = samples, policy
+        self.warned: set[str] = set()
+
+    def found(self, batches: DeviceBatches) -> str:
+        """With policy "stop", the damaged shards as one line ("" for none); with "skip", "" after
+        one warning for each shard not named before."""
+        lines = list(dict.fromkeys(self.samples.damage(source, index) for source, index in batches.skipped))
+        batches.skipped.clear()
+        if self.policy == "stop":
+            return "; ".join(lines)
+        for line in lines:
+            if line not in self.warned:
+                warn("dslm-train", f"{line}: its samples are skipped (data.on_bad_shard=skip)")
+                self.warned.add(line)
+        return ""
 
 
 def reverse(batch: Batch) -> Batch:
@@ -106,28 +273,19 @@ def reverse(batch: Batch) -> Batch:
     return {name: t.flip(-1) for name, t in batch.items()}
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+class GlobalOrderSampler(Sampler[tuple[int, int]]):
+    """This rank's (source, sample index) pairs, forever, from global position `start`."""
 
-
-class GlobalOrderSampler(Sampler[int]):
-    """This rank's sample indices, forever, starting at global position `start`."""
-
-    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, micro_batch: int, start: int = 0):
-        self.num_samples, self.seed = num_samples, seed
+    def __init__(self, order: MixedOrder, rank: int, world_size: int, micro_batch: int, start: int = 0):
+        self.order = order
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         position = self.start
-        epoch, order = -1, np.empty(0, dtype=np.int64)
         while True:
-            first = position + self.rank * self.micro_batch
-            for p in range(first, first + self.micro_batch):
-                if p // self.num_samples != epoch:
-                    epoch = p // self.num_samples
-                    order = epoch_order(self.num_samples, self.seed, epoch)
-                yield int(order[p % self.num_samples])
+            sources, indices = self.order.draw(position + self.rank * self.micro_batch, self.micro_batch)
+            yield from zip(sources.tolist(), indices.tolist())
             position += self.micro_batch * self.world_size
 
 
@@ -137,38 +295,51 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 class DeviceBatches:
-    """Micro-batches (Batch) on `device` from the loader, the next one taken ahead of use:
-    `prefetch()` takes it from the loader (receiving it from the worker costs the main process
-    time) and starts its copy to the device (non-blocking from pinned memory). The training step
-    calls it while the device still works through the backward pass, not after the optimizer
-    step's host sync, when the device would idle."""
+    """Micro-batches (Batch) on `device` from the loader, taken ahead of use: `prefetch()` takes
+    the next one (receiving it from the worker costs the main process time) and starts its copy to
+    the device (non-blocking from pinned memory). The training step calls it while the device
+    still works through the backward pass, not after the optimizer step's host sync, when the
+    device would idle; `prefetch(n)` at a step boundary holds the whole next step. The
+    (source, index) of each skipped sample taken is added to `skipped`, read on the host before
+    the batch is used."""
 
     def __init__(self, batches: Iterator[Batch], device: torch.device):
         self.batches, self.device = batches, device
-        self.ready: Batch | None = None
+        self.ready: deque[Batch] = deque()
+        self.skipped: list[tuple[int, int]] = []
 
-    def prefetch(self) -> None:
-        """Take the next micro-batch now, unless one is already waiting."""
-        if self.ready is None:
-            self.ready = to_device(next(self.batches), self.device)
+    def prefetch(self, count: int = 1) -> None:
+        """Hold at least `count` micro-batches taken from the loader."""
+        while len(self.ready) < count:
+            batch = next(self.batches)
+            if "skipped" in batch and batch["skipped"].any():
+                rows = batch["skipped"].bool()
+                self.skipped += zip(batch["source"][rows].tolist(), batch["index"][rows].tolist())
+            self.ready.append(to_device(batch, self.device))
 
     def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> Batch:
         self.prefetch()
-        ready, self.ready = self.ready, None
-        return ready
+        return self.ready.popleft()
 
 
-def train_loader(cfg: DataConfig, manifest: Manifest, seed: int, rank: int, world_size: int,
+def train_order(cfg: DataConfig, manifests: list[Manifest], seed: int, base: MixBase | None = None) -> MixedOrder:
+    """The run's order over the train splits of its sources (`manifests`, in DataConfig.sources'
+    order): each source's own WindowOrder, interleaved by weight from `base` on."""
+    orders = [WindowOrder([e.samples for e in manifest.split("train")], seed, cfg.shuffle_window, key=[i])
+              for i, manifest in enumerate(manifests)]
+    return MixedOrder(orders, Interleave([source.weight for _, source in cfg.sources()], base))
+
+
+def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank: int, world_size: int,
                  micro_batch: int, start: int = 0) -> DataLoader:
-    dataset = ShardSamples(cfg.shards, manifest, "train", cfg.direction)
-    sampler = GlobalOrderSampler(len(dataset), seed, rank, world_size, micro_batch, start)
+    """This rank's training micro-batches, from global position `start` on."""
     return DataLoader(
-        dataset,
+        samples,
         batch_size=micro_batch,
-        sampler=sampler,
+        sampler=GlobalOrderSampler(order, rank, world_size, micro_batch, start),
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
         persistent_workers=cfg.num_workers > 0,

@@ -6,9 +6,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dslm.errors import DslmError
-from dslm.files import atomic_write_text
+from dslm.files import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -24,6 +25,25 @@ class ShardEntry:
     sha256: str
     languages: dict[str, int] = field(default_factory=dict)
     """Samples per language (each sample holds documents of one language)."""
+
+
+def shard_problem(path: Path, entry: ShardEntry, count_samples: Callable[[Path], int], sha256: bool = True) -> str | None:
+    """Why the shard at `path` does not match its manifest entry (its size, its sample count as
+    `count_samples` reads them, then, with `sha256`, its checksum), or None when it does. An
+    exception from `count_samples` is reported as an unreadable tar."""
+    if not path.is_file():
+        return "missing"
+    if (size := path.stat().st_size) != entry.bytes:
+        return f"{size:,} bytes, the manifest says {entry.bytes:,}"
+    try:
+        samples = count_samples(path)
+    except Exception as e:  # a damaged tar fails in the tar reader's own ways (tarfile, struct, wids asserts)
+        return f"unreadable tar ({type(e).__name__}: {e})"
+    if samples != entry.samples:
+        return f"{samples:,} samples, the manifest says {entry.samples:,}"
+    if sha256 and sha256_file(path) != entry.sha256:
+        return "sha256 differs from the manifest"
+    return None
 
 
 @dataclass

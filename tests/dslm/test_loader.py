@@ -1,50 +1,71 @@
+import shutil
+import subprocess
+import sys
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
 
-from dslm.data.loader import DataConfig, DeviceBatches, GlobalOrderSampler, ShardSamples, epoch_order, train_loader
+from dslm.data.loader import (DataConfig, DeviceBatches, GlobalOrderSampler, ShardSamples, TrainSamples, train_loader,
+                              train_order)
+from dslm.data.manifest import Manifest
+from dslm.data.mix import Interleave, MixedOrder, MixSource
+from dslm.data.order import WindowOrder
+from dslm.errors import BadShard
+from dslm.model import IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-def global_steps(num_samples, world_size, micro_batch, steps, start=0):
+def one_source(sizes, seed=7, window=2):
+    return MixedOrder([WindowOrder(sizes, seed, window, key=[0])], Interleave([1.0]))
+
+
+def global_steps(sizes, world_size, micro_batch, steps, start=0):
     """The set of sample indices each global micro-step reads, over all ranks."""
-    per_rank = [list(islice(iter(GlobalOrderSampler(num_samples, 7, r, world_size, micro_batch, start)), steps * micro_batch))
+    per_rank = [[i for _, i in islice(iter(GlobalOrderSampler(one_source(sizes), r, world_size, micro_batch, start)),
+                                      steps * micro_batch)]
                 for r in range(world_size)]
     return [sorted(i for r in per_rank for i in r[s * micro_batch:(s + 1) * micro_batch]) for s in range(steps)]
 
 
+def loader(cfg, manifest, seed, rank, world_size, micro_batch, start=0):
+    return train_loader(cfg, TrainSamples(cfg, [manifest]), train_order(cfg, [manifest], seed), rank, world_size,
+                        micro_batch, start)
+
+
 def test_epoch_reads_every_sample_once_whatever_the_world_size():
-    two_ranks = global_steps(num_samples=48, world_size=2, micro_batch=3, steps=8)
+    two_ranks = global_steps([10, 10, 8, 10, 10], world_size=2, micro_batch=3, steps=8)
     assert sorted(i for step in two_ranks for i in step) == list(range(48))
-    one_rank = global_steps(num_samples=48, world_size=1, micro_batch=6, steps=8)
+    one_rank = global_steps([10, 10, 8, 10, 10], world_size=1, micro_batch=6, steps=8)
     assert one_rank == two_ranks  # same samples per global step on 1 rank with twice the micro-batch
 
 
 def test_next_epoch_is_a_new_order():
-    first, second = (global_steps(10, 1, 10, 1, start=s)[0] for s in (0, 10))
-    order = list(islice(iter(GlobalOrderSampler(10, 7, 0, 1, 10)), 20))
+    first, second = (global_steps([4, 6], 1, 10, 1, start=s)[0] for s in (0, 10))
+    order = list(islice(iter(GlobalOrderSampler(one_source([4, 6]), 0, 1, 10)), 20))
     assert first == second == list(range(10)) and order[:10] != order[10:]
 
 
 def test_loader_yields_token_batches(tiny_shards):
     out, manifest = tiny_shards
-    loader = train_loader(DataConfig(shards=str(out), num_workers=2), manifest, seed=1, rank=0, world_size=1, micro_batch=4)
-    batches = list(islice(iter(loader), 3))
+    cfg = DataConfig(shards=str(out), num_workers=2)
+    batches = list(islice(iter(loader(cfg, manifest, seed=1, rank=0, world_size=1, micro_batch=4)), 3))
     assert all(b[name].shape == (4, manifest.seq_len + 1) and b[name].dtype == torch.int64
                for b in batches for name in ("input_ids", "labels"))
     assert all(torch.equal(b["input_ids"], b["labels"]) for b in batches)  # pretraining: every token a target
     dataset = ShardSamples(out, manifest, "train")
     assert len(dataset) == sum(e.samples for e in manifest.split("train"))
-    expected = [dataset[int(i)]["input_ids"] for i in epoch_order(len(dataset), seed=1, epoch=0)[:4]]
+    expected = [dataset[int(i)]["input_ids"] for i in train_order(cfg, [manifest], seed=1).draw(0, 4)[1]]
     assert torch.equal(batches[0]["input_ids"], torch.stack(expected))
 
 
 def test_backward_reads_each_sample_reversed_in_the_same_order(tiny_shards):
     out, manifest = tiny_shards
-    forward = train_loader(DataConfig(shards=str(out), num_workers=0), manifest, seed=1, rank=0, world_size=1,
-                           micro_batch=4)
-    backward = train_loader(DataConfig(shards=str(out), num_workers=0, direction="backward"), manifest, seed=1,
-                            rank=0, world_size=1, micro_batch=4)
+    forward = loader(DataConfig(shards=str(out), num_workers=0), manifest, seed=1, rank=0, world_size=1, micro_batch=4)
+    backward = loader(DataConfig(shards=str(out), num_workers=0, direction="backward"), manifest, seed=1, rank=0,
+                      world_size=1, micro_batch=4)
     for f, b in islice(zip(forward, backward), 2):
         assert torch.equal(b["input_ids"], f["input_ids"].flip(1)) and torch.equal(b["labels"], f["labels"].flip(1))
         assert (b["input_ids"][:, 0] != f["input_ids"][:, 0]).any()
@@ -76,10 +97,10 @@ def read_positions(out, manifest, world_size, micro_batch, start, stop, workers=
     rows = []
     step_size = world_size * micro_batch
     for rank in range(world_size):
-        loader = train_loader(DataConfig(shards=str(out), num_workers=workers), manifest, seed=3, rank=rank,
-                              world_size=world_size, micro_batch=micro_batch, start=start)
+        batches = loader(DataConfig(shards=str(out), num_workers=workers), manifest, seed=3, rank=rank,
+                         world_size=world_size, micro_batch=micro_batch, start=start)
         steps = -(-(stop - start) // step_size)
-        for step, batch in enumerate(islice(iter(loader), steps)):
+        for step, batch in enumerate(islice(iter(batches), steps)):
             for k, row in enumerate(batch["input_ids"]):
                 if start + step * step_size + rank * micro_batch + k < stop:
                     rows.append(row.numpy().tobytes())
@@ -94,3 +115,96 @@ def test_one_epoch_on_two_ranks_with_workers_reads_every_sample_once_even_after_
     cursor = 8 * 37  # where a 2-rank run with micro-batch 4 checkpointed, 37 steps in
     resumed = read_positions(out, manifest, 2, 4, 0, cursor) + read_positions(out, manifest, 1, 8, cursor, len(dataset))
     assert sorted(resumed) == everything
+
+
+def copy_shards(shards: Path, to: Path) -> Path:
+    shutil.copytree(shards, to)
+    return to
+
+
+def test_a_shard_damaged_after_the_build_is_named_when_opened(tiny_shards, tmp_path):
+    out = copy_shards(tiny_shards[0], tmp_path / "shards")
+    manifest = Manifest.load(out)
+    first, second = manifest.split("train")[:2]
+    with open(out / first.name, "r+b") as f:  # cut short, as by a partial copy
+        f.truncate(first.bytes // 2)
+    data = bytearray((out / second.name).read_bytes())  # same size, other bytes: only the checksum tells
+    data[first.bytes // 3 if len(data) > first.bytes // 3 else 600] ^= 0xFF
+    (out / second.name).write_bytes(data)
+    samples = ShardSamples(out, manifest, "train")
+    with pytest.raises(BadShard) as error:
+        samples[0]
+    assert str(error.value) == (f"{out / first.name}: {first.bytes // 2:,} bytes, the manifest says {first.bytes:,} "
+                                f"(check the folder: dslm-shard verify {out})")
+    assert samples.damage(first.samples) is None  # sizes and counts hold
+    full = ShardSamples(out, manifest, "train", verify="full")
+    assert full.damage(first.samples).startswith(f"{out / second.name}: sha256 differs from the manifest")
+    with pytest.raises(BadShard, match="sha256 differs"):
+        full[first.samples]
+    train = TrainSamples(DataConfig(shards=str(out), verify="full"), [manifest])
+    skipped, intact = train[0, first.samples], train[0, first.samples + second.samples]
+    assert skipped["skipped"] == 1 and (skipped["labels"] == IGNORE_INDEX).all()
+    assert intact["skipped"] == 0 and torch.equal(intact["input_ids"], full[first.samples + second.samples]["input_ids"])
+    assert train.damage(0, 3) == str(error.value)
+
+
+def test_open_shards_stay_within_the_bound(many_shards):
+    out, manifest = many_shards
+    samples = ShardSamples(out, manifest, "train", max_open_shards=5)
+    for index in range(0, 400, 3):
+        samples[index]
+        assert len(samples._open) <= 5
+    samples.close()
+    assert not samples._open
+
+
+READ_UNDER_ULIMIT = """
+import resource, sys
+from itertools import islice
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from dslm.data.loader import DataConfig, TrainSamples, train_loader, train_order
+from dslm.data.manifest import Manifest
+cfg = DataConfig(shards=sys.argv[1], num_workers=2, max_open_shards=int(sys.argv[2]))
+manifest = Manifest.load(sys.argv[1])
+loader = train_loader(cfg, TrainSamples(cfg, [manifest]), train_order(cfg, [manifest], 0), 0, 1, 16)
+print(sum(len(batch["input_ids"]) for batch in islice(loader, 200)))
+"""
+
+
+@pytest.mark.parametrize("max_open_shards, ok", [(64, True), (5000, False)])
+def test_reading_thousands_of_shards_under_ulimit_256_needs_the_bound(many_shards, max_open_shards, ok):
+    out, manifest = many_shards
+    assert len(manifest.split("train")) > 3200  # each of 200 batches of 16 from its own shards
+    proc = subprocess.run([sys.executable, "-c", READ_UNDER_ULIMIT, out, str(max_open_shards)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    if ok:
+        assert proc.returncode == 0 and proc.stdout.split() == ["3200"], proc.stderr[-2000:]
+    else:  # without it, each worker keeps every shard it touched open: the limit ends the read
+        assert proc.returncode != 0 and "Too many open files" in proc.stderr
+
+
+def test_mixed_sources_read_each_sample_once_across_a_resume_on_another_world_size(tiny_shards, many_shards):
+    """Two sources at 0.6/0.4: a 2-rank read up to a cursor, then a 1-rank read on, gives what one
+    straight 1-rank read gives, each source in its own order."""
+    cfg = DataConfig(shards=str(tiny_shards[0]), mix=[MixSource(str(tiny_shards[0]), 0.6, "code"),
+                                                     MixSource(str(many_shards[0]), 0.4, "many")], num_workers=0)
+    manifests = [tiny_shards[1], many_shards[1]]
+    samples = TrainSamples(cfg, manifests)
+
+    def read(world_size, micro_batch, start, steps):
+        rows = []
+        for step in range(steps):
+            for rank in range(world_size):
+                sampler = GlobalOrderSampler(train_order(cfg, manifests, seed=4), rank, world_size, micro_batch,
+                                             start + step * micro_batch * world_size)
+                rows += islice(iter(sampler), micro_batch)
+        return rows
+
+    straight = read(1, 8, 0, 100)
+    assert read(2, 4, 0, 40) + read(1, 8, 320, 60) == straight
+    sources = [source for source, _ in straight]
+    assert sources.count(0) == 480 and sources.count(1) == 320
+    for source, index in straight[:8]:
+        sample = samples[source, index]
+        assert (sample["source"], sample["index"]) == (source, index)
+        assert torch.equal(sample["input_ids"], samples.sources[source][index]["input_ids"])

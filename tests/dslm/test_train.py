@@ -2,6 +2,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -10,14 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights, seal, sealed_state
+from dslm.checkpoint import load_fp32_weights, resume_problem, seal, sealed_state
 from dslm.config import load_config
-from dslm.checkpoint import resume_problem
-from dslm.errors import EXIT_RETRY, EXIT_WRITE_FAILED
+from dslm.data.mix import Interleave, MixBase
+from dslm.data.order import WindowOrder
+from dslm.errors import EXIT_BAD_DATA, EXIT_RETRY, EXIT_WRITE_FAILED
 from dslm.metrics import METRICS_CSV, read_rows, read_scalars
 from dslm.model import GPT
 from dslm.optim import OptimConfig, lr_factor
@@ -627,3 +630,107 @@ def test_the_resume_message_compares_the_actual_global_batches(tiny_shards, tmp_
     assert again.returncode == 0, again.stderr[-2000:]
     assert "the global batch is now 8 samples, was 16 (x1/2); train.grad_accum=4 keeps it" in again.stdout
     assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (4, 3 * 16 + 8)
+
+
+def first_read_of_another_shard(shards: Path, manifest, min_position: int) -> tuple[int, int]:
+    """(shard, position): the first shard the run's order (seed 1234, data.shuffle_window=1) starts
+    reading at or after `min_position`, and that position."""
+    order = WindowOrder([e.samples for e in manifest.split("train")], seed=1234, window=1, key=[0])
+    starts = np.asarray(order.starts)
+    shards_read = np.searchsorted(starts, order.indices(0, len(order)), side="right") - 1
+    position = next(p for p in range(min_position, len(order)) if shards_read[p] != shards_read[p - 1])
+    return int(shards_read[position]), position
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_stops_every_rank_at_a_checkpoint_and_skipping_it_resumes_deterministically(
+        tiny_shards, tmp_path, free_port):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards[0], shards)
+    manifest = tiny_shards[1]
+    shard, position = first_read_of_another_shard(shards, manifest, min_position=2 * 16)
+    damaged = manifest.split("train")[shard]
+    with open(shards / damaged.name, "r+b") as f:  # cut short after the build, as by a partial copy
+        f.truncate(damaged.bytes - 3000)
+    global_batch, stop_step = 16, position // 16  # the step before the first that reads it
+    max_steps = stop_step + 3
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    settings = dict(max_steps=max_steps, warmup_steps=2, log_interval=1, checkpoint_interval=1000, val_interval=0)
+
+    def train(name, *extra, check=True):
+        args = [*train_args(shards, tmp_path, name, **settings), "data.shuffle_window=1", *extra]
+        proc = subprocess.run([*launch, *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert not check or proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    stopped = train("t", check=False)
+    assert stopped.returncode == EXIT_BAD_DATA, stopped.stderr[-3000:]
+    errors = [line for line in (stopped.stdout + stopped.stderr).splitlines() if "dslm-train: error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"{shards / damaged.name}: {damaged.bytes - 3000:,} bytes, the manifest says {damaged.bytes:,} (check the "
+        f"folder: dslm-shard verify {shards}). The run stopped at step {stop_step}, its checkpoint: rebuild the "
+        f"shard, then continue with --resume auto (or set data.on_bad_shard=skip)")
+    assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == f"global_step{stop_step}"
+
+    resumed = train("t", "data.on_bad_shard=skip", "--resume", "auto")
+    straight = train("straight", "data.on_bad_shard=skip")
+    for proc in (resumed, straight):
+        assert f"{shards / damaged.name}: " in proc.stderr and "its samples are skipped (data.on_bad_shard=skip)" in proc.stderr
+    skipped = read_scalars(tmp_path / "straight" / "tb", "data/skipped_samples")
+    assert sum(v for _, v in skipped) == min(max_steps * global_batch - position, damaged.samples)
+    assert [s for s, v in skipped if v] == list(range(stop_step + 1, max_steps + 1))
+    assert read_scalars(tmp_path / "t" / "tb", "data/skipped_samples") == skipped[stop_step:]
+    model_cfg = load_config(tmp_path / "straight" / "config.yaml", []).model
+    weights = [load_fp32_weights(tmp_path / name / "checkpoints" / f"global_step{max_steps}", model_cfg)
+               for name in ("straight", "t")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the skips repeat exactly
+
+
+@pytest.mark.slow
+def test_training_on_thousands_of_shards_runs_under_ulimit_256(many_shards, tmp_path):
+    shards, manifest = many_shards
+    args = train_args(shards, tmp_path, micro_batch_size=8, grad_accum=1, max_steps=60, log_interval=20,
+                      checkpoint_interval=60, val_interval=0)
+    command = shlex.join([str(BIN / "dslm-train"), *args, "data.num_workers=2"])
+    proc = subprocess.run(["bash", "-c", f"ulimit -n 256 && exec {command}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (60, 480)  # 480 one-sample shards read
+    assert len(manifest.split("train")) > 2000
+
+
+@pytest.mark.slow
+def test_a_mix_logs_each_source_and_resumes_on_one_rank_with_new_weights_but_not_new_sources(
+        tiny_shards, other_shards, tmp_path, free_port):
+    code, other = tiny_shards[0], other_shards[0]
+
+    def mix(*sources):
+        return "data.mix=[" + ", ".join(f"{{shards: {s}, weight: {w}}}" for s, w in sources) + "]"
+
+    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
+    args = train_args(code, tmp_path, max_steps=4, warmup_steps=1, log_interval=2, checkpoint_interval=4)
+    subprocess.run([*launch, *args, mix((code, 0.7), (other, 0.3))], cwd=tmp_path, check=True, timeout=900,
+                   stdout=subprocess.DEVNULL)
+    longer = [a.replace("train.max_steps=4", "train.max_steps=8") for a in args]
+    one = subprocess.run([BIN / "dslm-train", *longer, mix((code, 0.5), (other, 0.5)), "--resume", "auto"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    cursors = Interleave([0.7, 0.3]).cursors(64)
+    assert (f"data.mix weights [0.7, 0.3] -> [0.5, 0.5] from sample 64 on; each source continues from its cursor "
+            f"({code.name} {cursors[0]}, {other.name} {cursors[1]})") in one.stdout
+    tb = tmp_path / "t" / "tb"
+    expected = Interleave([0.5, 0.5], MixBase(64, cursors)).cursors(64 + 4 * 8)
+    assert [v for _, v in read_scalars(tb, f"data/samples/{code.name}")] == [Interleave([0.7, 0.3]).cursors(32)[0],
+                                                                            cursors[0], expected[0] - 8, expected[0]]
+    assert read_scalars(tb, f"data/samples/{other.name}")[-1] == (8, expected[1])
+    for name in (code.name, other.name):
+        losses = read_scalars(tb, f"train/loss/{name}")
+        assert [s for s, _ in losses] == [2, 4, 6, 8] and all(0 < v < 10 for _, v in losses)
+    assert sealed_state(tmp_path / "t" / "checkpoints" / "global_step8").mix["base"] == {"samples": 64,
+                                                                                          "cursors": cursors}
+    fewer = subprocess.run([BIN / "dslm-train", *longer, "train.max_steps=9", "--resume", "auto"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert fewer.returncode == 2 and fewer.stderr.strip().splitlines()[-1].endswith(
+        f"this run reads data.shards alone, but the checkpoint's was trained on data.mix ['{code.name}', "
+        f"'{other.name}']: a resumed run keeps its sources, whose cursors its checkpoint holds; set data.mix back, "
+        f"or start a new run with train.init_from")
