@@ -15,10 +15,11 @@ import signal
 import torch
 import torch.distributed as dist
 
-from dslm.checkpoint import Checkpointer, TrainState
+from dslm.checkpoint import Checkpointer, TrainState, tag_for
 from dslm.cli import ArgumentParser, run_command
 from dslm.config import Origin, RunConfig, check_against_manifest, load_config, save_config, to_yaml
-from dslm.data.loader import DeviceBatches, ShardDamage, ShardSamples, TrainSamples, train_loader, train_order
+from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSamples, ensure_file_limit, train_loader,
+                              train_order)
 from dslm.data.manifest import Manifest
 from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective
 from dslm.errors import EXIT_BAD_DATA, BadShard, DslmError
@@ -48,14 +49,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "dslm-submit pass on a requeue): the same, or, with none, start fresh, removing tags "
                         "never sealed and moving damaged ones into checkpoints/abandoned/; or a checkpoint "
                         "folder. Without it, a run directory that already holds checkpoints is an error. "
-                        "Exit statuses: 2 bad input, 69 a rank or the rendezvous failed (run again), "
-                        "74 a checkpoint could not be written (free space first), 75 stopped after a checkpoint")
+                        "Exit statuses: 2 bad input, 65 a damaged shard (after a checkpoint; rebuild it, then resume), "
+                        "69 a rank or the rendezvous failed (run again), 74 a checkpoint could not be written (free "
+                        "space first), 75 stopped after a checkpoint")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -82,19 +84,23 @@ def run(args: argparse.Namespace) -> None:
     report(cfg, env)
     dist.destroy_process_group()
     if stopped:
-        raise stop_exit(stopped, env)
+        raise stop_exit(stopped, env, cfg)
 
 
-def stop_exit(stopped: Stop, env: DistEnv) -> Exception:
+def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
     """What ends a run that stopped early: on rank 0, BadShard naming the damaged shards (exit
     status 65), or SystemExit(75) after a line on the signal; on the other ranks a quiet exit
     with the same status."""
     if stopped.damaged:
         if env.rank != 0:
             return SystemExit(EXIT_BAD_DATA)
-        where = f"at step {stopped.step}, its checkpoint" if stopped.step else "before its first step"
-        return BadShard(f"{'; '.join(stopped.damaged)}. The run stopped {where}: rebuild the shard, then continue "
-                        f"with --resume auto (or set data.on_bad_shard=skip)")
+        if stopped.step:
+            where = f"at step {stopped.step} after a checkpoint ({cfg.checkpoint_dir / tag_for(stopped.step)})"
+            then = "continue with --resume auto"
+        else:
+            where, then = "before its first step (no checkpoint)", "run the same command again"
+        return BadShard(f"{'; '.join(stopped.damaged)}. The run stopped {where}: rebuild the shard, then {then} (or "
+                        f"set data.on_bad_shard=skip)")
     if env.rank == 0:
         print(f"stopped at step {stopped.step} on {signal.Signals(stopped.signal).name} after a checkpoint; "
               f"continue with --resume auto", flush=True)
@@ -105,7 +111,9 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[T
     """Build the run and train it; returns None, or why it stopped early (Trainer.fit). The run's
     state is appended to `states` as soon as it exists."""
     manifests = load_sources(cfg)
-    manifest = manifests[[source.shards for _, source in cfg.data.sources()].index(cfg.data.shards)]
+    manifest = manifests[cfg.data.shards_source()]
+    samples = TrainSamples(cfg.data, manifests)
+    ensure_file_limit(cfg.data.max_open_shards)
     validation = build_validation(cfg, manifest)
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
     stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
@@ -121,7 +129,7 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[T
     state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, cfg.data, manifests, frozen)
     states.append(state)
     save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
-    trainer = build_trainer(cfg, env, manifests, engine, state, stop, validation, mfu_per_token)
+    trainer = build_trainer(cfg, env, samples, manifests, engine, state, stop, validation, mfu_per_token)
     stopped = trainer.fit(state)
     trainer.metrics.close()
     return stopped
@@ -225,11 +233,11 @@ def freeze_parameters(model: GPT, cfg: RunConfig, env: DistEnv) -> list[str]:
     return frozen
 
 
-def build_trainer(cfg: RunConfig, env: DistEnv, manifests: list[Manifest], engine, state: TrainState,
-                  stop: StopSignal, validation: Validation | None, mfu_per_token: float | None) -> Trainer:
-    """The loop and its collaborators, reading on from `state`: batches, checkpoints, metrics."""
+def build_trainer(cfg: RunConfig, env: DistEnv, samples: TrainSamples, manifests: list[Manifest], engine,
+                  state: TrainState, stop: StopSignal, validation: Validation | None,
+                  mfu_per_token: float | None) -> Trainer:
+    """The loop and its collaborators, reading `samples` on from `state`: batches, checkpoints, metrics."""
     train = cfg.train
-    samples = TrainSamples(cfg.data, manifests)
     order = train_order(cfg.data, manifests, train.seed, mix_base(state))
     loader = train_loader(cfg.data, samples, order, env.rank, env.world_size, train.micro_batch_size,
                           start=state.samples)

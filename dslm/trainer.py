@@ -164,30 +164,30 @@ def global_mean(value: torch.Tensor) -> float:
 class Validation:
     """val/loss and val/ppl on a fixed subset of the val split (samples spread evenly over it),
     computed by every rank together: each runs the same number of forward passes (ZeRO-3
-    gathers weights in each)."""
+    gathers weights in each). Each rank reads its part of the subset once, here: a shard damaged
+    later cannot stop one rank alone inside a validation."""
 
     def __init__(self, samples: Dataset, objective: Objective, micro_batch: int, batches_per_rank: int):
-        world = dist.get_world_size()
-        self.batches = min(batches_per_rank, len(samples) // (micro_batch * world))
-        if self.batches == 0:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        batches = min(batches_per_rank, len(samples) // (micro_batch * world))
+        if batches == 0:
             raise DslmError(f"the val split holds {len(samples)} samples, fewer than one micro-batch of "
                             f"{micro_batch} per rank on {world} ranks; set train.val_interval=0 or rebuild the "
                             f"shards with a larger --val-fraction")
-        self.samples, self.objective, self.micro_batch = samples, objective, micro_batch
+        used = batches * world * micro_batch
+        # positions spread evenly over the split: its start alone is one corner of the corpus
+        self.batches = [default_collate([samples[p * len(samples) // used] for p in range(first, first + micro_batch)])
+                        for first in ((k * world + rank) * micro_batch for k in range(batches))]
+        self.objective = objective
 
     @torch.no_grad()
     def __call__(self, engine) -> dict[str, float]:
-        rank, world = dist.get_rank(), dist.get_world_size()
         engine.eval()
         total = torch.zeros((), device=engine.device)
-        used = self.batches * world * self.micro_batch
-        for k in range(self.batches):
-            first = (k * world + rank) * self.micro_batch
-            # positions spread evenly over the split: its start alone is one corner of the corpus
-            batch = default_collate([self.samples[p * len(self.samples) // used] for p in range(first, first + self.micro_batch)])
+        for batch in self.batches:
             total += engine(*self.objective(to_device(batch, engine.device))).float()
         engine.train()
-        loss = global_mean(total) / self.batches  # the mean of equal micro-batches: per token where all tokens are targets
+        loss = global_mean(total) / len(self.batches)  # the mean of equal micro-batches: per token where all tokens are targets
         return {"val/loss": loss, "val/ppl": math.exp(loss)}
 
 
@@ -237,7 +237,10 @@ class IntervalLog:
         totals = torch.cat([self.loss.view(1), self.sources.totals()])
         dist.all_reduce(totals)
         totals = totals.tolist()
-        loss = totals[0] / dist.get_world_size() / self.steps
+        n = len(self.names)
+        targets = totals[1 + n:1 + 2 * n]
+        # no target in the interval (every sample skipped for a damaged shard): no loss, not 0
+        loss = totals[0] / dist.get_world_size() / self.steps if sum(targets) else math.nan
         tokens_per_s = self.global_batch * self.seq_len * self.steps / (time.perf_counter() - self.start)
         values = {
             "train/loss": loss,
@@ -250,10 +253,10 @@ class IntervalLog:
         }
         if self.mfu_per_token:
             values["train/mfu"] = tokens_per_s * self.mfu_per_token
-        n = len(self.names)
         if n > 1:
             for i, (name, read) in enumerate(zip(self.names, self.interleave.cursors(samples))):
-                values[f"train/loss/{name}"] = totals[1 + i] / totals[1 + n + i] if totals[1 + n + i] else math.nan
+                if targets[i]:  # a source with no target in the interval has no loss to log
+                    values[f"train/loss/{name}"] = totals[1 + i] / targets[i]
                 values[f"data/samples/{name}"] = read
         if self.count_skipped:
             values["data/skipped_samples"] = totals[-1]

@@ -17,6 +17,8 @@ slice of them.
 
 from __future__ import annotations
 
+import os
+import resource
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +72,9 @@ class DataConfig:
     the shards, then the samples within each window of this many. Memory per rank is O(shards)
     plus O(samples in a window); a window of all the shards is a full shuffle. Fixed for a run."""
     max_open_shards: int = 64
-    """Shards each loader worker keeps open, >= 1 (least recently used closed first); each costs
-    two file descriptors. Keep it at least shuffle_window times the number of sources."""
+    """Shards each loader worker keeps open, >= 1, shared evenly by the sources (least recently
+    used closed first); each costs two file descriptors. Each source's share must hold a window
+    (shuffle_window, or all its shards when it has fewer)."""
     verify: str = "size"
     """How a shard is checked against its manifest entry when a worker opens it: "size" (its
     bytes and sample count) or "full" (also its sha256, one read of the shard per worker)."""
@@ -92,15 +95,20 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.mix:
             self.shards = self.mix[0].shards if self.shards == DEFAULT_SHARDS else self.shards
-            if self.shards not in [source.shards for source in self.mix]:
+            if self.shards_source() is None:
                 raise ValueError(f"data.shards={self.shards} is not one of data.mix's folders")
             names = [name for name, _ in self.sources()]
             if len(set(names)) < len(names):
                 raise ValueError(f"data.mix names its sources {names}: give each a unique name")
-        if self.max_open_shards < self.shuffle_window * len(self.sources()):
-            raise ValueError(f"data.max_open_shards={self.max_open_shards} is less than data.shuffle_window="
-                             f"{self.shuffle_window} x {len(self.sources())} source(s): a loader worker would open "
-                             f"shards again for most samples; raise it, or lower data.shuffle_window")
+            folders = [os.path.abspath(source.shards) for source in self.mix]
+            if len(set(folders)) < len(folders):
+                raise ValueError(f"data.mix lists a folder twice ({', '.join(source.shards for source in self.mix)}): "
+                                 f"give it one entry with the sum of the weights")
+
+    def shards_source(self) -> int | None:
+        """The position of data.shards among sources(), None when it is not one of them."""
+        folders = [os.path.abspath(source.shards) for _, source in self.sources()]
+        return folders.index(os.path.abspath(self.shards)) if os.path.abspath(self.shards) in folders else None
 
     def sources(self) -> list[tuple[str, MixSource]]:
         """(name, source) of each folder the training samples come from: data.mix, or data.shards."""
@@ -218,7 +226,14 @@ class TrainSamples(Dataset):
 
     def __init__(self, cfg: DataConfig, manifests: list[Manifest]):
         self.names = [name for name, _ in cfg.sources()]
-        self.sources = [ShardSamples(source.shards, manifest, "train", cfg.direction, cfg.max_open_shards, cfg.verify)
+        per_source = cfg.max_open_shards // len(manifests)  # one budget per worker, whatever the mix
+        for (name, _), manifest in zip(cfg.sources(), manifests):
+            if per_source < (window := min(cfg.shuffle_window, len(manifest.split("train")))):
+                raise DslmError(f"data.max_open_shards={cfg.max_open_shards} leaves {per_source} open shard(s) to "
+                                f"each of {len(manifests)} source(s), fewer than {name}'s window of {window} (data."
+                                f"shuffle_window): a loader worker would open shards again for most samples; raise "
+                                f"it, or lower data.shuffle_window")
+        self.sources = [ShardSamples(source.shards, manifest, "train", cfg.direction, per_source, cfg.verify)
                         for (_, source), manifest in zip(cfg.sources(), manifests)]
         self.seq_len = manifests[0].seq_len
 
@@ -266,6 +281,26 @@ class ShardDamage:
                 warn("dslm-train", f"{line}: its samples are skipped (data.on_bad_shard=skip)")
                 self.warned.add(line)
         return ""
+
+
+FDS_PER_SHARD = 2
+"""An open shard holds its file and wids' memory map of it (mmap duplicates the descriptor)."""
+FD_HEADROOM = 64
+"""What a loader worker holds besides its shards (Python, torch, batches in shared memory)."""
+
+
+def ensure_file_limit(max_open_shards: int) -> None:
+    """Raise this process's soft open-file limit (RLIMIT_NOFILE, which loader workers inherit) to
+    what `max_open_shards` needs, up to the hard limit; DslmError when the hard limit is lower."""
+    need = FDS_PER_SHARD * max_open_shards + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise DslmError(f"data.max_open_shards={max_open_shards} needs about {need} open files per loader worker, "
+                        f"but the limit is {hard} (ulimit -n): lower data.max_open_shards to "
+                        f"{(hard - FD_HEADROOM) // FDS_PER_SHARD} or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def reverse(batch: Batch) -> Batch:

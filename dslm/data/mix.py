@@ -15,6 +15,7 @@ there, and the new weights interleave the positions after it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,8 +38,8 @@ class MixSource:
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError("each data.mix entry needs shards: FOLDER")
-        if not self.weight > 0:
-            raise ValueError(f"data.mix weight={self.weight} for {self.shards} must be above 0")
+        if not 0 < self.weight < math.inf:
+            raise ValueError(f"data.mix weight={self.weight} for {self.shards} must be above 0 and finite")
 
 
 @dataclass

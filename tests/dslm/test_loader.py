@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from dslm.data.loader import (DataConfig, DeviceBatches, GlobalOrderSampler, Sha
 from dslm.data.manifest import Manifest
 from dslm.data.mix import Interleave, MixedOrder, MixSource
 from dslm.data.order import WindowOrder
-from dslm.errors import BadShard
+from dslm.errors import BadShard, DslmError
 from dslm.model import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,3 +209,40 @@ def test_mixed_sources_read_each_sample_once_across_a_resume_on_another_world_si
         sample = samples[source, index]
         assert (sample["source"], sample["index"]) == (source, index)
         assert torch.equal(sample["input_ids"], samples.sources[source][index]["input_ids"])
+
+
+def test_mix_settings_are_checked_and_one_open_shard_budget_is_shared(tiny_shards, other_shards):
+    code, other = str(tiny_shards[0]), str(other_shards[0])
+    with pytest.raises(ValueError, match="lists a folder twice"):
+        DataConfig(mix=[MixSource(code, 1, "a"), MixSource(code + "/", 1, "b")])
+    with pytest.raises(ValueError, match="must be above 0 and finite"):
+        MixSource(code, float("inf"))
+    with pytest.raises(ValueError, match="is not one of data.mix's folders"):
+        DataConfig(shards=other + "x", mix=[MixSource(code), MixSource(other)])
+    assert DataConfig(shards=other + "/", mix=[MixSource(code), MixSource(other)]).shards_source() == 1
+    shards = len(tiny_shards[1].split("train"))
+    cfg = DataConfig(mix=[MixSource(code), MixSource(other)], max_open_shards=2 * shards, shuffle_window=100)
+    samples = TrainSamples(cfg, [tiny_shards[1], other_shards[1]])  # a window larger than a source is all its shards
+    assert [s.max_open_shards for s in samples.sources] == [shards, shards]
+    with pytest.raises(DslmError, match=rf"leaves {shards - 1} open shard\(s\) to each of 2 source\(s\)"):
+        TrainSamples(dataclasses.replace(cfg, max_open_shards=2 * shards - 1), [tiny_shards[1], other_shards[1]])
+
+
+RAISE_FILE_LIMIT = """
+import resource, sys
+from dslm.data.loader import ensure_file_limit
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300))
+ensure_file_limit(int(sys.argv[1]))
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_the_open_file_limit_is_raised_for_the_bound_or_the_bound_refused():
+    def run(max_open_shards):
+        return subprocess.run([sys.executable, "-c", RAISE_FILE_LIMIT, str(max_open_shards)], capture_output=True,
+                              text=True, timeout=120, cwd=REPO)
+    assert run(10).stdout.split() == ["100"]  # 84 needed: left as it is
+    assert run(100).stdout.split() == ["264"]  # raised within the hard limit
+    refused = run(200)
+    assert refused.returncode != 0 and ("data.max_open_shards=200 needs about 464 open files per loader worker, but the "
+                                        "limit is 300 (ulimit -n): lower data.max_open_shards to 118") in refused.stderr

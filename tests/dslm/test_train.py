@@ -668,8 +668,9 @@ def test_a_damaged_shard_stops_every_rank_at_a_checkpoint_and_skipping_it_resume
     errors = [line for line in (stopped.stdout + stopped.stderr).splitlines() if "dslm-train: error:" in line]
     assert len(errors) == 1 and errors[0].endswith(
         f"{shards / damaged.name}: {damaged.bytes - 3000:,} bytes, the manifest says {damaged.bytes:,} (check the "
-        f"folder: dslm-shard verify {shards}). The run stopped at step {stop_step}, its checkpoint: rebuild the "
-        f"shard, then continue with --resume auto (or set data.on_bad_shard=skip)")
+        f"folder: dslm-shard verify {shards}). The run stopped at step {stop_step} after a checkpoint ("
+        f"{tmp_path / 't' / 'checkpoints' / f'global_step{stop_step}'}): rebuild the shard, then continue with "
+        f"--resume auto (or set data.on_bad_shard=skip)")
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == f"global_step{stop_step}"
 
     resumed = train("t", "data.on_bad_shard=skip", "--resume", "auto")
