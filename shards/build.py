@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dslm.cli import warn
-from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
+from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, shard_problem
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, sha256_file, tmp_path
@@ -27,7 +27,7 @@ from shards.journal import (DIGEST_BYTES, DIGESTS_NAME, BuildState, DigestLog, P
                             remove_journal, save_state)
 from shards.sources import Document, Source, skip
 from shards.tokenizer import train_tokenizer
-from shards.verify import shard_problem
+from shards.verify import count_samples
 from shards.writer import Packer, ShardWriter, shard_path
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -445,7 +445,7 @@ def resume_problem(out: Path, state: BuildState) -> str | None:
     """Why the files in `out` do not match the journal, or None when the build can continue."""
     for writer in state.writers.values():
         for entry in writer.entries:
-            if (problem := shard_problem(out, entry)) is not None:
+            if (problem := shard_problem(out / entry.name, entry, count_samples)) is not None:
                 return f"{entry.name}: {problem}"
     for split, writer in state.writers.items():
         tmp = tmp_path(shard_path(out, split, len(writer.entries)))
