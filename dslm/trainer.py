@@ -113,11 +113,11 @@ class SourceLoss:
         self.targets = torch.zeros(sources, device=device)
         self.skipped = torch.zeros((), device=device)
 
-    def add(self, batch: Batch, token_losses: torch.Tensor, targets: torch.Tensor) -> None:
-        """Count a micro-batch: `token_losses` and `targets` (B, T) as the objective and the model gave them."""
+    def add(self, batch: Batch, row_losses: torch.Tensor, row_targets: torch.Tensor) -> None:
+        """Count a micro-batch: its rows' (B,) summed token losses and numbers of targets."""
         rows = batch["source"]
-        self.loss.index_add_(0, rows, token_losses.detach().sum(1))
-        self.targets.index_add_(0, rows, (targets != IGNORE_INDEX).sum(1).float())
+        self.loss.index_add_(0, rows, row_losses)
+        self.targets.index_add_(0, rows, row_targets.float())
         self.skipped += batch["skipped"].sum()
 
     def totals(self) -> torch.Tensor:
@@ -138,13 +138,14 @@ def train_step(engine, batches: DeviceBatches, objective: Objective, grad_accum:
         batch = next(batches)
         inputs, targets = objective(batch)
         token_losses = engine(inputs, targets, reduction="none")  # (B, T)
-        loss = token_losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        row_targets = (targets != IGNORE_INDEX).sum(1)
+        loss = token_losses.sum() / row_targets.sum().clamp(min=1)
         engine.backward(loss)
         batches.prefetch()  # the next micro-batch, while the device runs this backward pass
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule at the accumulation boundary
         total += loss.detach().float()
         if sources is not None:
-            sources.add(batch, token_losses, targets)
+            sources.add(batch, token_losses.detach().sum(1), row_targets)
     return total / grad_accum
 
 

@@ -167,11 +167,8 @@ class ShardSamples(Dataset):
         differs from its manifest entry, what to run; None when it is intact (checked once per
         process)."""
         shard = self.shard_of(index)
-        if shard not in self._checked:
-            try:
-                self._reader(shard)
-            except BadShard:
-                pass
+        if shard not in self._checked and (reader := self._open_checked(shard)) is not None:
+            reader.close()
         problem = self._checked[shard]
         return problem and f"{self.path(shard)}: {problem} (check the folder: dslm-shard verify {self.root})"
 
@@ -193,25 +190,32 @@ class ShardSamples(Dataset):
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
-        if self._checked.get(shard):
+        if self._checked.get(shard):  # known bad: no need to make room for it
             raise BadShard(self.damage(int(self.offsets[shard])))
         while len(self._open) >= self.max_open_shards:
             self._close(next(iter(self._open)))
+        if (reader := self._open_checked(shard)) is None:
+            raise BadShard(self.damage(int(self.offsets[shard])))
+        self._open[shard] = reader
+        return reader
+
+    def _open_checked(self, shard: int) -> IndexedTarSamples | None:
+        """Open `shard` and check it against its manifest entry, recording what is wrong; its
+        reader, or None when it fails. sha256 (with verify="full") once per process: a shard
+        closed and opened again is checked for its size and count only."""
         opened: list[IndexedTarSamples] = []  # the reader shard_problem counts the samples with
 
         def count_samples(path: Path) -> int:
             opened.append(IndexedTarSamples(path=str(path)))
             return len(opened[0])
 
-        # sha256 once per process: a shard closed and opened again is checked for its size and count only
         problem = shard_problem(self.path(shard), self.entries[shard], count_samples,
                                 sha256=self.full_check and shard not in self._checked)
         self._checked[shard] = problem
         if problem:
             for reader in opened:
                 reader.close()
-            raise BadShard(self.damage(int(self.offsets[shard])))
-        self._open[shard] = opened[0]
+            return None
         return opened[0]
 
     def _close(self, shard: int) -> None:

@@ -55,37 +55,34 @@ class Interleave:
     """Source of each global position for `weights` (one per source), from `base` on."""
 
     def __init__(self, weights: Sequence[float], base: MixBase | None = None):
-        total = float(sum(weights))
         left = np.cumsum(np.asarray(weights, dtype=np.float64)[::-1])[::-1]  # weight of source i and those after it
         self.shares = np.asarray(weights, dtype=np.float64) / left  # share of source i among the positions it sees
         self.shares[-1] = 1.0
-        self.weights = [w / total for w in weights]
         self.base = base or MixBase(0, [0] * len(weights))
+
+    def counts(self, q: np.ndarray) -> np.ndarray:
+        """(sources, len(q)) int64: each source's samples among the first q positions after base.samples
+        (the chain of splits: source i takes floor(share * q) of the positions that reach it)."""
+        counts = np.empty((len(self.shares), len(q)), dtype=np.int64)
+        for i, share in enumerate(self.shares):
+            counts[i] = np.floor(share * q)
+            q = q - counts[i]
+        return counts
 
     def cursors(self, position: int) -> list[int]:
         """Samples each source has read before global `position` (>= base.samples)."""
-        q = position - self.base.samples
-        counts = []
-        for share in self.shares:
-            taken = int(np.floor(share * q))
-            counts.append(taken)
-            q -= taken
-        return [c + b for c, b in zip(counts, self.base.cursors)]
+        counts = self.counts(np.array([position - self.base.samples], dtype=np.int64))[:, 0]
+        return [int(c) + b for c, b in zip(counts, self.base.cursors)]
 
     def assign(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(sources, cursors), each (count,) int64, for global positions start .. start + count - 1:
-        the source each one reads and that source's own position (its cursor) there."""
+        the source each one reads (the one source whose count it raises) and that source's own
+        position (its cursor) there."""
         q = np.arange(start, start + count, dtype=np.int64) - self.base.samples
-        sources = np.full(count, len(self.shares) - 1, dtype=np.int64)
-        cursors = np.zeros(count, dtype=np.int64)
-        undecided = np.ones(count, dtype=bool)
-        for i, share in enumerate(self.shares):
-            before = np.floor(share * q).astype(np.int64)
-            here = undecided & ((np.floor(share * (q + 1)).astype(np.int64) > before) | (i == len(self.shares) - 1))
-            sources[here], cursors[here] = i, before[here] + self.base.cursors[i]
-            undecided &= ~here
-            q = q - before
-        return sources, cursors
+        before = self.counts(q)
+        sources = np.argmax(self.counts(q + 1) > before, axis=0)
+        columns = np.arange(count)
+        return sources, before[sources, columns] + np.asarray(self.base.cursors, dtype=np.int64)[sources]
 
 
 class MixedOrder:
