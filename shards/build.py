@@ -21,16 +21,15 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats,
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, sha256_file, tmp_path
+from shards.dedup import DocPosition, ListedDuplicates, SeenDigests, is_done, records, write_digest_buckets
 from shards.encode import Encoded, EncoderConfig, encode_batches
 from shards.filters import DocumentFilter, FilterConfig
-from shards.journal import (DIGEST_BYTES, DIGESTS_NAME, BuildState, DigestLog, Position, load_state,
-                            remove_journal, save_state)
-from shards.sources import Document, Source, skip
+from shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
+from shards.sources import Document, Partition, Source, Units, skip
+from shards.tasks import TaskTails, finished_task, refuse_finished, save_tails, task_dir
 from shards.tokenizer import train_tokenizer
 from shards.verify import count_samples
-from shards.writer import Packer, ShardWriter, shard_path
-
-TOKENIZER_NAME = "tokenizer.json"
+from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, shard_path
 
 
 @dataclass
@@ -106,16 +105,27 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     return dtype
 
 
-def kept_documents(source: Source, doc_filter: DocumentFilter, stats: SourceStats) -> Iterator[Document]:
-    """The source's documents that pass the filters, as kept (long headers stripped); drops are
-    counted by reason in `stats`."""
-    for doc in source.documents(stats):
+def kept_documents(source: Source, doc_filter: DocumentFilter, stats: SourceStats,
+                   units: Units | None = None) -> Iterator[Document]:
+    """The source's documents (of the selected units) that pass the filters, as kept (long
+    headers stripped); drops are counted by reason in `stats`."""
+    for doc in source.documents(stats, units):
         verdict = doc_filter.apply(doc)
         stats.headers_stripped += verdict.header_stripped
         if verdict.text is None:
             skip(stats, verdict.reason)
             continue
         yield replace(doc, text=verdict.text)
+
+
+TOKENIZER_PARTS = 64
+"""Contiguous runs of units that a source's tokenizer sample is drawn from, in equal shares."""
+
+
+def spread(units: int, parts: int) -> list[range]:
+    """`units` unit indices cut into at most `parts` contiguous runs of near-equal length."""
+    parts = max(1, min(parts, units))
+    return [range(units * i // parts, units * (i + 1) // parts) for i in range(parts)]
 
 
 @dataclass
@@ -126,18 +136,24 @@ class TokenizerSample:
     sample_bytes: int
     report_bytes: int = 1 << 20
     report: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    parts: int = TOKENIZER_PARTS
 
     def texts(self, sources: list[Source], doc_filter: DocumentFilter) -> Iterator[str]:
-        """Each source's filtered documents until its share of `sample_bytes` (by weight)."""
+        """Each source's filtered documents until its share of `sample_bytes` (by weight), drawn
+        from the start of each of `parts` even runs of its units (what a run does not use passes
+        to the next), so that the sample spans the source as a distributed build does."""
         total_weight = sum(s.weight for s in sources)
         for source in sources:
             budget, taken = self.sample_bytes * source.weight / total_weight, 0
-            for doc in kept_documents(source, doc_filter, SourceStats()):
-                if taken >= budget:
-                    break
-                taken += len(doc.text.encode())
-                self._keep_for_report((source.spec, doc.language), doc.text)
-                yield doc.text
+            runs = spread(source.units(), self.parts)
+            for i, run in enumerate(runs):
+                share = budget * (i + 1) / len(runs)
+                for doc in kept_documents(source, doc_filter, SourceStats(), run.__contains__):
+                    if taken >= share:
+                        break
+                    taken += len(doc.text.encode())
+                    self._keep_for_report((source.spec, doc.language), doc.text)
+                    yield doc.text
 
     def _keep_for_report(self, group: tuple[str, str], text: str) -> None:
         texts = self.report.setdefault(group, [])
@@ -170,34 +186,55 @@ class Batch:
 
     source: int
     documents: list[Document]
+    positions: list[tuple[int, int]]
+    """Each document's (unit, index within the unit): with `source`, its place in the global order."""
     skipped: dict[str, int]
     end: Position
     """The input position just after this batch."""
 
+    def position(self, i: int) -> DocPosition:
+        return (self.source, *self.positions[i])
 
-def read_batches(sources: list[Source], start: Position, cfg: ShardConfig) -> Iterator[Batch]:
-    """Every document from `start` on, in order, in batches of at most `cfg.batch_documents`
-    documents or about `cfg.batch_bytes` of text. The last batch of a source ends at the next
-    source, so that the source's trailing skips are counted once."""
+
+def numbered(docs: Iterator[Document]) -> Iterator[tuple[Document, int]]:
+    """Each document with its index within its unit."""
+    unit, index = -1, 0
+    for doc in docs:
+        index = index + 1 if doc.unit == unit else 0
+        unit = doc.unit
+        yield doc, index
+
+
+def read_batches(sources: list[Source], start: Position, cfg: ShardConfig, units: Units | None = None) -> Iterator[Batch]:
+    """Every document of the selected units (all when None) from `start` on, in order, in batches
+    of at most `cfg.batch_documents` documents or about `cfg.batch_bytes` of text. The last batch
+    of a source ends at the next source, so that the source's trailing skips are counted once."""
     for index in range(start.source, len(sources)):
         source, stats = sources[index], SourceStats()
-        docs = source.documents(stats)
+        docs = numbered(source.documents(stats, units))
         consumed = start.documents if index == start.source else 0
         if sum(1 for _ in islice(docs, consumed)) < consumed:
             raise DslmError(f"source {source.spec!r} now holds fewer than the {consumed:,} documents the "
                             f"unfinished build read from it; pass --overwrite to start over")
         stats.filtered.clear()  # the journal counted the skips before `start`
-        batch: list[Document] = []
+        batch: list[tuple[Document, int]] = []
         size = 0
-        for doc in docs:
-            batch.append(doc)
+        for doc, number in docs:
+            batch.append((doc, number))
             size += len(doc.text)
             if len(batch) == cfg.batch_documents or size >= cfg.batch_bytes:
                 consumed += len(batch)
-                yield Batch(index, batch, dict(stats.filtered), Position(index, consumed))
-                stats.filtered.clear()
+                yield make_batch(index, batch, stats, Position(index, consumed))
                 batch, size = [], 0
-        yield Batch(index, batch, dict(stats.filtered), Position(index + 1, 0))
+        yield make_batch(index, batch, stats, Position(index + 1, 0))
+
+
+def make_batch(source: int, numbered_docs: list[tuple[Document, int]], stats: SourceStats, end: Position) -> Batch:
+    """A Batch, taking the skips counted in `stats` since the last one."""
+    batch = Batch(source, [doc for doc, _ in numbered_docs], [(doc.unit, n) for doc, n in numbered_docs],
+                  dict(stats.filtered), end)
+    stats.filtered.clear()
+    return batch
 
 
 def copies(digest: bytes, weight: float) -> int:
@@ -239,15 +276,17 @@ class ShardBuild:
     """The ordered half of a build, in the main process: dedup, copies by weight, packing,
     writing, and the journal that lets a rerun continue."""
 
-    def __init__(self, cfg: ShardConfig, sources: list[Source], dtype: np.dtype, state: BuildState):
+    def __init__(self, cfg: ShardConfig, home: Path, sources: list[Source], dtype: np.dtype, state: BuildState,
+                 dedup: SeenDigests | ListedDuplicates):
         self.cfg = cfg
+        self.home = home
+        """The folder written: `cfg.out`, or a task's folder in it."""
         self.sources = sources
         self.sample_len = cfg.seq_len + 1
         self.state = state
         self.stats = {s.spec: state.sources.get(s.spec, SourceStats()) for s in sources}
-        self.digests = DigestLog(cfg.out, state.digests)
-        self.filter = DocumentFilter(cfg.filters, seen=self.digests.load())
-        self.writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard, self.sample_len,
+        self.dedup = dedup
+        self.writers = {split: ShardWriter(home, split, cfg.samples_per_shard, self.sample_len,
                                            state.writers.get(split)) for split in SPLITS}
         self.packers: dict[str, Packer] = {name: Packer(self.sample_len, dtype, pending, state.owners.get(name))
                                            for name, pending in state.pending.items()}
@@ -260,13 +299,12 @@ class ShardBuild:
         for reason, n in batch.skipped.items():
             stats.filtered[reason] = stats.filtered.get(reason, 0) + n
         finished = False
-        for doc, enc in zip(batch.documents, results, strict=True):
-            if enc.reason is None and not self.filter.first_seen(enc.digest):
+        for i, (doc, enc) in enumerate(zip(batch.documents, results, strict=True)):
+            if enc.reason is None and self.dedup.duplicate(batch.position(i), enc.digest):
                 enc = Encoded("duplicate")
             if enc.reason is not None:
                 skip(stats, enc.reason)
                 continue
-            self.digests.add(enc.digest)
             n = copies(enc.digest, source.weight)
             if enc.split == "val":
                 n = min(n, 1)  # val documents are written at most once
@@ -294,15 +332,19 @@ class ShardBuild:
         self.state.position = position
         self.state.sources = self.stats
         self.state.writers = {split: w.sync() for split, w in self.writers.items()}
-        self.state.pending = {name: p.leftover() for name, p in self.packers.items()}
-        self.state.owners = {name: p.owners for name, p in self.packers.items()}
-        self.state.digests = self.digests.sync()
-        save_state(self.cfg.out, self.state)
+        self.state.pending, self.state.owners = self.leftovers()
+        self.state.digests = self.dedup.sync()
+        save_state(self.home, self.state)
+
+    def leftovers(self) -> tuple[dict[str, list[int]], dict[str, list[list[int]]]]:
+        """The tokens waiting in each stream for its next sample, and the sources they came from."""
+        return ({name: p.leftover() for name, p in self.packers.items()},
+                {name: [list(run) for run in p.owners] for name, p in self.packers.items()})
 
     def finish(self) -> list[ShardEntry]:
         """Close the last shards; the tokens left in each stream, fewer than a sample, are dropped
         (see `dropped_tokens`)."""
-        self.digests.close()
+        self.dedup.close()
         return [entry for w in self.writers.values() for entry in w.close()]
 
     def dropped_tokens(self) -> dict[str, int]:
@@ -320,28 +362,43 @@ class ShardBuild:
 SPLITS = ("train", "val")
 
 
-def build_shards(cfg: ShardConfig, sources: list[Source]) -> BuildReport:
+def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None = None) -> BuildReport:
     """Filter and encode every document in worker processes; in order, drop duplicates, frame
     <bos> ... <eos>, pack and write train/val shards; then the manifest. Resumes an unfinished
-    build of the same inputs in `cfg.out`."""
+    build of the same inputs in `cfg.out`.
+
+    With `part`, stage `write` of one task of a distributed build (shards.tasks): only its units,
+    into its folder OUT/task-K/, dropping the duplicates that stage `dedup` listed for it. Its
+    manifest there is that of a build of its units alone; the tokens of its streams' last,
+    partial samples are kept in task.json for `dslm-shard merge`. A task already finished is
+    kept. Raises DslmError for a finished build in `cfg.out`, or a stage before not finished."""
     started = time.monotonic()
     tok = load_text_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
-    state = start_or_resume(cfg, sources)
-    build = ShardBuild(cfg, sources, dtype, state)
+    home = cfg.out if part is None else task_dir(cfg.out, part.task)
+    if part is not None:
+        refuse_finished(cfg.out)
+        if (kept := finished_task(home, fingerprint(cfg, sources), part)) is not None:
+            return BuildReport(kept, time.monotonic() - started, 0, 0, len(kept.shards))
+        # before anything is written: stage dedup must have finished
+        listed = ListedDuplicates(cfg.out, part.task, part.tasks, fingerprint(cfg, sources))
+    state = start_or_resume(cfg, sources, home, part)
+    dedup = SeenDigests(home, state.digests, cfg.filters) if part is None else listed
+    build = ShardBuild(cfg, home, sources, dtype, state, dedup)
     resumed = sum(len(w.entries) for w in state.writers.values())
-    encoder = EncoderConfig(cfg.out / TOKENIZER_NAME, cfg.filters, cfg.val_fraction, dtype.name)
-    batches = read_batches(sources, state.position, cfg)
+    encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, dtype.name)
+    batches = read_batches(sources, state.position, cfg, part)
     with BuildProgress(build.stats, resumed) as progress:
         for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
             if build.consume(batch, results):
                 build.checkpoint(batch.end)
             progress.update(batch)
-            if batch.end.source != batch.source and not build.stats[sources[batch.source].spec].documents:
+            if (part is None and batch.end.source != batch.source
+                    and not build.stats[sources[batch.source].spec].documents):
                 warn("dslm-shard", f"source {sources[batch.source].spec!r} gave no documents to write")
     manifest = Manifest(
-        tokenizer=TOKENIZER_NAME,
-        tokenizer_sha256=sha256_file(cfg.out / TOKENIZER_NAME),
+        tokenizer=TOKENIZER_NAME if part is None else f"../{TOKENIZER_NAME}",
+        tokenizer_sha256=sha256_file(cfg.tokenizer),
         vocab_size=tok.get_vocab_size(),
         seq_len=cfg.seq_len,
         dtype=dtype.name,
@@ -349,12 +406,42 @@ def build_shards(cfg: ShardConfig, sources: list[Source]) -> BuildReport:
         sources=build.stats,
         dropped_tokens=build.dropped_tokens(),
     )
-    warn_unsampled(manifest)
-    if not manifest.split("train"):
-        raise DslmError(f"too little text for one training sample of {build.sample_len} tokens")
-    manifest.save(cfg.out)  # the commit point
-    remove_journal(cfg.out)
+    if part is None:
+        warn_unsampled(manifest)
+        if not manifest.split("train"):
+            raise DslmError(f"too little text for one training sample of {build.sample_len} tokens")
+    else:
+        save_tails(home, TaskTails(fingerprint(cfg, sources), part.tasks, part.task, cfg.samples_per_shard,
+                                   *build.leftovers()))
+    manifest.save(home)  # the commit point
+    remove_journal(home)
     return BuildReport(manifest, time.monotonic() - started, *progress.written(), resumed)
+
+
+def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> int:
+    """Stage `digests` of task `part.task` of a distributed build: filter its units' documents in
+    worker processes (no tokenizing) and write the digests of those kept, bucketed by hash
+    (shards.dedup). Returns the documents kept; a task already finished is kept (returns -1).
+    Started over when rerun: it writes nothing until its end."""
+    refuse_finished(cfg.out)
+    expected = fingerprint(cfg, sources)
+    if part.task == 0:
+        place_tokenizer(cfg.tokenizer, cfg.out)  # one writer: the tasks share the folder
+    if is_done(cfg.out, "digests", part.task, part.tasks, expected) and not cfg.overwrite:
+        return -1
+    tok = load_text_tokenizer(cfg.tokenizer)
+    encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, token_dtype(tok.get_vocab_size(), cfg.dtype).name,
+                            tokenize=False)
+    rows = []
+    batches = read_batches(sources, Position(), cfg, part)
+    with tqdm(desc=f"digests (task {part.task} of {part.tasks})", unit="doc", dynamic_ncols=True) as bar:
+        for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
+            kept = [i for i, enc in enumerate(results) if enc.reason is None]
+            rows.append(records([results[i].digest for i in kept], [batch.position(i) for i in kept]))
+            bar.update(len(batch.documents) + sum(batch.skipped.values()))
+    kept_rows = np.concatenate(rows) if rows else records([], [])
+    write_digest_buckets(cfg.out, part.task, part.tasks, kept_rows, expected)
+    return len(kept_rows)
 
 
 def warn_unsampled(manifest: Manifest) -> None:
@@ -404,8 +491,9 @@ class BuildProgress:
         self.bar.close()
 
 
-def fingerprint(cfg: ShardConfig, sources: list[Source]) -> str:
-    """What decides a build's bytes; a journal with another fingerprint cannot be resumed."""
+def fingerprint(cfg: ShardConfig, sources: list[Source], part: Partition | None = None) -> str:
+    """What decides a build's bytes (with `part`, a task's); a journal with another fingerprint
+    cannot be resumed, and the stages of a distributed build must share theirs."""
     settings = {
         "tokenizer": sha256_file(cfg.tokenizer),
         "seq_len": cfg.seq_len,
@@ -415,30 +503,51 @@ def fingerprint(cfg: ShardConfig, sources: list[Source]) -> str:
         "filters": dataclasses.asdict(cfg.filters),
         "sources": [repr(s) for s in sources],
     }
+    if part is not None:
+        settings["part"] = dataclasses.asdict(part)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def start_or_resume(cfg: ShardConfig, sources: list[Source]) -> BuildState:
-    """Prepare `out`: refuse to clobber a finished build unless asked, place the tokenizer, and
-    return the journal of an unfinished build of the same inputs (or a fresh state)."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    if (cfg.out / MANIFEST_NAME).exists():
+def start_or_resume(cfg: ShardConfig, sources: list[Source], home: Path, part: Partition | None) -> BuildState:
+    """Prepare `home` (the build's folder, or a task's): refuse to clobber a finished build unless
+    asked, place the tokenizer, and return the journal of an unfinished build of the same inputs
+    (or a fresh state)."""
+    home.mkdir(parents=True, exist_ok=True)
+    if (home / MANIFEST_NAME).exists():
         if not cfg.overwrite:
-            raise DslmError(f"{cfg.out} already holds a finished build; pass --overwrite to replace it")
-        remove_finished_build(cfg.out)
-    fresh = BuildState(fingerprint(cfg, sources))
-    state = load_state(cfg.out)
+            raise DslmError(f"{home} already holds a finished build; pass --overwrite to replace it")
+        remove_finished_build(home)
+    fresh = BuildState(fingerprint(cfg, sources, part))
+    state = load_state(home)
     if state is not None and state.fingerprint != fresh.fingerprint and not cfg.overwrite:
-        raise DslmError(f"{cfg.out} holds an unfinished build of other sources or settings; rerun it "
+        raise DslmError(f"{home} holds an unfinished build of other sources or settings; rerun it "
                         f"with the same ones to resume, or pass --overwrite to start over")
-    problem = None if state is None or cfg.overwrite else resume_problem(cfg.out, state)
+    if state is not None and not cfg.overwrite:
+        roll_back_unjournaled(home, state)
+    problem = None if state is None or cfg.overwrite else resume_problem(home, state)
     if problem:
-        warn("dslm-shard", f"cannot resume the unfinished build in {cfg.out} ({problem}); starting over")
+        warn("dslm-shard", f"cannot resume the unfinished build in {home} ({problem}); starting over")
     if state is not None and (cfg.overwrite or problem):
-        remove_unfinished_build(cfg.out, state)
+        remove_unfinished_build(home, state)
         state = None
-    place_tokenizer(cfg.tokenizer, cfg.out)
+    if part is None:
+        place_tokenizer(cfg.tokenizer, cfg.out)
     return state or fresh
+
+
+def roll_back_unjournaled(out: Path, state: BuildState) -> None:
+    """Undo the shards a build finished after its journal's last save (the journal is saved
+    between batches, and a batch can finish shards): the one the journal has open goes back to
+    its temporary name, which the resumed writer cuts to the journaled offset; later ones are
+    removed, and written again."""
+    for split, writer in state.writers.items():
+        index = len(writer.entries)
+        while (final := shard_path(out, split, index)).exists():
+            if index == len(writer.entries) and writer.in_shard:
+                os.replace(final, tmp_path(final))
+            else:
+                final.unlink()
+            index += 1
 
 
 def resume_problem(out: Path, state: BuildState) -> str | None:

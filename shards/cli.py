@@ -12,9 +12,12 @@ from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID
 from dslm.errors import DslmError
-from shards.build import BuildReport, ShardConfig, all_cores, build_shards, train_and_save_tokenizer
+from shards.build import (BuildReport, ShardConfig, all_cores, build_shards, fingerprint, train_and_save_tokenizer,
+                          write_digests)
+from shards.dedup import find_duplicates, is_done
 from shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
-from shards.sources import parse_source
+from shards.sources import Partition, Source, parse_source
+from shards.tasks import STAGES, merge_build, refuse_finished
 from shards.verify import verify_build
 
 
@@ -55,9 +58,26 @@ def parser() -> argparse.ArgumentParser:
                    help="token dtype in the shards; auto: uint16 when the vocab fits (default: %(default)s)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace a finished build in --out, or start an unfinished one over (a rerun "
-                        "without it resumes an unfinished build of the same inputs)")
+                        "without it resumes an unfinished build of the same inputs); with --tasks: "
+                        "start this task's stage over")
+    d = b.add_argument_group("a build split over tasks (processes or SLURM array tasks; dslm-submit shard runs it all)")
+    d.add_argument("--tasks", type=int, metavar="N",
+                   help="split the inputs' units (files, parquet row groups, archive members, hub data files) "
+                        "round-robin over N tasks; run each stage for every --task K in [0, N), stage by "
+                        "stage, then `dslm-shard merge OUT`. Same documents and counts as one process")
+    d.add_argument("--task", type=int, metavar="K", help="this task's index, in [0, N)")
+    d.add_argument("--stage", choices=STAGES, default="write",
+                   help="digests: write the digests of the task's kept documents, bucketed by hash; dedup: "
+                        "find the duplicates in bucket K across all tasks (first copy in input order wins); "
+                        "write: write the task's shards without them into OUT/task-K/ (default: %(default)s)")
 
     add_sft_parser(sub)
+
+    m = sub.add_parser("merge", help="make one build of the tasks of a build split with --tasks",
+                       description="Check that every task of a build split with --tasks finished stage write "
+                                   "with the same inputs and settings, pack their streams' leftover tokens into "
+                                   "OUT/tails/, and write OUT/manifest.json (last) over all shards.")
+    m.add_argument("folder", type=Path, help="the --out of the tasks")
 
     v = sub.add_parser("verify", help="check every shard's size, sample count and sha256 against the manifest")
     v.add_argument("folder", type=Path, help="a folder written by `dslm-shard build`")
@@ -119,6 +139,11 @@ def dispatch(args: argparse.Namespace) -> None:
         return inspect(args.folder, args.show)
     if args.command == "sft":
         return sft(args)
+    if args.command == "merge":
+        manifest = merge_build(args.folder)
+        print_summary(manifest)
+        print(f"wrote {args.folder / 'manifest.json'}")
+        return
     sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
     if args.command == "tokenizer":
         for (spec, language), ratio in train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes,
@@ -126,13 +151,53 @@ def dispatch(args: argparse.Namespace) -> None:
             print(f"{spec} [{language}]: {ratio:.3f} tokens/byte")
         print(f"wrote {args.out} (vocab {args.vocab_size})")
         return
-    cfg = ShardConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
-                      samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
-                      workers=args.workers, dtype=args.dtype, overwrite=args.overwrite)
+    cfg = shard_config(args)
+    if (args.tasks, args.task) != (None, None) or args.stage != "write":
+        return run_stage(cfg, sources, task_partition(args), args.stage)
     report = build_shards(cfg, sources)
     print_summary(report.manifest)
     print_speed(report)
     print(f"wrote {args.out / 'manifest.json'}")
+
+
+def shard_config(args: argparse.Namespace) -> ShardConfig:
+    """The build's settings from `dslm-shard build`'s parsed arguments; DslmError for a value out
+    of range."""
+    return ShardConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                       samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
+                       workers=args.workers, dtype=args.dtype, overwrite=args.overwrite)
+
+
+def task_partition(args: argparse.Namespace) -> Partition:
+    if args.tasks is None or args.task is None:
+        raise DslmError("--tasks N and --task K go together (and --stage needs both)")
+    if args.tasks < 1:
+        raise DslmError(f"--tasks {args.tasks} must be at least 1")
+    return Partition(args.tasks, args.task)
+
+
+def run_stage(cfg: ShardConfig, sources: list[Source], part: Partition, stage: str) -> None:
+    """One stage of one task of a build split over tasks (shards.tasks)."""
+    name = f"task {part.task} of {part.tasks}, stage {stage}"
+    if stage == "digests":
+        kept = write_digests(cfg, sources, part)
+        print(f"{name}: " + ("already finished, kept" if kept < 0 else f"{kept:,} kept documents' digests written"))
+    elif stage == "dedup":
+        refuse_finished(cfg.out)
+        expected = fingerprint(cfg, sources)
+        if is_done(cfg.out, "dedup", part.task, part.tasks, expected) and not cfg.overwrite:
+            print(f"{name}: already finished, kept")
+            return
+        rows, dups = find_duplicates(cfg.out, part.task, part.tasks, expected)
+        print(f"{name}: {rows:,} digests in bucket {part.task}, {dups:,} later copies")
+    else:
+        report = build_shards(cfg, sources, part)
+        print_summary(report.manifest)
+        if report.documents or not report.resumed_shards:
+            print_speed(report)
+        else:
+            print(f"{name}: already finished, kept")
+    print(f"{name}: done")
 
 
 def sft(args: argparse.Namespace) -> None:

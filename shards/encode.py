@@ -53,6 +53,8 @@ class EncoderConfig:
     dtype: str
     """numpy dtype name of the framed token arrays, "uint16" or "uint32" (ShardConfig's "auto"
     already resolved for the vocab)."""
+    tokenize: bool = True
+    """False: filter, split and digest only (stage `digests` of a distributed build); `ids` is None."""
 
 
 class Encoder:
@@ -64,6 +66,9 @@ class Encoder:
     def __call__(self, docs: list[Document]) -> list[Encoded]:
         verdicts = [self.filter.check(doc) for doc in docs]
         kept = [v.text for v in verdicts if v.text is not None]
+        if not self.cfg.tokenize:
+            return [Encoded(None, v.header_stripped, text_digest(v.text)) if v.text is not None else Encoded(v.reason)
+                    for v in verdicts]
         # encode_batch_fast skips the character offsets, which shards never use
         encodings = iter(self.tok.encode_batch_fast(kept))
         return [self.frame(v.text, next(encodings).ids, v.header_stripped) if v.text is not None

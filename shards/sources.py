@@ -87,17 +87,48 @@ class Document:
     file's path, `FILE:N` (N-th record) or a record id."""
     text: str
     language: str
+    unit: int = 0
+    """Index of the input unit it came from, in the source's order (see `Source.units`)."""
+
+
+Units = Callable[[int], bool]
+"""Which of a source's input units to read, by index (None: all)."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Task `task` of `tasks` (0 <= task < tasks) in a build split over many processes: it reads
+    the units whose index is `task` modulo `tasks` (round-robin, as datatrove deals files to its
+    ranks), so that every task gets a like mix of a corpus whose files are sorted by size or date."""
+
+    tasks: int = 1
+    task: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.task < self.tasks:
+            raise DslmError(f"--task {self.task} must be in [0, --tasks {self.tasks})")
+
+    def __call__(self, unit: int) -> bool:
+        return unit % self.tasks == self.task
 
 
 class Source(Protocol):
     """What the shard builder reads. `spec` (the command-line string) keys the source's counts
-    in the manifest; `weight` is its relative share when sources are mixed."""
+    in the manifest; `weight` is its relative share when sources are mixed.
+
+    A source is a fixed sequence of input units, the pieces a build can split among tasks: a code
+    file or archive member, a text file or a parquet row group, a hub dataset's data file."""
 
     spec: str
     weight: float
 
-    def documents(self, stats: SourceStats) -> Iterator[Document]:
-        """Usable documents in a fixed order; what is skipped is counted in `stats.filtered`."""
+    def units(self) -> int:
+        """How many input units the source has."""
+        ...
+
+    def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
+        """Usable documents of the selected units (all when None) in a fixed order, each with its
+        unit's index; what is skipped is counted in `stats.filtered`."""
         ...
 
 
@@ -110,20 +141,26 @@ class CodeSource:
     exclude: tuple[str, ...] = ()
     weight: float = 1.0
 
-    def documents(self, stats: SourceStats) -> Iterator[Document]:
-        for doc_id, raw in self.files(stats):
+    def units(self) -> int:
+        """Source files, or archive members: one unit each."""
+        if not self.root.is_dir():
+            return len(archive_names(self.root, self.keep_member))
+        return len(local_files(str(self.root), CODE_LANGUAGES, self.exclude))
+
+    def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
+        for unit, doc_id, raw in self.files(stats, units or everything):
             text = clean_text(raw, stats)
             if text is not None:
-                yield Document(id=doc_id, text=text, language=CODE_LANGUAGES[PurePosixPath(doc_id).suffix])
+                yield Document(id=doc_id, text=text, language=CODE_LANGUAGES[PurePosixPath(doc_id).suffix], unit=unit)
 
-    def files(self, stats: SourceStats) -> Iterator[tuple[str, bytes]]:
-        """(id, content) of every readable source file, in sorted order."""
+    def files(self, stats: SourceStats, units: Units) -> Iterator[tuple[int, str, bytes]]:
+        """(unit, id, content) of every readable source file of the selected units, in sorted order."""
         if not self.root.is_dir():
-            yield from guarded(self.root, archive_members(self.root, self.keep_member, stats), stats)
+            yield from guarded(self.root, archive_members(self.root, self.keep_member, stats, units), stats)
             return
-        for path in local_files(str(self.root), CODE_LANGUAGES, self.exclude):
-            if (raw := read_or_skip(path, path.read_bytes, stats)) is not None:
-                yield path.relative_to(self.root).as_posix(), raw
+        for unit, path in enumerate(local_files(str(self.root), CODE_LANGUAGES, self.exclude)):
+            if units(unit) and (raw := read_or_skip(path, path.read_bytes, stats)) is not None:
+                yield unit, path.relative_to(self.root).as_posix(), raw
 
     def keep_member(self, name: str) -> bool:
         return PurePosixPath(name).suffix in CODE_LANGUAGES and not excluded(name, self.exclude)
@@ -140,17 +177,24 @@ class TextSource:
     exclude: tuple[str, ...] = ()
     weight: float = 1.0
 
-    def documents(self, stats: SourceStats) -> Iterator[Document]:
-        for file in local_files(self.path, TEXT_SUFFIXES, self.exclude):
-            for doc_id, value in guarded(file, self.records(file, stats), stats):
-                text = clean_text(value, stats)
-                if text is not None:
-                    yield Document(id=doc_id, text=text, language="text")
+    def units(self) -> int:
+        """A parquet file's row groups, and every other file: one unit each."""
+        return sum(len(parts) for _, parts in file_units(local_files(self.path, TEXT_SUFFIXES, self.exclude)))
 
-    def records(self, file: Path, stats: SourceStats) -> Iterator[tuple[str, Any]]:
-        """(id, raw text value) of each record in `file`, read lazily (so `guarded` sees errors)."""
+    def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
+        for file, parts in file_units(local_files(self.path, TEXT_SUFFIXES, self.exclude)):
+            for unit, row_group in parts:
+                if (units or everything)(unit):
+                    for doc_id, value in guarded(file, self.records(file, row_group, stats), stats):
+                        text = clean_text(value, stats)
+                        if text is not None:
+                            yield Document(id=doc_id, text=text, language="text", unit=unit)
+
+    def records(self, file: Path, row_group: int | None, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+        """(id, raw text value) of each record in `file` (of one row group of a parquet file),
+        read lazily (so `guarded` sees errors)."""
         if file.name.endswith(".parquet"):
-            yield from parquet_values(file, self.field)
+            yield from parquet_values(file, self.field, row_group)
         elif file.name.endswith(".txt"):
             yield str(file), file.read_bytes()
         else:
@@ -168,35 +212,68 @@ class FineWebSource:
     exclude: tuple[str, ...] = ()
     weight: float = 1.0
 
-    def documents(self, stats: SourceStats) -> Iterator[Document]:
+    def units(self) -> int:
+        """A hub dataset's data files (what `datasets` calls its shards), a local parquet file's row
+        groups, and a local jsonl file: one unit each."""
+        return len(self.unit_readers())
+
+    def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
         """A read error ends the source with one line (a stream cannot skip a bad file and go on;
         a rerun of the build resumes)."""
         try:
-            yield from self.read_documents(stats)
+            for unit, records in enumerate(self.unit_readers()):
+                if (units or everything)(unit):
+                    yield from self.read_documents(records(), stats, unit)
         except READ_ERRORS as e:
             raise DslmError(f"source {self.spec!r}: reading failed: {e}") from e
 
-    def read_documents(self, stats: SourceStats) -> Iterator[Document]:
-        for record in self.records():
+    def read_documents(self, records: Iterable[dict[str, Any]], stats: SourceStats, unit: int) -> Iterator[Document]:
+        for record in records:
             missing = [column for column in FINEWEB_COLUMNS if column not in record]
             if missing:
                 raise DslmError(f"source {self.spec!r}: the records lack FineWeb's column(s) {', '.join(missing)}")
             text = clean_text(record["text"], stats)
             if text is not None:
-                yield Document(id=str(record["id"]), text=text, language=record["language"] or "en")
+                yield Document(id=str(record["id"]), text=text, language=record["language"] or "en", unit=unit)
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def unit_readers(self) -> list[Callable[[], Iterable[dict[str, Any]]]]:
+        """For each unit in order, what reads its records: hub files through `datasets`' own
+        `IterableDataset.shard`, local parquet row groups with pyarrow, local jsonl files with
+        `datasets`."""
         # Imported here: `datasets` takes seconds to import and only this source needs it.
         from datasets import load_dataset
 
         if is_hub_id(self.path):
-            return iter(load_dataset(self.path, name=self.config, split="train", streaming=True))
-        # One streaming dataset per run of same-format files keeps the sorted file order.
-        runs = itertools.groupby(local_files(self.path, FINEWEB_SUFFIXES, self.exclude),
-                                 key=lambda f: "parquet" if f.name.endswith(".parquet") else "json")
-        return itertools.chain.from_iterable(
-            load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
-            for builder, files in runs)
+            stream = load_dataset(self.path, name=self.config, split="train", streaming=True)
+            return [partial(stream.shard, stream.n_shards, index) for index in range(stream.n_shards)]
+        readers: list[Callable[[], Iterable[dict[str, Any]]]] = []
+        for file, parts in file_units(local_files(self.path, FINEWEB_SUFFIXES, self.exclude)):
+            if file.name.endswith(".parquet"):
+                readers += [partial(parquet_records, file, list(FINEWEB_COLUMNS), group) for _, group in parts]
+            else:
+                readers.append(partial(load_dataset, "json", data_files=[str(file)], split="train", streaming=True))
+        return readers
+
+
+def file_units(files: list[Path]) -> list[tuple[Path, list[tuple[int, int | None]]]]:
+    """Each file with its units, numbered from 0 in file order: (unit, row group) for each
+    row group of a parquet file, (unit, None) for another file, or for a parquet file whose footer
+    cannot be read (the error comes, counted, when its records are read)."""
+    numbered, start = [], 0
+    for file in files:
+        groups: list[int | None] = [None]
+        if file.name.endswith(".parquet"):
+            try:
+                groups = list(range(pq.ParquetFile(file).num_row_groups))
+            except READ_ERRORS:
+                pass
+        numbered.append((file, [(start + i, group) for i, group in enumerate(groups)]))
+        start += len(groups)
+    return numbered
+
+
+def everything(unit: int) -> bool:
+    return True
 
 
 def skip(stats: SourceStats, reason: str) -> None:
@@ -286,41 +363,61 @@ def jsonl_values(path: Path, field: str, stats: SourceStats) -> Iterator[tuple[s
         yield where, record[field]
 
 
-def parquet_values(path: Path, field: str) -> Iterator[tuple[str, Any]]:
-    """(`PATH:ROW`, value) per row of column `field` (rows from 1), read in bounded record batches."""
+def parquet_values(path: Path, field: str, row_group: int | None = None) -> Iterator[tuple[str, Any]]:
+    """(`PATH:ROW`, value) per row of column `field` (rows from 1 in the file), of one row group
+    or all, read in bounded record batches."""
     parquet = pq.ParquetFile(path)
     if field not in parquet.schema_arrow.names:
         raise DslmError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
                         f"name the text column with field=NAME")
-    for where, row in parquet_rows(path, [field]):
+    for where, row in parquet_rows(path, [field], row_group):
         yield where, row[field]
 
 
-def parquet_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(`PATH:ROW`, {column: value}) per row (rows from 1), holding those of `columns` that the
-    file has (a row of a file with none of them is {}), read in bounded record batches."""
+def parquet_records(path: Path, columns: list[str], row_group: int | None = None) -> Iterator[dict[str, Any]]:
+    return (row for _, row in parquet_rows(path, columns, row_group))
+
+
+def parquet_rows(path: Path, columns: list[str], row_group: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`PATH:ROW`, {column: value}) per row (rows from 1 in the file) of one row group or all,
+    holding those of `columns` that the file has (a row of a file with none of them is {}), read
+    in bounded record batches."""
     parquet = pq.ParquetFile(path)
     present = [column for column in columns if column in parquet.schema_arrow.names]
-    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=present)
+    first = sum(parquet.metadata.row_group(g).num_rows for g in range(row_group or 0))
+    groups = None if row_group is None else [row_group]
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=present, row_groups=groups)
     rows = (row for batch in batches for row in batch.to_pylist())
-    for number, row in enumerate(rows, 1):
+    for number, row in enumerate(rows, first + 1):
         yield f"{path}:{number}", row
 
 
-def archive_members(path: Path, keep: Callable[[str], bool], stats: SourceStats) -> Iterator[tuple[str, bytes]]:
-    """(member name, content) of the wanted members of a zip or tar, in sorted name order; a
-    member that fails to read (bad checksum) is counted as unreadable_file."""
+def archive_names(path: Path, keep: Callable[[str], bool]) -> list[str]:
+    """The wanted file members of a zip or tar, in sorted name order (the units of a code archive)."""
     if path.name.endswith(".zip"):
         with zipfile.ZipFile(path) as archive:
-            for name in sorted(filter(keep, archive.namelist()), key=PurePosixPath):
-                if (raw := read_or_skip(path / name, partial(archive.read, name), stats)) is not None:
-                    yield name, raw
+            return sorted(filter(keep, archive.namelist()), key=PurePosixPath)
+    with open_tar(path) as archive:
+        return sorted((m.name for m in archive.getmembers() if m.isfile() and keep(m.name)), key=PurePosixPath)
+
+
+def archive_members(path: Path, keep: Callable[[str], bool], stats: SourceStats,
+                    units: Units = everything) -> Iterator[tuple[int, str, bytes]]:
+    """(index, member name, content) of the wanted members of a zip or tar that `units` selects
+    by their index in sorted name order; a member that fails to read (bad checksum) is counted
+    as unreadable_file."""
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            for index, name in enumerate(sorted(filter(keep, archive.namelist()), key=PurePosixPath)):
+                if units(index) and (raw := read_or_skip(path / name, partial(archive.read, name), stats)) is not None:
+                    yield index, name, raw
         return
     with open_tar(path) as archive:
         members = [m for m in archive.getmembers() if m.isfile() and keep(m.name)]
-        for member in sorted(members, key=lambda m: PurePosixPath(m.name)):
-            if (raw := read_or_skip(path / member.name, archive.extractfile(member).read, stats)) is not None:
-                yield member.name, raw
+        for index, member in enumerate(sorted(members, key=lambda m: PurePosixPath(m.name))):
+            if units(index) and (raw := read_or_skip(path / member.name, archive.extractfile(member).read,
+                                                     stats)) is not None:
+                yield index, member.name, raw
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import numpy as np
 from dslm.data.manifest import ShardEntry
 from dslm.files import open_at, sha256_file, tmp_path
 
+TOKENIZER_NAME = "tokenizer.json"
+"""The tokenizer's copy in a build's folder."""
 SAMPLE_SUFFIX = ".tokens.npy"
 MASK_SUFFIX = ".mask.npy"
 """A sample's loss mask in instruction shards (`dslm-shard sft`): (seq_len + 1,) uint8, 1 where the

@@ -1,6 +1,7 @@
-"""dslm-submit: options, --dry-run, and real jobs with submitit's local executor (2 ranks, gloo)."""
+"""dslm-submit: options, --dry-run, and real jobs with submitit's local executor (2 ranks, gloo; a 2-task shard build)."""
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from dslm.checkpoint import list_checkpoints
+from dslm.data.manifest import Manifest
 from dslm.engine import rendezvous_port
 from dslm.errors import DslmError
 from dslm.metrics import read_scalars
 from launch.submit import parse_minutes
+from tests.shards.test_tasks import same_documents
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = Path(sys.executable).parent / "dslm-submit"
@@ -195,3 +198,133 @@ def test_a_failed_rendezvous_requeues_the_job_within_max_requeues(tiny_shards, t
     text = logs.read(rank0_log(tmp_path / "taken" / "submitit", submitter))
     assert "EADDRINUSE" in text and "(a rank or the rendezvous failed): requeueing" in text, text[-3000:]
     assert "(requeue 1)" in text and "--max-requeues 1 reached" in text, text[-3000:]
+
+
+# --- dslm-submit shard -------------------------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+STAGES = ("digests", "dedup", "write")
+
+
+def build_args(corpus: Path, tokenizer: Path, out: Path, *more: str) -> list[str]:
+    return ["--source", f"code:{corpus}", "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", "64",
+            "--samples-per-shard", "50", *more]
+
+
+@pytest.fixture
+def a_build(code_corpus, tmp_path) -> list[str]:
+    """dslm-shard build's arguments (the tokenizer is only named: a dry run does not read it)."""
+    return build_args(code_corpus, tmp_path / "tokenizer.json", tmp_path / "out")
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="the sbatch script text comes from submitit's SLURM executor, "
+                    "which needs sbatch on the PATH (.ci/run installs slurm-client)")
+def test_a_shard_dry_run_on_slurm_prints_three_chained_arrays_and_the_merge(a_build, tmp_path):
+    result = dslm_submit("shard", "--executor", "slurm", "--dry-run", "--tasks", "2", "--cpus-per-task", "4",
+                         "--time", "1:00:00", "--slurm", "account=lm", *a_build, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    out, folder = result.stdout, tmp_path / "out"
+    assert f"logs: {folder / 'submitit'}" in out and "steps: digests -> dedup -> write -> merge" in out
+    assert f"first: the earlier build in {folder} is cleared" in out
+    for stage in STAGES:
+        task_k = [BIN / "dslm-shard", "build", *a_build, "--tasks", "2", "--task", "K", "--stage", stage]
+        assert f"{stage}: 2 task(s), K = 0 .. 1\n  {shlex.join(map(str, task_k))}\n" in out
+    assert f"merge: 1 task\n  {BIN / 'dslm-shard'} merge {folder}\n" in out
+    assert "--overwrite" not in out.split("steps:")[1], "the tasks do not get --overwrite"
+    scripts = dict(zip(("digests", "dedup", "write", "merge"), out.split("sbatch script of ")[1:]))
+    for name, script in scripts.items():
+        for line in (f"#SBATCH --job-name=dslm-shard-{name}", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
+                     "#SBATCH --cpus-per-task=4", "#SBATCH --time=60", "#SBATCH --signal=USR2@120",
+                     "#SBATCH --account=lm", f"#SBATCH --output={folder / 'submitit'}"):
+            assert line in script, (name, line)
+        assert ("#SBATCH --array=0-1%2" in script) == (name != "merge"), name
+    assert "--dependency" not in scripts["digests"] and "--kill-on-invalid-dep" not in scripts["digests"]
+    for before, name in (("digests", "dedup"), ("dedup", "write"), ("write", "merge")):
+        assert f"#SBATCH --dependency=afterok:{before.upper()}_JOB_ID\n" in scripts[name]
+        assert "#SBATCH --kill-on-invalid-dep=yes\n" in scripts[name], "ended by SLURM when the step before failed"
+    assert not folder.exists(), "a dry run submits, clears and creates nothing"
+
+
+def test_a_local_shard_dry_run_shares_the_cores_among_the_tasks(a_build, tmp_path):
+    result = dslm_submit("shard", "--executor", "local", "--dry-run", "--tasks", "2", *a_build)
+    assert result.returncode == 0, result.stderr
+    workers = max(1, len(os.sched_getaffinity(0)) // 2)
+    for stage in STAGES:
+        task_k = [BIN / "dslm-shard", "build", "--workers", str(workers), *a_build, "--tasks", "2", "--task", "K",
+                  "--stage", stage]
+        assert shlex.join(map(str, task_k)) in result.stdout
+    assert "(dslm-submit waits)" in result.stdout and "sbatch" not in result.stdout
+    given = dslm_submit("shard", "--executor", "local", "--dry-run", "--tasks", "2", *a_build, "--workers=3")
+    assert given.returncode == 0, given.stderr
+    assert given.stdout.count("--workers") == 3 and given.stdout.count("--workers=3") == 3, "the person's --workers"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "2", "--task", "1"], "--task: dslm-submit gives every task its --tasks, --task and --stage"),
+    (["--tasks", "2", "--stage=write"], "--stage=write: dslm-submit gives every task"),
+    (["--tasks", "2", "--tasks", "3"], "--tasks is given once"),
+    (["--tasks", "0"], "--tasks must be at least 1"),
+    (["--tasks", "2", "--seq-len", "many"], "argument --seq-len: invalid int value"),
+    (["--tasks", "2", "--workers", "-1"], "workers -1 must not be negative"),
+    (["--tasks", "2", "--val-fraction", "1"], "val_fraction 1.0 must be in [0, 1)"),
+    (["--tasks", "2", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ([], "the following arguments are required: --tasks"),
+])
+def test_bad_shard_input_is_one_line_and_status_2(a_build, args, message, tmp_path):
+    result = dslm_submit("shard", "--executor", "local", *args, *a_build)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_build_arguments_are_named_by_dslm_shard(code_corpus, tmp_path):
+    result = dslm_submit("shard", "--executor", "local", "--tasks", "2", "--source", f"code:{code_corpus}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "dslm-shard build: error: the following arguments are required: --tokenizer, --out "
+        "(see dslm-shard build --help)"], result.stderr
+
+
+def test_a_shard_build_into_a_finished_one_or_of_a_missing_source_is_refused_before_submitting(a_build, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text("{}")
+    result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *a_build)
+    assert result.returncode == 2 and "already holds a finished build" in result.stderr, result.stderr
+    assert "--overwrite" in result.stderr and not (tmp_path / "out" / "submitit").exists()
+    missing = dslm_submit("shard", "--executor", "local", "--tasks", "2", "--source", f"code:{tmp_path / 'nothing'}",
+                          *a_build)
+    assert missing.returncode == 2 and "nothing' is not a folder" in missing.stderr, missing.stderr
+
+
+@pytest.mark.slow
+def test_a_local_shard_build_runs_each_stage_then_the_merge(code_corpus, tiny_shards, tmp_path):
+    shards, manifest = tiny_shards
+    out = tmp_path / "out"
+    args = build_args(code_corpus, shards / "tokenizer.json", out, "--val-fraction", "0.1", "--workers", "1")
+    result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in STAGES:
+        assert f"{stage}: 2 task(s) on this machine" in result.stdout
+        assert f"{stage} task 1 (job " in result.stdout
+    assert "merge task 0 (job " in result.stdout
+    verify = subprocess.run([BIN / "dslm-shard", "verify", out], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # the documents and counts of one process's build of the same inputs (tiny_shards: other shard sizes)
+    assert Manifest.load(out).sources == manifest.sources
+    for split in ("train", "val"):
+        same_documents(shards, out, split)
+
+
+@pytest.mark.slow
+def test_a_failed_local_shard_task_is_one_line_naming_it_and_its_log(code_corpus, tmp_path):
+    (tmp_path / "tokenizer.json").write_text("not a tokenizer")
+    args = build_args(code_corpus, tmp_path / "tokenizer.json", tmp_path / "out", "--workers", "1")
+    result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("dslm-submit: digests task 0 (job ") and " failed: dslm-shard: error: tokenizer " in line, line
+    log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "out" / "submitit" and log.exists(), line
+    assert "dedup" not in result.stdout, "the next stage never started"

@@ -19,6 +19,7 @@ from shards.build import ShardBuild, ShardConfig, build_shards, copies, token_dt
 from shards.journal import DIGESTS_NAME, JOURNAL_NAME, load_state
 from shards.sources import CodeSource
 from shards.verify import verify_build
+from shards.writer import ShardWriter
 
 
 def config(tiny_shards, out, **overrides):
@@ -84,6 +85,36 @@ def test_rerun_after_a_crash_keeps_verified_shards_and_writes_the_same_build(
     assert verify_build(out) == []
     assert not (out / JOURNAL_NAME).exists() and not (out / DIGESTS_NAME).exists()
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("crash_at", [30, 65])
+def test_a_crash_after_shards_finished_since_the_journal_resumes_without_starting_over(
+        tiny_shards, sources, tmp_path, monkeypatch, capsys, crash_at):
+    """Small shards: a batch finishes several, and the journal is saved only after it. A crash just
+    after a shard's rename leaves finished shards (and the journaled open one) that the journal
+    does not know: the rerun takes them back and still resumes."""
+    settings = dict(samples_per_shard=5, batch_documents=1)
+    whole = build_shards(config(tiny_shards, tmp_path / "whole", **settings), sources).manifest
+    out, cfg = tmp_path / "out", config(tiny_shards, tmp_path / "out", **settings)
+    finish, finished = ShardWriter._finish_shard, []
+
+    def crashing(self):
+        finished.append(finish(self))
+        if len(finished) == crash_at:
+            raise RuntimeError("simulated crash")
+        return finished[-1]
+
+    monkeypatch.setattr(ShardWriter, "_finish_shard", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_shards(cfg, sources)
+    monkeypatch.undo()
+    journaled = sum(len(w.entries) for w in load_state(out).writers.values())
+    assert 0 < journaled < crash_at, "the crash came after shards the journal does not list"
+    capsys.readouterr()
+    report = build_shards(cfg, sources)
+    assert "starting over" not in capsys.readouterr().err
+    assert report.resumed_shards == journaled and report.manifest == whole
+    assert verify_build(out) == [] and not list(out.glob(".*.tmp"))
 
 
 def test_a_damaged_kept_shard_means_starting_over(tiny_shards, sources, whole, tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import pytest
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
 from shards.filters import DocumentFilter
-from shards.sources import CodeSource, FineWebSource, TextSource, parse_source
+from shards.sources import CodeSource, FineWebSource, Partition, TextSource, parse_source
 
 
 def read(source):
@@ -230,13 +230,27 @@ def test_fineweb_hub_streams_the_named_config(monkeypatch):
 
     def fake_load_dataset(path, **kwargs):
         calls.append((path, kwargs))
-        return iter(fineweb_rows("hub", 1))
+        return datasets.Dataset.from_list(fineweb_rows("hub", 1)).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert read(parse_source("fineweb:"))[0] == [("<urn:hub:0>", "hub page 0", "en")]
+    calls.clear()
     read(parse_source("fineweb:HuggingFaceFW/fineweb-edu,config=sample-10BT"))
-    assert calls == [("HuggingFaceFW/fineweb", dict(name="sample-100BT", split="train", streaming=True)),
-                     ("HuggingFaceFW/fineweb-edu", dict(name="sample-10BT", split="train", streaming=True))]
+    assert calls == [("HuggingFaceFW/fineweb-edu", dict(name="sample-10BT", split="train", streaming=True))]
+
+
+def test_fineweb_hub_units_are_the_datasets_shards(monkeypatch):
+    """A hub dataset (a real `datasets` stream of 3 data files here) splits by its files."""
+    import datasets
+
+    rows = fineweb_rows("hub", 7)
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kwargs: datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=3))
+    source = parse_source("fineweb:")
+    assert source.units() == 3
+    parts = [[(d.id, d.unit) for d in source.documents(SourceStats(), Partition(2, k))] for k in range(2)]
+    whole = [(d.id, d.unit) for d in source.documents(SourceStats())]
+    assert sorted(parts[0] + parts[1]) == sorted(whole) and len(whole) == 7
+    assert {u for _, u in parts[0]} == {0, 2} and {u for _, u in parts[1]} == {1}
 
 
 @pytest.mark.parametrize("spec, weight", [("code:{d}", 1.0), ("code:{d},weight=0.5", 0.5), ("text:{d},weight=3", 3.0),
@@ -332,3 +346,43 @@ def test_damaged_fineweb_file_is_one_error_line(tmp_path):
     write(tmp_path / "a.parquet", (tmp_path / "a.parquet").read_bytes()[:200])
     with pytest.raises(DslmError, match="reading failed"):
         read(parse_source(f"fineweb:{tmp_path / 'a.parquet'}"))
+
+
+def partition_inputs(tmp_path, kind):
+    if kind == "code folder":
+        for name, content in CODE_FILES.items():
+            write(tmp_path / "src" / name, content)
+        return f"code:{tmp_path / 'src'}", len(CODE_FILES) - 2  # README.md is not code, skip/* excluded
+    if kind == "code zip":
+        return f"code:{make_zip(tmp_path / 'src.zip', CODE_FILES)}", len(CODE_FILES) - 2
+    if kind == "fineweb":  # 2 row groups of a parquet file and a jsonl file: 3 units
+        pq.write_table(pa.Table.from_pylist(fineweb_rows("pq", 6)), tmp_path / "a.parquet", row_group_size=3)
+        write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in fineweb_rows("js", 2)))
+        return f"fineweb:{tmp_path}", 3
+    # 3 row groups of a parquet file (rows 1-4, 5-8, 9-10) and 2 jsonl files: 5 units
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)]}), tmp_path / "a.parquet", row_group_size=4)
+    for name in ("b", "c"):
+        write(tmp_path / f"{name}.jsonl", "".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(3)))
+    return f"text:{tmp_path}", 5
+
+
+@pytest.mark.parametrize("kind", ["code folder", "code zip", "text", "fineweb"])
+@pytest.mark.parametrize("tasks", [1, 2, 3])
+def test_tasks_split_the_units_and_together_read_everything_once(tmp_path, kind, tasks):
+    spec, units = partition_inputs(tmp_path, kind)
+    source = parse_source(spec, exclude=("skip/*",))
+    assert source.units() == units
+    whole = [(d.unit, d.id, d.text) for d in source.documents(SourceStats())]
+    parts = [[(d.unit, d.id, d.text) for d in source.documents(SourceStats(), Partition(tasks, k))] for k in range(tasks)]
+    for k, part in enumerate(parts):
+        assert all(unit % tasks == k for unit, _, _ in part)
+    assert sorted(sum(parts, []), key=lambda d: (d[0], whole.index(d))) == whole  # whole is in unit order
+    if kind == "text":
+        assert [d[1].rsplit(":", 1)[1] for d in whole[:10]] == [str(i) for i in range(1, 11)]  # rows of the file
+        assert [d[0] for d in whole[:10]] == [0] * 4 + [1] * 4 + [2] * 2
+
+
+@pytest.mark.parametrize("task, tasks", [(2, 2), (-1, 2), (0, 0)])
+def test_a_task_outside_the_tasks_is_one_line(task, tasks):
+    with pytest.raises(DslmError, match=r"--task .* must be in \[0, --tasks"):
+        Partition(tasks, task)

@@ -1,0 +1,226 @@
+"""A build split over many processes or SLURM array tasks (`--tasks N --task K`), and
+`dslm-shard merge`, which makes the tasks' output one build.
+
+Task K of N reads the input units whose index is K modulo N (shards.sources.Partition) and runs
+three stages, each a command; every task of a stage must finish before any of the next starts:
+
+    digests   filter the task's documents; write their digests bucketed by hash (shards.dedup)
+    dedup     task K reads bucket K of every task; lists the duplicates of each task
+    write     filter, tokenize, drop the listed duplicates, pack and write shards into
+              OUT/task-K/ (resumable: a rerun keeps the verified shards), then
+              OUT/task-K/task.json (the tokens of its streams' last, partial samples) and
+              OUT/task-K/manifest.json (its commit marker, names relative to the task's folder)
+
+`dslm-shard merge OUT` checks every task finished with the same inputs and settings, packs the
+tasks' leftover tokens (in task order, per stream) into the shards in OUT/tails/, and writes
+OUT/manifest.json last: the shards of task 0, task 1, ..., then the tails, named relative to
+OUT. So the documents in the shards, and the counts by reason, are those of a one-process build
+of the same inputs, and only the last, partial sample of each stream is dropped, as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
+from dslm.errors import DslmError
+from dslm.files import atomic_write_text, sha256_file
+from shards.dedup import DEDUP_DIR
+from shards.sources import Partition
+from shards.writer import TOKENIZER_NAME, Packer, ShardWriter
+
+STAGES = ("digests", "dedup", "write")
+TAILS_NAME = "task.json"
+TAILS_DIR = "tails"
+TASK_DIR = re.compile(r"task-(\d{5})")
+
+
+def task_dir(out: Path, task: int) -> Path:
+    return out / f"task-{task:05d}"
+
+
+@dataclass
+class TaskTails:
+    """OUT/task-K/task.json: what `dslm-shard merge` needs of a finished task beyond its manifest."""
+
+    fingerprint: str
+    """shards.build.fingerprint of the build's inputs and settings, the same for every task."""
+    tasks: int
+    task: int
+    samples_per_shard: int
+    pending: dict[str, list[int]]
+    """The tokens of each stream (SPLIT.COPY.LANGUAGE) after its last full sample."""
+    owners: dict[str, list[list[int]]]
+    """Which source each stream's pending tokens came from (shards.writer.Packer.owners)."""
+
+
+def save_tails(home: Path, tails: TaskTails) -> None:
+    atomic_write_text(home / TAILS_NAME, json.dumps(dataclasses.asdict(tails)) + "\n")
+
+
+def load_tails(home: Path) -> TaskTails | None:
+    path = home / TAILS_NAME
+    return TaskTails(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def refuse_finished(out: Path) -> None:
+    """A stage of a distributed build does not touch a finished (merged) build."""
+    if (out / MANIFEST_NAME).exists():
+        raise DslmError(f"{out} already holds a finished build (manifest.json); remove it, or pass "
+                        f"--overwrite to dslm-submit shard, to build it again")
+
+
+def finished_task(home: Path, fingerprint: str, part: Partition) -> Manifest | None:
+    """The manifest of task `part` when it finished before with the same inputs, else None."""
+    tails = load_tails(home)
+    if not (home / MANIFEST_NAME).exists() or tails is None:
+        return None
+    if (tails.fingerprint, tails.tasks, tails.task) != (fingerprint, part.tasks, part.task):
+        return None
+    return Manifest.load(home)
+
+
+def clear_build(out: Path) -> None:
+    """Remove a build (finished or not, of one process or of tasks) from `out`: the manifest
+    first, so that nothing half-removed looks finished. Other files in `out` are left."""
+    if (out / MANIFEST_NAME).exists():
+        old = Manifest.load(out)
+        (out / MANIFEST_NAME).unlink()
+        for entry in old.shards:
+            (out / entry.name).unlink(missing_ok=True)
+    for folder in [*task_folders(out), out / TAILS_DIR, out / DEDUP_DIR]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def task_folders(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("task-*") if p.is_dir() and TASK_DIR.fullmatch(p.name))
+
+
+@dataclass
+class Finished:
+    """One task's output, as the merge reads it."""
+
+    home: Path
+    manifest: Manifest
+    tails: TaskTails
+
+
+def finished_tasks(out: Path) -> list[Finished]:
+    """Every task's output, in task order. Raises DslmError (one line) for no tasks, a task that
+    has not finished, or tasks of different inputs, settings or task counts."""
+    folders = task_folders(out)
+    if not folders:
+        raise DslmError(f"{out} holds no task of a distributed build (task-NNNNN/ folders): run "
+                        f"`dslm-shard build ... --tasks N --task K` first")
+    first = load_tails(folders[0])
+    tasks = first.tasks if first is not None else len(folders)
+    done = []
+    for k in range(tasks):
+        home = task_dir(out, k)
+        tails = load_tails(home)
+        if tails is None or not (home / MANIFEST_NAME).exists():
+            raise DslmError(f"task {k} of {tasks} has not finished ({home} has no {MANIFEST_NAME}): rerun "
+                            f"`dslm-shard build ... --tasks {tasks} --task {k} --stage write`, then merge")
+        if (tails.fingerprint, tails.tasks, tails.task) != (first.fingerprint, tasks, k):
+            raise DslmError(f"task {k} in {home} is of other sources or settings than task 0, or of another "
+                            f"--tasks ({tails.tasks}); rebuild the tasks with the same arguments")
+        done.append(Finished(home, Manifest.load(home), tails))
+    extra = [f.name for f in folders if int(TASK_DIR.fullmatch(f.name).group(1)) >= tasks]
+    if extra:
+        raise DslmError(f"{out} holds {', '.join(extra)}, beyond the {tasks} tasks of this build: left by a "
+                        f"build with more --tasks; remove them")
+    return done
+
+
+def merge_build(out: Path) -> Manifest:
+    """`dslm-shard merge OUT`: check the tasks, pack their tails, write OUT/manifest.json (last),
+    then remove the dedup files. Raises DslmError (one line) as `finished_tasks`, for a finished
+    build in `out`, a missing or changed shard or tokenizer."""
+    refuse_finished(out)
+    done = finished_tasks(out)
+    first = done[0].manifest
+    entries = [entry for f in done for entry in task_entries(out, f)]
+    stats = merged_stats(done)
+    tails, dropped = write_tails(out, done, first.seq_len + 1, first.dtype, stats)
+    tokenizer = out / TOKENIZER_NAME
+    if not tokenizer.is_file() or sha256_file(tokenizer) != first.tokenizer_sha256:
+        raise DslmError(f"{tokenizer} is missing or not the tasks' tokenizer: stage digests of task 0 places "
+                        f"it; rerun that task")
+    manifest = dataclasses.replace(first, tokenizer=tokenizer.name, shards=entries + tails, sources=stats,
+                                   dropped_tokens=dropped)
+    if not manifest.split("train"):
+        raise DslmError(f"too little text for one training sample of {first.seq_len + 1} tokens")
+    manifest.save(out)  # the commit point
+    shutil.rmtree(out / DEDUP_DIR, ignore_errors=True)
+    return manifest
+
+
+def task_entries(out: Path, task: Finished) -> list[ShardEntry]:
+    """A task's shard entries, named relative to `out`, after checking that each shard is there
+    with its size. Only the size: counting a shard's samples reads every tar header (47 us a
+    sample, over an hour for 100B tokens, in one process); `dslm-shard verify` checks samples and
+    sha256."""
+    entries = []
+    for entry in task.manifest.shards:
+        path = task.home / entry.name
+        if not path.is_file() or path.stat().st_size != entry.bytes:
+            raise DslmError(f"{path} is missing or not the {entry.bytes:,} bytes its task wrote; rebuild task "
+                            f"{task.tails.task} with --overwrite, then merge")
+        entries.append(dataclasses.replace(entry, name=f"{task.home.name}/{entry.name}"))
+    return entries
+
+
+def merged_stats(done: list[Finished]) -> dict[str, SourceStats]:
+    """Each source's counts summed over the tasks, without their dropped tokens (the merge
+    drops fewer: only what is left after packing every task's tails)."""
+    merged: dict[str, SourceStats] = {}
+    for task in done:
+        for spec, st in task.manifest.sources.items():
+            total = merged.setdefault(spec, SourceStats())
+            total.documents += st.documents
+            total.bytes += st.bytes
+            total.tokens += st.tokens
+            total.headers_stripped += st.headers_stripped
+            for reason, n in st.filtered.items():
+                total.filtered[reason] = total.filtered.get(reason, 0) + n
+    return merged
+
+
+def write_tails(out: Path, done: list[Finished], sample_len: int, dtype: str,
+                stats: dict[str, SourceStats]) -> tuple[list[ShardEntry], dict[str, int]]:
+    """Pack each stream's leftover tokens of every task, in task order, into samples in
+    OUT/tails/; return their shard entries (named relative to `out`) and the tokens still left
+    per stream, which are dropped and counted in their sources' `dropped_tokens`."""
+    shutil.rmtree(out / TAILS_DIR, ignore_errors=True)  # a merge that stopped before its manifest
+    (out / TAILS_DIR).mkdir()
+    specs = list(stats)
+    writers: dict[str, ShardWriter] = {}
+    dropped: dict[str, int] = {}
+    for name in sorted({name for task in done for name in task.tails.pending}):
+        split, _, language = name.split(".", 2)  # SPLIT.COPY.LANGUAGE; only the language may hold dots
+        writer = writers.setdefault(split, ShardWriter(out / TAILS_DIR, split, done[0].tails.samples_per_shard,
+                                                       sample_len))
+        packer = Packer(sample_len, np.dtype(dtype))
+        for task in done:
+            tokens, start = task.tails.pending.get(name, []), 0
+            owners = task.tails.owners.get(name, [[-1, len(tokens)]])
+            if sum(n for _, n in owners) != len(tokens):
+                raise DslmError(f"{task.home / TAILS_NAME}: stream {name} holds {len(tokens)} tokens but names the "
+                                f"sources of {sum(n for _, n in owners)}; rebuild the task with --overwrite")
+            for source, n in owners:
+                for sample in packer.add(np.asarray(tokens[start:start + n], dtype=dtype), source):
+                    writer.add(sample, language)
+                start += n
+        dropped[name] = packer.pending_tokens
+        for source, n in packer.owners:
+            if source >= 0:
+                stats[specs[source]].dropped_tokens += n
+    entries = [dataclasses.replace(e, name=f"{TAILS_DIR}/{e.name}") for w in writers.values() for e in w.close()]
+    return entries, dropped
