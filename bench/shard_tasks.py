@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from shards_throughput import kept_stdlib_texts, write_corpus  # bench/shards_throughput.py, beside this script
+
 from dslm.data.manifest import Manifest
 from shards.build import train_and_save_tokenizer
 from shards.sources import CodeSource

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from dslm.errors import DslmError
 
 
 def tmp_path(final: str | Path) -> Path:
@@ -71,3 +74,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def exclusive(lock: str | Path, what: str) -> Iterator[None]:
+    """Hold `lock` (a file, created if missing) for the block, so that no two processes write
+    `what` at once (fcntl.flock: advisory, one holder). Raises DslmError at once when another
+    process holds it; the file is removed at the end."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DslmError(f"another process is writing {what} ({lock} is locked); wait for it to end, or stop "
+                            f"it") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)

@@ -100,6 +100,8 @@ class SlurmConfig:
         for name in ("nodes", "time_min"):
             if getattr(self, name) < 1:
                 raise DslmError(f"--{name.replace('_min', '').replace('_', '-')} must be at least 1")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise DslmError("--cpus-per-task must be at least 1")
         for name in ("gpus_per_node", "tasks_per_node", "max_requeues", "signal_delay_s"):
             if getattr(self, name) < 0:
                 raise DslmError(f"--{name.replace('_s', '').replace('_', '-')} must not be negative")
@@ -271,10 +273,20 @@ def sbatch_script(executor: submitit.SlurmExecutor) -> str:
 
 
 def submit_array(executor: submitit.Executor, jobs: list[ChildJob]) -> list[submitit.Job]:
-    """`jobs` as one job array on SLURM (one plain job when there is one; processes when local)."""
-    with executor.batch():
-        submitted = [executor.submit(job) for job in jobs]
+    """`jobs` as one job array on SLURM (one plain job when there is one; processes when local).
+    Raises DslmError with sbatch's own line when it refuses the job (a bad partition or option)."""
+    try:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    except submitit.core.utils.FailedJobError as e:
+        raise DslmError(f"the job was not submitted: {refusal(e)}") from None
     return submitted
+
+
+def refusal(e: Exception) -> str:
+    """sbatch's error line in submitit's report of a refused submission."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else repr(e))
 
 
 def task_log(folder: Path, job: submitit.Job) -> Path:
@@ -395,7 +407,8 @@ def bin_of(command: str) -> str:
 
 
 def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Path, str]:
-    from dslm.train import parse_args as train_args, resolve_config  # torch: only for train jobs
+    from dslm.train import parse_args as train_args  # torch: only for train jobs
+    from dslm.train import resolve_config
 
     recipe = [a for a in args.args if "=" not in a]
     if len(recipe) > 1:
@@ -432,7 +445,7 @@ def run(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(describe(executor, cfg, job, folder))
         return
-    submitted = executor.submit(job)
+    [submitted] = submit_array(executor, [job])
     log = task_log(folder, submitted)
     print(f"{PROG}: submitted {args.kind} job {submitted.job_id} ({cfg.executor}, {cfg.nodes} node(s) x "
           f"{cfg.ranks_per_node} task(s)) for {run_dir}\n  log:         {log}\n"
@@ -478,8 +491,10 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
     """The build asked for, its arguments checked here by dslm-shard's own parser (not in the
     queue); and whether an earlier build in OUT is to be cleared first (--overwrite, which the
     tasks do not get)."""
-    from shards.build import all_cores
-    from shards.cli import parser as shard_parser, shard_config
+    from dslm.data.tokens import load_text_tokenizer
+    from shards.build import all_cores, token_dtype
+    from shards.cli import parser as shard_parser
+    from shards.cli import shard_config
     from shards.sources import parse_source
     from shards.tasks import STAGES, refuse_finished
 
@@ -497,7 +512,8 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
     if cfg.executor == "local" and not any(names_option(a, "--workers") for a in build_args):
         build_args = ["--workers", str(max(1, all_cores() // tasks)), *build_args]  # N tasks share the cores
     build = shard_parser().parse_args(["build", *build_args])  # exits 2 with one line on a bad argument
-    shard_config(build)  # a value out of range (--seq-len 0)
+    cfg_build = shard_config(build)  # a value out of range (--seq-len 0)
+    token_dtype(load_text_tokenizer(cfg_build.tokenizer).get_vocab_size(), cfg_build.dtype)  # a bad tokenizer
     for spec in build.source:
         parse_source(spec, tuple(build.exclude))  # a missing folder, a typo in a KIND: here, not in the queue
     if not overwrite:

@@ -20,16 +20,18 @@ from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, shard_problem
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import atomic_copy, atomic_write_text, sha256_file, tmp_path
-from shards.dedup import DocPosition, ListedDuplicates, SeenDigests, is_done, records, write_digest_buckets
+from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
+from shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, is_done, lock_file, records,
+                          write_digest_buckets)
 from shards.encode import Encoded, EncoderConfig, encode_batches
 from shards.filters import DocumentFilter, FilterConfig
 from shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
 from shards.sources import Document, Partition, Source, Units, skip
-from shards.tasks import TaskTails, finished_task, refuse_finished, save_tails, task_dir
+from shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks, save_tails,
+                          task_dir)
 from shards.tokenizer import train_tokenizer
 from shards.verify import count_samples
-from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, shard_path
+from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, shard_path, warn_unsampled
 
 
 @dataclass
@@ -376,14 +378,23 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
     tok = load_text_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
     home = cfg.out if part is None else task_dir(cfg.out, part.task)
+    key = fingerprint(build_settings(cfg, sources))
     if part is not None:
         refuse_finished(cfg.out)
-        if (kept := finished_task(home, fingerprint(cfg, sources), part)) is not None:
+        stamp = task_stamp(cfg, sources, part.tasks)
+        if not cfg.overwrite and (kept := finished_task(home, stamp, part)) is not None:
             return BuildReport(kept, time.monotonic() - started, 0, 0, len(kept.shards))
-        # before anything is written: stage dedup must have finished
-        listed = ListedDuplicates(cfg.out, part.task, part.tasks, fingerprint(cfg, sources))
-    state = start_or_resume(cfg, sources, home, part)
-    dedup = SeenDigests(home, state.digests, cfg.filters) if part is None else listed
+        listed = ListedDuplicates(cfg.out, part.task, stamp)  # before anything is written: dedup has finished
+        key = fingerprint({**stamp.settings, "part": dataclasses.asdict(part)})
+    with exclusive(home / LOCK_NAME, f"the build in {home}"):
+        return write_build(cfg, sources, part, home, key, listed if part is not None else None, tok, dtype, started)
+
+
+def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None, home: Path, key: str,
+                listed: ListedDuplicates | None, tok: Tokenizer, dtype: np.dtype, started: float) -> BuildReport:
+    """build_shards' writing, in `home`, which this process holds."""
+    state = start_or_resume(cfg, home, key, part is not None)
+    dedup = SeenDigests(home, state.digests, cfg.filters) if listed is None else listed
     build = ShardBuild(cfg, home, sources, dtype, state, dedup)
     resumed = sum(len(w.entries) for w in state.writers.values())
     encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, dtype.name)
@@ -411,7 +422,7 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
         if not manifest.split("train"):
             raise DslmError(f"too little text for one training sample of {build.sample_len} tokens")
     else:
-        save_tails(home, TaskTails(fingerprint(cfg, sources), part.tasks, part.task, cfg.samples_per_shard,
+        save_tails(home, TaskTails(listed.stamp.settings, part.tasks, part.task, cfg.samples_per_shard,
                                    *build.leftovers()))
     manifest.save(home)  # the commit point
     remove_journal(home)
@@ -423,43 +434,26 @@ def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> i
     worker processes (no tokenizing) and write the digests of those kept, bucketed by hash
     (shards.dedup). Returns the documents kept; a task already finished is kept (returns -1).
     Started over when rerun: it writes nothing until its end."""
+    tok = load_text_tokenizer(cfg.tokenizer)  # a bad tokenizer is one line, before anything is written
+    dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
     refuse_finished(cfg.out)
-    expected = fingerprint(cfg, sources)
+    stamp = task_stamp(cfg, sources, part.tasks)
     if part.task == 0:
         place_tokenizer(cfg.tokenizer, cfg.out)  # one writer: the tasks share the folder
-    if is_done(cfg.out, "digests", part.task, part.tasks, expected) and not cfg.overwrite:
+    if is_done(cfg.out, "digests", part.task, stamp) and not cfg.overwrite:
         return -1
-    tok = load_text_tokenizer(cfg.tokenizer)
-    encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, token_dtype(tok.get_vocab_size(), cfg.dtype).name,
-                            tokenize=False)
-    rows = []
-    batches = read_batches(sources, Position(), cfg, part)
-    with tqdm(desc=f"digests (task {part.task} of {part.tasks})", unit="doc", dynamic_ncols=True) as bar:
-        for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
-            kept = [i for i, enc in enumerate(results) if enc.reason is None]
-            rows.append(records([results[i].digest for i in kept], [batch.position(i) for i in kept]))
-            bar.update(len(batch.documents) + sum(batch.skipped.values()))
-    kept_rows = np.concatenate(rows) if rows else records([], [])
-    write_digest_buckets(cfg.out, part.task, part.tasks, kept_rows, expected)
+    encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, dtype.name, tokenize=False)
+    with exclusive(lock_file(cfg.out, "digests", part.task), f"stage digests of task {part.task}"):
+        rows = []
+        batches = read_batches(sources, Position(), cfg, part)
+        with tqdm(desc=f"digests (task {part.task} of {part.tasks})", unit="doc", dynamic_ncols=True) as bar:
+            for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
+                kept = [i for i, enc in enumerate(results) if enc.reason is None]
+                rows.append(records([results[i].digest for i in kept], [batch.position(i) for i in kept]))
+                bar.update(len(batch.documents) + sum(batch.skipped.values()))
+        kept_rows = np.concatenate(rows) if rows else records([], [])
+        write_digest_buckets(cfg.out, part.task, kept_rows, stamp)
     return len(kept_rows)
-
-
-def warn_unsampled(manifest: Manifest) -> None:
-    """One warning line for each language, and each source, that has documents but no sample:
-    all their tokens were in the last, partial sample of their streams (Manifest.dropped_tokens)."""
-    sampled = {language for entry in manifest.shards for language in entry.languages}
-    dropped: dict[str, int] = {}
-    for name, tokens in manifest.dropped_tokens.items():
-        language = name.split(".", 2)[2]  # SPLIT.COPY.LANGUAGE; only the language may hold dots
-        dropped[language] = dropped.get(language, 0) + tokens
-    tail = (f"all in the last, partial sample of their streams (under {manifest.seq_len + 1} tokens), "
-            f"which is dropped; lower --seq-len or add text")
-    for language, tokens in sorted(dropped.items()):
-        if language not in sampled:
-            warn("dslm-shard", f"language {language!r} has no sample: its {tokens:,} tokens are {tail}")
-    for spec, stats in manifest.sources.items():
-        if stats.tokens and stats.dropped_tokens == stats.tokens:
-            warn("dslm-shard", f"source {spec!r} has no sample: its {stats.tokens:,} tokens are {tail}")
 
 
 class BuildProgress:
@@ -491,10 +485,9 @@ class BuildProgress:
         self.bar.close()
 
 
-def fingerprint(cfg: ShardConfig, sources: list[Source], part: Partition | None = None) -> str:
-    """What decides a build's bytes (with `part`, a task's); a journal with another fingerprint
-    cannot be resumed, and the stages of a distributed build must share theirs."""
-    settings = {
+def build_settings(cfg: ShardConfig, sources: list[Source]) -> dict:
+    """What decides a build's bytes: a journal of other settings cannot be resumed."""
+    return {
         "tokenizer": sha256_file(cfg.tokenizer),
         "seq_len": cfg.seq_len,
         "samples_per_shard": cfg.samples_per_shard,
@@ -503,21 +496,33 @@ def fingerprint(cfg: ShardConfig, sources: list[Source], part: Partition | None 
         "filters": dataclasses.asdict(cfg.filters),
         "sources": [repr(s) for s in sources],
     }
-    if part is not None:
-        settings["part"] = dataclasses.asdict(part)
+
+
+def task_stamp(cfg: ShardConfig, sources: list[Source], tasks: int) -> Stamp:
+    """What the stages and tasks of a build split over `tasks` must share: the settings, and
+    each source's number of units, which changes when files are added or removed between stages
+    (the duplicate lists name documents by their unit)."""
+    return Stamp({**build_settings(cfg, sources), "units": [s.units() for s in sources]}, tasks)
+
+
+def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def start_or_resume(cfg: ShardConfig, sources: list[Source], home: Path, part: Partition | None) -> BuildState:
-    """Prepare `home` (the build's folder, or a task's): refuse to clobber a finished build unless
-    asked, place the tokenizer, and return the journal of an unfinished build of the same inputs
-    (or a fresh state)."""
+def start_or_resume(cfg: ShardConfig, home: Path, key: str, task: bool) -> BuildState:
+    """Prepare `home` (the build's folder, or a `task`'s): refuse to clobber a finished build
+    unless asked, place the tokenizer, and return the journal of an unfinished build whose
+    fingerprint is `key` (or a fresh state)."""
     home.mkdir(parents=True, exist_ok=True)
+    if not task and cfg.overwrite:
+        clear_build(home)  # a merged build of tasks too
+    if not task:
+        refuse_tasks(home)
     if (home / MANIFEST_NAME).exists():
         if not cfg.overwrite:
             raise DslmError(f"{home} already holds a finished build; pass --overwrite to replace it")
         remove_finished_build(home)
-    fresh = BuildState(fingerprint(cfg, sources, part))
+    fresh = BuildState(key)
     state = load_state(home)
     if state is not None and state.fingerprint != fresh.fingerprint and not cfg.overwrite:
         raise DslmError(f"{home} holds an unfinished build of other sources or settings; rerun it "
@@ -530,7 +535,7 @@ def start_or_resume(cfg: ShardConfig, sources: list[Source], home: Path, part: P
     if state is not None and (cfg.overwrite or problem):
         remove_unfinished_build(home, state)
         state = None
-    if part is None:
+    if not task:
         place_tokenizer(cfg.tokenizer, cfg.out)
     return state or fresh
 

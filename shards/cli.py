@@ -10,11 +10,12 @@ from tokenizers import Tokenizer
 from dslm.cli import ArgumentParser, run_command
 from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
-from dslm.data.tokens import PAD_ID
+from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
-from shards.build import (BuildReport, ShardConfig, all_cores, build_shards, fingerprint, train_and_save_tokenizer,
+from dslm.files import exclusive
+from shards.build import (BuildReport, ShardConfig, all_cores, build_shards, task_stamp, train_and_save_tokenizer,
                           write_digests)
-from shards.dedup import find_duplicates, is_done
+from shards.dedup import find_duplicates, is_done, lock_file
 from shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
 from shards.sources import Partition, Source, parse_source
 from shards.tasks import STAGES, merge_build, refuse_finished
@@ -178,21 +179,23 @@ def task_partition(args: argparse.Namespace) -> Partition:
 
 def run_stage(cfg: ShardConfig, sources: list[Source], part: Partition, stage: str) -> None:
     """One stage of one task of a build split over tasks (shards.tasks)."""
+    load_text_tokenizer(cfg.tokenizer)  # a missing or bad tokenizer is one line, in every stage
     name = f"task {part.task} of {part.tasks}, stage {stage}"
     if stage == "digests":
         kept = write_digests(cfg, sources, part)
         print(f"{name}: " + ("already finished, kept" if kept < 0 else f"{kept:,} kept documents' digests written"))
     elif stage == "dedup":
         refuse_finished(cfg.out)
-        expected = fingerprint(cfg, sources)
-        if is_done(cfg.out, "dedup", part.task, part.tasks, expected) and not cfg.overwrite:
+        stamp = task_stamp(cfg, sources, part.tasks)
+        if is_done(cfg.out, "dedup", part.task, stamp) and not cfg.overwrite:
             print(f"{name}: already finished, kept")
             return
-        rows, dups = find_duplicates(cfg.out, part.task, part.tasks, expected)
+        with exclusive(lock_file(cfg.out, "dedup", part.task), f"stage dedup of task {part.task}"):
+            rows, dups = find_duplicates(cfg.out, part.task, stamp)
         print(f"{name}: {rows:,} digests in bucket {part.task}, {dups:,} later copies")
     else:
         report = build_shards(cfg, sources, part)
-        print_summary(report.manifest)
+        print_summary(report.manifest, tails_kept=True)
         if report.documents or not report.resumed_shards:
             print_speed(report)
         else:
@@ -210,7 +213,9 @@ def sft(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'manifest.json'}")
 
 
-def print_summary(manifest: Manifest) -> None:
+def print_summary(manifest: Manifest, tails_kept: bool = False) -> None:
+    """The build's shards, drops and per-source counts; `tails_kept`: a task's, whose streams'
+    last tokens wait in task.json for the merge instead of being dropped."""
     print(f"seq_len {manifest.seq_len}, dtype {manifest.dtype}, vocab {manifest.vocab_size}")
     for split in ("train", "val"):
         entries = manifest.split(split)
@@ -219,7 +224,7 @@ def print_summary(manifest: Manifest) -> None:
     if manifest.masks:
         print_examples(manifest)
     if manifest.dropped_tokens:
-        print_dropped(manifest)
+        print_dropped(manifest, tails_kept)
     all_tokens = sum(st.tokens for st in manifest.sources.values()) or 1
     for spec, st in manifest.sources.items():
         per_byte = st.tokens / st.bytes if st.bytes else 0.0
@@ -230,12 +235,13 @@ def print_summary(manifest: Manifest) -> None:
               + (f"; {st.dropped_tokens:,} tokens dropped at stream ends" if st.dropped_tokens else ""))
 
 
-def print_dropped(manifest: Manifest) -> None:
+def print_dropped(manifest: Manifest, tails_kept: bool) -> None:
     """The tokens of each packing stream left in its last, partial sample and not written."""
     streams = ", ".join(f"{name} {n:,}" for name, n in manifest.dropped_tokens.items())
     total = sum(manifest.dropped_tokens.values())
     of_all = total / (sum(st.tokens for st in manifest.sources.values()) or 1)
-    print(f"dropped: {total:,} tokens ({of_all:.2%} of the documents'), each stream's last sample being "
+    what = "kept in task.json for the merge" if tails_kept else "dropped"
+    print(f"{what}: {total:,} tokens ({of_all:.2%} of the documents'), each stream's last sample being "
           f"shorter than {manifest.seq_len + 1} tokens: {streams}")
 
 

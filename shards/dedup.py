@@ -26,6 +26,7 @@ depend on the number of tasks.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -38,6 +39,27 @@ from shards.filters import DocumentFilter, FilterConfig
 from shards.journal import DigestLog
 
 DEDUP_DIR = "dedup"
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What every stage and task of a build split over tasks must share: the settings that decide
+    its bytes (shards.build.task_settings: tokenizer, options, filters, sources and their units)
+    and the number of tasks. Every file a stage finishes with records it."""
+
+    settings: dict
+    tasks: int
+
+    def matches(self, record: dict) -> bool:
+        return (record.get("settings"), record.get("tasks")) == (self.settings, self.tasks)
+
+    def differences(self, record: dict) -> str:
+        """What differs between this stamp and a recorded one, for an error line."""
+        if record.get("tasks") != self.tasks:
+            return f"--tasks {record.get('tasks')} there, {self.tasks} here"
+        theirs = record.get("settings") or {}
+        keys = sorted(k for k in {*theirs, *self.settings} if theirs.get(k) != self.settings.get(k))
+        return "differing " + ", ".join(keys)
 RECORD = np.dtype([("d0", "<u8"), ("d1", "<u8"), ("source", "<u4"), ("unit", "<u4"), ("doc", "<u4")])
 """A kept document's digest (MD5, 16 bytes as two little-endian uint64) and its position in the
 global order: source index, unit index within the source, document index within the unit."""
@@ -93,36 +115,36 @@ def save_parts(path: Path, rows: np.ndarray, part: np.ndarray, parts: int) -> li
     return np.searchsorted(part[order], np.arange(parts + 1)).tolist()
 
 
-def load_part(path: Path, offsets: list[int], k: int) -> np.ndarray:
-    """Part `k` of a file written by `save_parts`, reading only its rows."""
-    return np.array(np.load(path, mmap_mode="r")[offsets[k]:offsets[k + 1]])
-
-
-def write_digest_buckets(out: Path, task: int, tasks: int, rows: np.ndarray, fingerprint: str) -> None:
+def write_digest_buckets(out: Path, task: int, rows: np.ndarray, stamp: Stamp) -> None:
     """Pass `digests`, the end of task `task`: its records grouped by bucket, then the file that
     says they are complete (and where each bucket is)."""
-    offsets = save_parts(digests_dir(out) / f"task-{task:05d}.npy", rows, bucket_of(rows, tasks), tasks)
-    save_done(out, "digests", task, fingerprint, tasks, offsets, documents=len(rows))
+    offsets = save_parts(digests_dir(out) / f"task-{task:05d}.npy", rows, bucket_of(rows, stamp.tasks), stamp.tasks)
+    save_done(out, "digests", task, stamp, offsets, documents=len(rows))
 
 
-def find_duplicates(out: Path, bucket: int, tasks: int, fingerprint: str) -> tuple[int, int]:
+def find_duplicates(out: Path, bucket: int, stamp: Stamp) -> tuple[int, int]:
     """Pass `dedup`, task `bucket`: read every task's records of this bucket, and write the
     positions that are later copies, grouped by the task that owns them (round-robin units:
     unit % tasks). Returns (records, duplicates). Raises DslmError when a task of pass
-    `digests` has not finished."""
-    done = require_done(out, "digests", tasks, fingerprint)
+    `digests` has not finished, or did with other settings."""
+    done = require_done(out, "digests", stamp)
     rows = in_order(np.concatenate([load_part(digests_dir(out) / f"task-{task:05d}.npy", done[task]["offsets"], bucket)
-                                    for task in range(tasks)]))
+                                    for task in range(stamp.tasks)]))
     dups = later_copies(rows)
     offsets = save_parts(dups_dir(out) / f"bucket-{bucket:05d}.npy", repack_fields(dups[POSITION]),
-                         dups["unit"] % np.uint32(tasks), tasks)
-    save_done(out, "dedup", bucket, fingerprint, tasks, offsets, records=len(rows), duplicates=len(dups))
+                         dups["unit"] % np.uint32(stamp.tasks), stamp.tasks)
+    save_done(out, "dedup", bucket, stamp, offsets, records=len(rows), duplicates=len(dups))
     return len(rows), len(dups)
 
 
-def save_done(out: Path, stage: str, k: int, fingerprint: str, tasks: int, offsets: list[int], **counts: int) -> None:
-    atomic_write_text(done_file(out, stage, k), json.dumps({"fingerprint": fingerprint, "tasks": tasks,
-                                                            "offsets": offsets, **counts}) + "\n")
+def save_done(out: Path, stage: str, k: int, stamp: Stamp, offsets: list[int], **counts: int) -> None:
+    record = {"settings": stamp.settings, "tasks": stamp.tasks, "offsets": offsets, **counts}
+    atomic_write_text(done_file(out, stage, k), json.dumps(record) + "\n")
+
+
+def lock_file(out: Path, stage: str, k: int) -> Path:
+    """What task `k` of pass `stage` holds while it runs (dslm.files.exclusive)."""
+    return done_file(out, stage, k).with_suffix(".lock")
 
 
 def done_file(out: Path, stage: str, k: int) -> Path:
@@ -130,41 +152,63 @@ def done_file(out: Path, stage: str, k: int) -> Path:
     return digests_dir(out) / f"task-{k:05d}.json" if stage == "digests" else dups_dir(out) / f"bucket-{k:05d}.json"
 
 
-def read_done(out: Path, stage: str, k: int, tasks: int, fingerprint: str) -> dict | None:
-    """What task `k` of pass `stage` recorded when it finished for a build of these inputs and
-    `tasks` (its offsets and counts), or None."""
-    path = done_file(out, stage, k)
+def read_record(path: Path) -> dict | None:
+    """A JSON record a stage wrote last, or None when there is none. Raises DslmError for one
+    that is not JSON (damaged)."""
     if not path.is_file():
         return None
-    done = json.loads(path.read_text())
-    return done if (done["fingerprint"], done["tasks"]) == (fingerprint, tasks) else None
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise DslmError(f"{path} is damaged ({type(e).__name__}: {e}); rerun the stage that wrote it with "
+                        f"--overwrite") from None
+    if not isinstance(record, dict):
+        raise DslmError(f"{path} is damaged (not a JSON object); rerun the stage that wrote it with --overwrite")
+    return record
 
 
-def is_done(out: Path, stage: str, k: int, tasks: int, fingerprint: str) -> bool:
-    return read_done(out, stage, k, tasks, fingerprint) is not None
+def is_done(out: Path, stage: str, k: int, stamp: Stamp) -> bool:
+    """Whether task `k` of pass `stage` finished for a build of this stamp."""
+    record = read_record(done_file(out, stage, k))
+    return record is not None and stamp.matches(record)
 
 
-def require_done(out: Path, stage: str, tasks: int, fingerprint: str) -> list[dict]:
-    """What every task of pass `stage` recorded, when all finished for a build of these inputs;
-    else one line naming the first that did not."""
+def require_done(out: Path, stage: str, stamp: Stamp) -> list[dict]:
+    """What every task of pass `stage` recorded, when all finished for a build of this stamp;
+    else one line naming the first that did not, or what differs."""
     done = []
-    for k in range(tasks):
-        if (record := read_done(out, stage, k, tasks, fingerprint)) is None:
-            path = done_file(out, stage, k)
-            why = "is missing" if not path.is_file() else "is from a build of other inputs, settings or --tasks"
-            raise DslmError(f"{path} {why}: stage {stage} has not finished for task {k} of {tasks}; run "
-                            f"`dslm-shard build ... --tasks {tasks} --task {k} --stage {stage}` first")
+    for k in range(stamp.tasks):
+        path = done_file(out, stage, k)
+        record = read_record(path)
+        if record is None:
+            raise DslmError(f"{path} is missing: stage {stage} has not finished for task {k} of {stamp.tasks}; run "
+                            f"`dslm-shard build ... --tasks {stamp.tasks} --task {k} --stage {stage}` first")
+        if not stamp.matches(record):
+            raise DslmError(f"stage {stage} of task {k} ran with other sources, settings or inputs than this one "
+                            f"({stamp.differences(record)}; {path}): give every stage and task the same "
+                            f"arguments, or rerun every stage with --overwrite if the inputs changed")
         done.append(record)
     return done
+
+
+def load_part(path: Path, offsets: list[int], k: int) -> np.ndarray:
+    """Part `k` of a file written by `save_parts`, reading only its rows. Raises DslmError for a
+    file that is not such an array (damaged)."""
+    try:
+        return np.array(np.load(path, mmap_mode="r")[offsets[k]:offsets[k + 1]])
+    except (ValueError, OSError, IndexError) as e:
+        raise DslmError(f"{path} is damaged ({type(e).__name__}: {e}); rerun the stage that wrote it with "
+                        f"--overwrite") from None
 
 
 class ListedDuplicates:
     """The duplicates of one task of a distributed build, from pass `dedup`'s lists. Memory: the
     task's duplicates, not its documents."""
 
-    def __init__(self, out: Path, task: int, tasks: int, fingerprint: str):
-        done = require_done(out, "dedup", tasks, fingerprint)
-        lists = [load_part(dups_dir(out) / f"bucket-{b:05d}.npy", done[b]["offsets"], task) for b in range(tasks)]
+    def __init__(self, out: Path, task: int, stamp: Stamp):
+        self.stamp = stamp
+        done = require_done(out, "dedup", stamp)
+        lists = [load_part(dups_dir(out) / f"bucket-{b:05d}.npy", done[b]["offsets"], task) for b in range(stamp.tasks)]
         self.positions = {tuple(map(int, row)) for rows in lists for row in rows.tolist()}
 
     def duplicate(self, position: DocPosition, digest: bytes) -> bool:

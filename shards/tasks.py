@@ -29,16 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
+from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
-from shards.dedup import DEDUP_DIR
+from shards.dedup import DEDUP_DIR, Stamp, read_record
+from shards.journal import JOURNAL_NAME
 from shards.sources import Partition
-from shards.writer import TOKENIZER_NAME, Packer, ShardWriter
+from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, warn_unsampled
 
 STAGES = ("digests", "dedup", "write")
 TAILS_NAME = "task.json"
 TAILS_DIR = "tails"
+LOCK_NAME = ".build.lock"
+"""What a process writing a build's folder, or a task's, holds (dslm.files.exclusive)."""
 TASK_DIR = re.compile(r"task-(\d{5})")
 
 
@@ -50,8 +54,8 @@ def task_dir(out: Path, task: int) -> Path:
 class TaskTails:
     """OUT/task-K/task.json: what `dslm-shard merge` needs of a finished task beyond its manifest."""
 
-    fingerprint: str
-    """shards.build.fingerprint of the build's inputs and settings, the same for every task."""
+    settings: dict
+    """shards.build.task_settings of the build, the same for every task (dedup.Stamp)."""
     tasks: int
     task: int
     samples_per_shard: int
@@ -66,23 +70,38 @@ def save_tails(home: Path, tails: TaskTails) -> None:
 
 
 def load_tails(home: Path) -> TaskTails | None:
-    path = home / TAILS_NAME
-    return TaskTails(**json.loads(path.read_text())) if path.is_file() else None
+    """A task's task.json, or None. Raises DslmError for a damaged one."""
+    record = read_record(home / TAILS_NAME)
+    try:
+        return None if record is None else TaskTails(**record)
+    except TypeError as e:
+        raise DslmError(f"{home / TAILS_NAME} is damaged ({e}); rebuild the task with --overwrite") from None
 
 
 def refuse_finished(out: Path) -> None:
-    """A stage of a distributed build does not touch a finished (merged) build."""
+    """A stage of a distributed build does not touch a finished build, or an unfinished one of
+    one process."""
     if (out / MANIFEST_NAME).exists():
-        raise DslmError(f"{out} already holds a finished build (manifest.json); remove it, or pass "
-                        f"--overwrite to dslm-submit shard, to build it again")
+        raise DslmError(f"{out} already holds a finished build (manifest.json); to build it again, remove it "
+                        f"(dslm-submit shard --overwrite does)")
+    if (out / JOURNAL_NAME).exists():
+        raise DslmError(f"{out} holds an unfinished build of one process ({JOURNAL_NAME}); finish it with "
+                        f"`dslm-shard build` without --tasks, or remove it")
 
 
-def finished_task(home: Path, fingerprint: str, part: Partition) -> Manifest | None:
+def refuse_tasks(out: Path) -> None:
+    """A build of one process does not write beside the tasks of a split one."""
+    if task_folders(out) or (out / DEDUP_DIR).exists():
+        raise DslmError(f"{out} holds a build split over tasks (task-NNNNN/, dedup/); finish it with "
+                        f"`dslm-shard merge`, or pass --overwrite to replace it")
+
+
+def finished_task(home: Path, stamp: Stamp, part: Partition) -> Manifest | None:
     """The manifest of task `part` when it finished before with the same inputs, else None."""
     tails = load_tails(home)
     if not (home / MANIFEST_NAME).exists() or tails is None:
         return None
-    if (tails.fingerprint, tails.tasks, tails.task) != (fingerprint, part.tasks, part.task):
+    if (tails.settings, tails.tasks, tails.task) != (stamp.settings, part.tasks, part.task):
         return None
     return Manifest.load(home)
 
@@ -119,22 +138,27 @@ def finished_tasks(out: Path) -> list[Finished]:
     if not folders:
         raise DslmError(f"{out} holds no task of a distributed build (task-NNNNN/ folders): run "
                         f"`dslm-shard build ... --tasks N --task K` first")
-    first = load_tails(folders[0])
-    tasks = first.tasks if first is not None else len(folders)
-    done = []
-    for k in range(tasks):
+    first = next((tails for tails in map(load_tails, folders) if tails is not None), None)
+    if first is None:
+        raise DslmError(f"no task in {out} has finished stage write ({', '.join(f.name for f in folders)} "
+                        f"started); run every task's stage write, then merge")
+    stamp, done = Stamp(first.settings, first.tasks), []
+    for k in range(first.tasks):
         home = task_dir(out, k)
         tails = load_tails(home)
-        if tails is None or not (home / MANIFEST_NAME).exists():
-            raise DslmError(f"task {k} of {tasks} has not finished ({home} has no {MANIFEST_NAME}): rerun "
-                            f"`dslm-shard build ... --tasks {tasks} --task {k} --stage write`, then merge")
-        if (tails.fingerprint, tails.tasks, tails.task) != (first.fingerprint, tasks, k):
-            raise DslmError(f"task {k} in {home} is of other sources or settings than task 0, or of another "
-                            f"--tasks ({tails.tasks}); rebuild the tasks with the same arguments")
+        missing = [name for name, there in ((TAILS_NAME, tails is not None),
+                                            (MANIFEST_NAME, (home / MANIFEST_NAME).exists())) if not there]
+        if missing:
+            raise DslmError(f"task {k} of {first.tasks} has not finished ({home} has no {' or '.join(missing)}): "
+                            f"rerun `dslm-shard build ... --tasks {first.tasks} --task {k} --stage write`, then merge")
+        if (tails.settings, tails.tasks, tails.task) != (stamp.settings, stamp.tasks, k):
+            raise DslmError(f"task {k} in {home} ran with other sources, settings or inputs than task {first.task} "
+                            f"({stamp.differences(dataclasses.asdict(tails))}); rebuild the tasks with the same "
+                            f"arguments")
         done.append(Finished(home, Manifest.load(home), tails))
-    extra = [f.name for f in folders if int(TASK_DIR.fullmatch(f.name).group(1)) >= tasks]
+    extra = [f.name for f in folders if int(TASK_DIR.fullmatch(f.name).group(1)) >= first.tasks]
     if extra:
-        raise DslmError(f"{out} holds {', '.join(extra)}, beyond the {tasks} tasks of this build: left by a "
+        raise DslmError(f"{out} holds {', '.join(extra)}, beyond the {first.tasks} tasks of this build: left by a "
                         f"build with more --tasks; remove them")
     return done
 
@@ -146,16 +170,21 @@ def merge_build(out: Path) -> Manifest:
     refuse_finished(out)
     done = finished_tasks(out)
     first = done[0].manifest
-    entries = [entry for f in done for entry in task_entries(out, f)]
-    stats = merged_stats(done)
-    tails, dropped = write_tails(out, done, first.seq_len + 1, first.dtype, stats)
     tokenizer = out / TOKENIZER_NAME
     if not tokenizer.is_file() or sha256_file(tokenizer) != first.tokenizer_sha256:
         raise DslmError(f"{tokenizer} is missing or not the tasks' tokenizer: stage digests of task 0 places "
                         f"it; rerun that task")
+    entries = [entry for f in done for entry in task_entries(out, f)]
+    stats = merged_stats(done)
+    tails, dropped = write_tails(out, done, first.seq_len + 1, first.dtype, stats)
     manifest = dataclasses.replace(first, tokenizer=tokenizer.name, shards=entries + tails, sources=stats,
                                    dropped_tokens=dropped)
+    for spec, st in stats.items():
+        if not st.documents:
+            warn("dslm-shard", f"source {spec!r} gave no documents to write")
+    warn_unsampled(manifest)
     if not manifest.split("train"):
+        shutil.rmtree(out / TAILS_DIR, ignore_errors=True)
         raise DslmError(f"too little text for one training sample of {first.seq_len + 1} tokens")
     manifest.save(out)  # the commit point
     shutil.rmtree(out / DEDUP_DIR, ignore_errors=True)

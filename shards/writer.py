@@ -12,7 +12,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from dslm.data.manifest import ShardEntry
+from dslm.cli import warn
+from dslm.data.manifest import Manifest, ShardEntry
 from dslm.files import open_at, sha256_file, tmp_path
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -201,3 +202,21 @@ class ShardWriter:
         self.state.languages = {}
         self._tar = self._file = None
         return entry
+
+
+def warn_unsampled(manifest: Manifest) -> None:
+    """One warning line for each language, and each source, that has documents but no sample:
+    all their tokens were in the last, partial sample of their streams (Manifest.dropped_tokens)."""
+    sampled = {language for entry in manifest.shards for language in entry.languages}
+    dropped: dict[str, int] = {}
+    for name, tokens in manifest.dropped_tokens.items():
+        language = name.split(".", 2)[2]  # SPLIT.COPY.LANGUAGE; only the language may hold dots
+        dropped[language] = dropped.get(language, 0) + tokens
+    tail = (f"all in the last, partial sample of their streams (under {manifest.seq_len + 1} tokens), "
+            f"which is dropped; lower --seq-len or add text")
+    for language, tokens in sorted(dropped.items()):
+        if language not in sampled:
+            warn("dslm-shard", f"language {language!r} has no sample: its {tokens:,} tokens are {tail}")
+    for spec, stats in manifest.sources.items():
+        if stats.tokens and stats.dropped_tokens == stats.tokens:
+            warn("dslm-shard", f"source {spec!r} has no sample: its {stats.tokens:,} tokens are {tail}")

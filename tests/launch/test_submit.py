@@ -212,9 +212,9 @@ def build_args(corpus: Path, tokenizer: Path, out: Path, *more: str) -> list[str
 
 
 @pytest.fixture
-def a_build(code_corpus, tmp_path) -> list[str]:
-    """dslm-shard build's arguments (the tokenizer is only named: a dry run does not read it)."""
-    return build_args(code_corpus, tmp_path / "tokenizer.json", tmp_path / "out")
+def a_build(code_corpus, tiny_shards, tmp_path) -> list[str]:
+    """dslm-shard build's arguments."""
+    return build_args(code_corpus, tiny_shards[0] / "tokenizer.json", tmp_path / "out")
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="the sbatch script text comes from submitit's SLURM executor, "
@@ -267,6 +267,7 @@ def test_a_local_shard_dry_run_shares_the_cores_among_the_tasks(a_build, tmp_pat
     (["--tasks", "0"], "--tasks must be at least 1"),
     (["--tasks", "2", "--seq-len", "many"], "argument --seq-len: invalid int value"),
     (["--tasks", "2", "--workers", "-1"], "workers -1 must not be negative"),
+    (["--tasks", "2", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1"),
     (["--tasks", "2", "--val-fraction", "1"], "val_fraction 1.0 must be in [0, 1)"),
     (["--tasks", "2", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     ([], "the following arguments are required: --tasks"),
@@ -276,6 +277,14 @@ def test_bad_shard_input_is_one_line_and_status_2(a_build, args, message, tmp_pa
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_tokenizer_is_one_line_before_anything_is_submitted(code_corpus, tmp_path):
+    args = build_args(code_corpus, code_corpus / "json" / "decoder.py", tmp_path / "out")
+    result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("error:") == 1 and "not a tokenizer.json" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -318,13 +327,15 @@ def test_a_local_shard_build_runs_each_stage_then_the_merge(code_corpus, tiny_sh
 
 
 @pytest.mark.slow
-def test_a_failed_local_shard_task_is_one_line_naming_it_and_its_log(code_corpus, tmp_path):
-    (tmp_path / "tokenizer.json").write_text("not a tokenizer")
-    args = build_args(code_corpus, tmp_path / "tokenizer.json", tmp_path / "out", "--workers", "1")
+def test_a_failed_local_shard_task_is_one_line_naming_it_and_its_log(tiny_shards, tmp_path):
+    """A fault only reading finds (FineWeb records without FineWeb's columns) fails in the task."""
+    (tmp_path / "web.jsonl").write_text('{"text": "a page of the web"}\n')
+    args = ["--source", f"fineweb:{tmp_path / 'web.jsonl'}", "--tokenizer", str(tiny_shards[0] / "tokenizer.json"),
+            "--out", str(tmp_path / "out"), "--workers", "1"]
     result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
     assert result.returncode == 1, result.stdout + result.stderr
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("dslm-submit: digests task 0 (job ") and " failed: dslm-shard: error: tokenizer " in line, line
+    [line] = [e for e in result.stderr.strip().splitlines() if e.startswith("dslm-submit:")]
+    assert line.startswith("dslm-submit: digests task 0 (job ") and "lack FineWeb's column(s)" in line, line
     log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
     assert log.parent == tmp_path / "out" / "submitit" and log.exists(), line
     assert "dedup" not in result.stdout, "the next stage never started"

@@ -14,7 +14,8 @@ from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
-from shards.build import ShardBuild, ShardConfig, build_shards, fingerprint, write_digests
+from dslm.files import exclusive
+from shards.build import ShardBuild, ShardConfig, build_shards, task_stamp, write_digests
 from shards.cli import dispatch, parser
 from shards.dedup import RECORD, find_duplicates, in_order, later_copies
 from shards.sources import Partition, parse_source
@@ -60,7 +61,7 @@ def build_in_tasks(corpus: tuple[Path, Path], out: Path, tasks: int) -> Manifest
     for part in parts:
         write_digests(cfg, sources, part)
     for part in parts:
-        find_duplicates(out, part.task, tasks, fingerprint(cfg, sources))
+        find_duplicates(out, part.task, task_stamp(cfg, sources, tasks))
     for part in parts:
         build_shards(cfg, sources, part)
     return merge_build(out)
@@ -180,7 +181,10 @@ def test_a_task_rerun_writes_the_same_and_a_finished_task_is_kept(corpus, one_pr
 @pytest.mark.parametrize("setup, argv, message", [
     ("none", ["--tasks", "2", "--task", "0", "--stage", "dedup"], r"stage digests has not finished for task 0 of 2"),
     ("digests", ["--tasks", "2", "--task", "1"], r"stage dedup has not finished for task 0 of 2"),
-    ("digests", ["--tasks", "3", "--task", "0", "--stage", "dedup"], r"task-00000.json is from a build of other"),
+    ("digests", ["--tasks", "3", "--task", "0", "--stage", "dedup"],
+     r"stage digests of task 0 ran with other sources, settings or inputs than this one \(--tasks 2 there, 3 here"),
+    ("digests", ["--tasks", "2", "--task", "0", "--stage", "dedup", "--seq-len", "32"],
+     r"ran with other .* \(differing seq_len; .*task-00000.json\): give every stage and task the same arguments"),
     ("none", ["--tasks", "2"], r"--tasks N and --task K go together"),
     ("none", ["--stage", "dedup"], r"--tasks N and --task K go together"),
     ("none", ["--tasks", "2", "--task", "2"], r"--task 2 must be in \[0, --tasks 2\)"),
@@ -201,7 +205,7 @@ def test_merge_names_a_task_that_has_not_finished(corpus, tmp_path):
         shard(build_args(corpus, tmp_path) + ["--tasks", "2", "--task", "0", "--stage", stage])
         if stage != "write":
             shard(build_args(corpus, tmp_path) + ["--tasks", "2", "--task", "1", "--stage", stage])
-    with pytest.raises(DslmError, match=r"task 1 of 2 has not finished .*task-00001 has no manifest.json"):
+    with pytest.raises(DslmError, match=r"task 1 of 2 has not finished .*task-00001 has no task.json or manifest.json"):
         shard(["merge", str(tmp_path)])
     shard(build_args(corpus, tmp_path) + ["--tasks", "2", "--task", "1"])
     shutil.copytree(tmp_path / "task-00000", tmp_path / "task-00002")
@@ -261,3 +265,63 @@ def test_a_task_killed_mid_way_resumes_and_keeps_its_verified_shards(corpus, one
     shard(["merge", str(tmp_path)])
     assert Manifest.load(tmp_path).sources == Manifest.load(one_process).sources
     same_documents(one_process, tmp_path, "train")
+
+
+def test_overwrite_rebuilds_a_finished_task_and_files_added_between_stages_are_named(corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus[0], root)
+    args = build_args((root, corpus[1]), tmp_path / "out")
+    for stage in STAGES:
+        for task in range(2):
+            shard(args + ["--tasks", "2", "--task", str(task), "--stage", stage])
+    (tmp_path / "out" / "task-00001" / "train-000000.tar").unlink()
+    with pytest.raises(DslmError, match="task-00001/train-000000.tar is missing"):
+        shard(["merge", str(tmp_path / "out")])
+    shard(args + ["--tasks", "2", "--task", "1", "--overwrite"])  # the finished task is built again
+    shard(["merge", str(tmp_path / "out")])
+    assert verify_build(tmp_path / "out") == []
+    # a file added after the duplicates were listed: their positions no longer fit the units
+    for stage in ("digests", "dedup"):
+        for task in range(2):
+            shard(build_args((root, corpus[1]), tmp_path / "b") + ["--tasks", "2", "--task", str(task), "--stage", stage])
+    (root / "json" / "aaa_new.py").write_text((root / "email" / "utils.py").read_text())
+    with pytest.raises(DslmError, match=r"stage dedup of task 0 ran with other .*\(differing units;"):
+        shard(build_args((root, corpus[1]), tmp_path / "b") + ["--tasks", "2", "--task", "0"])
+
+
+def test_one_process_and_tasks_do_not_share_a_folder_and_a_stage_runs_once_at_a_time(corpus, tmp_path):
+    out = tmp_path / "out"
+    for task in range(2):
+        shard(build_args(corpus, out) + ["--tasks", "2", "--task", str(task), "--stage", "digests"])
+    with pytest.raises(DslmError, match=r"holds a build split over tasks .* pass --overwrite to replace it"):
+        shard(build_args(corpus, out))
+    shard(build_args(corpus, out) + ["--overwrite"])  # replaces the tasks' files with one process's build
+    assert not (out / "dedup").exists() and verify_build(out) == []
+    with pytest.raises(DslmError, match="already holds a finished build"):
+        shard(build_args(corpus, out) + ["--tasks", "2", "--task", "0", "--stage", "digests"])
+    (out / ".build-journal.json").write_text("{}")
+    (out / "manifest.json").unlink()
+    with pytest.raises(DslmError, match="holds an unfinished build of one process"):
+        shard(build_args(corpus, out) + ["--tasks", "2", "--task", "0", "--stage", "digests"])
+    with exclusive(tmp_path / "b" / "task-00000" / ".build.lock", "a test"):
+        for stage in ("digests", "dedup"):
+            for task in range(2):
+                shard(build_args(corpus, tmp_path / "b") + ["--tasks", "2", "--task", str(task), "--stage", stage])
+        with pytest.raises(DslmError, match=r"another process is writing the build in .*task-00000 \(.*locked\)"):
+            shard(build_args(corpus, tmp_path / "b") + ["--tasks", "2", "--task", "0"])
+
+
+@pytest.mark.parametrize("damaged", ["dedup/digests/task-00001.json", "dedup/digests/task-00001.npy",
+                                     "task-00001/task.json"])
+def test_a_damaged_file_of_a_stage_is_one_line(corpus, tmp_path, damaged):
+    out = tmp_path / "out"
+    stages = ["digests"] if damaged.startswith("dedup/digests") else list(STAGES)
+    for stage in stages:
+        for task in range(2):
+            shard(build_args(corpus, out) + ["--tasks", "2", "--task", str(task), "--stage", stage])
+    (out / damaged).write_text("{")
+    with pytest.raises(DslmError, match=rf"{damaged} is damaged .*--overwrite"):
+        if damaged.startswith("dedup/digests"):
+            shard(build_args(corpus, out) + ["--tasks", "2", "--task", "0", "--stage", "dedup"])
+        else:
+            shard(["merge", str(out)])

@@ -103,18 +103,30 @@ def test_a_shard_build_in_two_array_tasks_requeues_mid_write_and_trains(cluster,
     assert "cannot resume" not in resumed and "build (kept " in resumed, resumed[:3000]
 
 
-def test_a_failed_step_is_one_line_and_the_steps_after_it_never_run(cluster, code_corpus, tmp_path):
-    (tmp_path / "tokenizer.json").write_text("not a tokenizer")
-    args = ["--source", f"code:{code_corpus}", "--tokenizer", str(tmp_path / "tokenizer.json"), "--out",
-            str(tmp_path / "out"), "--workers", "1"]
+def test_a_failed_step_is_one_line_and_the_steps_after_it_never_run(cluster, tiny_shards, tmp_path):
+    (tmp_path / "web.jsonl").write_text('{"text": "a page of the web"}\n')  # found only when read: in the queue
+    args = ["--source", f"fineweb:{tmp_path / 'web.jsonl'}", "--tokenizer", str(tiny_shards[0] / "tokenizer.json"),
+            "--out", str(tmp_path / "out"), "--workers", "1"]
     submitter = subprocess.Popen([BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--wait", *args],
                                  env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ids = submitted_ids(submitter)
     _, errors = submitter.communicate(timeout=300)
     assert submitter.returncode == 1
     [line] = [e for e in errors.splitlines() if e.startswith("dslm-submit:")]
-    assert line.startswith(f"dslm-submit: digests task 0 (job {ids['digests']}_0) failed: dslm-shard: error: tokenizer "), line
+    assert line.startswith(f"dslm-submit: digests task 0 (job {ids['digests']}_0) failed: dslm-shard: error: source "), line
+    assert "lack FineWeb's column(s)" in line, line
     assert f"(log: {tmp_path / 'out' / 'submitit' / ids['digests']}_0_0_log.out)" in line, line
     for step in ("dedup", "write", "merge"):
         cluster.wait_done(ids[step], timeout=60)
         assert not list((tmp_path / "out" / "submitit").glob(f"{ids[step]}_*log.out")), f"{step} never ran"
+
+
+def test_a_submission_sbatch_refuses_is_one_line(cluster, tiny_shards, code_corpus, tmp_path):
+    args = ["--source", f"code:{code_corpus}", "--tokenizer", str(tiny_shards[0] / "tokenizer.json"), "--out",
+            str(tmp_path / "out")]
+    result = subprocess.run([BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--partition", "nope",
+                             *args], env=cluster.env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = [e for e in result.stderr.splitlines() if e.startswith("dslm-submit:")]
+    assert line.startswith("dslm-submit: error: the job was not submitted: sbatch: error: ") and "partition" in line, line
+    assert "Traceback" not in result.stderr
