@@ -21,14 +21,14 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats,
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
-from shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, is_done, lock_file, records,
-                          write_digest_buckets)
+from shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
+                          records, write_digest_buckets)
 from shards.encode import Encoded, EncoderConfig, encode_batches
 from shards.filters import DocumentFilter, FilterConfig
 from shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
 from shards.sources import Document, Partition, Source, Units, skip
-from shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks, save_tails,
-                          task_dir)
+from shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks,
+                          remove_finished_build, save_tails, task_dir)
 from shards.tokenizer import train_tokenizer
 from shards.verify import count_samples
 from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, shard_path, warn_unsampled
@@ -377,9 +377,10 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
     started = time.monotonic()
     tok = load_text_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
-    home = cfg.out if part is None else task_dir(cfg.out, part.task)
-    key = fingerprint(build_settings(cfg, sources))
-    if part is not None:
+    if part is None:
+        home, key, listed = cfg.out, fingerprint(build_settings(cfg, sources)), None
+    else:
+        home = task_dir(cfg.out, part.task)
         refuse_finished(cfg.out)
         stamp = task_stamp(cfg, sources, part.tasks)
         if not cfg.overwrite and (kept := finished_task(home, stamp, part)) is not None:
@@ -387,7 +388,7 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
         listed = ListedDuplicates(cfg.out, part.task, stamp)  # before anything is written: dedup has finished
         key = fingerprint({**stamp.settings, "part": dataclasses.asdict(part)})
     with exclusive(home / LOCK_NAME, f"the build in {home}"):
-        return write_build(cfg, sources, part, home, key, listed if part is not None else None, tok, dtype, started)
+        return write_build(cfg, sources, part, home, key, listed, tok, dtype, started)
 
 
 def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None, home: Path, key: str,
@@ -454,6 +455,17 @@ def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> i
         kept_rows = np.concatenate(rows) if rows else records([], [])
         write_digest_buckets(cfg.out, part.task, kept_rows, stamp)
     return len(kept_rows)
+
+
+def find_task_duplicates(cfg: ShardConfig, sources: list[Source], part: Partition) -> tuple[int, int] | None:
+    """Stage `dedup` of task `part.task` (shards.dedup.find_duplicates): (digests in its bucket,
+    later copies), or None when it finished before for these inputs (kept)."""
+    refuse_finished(cfg.out)
+    stamp = task_stamp(cfg, sources, part.tasks)
+    if is_done(cfg.out, "dedup", part.task, stamp) and not cfg.overwrite:
+        return None
+    with exclusive(lock_file(cfg.out, "dedup", part.task), f"stage dedup of task {part.task}"):
+        return find_duplicates(cfg.out, part.task, stamp)
 
 
 class BuildProgress:
@@ -569,13 +581,6 @@ def resume_problem(out: Path, state: BuildState) -> str | None:
     if state.digests and (not digests.is_file() or digests.stat().st_size < state.digests * DIGEST_BYTES):
         return f"{DIGESTS_NAME} is shorter than journaled"
     return None
-
-
-def remove_finished_build(out: Path) -> None:
-    old = Manifest.load(out)
-    (out / MANIFEST_NAME).unlink()  # the old build stops being valid before any of its shards goes
-    for entry in old.shards:
-        (out / entry.name).unlink(missing_ok=True)
 
 
 def remove_unfinished_build(out: Path, state: BuildState) -> None:

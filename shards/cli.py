@@ -12,13 +12,11 @@ from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import exclusive
-from shards.build import (BuildReport, ShardConfig, all_cores, build_shards, task_stamp, train_and_save_tokenizer,
-                          write_digests)
-from shards.dedup import find_duplicates, is_done, lock_file
+from shards.build import (BuildReport, ShardConfig, all_cores, build_shards, find_task_duplicates,
+                          train_and_save_tokenizer, write_digests)
 from shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
 from shards.sources import Partition, Source, parse_source
-from shards.tasks import STAGES, merge_build, refuse_finished
+from shards.tasks import STAGES, merge_build
 from shards.verify import verify_build
 
 
@@ -185,14 +183,9 @@ def run_stage(cfg: ShardConfig, sources: list[Source], part: Partition, stage: s
         kept = write_digests(cfg, sources, part)
         print(f"{name}: " + ("already finished, kept" if kept < 0 else f"{kept:,} kept documents' digests written"))
     elif stage == "dedup":
-        refuse_finished(cfg.out)
-        stamp = task_stamp(cfg, sources, part.tasks)
-        if is_done(cfg.out, "dedup", part.task, stamp) and not cfg.overwrite:
-            print(f"{name}: already finished, kept")
-            return
-        with exclusive(lock_file(cfg.out, "dedup", part.task), f"stage dedup of task {part.task}"):
-            rows, dups = find_duplicates(cfg.out, part.task, stamp)
-        print(f"{name}: {rows:,} digests in bucket {part.task}, {dups:,} later copies")
+        counts = find_task_duplicates(cfg, sources, part)
+        print(f"{name}: " + ("already finished, kept" if counts is None
+                             else f"{counts[0]:,} digests in bucket {part.task}, {counts[1]:,} later copies"))
     else:
         report = build_shards(cfg, sources, part)
         print_summary(report.manifest, tails_kept=True)

@@ -45,7 +45,7 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Collection, Iterable, Iterator, Protocol, TypeVar
 
@@ -145,7 +145,13 @@ class CodeSource:
         """Source files, or archive members: one unit each."""
         if not self.root.is_dir():
             return len(archive_names(self.root, self.keep_member))
-        return len(local_files(str(self.root), CODE_LANGUAGES, self.exclude))
+        return len(self.folder_files)
+
+    @cached_property
+    def folder_files(self) -> list[Path]:
+        """The source files below the folder, in sorted order: listed once (the tokenizer's sample
+        and a task's stages read the units more than once)."""
+        return local_files(str(self.root), CODE_LANGUAGES, self.exclude)
 
     def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
         for unit, doc_id, raw in self.files(stats, units or everything):
@@ -158,7 +164,7 @@ class CodeSource:
         if not self.root.is_dir():
             yield from guarded(self.root, archive_members(self.root, self.keep_member, stats, units), stats)
             return
-        for unit, path in enumerate(local_files(str(self.root), CODE_LANGUAGES, self.exclude)):
+        for unit, path in enumerate(self.folder_files):
             if units(unit) and (raw := read_or_skip(path, path.read_bytes, stats)) is not None:
                 yield unit, path.relative_to(self.root).as_posix(), raw
 
@@ -179,10 +185,15 @@ class TextSource:
 
     def units(self) -> int:
         """A parquet file's row groups, and every other file: one unit each."""
-        return sum(len(parts) for _, parts in file_units(local_files(self.path, TEXT_SUFFIXES, self.exclude)))
+        return sum(len(parts) for _, parts in self.units_by_file)
+
+    @cached_property
+    def units_by_file(self) -> list[tuple[Path, list[tuple[int, int | None]]]]:
+        """The files with their units (`file_units`): listed, and parquet footers read, once."""
+        return file_units(local_files(self.path, TEXT_SUFFIXES, self.exclude))
 
     def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
-        for file, parts in file_units(local_files(self.path, TEXT_SUFFIXES, self.exclude)):
+        for file, parts in self.units_by_file:
             for unit, row_group in parts:
                 if (units or everything)(unit):
                     for doc_id, value in guarded(file, self.records(file, row_group, stats), stats):
@@ -215,13 +226,13 @@ class FineWebSource:
     def units(self) -> int:
         """A hub dataset's data files (what `datasets` calls its shards), a local parquet file's row
         groups, and a local jsonl file: one unit each."""
-        return len(self.unit_readers())
+        return len(self.unit_readers)
 
     def documents(self, stats: SourceStats, units: Units | None = None) -> Iterator[Document]:
         """A read error ends the source with one line (a stream cannot skip a bad file and go on;
         a rerun of the build resumes)."""
         try:
-            for unit, records in enumerate(self.unit_readers()):
+            for unit, records in enumerate(self.unit_readers):
                 if (units or everything)(unit):
                     yield from self.read_documents(records(), stats, unit)
         except READ_ERRORS as e:
@@ -236,10 +247,11 @@ class FineWebSource:
             if text is not None:
                 yield Document(id=str(record["id"]), text=text, language=record["language"] or "en", unit=unit)
 
+    @cached_property
     def unit_readers(self) -> list[Callable[[], Iterable[dict[str, Any]]]]:
         """For each unit in order, what reads its records: hub files through `datasets`' own
         `IterableDataset.shard`, local parquet row groups with pyarrow, local jsonl files with
-        `datasets`."""
+        `datasets`. Made once: a hub dataset's files are resolved over the network."""
         # Imported here: `datasets` takes seconds to import and only this source needs it.
         from datasets import load_dataset
 

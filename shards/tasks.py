@@ -101,21 +101,24 @@ def finished_task(home: Path, stamp: Stamp, part: Partition) -> Manifest | None:
     tails = load_tails(home)
     if not (home / MANIFEST_NAME).exists() or tails is None:
         return None
-    if (tails.settings, tails.tasks, tails.task) != (stamp.settings, part.tasks, part.task):
-        return None
-    return Manifest.load(home)
+    return Manifest.load(home) if stamp.matches(dataclasses.asdict(tails)) and tails.task == part.task else None
 
 
 def clear_build(out: Path) -> None:
     """Remove a build (finished or not, of one process or of tasks) from `out`: the manifest
     first, so that nothing half-removed looks finished. Other files in `out` are left."""
     if (out / MANIFEST_NAME).exists():
-        old = Manifest.load(out)
-        (out / MANIFEST_NAME).unlink()
-        for entry in old.shards:
-            (out / entry.name).unlink(missing_ok=True)
+        remove_finished_build(out)
     for folder in [*task_folders(out), out / TAILS_DIR, out / DEDUP_DIR]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_finished_build(out: Path) -> None:
+    """Remove the manifest in `out`, then the shards it lists."""
+    old = Manifest.load(out)
+    (out / MANIFEST_NAME).unlink()  # the old build stops being valid before any of its shards goes
+    for entry in old.shards:
+        (out / entry.name).unlink(missing_ok=True)
 
 
 def task_folders(out: Path) -> list[Path]:
@@ -151,7 +154,7 @@ def finished_tasks(out: Path) -> list[Finished]:
         if missing:
             raise DslmError(f"task {k} of {first.tasks} has not finished ({home} has no {' or '.join(missing)}): "
                             f"rerun `dslm-shard build ... --tasks {first.tasks} --task {k} --stage write`, then merge")
-        if (tails.settings, tails.tasks, tails.task) != (stamp.settings, stamp.tasks, k):
+        if not stamp.matches(dataclasses.asdict(tails)) or tails.task != k:
             raise DslmError(f"task {k} in {home} ran with other sources, settings or inputs than task {first.task} "
                             f"({stamp.differences(dataclasses.asdict(tails))}); rebuild the tasks with the same "
                             f"arguments")
