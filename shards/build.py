@@ -28,7 +28,7 @@ from shards.filters import DocumentFilter, FilterConfig
 from shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
 from shards.sources import Document, Partition, Source, Units, skip
 from shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks,
-                          remove_finished_build, save_tails, task_dir)
+                          remove_finished_build, remove_unfinished_build, save_tails, task_dir)
 from shards.tokenizer import train_tokenizer
 from shards.verify import count_samples
 from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, shard_path, warn_unsampled
@@ -581,15 +581,6 @@ def resume_problem(out: Path, state: BuildState) -> str | None:
     if state.digests and (not digests.is_file() or digests.stat().st_size < state.digests * DIGEST_BYTES):
         return f"{DIGESTS_NAME} is shorter than journaled"
     return None
-
-
-def remove_unfinished_build(out: Path, state: BuildState) -> None:
-    remove_journal(out)
-    for writer in state.writers.values():
-        for entry in writer.entries:
-            (out / entry.name).unlink(missing_ok=True)
-    for tmp in out.glob(".*.tar.tmp"):
-        tmp.unlink()
 
 
 def place_tokenizer(tokenizer: Path, out: Path) -> None:

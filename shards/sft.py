@@ -51,10 +51,10 @@ from dslm.data.templates import DIRECTIONS, Framer, get_template
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import sha256_file
-from shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, remove_unfinished_build, token_dtype
+from shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, token_dtype
 from shards.journal import load_state
 from shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip, without_bom
-from shards.tasks import remove_finished_build
+from shards.tasks import remove_finished_build, remove_unfinished_build
 from shards.writer import ShardWriter, split_of
 
 SFT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")

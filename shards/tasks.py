@@ -34,7 +34,7 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
 from shards.dedup import DEDUP_DIR, Stamp, read_record
-from shards.journal import JOURNAL_NAME
+from shards.journal import JOURNAL_NAME, BuildState, load_state, remove_journal
 from shards.sources import Partition
 from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, warn_unsampled
 
@@ -109,6 +109,8 @@ def clear_build(out: Path) -> None:
     first, so that nothing half-removed looks finished. Other files in `out` are left."""
     if (out / MANIFEST_NAME).exists():
         remove_finished_build(out)
+    if (state := load_state(out)) is not None:
+        remove_unfinished_build(out, state)
     for folder in [*task_folders(out), out / TAILS_DIR, out / DEDUP_DIR]:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -119,6 +121,17 @@ def remove_finished_build(out: Path) -> None:
     (out / MANIFEST_NAME).unlink()  # the old build stops being valid before any of its shards goes
     for entry in old.shards:
         (out / entry.name).unlink(missing_ok=True)
+
+
+def remove_unfinished_build(out: Path, state: BuildState) -> None:
+    """Remove the journal of an unfinished build of one process, the shards it lists and the
+    open shards' temporary files."""
+    remove_journal(out)
+    for writer in state.writers.values():
+        for entry in writer.entries:
+            (out / entry.name).unlink(missing_ok=True)
+    for tmp in out.glob(".*.tar.tmp"):
+        tmp.unlink()
 
 
 def task_folders(out: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from shards.build import ShardBuild, ShardConfig, build_shards, task_stamp, writ
 from shards.cli import dispatch, parser
 from shards.dedup import RECORD, find_duplicates, in_order, later_copies
 from shards.sources import Partition, parse_source
-from shards.tasks import STAGES, merge_build
+from shards.tasks import STAGES, clear_build, merge_build
 from shards.verify import verify_build
 from tests.conftest import STDLIB, TINY_SEQ_LEN
 
@@ -325,3 +325,24 @@ def test_a_damaged_file_of_a_stage_is_one_line(corpus, tmp_path, damaged):
             shard(build_args(corpus, out) + ["--tasks", "2", "--task", "0", "--stage", "dedup"])
         else:
             shard(["merge", str(out)])
+
+
+def test_clearing_a_folder_removes_an_unfinished_build_of_one_process(corpus, tmp_path, monkeypatch):
+    """What `dslm-submit shard --overwrite` does first: a split build can then start there."""
+    consume, seen = ShardBuild.consume, []
+
+    def crashing(self, batch, results):
+        seen.append(batch)
+        if len(seen) == 8:
+            raise RuntimeError("simulated crash")
+        return consume(self, batch, results)
+
+    monkeypatch.setattr(ShardBuild, "consume", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_shards(config(corpus, tmp_path), [parse_source(f"code:{corpus[0]}")])
+    monkeypatch.undo()
+    assert (tmp_path / ".build-journal.json").exists() and list(tmp_path.glob("train-*.tar"))
+    clear_build(tmp_path)
+    assert not (tmp_path / ".build-journal.json").exists() and not list(tmp_path.glob("*.tar"))
+    assert not list(tmp_path.glob(".*.tmp"))
+    shard(build_args(corpus, tmp_path) + ["--tasks", "2", "--task", "0", "--stage", "digests"])
