@@ -39,7 +39,7 @@ def best(specs: list[str], out: Path, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        train_and_save_tokenizer([parse_source(s) for s in specs], 8888, 200_000_000, out)
+        train_and_save_tokenizer([parse_source(s) for s in specs], 8888, 200_000_000, out, overwrite=True)
         times.append(time.perf_counter() - start)
     return min(times)
 

@@ -35,7 +35,8 @@ from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_path, sha256_file
-from dslm.hf import export_tokenizer_sha256, hf_config, hf_state_dict, hf_tokenizer, tokenizer_config
+from dslm.hf import (export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer,
+                     tokenizer_config)
 from dslm.lora import LoraConfig
 from dslm.model import ModelConfig
 from dslm.onnx_export import export_onnx
@@ -55,6 +56,7 @@ def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path, framing:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(framing), indent=2) + "\n")
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         write_tokenizer_files(tmp, tokenizer, framing)
@@ -65,7 +67,7 @@ def write_tokenizer_files(folder: Path, tokenizer: Path, framing: Framing = Fram
     `framing`) and tokenizer_config.json (recording `source_sha256`, the training tokenizer's, by
     default `tokenizer`'s sha256) in `folder`. Raises DslmError when `tokenizer` is not a
     tokenizer.json."""
-    config = tokenizer_config(source_sha256 or sha256_file(tokenizer))
+    config = tokenizer_config(source_sha256 or sha256_file(tokenizer), framing)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     hf_tokenizer(load_text_tokenizer(tokenizer), framing).save(str(folder / "tokenizer.json"))
 
@@ -97,7 +99,7 @@ def run_hf(tag_dir: Path, out: Path | None) -> None:
     cfg = load_config(run_dir / CONFIG_NAME, [])
     manifest = Manifest.load(cfg.data.shards)
     out = out or run_dir / "export" / f"step{step}"
-    export(tag_dir, out, cfg.model, Path(cfg.data.shards) / manifest.tokenizer,
+    export(tag_dir, out, cfg.model, manifest.tokenizer_file(cfg.data.shards),
            Framing(cfg.data.direction, manifest.template), cfg.train.lora)
     print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 
@@ -122,7 +124,7 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
         tag = chosen_checkpoint(source) if source_kind(source) == "run" else source
         run_dir, step = run_of(tag)
         shards = load_config(run_dir / CONFIG_NAME, []).data.shards
-        tokenizer, sha256 = Path(shards) / Manifest.load(shards).tokenizer, ""
+        tokenizer, sha256 = Manifest.load(shards).tokenizer_file(shards), ""
         out = out or run_dir / "export" / f"step{step}{suffix}"
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, processors
 
-from dslm.data.templates import DIRECTIONS, TEMPLATES, Framing
+from dslm.data.templates import DIRECTIONS, IM_END, IM_START, TEMPLATES, Framing, get_template, role_marker, stop_token
 from dslm.data.tokens import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from dslm.errors import DslmError
 from dslm.files import sha256_file
@@ -58,7 +58,9 @@ def is_conv1d(name: str) -> bool:
 
 
 def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
-    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it) and its framing."""
+    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it) and its framing.
+    Its eos_token_id is the token the model ends what it writes with (dslm.data.templates.stop_token):
+    <|im_end|> for an instruction-tuned model, as generation_config.json says."""
     sizes = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_NAMES.items()}
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -71,13 +73,55 @@ def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
         "attn_pdrop": 0.0,
         "initializer_range": 0.02,
         "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        "eos_token_id": stop_token(framing),
         "pad_token_id": PAD_ID,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         DIRECTION_KEY: framing.direction,
         TEMPLATE_KEY: framing.template,
     }
+
+
+def generation_config(framing: Framing) -> dict:
+    """generation_config.json: what `transformers`' generate() (and the servers that read the file)
+    stop at: the token the model was trained to end its text with (dslm.data.templates.stop_token)."""
+    return {"bos_token_id": BOS_ID, "eos_token_id": stop_token(framing), "pad_token_id": PAD_ID}
+
+
+BACKWARD_CHAT = ("this model reads text backward (dslm_direction=backward): its prompt is reversed in token order, "
+                 "which a chat template cannot write; use dslm-generate")
+"""The one line a backward model's chat template raises."""
+
+
+def chat_template(framing: Framing) -> str | None:
+    """The Jinja chat template (transformers' apply_chat_template) of a model tuned with a template,
+    None without one. It frames a conversation as dslm.data.templates.Framer frames an example:
+    `<bos>`, the user message as the template's given block, the assistant message as its target
+    block, then `<eos>`; with add_generation_prompt, a lone user message is followed by the target
+    block's opening markers, which makes the ids dslm-generate --template feeds (Framer.prompt).
+    Anything but one user message, or a user and an assistant message, is refused with one line,
+    and so is every conversation of a backward model (BACKWARD_CHAT)."""
+    if not framing.template:
+        return None
+    if framing.direction == "backward":
+        return f"{{{{- raise_exception({BACKWARD_CHAT!r}) -}}}}"
+    template = get_template(framing.template)
+    given, target = template.given("forward"), template.target("forward")
+    text = "message['content'].split() | reverse | join(' ')" if template.reverse_words else "message['content']"
+
+    def opening(role: str) -> str:
+        return f"{IM_START}{role_marker(role)}"
+
+    return ("{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user' or (messages | length == 2 "
+            "and messages[1]['role'] != 'assistant') -%}"
+            f"{{{{- raise_exception('the {template.name} template takes one user message, optionally followed by "
+            "one assistant message') -}}{%- endif -%}"
+            "{{- bos_token -}}"
+            "{%- for message in messages -%}"
+            f"{{%- if message['role'] == 'user' -%}}{opening(given)}{{{{ {text} }}}}{IM_END}"
+            f"{{%- else -%}}{opening(target)}{{{{ {text} }}}}{IM_END}{{{{- eos_token -}}}}{{%- endif -%}}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt and messages | length == 1 -%}}{opening(target)}{{%- endif -%}}")
 
 
 def framing_from_hf(hf: dict, source: Path) -> Framing:
@@ -127,19 +171,27 @@ def export_tokenizer_sha256(folder: Path) -> str:
     return recorded or sha256_file(folder / "tokenizer.json")
 
 
-def tokenizer_config(source_sha256: str) -> dict:
-    """Lets `AutoTokenizer.from_pretrained(OUT)` load tokenizer.json with dslm's special tokens, and
-    keep a special token written in a prompt as text, as dslm does (load_text_tokenizer):
-    tokenizer.json cannot record that (tokenizers does not save `encode_special_tokens`), so
-    "split_special_tokens" asks transformers to set it; 5.x reads it from here. Where a version
-    does not, the call that encodes as dslm is `tokenizer(prompt, split_special_tokens=True)`.
-    ("add_bos_token" is not written: transformers drops it when there is a tokenizer.json; the
-    <bos> comes from its post-processor, see `hf_tokenizer`.) `source_sha256`: the sha256 of the
-    tokenizer.json the model was trained with (TOKENIZER_SHA_KEY)."""
+def tokenizer_config(source_sha256: str, framing: Framing = Framing()) -> dict:
+    """Lets `AutoTokenizer.from_pretrained(OUT)` load tokenizer.json with dslm's special tokens.
+    `source_sha256`: the sha256 of the tokenizer.json the model was trained with (TOKENIZER_SHA_KEY).
+
+    A model without a template: a special token written in a prompt stays text, as dslm encodes it
+    (load_text_tokenizer). tokenizer.json cannot record that (tokenizers does not save
+    `encode_special_tokens`), so "split_special_tokens" asks transformers to set it; 5.x reads it
+    from here. Where a version does not, the call that encodes as dslm is `tokenizer(prompt,
+    split_special_tokens=True)`. ("add_bos_token" is not written: transformers drops it when there
+    is a tokenizer.json; the <bos> comes from its post-processor, see `hf_tokenizer`.)
+
+    A model tuned with a template: its chat_template, whose markers must encode as special tokens,
+    so split_special_tokens stays off; a user message that writes one of dslm's special tokens as
+    text encodes as dslm does with apply_chat_template(..., sanitize_control_tokens=True)."""
     pad, unk, bos, eos = SPECIAL_TOKENS[:4]
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "unk_token": unk, "bos_token": bos,
-            "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None,
-            "split_special_tokens": True, TOKENIZER_SHA_KEY: source_sha256}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "unk_token": unk, "bos_token": bos,
+              "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None,
+              "split_special_tokens": not framing.template, TOKENIZER_SHA_KEY: source_sha256}
+    if (template := chat_template(framing)) is not None:
+        config["chat_template"] = template
+    return config
 
 
 def hf_tokenizer(tok: Tokenizer, framing: Framing = Framing()) -> Tokenizer:

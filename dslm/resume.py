@@ -1,8 +1,10 @@
 """Continuing a run from a checkpoint: which tag (`--resume auto` or a path), whether the run
 may continue from it (sealed, checksums intact, every file safe to load, the same shards), the
 branch it starts (later tags moved aside), the form DeepSpeed loads it in (the tag itself, or
-DeepSpeed's universal form on another world size), and loading it into the engine with each
-rank's RNG. Saving and the tag format are dslm.checkpoint.
+DeepSpeed's universal form on another world size when ZeRO split its optimizer state over the
+ranks), and loading it into the engine with each rank's RNG, and with the tensors DeepSpeed's
+universal load leaves out (those its optimizer does not hold). Saving and the tag format are
+dslm.checkpoint.
 
 Rank 0 alone reads and checks the files; the other ranks take its answer (`on_rank0`), so a
 refusal reaches every rank instead of leaving them waiting at a barrier.
@@ -22,11 +24,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import deepspeed
+import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import PARAM
 
 from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely, fresh_folder,
-                             list_checkpoints, load_rng_state, newest_resumable, resume_problem, rng_file, sealed_state,
-                             set_aside, set_rng_state, set_seeds, start_branch, universal_dir)
+                             list_checkpoints, load_rng_state, load_weights_only, newest_resumable, resume_problem,
+                             rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir)
 from dslm.cli import warn
 from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
 from dslm.data.loader import DataConfig
@@ -49,7 +54,8 @@ class Resume:
     state: TrainState
     """Where the run stood at that tag, as sealed."""
     load_from: Path
-    """What DeepSpeed loads: the tag itself, or its universal form when the world size changed."""
+    """What DeepSpeed loads: the tag itself, or its universal form when the world size changed and
+    the tag's optimizer state is partitioned over its ranks (ZeRO-1/2/3)."""
     origin: Origin
     """Where the run's initial weights came from (its config.yaml), kept by the resumed run."""
 
@@ -60,26 +66,31 @@ class Resume:
 
     def load(self, engine, env: DistEnv, seed: int) -> TrainState:
         """Load DeepSpeed's state and this rank's RNG into `engine`; the state to continue from.
-        On another world size the RNG streams are new, seeded from `seed`, the step and the rank.
-        The files were checked by plan_resume (resume_problem, and check_loads_safely for the
-        universal form); the RNG file is read with the same weights-only rule. Raises DslmError
-        when DeepSpeed loads nothing."""
+        From the universal form, DeepSpeed restores only the parameters its optimizer holds: the
+        module's other tensors (frozen parameters, LoRA's base weights) are loaded here
+        (load_untrained). On another world size the RNG streams are new, seeded from `seed`, the
+        step and the rank. The files were checked by plan_resume (resume_problem, and
+        check_loads_safely for the universal form); the RNG file is read with the same
+        weights-only rule. Raises DslmError when DeepSpeed loads nothing."""
         path, _ = engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name)
         if path is None:
             raise DslmError(f"DeepSpeed could not load {self.load_from}")
         if self.load_universal:
-            set_seeds(seed * 1_000_003 + self.state.step * 1_009 + env.rank)
-        else:
+            load_untrained(engine.module, self.load_from)
+        if self.state.world_size == env.world_size:
             set_rng_state(load_rng_state(self.tag_dir / rng_file(env.rank)))
+        else:
+            set_seeds(seed * 1_000_003 + self.state.step * 1_009 + env.rank)
         global_batch = engine.train_batch_size()
         if env.rank == 0:
             print(f"resumed from {self.tag_dir} at step {self.state.step} ({self.state.samples:,} samples read)",
                   flush=True)
             note = batch_note(recorded_batch(self.state), global_batch,
                               engine.train_micro_batch_size_per_gpu() * env.world_size)
-            if self.load_universal:
-                print(f"  on {env.world_size} ranks instead of {self.state.world_size} (through "
-                      f"{self.load_from.name}): {note}", flush=True)
+            if self.state.world_size != env.world_size:
+                through = self.load_from.name if self.load_universal else "each rank reads the whole ZeRO-0 state"
+                print(f"  on {env.world_size} ranks instead of {self.state.world_size} ({through}): {note}",
+                      flush=True)
             elif recorded_batch(self.state) not in (0, global_batch):
                 print(f"  {note}", flush=True)
         return dataclasses.replace(self.state, world_size=env.world_size, global_batch=global_batch)
@@ -122,7 +133,8 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], e
     if env.rank == 0:
         for line in start_branch(cfg.checkpoint_dir, tag_dir):
             print(line, flush=True)
-    load_from = tag_dir if state.world_size == env.world_size else convert_to_universal(tag_dir)
+    same_layout = state.world_size == env.world_size or not partitioned(tag_dir)
+    load_from = tag_dir if same_layout else convert_to_universal(tag_dir)
     return Resume(tag_dir, state, load_from, saved[1].origin if saved else Origin())
 
 
@@ -191,6 +203,13 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return on_rank0(lambda: universal_form(tag_dir))
 
 
+def partitioned(tag_dir: Path) -> bool:
+    """Whether a tag's optimizer state is split over the ranks that wrote it (ZeRO-1/2/3: files
+    *_optim_states.pt per rank), so that another world size needs its universal form. A ZeRO-0
+    tag holds the whole state in mp_rank_00_model_states.pt, which every rank loads as it is."""
+    return any(tag_dir.glob("*_optim_states.pt"))
+
+
 def universal_form(tag_dir: Path) -> Path:
     """convert_to_universal's work on rank 0."""
     target = universal_dir(tag_dir)
@@ -203,8 +222,50 @@ def universal_form(tag_dir: Path) -> Path:
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise DslmError(f"converting {tag_dir} to DeepSpeed's universal form failed: {last}")
+            add_zero3_frozen(tmp, tag_dir)
     check_loads_safely(target)
     return target
+
+
+def universal_tensor(universal: Path, name: str) -> Path:
+    """Where DeepSpeed's universal form keeps the fp32 value of module tensor `name`."""
+    return universal / "zero" / name / "fp32.pt"
+
+
+def add_zero3_frozen(universal: Path, tag_dir: Path) -> None:
+    """Complete the universal form of a ZeRO-3 tag. DeepSpeed's converter writes each module
+    tensor's fp32 value (universal_tensor) for the parameters the optimizer holds and, from a
+    ZeRO-0/1/2 tag, for every other tensor of the module (its mp_rank_00_model_states.pt holds
+    them); from a ZeRO-3 tag, whose module is partitioned, it leaves the frozen parameters out.
+    They are written here from the tag's consolidated weights (DeepSpeed's zero_to_fp32, which
+    reassembles the frozen fragments)."""
+    if not any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):  # ZeRO-3's per-rank module files
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    for name, tensor in weights.items():
+        if not (path := universal_tensor(universal, name)).is_file():
+            path.parent.mkdir(parents=True)
+            torch.save({PARAM: tensor.clone()}, path)  # a copy: a view would save its whole flat buffer
+
+
+def load_untrained(module: torch.nn.Module, universal: Path) -> None:
+    """Collective. Copy into `module` the tensors that DeepSpeed's universal load leaves as they
+    were built: every parameter its optimizer does not hold (frozen ones, LoRA's base weights)
+    and every buffer the state dict holds, from their universal_tensor files, in the module's
+    dtype (under ZeRO-3 through GatheredParameters). Raises DslmError naming a tensor the
+    universal form lacks."""
+    saved = module.state_dict().keys()
+    untrained = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+    for name, tensor in [*untrained, *((name, b) for name, b in module.named_buffers() if name in saved)]:
+        if not (path := universal_tensor(universal, name)).is_file():
+            raise DslmError(f"{universal} has no value for {name} ({path} is missing): convert the checkpoint again "
+                            f"(delete {universal.name})")
+        value = load_weights_only(path)[PARAM]
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=0):
+            with torch.no_grad():
+                tensor.copy_(value.view(tensor.shape))
 
 
 def fresh_state(world_size: int, data: DataConfig, manifests: list[Manifest], frozen: list[str]) -> TrainState:

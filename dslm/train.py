@@ -137,10 +137,12 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[T
 
 def load_sources(cfg: RunConfig) -> list[Manifest]:
     """The manifest of each folder the training samples come from (DataConfig.sources), checked
-    against the model; with data.mix, also against the first: one tokenizer, one seq_len."""
+    against the model and against the folder's tokenizer.json (Manifest.tokenizer_file); with
+    data.mix, also against the first: one tokenizer, one seq_len."""
     manifests = []
     for _, source in cfg.data.sources():
         manifests.append(Manifest.load(source.shards))
+        manifests[-1].tokenizer_file(source.shards)  # what eval and export will read the run's ids with
         check_against_manifest(cfg, manifests[-1])
     first = cfg.data.sources()[0][1].shards
     for (_, source), manifest in zip(cfg.data.sources()[1:], manifests[1:]):

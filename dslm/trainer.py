@@ -130,36 +130,48 @@ class SourceLoss:
 
 def train_step(engine, batches: DeviceBatches, objective: Objective, grad_accum: int,
                sources: SourceLoss | None = None) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (the mean over each
-    micro-batch's targets, averaged over the micro-batches), still on device. No host sync of its
-    own: the loss is read at log steps. `sources` counts each source's share of it."""
+    """One optimizer step over `grad_accum` micro-batches per rank. The step's loss is the sum of
+    its token losses over all its micro-batches on all ranks over their number of targets
+    (step_targets), whatever the split into ranks x grad_accum x micro_batch: a micro-batch with
+    few targets (instruction shards) weighs by its targets, as in transformers' fix of gradient
+    accumulation (4.46, `num_items_in_batch`). Each micro-batch backpropagates its token losses'
+    sum over the step's mean number of targets per micro-batch; DeepSpeed divides that by
+    grad_accum and averages it over the ranks, which gives the gradients of the step's loss.
+    Where every token is a target, that is each micro-batch's own mean, bit for bit as the plain
+    loop. Returns this rank's share of the step's loss times the number of ranks, on device (its
+    mean over the ranks is the step's loss); no host sync of its own: the loss is read at log
+    steps. `sources` counts each source's share of it."""
+    per_micro_batch = step_targets(batches, objective, grad_accum) / (grad_accum * dist.get_world_size())
+    per_micro_batch = per_micro_batch.float()  # (), float32 as the losses: exact where it is an integer below 2**24
     total = torch.zeros((), device=engine.device)
     for _ in range(grad_accum):
         batch = next(batches)
         inputs, targets = objective(batch)
         token_losses = engine(inputs, targets, reduction="none")  # (B, T)
-        row_targets = (targets != IGNORE_INDEX).sum(1)
-        loss = token_losses.sum() / row_targets.sum().clamp(min=1)
+        loss = token_losses.sum() / per_micro_batch
         engine.backward(loss)
         batches.prefetch()  # the next micro-batch, while the device runs this backward pass
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule at the accumulation boundary
         total += loss.detach().float()
         if sources is not None:
-            sources.add(batch, token_losses.detach().sum(1), row_targets)
+            sources.add(batch, token_losses.detach().sum(1), (targets != IGNORE_INDEX).sum(1))
     return total / grad_accum
+
+
+def step_targets(batches: DeviceBatches, objective: Objective, grad_accum: int) -> torch.Tensor:
+    """Collective: the number of targets in the next `grad_accum` micro-batches of every rank, at
+    least 1 (a step without targets adds zero gradients), as a () float64 tensor on the device
+    (one all-reduce, no host sync). Counted ahead: DeviceBatches holds the step's micro-batches."""
+    count = sum((objective(batch)[1] != IGNORE_INDEX).sum() for batch in batches.upcoming(grad_accum))
+    count = count.double()
+    dist.all_reduce(count)
+    return count.clamp(min=1)
 
 
 def grad_norm(engine) -> float:
     """The global gradient norm of the last step, before clipping (nan where DeepSpeed keeps none)."""
     norm = engine.get_global_grad_norm()
     return math.nan if norm is None else float(norm)
-
-
-def global_mean(value: torch.Tensor) -> float:
-    """Mean over ranks: the only host sync, done at log steps."""
-    value = value.clone()
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
 
 
 class Validation:
@@ -183,12 +195,18 @@ class Validation:
 
     @torch.no_grad()
     def __call__(self, engine) -> dict[str, float]:
+        """Collective (one sync): the mean loss over all the subset's targets on all ranks (each
+        micro-batch weighs by its targets, as in train_step); NaN when it holds none."""
         engine.eval()
-        total = torch.zeros((), device=engine.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # token losses, targets
         for batch in self.batches:
-            total += engine(*self.objective(to_device(batch, engine.device))).float()
+            inputs, targets = self.objective(to_device(batch, engine.device))
+            sums[0] += engine(inputs, targets, reduction="none").sum()
+            sums[1] += (targets != IGNORE_INDEX).sum()
         engine.train()
-        loss = global_mean(total) / len(self.batches)  # the mean of equal micro-batches: per token where all tokens are targets
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
+        loss = total / count if count else math.nan
         return {"val/loss": loss, "val/ppl": math.exp(loss)}
 
 

@@ -95,7 +95,7 @@ class ValData:
     def __init__(self, shards: Path, cfg: EvalConfig):
         manifest = Manifest.load(shards)
         self.shards, self.manifest = shards, manifest
-        self.tokenizer = Tokenizer.from_file(str(shards / manifest.tokenizer))
+        self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_file(shards)))
         samples = ShardSamples(shards, manifest, "val")
         self.samples = LabeledSamples(samples)
         self.documents = heldout_documents(self.samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}

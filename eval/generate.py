@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from dslm.data.templates import Framer, Framing, get_template
+from dslm.data.templates import Framer, Framing, get_template, stop_token
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.model import GPT, KVCache
@@ -230,7 +230,7 @@ class PromptFraming:
     the target block (dslm.data.templates.Framer)."""
 
     def __init__(self, tokenizer: Tokenizer, framing: Framing):
-        self.tok, self.backward = tokenizer, framing.direction == "backward"
+        self.tok, self.framing, self.backward = tokenizer, framing, framing.direction == "backward"
         self.direction = framing.direction
         self.framer = Framer(get_template(framing.template), tokenizer) if framing.template else None
 
@@ -243,9 +243,7 @@ class PromptFraming:
 
     @property
     def stop_tokens(self) -> tuple[int, ...]:
-        if self.framer is not None:
-            return (self.framer.stop_token(self.direction),)
-        return (BOS_ID,) if self.backward else (EOS_ID,)
+        return (stop_token(self.framing),)
 
     def decode(self, new: list[int]) -> str:
         """New ids (in the model's reading order) as text in the page's order."""
@@ -256,13 +254,31 @@ class PromptFraming:
         return self.framer.reply(new, self.direction) if self.framer is not None else self.decode(new)
 
 
+def check_whole(prompts: list[list[int]], template: str, max_new_tokens: int, context: int) -> None:
+    """Prompts framed by a template are never cut to fit the context (generate cuts a plain prompt
+    to its last tokens): the cut would take the template's opening markers and the question, as
+    training never cuts an example (`dslm-shard sft` drops one that does not fit). Raises DslmError
+    naming the first that leaves no room for `max_new_tokens` in `context` tokens."""
+    room = context - max_new_tokens
+    for i, ids in enumerate(prompts):
+        if len(ids) > room:
+            which = f"prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
+            raise DslmError(f"{which} is {len(ids)} tokens in the {template} template; model.block_size={context} "
+                            f"leaves room for {max(room, 0)} beside --max-new-tokens {max_new_tokens}: shorten it "
+                            f"or lower --max-new-tokens (a templated prompt is never cut)")
+
+
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerationConfig,
              progress: bool = False, framing: Framing = Framing()) -> list[str]:
     """The new text for each prompt, framed as the model reads (PromptFraming); cfg.stop_tokens
     is replaced by the framing's end token. Forward, the text follows its prompt; backward, it
     precedes it; with a template, it is the reply. It is cut at the first stop string
-    (cfg.keep_stop_string), the first in the model's writing order."""
+    (cfg.keep_stop_string), the first in the model's writing order. A plain prompt too long for
+    the context keeps its last tokens; a templated one is a DslmError (check_whole)."""
     frame = PromptFraming(tokenizer, framing)
     cfg = replace(cfg, stop_tokens=frame.stop_tokens)
-    new = generate(model, [frame.ids(p) for p in prompts], cfg, decode=frame.decode, progress=progress)
+    ids = [frame.ids(p) for p in prompts]
+    if framing.template:
+        check_whole(ids, framing.template, cfg.max_new_tokens, model.cfg.block_size)
+    new = generate(model, ids, cfg, decode=frame.decode, progress=progress)
     return [cut_at_stop(frame.text(tokens), cfg.stop_strings, cfg.keep_stop_string, frame.backward) for tokens in new]

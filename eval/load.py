@@ -67,7 +67,7 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
 def load_checkpoint(tag_dir: Path) -> LoadedModel:
     run_dir, step = run_of(tag_dir)
     shards = load_config(run_dir / CONFIG_NAME, []).data.shards
-    tokenizer = Path(shards) / Manifest.load(shards).tokenizer
+    tokenizer = Manifest.load(shards).tokenizer_file(shards)
     return LoadedModel(model_from(*read_tag(tag_dir), tag_dir), load_text_tokenizer(tokenizer), run_dir, step)
 
 

@@ -15,7 +15,7 @@ echo "== 1/5 shards from $STDLIB -> $DATA"
 if [ -f "$DATA/manifest.json" ]; then
     echo "$DATA/manifest.json exists: reusing those shards (make clean to rebuild)"
 else
-    "$BIN/dslm-shard" tokenizer "${SOURCES[@]}" --vocab-size 2048 --out "$DATA/tokenizer.json"
+    "$BIN/dslm-shard" tokenizer "${SOURCES[@]}" --vocab-size 2048 --out "$DATA/tokenizer.json" --overwrite
     "$BIN/dslm-shard" build "${SOURCES[@]}" --tokenizer "$DATA/tokenizer.json" --out "$DATA" \
         --seq-len 128 --samples-per-shard 8192 --val-fraction 0.02
 fi

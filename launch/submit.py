@@ -491,6 +491,7 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
     """The build asked for, its arguments checked here by dslm-shard's own parser (not in the
     queue); and whether an earlier build in OUT is to be cleared first (--overwrite, which the
     tasks do not get)."""
+    from dslm.data.manifest import check_build_tokenizer
     from dslm.data.tokens import load_text_tokenizer
     from shards.build import all_cores, token_dtype
     from shards.cli import parser as shard_parser
@@ -513,7 +514,8 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
         build_args = ["--workers", str(max(1, all_cores() // tasks)), *build_args]  # N tasks share the cores
     build = shard_parser().parse_args(["build", *build_args])  # exits 2 with one line on a bad argument
     cfg_build = shard_config(build)  # a value out of range (--seq-len 0)
-    token_dtype(load_text_tokenizer(cfg_build.tokenizer).get_vocab_size(), cfg_build.dtype)  # a bad tokenizer
+    check_build_tokenizer(cfg_build.tokenizer, cfg_build.out)  # a bad or replaced tokenizer: here, not in the queue
+    token_dtype(load_text_tokenizer(cfg_build.tokenizer).get_vocab_size(), cfg_build.dtype)
     for spec in build.source:
         parse_source(spec, tuple(build.exclude))  # a missing folder, a typo in a KIND: here, not in the queue
     if not overwrite:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dslm.cli import warn
-from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, shard_problem
+from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, check_build_tokenizer, shard_problem
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
@@ -169,9 +169,14 @@ class TokenizerSample:
 
 
 def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_bytes: int, out: Path,
-                             filters: FilterConfig | None = None) -> dict[tuple[str, str], float]:
+                             filters: FilterConfig | None = None, overwrite: bool = False) -> dict[tuple[str, str], float]:
     """Train on a weighted, filtered sample of the sources, write `out`, and return tokens per
-    byte for each (source, language)."""
+    byte for each (source, language). Raises DslmError, before reading anything, when `out`
+    exists and not `overwrite`: a tokenizer replaced under shards built with it would make their
+    ids mean other text (every reader checks it against the manifest, Manifest.tokenizer_file)."""
+    if out.exists() and not overwrite:
+        raise DslmError(f"{out} already exists; pass --overwrite to replace it (shards built with it then need a "
+                        f"rebuild)")
     sample = TokenizerSample(sample_bytes)
     texts = tqdm(sample.texts(sources, DocumentFilter(filters)), desc="tokenizer", unit="doc")
     tok = train_tokenizer(texts, vocab_size)
@@ -375,6 +380,7 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
     partial samples are kept in task.json for `dslm-shard merge`. A task already finished is
     kept. Raises DslmError for a finished build in `cfg.out`, or a stage before not finished."""
     started = time.monotonic()
+    check_build_tokenizer(cfg.tokenizer, cfg.out)
     tok = load_text_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
     if part is None:
@@ -435,7 +441,8 @@ def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> i
     worker processes (no tokenizing) and write the digests of those kept, bucketed by hash
     (shards.dedup). Returns the documents kept; a task already finished is kept (returns -1).
     Started over when rerun: it writes nothing until its end."""
-    tok = load_text_tokenizer(cfg.tokenizer)  # a bad tokenizer is one line, before anything is written
+    check_build_tokenizer(cfg.tokenizer, cfg.out)  # a bad tokenizer is one line, before anything is written
+    tok = load_text_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
     refuse_finished(cfg.out)
     stamp = task_stamp(cfg, sources, part.tasks)

@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                    help="UTF-8 bytes of filtered text to learn from, shared among the sources by weight "
                         "(default: %(default)s)")
     t.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (shards built with it must then be rebuilt: every command that "
+                        "reads them checks their tokenizer's sha256)")
 
     b = sub.add_parser("build", help="tokenize the sources into train/val tar shards + manifest.json")
     add_source_args(b)
@@ -146,7 +149,7 @@ def dispatch(args: argparse.Namespace) -> None:
     sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
     if args.command == "tokenizer":
         for (spec, language), ratio in train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes,
-                                                                 args.out).items():
+                                                                 args.out, overwrite=args.overwrite).items():
             print(f"{spec} [{language}]: {ratio:.3f} tokens/byte")
         print(f"wrote {args.out} (vocab {args.vocab_size})")
         return
@@ -270,7 +273,7 @@ def inspect(folder: Path, show: int) -> None:
         # Imported here: the loader brings in torch, which the build's processes do not need.
         from dslm.data.loader import ShardSamples
 
-        tok = Tokenizer.from_file(str(folder / manifest.tokenizer))
+        tok = Tokenizer.from_file(str(manifest.tokenizer_file(folder)))
         samples = ShardSamples(folder, manifest, "train")
         for i in range(min(show, len(samples))):
             sample = samples[i]

@@ -46,7 +46,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from dslm.cli import warn
-from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
+from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, check_build_tokenizer
 from dslm.data.templates import DIRECTIONS, Framer, get_template
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
@@ -369,6 +369,7 @@ def build_sft_shards(cfg: SftConfig) -> Manifest:
     markers and the sources are checked before anything is read or written. Raises DslmError for
     a tokenizer without the markers, a source that names no file, a finished build in `out`
     without `overwrite`, or no example to write."""
+    check_build_tokenizer(cfg.tokenizer, cfg.out)
     tok = load_text_tokenizer(cfg.tokenizer)
     framer = Framer(get_template(cfg.template), tok)
     files = {spec: source_files(spec) for spec in cfg.sources}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import sysconfig
@@ -66,6 +67,32 @@ def many_shards(tmp_path_factory, code_corpus, tiny_shards) -> tuple[Path, Manif
     return out, build_shards(cfg, [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]).manifest
 
 
+def line_pairs(corpus: Path) -> list[dict[str, str]]:
+    """Instruction records from real code: each non-blank line of the corpus's files asks for the
+    one to three lines after it, so responses (the loss-masked targets) differ in length."""
+    records = []
+    for path in sorted(corpus.rglob("*.py")):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for i in range(0, len(lines) - 4, 7):
+            records.append({"instruction": f"After `{lines[i].strip()}`, write what follows.",
+                            "output": "\n".join(lines[i + 1:i + 2 + i % 3])})
+    return records
+
+
+@pytest.fixture(scope="session")
+def sft_shards(tmp_path_factory, code_corpus, tiny_shards) -> tuple[Path, Manifest]:
+    """Instruction shards (template instruct, loss masks) with tiny_shards' tokenizer and seq_len:
+    examples of uneven lengths, so that samples hold uneven numbers of targets."""
+    from shards.sft import SftConfig, build_sft_shards
+
+    root = tmp_path_factory.mktemp("sft")
+    records = root / "records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in line_pairs(code_corpus)))
+    cfg = SftConfig(out=root / "shards", tokenizer=tiny_shards[0] / "tokenizer.json", template="instruct",
+                    sources=[str(records)], seq_len=TINY_SEQ_LEN, samples_per_shard=200, val_fraction=0.1)
+    return cfg.out, build_sft_shards(cfg)
+
+
 @pytest.fixture
 def free_port() -> int:
     with socket.socket() as s:
@@ -125,6 +152,25 @@ def write_tag(run_dir: Path, step: int, state: dict, sealed: bool = True) -> Pat
 @pytest.fixture
 def write_checkpoint() -> Callable[..., Path]:
     return write_tag
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory, tiny_shards) -> Path:
+    """A run directory of the `tiny` preset whose one sealed tag (step 5) holds weights no seed
+    produces (its init, every tensor perturbed): the `train.init_from` base for tests in which
+    weights loaded from a checkpoint and weights initialized again must differ."""
+    from dslm.config import load_config, save_config
+
+    cfg = load_config(None, ["name=base", f"runs_dir={tmp_path_factory.mktemp('base')}", "model.preset=tiny",
+                             f"data.shards={tiny_shards[0]}"])
+    save_config(cfg)
+    torch.manual_seed(7)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    write_tag(cfg.run_dir, 5, {"module": model.state_dict(), "global_steps": 5})
+    return cfg.run_dir
 
 
 @pytest.fixture(scope="session")

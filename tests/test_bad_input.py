@@ -6,9 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
+
+from dslm.files import sha256_file
+from shards.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -20,10 +25,11 @@ def world(tmp_path_factory, tiny_shards):
     """Paths for the table: real shards, shards of another tokenizer, files of the wrong kind."""
     root = tmp_path_factory.mktemp("bad")
     shards, manifest = tiny_shards
-    other = root / "other"
+    other = root / "other"  # the same samples, as if built with another tokenizer: manifest and file agree
     shutil.copytree(shards, other)
+    another_tokenizer(other / manifest.tokenizer)
     raw = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**raw, "tokenizer_sha256": "0" * 64}))
+    (other / "manifest.json").write_text(json.dumps({**raw, "tokenizer_sha256": sha256_file(other / manifest.tokenizer)}))
     (root / "empty").mkdir()
     (root / "notjson").mkdir()
     (root / "notjson" / "manifest.json").write_text("{not json")
@@ -38,10 +44,17 @@ def world(tmp_path_factory, tiny_shards):
             "tokenizer": str(shards / manifest.tokenizer)}
 
 
+def another_tokenizer(path: Path) -> None:
+    """Write over `path` a tokenizer.json of the same vocabulary size learned from other text."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    train_tokenizer([text], vocab_size=Tokenizer.from_file(str(path)).get_vocab_size()).save(str(path))
+
+
 CASES = [
     # (command, arguments with {placeholders}, what the line must say)
     ("dslm-shard", "tokenizer --source code:{missing} --out {root}/t.json", "is not a folder"),
     ("dslm-shard", "tokenizer --source code:{empty} --out {root}/t.json", "sources are empty"),
+    ("dslm-shard", "tokenizer --source code:{empty} --out {tokenizer}", "already exists; pass --overwrite"),
     ("dslm-shard", "build --source code:{empty} --tokenizer {png} --out {root}/b", "not a tokenizer.json"),
     ("dslm-shard", "build --source code:{empty} --tokenizer {missing} --out {root}/b", "no such file"),
     ("dslm-shard", "verify {missing}", "no manifest.json"),
@@ -105,3 +118,52 @@ def test_eval_refuses_shards_of_another_tokenizer(world, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "another tokenizer" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_tokenizer_replaced_after_the_build_is_refused_by_every_command_that_reads_the_shards(
+        tiny_shards, code_corpus, tmp_path, write_checkpoint):
+    """The shards' ids mean the text of the tokenizer they were built with: a tokenizer.json written
+    over it afterwards (`dslm-shard tokenizer --out DIR/tokenizer.json --overwrite`) would make eval
+    report the loss of another text, and an export or fine-tune speak it. Each command names both
+    hashes in one line."""
+    from dslm.config import load_config, save_config
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards[0], shards)
+    built = sha256_file(shards / "tokenizer.json")
+    retrain = [BIN / "dslm-shard", "tokenizer", "--source", f"code:{code_corpus / 'email'}", "--vocab-size", "512",
+               "--out", shards / "tokenizer.json"]
+    refused = subprocess.run(retrain, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr
+    assert sha256_file(shards / "tokenizer.json") == built
+    subprocess.run([*retrain, "--overwrite"], check=True, capture_output=True, timeout=300)
+    replaced = sha256_file(shards / "tokenizer.json")
+    assert replaced != built
+    run = load_config(None, ["name=r", f"runs_dir={tmp_path / 'runs'}", f"data.shards={shards}", "model.preset=tiny",
+                             "model.vocab_size=512"])
+    save_config(run)
+    from dslm.model import GPT
+
+    tag = write_checkpoint(run.run_dir, 2, {"module": GPT(run.model).state_dict(), "global_steps": 2})
+    (tmp_path / "records.jsonl").write_text('{"instruction": "Add one.", "output": "x + 1"}\n')
+    commands = [
+        ["dslm-train", "--deepspeed", ZERO2, f"data.shards={shards}", f"runs_dir={tmp_path / 'runs'}", "name=new",
+         "model.preset=tiny", "model.vocab_size=512"],
+        ["dslm-eval", run.run_dir, "--metrics", "perplexity"],
+        ["dslm-generate", run.run_dir, "--prompt", "def"],
+        ["dslm-export", tag],
+        ["dslm-export", run.run_dir, "--format", "onnx"],
+        ["dslm-shard", "inspect", shards, "--show", "1"],
+        ["dslm-shard", "sft", "--source", tmp_path / "records.jsonl", "--template", "instruct", "--tokenizer",
+         shards / "tokenizer.json", "--out", tmp_path / "sft"],
+        ["dslm-shard", "build", "--source", f"code:{tmp_path}", "--tokenizer", shards / "tokenizer.json", "--out",
+         tmp_path / "rebuilt"],
+    ]
+    for command in commands:
+        proc = subprocess.run([BIN / command[0], *command[1:]], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
+        assert len(errors) == 1 and f"sha256 {replaced}" in errors[0] and f"sha256 {built}" in errors[0], \
+            (command, proc.stderr[-2000:])
+    assert not (run.run_dir / "export").exists() and not (tmp_path / "sft").exists()

@@ -17,6 +17,7 @@ slice of them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 from collections import OrderedDict, deque
@@ -356,6 +357,11 @@ class DeviceBatches:
                 self.skipped += zip(batch["source"][rows].tolist(), batch["index"][rows].tolist())
             self.ready.append(to_device(batch, self.device))
 
+    def upcoming(self, count: int) -> list[Batch]:
+        """The next `count` micro-batches, taken from the loader where not held yet, left in place."""
+        self.prefetch(count)
+        return list(itertools.islice(self.ready, count))
+
     def __iter__(self) -> DeviceBatches:
         return self
 
@@ -374,7 +380,9 @@ def train_order(cfg: DataConfig, manifests: list[Manifest], seed: int, base: Mix
 
 def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank: int, world_size: int,
                  micro_batch: int, start: int = 0) -> DataLoader:
-    """This rank's training micro-batches, from global position `start` on."""
+    """This rank's training micro-batches, from global position `start` on. The loader draws its
+    workers' seeds from a generator of its own: from torch's global one, starting the loader would
+    move the RNG state a resume has just restored, and every dropout mask after it would differ."""
     return DataLoader(
         samples,
         batch_size=micro_batch,
@@ -383,4 +391,5 @@ def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
     )

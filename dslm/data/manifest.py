@@ -87,6 +87,22 @@ class Manifest:
     def split(self, name: str) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == name]
 
+    def tokenizer_file(self, folder: str | Path) -> Path:
+        """The tokenizer the shards in `folder` (this manifest's) were built with, checked against
+        the sha256 the manifest records: every command that reads the shards' ids as text takes it
+        from here. Raises DslmError, naming both hashes, when the file is missing or another one
+        (replaced after the build: the shards' ids would mean other text)."""
+        path = Path(folder) / self.tokenizer
+        if not path.is_file():
+            raise DslmError(f"{path} is missing: the shards in {folder} need the tokenizer they were built with "
+                            f"(sha256 {self.tokenizer_sha256}, {MANIFEST_NAME})")
+        if (found := sha256_file(path)) != self.tokenizer_sha256:
+            raise DslmError(f"{path} has sha256 {found}, but the shards in {folder} were built with sha256 "
+                            f"{self.tokenizer_sha256} ({MANIFEST_NAME}): it was replaced after the build and their ids "
+                            f"would mean other text; put the build's tokenizer back, or rebuild the shards with this "
+                            f"one (--overwrite)")
+        return path
+
     def save(self, folder: str | Path) -> None:
         atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
@@ -104,3 +120,16 @@ class Manifest:
             return cls(**raw)
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a manifest's fields
             raise DslmError(f"{path}: not a dslm-shard manifest ({type(e).__name__}: {e})") from None
+
+
+def check_build_tokenizer(tokenizer: Path, out: Path) -> None:
+    """A tokenizer.json given to a new build that is a finished build's own (beside the manifest.json
+    that names it, in another folder than `out`) must still be the one that build was made with
+    (Manifest.tokenizer_file): a replaced one would make the new shards' ids disagree with the
+    model trained on the old ones. Raises DslmError as Manifest.tokenizer_file does."""
+    folder = tokenizer.parent
+    if not (folder / MANIFEST_NAME).is_file() or folder.resolve() == Path(out).resolve():
+        return
+    manifest = Manifest.load(folder)
+    if manifest.tokenizer == tokenizer.name:
+        manifest.tokenizer_file(folder)

@@ -83,6 +83,16 @@ class Framing:
     """The template of its instruction shards (TEMPLATES); "" when it was trained on documents."""
 
 
+def stop_token(framing: Framing) -> int:
+    """The token after which a model of `framing` has written what it was trained to write, in its
+    reading order: with a template, the marker that closes the target (<|im_end|> forward,
+    <|im_start|> backward); without one, the text's end (<eos> forward, <bos> backward)."""
+    forward = framing.direction == "forward"
+    if framing.template:
+        return SPECIAL_TOKENS.index(IM_END if forward else IM_START)
+    return EOS_ID if forward else BOS_ID
+
+
 def get_template(name: str) -> Template:
     """Raises DslmError naming the known templates for another name."""
     if name not in TEMPLATES:
@@ -149,7 +159,7 @@ class Framer:
 
     def stop_token(self, direction: str) -> int:
         """The token that closes the target in reading order."""
-        return self.ids[IM_END] if direction == "forward" else self.ids[IM_START]
+        return stop_token(Framing(direction, self.template.name))
 
     def reply(self, new: list[int], direction: str) -> str:
         """The target's text from generated ids in reading order (markers dropped, words turned back)."""

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dslm.data.templates import Framing
-from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
+from dslm.data.templates import IM_END, Framer, Framing, get_template
+from dslm.data.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_text_tokenizer
 from dslm.export import write_tokenizer_files
 from dslm.files import sha256_file
 from dslm.hf import export_tokenizer_sha256, fold_head_bias, hf_config, hf_state_dict
@@ -18,6 +18,7 @@ from eval.generate import PromptFraming
 from eval.generate_cli import main as generate_main
 from shards.tokenizer import train_tokenizer
 
+IM_END_ID = SPECIAL_TOKENS.index(IM_END)
 transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")
 
 
@@ -135,3 +136,70 @@ def test_an_export_without_a_recorded_tokenizer_is_known_by_its_tokenizer_file(t
     folder.mkdir()
     (folder / "tokenizer.json").write_bytes(shards_tokenizer.read_bytes())
     assert export_tokenizer_sha256(folder) == sha256_file(shards_tokenizer)
+
+
+CHAT_TEXTS = ["Write a function that adds two numbers.", "def f(x):\n    return x  ", "  ünïcode ✓\n\t", "a  b"]
+
+
+@pytest.mark.parametrize("name", ["instruct", "backchat"])
+def test_a_templated_exports_chat_template_gives_the_ids_dslm_feeds(tmp_path, shards_tokenizer, name):
+    framing = Framing("forward", name)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_tokenizer_files(folder, shards_tokenizer, framing)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    framer = Framer(get_template(name), load_text_tokenizer(shards_tokenizer))
+    dslm = PromptFraming(load_text_tokenizer(shards_tokenizer), framing)
+    given, target = get_template(name).given("forward"), get_template(name).target("forward")
+    for text in CHAT_TEXTS:
+        user = [{"role": "user", "content": text}]
+        assert theirs.apply_chat_template(user, add_generation_prompt=True)["input_ids"] == dslm.ids(text), text
+        example = theirs.apply_chat_template([*user, {"role": "assistant", "content": "x = 1"}])["input_ids"]
+        assert example == framer.example({given: text, target: "x = 1"}, "forward")[0].tolist(), text
+    # special tokens written in a message: text, as dslm encodes them, when the caller asks for it
+    marked = "a <|im_end|> b <eos>"
+    ids = theirs.apply_chat_template([{"role": "user", "content": marked}], add_generation_prompt=True,
+                                     sanitize_control_tokens=True)["input_ids"]
+    assert ids == dslm.ids(marked)
+    with pytest.raises(Exception, match=f"the {name} template takes one user message"):
+        theirs.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], add_generation_prompt=True)
+
+
+def test_a_backward_templated_exports_chat_template_refuses_with_one_line(tmp_path, shards_tokenizer):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_tokenizer_files(folder, shards_tokenizer, Framing("backward", "instruct"))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    with pytest.raises(Exception, match="reads text backward") as refused:
+        theirs.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_instruction_models_export_stops_where_dslm_generate_does(tmp_path, sft_shards, write_checkpoint):
+    """transformers' generate() on the export of a model tuned on instruction shards stops at the
+    <|im_end|> that the model writes (generation_config.json), not after max_new_tokens."""
+    from dslm.config import RunConfig, save_config
+    from dslm.data.loader import DataConfig
+    from dslm.export import main as export_main
+
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=512, block_size=96)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.lm_head.bias[IM_END_ID] = 50.0  # a model that answers at once: <|im_end|>
+    run = RunConfig(name="tuned", runs_dir=str(tmp_path), model=cfg, data=DataConfig(shards=str(sft_shards[0])))
+    save_config(run)
+    write_checkpoint(run.run_dir, 3, {"module": model.state_dict(), "global_steps": 3})
+    export_main([str(run.run_dir / "checkpoints" / "global_step3")])
+    folder = run.run_dir / "export" / "step3"
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == IM_END_ID
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": CHAT_TEXTS[0]}], add_generation_prompt=True,
+                                  return_tensors="pt")["input_ids"]
+    assert hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.size(1):].tolist() == [IM_END_ID]
+    # the stop the export used to name (<eos>, which this model never writes) runs to the budget
+    assert hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=EOS_ID).size(1) == ids.size(1) + 20
+    out = tmp_path / "out.jsonl"
+    generate_main([str(folder), "--prompt", CHAT_TEXTS[0], "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["outputs"][str(folder)] == ""  # dslm-generate: stopped at once, too

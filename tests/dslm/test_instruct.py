@@ -81,3 +81,15 @@ def test_backchat_from_the_command_line(tiny_shards, tmp_path):
     assert stop in new, "the fine-tuned model never closed its instruction"
     assert frame.text(new[:new.index(stop)]) == reply and reply
     assert torch.isfinite(loaded.model.lm_head.weight).all()
+
+    # its Hugging Face export: the chat template frames the response as dslm does, and generate()
+    # stops at the <|im_end|> the model learned to write (generation_config.json)
+    transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
+    run([BIN / "dslm-export", run_dir / "checkpoints" / "global_step80", tmp_path / "hf"], tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok.apply_chat_template([{"role": "user", "content": response}], add_generation_prompt=True,
+                                  return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == frame.ids(response)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    written = hf.generate(ids, max_new_tokens=60, do_sample=False)[0, ids.size(1):].tolist()
+    assert written[-1] == stop and len(written) < 60, written

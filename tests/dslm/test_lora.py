@@ -239,14 +239,12 @@ def test_a_lora_run_at_zero2_trains_only_adapters_and_exports_and_evaluates_merg
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 3])
-def test_a_lora_run_trains_resumes_and_reads_merged_at_every_zero_stage(tiny_shards, tmp_path, stage, write_checkpoint):
+def test_a_lora_run_trains_resumes_and_reads_merged_at_every_zero_stage(tiny_shards, base_run, tmp_path, stage):
     shards, _ = tiny_shards
-    torch.manual_seed(0)
-    source = GPT(TINY)
-    source_tag = write_source(source, tmp_path, shards, write_checkpoint)
+    source = model_from(*read_weights(base_run)[:2])  # weights no seed produces
     for max_steps, resume in ((2, []), (3, ["--resume", "auto"])):
         args = [a.replace("zero2.json", f"zero{stage}.json")
-                for a in lora_args(shards, tmp_path, source_tag, max_steps)]
+                for a in lora_args(shards, tmp_path, base_run, max_steps)]
         proc = subprocess.run([BIN / "dslm-train", *args, "train.checkpoint_interval=1", *resume], cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]

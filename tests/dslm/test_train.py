@@ -22,7 +22,6 @@ from dslm.data.mix import Interleave, MixBase
 from dslm.data.order import WindowOrder
 from dslm.errors import EXIT_BAD_DATA, EXIT_RETRY, EXIT_WRITE_FAILED
 from dslm.metrics import METRICS_CSV, read_rows, read_scalars
-from dslm.model import GPT
 from dslm.optim import OptimConfig, lr_factor
 from dslm.stop import EXIT_STOPPED
 from dslm.weights import model_from, read_tag, read_weights, weights_sha256
@@ -149,9 +148,10 @@ def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_
     shards, _ = tiny_shards
     launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
     settings = dict(max_steps=8, warmup_steps=2, log_interval=1, checkpoint_interval=4)
-    subprocess.run([*launch, *train_args(shards, tmp_path, "straight", **settings)], cwd=tmp_path, check=True,
-                   timeout=900, stdout=subprocess.DEVNULL)
-    args = train_args(shards, tmp_path, "resumed", **settings)
+    dropout = ["model.dropout=0.1"]  # a mask at every step, from the RNG state the resume restores
+    subprocess.run([*launch, *train_args(shards, tmp_path, "straight", **settings), *dropout], cwd=tmp_path,
+                   check=True, timeout=900, stdout=subprocess.DEVNULL)
+    args = [*train_args(shards, tmp_path, "resumed", **settings), *dropout]
     first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
     latest, log = tmp_path / "resumed" / "checkpoints" / "latest", tmp_path / "resumed" / METRICS_CSV
     kill_when(first, lambda: latest.exists() and max(logged_steps(log), default=0) >= 5)  # a step past it logged
@@ -220,10 +220,11 @@ def test_resume_on_fewer_ranks_goes_through_a_universal_checkpoint(tiny_shards, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 3])
-def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, tmp_path, stage):
+def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, base_run, tmp_path, stage):
     shards, _ = tiny_shards
     args = [a.replace("zero2.json", f"zero{stage}.json")
-            for a in train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2)]
+            for a in train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=1,
+                                init_from=base_run, val_interval=0)]
     first = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True,
                            text=True)
     assert f"engine: 1 rank(s) on cpu, backend gloo, ZeRO stage {stage}, bfloat16 weights, AdamW\n" in first.stdout
@@ -231,8 +232,13 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, tmp_pat
     subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
                    capture_output=True)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3]
-    model = model_from(*read_tag(tmp_path / "t" / "checkpoints" / "global_step3"))
+    checkpoints = tmp_path / "t" / "checkpoints"
+    model = model_from(*read_tag(checkpoints / "global_step3"))
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+    # the resume went on from step 2's weights (the base's, 0.05 away from any seed's): one Adam step of
+    # lr 3e-3 away, clipped and decayed, never a fresh start
+    resumed, saved = model.state_dict(), read_tag(checkpoints / "global_step2")[1]
+    assert max((resumed[name] - saved[name]).abs().max().item() for name in saved) < 2 * 3e-3
 
 
 def poison_weights(tag_dir: Path) -> None:
@@ -343,52 +349,6 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
                              text=True, timeout=600)
     assert resumed.returncode == 0 and "train.init_from" in resumed.stdout and "is ignored" in resumed.stdout
     assert load_config(tmp_path / "tuned" / "config.yaml", []).origin == origin  # the resumed run keeps it
-
-
-def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The weights a run started from (dslm.train.build_model: the seed, then the model), as its
-    bf16 training holds them."""
-    cfg = load_config(run_dir / "config.yaml", [])
-    torch.manual_seed(cfg.train.seed)
-    return {name: t.bfloat16().float() for name, t in GPT(cfg.model).state_dict().items()}
-
-
-def assert_only_unfrozen_trained(run_dir: Path, tag: str) -> None:
-    init, trained = initial_weights(run_dir), load_fp32_weights(run_dir / "checkpoints" / tag,
-                                                               load_config(run_dir / "config.yaml", []).model)
-    frozen = sealed_state(run_dir / "checkpoints" / tag).frozen
-    assert frozen and all(torch.equal(trained[name], init[name]) for name in frozen)
-    assert all(not torch.equal(trained[name], init[name]) for name in init if name not in frozen and "ln" not in name)
-
-
-@pytest.mark.slow
-def test_frozen_blocks_stay_bitwise_unchanged_on_two_ranks_at_zero2(tiny_shards, tmp_path, free_port):
-    shards, _ = tiny_shards
-    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
-    args = train_args(shards, tmp_path, max_steps=20, warmup_steps=2, log_interval=10, checkpoint_interval=20,
-                      val_interval=0) + ["train.freeze_blocks=1"]
-    proc = subprocess.run([*launch, *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "trainable parameters: " in proc.stdout and "(14 tensors frozen)" in proc.stdout
-    assert_only_unfrozen_trained(tmp_path / "t", "global_step20")
-    longer = [a.replace("train.max_steps=20", "train.max_steps=21") for a in args]  # on 1 rank: the universal form
-    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
-                   capture_output=True)
-    assert_only_unfrozen_trained(tmp_path / "t", "global_step21")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_freezing_works_at_every_zero_stage_and_resumes(tiny_shards, tmp_path, stage):
-    shards, _ = tiny_shards
-    args = [a.replace("zero2.json", f"zero{stage}.json") for a in train_args(
-        shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2, val_interval=0)]
-    args += ["train.freeze=[blocks.1.*,ln_f.*]"]
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
-    longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
-    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
-                   capture_output=True)
-    assert_only_unfrozen_trained(tmp_path / "t", "global_step3")
 
 
 def dslm_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:

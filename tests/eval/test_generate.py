@@ -367,3 +367,21 @@ def test_cli_bad_prompt_set_is_one_line(tmp_path, tokenizer, capsys, content, me
         main([str(folder), "--prompts", str(prompts)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_templated_prompt_too_long_for_the_context_is_refused_and_a_plain_one_cut(tmp_path, tokenizer, capsys):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    long = "def encode(self, o):\n    return o\n" * 3  # more than the context of 32 tokens
+    main([str(folder), "--prompt", long, "--max-new-tokens", "6"])  # plain text: its last tokens
+    assert capsys.readouterr().out.startswith(long)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--prompt", "x", "--prompt", long, "--max-new-tokens", "6", "--template", "instruct"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "prompt 2 of 2 is" in err[0] and "tokens in the instruct template; model.block_size=32 leaves room for " \
+                                             "26 beside --max-new-tokens 6" in err[0], err
+    lines = f"{long.replace(chr(10), ' ')}\nx\nquit\n"  # a prompt per line; the long one is still too long
+    proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--template", "instruct", "--max-new-tokens",
+                           "6", "--strategy", "greedy"], input=lines, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "> not generated: the prompt is" in proc.stdout and "> x\n=> " in proc.stdout, proc.stdout
