@@ -118,7 +118,7 @@ def heldout_lines(source: Path, shards: str | None, n: int, seed: int = 0) -> li
     root = shards or run_data(source)[0].shards
     manifest = Manifest.load(root)
     samples = LabeledSamples(ShardSamples(root, manifest, "val"))
-    docs = heldout_documents(samples, load_text_tokenizer(Path(root) / manifest.tokenizer), set(LANGUAGES), 50)
+    docs = heldout_documents(samples, load_text_tokenizer(manifest.tokenizer_file(root)), set(LANGUAGES), 50)
     tasks = build_exact_match_tasks(docs, ExactMatchConfig(samples_per_language=n, seed=seed, context_chars=2000))
     return [{"language": t.language, "prompt": t.prompt, "target": t.target} for t in tasks]
 

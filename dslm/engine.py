@@ -136,6 +136,11 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     return ds
 
 
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none, as DeepSpeed reads it)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, load_universal: bool = False):
     """The DeepSpeed engine around `model`: dslm.optim's AdamW (PyTorch's fused CUDA kernel on a
     GPU, which needs no DeepSpeed op build) and schedule, and the training options.

@@ -112,16 +112,20 @@ def chat_template(framing: Framing) -> str | None:
     def opening(role: str) -> str:
         return f"{IM_START}{role_marker(role)}"
 
-    return ("{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user' or (messages | length == 2 "
-            "and messages[1]['role'] != 'assistant') -%}"
-            f"{{{{- raise_exception('the {template.name} template takes one user message, optionally followed by "
-            "one assistant message') -}}{%- endif -%}"
-            "{{- bos_token -}}"
-            "{%- for message in messages -%}"
-            f"{{%- if message['role'] == 'user' -%}}{opening(given)}{{{{ {text} }}}}{IM_END}"
-            f"{{%- else -%}}{opening(target)}{{{{ {text} }}}}{IM_END}{{{{- eos_token -}}}}{{%- endif -%}}"
-            "{%- endfor -%}"
-            f"{{%- if add_generation_prompt and messages | length == 1 -%}}{opening(target)}{{%- endif -%}}")
+    return "".join([
+        "{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user' or (messages | length == 2 "
+        "and messages[1]['role'] != 'assistant') -%}",
+        f"{{{{- raise_exception('the {template.name} template takes one user message, optionally followed by one "
+        "assistant message') -}}{%- endif -%}",
+        "{{- bos_token -}}",
+        "{%- for message in messages -%}",
+        "{%- if message['content'] is not string -%}{{- raise_exception('a message content must be a string "
+        "(not a list of parts)') -}}{%- endif -%}",
+        f"{{%- if message['role'] == 'user' -%}}{opening(given)}{{{{ {text} }}}}{IM_END}",
+        f"{{%- else -%}}{opening(target)}{{{{ {text} }}}}{IM_END}{{{{- eos_token -}}}}{{%- endif -%}}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt and messages | length == 1 -%}}{opening(target)}{{%- endif -%}}",
+    ])
 
 
 def framing_from_hf(hf: dict, source: Path) -> Framing:
@@ -183,8 +187,8 @@ def tokenizer_config(source_sha256: str, framing: Framing = Framing()) -> dict:
     is a tokenizer.json; the <bos> comes from its post-processor, see `hf_tokenizer`.)
 
     A model tuned with a template: its chat_template, whose markers must encode as special tokens,
-    so split_special_tokens stays off; a user message that writes one of dslm's special tokens as
-    text encodes as dslm does with apply_chat_template(..., sanitize_control_tokens=True)."""
+    so split_special_tokens stays off; in a user message that writes one of dslm's special tokens
+    as text, it stays text with apply_chat_template(..., sanitize_control_tokens=True)."""
     pad, unk, bos, eos = SPECIAL_TOKENS[:4]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "unk_token": unk, "bos_token": bos,
               "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None,

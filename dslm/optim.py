@@ -112,6 +112,15 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def apply_schedule(schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each parameter group's lr to what `schedule` gives at the step it stands at. A resumed
+    optimizer holds the rate the checkpointed run's schedule set for the next step; a resume that
+    changed max_steps or the decay's shape would run that step at the old schedule's rate."""
+    rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, lr in zip(schedule.optimizer.param_groups, rates):
+        group["lr"] = lr
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
                     max_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over `param_groups` (PyTorch's fused kernel on CUDA) and its schedule, stepped once

@@ -31,7 +31,8 @@ from deepspeed.checkpoint.constants import PARAM
 
 from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely, fresh_folder,
                              list_checkpoints, load_rng_state, load_weights_only, newest_resumable, resume_problem,
-                             rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir)
+                             rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir,
+                             written_zero_stage)
 from dslm.cli import warn
 from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
 from dslm.data.loader import DataConfig
@@ -41,6 +42,7 @@ from dslm.engine import DistEnv
 from dslm.errors import DslmError
 from dslm.files import atomic_path
 from dslm.model import SIZES
+from dslm.optim import apply_schedule
 
 T = TypeVar("T")
 
@@ -71,12 +73,15 @@ class Resume:
         (load_untrained). On another world size the RNG streams are new, seeded from `seed`, the
         step and the rank. The files were checked by plan_resume (resume_problem, and
         check_loads_safely for the universal form); the RNG file is read with the same
-        weights-only rule. Raises DslmError when DeepSpeed loads nothing."""
+        weights-only rule. The learning rate of the next step is this run's schedule's (apply_schedule),
+        whose max_steps may differ from the checkpointed run's. Raises DslmError when DeepSpeed loads
+        nothing."""
         path, _ = engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name)
         if path is None:
             raise DslmError(f"DeepSpeed could not load {self.load_from}")
         if self.load_universal:
             load_untrained(engine.module, self.load_from)
+        apply_schedule(engine.lr_scheduler)  # this run's schedule (max_steps, decay) from the next step on
         if self.state.world_size == env.world_size:
             set_rng_state(load_rng_state(self.tag_dir / rng_file(env.rank)))
         else:
@@ -88,8 +93,12 @@ class Resume:
             note = batch_note(recorded_batch(self.state), global_batch,
                               engine.train_micro_batch_size_per_gpu() * env.world_size)
             if self.state.world_size != env.world_size:
-                through = self.load_from.name if self.load_universal else "each rank reads the whole ZeRO-0 state"
+                through = (f"through {self.load_from.name}" if self.load_universal
+                           else "each rank reads the whole ZeRO-0 state")
                 print(f"  on {env.world_size} ranks instead of {self.state.world_size} ({through}): {note}",
+                      flush=True)
+            elif self.load_universal:
+                print(f"  at another ZeRO stage than the checkpoint's (through {self.load_from.name}): {note}",
                       flush=True)
             elif recorded_batch(self.state) not in (0, global_batch):
                 print(f"  {note}", flush=True)
@@ -116,13 +125,14 @@ def batch_note(old: int, new: int, per_accumulation: int) -> str:
     return f"the global batch is now {new} samples, was {old} (x{Fraction(new, old)}){keep}"
 
 
-def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], env: DistEnv) -> Resume | None:
+def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], env: DistEnv,
+                zero_stage: int) -> Resume | None:
     """Collective. What `--resume` (None, "auto", "if-any" or a tag folder) continues from in the run's
-    checkpoint folder, converted for this world size; None for a fresh run. Raises DslmError
-    when nothing loadable exists, when a fresh run would mix with existing checkpoints, or when
-    the shards (`manifests`, one per DataConfig.sources), the model or the optimizer settings are
-    not those the checkpoint holds. Once they are, the tag starts the run's live branch
-    (checkpoint.start_branch, rank 0)."""
+    checkpoint folder, in the form this world size and ZeRO stage (`zero_stage`) load (load_form);
+    None for a fresh run. Raises DslmError when nothing loadable exists, when a fresh run would mix
+    with existing checkpoints, or when the shards (`manifests`, one per DataConfig.sources), the
+    model, the optimizer settings or the ZeRO layout (ZERO_LAYOUTS) are not those the checkpoint
+    holds. Once they are, the tag starts the run's live branch (checkpoint.start_branch, rank 0)."""
     tag_dir = on_rank0(lambda: find_resume(resume, cfg.checkpoint_dir))
     if tag_dir is None:
         return None
@@ -130,11 +140,10 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], e
     saved = saved_config(tag_dir)
     if saved is not None:
         check_same_settings(cfg, *saved)
+    load_from = load_form(tag_dir, state.world_size, env.world_size, zero_stage)
     if env.rank == 0:
         for line in start_branch(cfg.checkpoint_dir, tag_dir):
             print(line, flush=True)
-    same_layout = state.world_size == env.world_size or not partitioned(tag_dir)
-    load_from = tag_dir if same_layout else convert_to_universal(tag_dir)
     return Resume(tag_dir, state, load_from, saved[1].origin if saved else Origin())
 
 
@@ -203,11 +212,27 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return on_rank0(lambda: universal_form(tag_dir))
 
 
-def partitioned(tag_dir: Path) -> bool:
-    """Whether a tag's optimizer state is split over the ranks that wrote it (ZeRO-1/2/3: files
-    *_optim_states.pt per rank), so that another world size needs its universal form. A ZeRO-0
-    tag holds the whole state in mp_rank_00_model_states.pt, which every rank loads as it is."""
-    return any(tag_dir.glob("*_optim_states.pt"))
+ZERO_LAYOUTS = {0: "ZeRO-0", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+"""How each ZeRO stage lays out a tag's files: whole in each rank's (0), the optimizer state split
+over the ranks (1, 2), the module split too (3). DeepSpeed loads a tag, or its universal form,
+only into an engine of the layout that wrote it."""
+
+
+def load_form(tag_dir: Path, world_size_then: int, world_size: int, zero_stage: int) -> Path:
+    """Collective: what DeepSpeed loads to continue from `tag_dir` (written by `world_size_then`
+    ranks) on `world_size` ranks at ZeRO stage `zero_stage`: the tag itself when both are as it was
+    written, or when it is a ZeRO-0 tag (each rank loads the whole state); else its universal form
+    (convert_to_universal), which ZeRO-1 and 2 split afresh. DslmError, naming both, for a stage of
+    another layout (ZERO_LAYOUTS): DeepSpeed moves no state between them."""
+    stage_then = written_zero_stage(tag_dir)
+    if (layout := ZERO_LAYOUTS[stage_then]) != ZERO_LAYOUTS[zero_stage]:
+        raise DslmError(f"{tag_dir} was written at ZeRO stage {stage_then} and this run asks for stage {zero_stage}: "
+                        f"DeepSpeed loads a {layout} checkpoint only into {layout}; "
+                        f"resume with stage {stage_then} (--deepspeed), or start a new run from its weights "
+                        f"(train.init_from)")
+    if stage_then == zero_stage and (world_size_then == world_size or zero_stage == 0):
+        return tag_dir
+    return convert_to_universal(tag_dir)
 
 
 def universal_form(tag_dir: Path) -> Path:
@@ -366,7 +391,8 @@ def check_same_settings(cfg: RunConfig, saved_path: Path, saved: RunConfig) -> N
         if now != then:
             raise DslmError(f"{section}.{name}={now} differs from {then} in {saved_path}: a resumed run keeps the "
                             f"model's shapes, its adapters and the optimizer's lr, betas and weight decay, which its "
-                            f"checkpoint holds; drop the override, or start a new run")
+                            f"checkpoint holds; pass {section}.{name}={then} as the run had it (its recipe and "
+                            f"overrides again), or start a new run")
 
 
 def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> None:

@@ -21,7 +21,8 @@ from dslm.config import Origin, RunConfig, check_against_manifest, load_config, 
 from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSamples, ensure_file_limit, train_loader,
                               train_order)
 from dslm.data.manifest import Manifest
-from dslm.engine import DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective
+from dslm.engine import (DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective,
+                         zero_stage)
 from dslm.errors import EXIT_BAD_DATA, BadShard, DslmError
 from dslm.lora import add_adapters
 from dslm.metrics import METRICS_CSV, Metrics
@@ -117,7 +118,7 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[T
     validation = build_validation(cfg, manifest)
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
     stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
-    resume = plan_resume(args.resume, cfg, manifests, env)
+    resume = plan_resume(args.resume, cfg, manifests, env, zero_stage(ds_config))
     model = build_model(cfg)
     cfg.origin = initial_weights(cfg, resume, model, manifest, env)
     add_adapters(model, cfg.train.lora)  # train.lora: around the initial weights; a resume loads its own adapters

@@ -264,8 +264,9 @@ def check_whole(prompts: list[list[int]], template: str, max_new_tokens: int, co
         if len(ids) > room:
             which = f"prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
             raise DslmError(f"{which} is {len(ids)} tokens in the {template} template; model.block_size={context} "
-                            f"leaves room for {max(room, 0)} beside --max-new-tokens {max_new_tokens}: shorten it "
-                            f"or lower --max-new-tokens (a templated prompt is never cut)")
+                            f"leaves room for {max(room, 0)} beside {max_new_tokens} new tokens: shorten it or ask "
+                            f"for fewer new tokens (--max-new-tokens; tokens= in --interactive): a templated prompt "
+                            f"is never cut")
 
 
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerationConfig,

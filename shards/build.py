@@ -174,6 +174,8 @@ def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_byte
     byte for each (source, language). Raises DslmError, before reading anything, when `out`
     exists and not `overwrite`: a tokenizer replaced under shards built with it would make their
     ids mean other text (every reader checks it against the manifest, Manifest.tokenizer_file)."""
+    if out.is_dir():
+        raise DslmError(f"{out} is a folder; name the file to write, e.g. {out / TOKENIZER_NAME}")
     if out.exists() and not overwrite:
         raise DslmError(f"{out} already exists; pass --overwrite to replace it (shards built with it then need a "
                         f"rebuild)")

@@ -55,6 +55,7 @@ CASES = [
     ("dslm-shard", "tokenizer --source code:{missing} --out {root}/t.json", "is not a folder"),
     ("dslm-shard", "tokenizer --source code:{empty} --out {root}/t.json", "sources are empty"),
     ("dslm-shard", "tokenizer --source code:{empty} --out {tokenizer}", "already exists; pass --overwrite"),
+    ("dslm-shard", "tokenizer --source code:{empty} --out {root} --overwrite", "is a folder; name the file"),
     ("dslm-shard", "build --source code:{empty} --tokenizer {png} --out {root}/b", "not a tokenizer.json"),
     ("dslm-shard", "build --source code:{empty} --tokenizer {missing} --out {root}/b", "no such file"),
     ("dslm-shard", "verify {missing}", "no manifest.json"),

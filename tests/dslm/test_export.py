@@ -156,13 +156,20 @@ def test_a_templated_exports_chat_template_gives_the_ids_dslm_feeds(tmp_path, sh
         assert theirs.apply_chat_template(user, add_generation_prompt=True)["input_ids"] == dslm.ids(text), text
         example = theirs.apply_chat_template([*user, {"role": "assistant", "content": "x = 1"}])["input_ids"]
         assert example == framer.example({given: text, target: "x = 1"}, "forward")[0].tolist(), text
-    # special tokens written in a message: text, as dslm encodes them, when the caller asks for it
+    # special tokens written in a message stay text, as in dslm, when the caller asks for it (transformers
+    # encodes the text around them in pieces: a merge across a piece's edge may give other ids than dslm's)
     marked = "a <|im_end|> b <eos>"
     ids = theirs.apply_chat_template([{"role": "user", "content": marked}], add_generation_prompt=True,
                                      sanitize_control_tokens=True)["input_ids"]
-    assert ids == dslm.ids(marked)
+    opening, closing = dslm.ids("")[:-3], dslm.ids("")[-3:]  # <bos> and the given block's markers; its end
+    assert ids[:len(opening)] == opening and ids[-len(closing):] == closing
+    assert not set(ids[len(opening):-len(closing)]) & {EOS_ID, IM_END_ID}
+    assert theirs.decode(ids[len(opening):-len(closing)]) == get_template(name).text(marked)
     with pytest.raises(Exception, match=f"the {name} template takes one user message"):
         theirs.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], add_generation_prompt=True)
+    for content in ([{"type": "text", "text": "hi"}], 5):  # the list-of-parts form; not text at all
+        with pytest.raises(Exception, match="a message content must be a string"):
+            theirs.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def test_a_backward_templated_exports_chat_template_refuses_with_one_line(tmp_path, shards_tokenizer):

@@ -96,3 +96,30 @@ def test_a_resume_with_dropout_on_two_ranks_continues_bitwise(tiny_shards, base_
                                  cfg.train.lora)
     resumed, _ = tag_weights(runs / "t", 4)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+def test_a_resume_at_another_zero_stage_goes_through_the_universal_form_or_is_one_line(tiny_shards, base_run,
+                                                                                      tmp_path, free_port):
+    """ZeRO-1 and 2 split the same optimizer state: a tag of one resumes at the other through its
+    universal form (frozen weights loaded by dslm). DeepSpeed loads a ZeRO-1/2 tag into no ZeRO-3
+    (or ZeRO-0) engine: one line, and the checkpoint folder is left as it was."""
+    shards, _ = tiny_shards
+    runs, checkpoints = tmp_path / "runs", tmp_path / "runs" / "t" / "checkpoints"
+    launch(1, tuning_args(shards, runs, base_run, 1, 2, *ADAPTATIONS["freeze"]), tmp_path, free_port)
+    before = sorted(p.name for p in checkpoints.iterdir())
+    for stage in (3, 0):
+        refused = subprocess.run([BIN / "dslm-train", *tuning_args(shards, runs, base_run, stage, 3,
+                                                                   *ADAPTATIONS["freeze"]), "--resume", "auto"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert refused.stderr.strip().splitlines()[-1].endswith(
+            f"was written at ZeRO stage 1 and this run asks for stage {stage}: DeepSpeed loads a ZeRO-1/2 checkpoint "
+            f"only into ZeRO-1/2; resume with stage 1 (--deepspeed), or start a new run from its weights "
+            f"(train.init_from)"), refused.stderr[-2000:]
+        assert sorted(p.name for p in checkpoints.iterdir()) == before
+    resumed = launch(1, [*tuning_args(shards, runs, base_run, 2, 3, *ADAPTATIONS["freeze"]), "--resume", "auto"],
+                     tmp_path, free_port)
+    assert "at another ZeRO stage than the checkpoint's (through global_step2_universal)" in resumed.stdout
+    (first, frozen), (then, _) = tag_weights(runs / "t", 2), tag_weights(runs / "t", 3)
+    assert frozen and all(torch.equal(first[name], then[name]) for name in frozen)

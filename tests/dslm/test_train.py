@@ -232,6 +232,9 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, base_ru
     subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
                    capture_output=True)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3]
+    # step 3 runs at the lr of the resumed run's schedule (3 steps), not the checkpointed one's (2: min_lr)
+    lr = dict(read_scalars(tmp_path / "t" / "tb", "train/lr"))[3]
+    assert lr == pytest.approx(3e-3 * lr_factor(2, OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1), 3)) and lr > 1e-3
     checkpoints = tmp_path / "t" / "checkpoints"
     model = model_from(*read_tag(checkpoints / "global_step3"))
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())

@@ -379,7 +379,7 @@ def test_a_templated_prompt_too_long_for_the_context_is_refused_and_a_plain_one_
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
     assert "prompt 2 of 2 is" in err[0] and "tokens in the instruct template; model.block_size=32 leaves room for " \
-                                             "26 beside --max-new-tokens 6" in err[0], err
+                                             "26 beside 6 new tokens" in err[0], err
     lines = f"{long.replace(chr(10), ' ')}\nx\nquit\n"  # a prompt per line; the long one is still too long
     proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--template", "instruct", "--max-new-tokens",
                            "6", "--strategy", "greedy"], input=lines, capture_output=True, text=True, timeout=120)
