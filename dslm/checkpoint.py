@@ -255,14 +255,14 @@ def check_loads_safely(folder: Path) -> None:
             load_weights_only(path)
 
 
-def written_zero_stage(tag_dir: Path) -> int:
-    """The ZeRO stage a tag was written with: DeepSpeed keeps its config in the tag's model states
+def written_ds_config(tag_dir: Path) -> dict:
+    """The DeepSpeed config a tag was written with, which DeepSpeed keeps in the tag's model states
     file (mp_rank_00_model_states.pt; under ZeRO-3 each rank's zero_pp_rank_R_..._model_states.pt),
     read here memory-mapped (load_weights_only)."""
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         path = next(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
-    return int((load_weights_only(path).get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    return load_weights_only(path).get("ds_config") or {}
 
 
 def sealed_state(tag_dir: Path) -> TrainState:

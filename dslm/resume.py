@@ -32,13 +32,13 @@ from deepspeed.checkpoint.constants import PARAM
 from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely, fresh_folder,
                              list_checkpoints, load_rng_state, load_weights_only, newest_resumable, resume_problem,
                              rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir,
-                             written_zero_stage)
+                             written_ds_config)
 from dslm.cli import warn
 from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.data.mix import Interleave, MixBase
-from dslm.engine import DistEnv
+from dslm.engine import DistEnv, zero_stage
 from dslm.errors import DslmError
 from dslm.files import atomic_path
 from dslm.model import SIZES
@@ -126,9 +126,9 @@ def batch_note(old: int, new: int, per_accumulation: int) -> str:
 
 
 def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], env: DistEnv,
-                zero_stage: int) -> Resume | None:
+                stage: int) -> Resume | None:
     """Collective. What `--resume` (None, "auto", "if-any" or a tag folder) continues from in the run's
-    checkpoint folder, in the form this world size and ZeRO stage (`zero_stage`) load (load_form);
+    checkpoint folder, in the form this world size and ZeRO `stage` load (load_form);
     None for a fresh run. Raises DslmError when nothing loadable exists, when a fresh run would mix
     with existing checkpoints, or when the shards (`manifests`, one per DataConfig.sources), the
     model, the optimizer settings or the ZeRO layout (ZERO_LAYOUTS) are not those the checkpoint
@@ -140,7 +140,7 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], e
     saved = saved_config(tag_dir)
     if saved is not None:
         check_same_settings(cfg, *saved)
-    load_from = load_form(tag_dir, state.world_size, env.world_size, zero_stage)
+    load_from = load_form(tag_dir, state.world_size, env.world_size, stage)
     if env.rank == 0:
         for line in start_branch(cfg.checkpoint_dir, tag_dir):
             print(line, flush=True)
@@ -218,19 +218,19 @@ over the ranks (1, 2), the module split too (3). DeepSpeed loads a tag, or its u
 only into an engine of the layout that wrote it."""
 
 
-def load_form(tag_dir: Path, world_size_then: int, world_size: int, zero_stage: int) -> Path:
+def load_form(tag_dir: Path, world_size_then: int, world_size: int, stage: int) -> Path:
     """Collective: what DeepSpeed loads to continue from `tag_dir` (written by `world_size_then`
-    ranks) on `world_size` ranks at ZeRO stage `zero_stage`: the tag itself when both are as it was
+    ranks) on `world_size` ranks at ZeRO `stage`: the tag itself when both are as it was
     written, or when it is a ZeRO-0 tag (each rank loads the whole state); else its universal form
     (convert_to_universal), which ZeRO-1 and 2 split afresh. DslmError, naming both, for a stage of
     another layout (ZERO_LAYOUTS): DeepSpeed moves no state between them."""
-    stage_then = written_zero_stage(tag_dir)
-    if (layout := ZERO_LAYOUTS[stage_then]) != ZERO_LAYOUTS[zero_stage]:
-        raise DslmError(f"{tag_dir} was written at ZeRO stage {stage_then} and this run asks for stage {zero_stage}: "
+    stage_then = zero_stage(written_ds_config(tag_dir))
+    if (layout := ZERO_LAYOUTS[stage_then]) != ZERO_LAYOUTS[stage]:
+        raise DslmError(f"{tag_dir} was written at ZeRO stage {stage_then} and this run asks for stage {stage}: "
                         f"DeepSpeed loads a {layout} checkpoint only into {layout}; "
                         f"resume with stage {stage_then} (--deepspeed), or start a new run from its weights "
                         f"(train.init_from)")
-    if stage_then == zero_stage and (world_size_then == world_size or zero_stage == 0):
+    if stage_then == stage and (world_size_then == world_size or stage == 0):
         return tag_dir
     return convert_to_universal(tag_dir)
 
