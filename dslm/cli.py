@@ -9,8 +9,9 @@ exit status that tells a wrapper (slurm/pretrain.sh, dslm-submit) what to do nex
        (MASTER_PORT taken): run again, from the last checkpoint; the wrappers requeue
   74   a checkpoint could not be written (disk full, quota): the partial tag is removed and the
        previous checkpoint is intact; running again helps only once space is freed: not requeued
-  75   dslm-train stopped on a signal after a checkpoint (dslm.stop): the wrappers requeue
-  130  interrupted (Ctrl-C)
+  75   dslm-train stopped on a signal after a checkpoint, or during start-up before writing anything
+       (dslm.stop): the wrappers requeue
+  130  interrupted (Ctrl-C; dslm-train: a second Ctrl-C)
 
 Any other status (1, or a signal) is a crash with a traceback. ArgumentParser and run_command
 live in dslm_local.cli, so that dslm-complete, which has no torch, reports as every command does.

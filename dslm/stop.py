@@ -1,20 +1,49 @@
-"""Stopping on a signal: schedulers send SIGUSR1 (slurm/pretrain.sh's `--signal`), SIGUSR2
-(submitit's) or SIGTERM (preemption) some time before they end a job. The handler only sets a
-flag (a collective inside a signal handler would deadlock); at the next step boundary the ranks
-agree on it, checkpoint together and exit with EXIT_STOPPED so that a wrapper can requeue and
-resume with `--resume auto`."""
+"""Stopping on a signal. Schedulers send SIGUSR1 (slurm/pretrain.sh's `--signal`), SIGUSR2
+(submitit's) or SIGTERM (preemption, `scancel`, `timeout`, a service stop) some time before they
+end a job, often to every process of it at once; a terminal sends SIGINT (Ctrl-C) to its
+foreground process group.
+
+During start-up (the op build, the universal conversion, model construction), a stop signal ends
+the process at once with one line (StartupStop; SIGINT: KeyboardInterrupt): nothing is written
+yet. Once training runs (`StopSignal.start`), the handler only sets a flag (a collective inside a
+signal handler would deadlock); at the next step boundary the ranks agree on it, checkpoint
+together and exit with EXIT_STOPPED so that a wrapper can requeue and resume with `--resume auto`.
+A second SIGINT stops at once (KeyboardInterrupt). DataLoader workers ignore the stop signals
+(`ignore_stop_signals`): they end with their trainer, which must outlive them to checkpoint."""
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+from dslm.errors import DslmError
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 EXIT_STOPPED = 75
 """sysexits' EX_TEMPFAIL: stopped on request after a checkpoint; run again to continue."""
+
+
+class StartupStop(BaseException):
+    """Raised by the handler of a stop signal during start-up: a BaseException, as KeyboardInterrupt,
+    so that no library's `except Exception` takes it for a failure of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StoppedAtStartup(DslmError):
+    """A stop signal came before the first step: nothing was written; run the same command again."""
+
+    exit_status = EXIT_STOPPED
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped on {signal.Signals(signum).name} during start-up, before the first step: no "
+                         f"checkpoint was written and the run stands as it was; run the same command again")
 
 
 @dataclass
@@ -26,30 +55,66 @@ class Stop:
     """The signal they agreed on, or 0."""
     damaged: list[str] = field(default_factory=list)
     """One line per damaged shard that the next step would have read (data.on_bad_shard=stop)."""
+    failed: list[str] = field(default_factory=list)
+    """Why a rank's loader could not take the next step's micro-batches (DeviceBatches.failure)."""
 
 
 class StopSignal:
-    """Collective: create on every rank after the process group exists."""
+    """The stop signals' handler for this process, installed on creation (start-up: a signal
+    raises StartupStop or KeyboardInterrupt); `start()` switches it to stopping at a step boundary."""
 
     def __init__(self) -> None:
         self.received = 0
-        # a host-side group: checking the flag every step never waits on the GPU
-        self.group = dist.new_group(backend="gloo")
+        self.interrupts = 0
+        self.group: dist.ProcessGroup | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
 
-    def handle(self, signum: int, frame: object) -> None:
-        self.received = signum
+    def start(self) -> None:
+        """Collective, right before the first step: from now on a stop signal ends the run at the
+        next step boundary with a checkpoint."""
+        # a host-side group: checking the flag every step never waits on the GPU
+        self.group = dist.new_group(backend="gloo")
 
-    def agreed(self, damaged: str = "") -> tuple[int, list[str]]:
+    def handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1 or self.group is None:
+                raise KeyboardInterrupt
+        if self.group is None:
+            raise StartupStop(signum)
+        if not self.received and os.environ.get("RANK", "0") == "0":
+            # os.write: a print here could interrupt a print of the main thread (reentrant call)
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            os.write(2, f"\ndslm-train: {signal.Signals(signum).name}: stopping at the next step boundary after a "
+                        f"checkpoint{again}\n".encode())
+        self.received = self.received or signum
+
+    def agreed(self, damaged: str = "", failed: str = "") -> tuple[int, list[str], list[str]]:
         """Collective: (the signal any rank has received (the highest number), or 0; the damaged
-        shards the ranks found, one line each from `damaged`, "" where a rank found none). The
-        lines are gathered only when some rank found one."""
-        flag = torch.tensor([self.received, bool(damaged)], dtype=torch.int64)
+        shards the ranks found, one line each from `damaged`; the loaders' failures, one line each
+        from `failed`; "" where a rank has none). The lines are gathered only when some rank has one."""
+        flag = torch.tensor([self.received, bool(damaged), bool(failed)], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        lines: list[str] = []
-        if flag[1]:
+        lines: list[list[str]] = [[], []]
+        if flag[1] or flag[2]:
             found: list = [None] * dist.get_world_size()
-            dist.all_gather_object(found, damaged, group=self.group)
-            lines = list(dict.fromkeys(line for line in found if line))
-        return int(flag[0]), lines
+            dist.all_gather_object(found, (damaged, failed), group=self.group)
+            lines = [list(dict.fromkeys(rank[kind] for rank in found if rank[kind])) for kind in (0, 1)]
+        return int(flag[0]), *lines
+
+
+def test_pause(point: str) -> None:
+    """Where the environment's DSLM_TEST_PAUSE names `point` ("start-up", or "step N": after step
+    N, before its boundary), the process stops itself (SIGSTOP) until it gets SIGCONT: a test
+    signals a run at a known point instead of racing it. Unset outside tests."""
+    if os.environ.get("DSLM_TEST_PAUSE") == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader's worker_init_fn: the worker ignores the stop signals, which a scheduler or a
+    terminal sends to every process of the job; its trainer stops at a step boundary and ends it.
+    (Left to torch's handler, a SIGTERM kills the worker first, and the trainer dies with it.)"""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

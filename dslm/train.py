@@ -10,6 +10,7 @@ if __package__ in (None, ""):  # run as a script path: import the dslm package, 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import os
 import signal
 
 import torch
@@ -23,7 +24,7 @@ from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSam
 from dslm.data.manifest import Manifest
 from dslm.engine import (DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective,
                          zero_stage)
-from dslm.errors import EXIT_BAD_DATA, BadShard, DslmError
+from dslm.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, BadShard, DslmError
 from dslm.lora import add_adapters
 from dslm.metrics import METRICS_CSV, Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
@@ -31,7 +32,8 @@ from dslm.model import GPT
 from dslm.objective import next_token
 from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
-from dslm.stop import EXIT_STOPPED, Stop, StopSignal
+from dslm.launcher import launch_ranks
+from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
 from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
 from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
 
@@ -53,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "Exit statuses: 2 bad input, 65 a damaged shard (after a checkpoint; rebuild it, then resume), "
                         "69 a rank or the rendezvous failed (run again), 74 a checkpoint could not be written (free "
                         "space first), 75 stopped after a checkpoint")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="start N ranks on this machine (CPU ranks, or one per GPU) and pass them the stop signals: "
+                        "SIGTERM to the process group or Ctrl-C stops them at the next step boundary after a "
+                        "checkpoint (exit 75), a second Ctrl-C at once. Leave it out under a launcher that starts "
+                        "the ranks (deepspeed, torchrun, srun)")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -69,19 +76,26 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     cfg = resolve_config(args)
     if args.print_run_dir:
         print(cfg.run_dir.resolve())
         return
-    env = init_distributed(cfg.train.collective_timeout_s)
+    if args.nproc_per_node is not None:
+        check_nproc(args.nproc_per_node)
+        launch_ranks(argv, args.nproc_per_node)
+    stop = StopSignal()  # from here on, a stop signal ends the start-up at once, and training at a step boundary
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
-        stopped = train(args, cfg, env, states)
-    except RuntimeError as e:
-        if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
-            raise failure from e
-        raise
+        try:
+            env = init_distributed(cfg.train.collective_timeout_s)
+            stopped = train(args, cfg, env, stop, states)
+        except RuntimeError as e:
+            if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
+                raise failure from e
+            raise
+    except StartupStop as e:  # every rank got it (the peer a rank waited for may have ended first): one line, rank 0's
+        raise (StoppedAtStartup(e.signum) if os.environ.get("RANK", "0") == "0" else SystemExit(EXIT_STOPPED)) from None
     report(cfg, env)
     dist.destroy_process_group()
     if stopped:
@@ -89,9 +103,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
-    """What ends a run that stopped early: on rank 0, BadShard naming the damaged shards (exit
-    status 65), or SystemExit(75) after a line on the signal; on the other ranks a quiet exit
-    with the same status."""
+    """What ends a run that stopped early: on rank 0, DslmError naming the loader's failure (exit
+    status 2), BadShard naming the damaged shards (65), or SystemExit(75) after a line on the
+    signal; on the other ranks a quiet exit with the same status."""
+    if stopped.failed:
+        if env.rank != 0:
+            return SystemExit(EXIT_BAD_INPUT)
+        where = (f"at step {stopped.step} after a checkpoint ({cfg.checkpoint_dir / tag_for(stopped.step)}): continue "
+                 f"with --resume auto" if stopped.step else "before its first step (no new checkpoint)")
+        return DslmError(f"{'; '.join(stopped.failed)}. The run stopped {where}")
     if stopped.damaged:
         if env.rank != 0:
             return SystemExit(EXIT_BAD_DATA)
@@ -108,22 +128,31 @@ def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
     return SystemExit(EXIT_STOPPED)
 
 
-def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[TrainState]) -> Stop | None:
+def check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        raise DslmError(f"--nproc-per-node={nproc} must be at least 1")
+    if "RANK" in os.environ:
+        raise DslmError("--nproc-per-node starts the ranks itself: leave it out under a launcher that sets RANK "
+                        "(deepspeed, torchrun, srun)")
+
+
+def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, stop: StopSignal,
+          states: list[TrainState]) -> Stop | None:
     """Build the run and train it; returns None, or why it stopped early (Trainer.fit). The run's
     state is appended to `states` as soon as it exists."""
     manifests = load_sources(cfg)
     manifest = manifests[cfg.data.shards_source()]
     samples = TrainSamples(cfg.data, manifests)
-    ensure_file_limit(cfg.data.max_open_shards)
+    ensure_file_limit(cfg.data, held_batches=cfg.train.grad_accum + 1)  # for validation's reads; again for the loader
     validation = build_validation(cfg, manifest)
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
-    stop = StopSignal()  # from here on, SIGUSR1/SIGTERM end the run at a step boundary with a checkpoint
     resume = plan_resume(args.resume, cfg, manifests, env, zero_stage(ds_config))
     model = build_model(cfg)
     cfg.origin = initial_weights(cfg, resume, model, manifest, env)
     add_adapters(model, cfg.train.lora)  # train.lora: around the initial weights; a resume loads its own adapters
     frozen = freeze_parameters(model, cfg, env)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)  # before ZeRO-3 partitions the weights
+    test_pause("start-up")
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
     if env.rank == 0:
         print(describe(engine, env.world_size), flush=True)
@@ -131,6 +160,7 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, states: list[T
     states.append(state)
     save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
     trainer = build_trainer(cfg, env, samples, manifests, engine, state, stop, validation, mfu_per_token)
+    stop.start()  # from here on, a stop signal ends the run at the next step boundary with a checkpoint
     stopped = trainer.fit(state)
     trainer.metrics.close()
     return stopped
@@ -242,6 +272,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, samples: TrainSamples, manifests
     """The loop and its collaborators, reading `samples` on from `state`: batches, checkpoints, metrics."""
     train = cfg.train
     order = train_order(cfg.data, manifests, train.seed, mix_base(state))
+    ensure_file_limit(cfg.data, held_batches=train.grad_accum + 1)  # counting what the run holds open by now
     loader = train_loader(cfg.data, samples, order, env.rank, env.world_size, train.micro_batch_size,
                           start=state.samples)
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
@@ -273,7 +304,8 @@ def report(cfg: RunConfig, env: DistEnv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command("dslm-train", lambda: run(parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else argv
+    run_command("dslm-train", lambda: run(parse_args(argv), argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dslm.metrics import Metrics
 from dslm.model import IGNORE_INDEX
 from dslm.objective import Objective
 from dslm.optim import OptimConfig
-from dslm.stop import Stop, StopSignal
+from dslm.stop import Stop, StopSignal, test_pause
 
 
 @dataclass
@@ -304,15 +304,16 @@ class Trainer:
 
     def fit(self, state: TrainState) -> Stop | None:
         """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns
-        None, or why the ranks stopped early: a signal, or damaged shards in the next step's
-        micro-batches (data.on_bad_shard=stop), after a checkpoint at that step (none when that
-        is before this process's first step: the run stands at its last checkpoint). A resume in
+        None, or why the ranks stopped early: a signal, damaged shards in the next step's
+        micro-batches (data.on_bad_shard=stop) or a loader that could not take them, after a
+        checkpoint at that step (none when that is before this process's first step: the run
+        stands at its last checkpoint). A resume in
         the middle of a log interval logs the mean of the steps since the resume."""
         global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * state.world_size
         guard = SkipGuard(self.cfg.max_skipped_in_a_row)
-        _, damaged = self.boundary()
-        if damaged:
-            return Stop(state.step, damaged=damaged)
+        _, damaged, failed = self.boundary()
+        if damaged or failed:
+            return Stop(state.step, damaged=damaged, failed=failed)
         with tqdm(total=self.cfg.max_steps, initial=state.step, desc="train", unit="step",
                   disable=dist.get_rank() != 0) as progress:
             for step in range(state.step + 1, self.cfg.max_steps + 1):
@@ -323,20 +324,23 @@ class Trainer:
                 progress.update()
                 guard.after_step(step, self.engine.skipped_steps > skipped_before)
                 self.log(state)
-                signum, damaged = self.boundary(last=step == self.cfg.max_steps)
-                if self.checkpoint_due(step, bool(signum or damaged)) and not guard.in_a_row:
+                test_pause(f"step {step}")
+                signum, damaged, failed = self.boundary(last=step == self.cfg.max_steps)
+                stopping = bool(signum or damaged or failed)
+                if self.checkpoint_due(step, stopping) and not guard.in_a_row:
                     self.checkpointer.save(self.engine, state)
-                if (signum or damaged) and step < self.cfg.max_steps:
-                    return Stop(step, signum, damaged)
+                if stopping and step < self.cfg.max_steps:
+                    return Stop(step, signum, damaged, failed)
         return None
 
-    def boundary(self, last: bool = False) -> tuple[int, list[str]]:
+    def boundary(self, last: bool = False) -> tuple[int, list[str], list[str]]:
         """Collective, between two steps: take the next step's micro-batches (unless this was the
         `last` step), apply data.on_bad_shard to the damaged shards among them, and agree with the
-        other ranks on (a stop signal or 0, the damaged shards that stop the run)."""
+        other ranks on (a stop signal or 0, the damaged shards that stop the run, the loaders'
+        failures)."""
         if not last:
             self.batches.prefetch(self.cfg.grad_accum)
-        return self.stop.agreed(self.damage.found(self.batches) if self.damage else "")
+        return self.stop.agreed(self.damage.found(self.batches) if self.damage else "", self.batches.failure)
 
     def log(self, state: TrainState) -> None:
         """The train/* scalars at log steps; val/* (kept in `state` for the checkpoint) at val steps."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import sysconfig
 import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pytest
 import torch
 
@@ -119,6 +121,31 @@ class Logs:
 @pytest.fixture
 def logs() -> type[Logs]:
     return Logs
+
+
+def paused_ranks(proc: subprocess.Popen, ranks: int) -> list[psutil.Process]:
+    """The `ranks` dslm-train processes under `proc` (or `proc` itself, when it is the one rank)
+    once each has stopped itself where DSLM_TEST_PAUSE told it to (dslm.stop.test_pause); send
+    them SIGCONT to go on. Fails when `proc` ends first."""
+    def is_rank(p: psutil.Process) -> bool:
+        line = " ".join(p.cmdline())
+        launcher = "--nproc-per-node" in line
+        return "dslm.train" in line or "dslm/train.py" in line or ("dslm-train" in line and not launcher)
+    while True:
+        assert proc.poll() is None, f"the run ended before it paused: {proc.communicate()}"
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            found = [p for p in tree if is_rank(p) and not any(is_rank(q) for q in p.parents())]
+            if len(found) == ranks and all(p.status() == psutil.STATUS_STOPPED for p in found):
+                return found
+        except psutil.Error:  # a short-lived child (a compiler, a zombie) went meanwhile
+            pass
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def paused() -> Callable[[subprocess.Popen, int], list[psutil.Process]]:
+    return paused_ranks
 
 
 def trained_looking_model(cfg: ModelConfig, seed: int = 0) -> GPT:

@@ -17,6 +17,7 @@ slice of them.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import resource
@@ -37,6 +38,7 @@ from dslm.data.order import WindowOrder
 from dslm.data.templates import check_direction
 from dslm.errors import BadShard, DslmError
 from dslm.model import IGNORE_INDEX
+from dslm.stop import ignore_stop_signals
 
 TOKENS_SUFFIX, MASK_SUFFIX, LANGUAGE_SUFFIX = ".tokens.npy", ".mask.npy", ".language.txt"
 """The members of a sample in a shard (shards.writer writes them)."""
@@ -290,21 +292,50 @@ class ShardDamage:
 
 FDS_PER_SHARD = 2
 """An open shard holds its file and wids' memory map of it (mmap duplicates the descriptor)."""
-FD_HEADROOM = 64
-"""What a loader worker holds besides its shards (Python, torch, batches in shared memory)."""
+FDS_PER_BATCH = 2 * 6
+"""A micro-batch in flight from a worker (input_ids, labels, mask, source, index, skipped): torch's
+default `file_descriptor` sharing passes each tensor as a descriptor of its shared memory, which
+the worker holds twice (the tensor's, and its resource sharer's copy until the trainer takes it)
+and the trainer once for each batch it holds."""
+FD_HEADROOM = 32
+"""Besides what is counted: the loader's sockets and pipes, a shard's check (a second reader of
+it), the imports of a worker's first batch."""
 
 
-def ensure_file_limit(max_open_shards: int) -> None:
+def open_files() -> int:
+    """The file descriptors this process holds now (a worker started now inherits them)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def file_limit_need(cfg: DataConfig, held_batches: int, open_now: int) -> int:
+    """Open files a process of the loader needs at most, with `open_now` held already and
+    `held_batches` micro-batches held by the trainer (DeviceBatches: a step's, and one ahead): a
+    worker its shards and the batches it prefetches; the trainer the batches it holds and those the
+    workers send it (or, without workers, the shards)."""
+    in_flight = cfg.num_workers * cfg.prefetch_factor
+    trainer = FDS_PER_BATCH * (held_batches + in_flight) + 4 * cfg.num_workers  # a pipe pair, a queue per worker
+    shards = FDS_PER_SHARD * cfg.max_open_shards
+    worker = shards + FDS_PER_BATCH * cfg.prefetch_factor if cfg.num_workers else 0
+    return open_now + max(worker, trainer + (0 if cfg.num_workers else shards)) + FD_HEADROOM
+
+
+def ensure_file_limit(cfg: DataConfig, held_batches: int) -> None:
     """Raise this process's soft open-file limit (RLIMIT_NOFILE, which loader workers inherit) to
-    what `max_open_shards` needs, up to the hard limit; DslmError when the hard limit is lower."""
-    need = FDS_PER_SHARD * max_open_shards + FD_HEADROOM
+    what the loader needs (file_limit_need, counted from the descriptors open now: call it right
+    before the loader starts), up to the hard limit; DslmError when the hard limit is lower."""
+    open_now = open_files()
+    need = file_limit_need(cfg, held_batches, open_now)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
     if hard != resource.RLIM_INFINITY and hard < need:
-        raise DslmError(f"data.max_open_shards={max_open_shards} needs about {need} open files per loader worker, "
-                        f"but the limit is {hard} (ulimit -n): lower data.max_open_shards to "
-                        f"{(hard - FD_HEADROOM) // FDS_PER_SHARD} or raise the limit")
+        shards = (hard - need + FDS_PER_SHARD * cfg.max_open_shards) // FDS_PER_SHARD
+        lower = (f"lower data.max_open_shards to {shards}" if shards >= 1 else
+                 "lower data.num_workers, data.prefetch_factor or train.grad_accum")
+        raise DslmError(f"the data loader needs about {need} open files per process (data.max_open_shards="
+                        f"{cfg.max_open_shards}, data.num_workers={cfg.num_workers}, data.prefetch_factor="
+                        f"{cfg.prefetch_factor}, {open_now} open already), but the limit is {hard} (ulimit -n): "
+                        f"{lower}, or raise the limit")
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
@@ -347,11 +378,21 @@ class DeviceBatches:
         self.batches, self.device = batches, device
         self.ready: deque[Batch] = deque()
         self.skipped: list[tuple[int, int]] = []
+        self.failure = ""
+        """Why the loader could not pass the last micro-batch asked for (out_of_files), "" if it
+        could: then nothing more is taken, and the run stops at the step boundary."""
 
     def prefetch(self, count: int = 1) -> None:
-        """Hold at least `count` micro-batches taken from the loader."""
-        while len(self.ready) < count:
-            batch = next(self.batches)
+        """Hold at least `count` micro-batches taken from the loader, or as many as it could pass
+        (`failure`)."""
+        while len(self.ready) < count and not self.failure:
+            try:
+                batch = next(self.batches)
+            except Exception as e:
+                if not (failure := out_of_files(e)):
+                    raise
+                self.failure = failure
+                return
             if "skipped" in batch and batch["skipped"].any():
                 rows = batch["skipped"].bool()
                 self.skipped += zip(batch["source"][rows].tolist(), batch["index"][rows].tolist())
@@ -370,6 +411,24 @@ class DeviceBatches:
         return self.ready.popleft()
 
 
+def out_of_files(error: BaseException) -> str:
+    """One line on `error` when it is the loader running out of open files (torch passes each
+    tensor from a worker as a file descriptor: EMFILE/ENFILE in a worker or here, the worker's
+    resource sharer dropping the connection, "received 0 items of ancdata"); else ""."""
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any(isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE) or isinstance(e, ConnectionError)
+               or "Too many open files" in str(e) or "received 0 items of ancdata" in str(e) for e in chain):
+        return ""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    what = str(error).splitlines()[0] if str(error) else ""
+    return (f"the data loader ran out of open files ({type(error).__name__}: {what}; the limit is {soft} per "
+            f"process, ulimit -Sn, hard limit {hard}): raise the soft limit, or lower data.max_open_shards, "
+            f"data.num_workers or data.prefetch_factor")
+
+
 def train_order(cfg: DataConfig, manifests: list[Manifest], seed: int, base: MixBase | None = None) -> MixedOrder:
     """The run's order over the train splits of its sources (`manifests`, in DataConfig.sources'
     order): each source's own WindowOrder, interleaved by weight from `base` on."""
@@ -382,7 +441,8 @@ def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank
                  micro_batch: int, start: int = 0) -> DataLoader:
     """This rank's training micro-batches, from global position `start` on. The loader draws its
     workers' seeds from a generator of its own: from torch's global one, starting the loader would
-    move the RNG state a resume has just restored, and every dropout mask after it would differ."""
+    move the RNG state a resume has just restored, and every dropout mask after it would differ.
+    Its workers ignore the stop signals (dslm.stop.ignore_stop_signals)."""
     return DataLoader(
         samples,
         batch_size=micro_batch,
@@ -392,4 +452,5 @@ def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,  # a SIGTERM to the job's process group stops the trainer, not them
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +28,26 @@ class ShardEntry:
     """Samples per language (each sample holds documents of one language)."""
 
 
+PROCESS_LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+"""Errors of opening a file that say nothing about the file: too many open files (this process's
+limit, the system's), no memory for the map."""
+
+
 def shard_problem(path: Path, entry: ShardEntry, count_samples: Callable[[Path], int], sha256: bool = True) -> str | None:
     """Why the shard at `path` does not match its manifest entry (its size, its sample count as
     `count_samples` reads them, then, with `sha256`, its checksum), or None when it does. An
-    exception from `count_samples` is reported as an unreadable tar."""
+    exception from `count_samples` is reported as an unreadable tar, except running out of open
+    files or memory (PROCESS_LIMITS), which is the process's, not the shard's, and is raised."""
     if not path.is_file():
         return "missing"
     if (size := path.stat().st_size) != entry.bytes:
         return f"{size:,} bytes, the manifest says {entry.bytes:,}"
     try:
         samples = count_samples(path)
+    except OSError as e:
+        if e.errno in PROCESS_LIMITS:
+            raise
+        return f"unreadable tar ({type(e).__name__}: {e})"
     except Exception as e:  # a damaged tar fails in the tar reader's own ways (tarfile, struct, wids asserts)
         return f"unreadable tar ({type(e).__name__}: {e})"
     if samples != entry.samples:

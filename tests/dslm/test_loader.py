@@ -230,19 +230,25 @@ def test_mix_settings_are_checked_and_one_open_shard_budget_is_shared(tiny_shard
 
 RAISE_FILE_LIMIT = """
 import resource, sys
-from dslm.data.loader import ensure_file_limit
-resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300))
-ensure_file_limit(int(sys.argv[1]))
-print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+from dslm.data.loader import DataConfig, ensure_file_limit, open_files
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, 400))
+cfg = DataConfig(max_open_shards=int(sys.argv[1]), num_workers=int(sys.argv[2]))
+open_now = open_files()
+ensure_file_limit(cfg, held_batches=int(sys.argv[3]))
+print(open_now, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
 
 
-def test_the_open_file_limit_is_raised_for_the_bound_or_the_bound_refused():
-    def run(max_open_shards):
-        return subprocess.run([sys.executable, "-c", RAISE_FILE_LIMIT, str(max_open_shards)], capture_output=True,
-                              text=True, timeout=120, cwd=REPO)
-    assert run(10).stdout.split() == ["100"]  # 84 needed: left as it is
-    assert run(100).stdout.split() == ["264"]  # raised within the hard limit
+def test_the_open_file_limit_covers_the_shards_and_the_batches_in_flight_or_names_what_to_lower():
+    def run(max_open_shards, workers=1, held=2):
+        return subprocess.run([sys.executable, "-c", RAISE_FILE_LIMIT, str(max_open_shards), str(workers), str(held)],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+    open_now, soft = map(int, run(4).stdout.split())
+    assert soft == 100  # 4 shards and 2 batches of 6 tensors: left as it is
+    open_now, soft = map(int, run(100).stdout.split())
+    assert soft >= open_now + 2 * 100 + 2 * 12  # a worker's shards, its prefetched batches, what it inherits
+    _, soft = map(int, run(4, workers=2, held=20).stdout.split())
+    assert soft >= (20 + 2 * 2) * 6 and soft > 100  # the trainer holds each batch's tensors (grad_accum 19)
     refused = run(200)
-    assert refused.returncode != 0 and ("data.max_open_shards=200 needs about 464 open files per loader worker, but the "
-                                        "limit is 300 (ulimit -n): lower data.max_open_shards to 118") in refused.stderr
+    assert refused.returncode != 0 and "the data loader needs about" in refused.stderr
+    assert "but the limit is 400 (ulimit -n): lower data.max_open_shards to" in refused.stderr

@@ -8,11 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -116,14 +114,6 @@ def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     assert logged[0][1] == pytest.approx(1.5e-3) and logged[-1][1] > 3e-4
 
 
-def kill_when(proc: subprocess.Popen, done) -> None:
-    """SIGKILL the whole launch (launcher and ranks) as soon as `done()` holds, like a node failure."""
-    while proc.poll() is None and not done():
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-
-
 def logged_steps(path: Path) -> list[int]:
     """The steps of metrics.csv's complete rows so far."""
     return [int(row["step"]) for row in read_rows(path)[1]]
@@ -144,7 +134,7 @@ def assert_csv_matches_tensorboard(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_path, free_port):
+def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_path, free_port, paused):
     shards, _ = tiny_shards
     launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
     settings = dict(max_steps=8, warmup_steps=2, log_interval=1, checkpoint_interval=4)
@@ -152,10 +142,13 @@ def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_
     subprocess.run([*launch, *train_args(shards, tmp_path, "straight", **settings), *dropout], cwd=tmp_path,
                    check=True, timeout=900, stdout=subprocess.DEVNULL)
     args = [*train_args(shards, tmp_path, "resumed", **settings), *dropout]
-    first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
-    latest, log = tmp_path / "resumed" / "checkpoints" / "latest", tmp_path / "resumed" / METRICS_CSV
-    kill_when(first, lambda: latest.exists() and max(logged_steps(log), default=0) >= 5)  # a step past it logged
-    assert latest.read_text() == "global_step4"
+    first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                             env={**os.environ, "DSLM_TEST_PAUSE": "step 5"})
+    paused(first, 2)  # a step past the checkpoint logged
+    os.killpg(first.pid, signal.SIGKILL)  # the whole launch, like a node failure
+    assert first.wait() == -signal.SIGKILL
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "global_step4"
+    assert max(logged_steps(tmp_path / "resumed" / METRICS_CSV)) == 5
     subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
 
@@ -273,25 +266,23 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_the_job(tiny_shard
 
 
 @pytest.mark.slow
-def test_a_stop_signal_to_one_rank_checkpoints_both_at_the_same_step_and_resumes(tiny_shards, tmp_path, free_port):
+def test_a_stop_signal_to_one_rank_checkpoints_both_at_the_same_step_and_resumes(tiny_shards, tmp_path, free_port,
+                                                                                  paused):
     shards, _ = tiny_shards
     launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py"]
     args = train_args(shards, tmp_path, max_steps=40, warmup_steps=2, log_interval=1, checkpoint_interval=1000)
     first = subprocess.Popen([*launch, *args], cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in first.stdout:  # wait until training runs, then signal rank 1 only, as SLURM might
-        output.append(line)
-        if line.startswith("step") and "| loss" in line:
-            rank1 = [p for p in psutil.Process(first.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
-            rank1[0].send_signal(signal.SIGUSR1)
-            break
-    output.extend(first.stdout)
-    assert first.wait(timeout=600) == EXIT_STOPPED, "".join(output)[-3000:]
-    stopped = re.search(r"stopped at step (\d+) on SIGUSR1", "".join(output))
-    assert stopped and 1 <= int(stopped.group(1)) < 40
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "DSLM_TEST_PAUSE": "step 3"})
+    ranks = paused(first, 2)
+    [rank1] = [p for p in ranks if "--local_rank=1" in p.cmdline()]
+    rank1.send_signal(signal.SIGUSR1)  # rank 1 only, as SLURM might
+    for rank in ranks:
+        rank.send_signal(signal.SIGCONT)
+    output = first.communicate(timeout=900)[0]
+    assert first.returncode == EXIT_STOPPED, output[-3000:]
+    assert "stopped at step 3 on SIGUSR1" in output
     checkpoints = tmp_path / "t" / "checkpoints"
-    assert (checkpoints / "latest").read_text() == f"global_step{stopped.group(1)}"
+    assert (checkpoints / "latest").read_text() == "global_step3"
     subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == list(range(1, 41))
@@ -479,9 +470,7 @@ def test_a_stopped_rank_times_out_the_others_with_one_line_and_a_retryable_statu
     try:
         logs.wait_for(tmp_path / "rank0.out", "step      2 |", lambda: ranks[0].poll() is None)
         os.kill(ranks[1].pid, signal.SIGSTOP)  # a rank that stops answering, as on a stuck filesystem
-        stopped = time.monotonic()
-        assert ranks[0].wait(timeout=120) == EXIT_RETRY, logs.read(tmp_path / "rank0.out")[-3000:]
-        assert time.monotonic() - stopped < 60
+        assert ranks[0].wait(timeout=600) == EXIT_RETRY, logs.read(tmp_path / "rank0.out")[-3000:]
     finally:
         ranks[1].kill()
         ranks[1].wait()
@@ -493,7 +482,8 @@ def test_a_stopped_rank_times_out_the_others_with_one_line_and_a_retryable_statu
 
 
 @pytest.mark.slow
-def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_abandoned_step(tiny_shards, tmp_path):
+def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_abandoned_step(tiny_shards, tmp_path,
+                                                                                         paused):
     """Issue 15, item 1, exactly: 12 steps with a checkpoint every 3 and keep_last=2 (tags 9 and 12),
     resumed from global_step9 with checkpoint_interval=1 keep_last=1, stopped by SIGUSR1 at step 10."""
     shards, _ = tiny_shards
@@ -505,15 +495,13 @@ def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_aband
     rollback = [a.replace("checkpoint_interval=3", "checkpoint_interval=1").replace("keep_last=2", "keep_last=1")
                 for a in args]
     proc = subprocess.Popen([BIN / "dslm-train", *rollback, "--resume", str(checkpoints / "global_step9")],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in proc.stdout:  # the stop handler is set before the resume is announced: the run stops after step 10
-        output.append(line)
-        if line.startswith("resumed from"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output.extend(proc.stdout)
-    assert proc.wait(timeout=600) == EXIT_STOPPED, "".join(output)[-3000:]
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DSLM_TEST_PAUSE": "step 10"})
+    [rank] = paused(proc, 1)
+    rank.send_signal(signal.SIGUSR1)
+    rank.send_signal(signal.SIGCONT)
+    output = [proc.communicate(timeout=600)[0]]
+    assert proc.returncode == EXIT_STOPPED, "".join(output)[-3000:]
     aside = checkpoints / "abandoned" / "after_global_step9"
     assert "stopped at step 10 on SIGUSR1" in "".join(output)
     assert f"moved global_step12 (beyond global_step9, an abandoned branch) to {aside}" in "".join(output)
@@ -651,15 +639,20 @@ def test_a_damaged_shard_stops_every_rank_at_a_checkpoint_and_skipping_it_resume
 
 
 @pytest.mark.slow
-def test_training_on_thousands_of_shards_runs_under_ulimit_256(many_shards, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_on_thousands_of_shards_runs_past_3000_steps_under_a_soft_limit_of_100(many_shards, tmp_path,
+                                                                                        workers):
+    """Issue 27: torch passes each tensor from a worker as a file descriptor; a budget of the shards
+    alone let a run under a low soft limit die mid-run (ConnectionResetError in rebuild_storage_fd).
+    The default data settings, the hard limit left high."""
     shards, manifest = many_shards
-    args = train_args(shards, tmp_path, micro_batch_size=8, grad_accum=1, max_steps=60, log_interval=20,
-                      checkpoint_interval=60, val_interval=0)
-    command = shlex.join([str(BIN / "dslm-train"), *args, "data.num_workers=2"])
-    proc = subprocess.run(["bash", "-c", f"ulimit -n 256 && exec {command}"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    args = train_args(shards, tmp_path, grad_accum=1, max_steps=3001, warmup_steps=10, log_interval=1000,
+                      checkpoint_interval=3001, val_interval=0, keep_last=1)
+    command = shlex.join([str(BIN / "dslm-train"), *args, f"data.num_workers={workers}"])
+    proc = subprocess.run(["bash", "-c", f"ulimit -Sn 100 && exec {command}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (60, 480)  # 480 one-sample shards read
+    assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (3001, 3001 * 4)
     assert len(manifest.split("train")) > 2000
 
 
