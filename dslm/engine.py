@@ -18,7 +18,9 @@ from deepspeed.accelerator import get_accelerator
 
 from dslm.compat import has_method, import_attr, require
 from dslm.errors import DslmError, RankFailure
+from dslm.ops import build_ops
 from dslm.optim import build_optimizer
+from dslm.shm import release_buffer_name, remove_dead_buffers
 from dslm.trainer import TrainConfig
 
 
@@ -51,11 +53,15 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
     """Join the process group the launcher described (deepspeed, torchrun, srun); alone if none.
     Every collective, in every group (DeepSpeed's and dslm's too), gives up after
     `collective_timeout_s` seconds. A failed rendezvous (MASTER_PORT taken, rank 0 unreachable)
-    is a RankFailure."""
+    is a RankFailure. Before, what dead runs left is cleared (dslm.shm, dslm.ops) and the op
+    DeepSpeed's init builds is built in this install's folder; after it, the CPU all-reduce's
+    buffers leave /dev/shm (they stay mapped until the run's last process ends)."""
     if "RANK" not in os.environ:  # started as a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     timeout = set_group_timeout(collective_timeout_s)
+    remove_dead_buffers()
+    build_ops()
     try:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
     except torch.distributed.DistError as e:  # DistNetworkError (EADDRINUSE), DistStoreError (no rank 0)
@@ -66,6 +72,8 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
+        torch.distributed.barrier()  # every rank has mapped every rank's all-reduce buffer
+        release_buffer_name(torch.distributed.get_rank())
         # share the cores between the ranks on this machine instead of oversubscribing them,
         # unless OMP_NUM_THREADS says how many each rank takes
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))

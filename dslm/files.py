@@ -1,4 +1,5 @@
-"""Small file helpers shared by every stage: nothing half-written is ever visible."""
+"""Small file helpers shared by every stage: nothing half-written is ever visible; which files live
+processes hold; locks."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import fcntl
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from dslm.errors import DslmError
 
@@ -93,3 +94,60 @@ def exclusive(lock: str | Path, what: str) -> Iterator[None]:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+
+@contextmanager
+def waiting_lock(lock: str | Path) -> Iterator[None]:
+    """Hold `lock` (fcntl.flock on a file, created if missing) for the block, waiting while another
+    process holds it. The kernel releases it when its holder dies, however it dies. The file is
+    never removed: a process waiting on it would then hold a lock on a file no one else sees."""
+    lock = Path(lock)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def holders(paths: Iterable[str | Path]) -> dict[Path, int]:
+    """Those of `paths` that a live process holds open or mapped, each with the id of one such
+    process, from every process's /proc/PID/fd and /proc/PID/maps; processes this user may not
+    inspect are skipped. A file is matched by its device and inode: a process holding a removed
+    file of the same name does not count. (psutil's open_files names that one by its path, and
+    its memory_maps reads smaps: 1.4 s against 0.03 s for maps, for this machine's 97 processes.)"""
+    wanted = {}
+    for path in paths:
+        with suppress(FileNotFoundError):
+            stat = os.stat(path)
+            wanted[stat.st_dev, stat.st_ino] = Path(path)
+    found: dict[Path, int] = {}
+    for pid in process_ids() if wanted else ():
+        try:
+            held = open_files(pid) | mapped_files(pid)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        for file in held & wanted.keys():
+            found.setdefault(wanted[file], pid)
+    return found
+
+
+def process_ids() -> list[int]:
+    """The ids of the processes running now (/proc)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def open_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of each file process `pid` holds a descriptor of (/proc/PID/fd)."""
+    files = set()
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        with suppress(FileNotFoundError):  # closed meanwhile
+            stat = os.stat(fd.path)
+            files.add((stat.st_dev, stat.st_ino))
+    return files
+
+
+def mapped_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of each file process `pid` has mapped (/proc/PID/maps' lines: address, perms,
+    offset, MAJOR:MINOR in hex, inode, path; inode 0 for anonymous memory)."""
+    with open(f"/proc/{pid}/maps") as f:
+        fields = [line.split(maxsplit=5) for line in f]
+    return {(os.makedev(*(int(n, 16) for n in device.split(":"))), int(inode))
+            for _, _, _, device, inode, *_ in fields if inode != "0"}

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -100,6 +106,81 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def shm_tmp() -> Path:
+    """A fresh folder in /dev/shm (tmpfs, where DeepSpeed's all-reduce buffers live), removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="dslm-test-", dir="/dev/shm"))
+    yield folder
+    shutil.rmtree(folder)
+
+
+HOLD = """
+import ctypes, os, sys
+path, how = sys.argv[1:]
+fd = os.open(path, os.O_RDONLY)
+if how == "map":  # mapped, its descriptor closed, as a C program may do (Python's mmap keeps a copy of it)
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    address = libc.mmap(None, os.fstat(fd).st_size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+    assert address not in (None, ctypes.c_void_p(-1).value)  # MAP_FAILED
+    os.close(fd)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def hold_open():
+    """hold_open(path, how="open"|"map") starts a process that holds `path` open, or only mapped,
+    until the test ends (as a live run holds its all-reduce buffers and a live build its lock);
+    returns the process once it holds the file."""
+    processes = []
+
+    def start(path: Path, how: str = "open") -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), how], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout.readline() == "held\n"
+        return process
+
+    yield start
+    for process in processes:
+        process.stdin.close()
+        process.wait()
+
+
+@contextmanager
+def launched(command: list, timeout: float = 900, **kwargs) -> Iterator[subprocess.Popen]:
+    """A launch (the deepspeed launcher and its ranks) in a session of its own, its output in
+    .stdout. All of it is killed at the end of the block if still running, and after `timeout`
+    seconds, a safety net only (its output then ends): subprocess.run's timeout kills the launcher
+    alone and leaves its ranks running."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, **kwargs)
+    safety_net = threading.Timer(timeout, kill_group, (process,))
+    safety_net.start()
+    try:
+        yield process
+    finally:
+        safety_net.cancel()
+        kill_group(process)
+        process.wait()
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to the process's group (a launch: the launcher and its ranks), unless it has ended."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def run_launch(command: list, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    """Run a launch to its end (killed after `timeout` seconds: status -9)."""
+    with launched(command, timeout, **kwargs) as process:
+        output = process.stdout.read()
+    return subprocess.CompletedProcess(command, process.returncode, output)
 
 
 class Logs:

@@ -1,0 +1,81 @@
+"""DeepSpeed's JIT-built ops (here the shared-memory all-reduce its CPU backend builds at init): in
+which folder torch builds them, one build at a time, and what a killed build leaves.
+
+torch builds an op in TORCH_EXTENSIONS_DIR/NAME, by default ~/.cache/torch_extensions/pyXY_cpu/NAME,
+which every Python install of the user shares: two virtualenvs then rebuild the same op in turn
+(each from its own sources), each waiting for the other's build. dslm gives each install its own
+folder (extensions_dir) unless TORCH_EXTENSIONS_DIR is set.
+
+While it builds, torch holds NAME/lock (torch.utils.file_baton.FileBaton): the file is created with
+O_EXCL, its descriptor stays open for the whole build, and it is removed at the end; every other
+process polls until the file is gone, silently and without a time limit. A build killed midway
+leaves the file, and every later start then waits forever. The file records no owner, and its age
+tells nothing (a build takes 40 s alone and minutes on a busy machine), but a live owner holds it
+open and a dead one does not (the kernel closes a killed process's descriptors): a lock that no
+live process holds open was left by a build that is gone. The one moment a live owner does not
+hold it, between FileBaton.release's close and its remove, never comes while dslm looks: dslm
+processes build one at a time per folder (build_ops), so while one looks, no other is inside
+torch's lock. A lock held from another machine (a folder on a shared filesystem that programs
+other than dslm build in) looks dead from here."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+
+from dslm.compat import import_attr
+from dslm.files import holders, waiting_lock
+
+EXTENSIONS_DIR = "TORCH_EXTENSIONS_DIR"
+BUILD_LOCK = "lock"
+"""torch's lock file in each op's build folder (torch.utils.cpp_extension._jit_compile)."""
+DSLM_LOCK = "dslm-build.lock"
+"""dslm's own lock in the extensions folder: one dslm process builds at a time."""
+
+
+def extensions_dir() -> Path:
+    """The folder torch builds DeepSpeed's ops in for dslm: TORCH_EXTENSIONS_DIR when set, else
+    this install's own, `torch_extensions` in sys.prefix (the virtualenv), or, where that is not
+    writable, a folder named after sys.prefix in torch's default (~/.cache/torch_extensions)."""
+    if os.environ.get(EXTENSIONS_DIR):
+        return Path(os.environ[EXTENSIONS_DIR])
+    prefix = Path(sys.prefix)
+    if os.access(prefix, os.W_OK):
+        return prefix / "torch_extensions"
+    from torch.utils.cpp_extension import get_default_build_root  # imports setuptools: only here
+
+    return Path(get_default_build_root()) / f"{prefix.name}-{hashlib.sha256(bytes(prefix)).hexdigest()[:8]}"
+
+
+def build_ops() -> None:
+    """Build, or load when built, the ops DeepSpeed's torch backend builds at its init (its CPU
+    all-reduce; none on GPUs), in extensions_dir(), which this also sets as TORCH_EXTENSIONS_DIR
+    for the process and its children. dslm processes build one at a time per folder, the others
+    waiting; first, a lock left by a killed build is removed (remove_dead_locks). Call it before
+    deepspeed.init_distributed, which then finds the op loaded."""
+    folder = extensions_dir()
+    os.environ[EXTENSIONS_DIR] = str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_shm_op = import_attr("deepspeed", "deepspeed.comm.torch", "build_shm_op")
+    with waiting_lock(folder / DSLM_LOCK):
+        remove_dead_locks(folder)
+        with contextlib.redirect_stdout(io.StringIO()):  # "... built successfully": DeepSpeed's init says it again
+            build_shm_op()
+
+
+def remove_dead_locks(folder: Path) -> None:
+    """Remove each op's build lock in `folder` that no live process holds open, with a line naming
+    it; for one a live process holds, a line naming the process that the start waits for."""
+    locks = sorted(folder.glob(f"*/{BUILD_LOCK}"))
+    held = holders(locks)
+    for lock in locks:
+        if lock in held:
+            print(f"waiting for process {held[lock]} to finish building {lock.parent.name} ({lock})", flush=True)
+        else:
+            lock.unlink(missing_ok=True)
+            print(f"removed {lock}: the lock of a build of {lock.parent.name} that was killed (no process holds it)",
+                  flush=True)
