@@ -4,8 +4,7 @@ end a job, often to every process of it at once; a terminal sends SIGINT (Ctrl-C
 foreground process group.
 
 During start-up (the op build, the universal conversion, model construction), a stop signal ends
-the process at once with one line (StartupStop; SIGINT: KeyboardInterrupt): nothing is written
-yet. Once training runs (`StopSignal.start`), the handler only sets a flag (a collective inside a
+the process at once with one line (StartupStop): nothing is written yet. Once training runs (`StopSignal.start`), the handler only sets a flag (a collective inside a
 signal handler would deadlock); at the next step boundary the ranks agree on it, checkpoint
 together and exit with EXIT_STOPPED so that a wrapper can requeue and resume with `--resume auto`.
 A second SIGINT stops at once (KeyboardInterrupt). DataLoader workers ignore the stop signals
@@ -13,6 +12,8 @@ A second SIGINT stops at once (KeyboardInterrupt). DataLoader workers ignore the
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class Stop:
 
 class StopSignal:
     """The stop signals' handler for this process, installed on creation (start-up: a signal
-    raises StartupStop or KeyboardInterrupt); `start()` switches it to stopping at a step boundary."""
+    raises StartupStop); `start()` switches it to stopping at a step boundary. A second SIGINT
+    raises KeyboardInterrupt."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -79,7 +81,7 @@ class StopSignal:
     def handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT:
             self.interrupts += 1
-            if self.interrupts > 1 or self.group is None:
+            if self.interrupts > 1:
                 raise KeyboardInterrupt
         if self.group is None:
             raise StartupStop(signum)
@@ -112,9 +114,25 @@ def test_pause(point: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader's worker_init_fn: the worker ignores the stop signals, which a scheduler or a
-    terminal sends to every process of the job; its trainer stops at a step boundary and ends it.
-    (Left to torch's handler, a SIGTERM kills the worker first, and the trainer dies with it.)"""
+def ignore_stop_signals() -> None:
+    """For a loader worker: ignore the stop signals, which a scheduler or a terminal sends to every
+    process of the job; its trainer stops at a step boundary and ends it. (Left to torch's handler,
+    a SIGTERM kills the worker first, and the trainer dies with it.) The trainer kills its workers
+    at exit instead (kill_workers_at_exit)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def kill_workers_at_exit() -> None:
+    """Register (once) an exit handler that SIGKILLs this process's daemonic children, the loader's
+    workers, before multiprocessing's own: that one ends them with SIGTERM, which they ignore, and
+    then waits for them forever (an iterator still referenced at exit never told them to stop)."""
+    atexit.unregister(kill_daemonic_children)
+    atexit.register(kill_daemonic_children)  # atexit runs last-in first-out: before multiprocessing's
+
+
+def kill_daemonic_children() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would take their end for a failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

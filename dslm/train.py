@@ -129,8 +129,13 @@ def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
 
 
 def check_nproc(nproc: int) -> None:
+    """--nproc-per-node: at least 1, at most one rank per GPU (per core without one)."""
     if nproc < 1:
         raise DslmError(f"--nproc-per-node={nproc} must be at least 1")
+    gpus = torch.cuda.device_count()
+    most, of = (gpus, "GPUs") if gpus else (os.cpu_count() or 1, "CPU cores")
+    if nproc > most:
+        raise DslmError(f"--nproc-per-node={nproc} is more ranks than this machine's {most} {of}")
     if "RANK" in os.environ:
         raise DslmError("--nproc-per-node starts the ranks itself: leave it out under a launcher that sets RANK "
                         "(deepspeed, torchrun, srun)")

@@ -21,6 +21,8 @@ import errno
 import itertools
 import os
 import resource
+import sys
+import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ from dslm.data.order import WindowOrder
 from dslm.data.templates import check_direction
 from dslm.errors import BadShard, DslmError
 from dslm.model import IGNORE_INDEX
-from dslm.stop import ignore_stop_signals
+from dslm.stop import ignore_stop_signals, kill_workers_at_exit
 
 TOKENS_SUFFIX, MASK_SUFFIX, LANGUAGE_SUFFIX = ".tokens.npy", ".mask.npy", ".language.txt"
 """The members of a sample in a shard (shards.writer writes them)."""
@@ -412,21 +414,28 @@ class DeviceBatches:
 
 
 def out_of_files(error: BaseException) -> str:
-    """One line on `error` when it is the loader running out of open files (torch passes each
-    tensor from a worker as a file descriptor: EMFILE/ENFILE in a worker or here, the worker's
-    resource sharer dropping the connection, "received 0 items of ancdata"); else ""."""
+    """One line on `error` when it is the loader running out of open files, else "": EMFILE or
+    ENFILE in a worker or here, or a failure to receive a tensor at all (torch passes each one from
+    a worker as a file descriptor, through the worker's resource sharer, which drops the
+    connection once the worker is out of them: ConnectionResetError or EOFError inside
+    rebuild_storage_fd, "received 0 items of ancdata")."""
     chain, seen = [], error
     while seen is not None and seen not in chain:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    if not any(isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE) or isinstance(e, ConnectionError)
+    if not any(isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE) or receiving_descriptor(e)
                or "Too many open files" in str(e) or "received 0 items of ancdata" in str(e) for e in chain):
         return ""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     what = str(error).splitlines()[0] if str(error) else ""
-    return (f"the data loader ran out of open files ({type(error).__name__}: {what}; the limit is {soft} per "
-            f"process, ulimit -Sn, hard limit {hard}): raise the soft limit, or lower data.max_open_shards, "
-            f"data.num_workers or data.prefetch_factor")
+    return (f"the data loader ran out of open files ({type(error).__name__}{': ' if what else ''}{what}; the limit "
+            f"is {soft} per process, ulimit -Sn, hard limit {hard}): raise the soft limit, or lower "
+            f"data.max_open_shards, data.num_workers or data.prefetch_factor")
+
+
+def receiving_descriptor(error: BaseException) -> bool:
+    """Whether `error` was raised while receiving a tensor's file descriptor from a worker."""
+    return any(frame.f_code.co_name == "rebuild_storage_fd" for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def train_order(cfg: DataConfig, manifests: list[Manifest], seed: int, base: MixBase | None = None) -> MixedOrder:
@@ -437,12 +446,23 @@ def train_order(cfg: DataConfig, manifests: list[Manifest], seed: int, base: Mix
     return MixedOrder(orders, Interleave([source.weight for _, source in cfg.sources()], base))
 
 
+def init_worker(worker_id: int) -> None:
+    """DataLoader's worker_init_fn: the stop signals are the trainer's (dslm.stop.ignore_stop_signals),
+    and so is reporting the worker's failures. Its Python error output goes to /dev/null: an error
+    of its sample code reaches the trainer with the batch (torch re-raises it there), and out of
+    descriptors its resource sharer prints a traceback for every failed accept, forever, and its
+    exit one more, while the trainer reports the batch it could not take in one line (out_of_files)."""
+    ignore_stop_signals()
+    sys.stderr = open(os.devnull, "w")
+
+
 def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank: int, world_size: int,
                  micro_batch: int, start: int = 0) -> DataLoader:
     """This rank's training micro-batches, from global position `start` on. The loader draws its
     workers' seeds from a generator of its own: from torch's global one, starting the loader would
     move the RNG state a resume has just restored, and every dropout mask after it would differ.
-    Its workers ignore the stop signals (dslm.stop.ignore_stop_signals)."""
+    Its workers ignore the stop signals and are killed at exit (init_worker)."""
+    kill_workers_at_exit()
     return DataLoader(
         samples,
         batch_size=micro_batch,
@@ -452,5 +472,5 @@ def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,  # a SIGTERM to the job's process group stops the trainer, not them
+        worker_init_fn=init_worker,
     )

@@ -1,10 +1,12 @@
 import dataclasses
 import shutil
+import signal
 import subprocess
 import sys
 from itertools import islice
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -252,3 +254,35 @@ def test_the_open_file_limit_covers_the_shards_and_the_batches_in_flight_or_name
     refused = run(200)
     assert refused.returncode != 0 and "the data loader needs about" in refused.stderr
     assert "but the limit is 400 (ulimit -n): lower data.max_open_shards to" in refused.stderr
+
+
+WORKER_AND_SIGTERM = """
+import sys
+from torch.utils.data import DataLoader
+from dslm.data.loader import init_worker
+from dslm.stop import kill_workers_at_exit
+kill_workers_at_exit()
+held = {}
+held["cycle"] = held  # a reference cycle keeps the iterator alive until exit, as a trainer's objects may
+held["batches"] = iter(DataLoader(list(range(100)), batch_size=2, num_workers=1, persistent_workers=True,
+                                  worker_init_fn=init_worker))
+print(next(held["batches"]).tolist(), flush=True)
+sys.stdin.readline()  # the test signals the worker meanwhile
+print(next(held["batches"]).tolist(), flush=True)
+"""
+
+
+def test_a_loader_worker_outlives_a_sigterm_to_it_and_ends_with_its_trainer():
+    """Issue 27: SIGTERM to every process of a job killed the workers first, and the trainer with
+    them; ignoring it, a worker must still end when the trainer exits (multiprocessing ends daemonic
+    children with SIGTERM and then waits for them)."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_AND_SIGTERM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "[0, 1]"
+    [worker] = psutil.Process(proc.pid).children()
+    worker.send_signal(signal.SIGTERM)
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=300)  # a safety net: without the exit handler the trainer never ends
+    assert proc.returncode == 0 and out.strip() == "[2, 3]", err[-2000:]
+    assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
