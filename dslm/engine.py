@@ -1,23 +1,28 @@
-"""Everything that touches DeepSpeed's setup: distributed init, the DS config, the engine."""
+"""Everything that touches DeepSpeed's setup: distributed init, the DS config, the engine.
+
+deepspeed is imported on first use, inside dslm.logs.libraries() (deepspeed_module): its import
+prints which accelerator it picked, a line for the libraries' log rather than the terminal."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 
-import deepspeed
 import torch
 import torch.distributed.distributed_c10d as c10d
 import torch.nn as nn
-from deepspeed.accelerator import get_accelerator
+import torch.utils.cpp_extension
 
 from dslm.compat import has_method, import_attr, require
 from dslm.errors import DslmError, RankFailure
+from dslm.logs import libraries
 from dslm.optim import build_optimizer
 from dslm.trainer import TrainConfig
 
@@ -56,15 +61,19 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     timeout = set_group_timeout(collective_timeout_s)
+    deepspeed = deepspeed_module()
+    accel = deepspeed.get_accelerator()
+    if os.environ["RANK"] == "0" and (op := comm_op_to_build(deepspeed)):
+        print(f"building DeepSpeed's {op} op in {op_build_dir(op)} (once per install, about a minute)...", flush=True)
     try:
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+        with libraries():  # DeepSpeed's communication backend loads, or builds, its op here
+            deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timeout)
     except torch.distributed.DistError as e:  # DistNetworkError (EADDRINUSE), DistStoreError (no rank 0)
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise RankFailure(f"rank {os.environ['RANK']}: the rendezvous at {where} failed: "
                           f"{str(e).strip().splitlines()[0]}; running again can help "
                           f"(another port: DSLM_MASTER_PORT)") from e
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    accel = get_accelerator()
     if accel.device_name() == "cpu":
         # share the cores between the ranks on this machine instead of oversubscribing them,
         # unless OMP_NUM_THREADS says how many each rank takes
@@ -79,6 +88,47 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
         local_rank=local_rank,
         device=torch.device(accel.device_name(local_rank)),
     )
+
+
+def deepspeed_module() -> ModuleType:
+    """deepspeed, imported inside dslm.logs.libraries() (what its import prints goes to the libraries' log)."""
+    with libraries():
+        import deepspeed
+    return deepspeed
+
+
+def comm_op_to_build(deepspeed: ModuleType) -> str | None:
+    """The name of the op DeepSpeed's communication backend (deepspeed.comm.torch.build_shm_op: the
+    CPU accelerator's shared-memory all-reduce) is about to compile, or None when it needs none,
+    or is installed prebuilt, or its build is up to date (op_build_current)."""
+    builder = deepspeed.get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    if deepspeed.git_version_info.installed_ops.get(builder.NAME, False) or op_build_current(builder.NAME):
+        return None
+    return builder.NAME
+
+
+def op_build_dir(name: str) -> Path:
+    """The folder torch JIT-builds extension `name` in: under TORCH_EXTENSIONS_DIR, else its default
+    (~/.cache/torch_extensions/pyXY_cpu or _cuXYZ)."""
+    require("torch", "torch.utils.cpp_extension._get_build_directory(name, verbose) gives an extension's build "
+            "folder", has_method(torch.utils.cpp_extension, "_get_build_directory", ("name", "verbose")))
+    return Path(torch.utils.cpp_extension._get_build_directory(name, verbose=False))
+
+
+def op_build_current(name: str) -> bool:
+    """Whether extension `name` is built and up to date: its folder has a build.ninja and ninja's dry
+    run (`ninja -n`, which compares the sources', headers' and outputs' times and the commands it last
+    ran) finds nothing to do. False when ninja is missing (torch's build then fails, saying so)."""
+    folder = op_build_dir(name)
+    if not (folder / "build.ninja").is_file():
+        return False
+    try:
+        dry_run = subprocess.run(["ninja", "-n", "-C", str(folder)], capture_output=True, text=True)
+    except OSError:
+        return False
+    return dry_run.returncode == 0 and "no work to do" in dry_run.stdout
 
 
 def set_group_timeout(seconds: int) -> timedelta:
@@ -150,7 +200,9 @@ def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, load_uni
     optimizer, schedule = build_optimizer(model, train, train.max_steps)
     if load_universal:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    deepspeed = deepspeed_module()
+    with libraries():
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     drop_redundant_overflow_check(engine.optimizer)
     if train.compile:
         engine.compile()

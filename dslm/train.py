@@ -10,6 +10,7 @@ if __package__ in (None, ""):  # run as a script path: import the dslm package, 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import os
 import signal
 
 import torch
@@ -24,6 +25,7 @@ from dslm.data.manifest import Manifest
 from dslm.engine import (DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective,
                          zero_stage)
 from dslm.errors import EXIT_BAD_DATA, BadShard, DslmError
+from dslm.logs import LOGS_DIR, LibraryOutput, rank_log
 from dslm.lora import add_adapters
 from dslm.metrics import METRICS_CSV, Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
@@ -55,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "space first), 75 stopped after a checkpoint")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
+    p.add_argument("--verbose", action="store_true", help="print what DeepSpeed, torch and the tools they run print, "
+                                                          f"as they print it (without it, each rank's goes to "
+                                                          f"RUN_DIR/{LOGS_DIR}/rankR.log)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
@@ -69,11 +74,12 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, output: LibraryOutput) -> None:
     cfg = resolve_config(args)
     if args.print_run_dir:
         print(cfg.run_dir.resolve())
         return
+    output.keep_in(rank_log(cfg.run_dir, int(os.environ.get("RANK", 0))))
     env = init_distributed(cfg.train.collective_timeout_s)
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
@@ -273,7 +279,9 @@ def report(cfg: RunConfig, env: DistEnv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command("dslm-train", lambda: run(parse_args(argv)))
+    args = parse_args(argv)
+    with LibraryOutput("dslm-train", args.verbose) as output:
+        run_command("dslm-train", lambda: run(args, output), report=output.report)
 
 
 if __name__ == "__main__":
