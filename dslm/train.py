@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
         if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
             raise failure from e
         raise
-    report(cfg, env)
+    report(cfg, env, output.path)
     dist.destroy_process_group()
     if stopped:
         raise stop_exit(stopped, env, cfg)
@@ -269,13 +269,16 @@ def mfu_scale(model: GPT, seq_len: int, world_size: int) -> float | None:
     return None if peak is None else flops_per_token(model, seq_len) / (peak * world_size)
 
 
-def report(cfg: RunConfig, env: DistEnv) -> None:
+def report(cfg: RunConfig, env: DistEnv, log: Path | None) -> None:
+    """Where the run's files are (rank 0); `log` is rank 0's log of the libraries' output (None with --verbose)."""
     if env.rank != 0:
         return
-    print(f"run directory: {cfg.run_dir}\n"
-          f"  config:      {cfg.run_dir / 'config.yaml'}\n"
-          f"  checkpoints: {cfg.run_dir / 'checkpoints'}\n"
-          f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
+    lines = [f"run directory: {cfg.run_dir}", f"  config:      {cfg.run_dir / 'config.yaml'}",
+             f"  checkpoints: {cfg.run_dir / 'checkpoints'}"]
+    if log is not None:
+        lines.append(f"  logs:        {log.parent} (what DeepSpeed and torch printed, a file per rank)")
+    lines.append(f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+    print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
