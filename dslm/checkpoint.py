@@ -36,6 +36,7 @@ import xxhash
 from dslm.compat import import_attr, require
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
+from dslm.logs import libraries
 from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.model import GPT, ModelConfig
 from dslm.optim import freeze, parameter_order
@@ -377,9 +378,10 @@ def universal_dir(tag_dir: Path) -> Path:
 def deepspeed_records() -> list[type]:
     """The record types DeepSpeed pickles into its checkpoint files, besides tensors and containers."""
     scalers = "deepspeed.runtime.fp16.loss_scaler"
-    return [import_attr("deepspeed", module, name) for module, name in (
-        (scalers, "LossScaler"), (scalers, "DynamicLossScaler"), ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-        ("deepspeed.utils.tensor_fragment", "fragment_address"))]
+    with libraries():  # importing deepspeed prints the accelerator it picked
+        return [import_attr("deepspeed", module, name) for module, name in (
+            (scalers, "LossScaler"), (scalers, "DynamicLossScaler"), ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+            ("deepspeed.utils.tensor_fragment", "fragment_address"))]
 
 
 def numpy_array_records() -> list:
@@ -413,15 +415,16 @@ def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | 
     ZeRO-1/2/3, from the optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for
     ZeRO-0 in fp32. Frozen parameters (TrainState.frozen), which have no master copy under
     ZeRO-0/1, come from the module's own weights, in the precision they were trained with."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     check_loads_safely(tag_dir)  # every file, before DeepSpeed's loader below unpickles without restriction
     whole = tag_dir / "mp_rank_00_model_states.pt"  # the whole module; ZeRO-3 writes none
     state = load_weights_only(whole) if whole.is_file() else {"module": {}}
     module = {name: t.float() for name, t in state["module"].items()}
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         # DeepSpeed's loader unpickles without restriction, but only files just checked above
-        return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)}
+        with libraries():  # its import and its loader print their progress
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)}
     masters = (state.get("optimizer") or {}).get("fp32_groups")
     if masters is None:
         require("deepspeed", "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",

@@ -1,4 +1,7 @@
-"""Everything that touches DeepSpeed's setup: distributed init, the DS config, the engine."""
+"""Everything that touches DeepSpeed's setup: distributed init, the DS config, the engine.
+
+deepspeed is imported on first use, inside dslm.logs.libraries() (deepspeed_module): its import
+prints which accelerator it picked, a line for the libraries' log rather than the terminal."""
 
 from __future__ import annotations
 
@@ -9,15 +12,15 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 
-import deepspeed
 import torch
 import torch.distributed.distributed_c10d as c10d
 import torch.nn as nn
-from deepspeed.accelerator import get_accelerator
 
 from dslm.compat import has_method, import_attr, require
 from dslm.errors import DslmError, RankFailure
+from dslm.logs import libraries
 from dslm.ops import build_ops
 from dslm.optim import build_optimizer
 from dslm.shm import release_buffer_name, remove_dead_buffers
@@ -61,16 +64,18 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     timeout = set_group_timeout(collective_timeout_s)
     remove_dead_buffers()
-    build_ops()
+    deepspeed = deepspeed_module()
+    accel = deepspeed.get_accelerator()
+    build_ops(deepspeed, announce=os.environ["RANK"] == "0")
     try:
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+        with libraries():  # DeepSpeed's communication backend loads, or builds, its op here
+            deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timeout)
     except torch.distributed.DistError as e:  # DistNetworkError (EADDRINUSE), DistStoreError (no rank 0)
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise RankFailure(f"rank {os.environ['RANK']}: the rendezvous at {where} failed: "
                           f"{str(e).strip().splitlines()[0]}; running again can help "
                           f"(another port: DSLM_MASTER_PORT)") from e
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    accel = get_accelerator()
     if accel.device_name() == "cpu":
         torch.distributed.barrier()  # every rank has mapped every rank's all-reduce buffer
         release_buffer_name(torch.distributed.get_rank())
@@ -87,6 +92,13 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
         local_rank=local_rank,
         device=torch.device(accel.device_name(local_rank)),
     )
+
+
+def deepspeed_module() -> ModuleType:
+    """deepspeed, imported inside dslm.logs.libraries() (what its import prints goes to the libraries' log)."""
+    with libraries():
+        import deepspeed
+    return deepspeed
 
 
 def set_group_timeout(seconds: int) -> timedelta:
@@ -158,7 +170,9 @@ def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, load_uni
     optimizer, schedule = build_optimizer(model, train, train.max_steps)
     if load_universal:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    deepspeed = deepspeed_module()
+    with libraries():
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     drop_redundant_overflow_check(engine.optimizer)
     if train.compile:
         engine.compile()

@@ -19,10 +19,8 @@ and no torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -37,6 +35,7 @@ from dslm.errors import DslmError
 from dslm.files import atomic_path, sha256_file
 from dslm.hf import (export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer,
                      tokenizer_config)
+from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.lora import LoraConfig
 from dslm.model import ModelConfig
 from dslm.onnx_export import export_onnx
@@ -86,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("--int8", action="store_true", help="--format onnx: int8 weights (ONNX Runtime's dynamic "
                                                        "quantization), about 4x smaller")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_intermixed_args(argv)  # OUT may follow the options
     if args.int8 and args.format != "onnx":
         p.error("--int8 goes with --format onnx")
@@ -105,8 +105,7 @@ def run_hf(tag_dir: Path, out: Path | None) -> None:
 
 
 def run_onnx(source: Path, out: Path | None, int8: bool) -> None:
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's and the exporter's progress lines
-        out, origin = write_onnx(source, out, int8)
+    out, origin = write_onnx(source, out, int8)
     step = f", step {origin.step}" if origin.step is not None else ""
     print(f"wrote {out} from {origin.path}{step} (dslm-complete {out} --prompt ...)")
 
@@ -143,7 +142,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command("dslm-export", lambda: run(parse_args(argv)))
+    args = parse_args(argv)
+    with LibraryOutput("dslm-export", args.verbose):
+        run_command("dslm-export", lambda: run(args))
 
 
 if __name__ == "__main__":

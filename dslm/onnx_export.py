@@ -16,21 +16,21 @@ activations quantized per call), the method its documentation recommends for tra
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
-import warnings
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from dslm.data.templates import Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_path
 from dslm.hf import hf_config
+from dslm.logs import libraries
 from dslm.model import GPT, causal_mask
 from dslm_local.graph import DATA_NAME, INPUT_NAMES, ONNX_NAME, OUTPUT_NAMES, WEIGHTS_KEY
 
@@ -88,25 +88,10 @@ def export_graph(model: GPT, path: Path) -> None:
     cache_dims = {1: batch, 3: past}
     # sizes of 2+ for the example: torch.export specializes a size of 0 or 1 into a constant
     example = (torch.zeros(2, 3, dtype=torch.long), empty_past(model, 2, 2), empty_past(model, 2, 2))
-    with torch.no_grad(), quiet_exporter():
+    with torch.no_grad(), libraries():  # the exporter prints its progress and warns about torch.export's internals
         torch.onnx.export(DecoderWithPast(model).eval(), example, str(path), input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), opset_version=OPSET, dynamo=True, external_data=True,
                           dynamic_shapes=({0: batch, 1: seq}, cache_dims, cache_dims), verbose=False)
-
-
-@contextlib.contextmanager
-def quiet_exporter() -> Iterator[None]:
-    """The exporter's warnings and log lines off (skipped torchvision ops, deprecations inside
-    torch.export): they are about torch, not about the model, and would bury dslm-export's output."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def quantize_int8(source: Path, out: Path, work: Path) -> None:
@@ -118,10 +103,11 @@ def quantize_int8(source: Path, out: Path, work: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "prepared.onnx"
-    quant_pre_process(str(source), str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
-                      external_data_location=prepared.name + ".data")
-    quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                     use_external_data_format=True)
+    with libraries():
+        quant_pre_process(str(source), str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
+                          external_data_location=prepared.name + ".data")
+        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=True)
 
 
 def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool,
@@ -129,19 +115,26 @@ def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool,
     """An ONNX export folder: model.onnx with its weights in model.onnx.data (ONNX Runtime maps that
     file instead of copying a protobuf's weights, and a model over 2 GB fits), config.json
     (export_config) and the tokenizer files (`write_tokenizer(folder)`), written under a temporary
-    name and renamed into place. Raises DslmError when `out` exists."""
+    name and renamed into place. Raises DslmError when `out` exists. Says what it does on stderr,
+    with a progress bar over its stages (the graph; int8)."""
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")
-    with atomic_path(out) as tmp:
+    print(f"exporting the model to ONNX with torch.onnx{', then quantizing its weights to int8' if int8 else ''}...",
+          file=sys.stderr, flush=True)
+    with atomic_path(out) as tmp, tqdm(total=1 + int8, desc="onnx export", unit="stage") as bar:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(export_config(model, framing, int8), indent=2) + "\n")
+        bar.set_postfix_str("graph")
         if int8:
             (work := tmp / "work").mkdir()
             export_graph(model, work / "fp32.onnx")
+            bar.update()
+            bar.set_postfix_str("int8")
             quantize_int8(work / "fp32.onnx", tmp / ONNX_NAME, work)
             shutil.rmtree(work)
         else:
             export_graph(model, tmp / ONNX_NAME)
+        bar.update()
         for name in (ONNX_NAME, DATA_NAME):  # the writers' private temporary files leave them 0600
             shutil.copymode(tmp / "config.json", tmp / name)
         write_tokenizer(tmp)

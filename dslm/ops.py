@@ -20,15 +20,16 @@ other than dslm build in) looks dead from here."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
+import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from dslm.compat import import_attr
 from dslm.files import holders, waiting_lock
+from dslm.logs import libraries
 
 EXTENSIONS_DIR = "TORCH_EXTENSIONS_DIR"
 BUILD_LOCK = "lock"
@@ -51,20 +52,49 @@ def extensions_dir() -> Path:
     return Path(get_default_build_root()) / f"{prefix.name}-{hashlib.sha256(bytes(prefix)).hexdigest()[:8]}"
 
 
-def build_ops() -> None:
+def build_ops(deepspeed: ModuleType, announce: bool) -> None:
     """Build, or load when built, the ops DeepSpeed's torch backend builds at its init (its CPU
     all-reduce; none on GPUs), in extensions_dir(), which this also sets as TORCH_EXTENSIONS_DIR
     for the process and its children. dslm processes build one at a time per folder, the others
-    waiting; first, a lock left by a killed build is removed (remove_dead_locks). Call it before
-    deepspeed.init_distributed, which then finds the op loaded."""
+    waiting; first, a lock left by a killed build is removed (remove_dead_locks). With `announce`,
+    a build that will compile says so first. Call it before deepspeed.init_distributed, which then
+    finds the op loaded."""
     folder = extensions_dir()
     os.environ[EXTENSIONS_DIR] = str(folder)
     folder.mkdir(parents=True, exist_ok=True)
     build_shm_op = import_attr("deepspeed", "deepspeed.comm.torch", "build_shm_op")
     with waiting_lock(folder / DSLM_LOCK):
         remove_dead_locks(folder)
-        with contextlib.redirect_stdout(io.StringIO()):  # "... built successfully": DeepSpeed's init says it again
+        if announce and (op := comm_op_to_build(deepspeed, folder)):
+            print(f"building DeepSpeed's {op} op in {folder / op} (once per install, about a minute)...", flush=True)
+        with libraries():  # "... built successfully", and the compiler's output
             build_shm_op()
+
+
+def comm_op_to_build(deepspeed: ModuleType, folder: Path) -> str | None:
+    """The name of the op DeepSpeed's communication backend (deepspeed.comm.torch.build_shm_op: the
+    CPU accelerator's shared-memory all-reduce) is about to compile in `folder`, or None when it
+    needs none, or is installed prebuilt, or its build is up to date (op_build_current)."""
+    builder = deepspeed.get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    if deepspeed.git_version_info.installed_ops.get(builder.NAME, False) or op_build_current(folder / builder.NAME):
+        return None
+    return builder.NAME
+
+
+def op_build_current(build: Path) -> bool:
+    """Whether the op built in folder `build` (torch builds op NAME in TORCH_EXTENSIONS_DIR/NAME) is
+    up to date: the folder has a build.ninja and ninja's dry run (`ninja -n`, which compares the
+    sources', headers' and outputs' times and the commands it last ran) finds nothing to do. False
+    when ninja is missing (torch's build then fails, saying so)."""
+    if not (build / "build.ninja").is_file():
+        return False
+    try:
+        dry_run = subprocess.run(["ninja", "-n", "-C", str(build)], capture_output=True, text=True)
+    except OSError:
+        return False
+    return dry_run.returncode == 0 and "no work to do" in dry_run.stdout
 
 
 def remove_dead_locks(folder: Path) -> None:

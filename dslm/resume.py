@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,10 +25,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import PARAM
+from tqdm import tqdm
 
 from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely, fresh_folder,
                              list_checkpoints, load_rng_state, load_weights_only, newest_resumable, resume_problem,
@@ -41,6 +41,7 @@ from dslm.data.mix import Interleave, MixBase
 from dslm.engine import DistEnv, zero_stage
 from dslm.errors import DslmError
 from dslm.files import atomic_path
+from dslm.logs import libraries, library_stream
 from dslm.model import SIZES
 from dslm.optim import apply_schedule
 
@@ -76,7 +77,8 @@ class Resume:
         weights-only rule. The learning rate of the next step is this run's schedule's (apply_schedule),
         whose max_steps may differ from the checkpointed run's. Raises DslmError when DeepSpeed loads
         nothing."""
-        path, _ = engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name)
+        with libraries():
+            path, _ = engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name)
         if path is None:
             raise DslmError(f"DeepSpeed could not load {self.load_from}")
         if self.load_universal:
@@ -239,17 +241,40 @@ def universal_form(tag_dir: Path) -> Path:
     """convert_to_universal's work on rank 0."""
     target = universal_dir(tag_dir)
     if not target.is_dir():
+        print(f"converting {tag_dir} to DeepSpeed's universal form, which loads on any number of ranks (once per "
+              f"checkpoint)...", flush=True)
         with atomic_path(target) as tmp:
             command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                        "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            done = subprocess.run(command, capture_output=True, text=True)
+            status, last = run_converter(command)
             (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; unused
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            if status != 0:
                 raise DslmError(f"converting {tag_dir} to DeepSpeed's universal form failed: {last}")
             add_zero3_frozen(tmp, tag_dir)
     check_loads_safely(target)
     return target
+
+
+CONVERTER_STAGE = re.compile(r"\*\*\* (\d+)\. (\w+)")
+"""How DeepSpeed's converter announces each of its 3 stages: `*** 1. Extracting ZeRO fragments`,
+`*** 2. Merging slices`, `*** 3. Saving common optimizer states`."""
+
+
+def run_converter(command: list[str]) -> tuple[int, str]:
+    """Run DeepSpeed's converter with its output into the libraries' log and a progress bar over its
+    stages; its exit status and the last line it printed."""
+    last = "no output"
+    with (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as converter,
+          tqdm(total=3, desc="universal form", unit="stage") as bar):
+        for line in converter.stdout:  # text mode: the converter's progress bars' carriage returns end lines too
+            library_stream().write(line)
+            last = line.strip() or last
+            if stage := CONVERTER_STAGE.match(line):
+                bar.update(int(stage.group(1)) - 1 - bar.n)
+                bar.set_postfix_str(stage.group(2).lower())
+        if converter.wait() == 0:
+            bar.update(bar.total - bar.n)
+    return converter.returncode, last
 
 
 def universal_tensor(universal: Path, name: str) -> Path:
@@ -266,9 +291,11 @@ def add_zero3_frozen(universal: Path, tag_dir: Path) -> None:
     reassembles the frozen fragments)."""
     if not any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):  # ZeRO-3's per-rank module files
         return
+    from deepspeed.checkpoint.constants import PARAM  # deepspeed is imported: dslm.engine.init_distributed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with libraries():
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     for name, tensor in weights.items():
         if not (path := universal_tensor(universal, name)).is_file():
             path.parent.mkdir(parents=True)
@@ -281,6 +308,9 @@ def load_untrained(module: torch.nn.Module, universal: Path) -> None:
     and every buffer the state dict holds, from their universal_tensor files, in the module's
     dtype (under ZeRO-3 through GatheredParameters). Raises DslmError naming a tensor the
     universal form lacks."""
+    import deepspeed  # imported: dslm.engine.init_distributed
+    from deepspeed.checkpoint.constants import PARAM
+
     saved = module.state_dict().keys()
     untrained = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
     for name, tensor in [*untrained, *((name, b) for name, b in module.named_buffers() if name in saved)]:

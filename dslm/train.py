@@ -25,6 +25,8 @@ from dslm.data.manifest import Manifest
 from dslm.engine import (DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective,
                          zero_stage)
 from dslm.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, BadShard, DslmError
+from dslm.launcher import launch_ranks
+from dslm.logs import LOGS_DIR, LibraryOutput, rank_log
 from dslm.lora import add_adapters
 from dslm.metrics import METRICS_CSV, Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
@@ -32,7 +34,6 @@ from dslm.model import GPT
 from dslm.objective import next_token
 from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
-from dslm.launcher import launch_ranks
 from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
 from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
 from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the ranks (deepspeed, torchrun, srun)")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
+    p.add_argument("--verbose", action="store_true", help="print what DeepSpeed, torch and the tools they run print, "
+                                                          f"as they print it (without it, each rank's goes to "
+                                                          f"RUN_DIR/{LOGS_DIR}/rankR.log)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
@@ -76,15 +80,23 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> None:
+def launch(args: argparse.Namespace, argv: list[str]) -> None:
+    """--nproc-per-node: the ranks, once the arguments are known to be good (dslm.launcher)."""
     cfg = resolve_config(args)
     if args.print_run_dir:
         print(cfg.run_dir.resolve())
         return
-    if args.nproc_per_node is not None:
-        check_nproc(args.nproc_per_node)
-        launch_ranks(argv, args.nproc_per_node)
+    check_nproc(args.nproc_per_node)
+    launch_ranks(argv, args.nproc_per_node)
+
+
+def run(args: argparse.Namespace, output: LibraryOutput) -> None:
+    cfg = resolve_config(args)
+    if args.print_run_dir:
+        print(cfg.run_dir.resolve())
+        return
     stop = StopSignal()  # from here on, a stop signal ends the start-up at once, and training at a step boundary
+    output.keep_in(rank_log(cfg.run_dir, int(os.environ.get("RANK", 0))))
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
         try:
@@ -96,7 +108,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             raise
     except StartupStop as e:  # every rank got it (the peer a rank waited for may have ended first): one line, rank 0's
         raise (StoppedAtStartup(e.signum) if os.environ.get("RANK", "0") == "0" else SystemExit(EXIT_STOPPED)) from None
-    report(cfg, env)
+    report(cfg, env, output.path)
     dist.destroy_process_group()
     if stopped:
         raise stop_exit(stopped, env, cfg)
@@ -299,18 +311,26 @@ def mfu_scale(model: GPT, seq_len: int, world_size: int) -> float | None:
     return None if peak is None else flops_per_token(model, seq_len) / (peak * world_size)
 
 
-def report(cfg: RunConfig, env: DistEnv) -> None:
+def report(cfg: RunConfig, env: DistEnv, log: Path | None) -> None:
+    """Where the run's files are (rank 0); `log` is rank 0's log of the libraries' output (None with --verbose)."""
     if env.rank != 0:
         return
-    print(f"run directory: {cfg.run_dir}\n"
-          f"  config:      {cfg.run_dir / 'config.yaml'}\n"
-          f"  checkpoints: {cfg.run_dir / 'checkpoints'}\n"
-          f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}", flush=True)
+    lines = [f"run directory: {cfg.run_dir}", f"  config:      {cfg.run_dir / 'config.yaml'}",
+             f"  checkpoints: {cfg.run_dir / 'checkpoints'}"]
+    if log is not None:
+        lines.append(f"  logs:        {log.parent} (what DeepSpeed and torch printed, a file per rank)")
+    lines.append(f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+    print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    run_command("dslm-train", lambda: run(parse_args(argv), argv))
+    args = parse_args(argv)
+    if args.nproc_per_node is not None:  # the launcher: each rank sets up its own output
+        run_command("dslm-train", lambda: launch(args, argv))
+        return
+    with LibraryOutput("dslm-train", args.verbose) as output:
+        run_command("dslm-train", lambda: run(args, output), report=output.report)
 
 
 if __name__ == "__main__":

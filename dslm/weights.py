@@ -5,11 +5,9 @@ them here; resuming a run (optimizer, RNG, data cursor too) is dslm.resume.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -59,8 +57,7 @@ def read_tag(tag_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     plain GPT names them (a LoRA run's adapters merged)."""
     run_dir, _ = run_of(tag_dir)
     cfg = load_config(run_dir / CONFIG_NAME, [])
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints its progress
-        return cfg.model, load_model_weights(tag_dir, cfg.model, cfg.train.lora)
+    return cfg.model, load_model_weights(tag_dir, cfg.model, cfg.train.lora)
 
 
 def run_data(path: Path) -> tuple[DataConfig, Manifest | None]:

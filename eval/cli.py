@@ -31,6 +31,7 @@ from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
+from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.metrics import Metrics
 from dslm.weights import export_origin, is_export, tokenizer_sha256s
 from dslm_local.decoding import GenerationConfig
@@ -126,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="--watch: how often to look for new checkpoints (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to evaluate on (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p.parse_args(argv)
 
 
@@ -293,7 +295,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command(PROG, lambda: run(parse_args(argv)))
+    args = parse_args(argv)
+    with LibraryOutput(PROG, args.verbose):
+        run_command(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dslm.cli import ArgumentParser, run_command
 from dslm.data.templates import TEMPLATES, Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
+from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm_local.decoding import STRATEGIES, GenerationConfig, checked_config
 from dslm_local.prompts import read_prompt_set, read_text
 from eval.generate import complete
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p.parse_args(argv)
 
 
@@ -235,7 +237,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command("dslm-generate", lambda: run(parse_args(argv)))
+    args = parse_args(argv)
+    with LibraryOutput("dslm-generate", args.verbose):
+        run_command("dslm-generate", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ fi
 
 echo "== 2/5 train the tiny model: 2 CPU ranks (gloo), ZeRO-2, bf16, grad accumulation 2"
 rm -rf "$RUN"
-"$BIN/deepspeed" --num_gpus 2 --master_port "$PORT" dslm/train.py \
+# --quiet: the launcher's own INFO lines off (the ranks' library output is in $RUN/logs/)
+"$BIN/deepspeed" --quiet --num_gpus 2 --master_port "$PORT" dslm/train.py \
     --deepspeed ds_configs/zero2.json --config launch/recipes/demo.yaml
 
 echo "== 3/5 evaluate the checkpoints: perplexity, exact match and compile success on held-out code"

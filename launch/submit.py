@@ -306,13 +306,16 @@ def wait_for(job: submitit.Job, log: Path, name: str = "") -> None:
 
 
 def failure(e: Exception, log: Path) -> str:
-    """Why a job failed, in one line: the child's own error line in the log (a dslm command says
-    `PROG: error: ...`), else the last line of what submitit reports (its trace, before the paths
-    of the logs)."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    errors = [line for line in text.splitlines() if line.startswith("dslm-") and ": error: " in line]
+    """Why a job failed, in one line: the child's own error line (a dslm command says `PROG: error:
+    ...`) in the log of its first task, or of another (dslm-train's ranks print an error they share
+    once, in whichever rank's log: dslm.logs), else the last line of what submitit reports (its
+    trace, before the paths of the logs)."""
+    for path in [log, *sorted(log.parent.glob(log.name.replace("_0_log.out", "_*_log.out")))]:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if errors := [line for line in text.splitlines() if line.startswith("dslm-") and ": error: " in line]:
+            return errors[-1]
     reported = str(e).split("\n\n---")[0].strip()
-    return errors[-1] if errors else reported.splitlines()[-1] if reported else type(e).__name__
+    return reported.splitlines()[-1] if reported else type(e).__name__
 
 
 def wait_in_order(jobs: list[tuple[str, submitit.Job]], folder: Path) -> None:

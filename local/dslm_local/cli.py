@@ -22,19 +22,24 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def run_command(prog: str, main: Callable[[], None]) -> None:
+def run_command(prog: str, main: Callable[[], None], report: Callable[[str], None] | None = None) -> None:
     """Run a command's `main`: a DslmError or a file error becomes one line and its exit status
-    (DSLM_TRACEBACK=1 keeps the traceback)."""
+    (DSLM_TRACEBACK=1 keeps the traceback). `report` prints that line (default: on stderr; a rank
+    of dslm-train: dslm.logs.LibraryOutput.report, once for all ranks)."""
     try:
         main()
     except USER_ERRORS as e:
         if os.environ.get("DSLM_TRACEBACK"):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        (report or print_error)(f"{prog}: error: {e}")
         sys.exit(e.exit_status if isinstance(e, DslmError) else EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        (report or print_error)(f"{prog}: interrupted")
         sys.exit(130)
     except BrokenPipeError:  # the reader went away (`| head`): stop as a shell pipeline does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
         sys.exit(141)
+
+
+def print_error(line: str) -> None:
+    print(line, file=sys.stderr)

@@ -17,7 +17,7 @@ from dslm.data.manifest import Manifest
 from dslm.engine import rendezvous_port
 from dslm.errors import DslmError
 from dslm.metrics import read_scalars
-from launch.submit import parse_minutes
+from launch.submit import failure, parse_minutes
 from tests.shards.test_tasks import same_documents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,18 @@ def test_slurm_time_formats(text, minutes):
 def test_bad_time_is_an_error():
     with pytest.raises(DslmError, match="not a SLURM time"):
         parse_minutes("1h")
+
+
+def test_a_failed_jobs_error_line_is_found_in_whichever_tasks_log_holds_it(tmp_path):
+    """dslm-train's ranks print an error they share once (dslm.logs), in the log of the rank that
+    reported it first."""
+    error = "dslm-train: error: train.freeze_blocks=5 is more than the model's 2 blocks (model.n_layer)"
+    (tmp_path / "7_0_log.out").write_text("dslm-submit: job 7 (requeue 0): dslm-train ...\n")
+    (tmp_path / "7_1_log.out").write_text(f"dslm-submit: job 7 (requeue 0): dslm-train ...\n{error}\n")
+    reported = RuntimeError("submitit's trace\nDslmError: dslm-train exited with status 2\n\n--- logs ---")
+    assert failure(reported, tmp_path / "7_0_log.out") == error
+    (tmp_path / "7_1_log.out").unlink()
+    assert failure(reported, tmp_path / "7_0_log.out") == "DslmError: dslm-train exited with status 2"
 
 
 def dslm_submit(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
