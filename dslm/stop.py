@@ -13,9 +13,11 @@ A second SIGINT stops at once (KeyboardInterrupt). DataLoader workers ignore the
 from __future__ import annotations
 
 import atexit
+import io
 import multiprocessing
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -86,10 +88,9 @@ class StopSignal:
         if self.group is None:
             raise StartupStop(signum)
         if not self.received and os.environ.get("RANK", "0") == "0":
-            # os.write: a print here could interrupt a print of the main thread (reentrant call)
             again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-            os.write(2, f"\ndslm-train: {signal.Signals(signum).name}: stopping at the next step boundary after a "
-                        f"checkpoint{again}\n".encode())
+            say(f"\ndslm-train: {signal.Signals(signum).name}: stopping at the next step boundary after a "
+                f"checkpoint{again}\n")
         self.received = self.received or signum
 
     def agreed(self, damaged: str = "", failed: str = "") -> tuple[int, list[str], list[str]]:
@@ -104,6 +105,17 @@ class StopSignal:
             dist.all_gather_object(found, (damaged, failed), group=self.group)
             lines = [list(dict.fromkeys(rank[kind] for rank in found if rank[kind])) for kind in (0, 1)]
         return int(flag[0]), *lines
+
+
+def say(text: str) -> None:
+    """Write `text` to sys.stderr's file (the terminal, while dslm.logs sends descriptor 2 to the
+    libraries' log) in one system call: a print inside a signal handler could interrupt a print of
+    the main thread (a reentrant call)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        fd = 2
+    os.write(fd, text.encode())
 
 
 def test_pause(point: str) -> None:
