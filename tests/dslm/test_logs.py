@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dslm.engine import op_build_current, op_build_dir
 from dslm.logs import LibraryOutput, first_to_report, rank_log
+from dslm.ops import extensions_dir, op_build_current
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -201,18 +201,18 @@ def test_a_crash_shows_what_the_libraries_printed_before_its_traceback(capfd, tm
 @pytest.mark.slow
 def test_an_op_build_is_announced_before_it_starts_and_not_when_it_is_up_to_date(zero2_run, tiny_shards, tmp_path,
                                                                                  monkeypatch):
-    extensions = tmp_path / "extensions"
-    if op_build_current(OP):  # the build the 2-rank run used, less its library: ninja only relinks it
-        shutil.copytree(op_build_dir(OP), extensions / OP, ignore=shutil.ignore_patterns("lock"))
+    extensions, built = tmp_path / "extensions", extensions_dir() / OP  # where the 2-rank run built it
+    if op_build_current(built):  # that build, less its library: ninja only relinks it
+        shutil.copytree(built, extensions / OP, ignore=shutil.ignore_patterns("lock"))
         (extensions / OP / f"{OP}.so").unlink()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
-    assert not op_build_current(OP)
+    assert not op_build_current(extensions / OP)
 
     first, again = (run([BIN / "dslm-train", *train_args(tiny_shards[0], tmp_path, name, 1)], tmp_path,
                         TORCH_EXTENSIONS_DIR=str(extensions)) for name in ("first", "again"))
     building = f"building DeepSpeed's {OP} op in {extensions / OP} (once per install, about a minute)..."
     assert first.stdout.splitlines()[0] == building and library_lines(first.stdout + first.stderr) == []
     assert "built successfully" in rank_log(tmp_path / "first", 0).read_text()
-    assert "building" not in again.stdout and op_build_current(OP)
+    assert "building" not in again.stdout and op_build_current(extensions / OP)
     shutil.rmtree(extensions / OP)
-    assert not op_build_current(OP)
+    assert not op_build_current(extensions / OP)
