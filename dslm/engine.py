@@ -1,6 +1,6 @@
 """Everything that touches DeepSpeed's setup: distributed init, the DS config, the engine.
 
-deepspeed is imported on first use, inside dslm.logs.libraries() (deepspeed_module): its import
+deepspeed is imported on first use, inside dslm.logs.libraries() (dslm.ops.deepspeed_module): its import
 prints which accelerator it picked, a line for the libraries' log rather than the terminal."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.distributed.distributed_c10d as c10d
@@ -21,7 +20,7 @@ import torch.nn as nn
 from dslm.compat import has_method, import_attr, require
 from dslm.errors import DslmError, RankFailure
 from dslm.logs import libraries
-from dslm.ops import build_ops
+from dslm.ops import build_ops, deepspeed_module
 from dslm.optim import build_optimizer
 from dslm.shm import release_buffer_name, remove_dead_buffers
 from dslm.trainer import TrainConfig
@@ -66,7 +65,7 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
     remove_dead_buffers()
     deepspeed = deepspeed_module()
     accel = deepspeed.get_accelerator()
-    build_ops(deepspeed, announce=os.environ["RANK"] == "0")
+    build_ops(announce=os.environ["RANK"] == "0")
     try:
         with libraries():  # DeepSpeed's communication backend loads, or builds, its op here
             deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timeout)
@@ -92,13 +91,6 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
         local_rank=local_rank,
         device=torch.device(accel.device_name(local_rank)),
     )
-
-
-def deepspeed_module() -> ModuleType:
-    """deepspeed, imported inside dslm.logs.libraries() (what its import prints goes to the libraries' log)."""
-    with libraries():
-        import deepspeed
-    return deepspeed
 
 
 def set_group_timeout(seconds: int) -> timedelta:

@@ -52,7 +52,14 @@ def extensions_dir() -> Path:
     return Path(get_default_build_root()) / f"{prefix.name}-{hashlib.sha256(bytes(prefix)).hexdigest()[:8]}"
 
 
-def build_ops(deepspeed: ModuleType, announce: bool) -> None:
+def deepspeed_module() -> ModuleType:
+    """deepspeed, imported inside dslm.logs.libraries() (what its import prints goes to the libraries' log)."""
+    with libraries():
+        import deepspeed
+    return deepspeed
+
+
+def build_ops(announce: bool = False) -> None:
     """Build, or load when built, the ops DeepSpeed's torch backend builds at its init (its CPU
     all-reduce; none on GPUs), in extensions_dir(), which this also sets as TORCH_EXTENSIONS_DIR
     for the process and its children. dslm processes build one at a time per folder, the others
@@ -62,6 +69,7 @@ def build_ops(deepspeed: ModuleType, announce: bool) -> None:
     folder = extensions_dir()
     os.environ[EXTENSIONS_DIR] = str(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    deepspeed = deepspeed_module()
     build_shm_op = import_attr("deepspeed", "deepspeed.comm.torch", "build_shm_op")
     with waiting_lock(folder / DSLM_LOCK):
         remove_dead_locks(folder)
