@@ -19,10 +19,9 @@ rank's, and never removes its own: every run, killed or not, left its ranks' buf
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
-
-import deepspeed
 
 from dslm.compat import require
 from dslm.files import holders, waiting_lock
@@ -41,7 +40,8 @@ def buffer_name(rank: int) -> str:
 @functools.cache
 def check_naming() -> None:
     """DeepSpeed names its buffers as buffer_name says (read in the op's C++ source), or DslmError."""
-    source = Path(deepspeed.__file__).parent / "ops/csrc/cpu/comm/shm.cpp"
+    # found, not imported: importing deepspeed prints which accelerator it picked (dslm.ops.deepspeed_module)
+    source = Path(importlib.util.find_spec("deepspeed").origin).parent / "ops/csrc/cpu/comm/shm.cpp"
     code = " ".join(source.read_text().split()) if source.is_file() else ""
     names = (f'#define SHM_BUFFER_NAME "{PREFIX}"',
              '"%s_%d_%s_%s", SHM_BUFFER_NAME, getuid(), addr_string, port_string);',
