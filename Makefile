@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml local/pyproject.toml
 	$(PY) -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || { \
 	    echo "make install: could not install $(TORCH_SPEC); on a CPU-only machine pass" \
 	         "TORCH_INDEX=https://download.pytorch.org/whl/cpu" >&2; exit 1; }
-	$(PY) -m pip install setuptools wheel packaging psutil ninja numpy==2.4.6
+	$(PY) -m pip install setuptools wheel packaging psutil==7.2.2 ninja numpy==2.4.6
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 

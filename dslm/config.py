@@ -61,6 +61,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"name={self.name!r} must be one folder name inside runs_dir={self.runs_dir}")
+        if self.train.freeze_blocks > self.model.n_layer:
+            raise ValueError(f"train.freeze_blocks={self.train.freeze_blocks} is more than the model's "
+                             f"{self.model.n_layer} blocks (model.n_layer)")
+        if self.train.lora.rank > self.model.n_embd:
+            raise ValueError(f"train.lora.rank={self.train.lora.rank} is above model.n_embd={self.model.n_embd}: an "
+                             f"adapter's update has rank at most min(in, out) of its layer, n_embd or less")
 
     @property
     def run_dir(self) -> Path:
@@ -76,11 +82,12 @@ def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
     set anywhere come from model.preset. Raises DslmError (one line) for an unknown key, a value
     of the wrong type or out of its range."""
     try:
-        recipe_conf = load_recipe(recipe) if recipe else OmegaConf.create()
-        override_conf = OmegaConf.from_dotlist(overrides)
-        for conf, source in ((recipe_conf, str(recipe)), (override_conf, "the overrides")):
-            rename_old_keys(conf, source)
-        return OmegaConf.to_object(OmegaConf.merge(schema(), recipe_conf, override_conf))
+        conf = schema()
+        layers = [(load_recipe(recipe), str(recipe))] if recipe else []
+        for layer, source in [*layers, (parse_overrides(overrides), "the overrides")]:
+            rename_old_keys(layer, source)
+            conf = merge(conf, layer, source)
+        return OmegaConf.to_object(conf)
     except OmegaConfBaseException as e:
         raise DslmError(str(e).splitlines()[0] + (f" ({e.full_key})" if getattr(e, "full_key", None) else "")) from e
     except ValueError as e:  # a __post_init__ check
@@ -88,14 +95,43 @@ def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
 
 
 def load_recipe(path: str | Path) -> DictConfig:
-    """A YAML recipe or config.yaml; DslmError for a file that is not YAML or not a mapping."""
+    """A YAML recipe or config.yaml; DslmError for a file that is not UTF-8 YAML or not a mapping."""
     try:
         conf = OmegaConf.load(path)
     except yaml.YAMLError as e:
         raise DslmError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise DslmError(f"{path} is not a YAML recipe: it is not UTF-8 text") from None
     if not isinstance(conf, DictConfig):
         raise DslmError(f"{path} must be a mapping of sections (model:, data:, train:, ...), not a list")
     return conf
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """The dotted `key=value` overrides as one config, each value read as YAML (`1e-3`, `[a, b]`,
+    `{shards: d, weight: 1}`), a later one winning. Raises DslmError naming the first override that
+    is not key=value or whose value is not YAML (an unclosed `[` or `{`, an unknown `!!` tag)."""
+    conf = OmegaConf.create()
+    for override in overrides:
+        key, equals, _ = override.partition("=")
+        if not key or not equals:
+            raise DslmError(f"override {override!r} is not key=value")
+        try:
+            conf.merge_with_dotlist([override])
+        except yaml.YAMLError as e:
+            problem = ", ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+            raise DslmError(f"override {override!r}: the value is not valid YAML ({problem}); a list is "
+                            f"[a, b] and a mapping {{key: value}}, each closed") from None
+    return conf
+
+
+def merge(conf: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """`layer` (a recipe's or the overrides' values) over `conf`; DslmError naming `source` where
+    OmegaConf cannot merge a mapping into a list field, or a list into a mapping."""
+    try:
+        return OmegaConf.merge(conf, layer)
+    except TypeError as e:  # OmegaConf's "Cannot merge incompatible container types"
+        raise DslmError(f"{source}: a mapping {{...}} given for a list field [...], or the reverse ({e})") from None
 
 
 def schema() -> DictConfig:

@@ -51,6 +51,13 @@ def rendezvous_port(job_id: int, restart: int = 0) -> int:
     return PORT_BASE + (job_id + restart * PORT_STRIDE) % PORT_SPAN
 
 
+def launched_ranks() -> tuple[int, int, int]:
+    """(world size, ranks on this machine, this process's rank on it) as the launcher (deepspeed,
+    torchrun, srun through slurm/pretrain.sh) set them in the environment; a world of one without one."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))
+    return int(os.environ.get("WORLD_SIZE", 1)), int(per_node), int(os.environ.get("LOCAL_RANK", 0))
+
+
 def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
     """Join the process group the launcher described (deepspeed, torchrun, srun); alone if none.
     Every collective, in every group (DeepSpeed's and dslm's too), gives up after
@@ -74,13 +81,12 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
         raise RankFailure(f"rank {os.environ['RANK']}: the rendezvous at {where} failed: "
                           f"{str(e).strip().splitlines()[0]}; running again can help "
                           f"(another port: DSLM_MASTER_PORT)") from e
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    _, per_node, local_rank = launched_ranks()
     if accel.device_name() == "cpu":
         torch.distributed.barrier()  # every rank has mapped every rank's all-reduce buffer
         release_buffer_name(torch.distributed.get_rank())
         # share the cores between the ranks on this machine instead of oversubscribing them,
         # unless OMP_NUM_THREADS says how many each rank takes
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // per_node)
         torch.set_num_threads(int(threads))
     else:

@@ -35,7 +35,9 @@ class LoraConfig:
     Raises ValueError (naming the field) for a value out of its range."""
 
     rank: int = 0
-    """Rank of each adapter, >= 0; 0 (the default) adds none and the model itself trains. Above 0,
+    """Rank of each adapter, within 0..model.n_embd (an adapter's update B A has rank at most
+    min(in, out) of its layer, n_embd or less in a GPT; RunConfig checks it); 0 (the default) adds
+    none and the model itself trains. Above 0,
     every weight of the model is frozen and only the adapters train (rank * (in + out) weights
     per targeted layer); train.freeze then freezes adapters too, by their names as peft gives
     them (`blocks.0.*`, `*.lora_A.*`)."""
@@ -56,6 +58,9 @@ class LoraConfig:
             raise ValueError(f"train.lora.alpha={self.alpha} must be positive and finite")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"train.lora.dropout={self.dropout} must be within [0, 1)")
+        if not all(isinstance(name, str) for name in self.target_modules):
+            raise ValueError(f"train.lora.target_modules={self.target_modules} must be a list of layer names, e.g. "
+                             f"[qkv,proj,fc]")
         if self.rank and not self.target_modules:
             raise ValueError("train.lora.target_modules is empty; name the layers that get adapters, "
                              "e.g. [qkv,proj,fc]")

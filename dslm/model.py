@@ -71,8 +71,9 @@ class ModelConfig:
                 setattr(self, name, value)
         if missing := [name for name in SIZES if getattr(self, name) is None]:
             raise ValueError(f"model.{missing[0]} is not set and model.preset is empty; set it or name a preset")
-        if min(*(getattr(self, name) for name in SIZES), self.vocab_multiple) < 1:
-            raise ValueError(f"model sizes ({', '.join(SIZES)}, vocab_multiple) must be positive")
+        for name in (*SIZES, "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be at least 1")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -82,6 +83,39 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         """vocab_size rounded up to a multiple of vocab_multiple: the rows of the embedding and head."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each parameter of one Block, by its name within the block."""
+        C, I = self.n_embd, self.intermediate_size
+        return {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,),
+                "attn.proj.weight": (C, C), "attn.proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                "mlp.fc.weight": (I, C), "mlp.fc.bias": (I,), "mlp.proj.weight": (C, I), "mlp.proj.bias": (C,)}
+
+    def outer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each parameter outside the blocks, by name (a tied head has none of its own)."""
+        C, V = self.n_embd, self.padded_vocab_size
+        head = {} if self.tie_embeddings else {"lm_head.weight": (V, C)}
+        return {"wte.weight": (V, C), "wpe.weight": (self.block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
+                **head, **({"lm_head.bias": (V,)} if self.lm_head_bias else {})}
+
+    def num_params(self) -> int:
+        """GPT(self).num_params() from the sizes alone, without building the model (nothing is
+        allocated, whatever the sizes): the parameters outside the blocks plus n_layer blocks'."""
+        def count(shapes: dict[str, tuple[int, ...]]) -> int:
+            return sum(math.prod(shape) for shape in shapes.values())
+
+        return count(self.outer_shapes()) + self.n_layer * count(self.block_shapes())
+
+    def largest_layer_params(self) -> int:
+        """The parameters of the largest module (the embedding, the head or an MLP layer), a tied
+        head counting the embedding it shares: what ZeRO-3 gathers at once (`largest_layer_params`
+        of DeepSpeed's estimate_zero3_model_states_mem_needs)."""
+        tied = {"lm_head.weight": self.outer_shapes()["wte.weight"]} if self.tie_embeddings else {}
+        modules: dict[str, int] = {}
+        for name, shape in {**self.outer_shapes(), **tied, **self.block_shapes()}.items():
+            module = name.rpartition(".")[0]
+            modules[module] = modules.get(module, 0) + math.prod(shape)
+        return max(modules.values())
 
 
 class CausalSelfAttention(nn.Module):

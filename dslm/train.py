@@ -22,12 +22,13 @@ from dslm.config import Origin, RunConfig, check_against_manifest, load_config, 
 from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSamples, ensure_file_limit, train_loader,
                               train_order)
 from dslm.data.manifest import Manifest
-from dslm.engine import (DistEnv, build_engine, describe, init_distributed, load_ds_config, timed_out_collective,
-                         zero_stage)
+from dslm.engine import (DistEnv, build_engine, describe, init_distributed, launched_ranks, load_ds_config,
+                         timed_out_collective, zero_stage)
 from dslm.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, BadShard, DslmError
 from dslm.launcher import launch_ranks
 from dslm.logs import LOGS_DIR, LibraryOutput, rank_log
 from dslm.lora import add_adapters
+from dslm.memory import estimate, free_memory, memory_problem
 from dslm.metrics import METRICS_CSV, Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
@@ -35,7 +36,7 @@ from dslm.objective import next_token
 from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
-from dslm.trainer import IntervalLog, Trainer, Validation, freeze_patterns
+from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
 from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
 
 OBJECTIVE = next_token
@@ -74,9 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides) + ([f"ds_config={args.deepspeed}"] if args.deepspeed else [])
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise DslmError(f"override {bad[0]!r} is not key=value")
     return load_config(args.config, overrides)
 
 
@@ -97,11 +95,13 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
         return
     stop = StopSignal()  # from here on, a stop signal ends the start-up at once, and training at a step boundary
     output.keep_in(rank_log(cfg.run_dir, int(os.environ.get("RANK", 0))))
+    manifests = load_sources(cfg)
+    check_sizes(cfg, manifests)  # before the process group, DeepSpeed's op build and the model exist
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
         try:
             env = init_distributed(cfg.train.collective_timeout_s)
-            stopped = train(args, cfg, env, stop, states)
+            stopped = train(args, cfg, env, manifests, stop, states)
         except RuntimeError as e:
             if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
                 raise failure from e
@@ -153,11 +153,10 @@ def check_nproc(nproc: int) -> None:
                         "(deepspeed, torchrun, srun)")
 
 
-def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, stop: StopSignal,
+def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, manifests: list[Manifest], stop: StopSignal,
           states: list[TrainState]) -> Stop | None:
-    """Build the run and train it; returns None, or why it stopped early (Trainer.fit). The run's
-    state is appended to `states` as soon as it exists."""
-    manifests = load_sources(cfg)
+    """Build the run on the shards of `manifests` (load_sources) and train it; returns None, or
+    why it stopped early (Trainer.fit). The run's state is appended to `states` as soon as it exists."""
     manifest = manifests[cfg.data.shards_source()]
     samples = TrainSamples(cfg.data, manifests)
     ensure_file_limit(cfg.data, held_batches=cfg.train.grad_accum + 1)  # for validation's reads; again for the loader
@@ -202,6 +201,38 @@ def load_sources(cfg: RunConfig) -> list[Manifest]:
             raise DslmError(f"data.mix: {source.shards} holds samples of seq_len {manifest.seq_len}, {first} of "
                             f"{manifests[0].seq_len}; build every source with the same --seq-len")
     return manifests
+
+
+def check_sizes(cfg: RunConfig, manifests: list[Manifest]) -> None:
+    """DslmError when a step would take more samples than the train split holds (check_step_samples)
+    or the run cannot fit in the memory of this machine or its GPU (dslm.memory), from the config and
+    the manifests alone. Each rank decides alone, before the process group exists, on the same
+    figures but for what its machine and GPU have free; a rank that stops ends the launch."""
+    world_size, local_ranks, local_rank = launched_ranks()
+    check_step_samples(cfg.train, sum(e.samples for m in manifests for e in m.split("train")), world_size)
+    ds_config = load_ds_config(cfg.ds_config, cfg.train, world_size)
+    manifest = manifests[cfg.data.shards_source()]
+    val = sum(entry.samples for entry in manifest.split("val")) if cfg.train.val_interval else 0
+    need = estimate(cfg.model, cfg.train, cfg.data, ds_config, zero_stage(ds_config), world_size, manifest.seq_len,
+                    validation_batches(val, cfg.train.micro_batch_size, world_size, cfg.train.val_batches))
+    device_free = free_memory(torch.device("cuda", local_rank)) if torch.cuda.is_available() else None
+    if problem := memory_problem(need, local_ranks, device_free):
+        raise DslmError(problem)
+
+
+def check_step_samples(train: TrainConfig, samples: int, world_size: int) -> None:
+    """DslmError when one micro-step of every rank, or one optimizer step, would take more samples
+    than the train split's `samples`: each would hold some sample twice, which a smaller batch
+    trains alike, faster (and a step of train.grad_accum=10**9 micro-batches would never end)."""
+    micro_step = train.micro_batch_size * world_size
+    if micro_step > samples:
+        raise DslmError(f"train.micro_batch_size={train.micro_batch_size} on {world_size} rank(s) takes {micro_step:,} "
+                        f"samples per micro-step, more than the {samples:,} of the train split; set it to at most "
+                        f"{max(1, samples // world_size):,}")
+    if micro_step * train.grad_accum > samples:
+        raise DslmError(f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples ({world_size} "
+                        f"rank(s)) make a step of {micro_step * train.grad_accum:,} samples, more than the {samples:,} "
+                        f"of the train split; set it to at most {samples // micro_step:,}")
 
 
 def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
@@ -270,9 +301,6 @@ def check_init_source(source: Path, cfg: RunConfig, manifest: Manifest, env: Dis
 def freeze_parameters(model: GPT, cfg: RunConfig, env: DistEnv) -> list[str]:
     """Freeze what train.freeze and train.freeze_blocks name, on top of what train.lora froze;
     print what trains (rank 0). Returns the names of all frozen parameters."""
-    if cfg.train.freeze_blocks > cfg.model.n_layer:
-        raise DslmError(f"train.freeze_blocks={cfg.train.freeze_blocks} is more than the model's "
-                        f"{cfg.model.n_layer} blocks (model.n_layer)")
     freeze(model, freeze_patterns(cfg.train))
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if env.rank == 0 and frozen:

@@ -45,7 +45,8 @@ class TrainConfig(OptimConfig):
     compile: bool = False
     """torch.compile the model (through DeepSpeed's engine.compile)."""
     seed: int = 1234
-    """Seeds model init and the data order."""
+    """Seeds model init and the data order, within 0..2**32 - 1 (numpy's legacy seeds; the seeds a
+    resume derives from it stay within torch's 64 bits)."""
     freeze: list[str] = field(default_factory=list)
     """Parameters that do not train: fnmatch patterns of their names as in
     `model.named_parameters()`, e.g. ["wte.*", "blocks.0.*"]. Frozen parameters get no gradient
@@ -94,6 +95,10 @@ class TrainConfig(OptimConfig):
                      "max_skipped_in_a_row", "val_batches", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if not all(isinstance(pattern, str) for pattern in self.freeze):
+            raise ValueError(f"train.freeze={self.freeze} must be a list of name patterns, e.g. [wte.*, blocks.0.*]")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"train.seed={self.seed} must be within 0..{2**32 - 1}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be within 0..train.max_steps={self.max_steps}")
 
@@ -174,6 +179,12 @@ def grad_norm(engine) -> float:
     return math.nan if norm is None else float(norm)
 
 
+def validation_batches(samples: int, micro_batch: int, world_size: int, batches_per_rank: int) -> int:
+    """The micro-batches each rank's validation holds: train.val_batches, fewer when the val split
+    of `samples` samples has fewer per rank."""
+    return min(batches_per_rank, samples // (micro_batch * world_size))
+
+
 class Validation:
     """val/loss and val/ppl on a fixed subset of the val split (samples spread evenly over it),
     computed by every rank together: each runs the same number of forward passes (ZeRO-3
@@ -182,7 +193,7 @@ class Validation:
 
     def __init__(self, samples: Dataset, objective: Objective, micro_batch: int, batches_per_rank: int):
         rank, world = dist.get_rank(), dist.get_world_size()
-        batches = min(batches_per_rank, len(samples) // (micro_batch * world))
+        batches = validation_batches(len(samples), micro_batch, world, batches_per_rank)
         if batches == 0:
             raise DslmError(f"the val split holds {len(samples)} samples, fewer than one micro-batch of "
                             f"{micro_batch} per rank on {world} ranks; set train.val_interval=0 or rebuild the "

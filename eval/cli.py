@@ -44,6 +44,9 @@ from eval.perplexity import ALL, perplexity
 
 PROG = "dslm-eval"
 METRICS = ("perplexity", "exact_match", "compile_success")
+MAX_POLL_S = 86_400
+"""Longest --poll: a day between looks (checkpoints come far more often; time.sleep overflows
+near 10**10 s)."""
 
 
 @dataclass
@@ -124,11 +127,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--watch", action="store_true",
                    help="keep evaluating new checkpoints of the run until its last step (train.max_steps) is done")
     p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS",
-                   help="--watch: how often to look for new checkpoints (default: %(default)s)")
+                   help="--watch: how often to look for new checkpoints, within (0, 86400] (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to evaluate on (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.poll <= MAX_POLL_S:
+        p.error(f"--poll {args.poll:g} must be within (0, {MAX_POLL_S}] seconds")
+    return args
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dslm.data.templates import Framer, Framing, get_template, stop_token
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
+from dslm.memory import check_fits, forward_bytes, kv_cache_bytes
 from dslm.model import GPT, KVCache
 from dslm_local.decoding import GenerationConfig, Stopper, cut_at_stop
 from dslm_local.decoding import sample_filter as filter_logits
@@ -197,7 +198,8 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
     at the first of cfg.stop_tokens (default: none; complete() sets the model's end token). A prompt
     longer than model.block_size - max_new_tokens keeps its last tokens. `decode` (token ids -> text)
     is needed for stop strings. Sampling draws from one generator seeded with cfg.seed, batch by
-    batch in a fixed order, so the output depends on the seed, the prompts and cfg.batch_size."""
+    batch in a fixed order, so the output depends on the seed, the prompts and cfg.batch_size.
+    Raises DslmError, before decoding, when a batch cannot fit in memory (check_decoding_fits)."""
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if cfg.stop_strings and decode is None:
@@ -208,6 +210,7 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
     generator = torch.Generator(device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in prompts]
     batch_size = max(1, cfg.batch_size // cfg.num_beams) if cfg.strategy == "beam" else cfg.batch_size
+    check_decoding_fits(model, prompts, cfg, min(batch_size, len(prompts)))
     with eval_mode(model):
         for rows in tqdm(list(batches_by_length(prompts, batch_size)), desc="generate", unit="batch",
                          disable=not progress, leave=False):
@@ -219,6 +222,20 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
             for i, tokens in zip(rows, new):
                 out[i] = tokens
     return out
+
+
+def check_decoding_fits(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, batch: int) -> None:
+    """DslmError, before decoding, when `batch` prompts (times cfg.num_beams with beam search) cannot
+    fit in the memory the model's device has free: the KV cache of their whole length and the
+    logits of the first pass over the longest prompt."""
+    rows = batch * (cfg.num_beams if cfg.strategy == "beam" else 1)
+    longest, element = max(map(len, prompts)), model.wte.weight.element_size()
+    need = forward_bytes(model.cfg, rows, longest, element, loss=False)
+    if cfg.use_cache:
+        need += kv_cache_bytes(model.cfg, rows, longest + cfg.max_new_tokens, element)
+    beams = f" ({batch} prompt(s) x {cfg.num_beams} beams)" if cfg.strategy == "beam" else ""
+    check_fits(need, model.wte.weight.device, f"decoding {rows:,} sequences at once{beams}",
+               "lower --num-beams or --batch-size")
 
 
 class PromptFraming:

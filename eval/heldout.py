@@ -21,6 +21,7 @@ class LabeledSamples(Dataset):
 
     def __init__(self, samples: ShardSamples):
         self.samples = samples
+        self.seq_len = samples.seq_len
         names = [samples.language(i) for i in range(len(samples))]
         self.languages = sorted(set(names))
         self.labels = [self.languages.index(name) for name in names]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dslm.data.loader import reverse, to_device
+from dslm.memory import check_fits, forward_bytes
 from dslm.model import GPT, IGNORE_INDEX
 from dslm.objective import next_token
 from eval.heldout import LabeledSamples
@@ -57,7 +58,11 @@ def perplexity(model: GPT, samples: LabeledSamples, token_bytes: torch.Tensor, b
                device: torch.device, direction: str = "forward") -> dict[str, Perplexity]:
     """Results over all samples ("all") and over each language's samples, in the model's reading
     `direction` (backward: each sample reversed, as the model was trained). Only training targets
-    count (labels not IGNORE_INDEX), so instruction shards score the responses."""
+    count (labels not IGNORE_INDEX), so instruction shards score the responses. Raises DslmError,
+    before any batch, when a batch cannot fit in the memory `device` has free."""
+    rows = min(batch_size, len(samples))
+    check_fits(forward_bytes(model.cfg, rows, samples.seq_len, model.wte.weight.element_size(), loss=True), device,
+               f"a batch of {rows} samples", "lower --batch-size")
     totals = Totals(len(samples.languages))
     for batch, labels in tqdm(DataLoader(samples, batch_size=batch_size), desc="perplexity", unit="batch", leave=False):
         batch = to_device(batch, device)

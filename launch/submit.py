@@ -499,14 +499,13 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
     from shards.build import all_cores, token_dtype
     from shards.cli import parser as shard_parser
     from shards.cli import shard_config
-    from shards.sources import parse_source
+    from shards.sources import check_tasks, parse_source
     from shards.tasks import STAGES, refuse_finished
 
     if len(args.tasks) > 1:
         raise DslmError("--tasks is given once (dslm-submit gives every task its --tasks, --task and --stage)")
     tasks = args.tasks[0]
-    if tasks < 1:
-        raise DslmError("--tasks must be at least 1")
+    check_tasks(tasks)
     refused = [a for a in args.build_args if names_option(a, *TASK_OPTIONS)]
     if refused:
         raise DslmError(f"{refused[0]}: dslm-submit gives every task its --tasks, --task and --stage; "

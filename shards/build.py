@@ -21,6 +21,7 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats,
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
+from dslm.memory import USABLE, available_host_memory, gib
 from shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
                           records, write_digest_buckets)
 from shards.encode import Encoded, EncoderConfig, encode_batches
@@ -29,9 +30,9 @@ from shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, loa
 from shards.sources import Document, Partition, Source, Units, skip
 from shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks,
                           remove_finished_build, remove_unfinished_build, save_tails, task_dir)
-from shards.tokenizer import train_tokenizer
+from shards.tokenizer import check_vocab_size, train_tokenizer
 from shards.verify import count_samples
-from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, shard_path, warn_unsampled
+from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, check_packing, shard_path, warn_unsampled
 
 
 @dataclass
@@ -46,8 +47,9 @@ class ShardConfig:
     """tokenizer.json to encode with, from `dslm-shard tokenizer` (--tokenizer); copied into `out`
     unless it is that file. Its vocab must fit `dtype`."""
     seq_len: int = 1024
-    """Model context in tokens, >= 1 (--seq-len); each sample holds seq_len + 1 tokens (inputs and
-    the targets shifted by one). Training on the shards needs model.block_size >= seq_len."""
+    """Model context in tokens, within 1..MAX_SEQ_LEN (--seq-len; shards.writer); each sample holds
+    seq_len + 1 tokens (inputs and the targets shifted by one). Training on the shards needs
+    model.block_size >= seq_len."""
     samples_per_shard: int = 10_000
     """Samples per tar shard, >= 1 (--samples-per-shard); the last shard of each split holds the
     rest. The build journals its progress each time a shard is finished, so a rerun after a crash
@@ -60,7 +62,8 @@ class ShardConfig:
     """Token dtype in the shards (--dtype): "uint16", "uint32", or "auto" (uint16 when the vocab
     has at most 65,536 ids, else uint32); one too small for the vocab is an error."""
     workers: int = field(default_factory=lambda: all_cores())
-    """Processes that filter and tokenize, >= 0 (--workers); 0 does it in the main process.
+    """Processes that filter and tokenize, >= 0 (--workers), as many as the available memory holds
+    (WORKER_BYTES each); 0 does it in the main process.
     Default: every core this process may use (its CPU affinity). The output is the same for any
     number."""
     batch_documents: int = 256
@@ -80,14 +83,25 @@ class ShardConfig:
     val_fraction, dtype, the tokenizer and the sources."""
 
     def __post_init__(self) -> None:
-        if min(self.seq_len, self.samples_per_shard, self.batch_documents, self.batch_bytes) < 1:
-            raise DslmError("seq_len, samples_per_shard, batch_documents and batch_bytes must be positive")
+        check_packing(self.seq_len, self.samples_per_shard)
+        if min(self.batch_documents, self.batch_bytes) < 1:
+            raise DslmError("batch_documents and batch_bytes must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DslmError(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.workers < 0:
             raise DslmError(f"workers {self.workers} must not be negative")
+        if self.workers * WORKER_BYTES > USABLE * (available := available_host_memory()):
+            raise DslmError(f"--workers {self.workers} would take at least {gib(self.workers * WORKER_BYTES)} (each "
+                            f"worker process about {WORKER_BYTES >> 20} MiB), more than {USABLE:.0%} of the "
+                            f"{gib(available)} of memory available; use at most {int(USABLE * available) // WORKER_BYTES} "
+                            f"(this process may use {all_cores()} cores)")
         if self.dtype not in DTYPES:
             raise DslmError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+WORKER_BYTES = 100 << 20
+"""Memory one --workers process takes at least: a spawned interpreter with tokenizers and numpy
+(98 MB of RSS measured on 2 cores) and its two batches in flight."""
 
 
 def all_cores() -> int:
@@ -171,14 +185,18 @@ class TokenizerSample:
 def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_bytes: int, out: Path,
                              filters: FilterConfig | None = None, overwrite: bool = False) -> dict[tuple[str, str], float]:
     """Train on a weighted, filtered sample of the sources, write `out`, and return tokens per
-    byte for each (source, language). Raises DslmError, before reading anything, when `out`
-    exists and not `overwrite`: a tokenizer replaced under shards built with it would make their
-    ids mean other text (every reader checks it against the manifest, Manifest.tokenizer_file)."""
+    byte for each (source, language). Raises DslmError, before reading anything, for a vocab_size
+    or sample_bytes out of range, or when `out` exists and not `overwrite`: a tokenizer replaced
+    under shards built with it would make their ids mean other text (every reader checks it
+    against the manifest, Manifest.tokenizer_file)."""
     if out.is_dir():
         raise DslmError(f"{out} is a folder; name the file to write, e.g. {out / TOKENIZER_NAME}")
     if out.exists() and not overwrite:
         raise DslmError(f"{out} already exists; pass --overwrite to replace it (shards built with it then need a "
                         f"rebuild)")
+    check_vocab_size(vocab_size)
+    if sample_bytes < 1:
+        raise DslmError(f"--sample-bytes {sample_bytes} must be at least 1")
     sample = TokenizerSample(sample_bytes)
     texts = tqdm(sample.texts(sources, DocumentFilter(filters)), desc="tokenizer", unit="doc")
     tok = train_tokenizer(texts, vocab_size)

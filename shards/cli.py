@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from dslm.cli import ArgumentParser, run_command
+from dslm.cli import ArgumentParser, run_command, warn
 from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
@@ -151,7 +151,11 @@ def dispatch(args: argparse.Namespace) -> None:
         for (spec, language), ratio in train_and_save_tokenizer(sources, args.vocab_size, args.sample_bytes,
                                                                  args.out, overwrite=args.overwrite).items():
             print(f"{spec} [{language}]: {ratio:.3f} tokens/byte")
-        print(f"wrote {args.out} (vocab {args.vocab_size})")
+        vocab = Tokenizer.from_file(str(args.out)).get_vocab_size()
+        if vocab < args.vocab_size:
+            warn("dslm-shard", f"--vocab-size {args.vocab_size:,} asked for, {vocab:,} learned: the sample has no more "
+                               f"pairs to merge (more text, or a larger --sample-bytes, gives more)")
+        print(f"wrote {args.out} (vocab {vocab:,})")
         return
     cfg = shard_config(args)
     if (args.tasks, args.task) != (None, None) or args.stage != "write":
@@ -173,8 +177,6 @@ def shard_config(args: argparse.Namespace) -> ShardConfig:
 def task_partition(args: argparse.Namespace) -> Partition:
     if args.tasks is None or args.task is None:
         raise DslmError("--tasks N and --task K go together (and --stage needs both)")
-    if args.tasks < 1:
-        raise DslmError(f"--tasks {args.tasks} must be at least 1")
     return Partition(args.tasks, args.task)
 
 
@@ -267,6 +269,8 @@ def verify(folder: Path) -> None:
 
 
 def inspect(folder: Path, show: int) -> None:
+    if show < 0:
+        raise DslmError(f"--show {show} must not be negative")
     manifest = Manifest.load(folder)
     print_summary(manifest)
     if show:

@@ -55,7 +55,7 @@ from shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, token_dtype
 from shards.journal import load_state
 from shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip, without_bom
 from shards.tasks import remove_finished_build, remove_unfinished_build
-from shards.writer import ShardWriter, split_of
+from shards.writer import ShardWriter, check_packing, split_of
 
 SFT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 SFT_LANGUAGE = "instruct"
@@ -100,8 +100,8 @@ class SftConfig:
     """The reading direction the masks are made for, "forward" or "backward" (--direction);
     recorded in the manifest, and training on the shards needs data.direction to match."""
     seq_len: int = 1024
-    """Model context in tokens, >= 1 (--seq-len); a sample holds seq_len + 1 tokens, and a framed
-    example longer than that is dropped (counted as too_long)."""
+    """Model context in tokens, within 1..MAX_SEQ_LEN (--seq-len; shards.writer); a sample holds
+    seq_len + 1 tokens, and a framed example longer than that is dropped (counted as too_long)."""
     samples_per_shard: int = 10_000
     """Samples per tar shard, >= 1 (--samples-per-shard); the last shard of a split holds the rest."""
     val_fraction: float = 0.05
@@ -117,8 +117,7 @@ class SftConfig:
         get_template(self.template)
         if self.direction not in DIRECTIONS:
             raise DslmError(f"direction {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
-        if min(self.seq_len, self.samples_per_shard) < 1:
-            raise DslmError("seq_len and samples_per_shard must be positive")
+        check_packing(self.seq_len, self.samples_per_shard)
         if not 0.0 <= self.val_fraction < 1.0:
             raise DslmError(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if not self.sources:

@@ -95,6 +95,18 @@ Units = Callable[[int], bool]
 """Which of a source's input units to read, by index (None: all)."""
 
 
+MAX_TASKS = 10_000
+"""Most tasks a build splits into (--tasks): in each stage every task lists where each of the N
+tasks' records start in its file (N + 1 offsets), so a stage writes about N**2 numbers in all,
+10**8 (under a GB) at 10,000 tasks. SLURM's own MaxArraySize is 1,001 unless raised."""
+
+
+def check_tasks(tasks: int) -> None:
+    """DslmError for a --tasks outside 1..MAX_TASKS."""
+    if not 1 <= tasks <= MAX_TASKS:
+        raise DslmError(f"--tasks {tasks} must be within 1..{MAX_TASKS:,}")
+
+
 @dataclass(frozen=True)
 class Partition:
     """Task `task` of `tasks` (0 <= task < tasks) in a build split over many processes: it reads
@@ -105,6 +117,7 @@ class Partition:
     task: int = 0
 
     def __post_init__(self) -> None:
+        check_tasks(self.tasks)
         if not 0 <= self.task < self.tasks:
             raise DslmError(f"--task {self.task} must be in [0, --tasks {self.tasks})")
 

@@ -9,6 +9,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from dslm.data.tokens import SPECIAL_TOKENS
+from dslm.errors import DslmError
 
 SAMPLE_PIECE_CHARS = 64
 """Longest run of non-whitespace (or of whitespace) characters that the tokenizer's trainer sees
@@ -23,6 +24,15 @@ SAMPLE_RUN_CHARS = 1000
 this long are data, not words (the code filter's max_line_length, 1,000 as in Codex and
 StarCoder), and their first 1,000 characters show the trainer their pairs; the cap keeps one
 pathological document from costing more than this per run (bench/RESULTS.md)."""
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+"""The byte-level alphabet and dslm's special tokens: every tokenizer holds them before its first
+merge, so a smaller --vocab-size would still give this many."""
+MAX_VOCAB_SIZE = 1 << 20
+"""Largest --vocab-size, 1,048,576: above the largest vocabularies in use (XLM-V's 901,629; GPT-4o's
+o200k, Gemma's 262,144), and where one embedding table of a 1,024-wide model alone holds 1.07B
+parameters, past the largest model dslm trains. (The shards' uint32 would hold 2**32 ids; the BPE
+trainer reserves about 71 bytes per id asked for before reading any text, so --vocab-size
+1000000000 made it abort, asking for 71 GB.)"""
 LONG_RUN = re.compile(rf"\S{{{SAMPLE_PIECE_CHARS + 1},}}|\s{{{SAMPLE_PIECE_CHARS + 1},}}")
 
 
@@ -52,9 +62,19 @@ def sample_pieces(text: str) -> list[str]:
     return [piece for piece in pieces if piece]
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """DslmError for a --vocab-size outside MIN_VOCAB_SIZE..MAX_VOCAB_SIZE."""
+    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise DslmError(f"--vocab-size {vocab_size} must be within {MIN_VOCAB_SIZE:,}..{MAX_VOCAB_SIZE:,} (the 256 "
+                        f"bytes and {len(SPECIAL_TOKENS)} special tokens come first)")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Learn merges from `texts`, each cut by `sample_pieces` (which bounds the trainer's cost per
-    character); every byte is in the base alphabet, so nothing is ever <unk>."""
+    character); every byte is in the base alphabet, so nothing is ever <unk>. The vocabulary holds
+    at most `vocab_size` tokens (check_vocab_size), fewer when the text has no more pairs to merge.
+    Raises DslmError for a vocab_size out of range."""
+    check_vocab_size(vocab_size)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,

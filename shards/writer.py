@@ -14,6 +14,7 @@ import numpy as np
 
 from dslm.cli import warn
 from dslm.data.manifest import Manifest, ShardEntry
+from dslm.errors import DslmError
 from dslm.files import open_at, sha256_file, tmp_path
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -24,6 +25,19 @@ MASK_SUFFIX = ".mask.npy"
 token is a training target."""
 LANGUAGE_SUFFIX = ".language.txt"
 """The language of the documents packed in a sample (one per sample): python, c, java, text, en, ..."""
+MAX_SEQ_LEN = 1 << 20
+"""Longest --seq-len, 1,048,576 tokens: a model reads a sample whole, with a learned position per
+token (model.block_size), and at 2**20 positions a 1,024-wide model's position table alone holds
+1.07B parameters, past the largest model dslm trains. (`dslm-shard sft` holds each sample whole in
+memory, 8 bytes a token: --seq-len 1000000000 asked for 7.45 GiB and died.)"""
+
+
+def check_packing(seq_len: int, samples_per_shard: int) -> None:
+    """DslmError for a --seq-len outside 1..MAX_SEQ_LEN or a --samples-per-shard below 1."""
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise DslmError(f"--seq-len {seq_len} must be within 1..{MAX_SEQ_LEN:,} tokens")
+    if samples_per_shard < 1:
+        raise DslmError(f"--samples-per-shard {samples_per_shard} must be at least 1")
 
 
 def split_of(text: str, val_fraction: float) -> str:

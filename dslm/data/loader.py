@@ -134,6 +134,8 @@ class ShardSamples(Dataset):
         if not self.entries:
             raise DslmError(f"{root}: the manifest lists no shards for the {split} split")
         self.root = Path(root)
+        self.seq_len = manifest.seq_len
+        """A sample holds seq_len + 1 tokens."""
         self.offsets = np.cumsum([0] + [s.samples for s in self.entries])
         self.masks, self.backward = manifest.masks, check_direction(direction) == "backward"
         self.max_open_shards, self.full_check = max_open_shards, verify == "full"

@@ -35,6 +35,21 @@ def test_mistakes_name_the_field(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.freeze=[wte.*"], "override 'train.freeze=[wte.*': the value is not valid YAML"),
+    (["data.mix=[{shards: data/a, weight: 1}"], "override 'data.mix=[{shards: data/a, weight: 1}': the value is not"),
+    (["train.lr=!!python/name:os.system"], "override 'train.lr=!!python/name:os.system': the value is not valid YAML"),
+    (["train.lr"], "override 'train.lr' is not key=value"),
+    (["=3"], "override '=3' is not key=value"),
+    (["train.freeze={a: 1}"], "the overrides: a mapping {...} given for a list field"),
+    (["data.mix={shards: data/a}"], "the overrides: a mapping {...} given for a list field"),
+])
+def test_an_override_that_does_not_parse_is_one_line_naming_it(overrides, message):
+    with pytest.raises(DslmError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_shards_must_fit_the_model(tiny_shards):
     _, manifest = tiny_shards
     with pytest.raises(DslmError, match="model.vocab_size=100"):
@@ -68,11 +83,20 @@ def test_old_model_keys_are_read_under_their_new_names(tmp_path, capsys):
     ("model: [1, 2\n", "is not valid YAML: while parsing"),
     ("- model\n- train\n", "must be a mapping of sections"),
     ("model:\n  d_model: 64\n  n_embd: 32\n", "set both model.d_model and model.n_embd"),
+    ("train:\n  freeze: {wte: 1}\n", "r.yaml: a mapping {...} given for a list field"),
+    ("train:\n  lr: !!python/name:os.system\n", "is not valid YAML: could not determine a constructor"),
 ])
 def test_a_broken_recipe_is_one_line(tmp_path, text, message):
     with pytest.raises(DslmError, match=message) as e:
         load_config(write(tmp_path / "r.yaml", text), [])
     assert "\n" not in str(e.value)
+
+
+def test_a_recipe_that_is_not_text_is_one_line_naming_it(tmp_path):
+    recipe = tmp_path / "picture.png"
+    recipe.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(DslmError, match="picture.png is not a YAML recipe: it is not UTF-8 text"):
+        load_config(recipe, [])
 
 
 def test_an_empty_preset_from_the_shell_means_no_preset():

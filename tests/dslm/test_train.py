@@ -441,14 +441,16 @@ def test_a_checkpoint_that_does_not_fit_fails_with_one_line_and_keeps_the_previo
     assert again.returncode == 0 and (checkpoints / "latest").read_text() == "global_step4", again.stderr[-3000:]
 
 
-def test_a_taken_rendezvous_port_is_a_retryable_failure(tmp_path):
+def test_a_taken_rendezvous_port_is_a_retryable_failure(tiny_shards, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        proc = dslm_train([], tmp_path, env=env)
+        # the config, the shards and the sizes are checked first
+        proc = dslm_train(["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"data.shards={tiny_shards[0]}"],
+                          tmp_path, env=env)
     assert proc.returncode == EXIT_RETRY
     line = error_line(proc)
     assert f"rendezvous at 127.0.0.1:{port} failed" in line and "EADDRINUSE" in line, line

@@ -382,7 +382,11 @@ def test_tasks_split_the_units_and_together_read_everything_once(tmp_path, kind,
         assert [d[0] for d in whole[:10]] == [0] * 4 + [1] * 4 + [2] * 2
 
 
-@pytest.mark.parametrize("task, tasks", [(2, 2), (-1, 2), (0, 0)])
-def test_a_task_outside_the_tasks_is_one_line(task, tasks):
-    with pytest.raises(DslmError, match=r"--task .* must be in \[0, --tasks"):
+@pytest.mark.parametrize("task, tasks, message", [(2, 2, "--task 2 must be in [0, --tasks 2)"),
+                                                   (-1, 2, "--task -1 must be in [0, --tasks 2)"),
+                                                   (0, 0, "--tasks 0 must be within 1..10,000"),
+                                                   (0, 10**9, "--tasks 1000000000 must be within 1..10,000")])
+def test_a_task_outside_the_tasks_is_one_line(task, tasks, message):
+    with pytest.raises(DslmError) as e:
         Partition(tasks, task)
+    assert str(e.value) == message

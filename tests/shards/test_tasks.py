@@ -188,7 +188,8 @@ def test_a_task_rerun_writes_the_same_and_a_finished_task_is_kept(corpus, one_pr
     ("none", ["--tasks", "2"], r"--tasks N and --task K go together"),
     ("none", ["--stage", "dedup"], r"--tasks N and --task K go together"),
     ("none", ["--tasks", "2", "--task", "2"], r"--task 2 must be in \[0, --tasks 2\)"),
-    ("none", ["--tasks", "0", "--task", "0"], r"--tasks 0 must be at least 1"),
+    ("none", ["--tasks", "0", "--task", "0"], r"--tasks 0 must be within 1..10,000"),
+    ("none", ["--tasks", str(10**9), "--task", "0"], r"--tasks 1000000000 must be within 1..10,000"),
 ])
 def test_stages_out_of_order_are_one_line(corpus, tmp_path, setup, argv, message):
     if setup == "digests":

@@ -2,10 +2,16 @@
 that training costs bounded time per character whatever the text (issue 15, item 10)."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
-from shards.tokenizer import SAMPLE_PIECE_CHARS, SAMPLE_RUN_CHARS, sample_pieces, train_tokenizer
+from dslm.errors import DslmError
+from shards.tokenizer import (MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SAMPLE_PIECE_CHARS, SAMPLE_RUN_CHARS, sample_pieces,
+                              train_tokenizer)
 
 RUNS = re.compile(r"\S+|\s+")
 
@@ -50,3 +56,22 @@ def test_the_trainer_never_sees_a_run_longer_than_a_piece():
     tok = train_tokenizer(["x" * 5_000 + " end", "y" * 300 + " end"], vocab_size=600)
     longest = max(len(token) for token in tok.get_vocab())
     assert 8 < longest <= SAMPLE_PIECE_CHARS
+
+
+def test_the_command_reports_the_vocab_it_learned_and_warns_when_smaller(code_corpus, tmp_path):
+    """Asked for more tokens than the sample has pairs to merge, the trainer stops early: the line
+    says how many it learned, and a warning says why, instead of echoing --vocab-size."""
+    out = tmp_path / "tokenizer.json"
+    proc = subprocess.run([Path(sys.executable).parent / "dslm-shard", "tokenizer", "--source",
+                           f"code:{code_corpus / 'json'}", "--vocab-size", "70000", "--out", out],
+                          capture_output=True, text=True, timeout=300)
+    learned = Tokenizer.from_file(str(out)).get_vocab_size()
+    assert proc.returncode == 0 and MIN_VOCAB_SIZE < learned < 70_000, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == f"wrote {out} (vocab {learned:,})"
+    assert f"dslm-shard: warning: --vocab-size 70,000 asked for, {learned:,} learned" in proc.stderr
+
+
+@pytest.mark.parametrize("vocab_size", [-1, 0, MIN_VOCAB_SIZE - 1, MAX_VOCAB_SIZE + 1, 10**9])
+def test_a_vocab_size_out_of_range_is_refused_before_training(vocab_size):
+    with pytest.raises(DslmError, match=f"--vocab-size {vocab_size} must be within 264..1,048,576"):
+        train_tokenizer(["some text"], vocab_size=vocab_size)
