@@ -205,18 +205,16 @@ def logs() -> type[Logs]:
 
 
 def paused_ranks(proc: subprocess.Popen, ranks: int) -> list[psutil.Process]:
-    """The `ranks` dslm-train processes under `proc` (or `proc` itself, when it is the one rank)
-    once each has stopped itself where DSLM_TEST_PAUSE told it to (dslm.stop.test_pause); send
-    them SIGCONT to go on. Fails when `proc` ends first."""
+    """The `ranks` dslm-train ranks under `proc` (or `proc` itself, when it is the one rank), found
+    by the RANK their launcher gave them, once each has stopped itself where DSLM_TEST_PAUSE told
+    it to (dslm.stop.test_pause); send them SIGCONT to go on. Fails when `proc` ends first."""
     def is_rank(p: psutil.Process) -> bool:
-        line = " ".join(p.cmdline())
-        launcher = "--nproc-per-node" in line
-        return "dslm.train" in line or "dslm/train.py" in line or ("dslm-train" in line and not launcher)
+        return "RANK" in p.environ() or (ranks == 1 and p.pid == proc.pid)
     while True:
         assert proc.poll() is None, f"the run ended before it paused: {proc.communicate()}"
         try:
             tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            found = [p for p in tree if is_rank(p) and not any(is_rank(q) for q in p.parents())]
+            found = [p for p in tree if is_rank(p) and not any(is_rank(q) for q in p.parents())]  # not their workers
             if len(found) == ranks and all(p.status() == psutil.STATUS_STOPPED for p in found):
                 return found
         except psutil.Error:  # a short-lived child (a compiler, a zombie) went meanwhile
