@@ -214,7 +214,7 @@ def paused_ranks(proc: subprocess.Popen, ranks: int) -> list[psutil.Process]:
         assert proc.poll() is None, f"the run ended before it paused: {proc.communicate()}"
         try:
             tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            found = [p for p in tree if is_rank(p) and not any(is_rank(q) for q in p.parents())]  # not their workers
+            found = [p for p in tree if is_rank(p) and (p.pid == proc.pid or not is_rank(p.parent()))]  # not workers
             if len(found) == ranks and all(p.status() == psutil.STATUS_STOPPED for p in found):
                 return found
         except psutil.Error:  # a short-lived child (a compiler, a zombie) went meanwhile
