@@ -651,7 +651,8 @@ def test_training_on_thousands_of_shards_runs_past_3000_steps_under_a_soft_limit
     args = train_args(shards, tmp_path, grad_accum=1, max_steps=3001, warmup_steps=10, log_interval=1000,
                       checkpoint_interval=3001, val_interval=0, keep_last=1)
     zero0 = str(REPO / "ds_configs/zero0.json")  # the least work per step: the loader is what this tests
-    command = shlex.join([str(BIN / "dslm-train"), *args, f"data.num_workers={workers}", "--deepspeed", zero0])
+    smallest = ["model.n_layer=1", "model.n_embd=16", "model.n_head=1"]
+    command = shlex.join([str(BIN / "dslm-train"), *args, *smallest, f"data.num_workers={workers}", "--deepspeed", zero0])
     proc = subprocess.run(["bash", "-c", f"ulimit -Sn 100 && exec {command}"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
