@@ -34,7 +34,7 @@ from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
 from dslm_local.decoding import GenerationConfig
 from eval.generate import generate
-from dslm.weights import is_export
+from dslm.model_source import resolve_source
 from eval.load import load_for_eval
 
 from provenance import git_commit  # bench/provenance.py, beside this script
@@ -84,7 +84,7 @@ def load_models(target: Path | None, device: torch.device, tmp: Path):
         model, what = GPT(ModelConfig(preset="tiny")).eval(), "random tiny model"
     else:
         model, what = load_for_eval(target, device).model, str(target)
-    exported = target is not None and is_export(target)
+    exported = target is not None and resolve_source(target).kind == "hf"
     hf = GPT2LMHeadModel.from_pretrained(target if exported else write_hf_folder(model, tmp))
     return model.to(device), hf.to(device).eval(), what
 

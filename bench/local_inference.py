@@ -109,13 +109,11 @@ def heldout_lines(source: Path, shards: str | None, n: int, seed: int = 0) -> li
     from dslm.data.loader import ShardSamples
     from dslm.data.manifest import Manifest
     from dslm.data.tokens import load_text_tokenizer
-    from dslm.weights import run_data, source_kind
+    from dslm.model_source import resolve_source
     from eval.code_tasks import LANGUAGES, ExactMatchConfig, build_exact_match_tasks
     from eval.heldout import LabeledSamples, heldout_documents
 
-    if shards is None and source_kind(source) == "export":
-        raise SystemExit("local_inference: an export folder needs --shards (whose val split gives the lines)")
-    root = shards or run_data(source)[0].shards
+    root = resolve_source(source).shards(shards and Path(shards))
     manifest = Manifest.load(root)
     samples = LabeledSamples(ShardSamples(root, manifest, "val"))
     docs = heldout_documents(samples, load_text_tokenizer(manifest.tokenizer_file(root)), set(LANGUAGES), 50)

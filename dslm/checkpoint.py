@@ -40,9 +40,9 @@ from dslm.logs import libraries
 from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.model import GPT, ModelConfig
 from dslm.optim import freeze, parameter_order
+from dslm.run_dir import TAG_PATTERN, tag_for
 from dslm.writes import KeptWrites
 
-TAG_PATTERN = re.compile(r"global_step(\d+)$")
 SEAL_NAME = "dslm_complete.json"
 LATEST_NAME = "latest"
 BEST_NAME = "best"
@@ -83,10 +83,6 @@ class TrainState:
     mix: dict = dataclasses.field(default_factory=dict)
     """With data.mix: {"sources": [{"name", "weight", "shards": identity}], "base": {"samples",
     "cursors"}} (dslm.data.mix.MixBase); {} for a run that reads data.shards alone."""
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
 
 
 def rng_file(rank: int) -> str:

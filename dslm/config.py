@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dslm.checkpoint import TAG_PATTERN
 from dslm.cli import warn
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.model import SIZES, ModelConfig
+from dslm.run_dir import RunDir
 from dslm.trainer import TrainConfig
 
-CONFIG_NAME = "config.yaml"
+DEFAULT_DS_CONFIG = "zero2.json"
+"""The DeepSpeed config a run gets without `--deepspeed`: ds_configs/zero2.json as installed with dslm."""
 RENAMED_MODEL_KEYS = {"d_model": "n_embd", "d_ff": "intermediate_size", "context": "block_size",
                       "head_bias": "lm_head_bias"}
 """model.* keys renamed to the field's standard names (GPT-2, nanoGPT, litgpt): a recipe, an
@@ -47,8 +50,9 @@ class RunConfig:
     """The run directory is runs_dir/name: one folder name (no "/", not "." or "..")."""
     runs_dir: str = "runs"
     """Folder that holds the run directories."""
-    ds_config: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON (ZeRO stage, bf16, clipping); batch sizes in it are filled in from `train`."""
+    ds_config: str = ""
+    """DeepSpeed JSON (ZeRO stage, bf16, clipping); batch sizes in it are filled in from `train`.
+    "" is ds_configs/zero2.json as installed with dslm (packaged_ds_config)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The GPT's architecture (`model.*`; dslm.model.ModelConfig)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -57,6 +61,13 @@ class RunConfig:
     """The loop, optimizer, schedule and checkpoints (`train.*`; dslm.trainer.TrainConfig)."""
     origin: Origin = field(default_factory=Origin)
     """Written by the run, not read: where `train.init_from` took the weights from."""
+    template: str = ""
+    """Written by the run, not read: the chat template its shards were built with ("" for plain
+    text); dslm-eval, dslm-generate and dslm-export frame prompts with it."""
+    given: dict[str, str] = field(default_factory=dict)
+    """Written by the run, not read: each outside path (data.shards, data.mix.I.shards,
+    train.init_from, ds_config) as it was typed, where that was not the absolute path the
+    config records."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -69,21 +80,21 @@ class RunConfig:
                              f"adapter's update has rank at most min(in, out) of its layer, n_embd or less")
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return checkpoint_dir(self.run_dir)
+    def run_dir(self) -> RunDir:
+        return RunDir(Path(self.runs_dir) / self.name)
 
 
 def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
     """Defaults < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`); model sizes not
-    set anywhere come from model.preset. Raises DslmError (one line) for an unknown key, a value
+    set anywhere come from model.preset. A run's config.yaml as the recipe names that run: its name
+    and runs_dir are its folder's, unless an override sets them. Raises DslmError (one line) for an unknown key, a value
     of the wrong type or out of its range."""
     try:
         conf = schema()
         layers = [(load_recipe(recipe), str(recipe))] if recipe else []
+        if recipe and Path(recipe).name == RunDir(Path(recipe).parent).config.name and RunDir.at(Path(recipe).parent):
+            folder = Path(recipe).parent  # a run is found by its folder, whatever name it was trained as
+            layers.append((OmegaConf.create({"name": folder.name, "runs_dir": str(folder.parent)}), str(folder)))
         for layer, source in [*layers, (parse_overrides(overrides), "the overrides")]:
             rename_old_keys(layer, source)
             conf = merge(conf, layer, source)
@@ -162,7 +173,7 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig) -> Path:
-    path = cfg.run_dir / CONFIG_NAME
+    path = cfg.run_dir.config
     atomic_write_text(path, to_yaml(cfg))
     return path
 
@@ -182,16 +193,53 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
                         f"rebuild them with `dslm-shard sft --direction {cfg.data.direction}`")
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    """Where a run directory keeps its checkpoint tags (runs/NAME/checkpoints)."""
-    return run_dir / "checkpoints"
+def packaged_ds_config(name: str = DEFAULT_DS_CONFIG) -> Path:
+    """ds_configs/NAME as installed with dslm (the package dslm.ds_configs), whatever the working
+    directory."""
+    return Path(str(resources.files("dslm.ds_configs") / name))
 
 
-def run_of(tag_dir: Path) -> tuple[Path, int] | None:
-    """(run directory, step) of a checkpoint folder runs/NAME/checkpoints/global_stepN, or None
-    when `tag_dir` is not one."""
-    match = TAG_PATTERN.match(tag_dir.name)
-    run_dir = tag_dir.parent.parent
-    if match and (run_dir / CONFIG_NAME).is_file():
-        return run_dir, int(match.group(1))
-    return None
+def outside_paths(cfg: RunConfig) -> dict[str, str]:
+    """The paths a run's config names outside the run, by key (data.mix.I.shards for a mix's
+    sources); unset ones ("") left out."""
+    paths = {"data.shards": cfg.data.shards, "train.init_from": cfg.train.init_from, "ds_config": cfg.ds_config}
+    paths |= {f"data.mix.{i}.shards": source.shards for i, source in enumerate(cfg.data.mix)}
+    return {key: path for key, path in paths.items() if path}
+
+
+def with_outside_paths(cfg: RunConfig, paths: dict[str, str]) -> RunConfig:
+    """`cfg` with the outside paths of `paths` (keys as outside_paths gives them) replaced."""
+    mix = [replace(source, shards=paths.get(f"data.mix.{i}.shards", source.shards)) for i, source in enumerate(cfg.data.mix)]
+    return replace(cfg, ds_config=paths.get("ds_config", cfg.ds_config),
+                   data=replace(cfg.data, shards=paths.get("data.shards", cfg.data.shards), mix=mix),
+                   train=replace(cfg.train, init_from=paths.get("train.init_from", cfg.train.init_from)))
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """`cfg` as a run records it: every outside path absolute (the default DeepSpeed config the
+    packaged one), each spelling that differs kept in `given`, so that the run's config resolves
+    from any working directory."""
+    typed = outside_paths(cfg)
+    absolute = {key: os.path.abspath(path) for key, path in typed.items()}  # ".." collapsed, links kept
+    absolute.setdefault("ds_config", str(packaged_ds_config()))
+    given = {key: path for key, path in typed.items() if path != absolute[key]}
+    return replace(with_outside_paths(cfg, absolute), given=given)
+
+
+WARNED_RELATIVE: set[Path] = set()
+"""The config files read_run_config has warned about in this process (once each)."""
+
+
+def read_run_config(run: RunDir) -> RunConfig:
+    """The config of the run directory `run`, found by its folder: its name and runs_dir are where
+    it is now, whatever it was trained as. A run written before outside paths were recorded
+    absolute has them read from the working directory, with one warning. Raises DslmError as
+    load_config does."""
+    cfg = load_config(run.config, [])
+    relative = {key: path for key, path in outside_paths(cfg).items() if not Path(path).is_absolute()}
+    if relative and run.config.absolute() not in WARNED_RELATIVE:
+        WARNED_RELATIVE.add(run.config.absolute())
+        warn("dslm", f"{run.config} records {', '.join(f'{k}={v}' for k, v in relative.items())} relative to the "
+                     f"directory it was trained in (a run written before dslm recorded them absolute); read from "
+                     f"{Path.cwd()}")
+    return cfg

@@ -1,6 +1,6 @@
-"""dslm-export: a checkpoint as a Hugging Face GPT-2 folder (model.safetensors, config.json,
-tokenizer.json) that `transformers.GPT2LMHeadModel.from_pretrained(OUT)` loads, with the same
-logits as dslm's model.
+"""dslm-export: a checkpoint, a run or an export folder as a Hugging Face GPT-2 folder
+(model.safetensors, config.json, tokenizer.json) that
+`transformers.GPT2LMHeadModel.from_pretrained(OUT)` loads, with the same logits as dslm's model.
 
 The block is GPT-2's, so the weights map one to one, except the output head's bias, which the
 model cards count and GPT-2 lacks: it is folded exactly into the final LayerNorm and the head
@@ -23,12 +23,11 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
-from dslm.checkpoint import load_model_weights, seal_problem
 from dslm.cli import ArgumentParser, run_command
-from dslm.config import CONFIG_NAME, Origin, load_config, run_of
-from dslm.data.manifest import Manifest
+from dslm.config import Origin
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
@@ -36,29 +35,54 @@ from dslm.files import atomic_path, sha256_file
 from dslm.hf import (export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer,
                      tokenizer_config)
 from dslm.logs import VERBOSE_HELP, LibraryOutput
-from dslm.lora import LoraConfig
 from dslm.model import ModelConfig
+from dslm.model_source import ModelSource, resolve_source
 from dslm.onnx_export import export_onnx
-from dslm.weights import chosen_checkpoint, framing_of, model_from, read_weights, source_kind
+from dslm.weights import model_from, read_weights
 
 
-def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path, framing: Framing = Framing(),
-           lora: LoraConfig | None = None) -> None:
-    """Write the HF folder under a temporary name, then rename it into place; config.json records
-    the model's framing (dslm.hf.DIRECTION_KEY). `lora`: the run's train.lora, whose adapters are
-    merged into the weights. Raises DslmError when `out` exists."""
+def export(source: str | Path, out: Path | None = None) -> Path:
+    """Write the HF folder of `source` (a tag, a run: its chosen tag, or an HF export) at `out`, by
+    default runs/NAME/export/stepN of its run (beside an export outside a run, as X-hf); a LoRA
+    run's adapters are merged into the weights. Raises DslmError, before reading any weights, when
+    `out` exists."""
+    found = resolve_source(source)
+    found.need_weights()
+    out = out or default_out(found, "")
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")
-    if (problem := seal_problem(tag_dir, checksums=True)) is not None:
-        raise DslmError(f"cannot export {tag_dir}: {problem}")
-    weights = load_model_weights(tag_dir, cfg, lora or LoraConfig())
+    cfg, weights, _ = read_weights(source)
+    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found))
+    return out
+
+
+def write_hf(out: Path, cfg: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Path,
+             framing: Framing = Framing(), source_sha256: str = "") -> None:
+    """The HF folder of a model of `cfg` with `weights` (as dslm.weights reads them), written under
+    a temporary name, then renamed into place; config.json records the model's framing
+    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(framing), indent=2) + "\n")
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
-        write_tokenizer_files(tmp, tokenizer, framing)
+        write_tokenizer_files(tmp, tokenizer, framing, source_sha256)
+
+
+def training_sha256(source: ModelSource) -> str:
+    """sha256 of the tokenizer the model at `source` was trained with (an export records it)."""
+    return export_tokenizer_sha256(source.path) if source.is_export else sha256_file(source.tokenizer_file())
+
+
+def default_out(source: ModelSource, suffix: str) -> Path:
+    """dslm-export's folder for `source` when OUT is not given: runs/NAME/export/stepN`suffix` of a
+    tag or run (its chosen tag's step), else beside the export folder (its name + `suffix`, or
+    "-hf")."""
+    if source.is_export:
+        return source.path.absolute().with_name(source.path.absolute().name + (suffix or "-hf"))
+    tag = resolve_source(source.chosen_tag())
+    return tag.run.export(tag.step, suffix)
 
 
 def write_tokenizer_files(folder: Path, tokenizer: Path, framing: Framing = Framing(), source_sha256: str = "") -> None:
@@ -75,11 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="dslm-export", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, metavar="SOURCE",
-                   help="a checkpoint folder, runs/NAME/checkpoints/global_stepN (--format onnx: also runs/NAME "
-                        "or an export folder)")
+                   help="a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory (its best, else latest "
+                        "checkpoint) or an HF export folder")
     p.add_argument("out", type=Path, nargs="?",
                    help="where to write (default: runs/NAME/export/stepN, stepN-onnx or stepN-onnx-int8; for an "
-                        "export folder X, X-onnx or X-onnx-int8 beside it)")
+                        "export folder X, X-hf, X-onnx or X-onnx-int8 beside it)")
     p.add_argument("--format", choices=("hf", "onnx"), default="hf",
                    help="hf: safetensors for transformers; onnx: a graph with a KV cache for dslm-complete "
                         "(default: %(default)s)")
@@ -92,15 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_hf(tag_dir: Path, out: Path | None) -> None:
-    if (found := run_of(tag_dir)) is None:
-        raise DslmError(f"{tag_dir} is not a checkpoint of a run (runs/NAME/checkpoints/global_stepN)")
-    run_dir, step = found
-    cfg = load_config(run_dir / CONFIG_NAME, [])
-    manifest = Manifest.load(cfg.data.shards)
-    out = out or run_dir / "export" / f"step{step}"
-    export(tag_dir, out, cfg.model, manifest.tokenizer_file(cfg.data.shards),
-           Framing(cfg.data.direction, manifest.template), cfg.train.lora)
+def run_hf(source: Path, out: Path | None) -> None:
+    out = export(source, out)
     print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 
 
@@ -111,24 +128,17 @@ def run_onnx(source: Path, out: Path | None, int8: bool) -> None:
 
 
 def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin]:
-    """The ONNX export of `source` (a tag, a run: its chosen_checkpoint, or an export folder) at
-    `out`, by default runs/NAME/export/stepN-onnx[-int8], or beside an export folder. Raises
-    DslmError, before reading any weights, when the folder exists. Returns the folder and where
-    the weights came from."""
-    suffix = "-onnx-int8" if int8 else "-onnx"
-    if source_kind(source) == "export":
-        tag, tokenizer, sha256 = source, source / "tokenizer.json", export_tokenizer_sha256(source)
-        out = out or source.absolute().with_name(source.absolute().name + suffix)
-    else:
-        tag = chosen_checkpoint(source) if source_kind(source) == "run" else source
-        run_dir, step = run_of(tag)
-        shards = load_config(run_dir / CONFIG_NAME, []).data.shards
-        tokenizer, sha256 = Manifest.load(shards).tokenizer_file(shards), ""
-        out = out or run_dir / "export" / f"step{step}{suffix}"
+    """The ONNX export of `source` (a tag, a run: its chosen tag, or an HF export folder) at `out`,
+    by default runs/NAME/export/stepN-onnx[-int8], or beside an export folder. Raises DslmError,
+    before reading any weights, when the folder exists. Returns the folder and where the weights
+    came from."""
+    found = resolve_source(source)
+    found.need_weights()
+    out = out or default_out(found, "-onnx-int8" if int8 else "-onnx")
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")
-    cfg, weights, origin = read_weights(tag)
-    framing = framing_of(source)
+    cfg, weights, origin = read_weights(source)
+    framing, tokenizer, sha256 = found.framing(), found.tokenizer_file(), training_sha256(found)
     export_onnx(model_from(cfg, weights, origin.path), out, framing, int8,
                 lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256))
     return out, origin

@@ -4,7 +4,7 @@ DeepSpeed's and torch's log records, Python warnings, prints from inside DeepSpe
 zero_to_fp32, its universal converter), torch.onnx's exporter, and whatever C++ code and child
 processes write to file descriptors 1 and 2. That stream is
 
-- for dslm-train, the run's `logs/rankR.log` (rank_log), one file per rank, appended on every start;
+- for dslm-train, the run's `logs/rankR.log` (RunDir.rank_log), one file per rank, appended on every start;
 - for dslm-eval, dslm-generate and dslm-export, nowhere: it is printed only when the command
   crashes (a traceback), before the traceback;
 - with `--verbose`, the terminal, as the libraries print it (LibraryOutput does nothing).
@@ -35,15 +35,8 @@ from typing import TextIO
 
 import psutil
 
-LOGS_DIR = "logs"
-"""The folder of a run directory that holds each rank's rank_log."""
 VERBOSE_HELP = ("print what DeepSpeed, torch and the tools they run print, as they print it (without it: "
                 "hidden, and shown only before the traceback of a crash)")
-
-
-def rank_log(run_dir: Path, rank: int) -> Path:
-    """Where dslm-train's rank `rank` keeps the libraries' output: RUN_DIR/logs/rankR.log."""
-    return run_dir / LOGS_DIR / f"rank{rank}.log"
 
 
 def library_stream() -> TextIO:

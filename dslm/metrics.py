@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from dslm.files import atomic_write_text
 
-METRICS_CSV = "metrics.csv"
 FIXED_COLUMNS = ["step", "wall_time"]
 """The first columns of metrics.csv; the scalars' tags follow in the order they were first logged."""
 

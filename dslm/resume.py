@@ -34,7 +34,7 @@ from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState,
                              rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir,
                              written_ds_config)
 from dslm.cli import warn
-from dslm.config import CONFIG_NAME, Origin, RunConfig, load_config, run_of
+from dslm.config import Origin, RunConfig, read_run_config
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.data.mix import Interleave, MixBase
@@ -44,6 +44,7 @@ from dslm.files import atomic_path
 from dslm.logs import libraries, library_stream
 from dslm.model import SIZES
 from dslm.optim import apply_schedule
+from dslm.run_dir import run_of_tag
 
 T = TypeVar("T")
 
@@ -135,7 +136,7 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], e
     with existing checkpoints, or when the shards (`manifests`, one per DataConfig.sources), the
     model, the optimizer settings or the ZeRO layout (ZERO_LAYOUTS) are not those the checkpoint
     holds. Once they are, the tag starts the run's live branch (checkpoint.start_branch, rank 0)."""
-    tag_dir = on_rank0(lambda: find_resume(resume, cfg.checkpoint_dir))
+    tag_dir = on_rank0(lambda: find_resume(resume, cfg.run_dir.checkpoints))
     if tag_dir is None:
         return None
     state = continue_data(sealed_state(tag_dir), cfg.data, manifests, env)
@@ -144,7 +145,7 @@ def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], e
         check_same_settings(cfg, *saved)
     load_from = load_form(tag_dir, state.world_size, env.world_size, stage)
     if env.rank == 0:
-        for line in start_branch(cfg.checkpoint_dir, tag_dir):
+        for line in start_branch(cfg.run_dir.checkpoints, tag_dir):
             print(line, flush=True)
     return Resume(tag_dir, state, load_from, saved[1].origin if saved else Origin())
 
@@ -405,10 +406,9 @@ may change, as model.dropout may."""
 def saved_config(tag_dir: Path) -> tuple[Path, RunConfig] | None:
     """(path, config) of the config.yaml of the run that wrote `tag_dir`; None for a tag outside
     a run directory."""
-    if (found := run_of(tag_dir)) is None:
+    if (found := run_of_tag(tag_dir)) is None:
         return None
-    path = found[0] / CONFIG_NAME
-    return path, load_config(path, [])
+    return found[0].config, read_run_config(found[0])
 
 
 def check_same_settings(cfg: RunConfig, saved_path: Path, saved: RunConfig) -> None:

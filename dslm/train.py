@@ -10,26 +10,28 @@ if __package__ in (None, ""):  # run as a script path: import the dslm package, 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import json
 import os
 import signal
 
 import torch
 import torch.distributed as dist
 
-from dslm.checkpoint import Checkpointer, TrainState, tag_for
+from dslm.checkpoint import Checkpointer, TrainState
 from dslm.cli import ArgumentParser, run_command
-from dslm.config import Origin, RunConfig, check_against_manifest, load_config, save_config, to_yaml
+from dslm.config import Origin, RunConfig, absolute_paths, check_against_manifest, load_config, save_config, to_yaml
 from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSamples, ensure_file_limit, train_loader,
                               train_order)
 from dslm.data.manifest import Manifest
 from dslm.engine import (DistEnv, build_engine, describe, init_distributed, launched_ranks, load_ds_config,
                          timed_out_collective, zero_stage)
+from dslm.files import atomic_copy, atomic_write_text
 from dslm.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, BadShard, DslmError
 from dslm.launcher import launch_ranks
-from dslm.logs import LOGS_DIR, LibraryOutput, rank_log
+from dslm.logs import LibraryOutput
 from dslm.lora import add_adapters
 from dslm.memory import estimate, free_memory, memory_problem
-from dslm.metrics import METRICS_CSV, Metrics
+from dslm.metrics import Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
 from dslm.objective import next_token
@@ -37,7 +39,8 @@ from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
-from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
+from dslm.model_source import ModelSource, resolve_source
+from dslm.weights import load_into, read_weights
 
 OBJECTIVE = next_token
 """Every run's objective; the previous-token model is this one on reversed samples (data.direction)."""
@@ -46,7 +49,7 @@ OBJECTIVE = next_token
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="dslm-train", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (sets ds_config; default ds_configs/zero2.json)")
+    p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (sets ds_config; default: ds_configs/zero2.json as installed with dslm)")
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe, e.g. launch/recipes/demo.yaml")
     p.add_argument("--resume", metavar="auto|if-any|CHECKPOINT", default=None,
                    help="auto: continue from the run's newest intact checkpoint (falling back to an older one "
@@ -65,8 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
     p.add_argument("--verbose", action="store_true", help="print what DeepSpeed, torch and the tools they run print, "
-                                                          f"as they print it (without it, each rank's goes to "
-                                                          f"RUN_DIR/{LOGS_DIR}/rankR.log)")
+                                                          "as they print it (without it, each rank's goes to "
+                                                          "RUN_DIR/logs/rankR.log)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
@@ -74,15 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config, its outside paths absolute (dslm.config.absolute_paths)."""
     overrides = list(args.overrides) + ([f"ds_config={args.deepspeed}"] if args.deepspeed else [])
-    return load_config(args.config, overrides)
+    return absolute_paths(load_config(args.config, overrides))
 
 
 def launch(args: argparse.Namespace, argv: list[str]) -> None:
     """--nproc-per-node: the ranks, once the arguments are known to be good (dslm.launcher)."""
     cfg = resolve_config(args)
     if args.print_run_dir:
-        print(cfg.run_dir.resolve())
+        print(cfg.run_dir.path.resolve())
         return
     check_nproc(args.nproc_per_node)
     launch_ranks(argv, args.nproc_per_node)
@@ -91,10 +95,10 @@ def launch(args: argparse.Namespace, argv: list[str]) -> None:
 def run(args: argparse.Namespace, output: LibraryOutput) -> None:
     cfg = resolve_config(args)
     if args.print_run_dir:
-        print(cfg.run_dir.resolve())
+        print(cfg.run_dir.path.resolve())
         return
     stop = StopSignal()  # from here on, a stop signal ends the start-up at once, and training at a step boundary
-    output.keep_in(rank_log(cfg.run_dir, int(os.environ.get("RANK", 0))))
+    output.keep_in(cfg.run_dir.rank_log(int(os.environ.get("RANK", 0))))
     manifests = load_sources(cfg)
     check_sizes(cfg, manifests)  # before the process group, DeepSpeed's op build and the model exist
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
@@ -121,14 +125,14 @@ def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
     if stopped.failed:
         if env.rank != 0:
             return SystemExit(EXIT_BAD_INPUT)
-        where = (f"at step {stopped.step} after a checkpoint ({cfg.checkpoint_dir / tag_for(stopped.step)}): continue "
+        where = (f"at step {stopped.step} after a checkpoint ({cfg.run_dir.tag(stopped.step)}): continue "
                  f"with --resume auto" if stopped.step else "before its first step (no new checkpoint)")
         return DslmError(f"{'; '.join(stopped.failed)}. The run stopped {where}")
     if stopped.damaged:
         if env.rank != 0:
             return SystemExit(EXIT_BAD_DATA)
         if stopped.step:
-            where = f"at step {stopped.step} after a checkpoint ({cfg.checkpoint_dir / tag_for(stopped.step)})"
+            where = f"at step {stopped.step} after a checkpoint ({cfg.run_dir.tag(stopped.step)})"
             then = "continue with --resume auto"
         else:
             where, then = "before its first step (no checkpoint)", "run the same command again"
@@ -174,7 +178,7 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, manifests: lis
         print(describe(engine, env.world_size), flush=True)
     state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, cfg.data, manifests, frozen)
     states.append(state)
-    save_run_config(cfg, env)  # only now: a refused or failed start leaves the run's config.yaml as it was
+    save_run_config(cfg, env, manifest, ds_config)  # only now: a refused or failed start leaves the run's config.yaml as it was
     trainer = build_trainer(cfg, env, samples, manifests, engine, state, stop, validation, mfu_per_token)
     stop.start()  # from here on, a stop signal ends the run at the next step boundary with a checkpoint
     stopped = trainer.fit(state)
@@ -250,11 +254,17 @@ def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
     return Validation(samples, OBJECTIVE, cfg.train.micro_batch_size, cfg.train.val_batches)
 
 
-def save_run_config(cfg: RunConfig, env: DistEnv) -> None:
-    """Print the resolved config and save it as the run's config.yaml (rank 0)."""
-    if env.rank == 0:
-        print(to_yaml(cfg), flush=True)
-        save_config(cfg)
+def save_run_config(cfg: RunConfig, env: DistEnv, manifest: Manifest, ds_config: dict) -> None:
+    """Print the resolved config and save it as the run's config.yaml, with what the run needs to be
+    read anywhere (dslm.run_dir): the shards' tokenizer, its sha256 checked against the manifest's,
+    the resolved DeepSpeed config and the shards' template (rank 0)."""
+    if env.rank != 0:
+        return
+    cfg.template = manifest.template
+    print(to_yaml(cfg), flush=True)
+    atomic_copy(manifest.tokenizer_file(cfg.data.shards), cfg.run_dir.tokenizer)
+    atomic_write_text(cfg.run_dir.ds_config, json.dumps(ds_config, indent=2) + "\n")
+    save_config(cfg)
 
 
 def build_model(cfg: RunConfig) -> GPT:
@@ -272,7 +282,7 @@ def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, manifest:
         return resume.origin
     if not cfg.train.init_from:
         return Origin()
-    check_init_source(Path(cfg.train.init_from), cfg, manifest, env)
+    check_init_source(resolve_source(cfg.train.init_from), cfg, manifest, env)
     _, weights, origin = read_weights(cfg.train.init_from)
     load_into(model, weights, origin.path)
     if env.rank == 0:
@@ -280,21 +290,22 @@ def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, manifest:
     return origin
 
 
-def check_init_source(source: Path, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> None:
-    """The weights at `source` suit the run's shards: DslmError when they were trained with
+def check_init_source(source: ModelSource, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> None:
+    """The weights of `source` suit the run's shards: DslmError when they were trained with
     another tokenizer (their token ids would mean other text); a note when that cannot be known,
     or when they were trained in the other direction (rank 0)."""
-    tokenizers = tokenizer_sha256s(source)
+    source.need_weights()
+    tokenizers = source.tokenizer_sha256s()
     if tokenizers and manifest.tokenizer_sha256 not in tokenizers:
-        raise DslmError(f"train.init_from={source} was trained with another tokenizer than the one of "
+        raise DslmError(f"train.init_from={source.path} was trained with another tokenizer than the one of "
                         f"{cfg.data.shards}; build the shards with the base model's (--tokenizer)")
     if env.rank != 0:
         return
     if not tokenizers:
-        print(f"note: the shards {source} was trained on are gone, so its tokenizer cannot be checked against "
+        print(f"note: the shards {source.path} was trained on are gone, so its tokenizer cannot be checked against "
               f"{cfg.data.shards}'s", flush=True)
-    if (direction := framing_of(source).direction) != cfg.data.direction:
-        print(f"note: {source} was trained {direction}; this run reads {cfg.data.direction} (data.direction)",
+    if (direction := source.framing().direction) != cfg.data.direction:
+        print(f"note: {source.path} was trained {direction}; this run reads {cfg.data.direction} (data.direction)",
               flush=True)
 
 
@@ -323,11 +334,11 @@ def build_trainer(cfg: RunConfig, env: DistEnv, samples: TrainSamples, manifests
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
     return Trainer(
         cfg=train, engine=engine, batches=DeviceBatches(iter(loader), engine.device), objective=OBJECTIVE,
-        checkpointer=Checkpointer(cfg.checkpoint_dir, train.keep_last),
+        checkpointer=Checkpointer(cfg.run_dir.checkpoints, train.keep_last),
         # purge_step: events a killed run (or a fresh start's failed attempt) wrote after the checkpoint
         # are dropped, so each step appears once
-        metrics=Metrics(cfg.run_dir / "tb", enabled=env.rank == 0, purge_step=state.step + 1,
-                        csv_path=cfg.run_dir / METRICS_CSV),
+        metrics=Metrics(cfg.run_dir.tb, enabled=env.rank == 0, purge_step=state.step + 1,
+                        csv_path=cfg.run_dir.metrics_csv),
         stop=stop, validation=validation, damage=ShardDamage(samples, cfg.data.on_bad_shard),
         interval=IntervalLog(engine, global_batch, samples.seq_len, mfu_per_token, samples.names, order.interleave,
                              count_skipped=cfg.data.on_bad_shard == "skip"))
@@ -343,11 +354,11 @@ def report(cfg: RunConfig, env: DistEnv, log: Path | None) -> None:
     """Where the run's files are (rank 0); `log` is rank 0's log of the libraries' output (None with --verbose)."""
     if env.rank != 0:
         return
-    lines = [f"run directory: {cfg.run_dir}", f"  config:      {cfg.run_dir / 'config.yaml'}",
-             f"  checkpoints: {cfg.run_dir / 'checkpoints'}"]
+    run = cfg.run_dir
+    lines = [f"run directory: {run.path}", f"  config:      {run.config}", f"  checkpoints: {run.checkpoints}"]
     if log is not None:
         lines.append(f"  logs:        {log.parent} (what DeepSpeed and torch printed, a file per rank)")
-    lines.append(f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+    lines.append(f"  tensorboard: tensorboard --logdir {run.tb}")
     print("\n".join(lines), flush=True)
 
 

@@ -1,5 +1,5 @@
 """Weights for a model that starts from them rather than resuming a run: from a sealed checkpoint
-tag, a run directory or a `dslm-export` folder. Fine-tuning (`train.init_from`) and eval read
+tag, a run directory or a `dslm-export` folder (dslm.model_source). Fine-tuning (`train.init_from`) and eval read
 them here; resuming a run (optimizer, RNG, data cursor too) is dslm.resume.
 """
 
@@ -7,38 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dslm.checkpoint import BEST_NAME, LATEST_NAME, load_model_weights, newest_resumable, seal_problem
-from dslm.config import CONFIG_NAME, Origin, checkpoint_dir, load_config, run_of
-from dslm.data.loader import DataConfig
-from dslm.data.manifest import MANIFEST_NAME, Manifest
-from dslm.data.templates import Framing
+from dslm.checkpoint import load_model_weights, seal_problem
+from dslm.config import Origin
 from dslm.errors import DslmError
-from dslm.files import sha256_file
-from dslm.hf import dslm_state_dict, export_tokenizer_sha256, framing_from_hf, model_config_from_hf
+from dslm.hf import dslm_state_dict, model_config_from_hf
 from dslm.model import GPT, ModelConfig
-
-EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
-EXPORT_STEP = re.compile(r"step(\d+)$")
-"""dslm-export's default folder runs/NAME/export/stepN."""
-
-
-def is_export(path: Path) -> bool:
-    return all((path / name).is_file() for name in EXPORT_FILES)
-
-
-def export_origin(folder: Path) -> tuple[Path | None, int | None]:
-    """(run directory, step) of an export at dslm-export's default place runs/NAME/export/stepN,
-    else (None, None)."""
-    if (match := EXPORT_STEP.match(folder.name)) and (folder.parent.parent / CONFIG_NAME).is_file():
-        return folder.parent.parent, int(match.group(1))
-    return None, None
+from dslm.model_source import ModelSource, resolve_source
 
 
 def read_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -52,60 +32,11 @@ def read_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, dslm_state_dict(hf, cfg, folder / "model.safetensors")
 
 
-def read_tag(tag_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_tag(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config (from its run's config.yaml) and fp32 weights of a checkpoint tag, as the
     plain GPT names them (a LoRA run's adapters merged)."""
-    run_dir, _ = run_of(tag_dir)
-    cfg = load_config(run_dir / CONFIG_NAME, [])
-    return cfg.model, load_model_weights(tag_dir, cfg.model, cfg.train.lora)
-
-
-def run_data(path: Path) -> tuple[DataConfig, Manifest | None]:
-    """The data settings of the run that trained the tag or run directory `path`, and its shards'
-    manifest (None when the shards are gone)."""
-    run_dir = path if source_kind(path) == "run" else run_of(path)[0]
-    data = load_config(run_dir / CONFIG_NAME, []).data
-    found = (Path(data.shards) / MANIFEST_NAME).is_file()
-    return data, Manifest.load(data.shards) if found else None
-
-
-def framing_of(path: Path) -> Framing:
-    """How the model at `path` (a tag, a run directory or an export folder) reads its input: what
-    the export's config.json records, or its run's data.direction and its shards' template (none
-    when the shards are gone). Raises DslmError as source_kind does."""
-    if source_kind(path) == "export":
-        return framing_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
-    data, manifest = run_data(path)
-    return Framing(data.direction, manifest.template if manifest else "")
-
-
-def tokenizer_sha256s(path: Path) -> set[str]:
-    """The sha256s that name the tokenizer the model at `path` was trained with: an export's
-    record of it (dslm.hf.export_tokenizer_sha256) and its own tokenizer.json, which shards built
-    with `--tokenizer EXPORT/tokenizer.json` record; a tag's or run's shards' (none when those are
-    gone). Raises DslmError as source_kind does."""
-    if source_kind(path) == "export":
-        return {export_tokenizer_sha256(path), sha256_file(path / "tokenizer.json")}
-    _, manifest = run_data(path)
-    return {manifest.tokenizer_sha256} if manifest else set()
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    """The newest sealed, intact tag of a run (what eval reads from a run directory)."""
-    tag_dir, _ = newest_resumable(checkpoint_dir(run_dir))
-    if tag_dir is None:
-        raise DslmError(f"{run_dir} holds no sealed, intact checkpoint")
-    return tag_dir
-
-
-def chosen_checkpoint(run_dir: Path) -> Path:
-    """What a run directory fine-tunes from: the tag `best` names (lowest val/loss), else the one
-    `latest` names, else the newest intact one; each only when sealed and intact."""
-    folder = checkpoint_dir(run_dir)
-    for pointer in (folder / BEST_NAME, folder / LATEST_NAME):
-        if pointer.is_file() and seal_problem(tag_dir := folder / pointer.read_text().strip()) is None:
-            return tag_dir
-    return newest_checkpoint(run_dir)
+    cfg = source.run_config
+    return cfg.model, load_model_weights(source.path, cfg.model, cfg.train.lora)
 
 
 def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str | Path = "the weights") -> GPT:
@@ -117,35 +48,18 @@ def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str |
     return model.eval()
 
 
-def source_kind(path: Path) -> str:
-    """What `path` is: "export" (a dslm-export folder), "run" (a run directory) or "tag" (a
-    checkpoint runs/NAME/checkpoints/global_stepN). Raises DslmError for anything else."""
-    if not path.exists():
-        raise DslmError(f"{path} does not exist")
-    if is_export(path):
-        return "export"
-    if (path / CONFIG_NAME).is_file():
-        return "run"
-    if run_of(path) is not None:
-        return "tag"
-    raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory "
-                    f"or an export folder ({', '.join(EXPORT_FILES)})")
-
-
 def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
     """The model config, fp32 weights and origin of `path`: a checkpoint tag, a run directory
-    (`chosen_checkpoint`) or an export folder. Raises DslmError for anything else, or a tag that
-    is not sealed and intact, its files' checksums included (about 0.6 s per GB)."""
-    path = Path(path)
-    kind = source_kind(path)
-    if kind == "export":
-        (cfg, weights), step, source = read_export(path), export_origin(path)[1], path
-    else:
-        source = chosen_checkpoint(path) if kind == "run" else path
-        if (problem := seal_problem(source, checksums=True)) is not None:
-            raise DslmError(f"cannot read weights from {source}: {problem}")
-        (cfg, weights), step = read_tag(source), run_of(source)[1]
-    return cfg, weights, Origin(path=str(source), step=step, sha256=weights_sha256(weights))
+    (ModelSource.chosen_tag) or an HF export folder. Raises DslmError for anything else, or a tag
+    that is not sealed and intact, its files' checksums included (about 0.6 s per GB)."""
+    source = resolve_source(path)
+    source.need_weights()
+    if source.kind != "hf":
+        source = resolve_source(source.chosen_tag())
+        if (problem := seal_problem(source.path, checksums=True)) is not None:
+            raise DslmError(f"cannot read weights from {source.path}: {problem}")
+    cfg, weights = read_export(source.path) if source.kind == "hf" else read_tag(source)
+    return cfg, weights, Origin(path=str(source.path), step=source.step, sha256=weights_sha256(weights))
 
 
 def weights_sha256(weights: dict[str, torch.Tensor]) -> str:

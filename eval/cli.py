@@ -3,12 +3,14 @@
   dslm-eval runs/NAME                  every sealed checkpoint without a result yet
   dslm-eval runs/NAME --watch          ... and each new one as training writes it
   dslm-eval runs/NAME/checkpoints/global_stepN | runs/NAME/export/stepN | EXPORT --shards DIR
+  dslm-eval runs/NAME --shards OTHER   on another shard set: results under its folder's name
 
 Metrics (--metrics): perplexity (loss, perplexity and bits per byte on the val shards, overall
 and per language), exact_match (line completion on held-out code, per language) and
 compile_success (held-out functions completed by the model and checked by python's compile(),
 gcc -fsyntax-only and javac, never run). Results go to runs/NAME/eval/stepN.json and to
-TensorBoard as eval/* at the checkpoint's step; a summary table is printed.
+TensorBoard as eval/* at the checkpoint's step; on another shard set SET (--shards SET, not the
+run's own), to runs/NAME/eval/stepN/SET.json and eval/SET/*. A summary table is printed.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from tokenizers import Tokenizer
 
 from dslm.checkpoint import list_checkpoints, seal_problem
 from dslm.cli import ArgumentParser, run_command, warn
-from dslm.config import CONFIG_NAME, checkpoint_dir, load_config, run_of
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.metrics import Metrics
-from dslm.weights import export_origin, is_export, tokenizer_sha256s
+from dslm.model_source import ModelSource, resolve_source
+from dslm.run_dir import RunDir
 from dslm_local.decoding import GenerationConfig
 from eval.checkers import CheckerLimits
 from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
@@ -148,23 +150,17 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
     )
 
 
-def checkpoints_of(run_dir: Path) -> list[Target]:
+def checkpoints_of(run: RunDir) -> list[Target]:
     """The run's sealed checkpoints (one being written is left for a later look)."""
-    return [Target(step, tag) for step, tag in list_checkpoints(checkpoint_dir(run_dir)) if seal_problem(tag) is None]
+    return [Target(step, tag) for step, tag in list_checkpoints(run.checkpoints) if seal_problem(tag) is None]
 
 
-def find_targets(target: Path) -> tuple[Path | None, list[Target]]:
-    """The run directory (None for an export outside a run) and what to evaluate."""
-    if (target / CONFIG_NAME).is_file():
-        return target, checkpoints_of(target)
-    if (found := run_of(target)) is not None:
-        run_dir, step = found
-        return run_dir, [Target(step, target)]
-    if is_export(target):
-        run_dir, step = export_origin(target)
-        return run_dir, [Target(step or 0, target)]
-    raise DslmError(f"{target} is neither a run directory (with {CONFIG_NAME}), a checkpoint in one, "
-                    f"nor a dslm-export folder")
+def find_targets(source: ModelSource) -> list[Target]:
+    """What to evaluate: a run's sealed checkpoints, or the one tag or export."""
+    source.need_weights()
+    if source.kind == "run":
+        return checkpoints_of(source.run)
+    return [Target(source.step or 0, source.path)]
 
 
 def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
@@ -196,7 +192,7 @@ def check_shards_fit(data: ValData, target: Path, direction: str) -> None:
     tokenizer than the model's (where it is known), or their loss masks were made for the other
     reading direction."""
     manifest, shards = data.manifest, data.shards
-    if (tokenizers := tokenizer_sha256s(target)) and manifest.tokenizer_sha256 not in tokenizers:
+    if (tokenizers := resolve_source(target).tokenizer_sha256s()) and manifest.tokenizer_sha256 not in tokenizers:
         raise DslmError(f"{target} was trained with another tokenizer than the one of {shards}; evaluate it on "
                         f"shards built with its own")
     if manifest.masks and manifest.direction != direction:
@@ -244,35 +240,50 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def result_path(run_dir: Path | None, target: Target) -> Path:
-    return run_dir / "eval" / f"step{target.step}.json" if run_dir is not None else target.path / "eval.json"
+@dataclass
+class Results:
+    """Where a run of dslm-eval writes: into the run (`run`, None for an export outside one) under
+    the name of its shard set (`shard_set`, "" for the run's own shards), else beside the export."""
+
+    run: RunDir | None
+    shard_set: str = ""
+
+    def path(self, target: Target) -> Path:
+        return self.run.eval_result(target.step, self.shard_set) if self.run else target.path / "eval.json"
+
+    def tb_scalars(self, result: dict) -> dict[str, float]:
+        """TensorBoard's eval/* scalars of `result`, as eval/SET/* on another shard set."""
+        prefix = f"eval/{self.shard_set}/" if self.shard_set else "eval/"
+        return {prefix + tag.removeprefix("eval/"): value for tag, value in scalars(result).items()}
 
 
-def evaluate_all(targets: list[Target], run_dir: Path | None, data: ValData, cfg: EvalConfig, device: torch.device,
+def evaluate_all(targets: list[Target], results: Results, data: ValData, cfg: EvalConfig, device: torch.device,
                  force: bool, report_skips: bool = True) -> None:
-    """Evaluate each target without a result (all with `force`); write its JSON and scalars."""
-    done = [t for t in targets if result_path(run_dir, t).exists() and not force]
+    """Evaluate each target without a result (all with `force`); write its JSON and scalars (the
+    TensorBoard file is opened only once a result is there to write)."""
+    done = [t for t in targets if results.path(t).exists() and not force]
     if done and report_skips:
         print(f"steps {', '.join(str(t.step) for t in done)}: already evaluated (--force to redo)", flush=True)
-    metrics = Metrics(run_dir / "tb", enabled=True, console=False) if run_dir is not None else None
+    metrics = None
     for target in (t for t in targets if t not in done):
-        out = result_path(run_dir, target)
+        out = results.path(target)
         result = evaluate(target, data, cfg, device)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-        if metrics is not None:
-            metrics.log(target.step, scalars(result))
+        if results.run is not None:
+            metrics = metrics or Metrics(results.run.tb, enabled=True, console=False)
+            metrics.log(target.step, results.tb_scalars(result))
         print(f"{summary(result)}\n  -> {out}", flush=True)
     if metrics is not None:
         metrics.close()
 
 
-def watch(run_dir: Path, evaluate_new: Callable[[list[Target]], None], poll: float) -> None:
-    """Evaluate new sealed checkpoints as they appear (each once), until the one at
+def watch(source: ModelSource, evaluate_new: Callable[[list[Target]], None], poll: float) -> None:
+    """Evaluate new sealed checkpoints of a run as they appear (each once), until the one at
     train.max_steps is done."""
-    last = load_config(run_dir / CONFIG_NAME, []).train.max_steps
+    last = source.run_config.train.max_steps
     seen: set[int] = set()
     while True:
-        new = [t for t in checkpoints_of(run_dir) if t.step not in seen]
+        new = [t for t in checkpoints_of(source.run) if t.step not in seen]
         evaluate_new(new)
         seen |= {t.step for t in new}
         if any(step >= last for step in seen):
@@ -280,24 +291,32 @@ def watch(run_dir: Path, evaluate_new: Callable[[list[Target]], None], poll: flo
         time.sleep(poll)
 
 
+def shard_set_name(source: ModelSource, shards: Path) -> str:
+    """"" when `shards` are the run's own (data.shards), else their folder's name: results on
+    another shard set never overwrite the run's own."""
+    if source.run is None or not source.run_config.data.shards:
+        return ""
+    return "" if shards.resolve() == Path(source.run_config.data.shards).resolve() else shards.resolve().name
+
+
 def run(args: argparse.Namespace) -> None:
-    run_dir, targets = find_targets(args.target)
-    if args.watch and (run_dir is None or not (args.target / CONFIG_NAME).is_file()):
+    source = resolve_source(args.target)
+    targets = find_targets(source)
+    if args.watch and source.kind != "run":
         raise DslmError("--watch follows a run directory (runs/NAME)")
-    if args.shards is None and run_dir is None:
-        raise DslmError(f"{args.target} is not in a run: name the shards to evaluate on with --shards")
-    shards = args.shards or Path(load_config(run_dir / CONFIG_NAME, []).data.shards)
+    shards = source.shards(args.shards)
     cfg = eval_config(args)
     if not targets and not args.watch:
         warn(PROG, f"{args.target} holds no sealed checkpoint yet")
         return
     data = ValData(shards, cfg)
     device = parse_device(args.device)
+    results = Results(source.run, shard_set_name(source, shards))
     if args.watch:
-        watch(run_dir, lambda found: evaluate_all(found, run_dir, data, cfg, device, args.force, report_skips=False),
+        watch(source, lambda found: evaluate_all(found, results, data, cfg, device, args.force, report_skips=False),
               args.poll)
     else:
-        evaluate_all(targets, run_dir, data, cfg, device, args.force)
+        evaluate_all(targets, results, data, cfg, device, args.force)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from dslm.config import CONFIG_NAME, load_config, run_of
-from dslm.data.manifest import Manifest
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.model import GPT
-from dslm.weights import export_origin, framing_of, model_from, newest_checkpoint, read_export, read_tag, source_kind
+from dslm.model_source import resolve_source
+from dslm.run_dir import RunDir
+from dslm.weights import model_from, read_export, read_tag
 
 
 @dataclass
@@ -26,7 +26,7 @@ class LoadedModel:
     model: GPT
     """fp32, in eval mode, on the device asked for."""
     tokenizer: Tokenizer
-    run_dir: Path | None
+    run: RunDir | None
     """The run the weights come from, where known."""
     step: int | None
     """The checkpoint's optimizer step, where known."""
@@ -50,27 +50,13 @@ def parse_device(text: str) -> torch.device:
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """`path`: runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), or an
-    export folder. Raises DslmError for anything else. What DeepSpeed prints while checking and
-    reading a checkpoint goes to stderr: stdout holds the command's own output."""
-    path = Path(path)
-    kind = source_kind(path)
+    export folder (dslm.model_source). Raises DslmError for anything else. What DeepSpeed prints
+    while checking and reading a checkpoint goes to stderr: stdout holds the command's own output."""
+    source = resolve_source(path)
+    source.need_weights()
+    if source.kind == "run":
+        source = resolve_source(source.newest_tag())
     with contextlib.redirect_stdout(sys.stderr):
-        if kind == "export":
-            loaded = load_export(path)
-        else:
-            loaded = load_checkpoint(newest_checkpoint(path) if kind == "run" else path)
-    loaded.model.to(device).eval()
-    loaded.framing = framing_of(path)
-    return loaded
-
-
-def load_checkpoint(tag_dir: Path) -> LoadedModel:
-    run_dir, step = run_of(tag_dir)
-    shards = load_config(run_dir / CONFIG_NAME, []).data.shards
-    tokenizer = Manifest.load(shards).tokenizer_file(shards)
-    return LoadedModel(model_from(*read_tag(tag_dir), tag_dir), load_text_tokenizer(tokenizer), run_dir, step)
-
-
-def load_export(folder: Path) -> LoadedModel:
-    return LoadedModel(model_from(*read_export(folder), folder), load_text_tokenizer(folder / "tokenizer.json"),
-                       *export_origin(folder))
+        cfg, weights = read_export(source.path) if source.kind == "hf" else read_tag(source)
+    model = model_from(cfg, weights, source.path).to(device).eval()
+    return LoadedModel(model, load_text_tokenizer(source.tokenizer_file()), source.run, source.step, source.framing())

@@ -419,21 +419,20 @@ def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Pat
     argv = (["--config", recipe[0]] if recipe else []) + [a for a in args.args if "=" in a]
     argv += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + (["--resume", args.resume] if args.resume else [])
     run_cfg = resolve_config(train_args(argv))  # fails here, not in the queue, on a bad recipe or override
-    run_dir = run_cfg.run_dir.resolve()
+    run_dir = run_cfg.run_dir.path.resolve()
     job = TrainJob(argv=[bin_of("dslm-train"), *argv], max_requeues=cfg.max_requeues)
     return job, run_dir, run_cfg.name
 
 
 def eval_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ChildJob, Path, str]:
-    from eval.cli import find_targets  # torch: only for eval jobs
+    from dslm.model_source import resolve_source  # torch: only for eval jobs
 
     target = Path(args.target).resolve()
-    if not target.exists():
-        raise DslmError(f"{args.target} does not exist")
     if cfg.nodes * cfg.ranks_per_node != 1:
         raise DslmError("dslm-eval runs as one task: leave --nodes and --tasks-per-node at 1")
-    run_dir, _ = find_targets(target)  # the run dslm-eval writes into; None: an export outside a run
-    home = run_dir or target
+    source = resolve_source(target)
+    source.need_weights()
+    home = source.run.path if source.run else target  # the run dslm-eval writes into, else beside the export
     job = ChildJob(argv=[bin_of("dslm-eval"), str(target), *args.eval_args], max_requeues=cfg.max_requeues)
     return job, home, f"{home.name}-eval"
 

@@ -21,9 +21,10 @@ import psutil
 import pytest
 import torch
 
-from dslm.checkpoint import TrainState, rng_file, rng_state, seal, tag_for
+from dslm.checkpoint import TrainState, rng_file, rng_state, seal
 from dslm.data.manifest import Manifest
 from dslm.model import GPT, ModelConfig
+from dslm.run_dir import tag_for
 from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from shards.sources import CodeSource
 
@@ -275,8 +276,8 @@ def base_run(tmp_path_factory, tiny_shards) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    write_tag(cfg.run_dir, 5, {"module": model.state_dict(), "global_steps": 5})
-    return cfg.run_dir
+    write_tag(cfg.run_dir.path, 5, {"module": model.state_dict(), "global_steps": 5})
+    return cfg.run_dir.path
 
 
 @pytest.fixture(scope="session")
@@ -295,7 +296,7 @@ def onnx_exports(tmp_path_factory, tiny_shards) -> tuple[Path, GPT, Path, Path]:
     run = RunConfig(name="onnx", runs_dir=str(tmp_path_factory.mktemp("runs")), model=cfg,
                     data=DataConfig(shards=str(tiny_shards[0])))
     save_config(run)
-    write_tag(run.run_dir, 7, {"module": model.state_dict(), "global_steps": 7})
-    export_main([str(run.run_dir), "--format", "onnx"])
-    export_main([str(run.run_dir), "--format", "onnx", "--int8"])
-    return run.run_dir, model, run.run_dir / "export" / "step7-onnx", run.run_dir / "export" / "step7-onnx-int8"
+    write_tag(run.run_dir.path, 7, {"module": model.state_dict(), "global_steps": 7})
+    export_main([str(run.run_dir.path), "--format", "onnx"])
+    export_main([str(run.run_dir.path), "--format", "onnx", "--int8"])
+    return run.run_dir.path, model, run.run_dir.path / "export" / "step7-onnx", run.run_dir.path / "export" / "step7-onnx-int8"

@@ -165,15 +165,15 @@ def test_a_tokenizer_replaced_after_the_build_is_refused_by_every_command_that_r
     save_config(run)
     from dslm.model import GPT
 
-    tag = write_checkpoint(run.run_dir, 2, {"module": GPT(run.model).state_dict(), "global_steps": 2})
+    tag = write_checkpoint(run.run_dir.path, 2, {"module": GPT(run.model).state_dict(), "global_steps": 2})
     (tmp_path / "records.jsonl").write_text('{"instruction": "Add one.", "output": "x + 1"}\n')
     commands = [
         ["dslm-train", "--deepspeed", ZERO2, f"data.shards={shards}", f"runs_dir={tmp_path / 'runs'}", "name=new",
          "model.preset=tiny", "model.vocab_size=512"],
-        ["dslm-eval", run.run_dir, "--metrics", "perplexity"],
-        ["dslm-generate", run.run_dir, "--prompt", "def"],
+        ["dslm-eval", run.run_dir.path, "--metrics", "perplexity"],
+        ["dslm-generate", run.run_dir.path, "--prompt", "def"],
         ["dslm-export", tag],
-        ["dslm-export", run.run_dir, "--format", "onnx"],
+        ["dslm-export", run.run_dir.path, "--format", "onnx"],
         ["dslm-shard", "inspect", shards, "--show", "1"],
         ["dslm-shard", "sft", "--source", tmp_path / "records.jsonl", "--template", "instruct", "--tokenizer",
          shards / "tokenizer.json", "--out", tmp_path / "sft"],
@@ -187,7 +187,7 @@ def test_a_tokenizer_replaced_after_the_build_is_refused_by_every_command_that_r
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
         assert len(errors) == 1 and f"sha256 {replaced}" in errors[0] and f"sha256 {built}" in errors[0], \
             (command, proc.stderr[-2000:])
-    assert not (run.run_dir / "export").exists() and not (tmp_path / "sft").exists()
+    assert not (run.run_dir.path / "export").exists() and not (tmp_path / "sft").exists()
 
 
 def test_a_model_too_big_for_the_machine_is_refused_in_one_line_before_it_is_built(world, tmp_path):

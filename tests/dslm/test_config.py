@@ -18,7 +18,7 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     cfg = load_config(recipe, ["train.lr=2e-3", "model.n_layer=4"])
     assert cfg.name == "exp" and cfg.train.lr == 2e-3
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size, cfg.model.dropout) == (4, 512, 8000, 0.1)
-    assert cfg.run_dir.as_posix() == "runs/exp"
+    assert cfg.run_dir.path.as_posix() == "runs/exp"
 
 
 @pytest.mark.parametrize("overrides, message", [

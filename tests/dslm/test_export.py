@@ -196,9 +196,9 @@ def test_an_instruction_models_export_stops_where_dslm_generate_does(tmp_path, s
         model.lm_head.bias[IM_END_ID] = 50.0  # a model that answers at once: <|im_end|>
     run = RunConfig(name="tuned", runs_dir=str(tmp_path), model=cfg, data=DataConfig(shards=str(sft_shards[0])))
     save_config(run)
-    write_checkpoint(run.run_dir, 3, {"module": model.state_dict(), "global_steps": 3})
-    export_main([str(run.run_dir / "checkpoints" / "global_step3")])
-    folder = run.run_dir / "export" / "step3"
+    write_checkpoint(run.run_dir.path, 3, {"module": model.state_dict(), "global_steps": 3})
+    export_main([str(run.run_dir.path / "checkpoints" / "global_step3")])
+    folder = run.run_dir.path / "export" / "step3"
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == IM_END_ID
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dslm.logs import LibraryOutput, first_to_report, rank_log
+from dslm.logs import LibraryOutput, first_to_report
+from dslm.run_dir import RunDir
 from dslm.ops import extensions_dir, op_build_current
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_two_ranks_print_dslms_lines_and_log_the_libraries_and_a_resume_says_it_
     for rank, (status, out, err) in enumerate(ranks):
         assert status == 0, out[-2000:] + err[-3000:]
         assert library_lines(out + err) == []
-        log = rank_log(run_dir, rank).read_text()
+        log = RunDir(run_dir).rank_log(rank).read_text()
         for line in ("Setting accelerator to CPU", "built successfully", "FutureWarning: `torch.distributed."
                                                                           "all_gather_into_tensor` is deprecated"):
             assert line in log, (rank, log)
@@ -96,7 +97,7 @@ def test_two_ranks_print_dslms_lines_and_log_the_libraries_and_a_resume_says_it_
     assert [line.startswith(converting) for line in said].index(True) < said.index(
         "engine: 1 rank(s) on cpu, backend gloo, ZeRO stage 2, bfloat16 weights, AdamW")  # before it starts
     assert "universal form: 100%" in resumed.stderr and library_lines(resumed.stdout + resumed.stderr) == []
-    log = rank_log(run_dir, 0).read_text()
+    log = RunDir(run_dir).rank_log(0).read_text()
     assert "*** 1. Extracting ZeRO fragments" in log and "MPU is not provided" in log
     assert log.count("==== dslm-train") == 2, "each start appends to the rank's log"
 
@@ -131,7 +132,7 @@ def test_a_bad_input_on_two_ranks_is_one_error_line(tiny_shards, tmp_path):
     assert proc.returncode == 2
     error = "dslm-train: error: train.freeze_blocks=5 is more than the model's 2 blocks (model.n_layer)"
     assert [line for line in (proc.stdout + proc.stderr).splitlines() if "dslm-train: error:" in line] == [error]
-    assert error in rank_log(tmp_path / "t", 0).read_text()  # each rank's log has its own
+    assert error in RunDir(tmp_path / "t").rank_log(0).read_text()  # each rank's log has its own
 
 
 def test_an_error_is_printed_by_the_first_rank_of_a_launch_to_report_it(monkeypatch, tmp_path):
@@ -212,7 +213,7 @@ def test_an_op_build_is_announced_before_it_starts_and_not_when_it_is_up_to_date
                         TORCH_EXTENSIONS_DIR=str(extensions)) for name in ("first", "again"))
     building = f"building DeepSpeed's {OP} op in {extensions / OP} (once per install, about a minute)..."
     assert first.stdout.splitlines()[0] == building and library_lines(first.stdout + first.stderr) == []
-    assert "built successfully" in rank_log(tmp_path / "first", 0).read_text()
+    assert "built successfully" in RunDir(tmp_path / "first").rank_log(0).read_text()
     assert "building" not in again.stdout and op_build_current(extensions / OP)
     shutil.rmtree(extensions / OP)
     assert not op_build_current(extensions / OP)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights, tag_for
+from dslm.checkpoint import load_fp32_weights
 from dslm.config import RunConfig, load_config, save_config
 from dslm.data.loader import DataConfig
 from dslm.errors import DslmError
@@ -151,7 +151,7 @@ def test_a_lora_checkpoint_reads_as_the_merged_plain_gpt(tmp_path, tiny_shards, 
                     train=TrainConfig(lora=LORA))
     save_config(cfg)
     write_checkpoint(cfg.run_dir, 3, {"module": model.state_dict()})  # ZeRO-0's fp32 layout
-    tag = cfg.checkpoint_dir / tag_for(3)
+    tag = cfg.run_dir.tag(3)
     assert set(load_fp32_weights(tag, CFG, LORA)) == set(model.state_dict())  # what resuming reads: the adapters
     for path in (tag, cfg.run_dir):  # what eval and train.init_from read: the plain GPT
         model_cfg, weights, _ = read_weights(path)
@@ -175,7 +175,7 @@ def write_source(model: GPT, runs: Path, shards: Path, write_checkpoint) -> Path
     """A run `src` with `model` in its sealed tag at step 5, for train.init_from."""
     src = RunConfig(name="src", runs_dir=str(runs), model=TINY, data=DataConfig(shards=str(shards)))
     save_config(src)
-    return write_checkpoint(src.run_dir, 5, {"module": model.state_dict()})
+    return write_checkpoint(src.run_dir.path, 5, {"module": model.state_dict()})
 
 
 def base_weights_of(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

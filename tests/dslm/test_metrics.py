@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from dslm.metrics import METRICS_CSV, Metrics, ScalarLog, read_rows, read_scalars
+from dslm.metrics import Metrics, ScalarLog, read_rows, read_scalars
 
 
 def rows_of(path):
@@ -14,12 +14,12 @@ def rows_of(path):
 
 
 def test_rows_hold_every_scalar_of_their_step_and_read_as_csv(tmp_path):
-    log = ScalarLog(tmp_path / METRICS_CSV, start_step=0)
+    log = ScalarLog(tmp_path / "metrics.csv", start_step=0)
     log.log(1, {"train/loss": 5.25, "train/lr": 1e-4})
     log.log(2, {"train/loss": 4.5, "train/lr": 2e-4, "val/loss": 4.75})  # a new column mid-run
     log.log(3, {"train/loss": 4.0, "train/lr": 3e-4, "train/skipped_steps": 0})
     log.close()
-    rows = rows_of(tmp_path / METRICS_CSV)
+    rows = rows_of(tmp_path / "metrics.csv")
     assert list(rows[0]) == ["step", "wall_time", "train/loss", "train/lr", "val/loss", "train/skipped_steps"]
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert [r["val/loss"] for r in rows] == ["", "4.75", ""]
@@ -28,7 +28,7 @@ def test_rows_hold_every_scalar_of_their_step_and_read_as_csv(tmp_path):
 
 
 def test_calls_at_one_step_share_its_row_even_when_the_second_widens_the_header(tmp_path):
-    path = tmp_path / METRICS_CSV
+    path = tmp_path / "metrics.csv"
     log = ScalarLog(path, start_step=0)
     log.log(5, {"train/loss": 3.0})
     log.log(10, {"train/loss": 2.5})
@@ -42,7 +42,7 @@ def test_calls_at_one_step_share_its_row_even_when_the_second_widens_the_header(
 
 
 def test_a_resume_drops_the_rows_after_the_checkpoint_as_tensorboard_does(tmp_path):
-    path = tmp_path / METRICS_CSV
+    path = tmp_path / "metrics.csv"
     log = ScalarLog(path, start_step=0)
     for step in range(1, 7):
         log.log(step, {"train/loss": float(step)})
@@ -59,7 +59,7 @@ def test_a_resume_drops_the_rows_after_the_checkpoint_as_tensorboard_does(tmp_pa
 
 
 def test_a_fresh_start_in_a_run_directory_keeps_no_old_rows(tmp_path):
-    path = tmp_path / METRICS_CSV
+    path = tmp_path / "metrics.csv"
     log = ScalarLog(path, start_step=0)
     log.log(1, {"train/loss": 1.0})
     log.close()
@@ -68,11 +68,11 @@ def test_a_fresh_start_in_a_run_directory_keeps_no_old_rows(tmp_path):
 
 
 def test_metrics_writes_the_same_scalars_to_tensorboard_and_csv(tmp_path):
-    metrics = Metrics(tmp_path / "tb", enabled=True, console=False, csv_path=tmp_path / METRICS_CSV)
+    metrics = Metrics(tmp_path / "tb", enabled=True, console=False, csv_path=tmp_path / "metrics.csv")
     for step in (10, 20):
         metrics.log(step, {"train/loss": 3.14159 / step, "val/loss": 2.0 + step})
     metrics.close()
-    rows = rows_of(tmp_path / METRICS_CSV)
+    rows = rows_of(tmp_path / "metrics.csv")
     for tag in ("train/loss", "val/loss"):
         steps, values = zip(*read_scalars(tmp_path / "tb", tag))
         assert [int(r["step"]) for r in rows] == list(steps)
@@ -80,7 +80,7 @@ def test_metrics_writes_the_same_scalars_to_tensorboard_and_csv(tmp_path):
 
 
 def test_a_disabled_rank_writes_no_csv(tmp_path):
-    metrics = Metrics(tmp_path / "tb", enabled=False, csv_path=tmp_path / METRICS_CSV)
+    metrics = Metrics(tmp_path / "tb", enabled=False, csv_path=tmp_path / "metrics.csv")
     metrics.log(1, {"train/loss": 1.0})
     metrics.close()
-    assert not (tmp_path / METRICS_CSV).exists()
+    assert not (tmp_path / "metrics.csv").exists()

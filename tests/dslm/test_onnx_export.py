@@ -132,11 +132,11 @@ def test_a_checkpoint_of_another_preset_than_its_run_config_is_one_line(onnx_exp
     cfg = RunConfig(name="other", runs_dir=str(tmp_path), model=ModelConfig(preset="code-33m"),
                     data=DataConfig(shards=shards))
     save_config(cfg)
-    write_checkpoint(cfg.run_dir, 3, {"module": model.state_dict()})  # weights of the small model
-    proc = subprocess.run([BIN / "dslm-export", cfg.run_dir, "--format", "onnx"], capture_output=True, text=True)
+    write_checkpoint(cfg.run_dir.path, 3, {"module": model.state_dict()})  # weights of the small model
+    proc = subprocess.run([BIN / "dslm-export", cfg.run_dir.path, "--format", "onnx"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "is (512, 64) there and (8000, 512) in this model" in proc.stderr.strip().splitlines()[-1], proc.stderr
-    assert not (cfg.run_dir / "export").exists()
+    assert not (cfg.run_dir.path / "export").exists()
 
 
 def test_a_checkpoint_whose_bytes_changed_after_sealing_is_not_exported(onnx_exports, tmp_path):

@@ -19,8 +19,9 @@ from dslm.config import load_config
 from dslm.data.mix import Interleave, MixBase
 from dslm.data.order import WindowOrder
 from dslm.errors import EXIT_BAD_DATA, EXIT_RETRY, EXIT_WRITE_FAILED
-from dslm.metrics import METRICS_CSV, read_rows, read_scalars
+from dslm.metrics import read_rows, read_scalars
 from dslm.optim import OptimConfig, lr_factor
+from dslm.run_dir import RunDir
 from dslm.stop import EXIT_STOPPED
 from dslm.weights import model_from, read_tag, read_weights, weights_sha256
 
@@ -121,7 +122,7 @@ def logged_steps(path: Path) -> list[int]:
 
 def assert_csv_matches_tensorboard(run: Path) -> None:
     """metrics.csv has each step once, and every scalar of every step that TensorBoard has."""
-    columns, rows = read_rows(run / METRICS_CSV)
+    columns, rows = read_rows(RunDir(run).metrics_csv)
     steps = [int(row["step"]) for row in rows]
     assert steps == sorted(set(steps)), "each step once in metrics.csv"
     tags = [c for c in columns if c not in ("step", "wall_time")]
@@ -148,7 +149,7 @@ def test_killed_and_resumed_run_matches_a_straight_run_bitwise(tiny_shards, tmp_
     os.killpg(first.pid, signal.SIGKILL)  # the whole launch, like a node failure
     assert first.wait() == -signal.SIGKILL
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "global_step4"
-    assert max(logged_steps(tmp_path / "resumed" / METRICS_CSV)) == 5
+    assert max(logged_steps(RunDir(tmp_path / "resumed").metrics_csv)) == 5
     subprocess.run([*launch, *args, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
 

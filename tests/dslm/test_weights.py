@@ -5,16 +5,18 @@ import dataclasses
 import pytest
 import torch
 
-from dslm.checkpoint import BEST_NAME, LATEST_NAME, tag_for
+from dslm.checkpoint import BEST_NAME, LATEST_NAME
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
 from dslm.data.templates import Framing
 from dslm.engine import DistEnv
 from dslm.errors import DslmError
-from dslm.export import export
+from dslm.export import export, write_hf
 from dslm.model import GPT, ModelConfig
+from dslm.model_source import resolve_source
+from dslm.run_dir import tag_for
 from dslm.train import check_init_source
-from dslm.weights import chosen_checkpoint, framing_of, load_into, read_weights, tokenizer_sha256s, weights_sha256
+from dslm.weights import load_into, read_weights, weights_sha256
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 
@@ -25,8 +27,8 @@ def source(tmp_path, tiny_shards, trained_looking, write_checkpoint):
     model = trained_looking(CFG)
     cfg = RunConfig(name="src", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tiny_shards[0])))
     save_config(cfg)
-    write_checkpoint(cfg.run_dir, 7, {"module": model.state_dict()})
-    return cfg.run_dir, model
+    write_checkpoint(cfg.run_dir.path, 7, {"module": model.state_dict()})
+    return cfg.run_dir.path, model
 
 
 def logits(model: GPT) -> torch.Tensor:
@@ -37,7 +39,7 @@ def logits(model: GPT) -> torch.Tensor:
 def test_a_tag_a_run_and_an_export_give_the_source_logits_at_step_0(source, tiny_shards):
     run, model = source
     shards, manifest = tiny_shards
-    export(run / "checkpoints" / tag_for(7), run / "export" / "step7", CFG, shards / manifest.tokenizer)
+    export(run / "checkpoints" / tag_for(7), run / "export" / "step7")
     digests = set()
     for path in (run / "checkpoints" / tag_for(7), run, run / "export" / "step7"):
         _, weights, origin = read_weights(path)
@@ -55,13 +57,13 @@ def test_a_run_fine_tunes_from_best_then_latest_then_its_newest_intact_tag(sourc
     run, model = source
     write_checkpoint(run, 9, {"module": model.state_dict()})
     unsealed = write_checkpoint(run, 11, {"module": model.state_dict()}, sealed=False)
-    assert chosen_checkpoint(run).name == tag_for(9)
+    assert resolve_source(run).chosen_tag().name == tag_for(9)
     (run / "checkpoints" / LATEST_NAME).write_text(unsealed.name)
-    assert chosen_checkpoint(run).name == tag_for(9)
+    assert resolve_source(run).chosen_tag().name == tag_for(9)
     (run / "checkpoints" / LATEST_NAME).write_text(tag_for(7))
-    assert chosen_checkpoint(run).name == tag_for(7)
+    assert resolve_source(run).chosen_tag().name == tag_for(7)
     (run / "checkpoints" / BEST_NAME).write_text(tag_for(9))
-    assert chosen_checkpoint(run).name == tag_for(9)
+    assert resolve_source(run).chosen_tag().name == tag_for(9)
 
 
 def test_another_model_shape_is_one_line_naming_the_tensor_and_both_shapes(source):
@@ -98,24 +100,24 @@ def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_ref
     run, _ = source
     shards, manifest = tiny_shards
     tag = run / "checkpoints" / tag_for(7)
-    export(tag, run / "export" / "step7", CFG, shards / manifest.tokenizer, Framing("backward", "instruct"))
+    write_hf(run / "export" / "step7", CFG, read_weights(tag)[1], shards / manifest.tokenizer, Framing("backward", "instruct"))
     for path in (tag, run, run / "export" / "step7"):
-        assert manifest.tokenizer_sha256 in tokenizer_sha256s(path)
-    assert framing_of(run / "export" / "step7") == Framing("backward", "instruct")
-    assert framing_of(tag) == Framing("forward", "")
+        assert manifest.tokenizer_sha256 in resolve_source(path).tokenizer_sha256s()
+    assert resolve_source(run / "export" / "step7").framing() == Framing("backward", "instruct")
+    assert resolve_source(tag).framing() == Framing("forward", "")
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     cfg = RunConfig(name="tuned", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(shards)))
-    check_init_source(run, cfg, manifest, env)
+    check_init_source(resolve_source(run), cfg, manifest, env)
     assert "was trained" not in capsys.readouterr().out
-    check_init_source(run / "export" / "step7", cfg, manifest, env)
+    check_init_source(resolve_source(run / "export" / "step7"), cfg, manifest, env)
     assert "step7 was trained backward; this run reads forward" in capsys.readouterr().out
     other = dataclasses.replace(manifest, tokenizer_sha256="0" * 64)
     with pytest.raises(DslmError, match="was trained with another tokenizer than the one of"):
-        check_init_source(tag, cfg, other, env)
+        check_init_source(resolve_source(tag), cfg, other, env)
 
     moved = RunConfig(name="src", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tmp_path / "gone")))
     save_config(moved)
-    assert tokenizer_sha256s(run) == set() and framing_of(run) == Framing()
-    check_init_source(run, cfg, other, env)  # nothing to compare: a note, not an error
+    assert resolve_source(run).tokenizer_sha256s() == set() and resolve_source(run).framing() == Framing()
+    check_init_source(resolve_source(run), cfg, other, env)  # nothing to compare: a note, not an error
     assert "its tokenizer cannot be checked" in capsys.readouterr().out
