@@ -35,8 +35,9 @@ def site_packages(root: Path) -> Path:
 
 def fresh_venv(root: Path) -> Path:
     """A virtual environment with nothing installed, which finds the dependencies (torch,
-    deepspeed, ...) where the running interpreter does, after its own site-packages. Returns its
-    python."""
+    deepspeed, ...) where the running interpreter does, after its own site-packages. Folders a
+    .pth file adds have their own .pth files ignored, so an editable dslm there stays inactive.
+    Returns its python."""
     venv.create(root, with_pip=False, symlinks=True)
     dependencies = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
     (site_packages(root) / "dependencies.pth").write_text("".join(f"{p}\n" for p in dependencies))
@@ -51,12 +52,17 @@ def pip_install(python: Path, *args) -> None:
                    check=True, timeout=600)
 
 
-def origins(python: Path, names, cwd: Path) -> dict[str, str | None]:
-    """Where each of `names` imports from under `python` (None where it does not), run from `cwd`
-    without PYTHONPATH, so that only the install is found."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([python, "-c", ORIGINS.format(names=list(names))], capture_output=True, text=True, env=env,
-                          cwd=cwd, check=True)
+def without_pythonpath() -> dict[str, str]:
+    """This process's environment less PYTHONPATH: a command run with it finds only what is installed."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def origins(python: Path, cwd: Path) -> dict[str, str | None]:
+    """Where each of dslm's packages and each generic name imports from under `python`, run from
+    `cwd` (None where it does not import)."""
+    script = ORIGINS.format(names=[*FOLDERS, *GENERIC_NAMES])
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, env=without_pythonpath(), cwd=cwd,
+                          check=True)
     return json.loads(proc.stdout)
 
 
@@ -98,14 +104,12 @@ def test_the_wheel_holds_every_module_of_the_source_folders(wheel):
 def test_every_console_script_of_the_installed_wheel_runs_help(wheel, tmp_path):
     python = fresh_venv(tmp_path / "venv")
     pip_install(python, wheel)
-    found = origins(python, [*FOLDERS, *GENERIC_NAMES], cwd=tmp_path)
-    assert {name: found[name] for name in GENERIC_NAMES} == dict.fromkeys(GENERIC_NAMES)
-    assert all(found[name] and Path(found[name]).is_relative_to(site_packages(tmp_path / "venv")) for name in FOLDERS), found
+    installed = {name: str(site_packages(tmp_path / "venv") / name / "__init__.py") for name in FOLDERS}
+    assert origins(python, cwd=tmp_path) == {**installed, **dict.fromkeys(GENERIC_NAMES)}
     assert sorted(p.name for p in (tmp_path / "venv" / "bin").glob("dslm-*")) == SCRIPTS
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for script in SCRIPTS:
         proc = subprocess.run([tmp_path / "venv" / "bin" / script, "--help"], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=300)
+                              env=without_pythonpath(), cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
         assert proc.stdout.startswith(f"usage: {script}"), proc.stdout[:200]
 
@@ -113,11 +117,11 @@ def test_every_console_script_of_the_installed_wheel_runs_help(wheel, tmp_path):
 @pytest.mark.parametrize("mode", ["lenient", "strict"])
 def test_an_editable_install_imports_the_folders_under_dslms_names(source, tmp_path, mode):
     """`pip install -e` in both of setuptools' editable modes: the installed names import from
-    the checkout's folders, and the generic names import from nowhere."""
+    the checkout's folders (strict mode: through a tree of links to its files), and the generic
+    names import from nowhere."""
     python = fresh_venv(tmp_path / "venv")
     pip_install(python, "-e", source, "--config-settings", f"editable_mode={mode}")
-    found = origins(python, [*FOLDERS, *GENERIC_NAMES], cwd=tmp_path)
-    assert {name: found[name] for name in GENERIC_NAMES} == dict.fromkeys(GENERIC_NAMES)
-    # strict mode imports from a tree of links to the checkout's files: the same files
-    assert all(found[name] and Path(found[name]).samefile(source / folder.relative_to(REPO) / "__init__.py")
-               for name, folder in FOLDERS.items()), found
+    found = origins(python, cwd=tmp_path)
+    checkout = {name: str(source / folder.relative_to(REPO) / "__init__.py") for name, folder in FOLDERS.items()}
+    assert {name: origin and str(Path(origin).resolve()) for name, origin in found.items()} == {
+        **checkout, **dict.fromkeys(GENERIC_NAMES)}
