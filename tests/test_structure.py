@@ -1,5 +1,6 @@
 """The layout rules of the code base, checked from the source: imports point one way and never in
-a circle, functions stay short, and every config field says what it means."""
+a circle, shards/, eval/ and launch/ go by their installed names (dslm_*), functions stay short, and
+every config field says what it means."""
 
 import ast
 import os
