@@ -5,7 +5,7 @@ token, and `transformers` GPT2LMHeadModel.generate (its KV cache) on the export 
         [--repeats 5] [--device cpu] [--threads N]
 
 TARGET is a checkpoint, a run directory or a `dslm-export` folder (dslm's side loads it with
-eval.load.load_for_eval; `transformers` loads the export, written to a temporary folder for a
+dslm_eval.load.load_for_eval; `transformers` loads the export, written to a temporary folder for a
 checkpoint). Without one, a randomly initialised `tiny` model is exported and used.
 
 All three decode the same random prompts (one batch of equal length, no stop token) in this one
@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 from dslm.data.tokens import SPECIAL_TOKENS
 from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
-from dslm_local.decoding import GenerationConfig
-from eval.generate import generate
 from dslm.model_source import resolve_source
-from eval.load import load_for_eval
+from dslm_eval.generate import generate
+from dslm_eval.load import load_for_eval
+from dslm_local.decoding import GenerationConfig
 
 from provenance import git_commit  # bench/provenance.py, beside this script
 

@@ -71,8 +71,8 @@ def write_corpus(folder: Path, min_bytes: int) -> Path:
 
 
 def build(work: Path, args: argparse.Namespace) -> Path:
-    from shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
-    from shards.sources import CodeSource
+    from dslm_shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
+    from dslm_shards.sources import CodeSource
 
     corpus, out = work / "corpus", work / "shards"
     shutil.rmtree(corpus, ignore_errors=True)

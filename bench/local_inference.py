@@ -53,8 +53,8 @@ def torch_worker(source: str, lines: list[dict], max_new_tokens: int, threads: i
     import torch
 
     from dslm_local.decoding import GenerationConfig, cut_at_stop
-    from eval.generate import PromptFraming, generate
-    from eval.load import load_for_eval
+    from dslm_eval.generate import PromptFraming, generate
+    from dslm_eval.load import load_for_eval
 
     torch.set_num_threads(threads)
     loaded = load_for_eval(source)
@@ -110,8 +110,8 @@ def heldout_lines(source: Path, shards: str | None, n: int, seed: int = 0) -> li
     from dslm.data.manifest import Manifest
     from dslm.data.tokens import load_text_tokenizer
     from dslm.model_source import resolve_source
-    from eval.code_tasks import LANGUAGES, ExactMatchConfig, build_exact_match_tasks
-    from eval.heldout import LabeledSamples, heldout_documents
+    from dslm_eval.code_tasks import LANGUAGES, ExactMatchConfig, build_exact_match_tasks
+    from dslm_eval.heldout import LabeledSamples, heldout_documents
 
     root = resolve_source(source).shards(shards and Path(shards))
     manifest = Manifest.load(root)
@@ -128,7 +128,7 @@ def exactness(source: Path, fp32: Path, int8: Path, lines: list[dict]) -> dict:
     import torch
 
     from dslm_local.onnx_model import OnnxModel
-    from eval.load import load_for_eval
+    from dslm_eval.load import load_for_eval
 
     loaded = load_for_eval(source)
     full, small = OnnxModel(fp32), OnnxModel(int8)

@@ -35,9 +35,9 @@ from pathlib import Path
 from shards_throughput import kept_stdlib_texts, write_corpus  # bench/shards_throughput.py, beside this script
 
 from dslm.data.manifest import Manifest
-from shards.build import train_and_save_tokenizer
-from shards.sources import CodeSource
-from shards.tasks import STAGES
+from dslm_shards.build import train_and_save_tokenizer
+from dslm_shards.sources import CodeSource
+from dslm_shards.tasks import STAGES
 
 BIN = Path(sys.executable).parent
 ONE_CORE = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}

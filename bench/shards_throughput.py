@@ -31,9 +31,9 @@ import psutil
 
 from dslm.data.manifest import Manifest, SourceStats
 from dslm.data.tokens import load_text_tokenizer
-from shards.build import all_cores, train_and_save_tokenizer
-from shards.filters import DocumentFilter
-from shards.sources import CodeSource, Document
+from dslm_shards.build import all_cores, train_and_save_tokenizer
+from dslm_shards.filters import DocumentFilter
+from dslm_shards.sources import CodeSource, Document
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 BASELINES = ("encode_batch", "encode_batch_fast")
@@ -104,7 +104,7 @@ class PeakRss:
 
 def build(corpus: Path, tokenizer: Path, out: Path, workers: int) -> tuple[float, PeakRss, Manifest]:
     """(seconds, peak RSS, manifest) of one `dslm-shard build` run."""
-    cmd = [sys.executable, "-m", "shards.cli", "build", "--source", f"code:{corpus}", "--tokenizer",
+    cmd = [sys.executable, "-m", "dslm_shards.cli", "build", "--source", f"code:{corpus}", "--tokenizer",
            str(tokenizer), "--out", str(out), "--workers", str(workers), "--overwrite"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

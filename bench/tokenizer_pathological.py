@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shards.build import train_and_save_tokenizer
-from shards.sources import parse_source
+from dslm_shards.build import train_and_save_tokenizer
+from dslm_shards.sources import parse_source
 
 PACKAGES = ("json", "email", "asyncio")
 

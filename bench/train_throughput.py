@@ -74,8 +74,8 @@ from dslm.model import GPT, PRESETS
 from dslm.objective import next_token
 from dslm.optim import lr_factor, param_groups
 from dslm.trainer import train_step
-from shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
-from shards.sources import CodeSource
+from dslm_shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
+from dslm_shards.sources import CodeSource
 
 from provenance import git_commit  # bench/provenance.py, beside this script
 

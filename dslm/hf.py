@@ -200,7 +200,7 @@ def tokenizer_config(source_sha256: str, framing: Framing = Framing()) -> dict:
 
 def hf_tokenizer(tok: Tokenizer, framing: Framing = Framing()) -> Tokenizer:
     """A copy of dslm's tokenizer `tok` whose encode frames a prompt as dslm's generation does
-    (eval.generate.PromptFraming), through a TemplateProcessing post-processor: <bos> before the
+    (dslm_eval.generate.PromptFraming), through a TemplateProcessing post-processor: <bos> before the
     text for a forward model; <eos> after it for a backward one (the ids in page order: reversed,
     they are what the model reads). A template's blocks are not added: build those ids as
     PromptFraming does. dslm's own loader drops the post-processor again

@@ -135,7 +135,7 @@ class CheckResult:
     ok: bool
     reason: str
     """"ok", "syntax error: ...", "compile error: ...", "timeout", "memory", "output limit",
-    "exit N" or "signal N"; eval.code_tasks adds "empty: ..." for a completion it does not compile."""
+    "exit N" or "signal N"; dslm_eval.code_tasks adds "empty: ..." for a completion it does not compile."""
     output: str = ""
     """The tool's output (stdout and stderr), cut to MAX_OUTPUT_BYTES."""
 

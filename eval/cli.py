@@ -36,13 +36,13 @@ from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.metrics import Metrics
 from dslm.model_source import ModelSource, resolve_source
 from dslm.run_dir import RunDir
+from dslm_eval.checkers import CheckerLimits
+from dslm_eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
+from dslm_eval.generate import complete
+from dslm_eval.heldout import LabeledSamples, heldout_documents, token_bytes
+from dslm_eval.load import LoadedModel, load_for_eval, parse_device
+from dslm_eval.perplexity import ALL, perplexity
 from dslm_local.decoding import GenerationConfig
-from eval.checkers import CheckerLimits
-from eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
-from eval.generate import complete
-from eval.heldout import LabeledSamples, heldout_documents, token_bytes
-from eval.load import LoadedModel, load_for_eval, parse_device
-from eval.perplexity import ALL, perplexity
 
 PROG = "dslm-eval"
 METRICS = ("perplexity", "exact_match", "compile_success")
@@ -64,14 +64,14 @@ class EvalConfig:
     for the code metrics (--batch-size, also their prompts per call). Should be >= 1: not checked
     here; from the command line ExactMatchConfig and CompileSuccessConfig refuse less."""
     exact_match: ExactMatchConfig = dataclasses.field(default_factory=ExactMatchConfig)
-    """Settings of exact_match (eval.code_tasks.ExactMatchConfig): --exact-match-samples, --seed and
+    """Settings of exact_match (dslm_eval.code_tasks.ExactMatchConfig): --exact-match-samples, --seed and
     --batch-size set them; its max_new_tokens is cut to half the model's block_size when it runs."""
     compile_success: CompileSuccessConfig = dataclasses.field(default_factory=CompileSuccessConfig)
-    """Settings of compile_success (eval.code_tasks.CompileSuccessConfig): --compile-samples, --seed,
+    """Settings of compile_success (dslm_eval.code_tasks.CompileSuccessConfig): --compile-samples, --seed,
     --humaneval and --batch-size set them; its max_new_tokens is cut to half the model's block_size
     when it runs."""
     limits: CheckerLimits = dataclasses.field(default_factory=CheckerLimits)
-    """Time and memory limits of each compile check (eval.checkers.CheckerLimits)."""
+    """Time and memory limits of each compile check (dslm_eval.checkers.CheckerLimits)."""
     documents: int = 1000
     """Most held-out documents rebuilt per language (python, c, java) from the val split for the
     code metrics, in the split's order. Should be >= 1 (not checked: 0 leaves the code metrics no

@@ -44,7 +44,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from dslm.errors import DslmError
-from eval.checkers import TOOLS, CheckerLimits, CheckResult, blank_literals, check_many, tool_version
+from dslm_eval.checkers import TOOLS, CheckerLimits, CheckResult, blank_literals, check_many, tool_version
 
 LANGUAGES = ("python", "c", "java")
 HUMANEVAL = "humaneval"
@@ -102,7 +102,7 @@ class ExactMatchConfig:
 @dataclass
 class CompileSuccessConfig:
     """Settings of the compile-success task (`run_compile_success`); the time and memory limits of
-    each check are eval.checkers.CheckerLimits. Raises DslmError for a value out of its range.
+    each check are dslm_eval.checkers.CheckerLimits. Raises DslmError for a value out of its range.
     dslm-eval (eval/cli.py) caps max_new_tokens at half of model.block_size."""
 
     samples_per_language: int = 100
@@ -531,5 +531,5 @@ def run_compile_success(docs: Mapping[str, Sequence[str]], complete: Complete, l
     """Compile-success rate per language: {"settings": {...}, "languages": {language: {"n",
     "compiled", "rate", "failures"}}}; a language without usable units is left out. "failures"
     counts failed completions by reason: "empty" (adds no statement, see `adds_code`), "syntax
-    error", "compile error", or a checker limit (eval.checkers.CheckResult.reason)."""
+    error", "compile error", or a checker limit (dslm_eval.checkers.CheckResult.reason)."""
     return score_compile_success(build_compile_tasks(docs, cfg, limits), complete, cfg, limits, fit)

@@ -28,10 +28,10 @@ from dslm.data.templates import TEMPLATES, Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.logs import VERBOSE_HELP, LibraryOutput
+from dslm_eval.generate import complete
+from dslm_eval.load import LoadedModel, load_for_eval, parse_device
 from dslm_local.decoding import STRATEGIES, GenerationConfig, checked_config
 from dslm_local.prompts import read_prompt_set, read_text
-from eval.generate import complete
-from eval.load import LoadedModel, load_for_eval, parse_device
 
 SEPARATOR = "-" * 40
 CARD_SAMPLER = {"strategy": "sample", "temperature": 0.8, "top_k": 200, "max_new_tokens": 500}

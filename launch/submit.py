@@ -495,11 +495,11 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
     tasks do not get)."""
     from dslm.data.manifest import check_build_tokenizer
     from dslm.data.tokens import load_text_tokenizer
-    from shards.build import all_cores, token_dtype
-    from shards.cli import parser as shard_parser
-    from shards.cli import shard_config
-    from shards.sources import check_tasks, parse_source
-    from shards.tasks import STAGES, refuse_finished
+    from dslm_shards.build import all_cores, token_dtype
+    from dslm_shards.cli import parser as shard_parser
+    from dslm_shards.cli import shard_config
+    from dslm_shards.sources import check_tasks, parse_source
+    from dslm_shards.tasks import STAGES, refuse_finished
 
     if len(args.tasks) > 1:
         raise DslmError("--tasks is given once (dslm-submit gives every task its --tasks, --task and --stage)")
@@ -534,7 +534,7 @@ def names_option(arg: str, *options: str) -> bool:
 def run_shard(args: argparse.Namespace, cfg: SlurmConfig) -> None:
     """Check the build, then print it (--dry-run), run it here step by step, or submit every step
     to SLURM at once (and with --wait, wait for each job in turn)."""
-    from shards.tasks import clear_build
+    from dslm_shards.tasks import clear_build
 
     build, overwrite = shard_build(args, cfg)
     folder = Path(build.out).resolve() / "submitit"

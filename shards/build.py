@@ -22,17 +22,17 @@ from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
 from dslm.memory import USABLE, available_host_memory, gib
-from shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
-                          records, write_digest_buckets)
-from shards.encode import Encoded, EncoderConfig, encode_batches
-from shards.filters import DocumentFilter, FilterConfig
-from shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
-from shards.sources import Document, Partition, Source, Units, skip
-from shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks,
-                          remove_finished_build, remove_unfinished_build, save_tails, task_dir)
-from shards.tokenizer import check_vocab_size, train_tokenizer
-from shards.verify import count_samples
-from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, check_packing, shard_path, warn_unsampled
+from dslm_shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
+                               records, write_digest_buckets)
+from dslm_shards.encode import Encoded, EncoderConfig, encode_batches
+from dslm_shards.filters import DocumentFilter, FilterConfig
+from dslm_shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
+from dslm_shards.sources import Document, Partition, Source, Units, skip
+from dslm_shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks,
+                               remove_finished_build, remove_unfinished_build, save_tails, task_dir)
+from dslm_shards.tokenizer import check_vocab_size, train_tokenizer
+from dslm_shards.verify import count_samples
+from dslm_shards.writer import TOKENIZER_NAME, Packer, ShardWriter, check_packing, shard_path, warn_unsampled
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ShardConfig:
     """tokenizer.json to encode with, from `dslm-shard tokenizer` (--tokenizer); copied into `out`
     unless it is that file. Its vocab must fit `dtype`."""
     seq_len: int = 1024
-    """Model context in tokens, within 1..MAX_SEQ_LEN (--seq-len; shards.writer); each sample holds
+    """Model context in tokens, within 1..MAX_SEQ_LEN (--seq-len; dslm_shards.writer); each sample holds
     seq_len + 1 tokens (inputs and the targets shifted by one). Training on the shards needs
     model.block_size >= seq_len."""
     samples_per_shard: int = 10_000
@@ -78,7 +78,7 @@ class ShardConfig:
     it a finished build is an error, and an unfinished one is resumed (an error if it was of
     other sources or settings)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
-    """Thresholds of the document filters (shards.filters.FilterConfig); no option sets them.
+    """Thresholds of the document filters (dslm_shards.filters.FilterConfig); no option sets them.
     Part of the settings a resumed build must share, with seq_len, samples_per_shard,
     val_fraction, dtype, the tokenizer and the sources."""
 
@@ -394,7 +394,7 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
     <bos> ... <eos>, pack and write train/val shards; then the manifest. Resumes an unfinished
     build of the same inputs in `cfg.out`.
 
-    With `part`, stage `write` of one task of a distributed build (shards.tasks): only its units,
+    With `part`, stage `write` of one task of a distributed build (dslm_shards.tasks): only its units,
     into its folder OUT/task-K/, dropping the duplicates that stage `dedup` listed for it. Its
     manifest there is that of a build of its units alone; the tokens of its streams' last,
     partial samples are kept in task.json for `dslm-shard merge`. A task already finished is
@@ -459,7 +459,7 @@ def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None,
 def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> int:
     """Stage `digests` of task `part.task` of a distributed build: filter its units' documents in
     worker processes (no tokenizing) and write the digests of those kept, bucketed by hash
-    (shards.dedup). Returns the documents kept; a task already finished is kept (returns -1).
+    (dslm_shards.dedup). Returns the documents kept; a task already finished is kept (returns -1).
     Started over when rerun: it writes nothing until its end."""
     check_build_tokenizer(cfg.tokenizer, cfg.out)  # a bad tokenizer is one line, before anything is written
     tok = load_text_tokenizer(cfg.tokenizer)
@@ -485,7 +485,7 @@ def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> i
 
 
 def find_task_duplicates(cfg: ShardConfig, sources: list[Source], part: Partition) -> tuple[int, int] | None:
-    """Stage `dedup` of task `part.task` (shards.dedup.find_duplicates): (digests in its bucket,
+    """Stage `dedup` of task `part.task` (dslm_shards.dedup.find_duplicates): (digests in its bucket,
     later copies), or None when it finished before for these inputs (kept)."""
     refuse_finished(cfg.out)
     stamp = task_stamp(cfg, sources, part.tasks)

@@ -12,12 +12,12 @@ from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
-from shards.build import (BuildReport, ShardConfig, all_cores, build_shards, find_task_duplicates,
-                          train_and_save_tokenizer, write_digests)
-from shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
-from shards.sources import Partition, Source, parse_source
-from shards.tasks import STAGES, merge_build
-from shards.verify import verify_build
+from dslm_shards.build import (BuildReport, ShardConfig, all_cores, build_shards, find_task_duplicates,
+                               train_and_save_tokenizer, write_digests)
+from dslm_shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
+from dslm_shards.sources import Partition, Source, parse_source
+from dslm_shards.tasks import STAGES, merge_build
+from dslm_shards.verify import verify_build
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -181,7 +181,7 @@ def task_partition(args: argparse.Namespace) -> Partition:
 
 
 def run_stage(cfg: ShardConfig, sources: list[Source], part: Partition, stage: str) -> None:
-    """One stage of one task of a build split over tasks (shards.tasks)."""
+    """One stage of one task of a build split over tasks (dslm_shards.tasks)."""
     load_text_tokenizer(cfg.tokenizer)  # a missing or bad tokenizer is one line, in every stage
     name = f"task {part.task} of {part.tasks}, stage {stage}"
     if stage == "digests":

@@ -1,7 +1,7 @@
 """Exact deduplication of a build's kept documents: in one process, or across the tasks of a
 distributed build in two passes over digest files bucketed by hash.
 
-A document is a duplicate when the MD5 digest of its kept text (shards.filters.text_digest)
+A document is a duplicate when the MD5 digest of its kept text (dslm_shards.filters.text_digest)
 equals that of a document before it in the global order: (source index, unit index, document
 index within the unit), the order a one-process build reads in. So the first copy wins, and
 which one does not depend on how many tasks the build is split into.
@@ -35,8 +35,8 @@ from numpy.lib.recfunctions import repack_fields
 
 from dslm.errors import DslmError
 from dslm.files import atomic_path, atomic_write_text
-from shards.filters import DocumentFilter, FilterConfig
-from shards.journal import DigestLog
+from dslm_shards.filters import DocumentFilter, FilterConfig
+from dslm_shards.journal import DigestLog
 
 DEDUP_DIR = "dedup"
 
@@ -44,7 +44,7 @@ DEDUP_DIR = "dedup"
 @dataclass(frozen=True)
 class Stamp:
     """What every stage and task of a build split over tasks must share: the settings that decide
-    its bytes (shards.build.task_settings: tokenizer, options, filters, sources and their units)
+    its bytes (dslm_shards.build.task_settings: tokenizer, options, filters, sources and their units)
     and the number of tasks. Every file a stage finishes with records it."""
 
     settings: dict

@@ -15,9 +15,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
-from shards.filters import DocumentFilter, FilterConfig, text_digest
-from shards.sources import Document
-from shards.writer import split_of
+from dslm_shards.filters import DocumentFilter, FilterConfig, text_digest
+from dslm_shards.sources import Document
+from dslm_shards.writer import split_of
 
 T = TypeVar("T")
 R = TypeVar("R")

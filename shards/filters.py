@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from dslm.errors import DslmError
-from shards.sources import Document
+from dslm_shards.sources import Document
 
 DROP_REASONS: tuple[str, ...] = (
     # code

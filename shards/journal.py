@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from dslm.data.manifest import ShardEntry, SourceStats
 from dslm.files import atomic_write_text, open_at
-from shards.writer import WriterState
+from dslm_shards.writer import WriterState
 
 JOURNAL_NAME = ".build-journal.json"
 DIGESTS_NAME = ".build-digests.bin"

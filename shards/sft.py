@@ -51,11 +51,11 @@ from dslm.data.templates import DIRECTIONS, Framer, get_template
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import sha256_file
-from shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, token_dtype
-from shards.journal import load_state
-from shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip, without_bom
-from shards.tasks import remove_finished_build, remove_unfinished_build
-from shards.writer import ShardWriter, check_packing, split_of
+from dslm_shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, token_dtype
+from dslm_shards.journal import load_state
+from dslm_shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip, without_bom
+from dslm_shards.tasks import remove_finished_build, remove_unfinished_build
+from dslm_shards.writer import ShardWriter, check_packing, split_of
 
 SFT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 SFT_LANGUAGE = "instruct"
@@ -100,7 +100,7 @@ class SftConfig:
     """The reading direction the masks are made for, "forward" or "backward" (--direction);
     recorded in the manifest, and training on the shards needs data.direction to match."""
     seq_len: int = 1024
-    """Model context in tokens, within 1..MAX_SEQ_LEN (--seq-len; shards.writer); a sample holds
+    """Model context in tokens, within 1..MAX_SEQ_LEN (--seq-len; dslm_shards.writer); a sample holds
     seq_len + 1 tokens, and a framed example longer than that is dropped (counted as too_long)."""
     samples_per_shard: int = 10_000
     """Samples per tar shard, >= 1 (--samples-per-shard); the last shard of a split holds the rest."""

@@ -1,10 +1,10 @@
 """A build split over many processes or SLURM array tasks (`--tasks N --task K`), and
 `dslm-shard merge`, which makes the tasks' output one build.
 
-Task K of N reads the input units whose index is K modulo N (shards.sources.Partition) and runs
+Task K of N reads the input units whose index is K modulo N (dslm_shards.sources.Partition) and runs
 three stages, each a command; every task of a stage must finish before any of the next starts:
 
-    digests   filter the task's documents; write their digests bucketed by hash (shards.dedup)
+    digests   filter the task's documents; write their digests bucketed by hash (dslm_shards.dedup)
     dedup     task K reads bucket K of every task; lists the duplicates of each task
     write     filter, tokenize, drop the listed duplicates, pack and write shards into
               OUT/task-K/ (resumable: a rerun keeps the verified shards), then
@@ -33,10 +33,10 @@ from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
-from shards.dedup import DEDUP_DIR, Stamp, read_record
-from shards.journal import JOURNAL_NAME, BuildState, load_state, remove_journal
-from shards.sources import Partition
-from shards.writer import TOKENIZER_NAME, Packer, ShardWriter, warn_unsampled
+from dslm_shards.dedup import DEDUP_DIR, Stamp, read_record
+from dslm_shards.journal import JOURNAL_NAME, BuildState, load_state, remove_journal
+from dslm_shards.sources import Partition
+from dslm_shards.writer import TOKENIZER_NAME, Packer, ShardWriter, warn_unsampled
 
 STAGES = ("digests", "dedup", "write")
 TAILS_NAME = "task.json"
@@ -55,14 +55,14 @@ class TaskTails:
     """OUT/task-K/task.json: what `dslm-shard merge` needs of a finished task beyond its manifest."""
 
     settings: dict
-    """shards.build.task_settings of the build, the same for every task (dedup.Stamp)."""
+    """dslm_shards.build.task_settings of the build, the same for every task (dedup.Stamp)."""
     tasks: int
     task: int
     samples_per_shard: int
     pending: dict[str, list[int]]
     """The tokens of each stream (SPLIT.COPY.LANGUAGE) after its last full sample."""
     owners: dict[str, list[list[int]]]
-    """Which source each stream's pending tokens came from (shards.writer.Packer.owners)."""
+    """Which source each stream's pending tokens came from (dslm_shards.writer.Packer.owners)."""
 
 
 def save_tails(home: Path, tails: TaskTails) -> None:

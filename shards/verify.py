@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dslm.data.manifest import Manifest, shard_problem
 from dslm.files import sha256_file
-from shards.writer import SAMPLE_SUFFIX
+from dslm_shards.writer import SAMPLE_SUFFIX
 
 
 def count_samples(path: Path) -> int:

@@ -25,8 +25,8 @@ from dslm.checkpoint import TrainState, rng_file, rng_state, seal
 from dslm.data.manifest import Manifest
 from dslm.model import GPT, ModelConfig
 from dslm.run_dir import tag_for
-from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
-from shards.sources import CodeSource
+from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
+from dslm_shards.sources import CodeSource
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -92,7 +92,7 @@ def line_pairs(corpus: Path) -> list[dict[str, str]]:
 def sft_shards(tmp_path_factory, code_corpus, tiny_shards) -> tuple[Path, Manifest]:
     """Instruction shards (template instruct, loss masks) with tiny_shards' tokenizer and seq_len:
     examples of uneven lengths, so that samples hold uneven numbers of targets."""
-    from shards.sft import SftConfig, build_sft_shards
+    from dslm_shards.sft import SftConfig, build_sft_shards
 
     root = tmp_path_factory.mktemp("sft")
     records = root / "records.jsonl"

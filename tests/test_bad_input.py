@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from dslm.files import sha256_file
 from dslm.model import ModelConfig
-from shards.tokenizer import train_tokenizer
+from dslm_shards.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

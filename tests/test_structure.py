@@ -1,33 +1,40 @@
 """The layout rules of the code base, checked from the source: imports point one way and never in
-a circle, functions stay short, and every config field says what it means."""
+a circle, shards/, eval/ and launch/ go by their installed names (dslm_*), functions stay short, and
+every config field says what it means."""
 
 import ast
+import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("dslm", "shards", "eval", "launch", "dslm_local")
-ROOTS = {"dslm_local": REPO / "local"}
-"""Where a package's folder is, when not at the top of the repository (the light dslm-local package)."""
+FOLDERS = {"dslm": REPO / "dslm", "dslm_shards": REPO / "shards", "dslm_eval": REPO / "eval",
+           "dslm_launch": REPO / "launch", "dslm_local": REPO / "local" / "dslm_local"}
+"""Each package by its import name (what pip installs, pyproject.toml's package-dir) and its folder."""
+PACKAGES = tuple(FOLDERS)
+GENERIC_NAMES = ("shards", "eval", "launch")
+"""The folders' own names, which nothing imports them as: installed top-level, they would collide
+with any other package or module of those names."""
 MAX_FUNCTION_LINES = 60
 LOCAL_DEPENDENCIES = {"numpy", "onnxruntime", "tokenizers"}
 """All that dslm_local may import besides the standard library and itself (local/pyproject.toml)."""
 
 
-def module_name(path: Path, root: Path = REPO) -> str:
-    parts = path.relative_to(root).with_suffix("").parts
+def module_name(path: Path, package: str) -> str:
+    parts = (package, *path.relative_to(FOLDERS[package]).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def package_files(package: str) -> list[Path]:
-    return sorted((ROOTS.get(package, REPO) / package).rglob("*.py"))
+    return sorted(FOLDERS.get(package, REPO / package).rglob("*.py"))
 
 
 def sources(packages=PACKAGES) -> dict[str, Path]:
     """module name -> file, for every module of `packages`."""
-    return {module_name(p, ROOTS.get(package, REPO)): p for package in packages for p in package_files(package)}
+    return {module_name(p, package): p for package in packages for p in package_files(package)}
 
 
 def imported(tree: ast.AST, module: str, known: set[str], is_package: bool = False) -> set[str]:
@@ -116,6 +123,59 @@ def test_dslm_local_needs_nothing_but_its_three_libraries():
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 found.add(node.module.split(".")[0])
     assert found - set(sys.stdlib_module_names) - {"dslm_local", "__future__"} == LOCAL_DEPENDENCIES
+
+
+def left_out(folder: str, names: list[str]) -> set[str]:
+    """Of `names` in `folder`, what is not the project's own: git and other hidden folders (.ci
+    excepted), virtual environments, caches, build outputs, and the runs and data of a checkout."""
+    top = Path(folder) == REPO
+    return {n for n in names if n in ("__pycache__", "build") or n.endswith(".egg-info")
+            or (top and ((n.startswith(".") and n != ".ci") or n in ("runs", "data") or "venv" in n))}
+
+
+def project_files() -> list[Path]:
+    """Every file of the project: code, tests, scripts, docs, recipes, configs."""
+    files = []
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = sorted(set(dirs) - left_out(folder, dirs))
+        files += [Path(folder) / name for name in sorted(set(names) - left_out(folder, names))]
+    return files
+
+
+def generic_imports(path: Path) -> list[str]:
+    """`path:line name` for each import in a Python file of a folder by its generic name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module]
+        else:
+            continue
+        found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in GENERIC_NAMES]
+    return found
+
+
+def test_no_python_file_imports_shards_eval_or_launch_by_the_folder_name():
+    assert [hit for path in project_files() if path.suffix == ".py" for hit in generic_imports(path)] == []
+
+
+def test_no_file_names_a_module_of_shards_eval_or_launch_by_the_folder_name():
+    """Docs, docstrings, shell scripts, `python -m` lines and entry points name a module of these
+    folders as it is installed (dslm_shards.cli)."""
+    modules = [f"{folder}\\.{path.stem}" for folder in GENERIC_NAMES for path in (REPO / folder).glob("*.py")]
+    pattern = re.compile(rf"(?<![\w./-])({'|'.join(modules)})\b|^\s*(from|import)\s+({'|'.join(GENERIC_NAMES)})\b",
+                         re.MULTILINE)
+    found = []
+    for path in project_files():
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:  # not a text file
+            continue
+        for match in pattern.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(f"{path.relative_to(REPO)}:{line} {match.group().strip()}")
+    assert found == []
 
 
 def functions(packages=PACKAGES + ("bench",)):

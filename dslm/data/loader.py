@@ -43,7 +43,7 @@ from dslm.model import IGNORE_INDEX
 from dslm.stop import ignore_stop_signals, kill_workers_at_exit
 
 TOKENS_SUFFIX, MASK_SUFFIX, LANGUAGE_SUFFIX = ".tokens.npy", ".mask.npy", ".language.txt"
-"""The members of a sample in a shard (shards.writer writes them)."""
+"""The members of a sample in a shard (dslm_shards.writer writes them)."""
 Batch = dict[str, torch.Tensor]
 VERIFY_LEVELS = ("size", "full")
 BAD_SHARD_POLICIES = ("stop", "skip")

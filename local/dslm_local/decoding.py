@@ -42,7 +42,7 @@ class GenerationConfig:
     Stays 1 for the other strategies."""
     stop_tokens: tuple[int, ...] = ()
     """Token ids (non-negative ints) that end a sequence; the stop token is not part of the output.
-    Empty: none. Text-level callers (eval.generate.complete, dslm-complete) set the model's end
+    Empty: none. Text-level callers (dslm_eval.generate.complete, dslm-complete) set the model's end
     token (<eos> for a forward model)."""
     stop_strings: tuple[str, ...] = ()
     """Non-empty texts that end a sequence, checked on the decoded new text; the text is cut before

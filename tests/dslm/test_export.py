@@ -14,9 +14,9 @@ from dslm.export import write_tokenizer_files
 from dslm.files import sha256_file
 from dslm.hf import export_tokenizer_sha256, fold_head_bias, hf_config, hf_state_dict
 from dslm.model import GPT, ModelConfig
-from eval.generate import PromptFraming
-from eval.generate_cli import main as generate_main
-from shards.tokenizer import train_tokenizer
+from dslm_eval.generate import PromptFraming
+from dslm_eval.generate_cli import main as generate_main
+from dslm_shards.tokenizer import train_tokenizer
 
 IM_END_ID = SPECIAL_TOKENS.index(IM_END)
 transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")

@@ -13,10 +13,10 @@ from dslm.config import load_config
 from dslm.data.manifest import Manifest
 from dslm.data.templates import Framer, get_template
 from dslm.data.tokens import load_text_tokenizer
+from dslm_eval.generate import PromptFraming, generate
+from dslm_eval.load import load_for_eval
+from dslm_launch import humaneval_pairs
 from dslm_local.decoding import GenerationConfig
-from eval.generate import PromptFraming, generate
-from eval.load import load_for_eval
-from launch import humaneval_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

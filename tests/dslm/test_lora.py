@@ -218,7 +218,7 @@ def test_a_lora_run_at_zero2_trains_only_adapters_and_exports_and_evaluates_merg
     subprocess.run([BIN / "dslm-export", tag, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=300)
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    from eval.load import load_for_eval
+    from dslm_eval.load import load_for_eval
 
     with torch.no_grad():
         assert (hf(ids).logits - expected).abs().max().item() < 1e-4

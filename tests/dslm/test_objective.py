@@ -14,8 +14,8 @@ from dslm.errors import DslmError
 from dslm.metrics import read_scalars
 from dslm.model import GPT, IGNORE_INDEX, ModelConfig
 from dslm.objective import next_token
+from dslm_eval.generate import complete
 from dslm_local.decoding import GenerationConfig
-from eval.generate import complete
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -18,10 +18,10 @@ from dslm.data.tokens import BOS_ID, load_text_tokenizer
 from dslm.export import main as export_main
 from dslm.model import ModelConfig
 from dslm.onnx_export import WEIGHTS_KEY
+from dslm_eval.generate import complete, generate
 from dslm_local.complete import Completer
 from dslm_local.decoding import GenerationConfig
 from dslm_local.onnx_model import OnnxModel
-from eval.generate import complete, generate
 
 BIN = Path(sys.executable).parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

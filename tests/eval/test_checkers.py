@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dslm.errors import DslmError
-from eval.checkers import (MAX_OUTPUT_BYTES, CheckerLimits, blank_literals, check_c, check_java, check_java_many,
-                           check_python, run_limited, write_java_source)
+from dslm_eval.checkers import (MAX_OUTPUT_BYTES, CheckerLimits, blank_literals, check_c, check_java, check_java_many,
+                                check_python, run_limited, write_java_source)
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 needs_javac = pytest.mark.skipif(shutil.which("javac") is None, reason="a JDK (javac) is not installed")

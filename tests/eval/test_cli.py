@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.metrics import read_scalars
-from eval.cli import main
-from eval.load import load_for_eval
+from dslm_eval.cli import main
+from dslm_eval.load import load_for_eval
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from dslm.errors import DslmError
-from eval.checkers import CheckerLimits
-from eval.code_tasks import (PYTHON_STOPS, CompileSuccessConfig, ExactMatchConfig, UnitTask, adds_code, braced_unit,
-                             braced_units, build_compile_tasks, build_exact_match_tasks, complete_all,
-                             edit_similarity, python_unit, run_exact_match, score_compile_success)
+from dslm_eval.checkers import CheckerLimits
+from dslm_eval.code_tasks import (PYTHON_STOPS, CompileSuccessConfig, ExactMatchConfig, UnitTask, adds_code,
+                                  braced_unit, braced_units, build_compile_tasks, build_exact_match_tasks, complete_all,
+                                  edit_similarity, python_unit, run_exact_match, score_compile_success)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PYTHON_DOCS = [(STDLIB / name).read_text() for name in ("colorsys.py", "bisect.py", "heapq.py", "textwrap.py")]

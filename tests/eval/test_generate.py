@@ -19,10 +19,10 @@ from dslm.errors import DslmError
 from dslm.export import write_tokenizer_files
 from dslm.hf import hf_config, hf_state_dict
 from dslm.model import GPT, KVCache, ModelConfig
+from dslm_eval.generate import complete, generate, sample_filter
+from dslm_eval.generate_cli import main
 from dslm_local.decoding import GenerationConfig, cut_at_stop
-from eval.generate import complete, generate, sample_filter
-from eval.generate_cli import main
-from shards.tokenizer import train_tokenizer
+from dslm_shards.tokenizer import train_tokenizer
 
 BIN = Path(sys.executable).parent
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=300, block_size=32)

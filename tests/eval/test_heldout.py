@@ -10,10 +10,10 @@ import torch
 from dslm.data.loader import ShardSamples
 from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
 from dslm.model import GPT, ModelConfig
-from eval.heldout import LabeledSamples, heldout_documents, split_documents, token_bytes
-from eval.perplexity import ALL, perplexity
-from shards.build import ShardConfig, build_shards, train_and_save_tokenizer
-from shards.sources import CodeSource
+from dslm_eval.heldout import LabeledSamples, heldout_documents, split_documents, token_bytes
+from dslm_eval.perplexity import ALL, perplexity
+from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
+from dslm_shards.sources import CodeSource
 
 C_FILE = """#include <stdio.h>
 

@@ -13,7 +13,7 @@ from dslm.errors import DslmError
 from dslm.export import export
 from dslm.model import GPT, ModelConfig
 from dslm.run_dir import RunDir, tag_for
-from eval.load import load_for_eval
+from dslm_eval.load import load_for_eval
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 

@@ -17,7 +17,7 @@ from dslm.data.manifest import Manifest
 from dslm.engine import rendezvous_port
 from dslm.errors import DslmError
 from dslm.metrics import read_scalars
-from launch.submit import failure, parse_minutes
+from dslm_launch.submit import failure, parse_minutes
 from tests.shards.test_tasks import same_documents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ def test_requeues_are_bounded_and_the_run_stays_resumable(tiny_shards, tmp_path,
 def test_the_dry_run_script_guard_names_submitit_when_its_private_builder_changes(tmp_path, monkeypatch):
     import submitit
 
-    from launch.submit import sbatch_script
+    from dslm_launch.submit import sbatch_script
 
     executor = submitit.SlurmExecutor(folder=tmp_path)
     assert "#SBATCH" in sbatch_script(executor)
@@ -167,7 +167,7 @@ def test_the_dry_run_script_guard_names_submitit_when_its_private_builder_change
 
 
 def test_a_requeued_train_job_resumes_if_it_can_and_a_first_start_does_not(monkeypatch):
-    from launch.submit import TrainJob
+    from dslm_launch.submit import TrainJob
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     job = TrainJob(argv=["dslm-train", "name=x"], max_requeues=3)
@@ -180,7 +180,7 @@ def test_a_requeued_train_job_resumes_if_it_can_and_a_first_start_does_not(monke
 
 
 def test_the_tasks_rendezvous_port_follows_the_job_and_can_be_overridden(monkeypatch):
-    from launch.submit import rank_env
+    from dslm_launch.submit import rank_env
 
     class Job:  # what submitit.JobEnvironment gives rank_env
         job_id, global_rank, local_rank, num_tasks, num_nodes, hostnames = "123456_0", 0, 0, 2, 1, ["n1"]

@@ -20,7 +20,8 @@ NO_TORCH = '''
 import importlib.abc, sys
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "deepspeed", "dslm", "eval", "shards", "launch", "transformers"}:
+        if name.split(".")[0] in {"torch", "deepspeed", "transformers", "dslm", "dslm_eval", "dslm_shards",
+                                  "dslm_launch"}:
             raise ImportError(f"dslm-complete imported {name}")
 sys.meta_path.insert(0, Refuse())
 '''

@@ -13,10 +13,10 @@ from tokenizers import Tokenizer
 from dslm.data.manifest import Manifest
 from dslm.data.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_text_tokenizer
 from dslm.files import sha256_file
-from shards.build import ShardConfig, TokenizerSample, build_shards, train_and_save_tokenizer
-from shards.filters import DocumentFilter
-from shards.sources import CodeSource
-from shards.tokenizer import train_tokenizer
+from dslm_shards.build import ShardConfig, TokenizerSample, build_shards, train_and_save_tokenizer
+from dslm_shards.filters import DocumentFilter
+from dslm_shards.sources import CodeSource
+from dslm_shards.tokenizer import train_tokenizer
 
 TRICKY = [
     "def f(x):\n\treturn x  \n",
@@ -86,7 +86,7 @@ def test_rebuild_needs_overwrite(tiny_shards, code_corpus, tmp_path):
     (["--source", "web:/tmp"], "expected code:FOLDER"),
 ])
 def test_cli_bad_source_is_one_line(tmp_path, args, message):
-    cmd = [sys.executable, "-m", "shards.cli", "build", *args, "--tokenizer", "t.json", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "dslm_shards.cli", "build", *args, "--tokenizer", "t.json", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
@@ -94,7 +94,7 @@ def test_cli_bad_source_is_one_line(tmp_path, args, message):
 
 def test_cli_empty_source_for_tokenizer(tmp_path):
     (tmp_path / "src").mkdir()
-    cmd = [sys.executable, "-m", "shards.cli", "tokenizer", "--source", f"code:{tmp_path / 'src'}",
+    cmd = [sys.executable, "-m", "dslm_shards.cli", "tokenizer", "--source", f"code:{tmp_path / 'src'}",
            "--out", str(tmp_path / "tok.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and "sources are empty" in proc.stderr.splitlines()[-1]
@@ -170,7 +170,7 @@ def test_tokens_dropped_at_stream_ends_are_counted_and_a_language_without_a_samp
 
 def test_the_summary_shows_the_dropped_tokens(tiny_shards, tmp_path):
     root = small_tree(tmp_path / "tree")
-    cmd = [sys.executable, "-m", "shards.cli", "build", "--source", f"code:{root}", "--tokenizer",
+    cmd = [sys.executable, "-m", "dslm_shards.cli", "build", "--source", f"code:{root}", "--tokenizer",
            str(tiny_shards[0] / "tokenizer.json"), "--out", str(tmp_path / "out"), "--seq-len", "64",
            "--val-fraction", "0", "--workers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from dslm.errors import DslmError
-from shards.filters import (
+from dslm_shards.filters import (
     DROP_REASONS,
     DocumentFilter,
     FilterConfig,
@@ -14,7 +14,7 @@ from shards.filters import (
     strip_header,
     text_digest,
 )
-from shards.sources import Document
+from dslm_shards.sources import Document
 
 BODY = "import os\n\n\ndef main():\n    return os.getcwd()\n"
 

@@ -15,11 +15,11 @@ import pytest
 import webdataset as wds
 
 from dslm.errors import DslmError
-from shards.build import ShardBuild, ShardConfig, build_shards, copies, token_dtype
-from shards.journal import DIGESTS_NAME, JOURNAL_NAME, load_state
-from shards.sources import CodeSource
-from shards.verify import verify_build
-from shards.writer import ShardWriter
+from dslm_shards.build import ShardBuild, ShardConfig, build_shards, copies, token_dtype
+from dslm_shards.journal import DIGESTS_NAME, JOURNAL_NAME, load_state
+from dslm_shards.sources import CodeSource
+from dslm_shards.verify import verify_build
+from dslm_shards.writer import ShardWriter
 
 
 def config(tiny_shards, out, **overrides):
@@ -215,7 +215,8 @@ def test_killed_build_resumes_from_the_command_line(tiny_shards, code_corpus, tm
     last.parent.mkdir()
     shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py", last)
     roots = [code_corpus / "email", code_corpus / "json", last.parent]
-    cmd = [sys.executable, "-m", "shards.cli", "build", *(a for root in roots for a in ("--source", f"code:{root}")),
+    cmd = [sys.executable, "-m", "dslm_shards.cli", "build",
+           *(a for root in roots for a in ("--source", f"code:{root}")),
            "--tokenizer", str(tiny_shards[0] / "tokenizer.json"), "--seq-len", "16", "--samples-per-shard", "50",
            "--workers", "1"]
     whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, text=True, check=True)

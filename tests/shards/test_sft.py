@@ -25,8 +25,8 @@ from dslm.data.templates import IM_END, IM_START, TEMPLATES, Framer, reverse_wor
 from dslm.data.tokens import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import sha256_file
-from shards.sft import WARNINGS_PER_FILE, RecordFields, SftConfig, build_sft_shards
-from shards.writer import ShardWriter
+from dslm_shards.sft import WARNINGS_PER_FILE, RecordFields, SftConfig, build_sft_shards
+from dslm_shards.writer import ShardWriter
 
 IDS = {token: SPECIAL_TOKENS.index(token) for token in SPECIAL_TOKENS}
 ROLE_OF = {IDS[role_marker(role)]: role for role in ("instruction", "response")}
@@ -58,7 +58,8 @@ def build(tmp_path, tok_path, sources, **settings):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "shards.cli", "sft", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dslm_shards.cli", "sft", *map(str, args)], capture_output=True,
+                          text=True)
 
 
 def read_samples(out, manifest, split="train"):
@@ -356,7 +357,7 @@ def test_a_rerun_removes_what_an_interrupted_run_left(tmp_path, tok_path, alpaca
 
 def test_inspect_shows_the_targets(tmp_path, tok_path, alpaca, problems):
     out, _ = build(tmp_path, tok_path, [alpaca], val_fraction=0.0)
-    proc = subprocess.run([sys.executable, "-m", "shards.cli", "inspect", str(out), "--show", "1"],
+    proc = subprocess.run([sys.executable, "-m", "dslm_shards.cli", "inspect", str(out), "--show", "1"],
                           capture_output=True, text=True, check=True)
     assert "template instruct, direction forward" in proc.stdout and " <pad>)\n" in proc.stdout
     first_target = f"targets (the tokens the loss is on)\n[1] {nfkc(problems[0][1])}{IM_END}\n"

@@ -12,8 +12,8 @@ import pytest
 
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
-from shards.filters import DocumentFilter
-from shards.sources import CodeSource, FineWebSource, Partition, TextSource, parse_source
+from dslm_shards.filters import DocumentFilter
+from dslm_shards.sources import CodeSource, FineWebSource, Partition, TextSource, parse_source
 
 
 def read(source):

@@ -15,12 +15,12 @@ from dslm.data.manifest import Manifest
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.files import exclusive
-from shards.build import ShardBuild, ShardConfig, build_shards, task_stamp, write_digests
-from shards.cli import dispatch, parser
-from shards.dedup import RECORD, find_duplicates, in_order, later_copies
-from shards.sources import Partition, parse_source
-from shards.tasks import STAGES, clear_build, merge_build
-from shards.verify import verify_build
+from dslm_shards.build import ShardBuild, ShardConfig, build_shards, task_stamp, write_digests
+from dslm_shards.cli import dispatch, parser
+from dslm_shards.dedup import RECORD, find_duplicates, in_order, later_copies
+from dslm_shards.sources import Partition, parse_source
+from dslm_shards.tasks import STAGES, clear_build, merge_build
+from dslm_shards.verify import verify_build
 from tests.conftest import STDLIB, TINY_SEQ_LEN
 
 PLANTED = {"json/decoder.py": "email/zz_copy_of_decoder.py", "email/utils.py": "json/aa_copy_of_utils.py",
@@ -228,8 +228,8 @@ def test_merge_names_a_task_that_has_not_finished(corpus, tmp_path):
 
 def test_the_tokenizer_sample_spans_the_source(tmp_path):
     """Its runs start at even places in the source, not all at its first files."""
-    from shards.build import TokenizerSample
-    from shards.filters import DocumentFilter
+    from dslm_shards.build import TokenizerSample
+    from dslm_shards.filters import DocumentFilter
 
     for i in range(40):  # 570 bytes each
         (tmp_path / f"{i:02d}.txt").write_text("".join(f"document {i:02d} says the quick brown fox jumps over "

@@ -10,8 +10,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from dslm.errors import DslmError
-from shards.tokenizer import (MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SAMPLE_PIECE_CHARS, SAMPLE_RUN_CHARS, sample_pieces,
-                              train_tokenizer)
+from dslm_shards.tokenizer import (MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SAMPLE_PIECE_CHARS, SAMPLE_RUN_CHARS, sample_pieces,
+                                   train_tokenizer)
 
 RUNS = re.compile(r"\S+|\s+")
 

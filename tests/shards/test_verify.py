@@ -3,7 +3,7 @@ import subprocess
 import sys
 import tarfile
 
-from shards.verify import count_samples, verify_build
+from dslm_shards.verify import count_samples, verify_build
 
 
 def copy_build(tiny_shards, tmp_path):
@@ -46,17 +46,17 @@ def test_truncated_corrupted_and_missing_shards_are_named(tiny_shards, tmp_path)
 
 def test_verify_cli_exit_status(tiny_shards, tmp_path):
     out, manifest = copy_build(tiny_shards, tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "shards.cli", "verify", str(out)], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "dslm_shards.cli", "verify", str(out)], capture_output=True, text=True)
     assert ok.returncode == 0 and "match the manifest" in ok.stdout
     name = manifest.split("train")[0].name
     cut_after_member(out / name, keep=2)
-    bad = subprocess.run([sys.executable, "-m", "shards.cli", "verify", str(out)], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "dslm_shards.cli", "verify", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and f"BAD {name}:" in bad.stdout
     assert bad.stderr.strip().count("\n") == 0 and "do not match" in bad.stderr
 
 
 def test_inspect_prints_stats_and_samples(tiny_shards):
     out, manifest = tiny_shards
-    proc = subprocess.run([sys.executable, "-m", "shards.cli", "inspect", str(out), "--show", "1"],
+    proc = subprocess.run([sys.executable, "-m", "dslm_shards.cli", "inspect", str(out), "--show", "1"],
                           capture_output=True, text=True, check=True)
     assert "tokens/byte" in proc.stdout and "--- sample 0\n<bos>" in proc.stdout

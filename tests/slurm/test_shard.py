@@ -11,7 +11,7 @@ import pytest
 
 from dslm.data.manifest import Manifest
 from dslm.metrics import read_scalars
-from shards.journal import JOURNAL_NAME
+from dslm_shards.journal import JOURNAL_NAME
 from tests.conftest import STDLIB
 from tests.shards.test_tasks import same_documents
 
