@@ -32,6 +32,9 @@ FILE_SUFFIXES = {"safetensors", "onnx", "json", "yaml", "py", "csv", "txt", "npy
 TOP_FOLDERS = ("dslm", "shards", "eval", "launch", "slurm", "bench", "tests", "ds_configs", "local", "docs")
 """A word in a page that starts with one of these folders and ends in a file suffix or "/" names a
 file or folder of the repository (`eval/val_loss` is a TensorBoard scalar)."""
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".toml", ".sh", ".json", ".txt", ".cfg", ""}
+SKIPPED_FOLDERS = {".git", ".venv", ".whl", "data", "runs", "__pycache__", ".pytest_cache"}
+"""What the project's own files are not: version control, installs, and what runs write."""
 SHELL_BREAKS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "(", ")", "do", "then"}
 
 
@@ -285,7 +288,9 @@ def wrong_links() -> list[str]:
                 path, _, anchor = target.partition("#")
                 file = (page.parent / path).resolve() if path else page
                 where = f"{shown(page)}:{i + 1}: {target}"
-                if not file.exists():
+                if not file.is_relative_to(REPO if page.is_relative_to(REPO) else page.parent):
+                    wrong.append(f"{where}: outside the repository")
+                elif not file.exists():
                     wrong.append(f"{where}: no such file")
                 elif anchor and file.suffix == ".md" and anchor not in {slug(h) for _, h in headings(file.read_text())}:
                     wrong.append(f"{where}: no such heading in {shown(file)}")
@@ -308,6 +313,13 @@ def test_every_relative_link_resolves():
     assert wrong_links() == []
 
 
+def test_no_file_points_outside_the_repository():
+    """The maintainers' notes beside the repository are not part of it: nothing may cite them."""
+    files = [path for path in REPO.rglob("*") if path.is_file() and path.suffix in TEXT_SUFFIXES
+             and not set(path.relative_to(REPO).parts) & SKIPPED_FOLDERS]
+    assert [str(path.relative_to(REPO)) for path in files if re.search(r"\.\./shared\b", path.read_text())] == []
+
+
 def test_the_checks_see_what_they_check(tmp_path, monkeypatch):
     """Each check finds a planted mistake, so an empty list means the docs are right, not that
     nothing was looked at."""
@@ -315,7 +327,7 @@ def test_the_checks_see_what_they_check(tmp_path, monkeypatch):
     page.write_text("\n".join([
         "# Training", "",
         "Run `dslm-train --resum auto train.lr=1e-3 train.lrr=1 nme=x`; see `train.lora.rnak`,",  # line 3
-        "`--nproc-per-node 2` and `--no-such-flag`, [a](missing.md), [b](#training), [c](#nowhere).",
+        "`--nproc-per-node 2` and `--no-such-flag`, [a](missing.md), [b](#training), [c](#nowhere), [d](../x.md).",
         "`dslm-evaluate`, `test_nothing_like_this`, `dslm/nothing.py`, `dslm/config.py`, `dslm-local`,",
         "and a span over a line break: `dslm-eval runs/NAME",
         "--nope`.", "",
@@ -332,7 +344,8 @@ def test_the_checks_see_what_they_check(tmp_path, monkeypatch):
     assert wrong_keys() == ["page.md:3: train.lrr is not a config key (dslm-train --help-config)",
                             "page.md:3: nme=x sets no config key",
                             "page.md:3: train.lora.rnak is not a config key (dslm-train --help-config)"]
-    assert wrong_links() == ["page.md:4: missing.md: no such file", "page.md:4: #nowhere: no such heading in page.md"]
+    assert wrong_links() == ["page.md:4: missing.md: no such file", "page.md:4: #nowhere: no such heading in page.md",
+                             "page.md:4: ../x.md: outside the repository"]
     assert wrong_names() == ["page.md:5: dslm-evaluate is no command", "page.md:5: no test is named test_nothing_like_this",
                              "page.md:5: dslm/nothing.py is not in the repository"]
 
