@@ -1,6 +1,7 @@
 """The manual says only what is true: every dslm command and option that README.md and docs/*.md
-show is in that command's --help, every config key they name is a field of the run config, and
-every relative link (and #anchor) they hold leads somewhere."""
+show is in that command's --help (its entry point's, as pyproject.toml names it), every config key
+they name is a field of the run config, every test and repository path they name exists, and every
+relative link (and #anchor) they hold leads to a file of the repository."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-
-import pytest
 
 from dslm.config import config_keys
 
@@ -221,7 +220,7 @@ def wrong_options() -> list[str]:
                 wrong += [f"{span.where()}: {command} has no {f}" for a in args if (f := flag(a))
                           and f not in options(command)]
             first = words(span.text)[:1]
-            if span.inline and not runs and first and flag(first[0]):  # a bare `--option`: of its section's commands
+            if span.inline and not runs and first and flag(first[0]):  # a bare `--option`: its section's commands
                 named = by_section.get(span.section) or commands_named(text)
                 wrong += [f"{span.where()}: no command of its section ({', '.join(sorted(named)) or 'none'}) has {f}"
                           for f in filter(None, map(flag, words(span.text))) if not any(f in options(c) for c in named)]
@@ -266,8 +265,8 @@ def wrong_keys() -> list[str]:
                     wrong.append(f"{span.where()}: {key} is not a config key (dslm-train --help-config)")
             for command, args in invocations(span):  # top-level keys in dslm-train's overrides (name=...)
                 if command in ("dslm-train", "dslm-submit train"):
-                    wrong += [f"{span.where()}: {a} sets no config key" for a in args if
-                              re.fullmatch(r"[a-z_]+", key := a.partition("=")[0]) and "=" in a and key not in known_keys()]
+                    wrong += [f"{span.where()}: {a} sets no config key" for a in args if "=" in a
+                              and re.fullmatch(r"[a-z_]+", key := a.partition("=")[0]) and key not in known_keys()]
     return wrong
 
 
@@ -346,7 +345,8 @@ def test_the_checks_see_what_they_check(tmp_path, monkeypatch):
                             "page.md:3: train.lora.rnak is not a config key (dslm-train --help-config)"]
     assert wrong_links() == ["page.md:4: missing.md: no such file", "page.md:4: #nowhere: no such heading in page.md",
                              "page.md:4: ../x.md: outside the repository"]
-    assert wrong_names() == ["page.md:5: dslm-evaluate is no command", "page.md:5: no test is named test_nothing_like_this",
+    assert wrong_names() == ["page.md:5: dslm-evaluate is no command",
+                             "page.md:5: no test is named test_nothing_like_this",
                              "page.md:5: dslm/nothing.py is not in the repository"]
 
 

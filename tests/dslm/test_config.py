@@ -166,7 +166,8 @@ def test_help_config_prints_a_sections_keys_with_type_default_and_docstring(caps
     from dslm.train import main
     main(["--help-config", "train.lora"])
     out = capsys.readouterr().out
-    assert "train.lora.alpha: float = 16.0\n    LoRA's alpha, > 0: an adapter's output is scaled by alpha / rank." in out
+    assert "train.lora.alpha: float = 16.0\n    LoRA's alpha, > 0: an adapter's output is scaled by alpha / rank." \
+        in out
     assert 'train.lora.target_modules: list[str] = ["qkv", "proj", "fc"]' in out
     assert re.findall(r"^([a-z_.\[\]]+): ", out, re.M) == [
         "train.lora.rank", "train.lora.alpha", "train.lora.dropout", "train.lora.target_modules"]
