@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import json
 import os
+import textwrap
+import typing
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -84,11 +90,76 @@ class RunConfig:
         return RunDir(Path(self.runs_dir) / self.name)
 
 
+@dataclass(frozen=True)
+class ConfigKey:
+    """One key of the run config as recipes and overrides spell it, with what `dslm-train
+    --help-config` prints of it."""
+
+    name: str
+    """Dotted, e.g. "train.lora.rank"; an entry of a list of mappings is "data.mix[].weight"."""
+    type: str
+    """The field's annotation as written, e.g. "int | None"."""
+    default: object
+    """The value a run has when neither the recipe nor an override sets it."""
+    doc: str
+    """The field's docstring (the string literal right below it); "" when it has none."""
+
+
+def fields_as_written(cls: type) -> dict[str, tuple[str, str]]:
+    """field name -> (its annotation, the docstring below it or ""), as written in the source of
+    dataclass `cls` and of the dataclasses it extends (a subclass's field wins), read with `ast`."""
+    found: dict[str, tuple[str, str]] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, [*body[1:], None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = (after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                       and isinstance(after.value.value, str) else "")
+                found[node.target.id] = (ast.unparse(node.annotation), inspect.cleandoc(doc))
+    return found
+
+
+def config_keys(cls: type = RunConfig, prefix: str = "") -> list[ConfigKey]:
+    """Every key of dataclass `cls` (by default the whole run config) in the order the classes
+    declare them, a nested dataclass's keys under its field's name (`train.lora.rank`) and those of
+    a list of dataclasses under `NAME[]` (`data.mix[].weight`)."""
+    written, hints, keys = fields_as_written(cls), typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else None
+        if dataclasses.is_dataclass(default):
+            keys += config_keys(type(default), f"{prefix}{f.name}.")
+            continue
+        annotation, doc = written[f.name]
+        keys.append(ConfigKey(prefix + f.name, annotation, default, doc))
+        if dataclasses.is_dataclass(item):
+            keys += config_keys(item, f"{prefix}{f.name}[].")
+    return keys
+
+
+def describe_config(section: str = "", width: int = 100) -> str:
+    """`dslm-train --help-config [SECTION]`: each key of the run config (or of SECTION: `model`,
+    `train.lora`, ...) with its type, default and docstring. Raises DslmError for an unknown SECTION."""
+    keys = [k for k in config_keys() if not section or k.name.startswith(section + ".") or k.name == section]
+    if not keys:
+        sections = sorted({k.name.rpartition(".")[0] for k in config_keys()} - {""})
+        raise DslmError(f"--help-config {section}: no such section; the sections are {', '.join(sections)}")
+    lines = textwrap.wrap("The run config's keys, set in a recipe or as key=value overrides (KEY: TYPE = "
+                          "DEFAULT); a model size left at null comes from model.preset.", width)
+    for key in keys:
+        lines.append(f"{key.name}: {key.type} = {json.dumps(key.default)}")
+        lines += textwrap.wrap(" ".join(key.doc.split()), width, initial_indent="    ", subsequent_indent="    ",
+                               break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
 def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
     """Defaults < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`); model sizes not
     set anywhere come from model.preset. A run's config.yaml as the recipe names that run: its name
-    and runs_dir are its folder's, unless an override sets them. Raises DslmError (one line) for an unknown key, a value
-    of the wrong type or out of its range."""
+    and runs_dir are its folder's, unless an override sets them. Raises DslmError (one line) for an
+    unknown key, a value of the wrong type or out of its range."""
     try:
         conf = schema()
         layers = [(load_recipe(recipe), str(recipe))] if recipe else []

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from dslm.checkpoint import Checkpointer, TrainState
 from dslm.cli import ArgumentParser, run_command
-from dslm.config import Origin, RunConfig, absolute_paths, check_against_manifest, load_config, save_config, to_yaml
+from dslm.config import (Origin, RunConfig, absolute_paths, check_against_manifest, describe_config, load_config,
+                         save_config, to_yaml)
 from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSamples, ensure_file_limit, train_loader,
                               train_order)
 from dslm.data.manifest import Manifest
@@ -71,8 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                           "as they print it (without it, each rank's goes to "
                                                           "RUN_DIR/logs/rankR.log)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
+                   help="print every config key (or those of SECTION: model, data, train, train.lora, ...) with "
+                        "its type, default and meaning, and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny")
+                   help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny "
+                        "(the keys: dslm-train --help-config)")
     return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
@@ -365,6 +370,9 @@ def report(cfg: RunConfig, env: DistEnv, log: Path | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.help_config is not None:
+        run_command("dslm-train", lambda: print(describe_config(args.help_config)))
+        return
     if args.nproc_per_node is not None:  # the launcher: each rank sets up its own output
         run_command("dslm-train", lambda: launch(args, argv))
         return

@@ -35,7 +35,7 @@ from dslm_local.prompts import read_prompt_set, read_text
 
 SEPARATOR = "-" * 40
 CARD_SAMPLER = {"strategy": "sample", "temperature": 0.8, "top_k": 200, "max_new_tokens": 500}
-"""--interactive's defaults: the BackChat card's sampler (../shared/seeds/002)."""
+"""--interactive's defaults: the sampler the BackChat model card gives (docs/architecture.md)."""
 PLAIN = {"strategy": "greedy", "temperature": 1.0, "top_k": 0, "max_new_tokens": 64}
 """The defaults otherwise."""
 SETTINGS = {"temp": "temperature", "top_k": "top_k", "tokens": "max_new_tokens"}

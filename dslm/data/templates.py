@@ -10,8 +10,8 @@ block is what the model is given.
 
 - `instruct` (instruction, then response): forward, the model answers the instruction; trained
   backward, it writes the instruction that leads to a given response.
-- `backchat` (response, then instruction, each reversed word by word), the BackChat card's
-  format (../shared/seeds/002): trained forward, the model reads a response and writes the
+- `backchat` (response, then instruction, each reversed word by word), the BackChat model's
+  format (docs/architecture.md, "The model cards"): trained forward, the model reads a response and writes the
   instruction, both word-reversed; generation turns the words back.
 """
 

@@ -1,9 +1,11 @@
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from dslm.config import check_against_manifest, load_config
+from dslm.config import check_against_manifest, config_keys, load_config
 from dslm.engine import load_ds_config
 from dslm.errors import DslmError
 
@@ -122,3 +124,68 @@ def test_the_backchat_recipe_has_the_cards_settings():
     cfg = load_config(Path(__file__).resolve().parents[2] / "launch/recipes/backchat-pretrain.yaml", [])
     assert (cfg.model.vocab_size, cfg.model.block_size, cfg.data.direction) == (8888, 1024, "backward")
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.lr, cfg.train.schedule) == (64, 4, 3e-4, "cosine")
+
+
+@dataclass
+class Inner:
+    c: str = "x"
+    """C's docstring."""
+
+
+@dataclass
+class Base:
+    a: int = 1
+    """A's docstring,
+    on two lines."""
+
+
+@dataclass
+class Example(Base):
+    b: list[str] = field(default_factory=lambda: ["p"])
+    inner: Inner = field(default_factory=Inner)
+    """Not a key: its fields are."""
+    items: list[Inner] = field(default_factory=list)
+    """Entries, each with c."""
+
+
+def test_config_keys_read_each_fields_docstring_from_the_source_inherited_and_nested_too():
+    keys = {k.name: (k.type, k.default, k.doc) for k in config_keys(Example)}
+    assert keys == {"a": ("int", 1, "A's docstring,\non two lines."), "b": ("list[str]", ["p"], ""),
+                    "inner.c": ("str", "x", "C's docstring."), "items": ("list[Inner]", [], "Entries, each with c."),
+                    "items[].c": ("str", "x", "C's docstring.")}
+
+
+def test_every_key_of_the_run_config_has_a_docstring():
+    keys = config_keys()
+    assert {"name", "model.n_layer", "data.mix[].weight", "train.lr", "train.lora.rank", "origin.sha256"} <= {
+        k.name for k in keys}  # nested, listed and inherited (OptimConfig) fields all appear
+    assert [k.name for k in keys if not k.doc] == []
+
+
+def test_help_config_prints_a_sections_keys_with_type_default_and_docstring(capsys):
+    from dslm.train import main
+    main(["--help-config", "train.lora"])
+    out = capsys.readouterr().out
+    assert "train.lora.alpha: float = 16.0\n    LoRA's alpha, > 0: an adapter's output is scaled by alpha / rank." \
+        in out
+    assert 'train.lora.target_modules: list[str] = ["qkv", "proj", "fc"]' in out
+    assert re.findall(r"^([a-z_.\[\]]+): ", out, re.M) == [
+        "train.lora.rank", "train.lora.alpha", "train.lora.dropout", "train.lora.target_modules"]
+    main(["--help-config"])
+    assert "model.n_layer: int | None = null\n    Transformer blocks" in capsys.readouterr().out
+
+
+def test_help_config_of_an_unknown_section_is_one_line_naming_the_sections(capsys):
+    from dslm.train import main
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help-config", "trian"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("dslm-train: error: --help-config trian: no such section; the sections are "
+                                       "data, data.mix[], model, origin, train, train.lora\n")
+
+
+def test_dslm_train_help_names_help_config(capsys):
+    from dslm.train import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--help-config [SECTION]" in capsys.readouterr().out
