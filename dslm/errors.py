@@ -1,22 +1,10 @@
-"""The exceptions for failures that are not bugs. Commands report each as one line on stderr and
-exit with its `exit_status` (dslm.cli lists them), so that a wrapper can tell bad input (2, fix
-it first) from a failure that running again can get past (69), a damaged shard (65) and a
-checkpoint that could not be written (74). DslmError itself lives in dslm_local.errors, for
+"""The exceptions of training's failures that are not bugs, each with its exit status. The
+statuses, and DslmError itself, live in dslm_local.errors (the one table of them), for
 dslm-complete, which has no torch."""
 
-from dslm_local.errors import EXIT_BAD_INPUT, DslmError
+from dslm_local.errors import EXIT_BAD_DATA, EXIT_RETRY, EXIT_WRITE_FAILED, DslmError
 
-__all__ = ["EXIT_BAD_DATA", "EXIT_BAD_INPUT", "EXIT_RETRY", "EXIT_WRITE_FAILED", "BadShard", "DslmError", "RankFailure",
-           "WriteError"]
-
-EXIT_BAD_DATA = 65
-"""sysexits' EX_DATAERR: a training shard does not match its manifest; the run stopped after a
-checkpoint, and resumes once the shard is rebuilt (or with data.on_bad_shard=skip)."""
-
-EXIT_RETRY = 69
-"""sysexits' EX_UNAVAILABLE: another rank or the rendezvous did not answer; run again (requeue)."""
-EXIT_WRITE_FAILED = 74
-"""sysexits' EX_IOERR: a checkpoint could not be written; free space before running again."""
+__all__ = ["BadShard", "DslmError", "RankFailure", "WriteError"]
 
 
 class RankFailure(DslmError):

@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 
 from dslm.errors import DslmError
+from dslm_local.errors import EXIT_STOPPED
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-EXIT_STOPPED = 75
-"""sysexits' EX_TEMPFAIL: stopped on request after a checkpoint; run again to continue."""
 
 
 class StartupStop(BaseException):

@@ -26,8 +26,8 @@ from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSam
 from dslm.data.manifest import Manifest
 from dslm.engine import (DistEnv, build_engine, describe, init_distributed, launched_ranks, load_ds_config,
                          timed_out_collective, zero_stage)
+from dslm.errors import BadShard, DslmError
 from dslm.files import atomic_copy, atomic_write_text
-from dslm.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, BadShard, DslmError
 from dslm.launcher import launch_ranks
 from dslm.logs import LibraryOutput
 from dslm.lora import add_adapters
@@ -35,13 +35,14 @@ from dslm.memory import estimate, free_memory, memory_problem
 from dslm.metrics import Metrics
 from dslm.mfu import device_peak_flops, flops_per_token
 from dslm.model import GPT
+from dslm.model_source import ModelSource, resolve_source
 from dslm.objective import next_token
 from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
-from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
+from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
-from dslm.model_source import ModelSource, resolve_source
 from dslm.weights import load_into, read_weights
+from dslm_local.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_STOPPED, exit_statuses
 
 OBJECTIVE = next_token
 """Every run's objective; the previous-token model is this one on reversed samples (data.direction)."""
@@ -58,9 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "dslm-submit pass on a requeue): the same, or, with none, start fresh, removing tags "
                         "never sealed and moving damaged ones into checkpoints/abandoned/; or a checkpoint "
                         "folder. Without it, a run directory that already holds checkpoints is an error. "
-                        "Exit statuses: 2 bad input, 65 a damaged shard (after a checkpoint; rebuild it, then resume), "
-                        "69 a rank or the rendezvous failed (run again), 74 a checkpoint could not be written (free "
-                        "space first), 75 stopped after a checkpoint")
+                        f"Exit statuses: {exit_statuses()}")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="start N ranks on this machine (CPU ranks, or one per GPU) and pass them the stop signals: "
                         "SIGTERM to the process group or Ctrl-C stops them at the next step boundary after a "

@@ -45,8 +45,8 @@ from submitit.core.utils import UncompletedJobError
 
 from dslm.cli import ArgumentParser, run_command
 from dslm.compat import has_method, require
-from dslm.errors import EXIT_RETRY, DslmError
-from dslm.stop import EXIT_STOPPED
+from dslm.errors import DslmError
+from dslm_local.errors import EXIT_RETRY, EXIT_STOPPED
 
 PROG = "dslm-submit"
 EXECUTORS = ("auto", "slurm", "local")

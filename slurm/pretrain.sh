@@ -28,8 +28,8 @@
 #SBATCH --output=slurm-%x-%j.out  # and RUN_DIR/logs/slurm-JOBID.out
 set -uo pipefail
 
-EXIT_STOPPED=75  # dslm.stop.EXIT_STOPPED
-EXIT_RETRY=69    # dslm.errors.EXIT_RETRY
+EXIT_STOPPED=75  # dslm_local.errors.EXIT_STOPPED
+EXIT_RETRY=69    # dslm_local.errors.EXIT_RETRY
 cd "$SLURM_SUBMIT_DIR"
 BIN=${DSLM_BIN:-$SLURM_SUBMIT_DIR/.venv/bin}
 DS_CONFIG=${DSLM_DS_CONFIG:-ds_configs/zero2.json}

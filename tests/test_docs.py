@@ -352,3 +352,15 @@ def test_the_checks_see_what_they_check(tmp_path, monkeypatch):
 
 def test_the_readme_stays_short():
     assert (REPO / "README.md").stat().st_size < 16_000
+
+
+def test_every_exit_status_is_written_as_dslm_local_errors_has_it():
+    """The one table of exit statuses (dslm_local.errors) is the docs' table row for row, and the
+    numbers the shell wrappers compare with."""
+    from dslm_local import errors
+
+    table = (REPO / "docs" / "faults.md").read_text().partition("## Exit statuses")[2].partition("\n## ")[0]
+    assert [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)] == list(errors.EXIT_STATUSES)
+    for script in sorted((REPO / "slurm").glob("*.sh")):
+        for name, value in re.findall(r"^(EXIT_[A-Z_]+)=(\d+)", script.read_text(), re.M):
+            assert getattr(errors, name) == int(value), f"{script.name}: {name}={value}"

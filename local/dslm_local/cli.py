@@ -1,5 +1,5 @@
 """How every dslm command, dslm-complete included, reports a failure that is not a bug: one clear
-line on stderr and an exit status (dslm.cli lists them all)."""
+line on stderr and an exit status (dslm_local.errors lists them all)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from dslm_local.errors import EXIT_BAD_INPUT, DslmError
+from dslm_local.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, DslmError
 
 # Errors about the user's input and files; anything else is a bug and keeps its traceback.
 USER_ERRORS = (DslmError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -35,10 +35,10 @@ def run_command(prog: str, main: Callable[[], None], report: Callable[[str], Non
         sys.exit(e.exit_status if isinstance(e, DslmError) else EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         (report or print_error)(f"{prog}: interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:  # the reader went away (`| head`): stop as a shell pipeline does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
-        sys.exit(141)
+        sys.exit(EXIT_BROKEN_PIPE)
 
 
 def print_error(line: str) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from dslm.checkpoint import load_fp32_weights
 from dslm.model import ModelConfig
-from dslm.stop import EXIT_STOPPED
+from dslm_local.errors import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
