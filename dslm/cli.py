@@ -6,15 +6,6 @@ that dslm-complete, which has no torch, reports as every command does.
 
 from __future__ import annotations
 
-import sys
-
-from tqdm import tqdm
-
 from dslm_local.cli import ArgumentParser, run_command
 
-__all__ = ["ArgumentParser", "run_command", "warn"]
-
-
-def warn(prog: str, line: str) -> None:
-    """One warning line on stderr that does not break a progress bar."""
-    tqdm.write(f"{prog}: warning: {line}", file=sys.stderr)
+__all__ = ["ArgumentParser", "run_command"]

@@ -17,11 +17,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dslm.cli import warn
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
+from dslm.logs import warning
 from dslm.model import SIZES, ModelConfig
 from dslm.run_dir import RunDir
 from dslm.trainer import TrainConfig
@@ -235,7 +235,7 @@ def rename_old_keys(conf: DictConfig, source: str) -> None:
             continue
         if new in model:
             raise DslmError(f"{source} set both model.{old} and model.{new} (its new name); keep model.{new}")
-        warn("dslm", f"{source}: model.{old} is now model.{new}; read as such")
+        warning(f"{source}: model.{old} is now model.{new}; read as such")
         model[new] = model.pop(old)
 
 
@@ -310,7 +310,7 @@ def read_run_config(run: RunDir) -> RunConfig:
     relative = {key: path for key, path in outside_paths(cfg).items() if not Path(path).is_absolute()}
     if relative and run.config.absolute() not in WARNED_RELATIVE:
         WARNED_RELATIVE.add(run.config.absolute())
-        warn("dslm", f"{run.config} records {', '.join(f'{k}={v}' for k, v in relative.items())} relative to the "
+        warning(f"{run.config} records {', '.join(f'{k}={v}' for k, v in relative.items())} relative to the "
                      f"directory it was trained in (a run written before dslm recorded them absolute); read from "
                      f"{Path.cwd()}")
     return cfg

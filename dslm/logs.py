@@ -34,9 +34,30 @@ from pathlib import Path
 from typing import TextIO
 
 import psutil
+from tqdm import tqdm
+
+from dslm_local.cli import command_name
 
 VERBOSE_HELP = ("print what DeepSpeed, torch and the tools they run print, as they print it (without it: "
                 "hidden, and shown only before the traceback of a crash)")
+
+
+def rank() -> int:
+    """This process's rank as its launcher set it (RANK); 0 in a command without ranks."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def info(line: str) -> None:
+    """One line of dslm's own on stdout, printed by rank 0 alone."""
+    if rank() == 0:
+        print(line, flush=True)
+
+
+def warning(line: str, every_rank: bool = False) -> None:
+    """One line `COMMAND: warning: LINE` on stderr, printed by rank 0 alone unless `every_rank` (what
+    only this rank saw), written so that it does not break a progress bar (tqdm.write)."""
+    if every_rank or rank() == 0:
+        tqdm.write(f"{command_name()}: warning: {line}", file=sys.stderr)
 
 
 def library_stream() -> TextIO:

@@ -33,7 +33,6 @@ from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState,
                              list_checkpoints, load_rng_state, load_weights_only, newest_resumable, resume_problem,
                              rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir,
                              written_ds_config)
-from dslm.cli import warn
 from dslm.config import Origin, RunConfig, read_run_config
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
@@ -41,7 +40,7 @@ from dslm.data.mix import Interleave, MixBase
 from dslm.engine import DistEnv, zero_stage
 from dslm.errors import DslmError
 from dslm.files import atomic_path
-from dslm.logs import libraries, library_stream
+from dslm.logs import info, libraries, library_stream, warning
 from dslm.model import SIZES
 from dslm.optim import apply_schedule
 from dslm.run_dir import run_of_tag
@@ -183,10 +182,10 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
         return tag_dir
     tag_dir, skipped = newest_resumable(folder)
     for line in skipped:
-        warn("dslm-train", line)
+        warning(line)
     if tag_dir is None and resume == "if-any":
         for line in clear_for_fresh_start(folder):
-            warn("dslm-train", line)
+            warning(line)
         print(f"--resume if-any: no intact checkpoint in {folder}: starting fresh at step 0", flush=True)
     elif tag_dir is None:
         raise DslmError(f"--resume auto: no intact checkpoint in {folder}")
@@ -372,17 +371,16 @@ def continue_data(state: TrainState, data: DataConfig, manifests: list[Manifest]
     if state.shuffle_window and state.shuffle_window != data.shuffle_window:
         raise DslmError(f"data.shuffle_window={data.shuffle_window} differs from {state.shuffle_window}, the order "
                         f"the run's cursor walks; set it back (it is fixed for a run)")
-    if not state.shuffle_window and env.rank == 0:
-        warn("dslm-train", "this checkpoint is from before the shard-window order (data.shuffle_window): the rest "
+    if not state.shuffle_window:
+        warning("this checkpoint is from before the shard-window order (data.shuffle_window): the rest "
                            "of its epoch is read in the new order, so some of its samples may repeat or be missed")
     weights = [source.weight for _, source in data.sources()]
     weights_then = [source["weight"] for source in state.mix.get("sources", [])]
     if not data.mix or normalized(weights) == normalized(weights_then):
         return dataclasses.replace(state, shuffle_window=data.shuffle_window)
     cursors = Interleave(weights_then, mix_base(state)).cursors(state.samples)
-    if env.rank == 0:
-        print(f"data.mix weights {weights_then} -> {weights} from sample {state.samples:,} on; each source continues "
-              f"from its cursor ({', '.join(f'{n} {c:,}' for n, c in zip(names, cursors))})", flush=True)
+    info(f"data.mix weights {weights_then} -> {weights} from sample {state.samples:,} on; each source continues "
+         f"from its cursor ({', '.join(f'{n} {c:,}' for n, c in zip(names, cursors))})")
     return dataclasses.replace(state, shuffle_window=data.shuffle_window,
                                mix=mix_state(data, manifests, MixBase(state.samples, cursors)))
 

@@ -29,7 +29,7 @@ from dslm.engine import (DistEnv, build_engine, describe, init_distributed, laun
 from dslm.errors import BadShard, DslmError
 from dslm.files import atomic_copy, atomic_write_text
 from dslm.launcher import launch_ranks
-from dslm.logs import LibraryOutput
+from dslm.logs import LibraryOutput, info
 from dslm.lora import add_adapters
 from dslm.memory import estimate, free_memory, memory_problem
 from dslm.metrics import Metrics
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
             raise
     except StartupStop as e:  # every rank got it (the peer a rank waited for may have ended first): one line, rank 0's
         raise (StoppedAtStartup(e.signum) if os.environ.get("RANK", "0") == "0" else SystemExit(EXIT_STOPPED)) from None
-    report(cfg, env, output.path)
+    report(cfg, output.path)
     dist.destroy_process_group()
     if stopped:
         raise stop_exit(stopped, env, cfg)
@@ -142,9 +142,8 @@ def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
             where, then = "before its first step (no checkpoint)", "run the same command again"
         return BadShard(f"{'; '.join(stopped.damaged)}. The run stopped {where}: rebuild the shard, then {then} (or "
                         f"set data.on_bad_shard=skip)")
-    if env.rank == 0:
-        print(f"stopped at step {stopped.step} on {signal.Signals(stopped.signal).name} after a checkpoint; "
-              f"continue with --resume auto", flush=True)
+    info(f"stopped at step {stopped.step} on {signal.Signals(stopped.signal).name} after a checkpoint; continue "
+         f"with --resume auto")
     return SystemExit(EXIT_STOPPED)
 
 
@@ -172,14 +171,13 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, manifests: lis
     ds_config = load_ds_config(cfg.ds_config, cfg.train, env.world_size)
     resume = plan_resume(args.resume, cfg, manifests, env, zero_stage(ds_config))
     model = build_model(cfg)
-    cfg.origin = initial_weights(cfg, resume, model, manifest, env)
+    cfg.origin = initial_weights(cfg, resume, model, manifest)
     add_adapters(model, cfg.train.lora)  # train.lora: around the initial weights; a resume loads its own adapters
-    frozen = freeze_parameters(model, cfg, env)
+    frozen = freeze_parameters(model, cfg)
     mfu_per_token = mfu_scale(model, manifest.seq_len, env.world_size)  # before ZeRO-3 partitions the weights
     test_pause("start-up")
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
-    if env.rank == 0:
-        print(describe(engine, env.world_size), flush=True)
+    info(describe(engine, env.world_size))
     state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, cfg.data, manifests, frozen)
     states.append(state)
     save_run_config(cfg, env, manifest, ds_config)  # only now: a refused or failed start leaves the run's config.yaml as it was
@@ -276,25 +274,23 @@ def build_model(cfg: RunConfig) -> GPT:
     return GPT(cfg.model)
 
 
-def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, manifest: Manifest, env: DistEnv) -> Origin:
+def initial_weights(cfg: RunConfig, resume: Resume | None, model: GPT, manifest: Manifest) -> Origin:
     """The run's origin. A resumed run keeps its own (its checkpoint's weights load later);
     otherwise `train.init_from` names the weights to copy into `model` now."""
     if resume is not None:
-        if cfg.train.init_from and env.rank == 0:
-            print(f"train.init_from={cfg.train.init_from} is ignored: --resume continues the run from "
-                  f"{resume.tag_dir}", flush=True)
+        if cfg.train.init_from:
+            info(f"train.init_from={cfg.train.init_from} is ignored: --resume continues the run from {resume.tag_dir}")
         return resume.origin
     if not cfg.train.init_from:
         return Origin()
-    check_init_source(resolve_source(cfg.train.init_from), cfg, manifest, env)
+    check_init_source(resolve_source(cfg.train.init_from), cfg, manifest)
     _, weights, origin = read_weights(cfg.train.init_from)
     load_into(model, weights, origin.path)
-    if env.rank == 0:
-        print(f"initialized from {origin.path} (step {origin.step}, weights sha256 {origin.sha256})", flush=True)
+    info(f"initialized from {origin.path} (step {origin.step}, weights sha256 {origin.sha256})")
     return origin
 
 
-def check_init_source(source: ModelSource, cfg: RunConfig, manifest: Manifest, env: DistEnv) -> None:
+def check_init_source(source: ModelSource, cfg: RunConfig, manifest: Manifest) -> None:
     """The weights of `source` suit the run's shards: DslmError when they were trained with
     another tokenizer (their token ids would mean other text); a note when that cannot be known,
     or when they were trained in the other direction (rank 0)."""
@@ -303,26 +299,22 @@ def check_init_source(source: ModelSource, cfg: RunConfig, manifest: Manifest, e
     if tokenizers and manifest.tokenizer_sha256 not in tokenizers:
         raise DslmError(f"train.init_from={source.path} was trained with another tokenizer than the one of "
                         f"{cfg.data.shards}; build the shards with the base model's (--tokenizer)")
-    if env.rank != 0:
-        return
     if not tokenizers:
-        print(f"note: the shards {source.path} was trained on are gone, so its tokenizer cannot be checked against "
-              f"{cfg.data.shards}'s", flush=True)
+        info(f"note: the shards {source.path} was trained on are gone, so its tokenizer cannot be checked against "
+             f"{cfg.data.shards}'s")
     if (direction := source.framing().direction) != cfg.data.direction:
-        print(f"note: {source.path} was trained {direction}; this run reads {cfg.data.direction} (data.direction)",
-              flush=True)
+        info(f"note: {source.path} was trained {direction}; this run reads {cfg.data.direction} (data.direction)")
 
 
-def freeze_parameters(model: GPT, cfg: RunConfig, env: DistEnv) -> list[str]:
+def freeze_parameters(model: GPT, cfg: RunConfig) -> list[str]:
     """Freeze what train.freeze and train.freeze_blocks name, on top of what train.lora froze;
     print what trains (rank 0). Returns the names of all frozen parameters."""
     freeze(model, freeze_patterns(cfg.train))
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if env.rank == 0 and frozen:
+    if frozen:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         adapters = f"; LoRA adapters of rank {cfg.train.lora.rank}" if cfg.train.lora.rank else ""
-        print(f"trainable parameters: {trainable:,} of {model.num_params():,} ({len(frozen)} tensors frozen"
-              f"{adapters})", flush=True)
+        info(f"trainable parameters: {trainable:,} of {model.num_params():,} ({len(frozen)} tensors frozen{adapters})")
     return frozen
 
 
@@ -354,16 +346,14 @@ def mfu_scale(model: GPT, seq_len: int, world_size: int) -> float | None:
     return None if peak is None else flops_per_token(model, seq_len) / (peak * world_size)
 
 
-def report(cfg: RunConfig, env: DistEnv, log: Path | None) -> None:
+def report(cfg: RunConfig, log: Path | None) -> None:
     """Where the run's files are (rank 0); `log` is rank 0's log of the libraries' output (None with --verbose)."""
-    if env.rank != 0:
-        return
     run = cfg.run_dir
     lines = [f"run directory: {run.path}", f"  config:      {run.config}", f"  checkpoints: {run.checkpoints}"]
     if log is not None:
         lines.append(f"  logs:        {log.parent} (what DeepSpeed and torch printed, a file per rank)")
     lines.append(f"  tensorboard: tensorboard --logdir {run.tb}")
-    print("\n".join(lines), flush=True)
+    info("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:

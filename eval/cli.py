@@ -27,12 +27,12 @@ import torch
 from tokenizers import Tokenizer
 
 from dslm.checkpoint import list_checkpoints, seal_problem
-from dslm.cli import ArgumentParser, run_command, warn
+from dslm.cli import ArgumentParser, run_command
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
-from dslm.logs import VERBOSE_HELP, LibraryOutput
+from dslm.logs import VERBOSE_HELP, LibraryOutput, warning
 from dslm.metrics import Metrics
 from dslm.model_source import ModelSource, resolve_source
 from dslm.run_dir import RunDir
@@ -106,7 +106,7 @@ class ValData:
         self.samples = LabeledSamples(samples)
         self.documents = heldout_documents(self.samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
         if cfg.code and not self.documents:
-            warn(PROG, f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
+            warning(f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
                        f"predate per-sample languages): no code metrics")
 
 
@@ -177,7 +177,7 @@ def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
 
     results = {}
     if cfg.code and loaded.framing.direction == "backward":
-        warn(PROG, "exact_match and compile_success continue code forwards; this model reads backward "
+        warning("exact_match and compile_success continue code forwards; this model reads backward "
                    "(data.direction=backward): skipped")
         return results
     if "exact_match" in cfg.metrics:
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> None:
     shards = source.shards(args.shards)
     cfg = eval_config(args)
     if not targets and not args.watch:
-        warn(PROG, f"{args.target} holds no sealed checkpoint yet")
+        warning(f"{args.target} holds no sealed checkpoint yet")
         return
     data = ValData(shards, cfg)
     device = parse_device(args.device)

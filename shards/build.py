@@ -16,11 +16,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, check_build_tokenizer, shard_problem
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
+from dslm.logs import warning
 from dslm.memory import USABLE, available_host_memory, gib
 from dslm_shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
                                records, write_digest_buckets)
@@ -433,7 +433,7 @@ def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None,
             progress.update(batch)
             if (part is None and batch.end.source != batch.source
                     and not build.stats[sources[batch.source].spec].documents):
-                warn("dslm-shard", f"source {sources[batch.source].spec!r} gave no documents to write")
+                warning(f"source {sources[batch.source].spec!r} gave no documents to write")
     manifest = Manifest(
         tokenizer=TOKENIZER_NAME if part is None else f"../{TOKENIZER_NAME}",
         tokenizer_sha256=sha256_file(cfg.tokenizer),
@@ -570,7 +570,7 @@ def start_or_resume(cfg: ShardConfig, home: Path, key: str, task: bool) -> Build
         roll_back_unjournaled(home, state)
     problem = None if state is None or cfg.overwrite else resume_problem(home, state)
     if problem:
-        warn("dslm-shard", f"cannot resume the unfinished build in {home} ({problem}); starting over")
+        warning(f"cannot resume the unfinished build in {home} ({problem}); starting over")
     if state is not None and (cfg.overwrite or problem):
         remove_unfinished_build(home, state)
         state = None

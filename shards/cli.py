@@ -7,11 +7,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from dslm.cli import ArgumentParser, run_command, warn
+from dslm.cli import ArgumentParser, run_command
 from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
+from dslm.logs import warning
 from dslm_shards.build import (BuildReport, ShardConfig, all_cores, build_shards, find_task_duplicates,
                                train_and_save_tokenizer, write_digests)
 from dslm_shards.sft import SFT_SUFFIXES, RecordFields, SftConfig, build_sft_shards
@@ -153,7 +154,7 @@ def dispatch(args: argparse.Namespace) -> None:
             print(f"{spec} [{language}]: {ratio:.3f} tokens/byte")
         vocab = Tokenizer.from_file(str(args.out)).get_vocab_size()
         if vocab < args.vocab_size:
-            warn("dslm-shard", f"--vocab-size {args.vocab_size:,} asked for, {vocab:,} learned: the sample has no more "
+            warning(f"--vocab-size {args.vocab_size:,} asked for, {vocab:,} learned: the sample has no more "
                                f"pairs to merge (more text, or a larger --sample-bytes, gives more)")
         print(f"wrote {args.out} (vocab {vocab:,})")
         return

@@ -45,12 +45,12 @@ from typing import Any, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, check_build_tokenizer
 from dslm.data.templates import DIRECTIONS, Framer, get_template
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import sha256_file
+from dslm.logs import warning
 from dslm_shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, token_dtype
 from dslm_shards.journal import load_state
 from dslm_shards.sources import guarded, jsonl_lines, local_files, parquet_rows, skip, without_bom
@@ -224,11 +224,11 @@ class BadRecords:
         skip(self.stats, error.reason)
         self.count += 1
         if self.count <= self.shown:
-            warn("dslm-shard", f"skipped {where} ({error.reason}): {error}")
+            warning(f"skipped {where} ({error.reason}): {error}")
 
     def close(self) -> None:
         if self.count > self.shown:
-            warn("dslm-shard", f"skipped {self.count - self.shown:,} more bad records in {self.file} "
+            warning(f"skipped {self.count - self.shown:,} more bad records in {self.file} "
                                f"(warnings stop at {self.shown} a file)")
 
 

@@ -52,9 +52,9 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Protocol, Type
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dslm.cli import warn
 from dslm.data.manifest import SourceStats
 from dslm.errors import DslmError
+from dslm.logs import warning
 
 CODE_LANGUAGES = {".py": "python", ".c": "c", ".h": "c", ".java": "java"}
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -329,7 +329,7 @@ def read_or_skip(path: Path, read: Callable[[], T], stats: SourceStats) -> T | N
 
 def unreadable(path: Path, error: Exception, stats: SourceStats) -> None:
     skip(stats, "unreadable_file")
-    warn("dslm-shard", f"skipped unreadable {path} (or the rest of it): {error}")
+    warning(f"skipped unreadable {path} (or the rest of it): {error}")
 
 
 def decode(raw: bytes, stats: SourceStats) -> str | None:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dslm.cli import warn
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text, sha256_file
+from dslm.logs import warning
 from dslm_shards.dedup import DEDUP_DIR, Stamp, read_record
 from dslm_shards.journal import JOURNAL_NAME, BuildState, load_state, remove_journal
 from dslm_shards.sources import Partition
@@ -197,7 +197,7 @@ def merge_build(out: Path) -> Manifest:
                                    dropped_tokens=dropped)
     for spec, st in stats.items():
         if not st.documents:
-            warn("dslm-shard", f"source {spec!r} gave no documents to write")
+            warning(f"source {spec!r} gave no documents to write")
     warn_unsampled(manifest)
     if not manifest.split("train"):
         shutil.rmtree(out / TAILS_DIR, ignore_errors=True)

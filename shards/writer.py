@@ -12,10 +12,10 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from dslm.cli import warn
 from dslm.data.manifest import Manifest, ShardEntry
 from dslm.errors import DslmError
 from dslm.files import open_at, sha256_file, tmp_path
+from dslm.logs import warning
 
 TOKENIZER_NAME = "tokenizer.json"
 """The tokenizer's copy in a build's folder."""
@@ -230,7 +230,7 @@ def warn_unsampled(manifest: Manifest) -> None:
             f"which is dropped; lower --seq-len or add text")
     for language, tokens in sorted(dropped.items()):
         if language not in sampled:
-            warn("dslm-shard", f"language {language!r} has no sample: its {tokens:,} tokens are {tail}")
+            warning(f"language {language!r} has no sample: its {tokens:,} tokens are {tail}")
     for spec, stats in manifest.sources.items():
         if stats.tokens and stats.dropped_tokens == stats.tokens:
-            warn("dslm-shard", f"source {spec!r} has no sample: its {stats.tokens:,} tokens are {tail}")
+            warning(f"source {spec!r} has no sample: its {stats.tokens:,} tokens are {tail}")

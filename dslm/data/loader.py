@@ -33,12 +33,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from wids.wids import IndexedTarSamples
 
-from dslm.cli import warn
 from dslm.data.manifest import Manifest, shard_problem
 from dslm.data.mix import Interleave, MixBase, MixedOrder, MixSource
 from dslm.data.order import WindowOrder
 from dslm.data.templates import check_direction
 from dslm.errors import BadShard, DslmError
+from dslm.logs import warning
 from dslm.model import IGNORE_INDEX
 from dslm.stop import ignore_stop_signals, kill_workers_at_exit
 
@@ -289,7 +289,7 @@ class ShardDamage:
             return "; ".join(lines)
         for line in lines:
             if line not in self.warned:
-                warn("dslm-train", f"{line}: its samples are skipped (data.on_bad_shard=skip)")
+                warning(f"{line}: its samples are skipped (data.on_bad_shard=skip)", every_rank=True)
                 self.warned.add(line)
         return ""
 

@@ -22,10 +22,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+COMMAND_ENV = "DSLM_COMMAND"
+"""The running command's name, which run_command sets in the environment so that the processes it
+starts (loader and build workers, ranks) inherit it: dslm's warning lines start with it."""
+
+
+def command_name() -> str:
+    """The running command's name (run_command's `prog`), "dslm" outside a command."""
+    return os.environ.get(COMMAND_ENV, "dslm")
+
+
 def run_command(prog: str, main: Callable[[], None], report: Callable[[str], None] | None = None) -> None:
     """Run a command's `main`: a DslmError or a file error becomes one line and its exit status
     (DSLM_TRACEBACK=1 keeps the traceback). `report` prints that line (default: on stderr; a rank
     of dslm-train: dslm.logs.LibraryOutput.report, once for all ranks)."""
+    os.environ[COMMAND_ENV] = prog
     try:
         main()
     except USER_ERRORS as e:

@@ -9,7 +9,6 @@ from dslm.checkpoint import BEST_NAME, LATEST_NAME
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
 from dslm.data.templates import Framing
-from dslm.engine import DistEnv
 from dslm.errors import DslmError
 from dslm.export import export, write_hf
 from dslm.model import GPT, ModelConfig
@@ -106,18 +105,17 @@ def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_ref
     assert resolve_source(run / "export" / "step7").framing() == Framing("backward", "instruct")
     assert resolve_source(tag).framing() == Framing("forward", "")
 
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     cfg = RunConfig(name="tuned", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(shards)))
-    check_init_source(resolve_source(run), cfg, manifest, env)
+    check_init_source(resolve_source(run), cfg, manifest)
     assert "was trained" not in capsys.readouterr().out
-    check_init_source(resolve_source(run / "export" / "step7"), cfg, manifest, env)
+    check_init_source(resolve_source(run / "export" / "step7"), cfg, manifest)
     assert "step7 was trained backward; this run reads forward" in capsys.readouterr().out
     other = dataclasses.replace(manifest, tokenizer_sha256="0" * 64)
     with pytest.raises(DslmError, match="was trained with another tokenizer than the one of"):
-        check_init_source(resolve_source(tag), cfg, other, env)
+        check_init_source(resolve_source(tag), cfg, other)
 
     moved = RunConfig(name="src", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tmp_path / "gone")))
     save_config(moved)
     assert resolve_source(run).tokenizer_sha256s() == set() and resolve_source(run).framing() == Framing()
-    check_init_source(resolve_source(run), cfg, other, env)  # nothing to compare: a note, not an error
+    check_init_source(resolve_source(run), cfg, other)  # nothing to compare: a note, not an error
     assert "its tokenizer cannot be checked" in capsys.readouterr().out
