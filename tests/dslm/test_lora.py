@@ -150,10 +150,10 @@ def test_a_lora_checkpoint_reads_as_the_merged_plain_gpt(tmp_path, tiny_shards, 
     cfg = RunConfig(name="lora", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tiny_shards[0])),
                     train=TrainConfig(lora=LORA))
     save_config(cfg)
-    write_checkpoint(cfg.run_dir, 3, {"module": model.state_dict()})  # ZeRO-0's fp32 layout
+    write_checkpoint(cfg.run_dir.path, 3, {"module": model.state_dict()})  # ZeRO-0's fp32 layout
     tag = cfg.run_dir.tag(3)
     assert set(load_fp32_weights(tag, CFG, LORA)) == set(model.state_dict())  # what resuming reads: the adapters
-    for path in (tag, cfg.run_dir):  # what eval and train.init_from read: the plain GPT
+    for path in (tag, cfg.run_dir.path):  # what eval and train.init_from read: the plain GPT
         model_cfg, weights, _ = read_weights(path)
         assert (logits(model_from(model_cfg, weights)) - logits(model)).abs().max().item() < 1e-4
 

@@ -95,7 +95,7 @@ def test_watch_follows_a_training_run_to_its_last_checkpoint(tiny_shards, tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{tmp}"], "is neither a run directory"),
+    (["{tmp}"], "is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory or an export folder"),
     (["{run}", "--metrics", "perplexity,bleu"], "--metrics: bleu"),
     (["{run}/checkpoints/global_step2", "--watch"], "--watch follows a run directory"),
     (["{run}", "--device", "cuda:63"], "--device cuda:63: this machine has"),
