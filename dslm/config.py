@@ -270,6 +270,18 @@ def packaged_ds_config(name: str = DEFAULT_DS_CONFIG) -> Path:
     return Path(str(resources.files("dslm.ds_configs") / name))
 
 
+def ds_config_path(given: str) -> str:
+    """The absolute path of the DeepSpeed config `given` (ds_config, --deepspeed): the packaged
+    zero2.json for ""; ds_configs/NAME, when the working directory has no such file (a command run
+    outside the repository, a run written before the default was packaged), the packaged NAME."""
+    if not given:
+        return str(packaged_ds_config())
+    path = Path(given)
+    if path.parent == Path("ds_configs") and not path.exists() and packaged_ds_config(path.name).is_file():
+        return str(packaged_ds_config(path.name))
+    return os.path.abspath(given)
+
+
 def outside_paths(cfg: RunConfig) -> dict[str, str]:
     """The paths a run's config names outside the run, by key (data.mix.I.shards for a mix's
     sources); unset ones ("") left out."""
@@ -292,7 +304,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     from any working directory."""
     typed = outside_paths(cfg)
     absolute = {key: os.path.abspath(path) for key, path in typed.items()}  # ".." collapsed, links kept
-    absolute.setdefault("ds_config", str(packaged_ds_config()))
+    absolute["ds_config"] = ds_config_path(cfg.ds_config)
     given = {key: path for key, path in typed.items() if path != absolute[key]}
     return replace(with_outside_paths(cfg, absolute), given=given)
 

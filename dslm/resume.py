@@ -89,22 +89,22 @@ class Resume:
         else:
             set_seeds(seed * 1_000_003 + self.state.step * 1_009 + env.rank)
         global_batch = engine.train_batch_size()
-        if env.rank == 0:
-            print(f"resumed from {self.tag_dir} at step {self.state.step} ({self.state.samples:,} samples read)",
-                  flush=True)
-            note = batch_note(recorded_batch(self.state), global_batch,
-                              engine.train_micro_batch_size_per_gpu() * env.world_size)
-            if self.state.world_size != env.world_size:
-                through = (f"through {self.load_from.name}" if self.load_universal
-                           else "each rank reads the whole ZeRO-0 state")
-                print(f"  on {env.world_size} ranks instead of {self.state.world_size} ({through}): {note}",
-                      flush=True)
-            elif self.load_universal:
-                print(f"  at another ZeRO stage than the checkpoint's (through {self.load_from.name}): {note}",
-                      flush=True)
-            elif recorded_batch(self.state) not in (0, global_batch):
-                print(f"  {note}", flush=True)
+        info(self.describe(global_batch, engine.train_micro_batch_size_per_gpu() * env.world_size, env.world_size))
         return dataclasses.replace(self.state, world_size=env.world_size, global_batch=global_batch)
+
+    def describe(self, global_batch: int, per_accumulation: int, world_size: int) -> str:
+        """What the resume says: where from, and what changed since the tag was written."""
+        lines = [f"resumed from {self.tag_dir} at step {self.state.step} ({self.state.samples:,} samples read)"]
+        note = batch_note(recorded_batch(self.state), global_batch, per_accumulation)
+        if self.state.world_size != world_size:
+            through = (f"through {self.load_from.name}" if self.load_universal
+                       else "each rank reads the whole ZeRO-0 state")
+            lines.append(f"  on {world_size} ranks instead of {self.state.world_size} ({through}): {note}")
+        elif self.load_universal:
+            lines.append(f"  at another ZeRO stage than the checkpoint's (through {self.load_from.name}): {note}")
+        elif recorded_batch(self.state) not in (0, global_batch):
+            lines.append(f"  {note}")
+        return "\n".join(lines)
 
 
 def recorded_batch(state: TrainState) -> int:

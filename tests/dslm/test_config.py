@@ -189,3 +189,19 @@ def test_dslm_train_help_names_help_config(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--help-config [SECTION]" in capsys.readouterr().out
+
+
+def test_the_deepspeed_config_resolves_from_any_directory(tmp_path, monkeypatch):
+    """Issue 28: the default and the ds_configs/NAME spellings the docs show work outside the
+    repository (the packaged configs); a folder's own ds_configs/NAME wins, any other path is
+    taken as given, made absolute."""
+    from dslm.config import ds_config_path, packaged_ds_config
+
+    monkeypatch.chdir(tmp_path)
+    assert ds_config_path("") == str(packaged_ds_config("zero2.json"))
+    assert ds_config_path("ds_configs/zero3.json") == str(packaged_ds_config("zero3.json"))
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3.json").write_text("{}")
+    assert ds_config_path("ds_configs/zero3.json") == str(tmp_path / "ds_configs" / "zero3.json")
+    assert ds_config_path("ds_configs/mine.json") == str(tmp_path / "ds_configs" / "mine.json")
+    assert ds_config_path("../x.json") == str(tmp_path.parent / "x.json")

@@ -115,9 +115,9 @@ def test_a_moved_run_resumes_in_its_new_folder(moved, trained):
 
 
 @pytest.mark.slow
-def test_a_run_written_before_paths_were_absolute_still_reads_from_its_directory(trained, tmp_path):
+def test_a_run_written_before_paths_were_absolute_still_reads_and_resumes_from_its_directory(trained, tmp_path):
     """The old format: paths relative to the directory it was trained in, no tokenizer.json or
-    ds_config.json in the run. Read from that directory with one warning line."""
+    ds_config.json in the run. Read from that directory with one warning line, and resumed."""
     run_dir, shards = trained
     shutil.copytree(shards, tmp_path / "data")
     old = RunDir(tmp_path / "runs" / "old")
@@ -134,3 +134,9 @@ def test_a_run_written_before_paths_were_absolute_still_reads_from_its_directory
         assert proc.returncode == 0, proc.stderr[-3000:]
         warnings = [line for line in proc.stderr.splitlines() if "relative to the directory it was trained in" in line]
         assert len(warnings) == 1 and "data.shards=data" in warnings[0], proc.stderr[-3000:]
+    resumed = run("dslm-train", "--config", old.config, "--resume", "auto", f"train.max_steps={STEPS + 1}",
+                  f"train.checkpoint_interval={STEPS + 1}", cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resumed from {old.tag(STEPS)}" in resumed.stdout, resumed.stderr[-3000:]
+    saved = yaml.safe_load(old.config.read_text())  # written again as a run now writes it
+    assert saved["data"]["shards"] == str(tmp_path / "data") and saved["given"]["data.shards"] == "data"
+    assert old.tokenizer.is_file() and old.ds_config.is_file()
