@@ -248,7 +248,7 @@ print(open_now, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 def test_the_open_file_limit_covers_the_shards_and_the_batches_in_flight_or_names_what_to_lower():
     def run(max_open_shards, workers=1, held=2):
         return subprocess.run([sys.executable, "-c", RAISE_FILE_LIMIT, str(max_open_shards), str(workers), str(held)],
-                              capture_output=True, text=True, timeout=120, cwd=REPO)
+                              capture_output=True, text=True, timeout=900, cwd=REPO)
     open_now, soft = map(int, run(4).stdout.split())
     assert soft == 100  # 4 shards and 2 batches of 6 tensors: left as it is
     open_now, soft = map(int, run(100).stdout.split())
@@ -287,6 +287,6 @@ def test_a_loader_worker_outlives_a_sigterm_to_it_and_ends_with_its_trainer():
     worker.send_signal(signal.SIGTERM)
     proc.stdin.write("\n")
     proc.stdin.flush()
-    out, err = proc.communicate(timeout=300)  # a safety net: without the exit handler the trainer never ends
+    out, err = proc.communicate(timeout=900)  # a safety net: without the exit handler the trainer never ends
     assert proc.returncode == 0 and out.strip() == "[2, 3]", err[-2000:]
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
