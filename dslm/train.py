@@ -97,6 +97,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
     output.keep_in(rank_log(cfg.run_dir, int(os.environ.get("RANK", 0))))
     manifests = load_sources(cfg)
     check_sizes(cfg, manifests)  # before the process group, DeepSpeed's op build and the model exist
+    ensure_file_limit(cfg.data, held_batches=cfg.train.grad_accum + 1)  # so too: gloo's store retries on EMFILE
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
         try:

@@ -695,3 +695,17 @@ def test_a_mix_logs_each_source_and_resumes_on_one_rank_with_new_weights_but_not
         f"this run reads data.shards alone, but the checkpoint's was trained on data.mix ['{code.name}', "
         f"'{other.name}']: a resumed run keeps its sources, whose cursors its checkpoint holds; set data.mix back, "
         f"or start a new run with train.init_from")
+
+
+def test_a_hard_open_file_limit_too_low_for_the_loader_is_one_line_before_the_process_group(tiny_shards, tmp_path):
+    """Issue 27 (a new user's try): under `ulimit -n 20` the start used to reach the rendezvous,
+    whose store retried on EMFILE for 600 s in C++, deaf to SIGTERM. The loader's budget is
+    checked before the process group exists."""
+    shards, _ = tiny_shards
+    command = shlex.join([str(BIN / "dslm-train"), *train_args(shards, tmp_path, max_steps=2, warmup_steps=1)])
+    proc = subprocess.run(["bash", "-c", f"ulimit -n 20 && exec {command}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dslm-train: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "open files per process" in errors[0] and "but the limit is 20 (ulimit -n)" in errors[0]
+    assert "data.max_open_shards" in errors[0].split("ulimit -n):")[1]
