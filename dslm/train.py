@@ -8,6 +8,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script path: import the dslm package, not the files beside this one
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" or Path(sys.argv[0]).name == "dslm-train":  # the program, not an import of it
+    from dslm.signals import stop_during_imports, test_pause
+
+    stop_during_imports()  # before torch's import, seconds long
+    test_pause("imports")
 
 import argparse
 import os
@@ -35,7 +40,8 @@ from dslm.model import GPT
 from dslm.objective import next_token
 from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
-from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
+from dslm.signals import EXIT_STOPPED, test_pause
+from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
 from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
 

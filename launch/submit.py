@@ -46,7 +46,7 @@ from submitit.core.utils import UncompletedJobError
 from dslm.cli import ArgumentParser, run_command
 from dslm.compat import has_method, require
 from dslm.errors import EXIT_RETRY, DslmError
-from dslm.stop import EXIT_STOPPED
+from dslm.signals import EXIT_STOPPED
 
 PROG = "dslm-submit"
 EXECUTORS = ("auto", "slurm", "local")

@@ -21,7 +21,7 @@ from dslm.data.order import WindowOrder
 from dslm.errors import EXIT_BAD_DATA, EXIT_RETRY, EXIT_WRITE_FAILED
 from dslm.metrics import METRICS_CSV, read_rows, read_scalars
 from dslm.optim import OptimConfig, lr_factor
-from dslm.stop import EXIT_STOPPED
+from dslm.signals import EXIT_STOPPED
 from dslm.weights import model_from, read_tag, read_weights, weights_sha256
 
 REPO = Path(__file__).resolve().parents[2]
