@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 from dslm.engine import free_port
-from dslm.stop import STOP_SIGNALS
+from dslm.signals import STOP_SIGNALS
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

@@ -4,7 +4,8 @@ end a job, often to every process of it at once; a terminal sends SIGINT (Ctrl-C
 foreground process group.
 
 During start-up (the op build, the universal conversion, model construction), a stop signal ends
-the process at once with one line (StartupStop): nothing is written yet. Once training runs (`StopSignal.start`), the handler only sets a flag (a collective inside a
+the process at once with one line (StartupStop): nothing is written yet. Before that, while
+Python imports torch, dslm.signals answers it the same way. Once training runs (`StopSignal.start`), the handler only sets a flag (a collective inside a
 signal handler would deadlock); at the next step boundary the ranks agree on it, checkpoint
 together and exit with EXIT_STOPPED so that a wrapper can requeue and resume with `--resume auto`.
 A second SIGINT stops at once (KeyboardInterrupt). DataLoader workers ignore the stop signals
@@ -24,9 +25,8 @@ import torch
 import torch.distributed as dist
 
 from dslm.errors import DslmError
+from dslm.signals import STOP_SIGNALS, stopped_at_startup
 from dslm_local.errors import EXIT_STOPPED
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StartupStop(BaseException):
@@ -44,8 +44,7 @@ class StoppedAtStartup(DslmError):
     exit_status = EXIT_STOPPED
 
     def __init__(self, signum: int):
-        super().__init__(f"stopped on {signal.Signals(signum).name} during start-up, before the first step: no "
-                         f"checkpoint was written and the run stands as it was; run the same command again")
+        super().__init__(stopped_at_startup(signum))
 
 
 @dataclass
@@ -115,14 +114,6 @@ def say(text: str) -> None:
     except (AttributeError, ValueError, io.UnsupportedOperation):
         fd = 2
     os.write(fd, text.encode())
-
-
-def test_pause(point: str) -> None:
-    """Where the environment's DSLM_TEST_PAUSE names `point` ("start-up", or "step N": after step
-    N, before its boundary), the process stops itself (SIGSTOP) until it gets SIGCONT: a test
-    signals a run at a known point instead of racing it. Unset outside tests."""
-    if os.environ.get("DSLM_TEST_PAUSE") == point:
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def ignore_stop_signals() -> None:

@@ -8,6 +8,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script path: import the dslm package, not the files beside this one
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" or Path(sys.argv[0]).name == "dslm-train":  # the program, not an import of it
+    from dslm.signals import stop_during_imports, test_pause
+
+    stop_during_imports()  # before torch's import, seconds long
+    test_pause("imports")
 
 import argparse
 import json
@@ -39,7 +44,8 @@ from dslm.model_source import ModelSource, resolve_source
 from dslm.objective import next_token
 from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
-from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
+from dslm.signals import test_pause
+from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
 from dslm.weights import load_into, read_weights
 from dslm_local.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_STOPPED, exit_statuses
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
     output.keep_in(cfg.run_dir.rank_log(int(os.environ.get("RANK", 0))))
     manifests = load_sources(cfg)
     check_sizes(cfg, manifests)  # before the process group, DeepSpeed's op build and the model exist
+    ensure_file_limit(cfg.data, held_batches=cfg.train.grad_accum + 1)  # so too: gloo's store retries on EMFILE
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
     try:
         try:

@@ -22,7 +22,8 @@ from dslm.metrics import Metrics
 from dslm.model import IGNORE_INDEX
 from dslm.objective import Objective
 from dslm.optim import OptimConfig
-from dslm.stop import Stop, StopSignal, test_pause
+from dslm.signals import test_pause
+from dslm.stop import Stop, StopSignal
 
 
 @dataclass

@@ -122,7 +122,7 @@ CASES = [
 @pytest.mark.parametrize("command, args, message", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
 def test_bad_input_is_one_line_and_a_non_zero_exit(world, command, args, message):
     proc = subprocess.run([BIN / command, *args.format(**world).split()], capture_output=True, text=True,
-                          cwd=world["root"], timeout=300)
+                          cwd=world["root"], timeout=900)
     errors = [line for line in proc.stderr.splitlines() if line.startswith(command) and ": error:" in line]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
@@ -134,9 +134,9 @@ def test_eval_refuses_shards_of_another_tokenizer(world, tmp_path):
     settings = ["train.max_steps=2", "train.warmup_steps=1", "train.val_interval=0", "train.checkpoint_interval=2",
                 "model.preset=tiny", "train.micro_batch_size=2"]
     subprocess.run([BIN / "dslm-train", "--deepspeed", ZERO2, f"data.shards={world['shards']}", f"runs_dir={tmp_path}",
-                    "name=r", *settings], check=True, capture_output=True, timeout=600)
+                    "name=r", *settings], check=True, capture_output=True, timeout=900)
     proc = subprocess.run([BIN / "dslm-eval", tmp_path / "r", "--shards", world["other"], "--metrics", "perplexity"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "another tokenizer" in proc.stderr.strip().splitlines()[-1]
 
@@ -154,10 +154,10 @@ def test_a_tokenizer_replaced_after_the_build_is_refused_by_every_command_that_r
     built = sha256_file(shards / "tokenizer.json")
     retrain = [BIN / "dslm-shard", "tokenizer", "--source", f"code:{code_corpus / 'email'}", "--vocab-size", "512",
                "--out", shards / "tokenizer.json"]
-    refused = subprocess.run(retrain, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(retrain, capture_output=True, text=True, timeout=900)
     assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr
     assert sha256_file(shards / "tokenizer.json") == built
-    subprocess.run([*retrain, "--overwrite"], check=True, capture_output=True, timeout=300)
+    subprocess.run([*retrain, "--overwrite"], check=True, capture_output=True, timeout=900)
     replaced = sha256_file(shards / "tokenizer.json")
     assert replaced != built
     run = load_config(None, ["name=r", f"runs_dir={tmp_path / 'runs'}", f"data.shards={shards}", "model.preset=tiny",
@@ -182,7 +182,7 @@ def test_a_tokenizer_replaced_after_the_build_is_refused_by_every_command_that_r
     ]
     for command in commands:
         proc = subprocess.run([BIN / command[0], *command[1:]], capture_output=True, text=True, cwd=tmp_path,
-                              timeout=300)
+                              timeout=900)
         errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
         assert len(errors) == 1 and f"sha256 {replaced}" in errors[0] and f"sha256 {built}" in errors[0], \
@@ -199,7 +199,7 @@ def test_a_model_too_big_for_the_machine_is_refused_in_one_line_before_it_is_bui
     measure = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, "
                "text=True); print(json.dumps([p.returncode, p.stderr, "
                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
-    out = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=900)
     code, stderr, max_rss_kib = json.loads(out.stdout)
     errors = [line for line in stderr.splitlines() if line.startswith("dslm-train: error:")]
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
@@ -418,6 +418,6 @@ def test_the_largest_values_dslm_train_accepts_train(world, tmp_path):
                                                    "collective_timeout_s")]
     proc = subprocess.run([BIN / "dslm-train", *TRAIN.format(**world).split(), f"runs_dir={tmp_path}", "name=big",
                            f"data.shuffle_window={BIG}", "train.micro_batch_size=2", *settings],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "big" / "checkpoints" / "global_step1").is_dir()

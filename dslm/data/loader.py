@@ -335,7 +335,7 @@ def ensure_file_limit(cfg: DataConfig, held_batches: int) -> None:
     if hard != resource.RLIM_INFINITY and hard < need:
         shards = (hard - need + FDS_PER_SHARD * cfg.max_open_shards) // FDS_PER_SHARD
         lower = (f"lower data.max_open_shards to {shards}" if shards >= 1 else
-                 "lower data.num_workers, data.prefetch_factor or train.grad_accum")
+                 "lower data.max_open_shards, data.num_workers, data.prefetch_factor or train.grad_accum")
         raise DslmError(f"the data loader needs about {need} open files per process (data.max_open_shards="
                         f"{cfg.max_open_shards}, data.num_workers={cfg.num_workers}, data.prefetch_factor="
                         f"{cfg.prefetch_factor}, {open_now} open already), but the limit is {hard} (ulimit -n): "

@@ -26,6 +26,13 @@ if [ -e "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/n
     die "already running (state in $DIR); stop it with $(dirname "$0")/stop.sh"
 fi
 
+# a cluster that was never stopped (its container or test session killed) left its jobs in the saved
+# state: they would come back as running and hold both nodes. Every start is a fresh cluster.
+for pidfile in "$DIR"/slurmd-*.pid; do
+    pid=$(cat "$pidfile" 2>/dev/null) || continue
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmd ] && kill "$pid"
+done
+rm -rf "$DIR/ctld" "$DIR/spool"
 mkdir -p "$DIR/ctld" "$DIR/spool"
 cat > "$DIR/slurm.conf" <<CONF
 ClusterName=dslmtest

@@ -125,14 +125,22 @@ def test_eval_generate_and_export_print_their_own_lines_and_the_libraries_only_w
 
 
 @pytest.mark.slow
-def test_a_bad_input_on_two_ranks_is_one_error_line(tiny_shards, tmp_path):
+@pytest.mark.parametrize("override, error, logged", [
+    ("train.freeze_blocks=5", "train.freeze_blocks=5 is more than the model's 2 blocks (model.n_layer)", False),
+    ("model.block_size=4", "but model.block_size=4; rebuild the shards with --seq-len 4", True)])
+def test_a_bad_input_on_two_ranks_is_one_error_line(tiny_shards, tmp_path, override, error, logged):
+    """A config that cannot be is refused before the run directory exists; one that the shards
+    refuse is refused after each rank's log is open, and each rank's log has the line too."""
     launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(unused_port()), REPO / "dslm/train.py"]
-    args = train_args(tiny_shards[0], tmp_path, "t", 2, "train.freeze_blocks=5")
+    args = train_args(tiny_shards[0], tmp_path, "t", 2, override)
     proc = subprocess.run([*launch, *args], cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 2
-    error = "dslm-train: error: train.freeze_blocks=5 is more than the model's 2 blocks (model.n_layer)"
-    assert [line for line in (proc.stdout + proc.stderr).splitlines() if "dslm-train: error:" in line] == [error]
-    assert error in RunDir(tmp_path / "t").rank_log(0).read_text()  # each rank's log has its own
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "dslm-train: error:" in line]
+    assert len(errors) == 1 and error in errors[0], proc.stderr[-3000:]
+    if logged:
+        assert all(errors[0] in RunDir(tmp_path / "t").rank_log(rank).read_text() for rank in (0, 1))
+    else:
+        assert not (tmp_path / "t").exists()
 
 
 def test_an_error_is_printed_by_the_first_rank_of_a_launch_to_report_it(monkeypatch, tmp_path):

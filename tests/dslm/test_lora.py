@@ -127,7 +127,7 @@ def test_a_target_that_matches_nothing_stops_dslm_train_with_one_line(tiny_shard
     args = ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"data.shards={tiny_shards[0]}", f"runs_dir={tmp_path}",
             "train.lora.rank=4",
             "train.lora.target_modules=[qkv,mlp.nope]"]
-    proc = subprocess.run([BIN / "dslm-train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run([BIN / "dslm-train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == ("dslm-train: error: train.lora.target_modules: 'mlp.nope' matches no layer "
                                             "(the nn.Linear layers are fc, lm_head, proj, qkv)")
@@ -215,7 +215,7 @@ def test_a_lora_run_at_zero2_trains_only_adapters_and_exports_and_evaluates_merg
     with torch.no_grad():
         expected = model(ids)
 
-    subprocess.run([BIN / "dslm-export", tag, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=300)
+    subprocess.run([BIN / "dslm-export", tag, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=900)
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     from dslm_eval.load import load_for_eval
@@ -225,7 +225,7 @@ def test_a_lora_run_at_zero2_trains_only_adapters_and_exports_and_evaluates_merg
         assert (load_for_eval(tag).model(ids) - expected).abs().max().item() < 1e-4
 
     refused = subprocess.run([BIN / "dslm-train", *args, "train.lora.rank=8", "--resume", "auto"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=900)
     assert refused.returncode == 2 and "train.lora.rank=8 differs from 4" in refused.stderr.splitlines()[-1]
     longer = lora_args(shards, tmp_path, source_tag, max_steps=12)
     subprocess.run([*launch, *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
@@ -246,7 +246,7 @@ def test_a_lora_run_trains_resumes_and_reads_merged_at_every_zero_stage(tiny_sha
         args = [a.replace("zero2.json", f"zero{stage}.json")
                 for a in lora_args(shards, tmp_path, base_run, max_steps)]
         proc = subprocess.run([BIN / "dslm-train", *args, "train.checkpoint_interval=1", *resume], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     tag, lora = tmp_path / "lora" / "checkpoints" / "global_step3", LoraConfig(rank=4)
     raw = load_fp32_weights(tag, TINY, lora)

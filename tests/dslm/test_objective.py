@@ -156,11 +156,11 @@ def test_a_backward_model_learns_about_as_well_as_a_forward_one(tiny_shards, tmp
                 *(f"train.{k}={v}" for k, v in dict(micro_batch_size=4, grad_accum=2, max_steps=30, warmup_steps=3,
                                                       lr=3e-3, min_lr=3e-4, log_interval=5, checkpoint_interval=30,
                                                       val_interval=5, val_batches=4).items())]
-        proc = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-2000:]
         val = read_scalars(tmp_path / direction / "tb", "val/loss")
         drop[direction] = val[0][1] - val[-1][1]
     assert drop["forward"] > 0.3 and drop["backward"] >= 0.5 * drop["forward"], drop
     result = subprocess.run([BIN / "dslm-generate", tmp_path / "backward", "--prompt", "return x\n",
-                             "--max-new-tokens", "20"], capture_output=True, text=True, timeout=300)
+                             "--max-new-tokens", "20"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and result.stdout.rstrip("\n").endswith("return x"), result.stdout

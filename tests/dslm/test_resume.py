@@ -111,7 +111,7 @@ def test_a_resume_at_another_zero_stage_goes_through_the_universal_form_or_is_on
     for stage in (3, 0):
         refused = subprocess.run([BIN / "dslm-train", *tuning_args(shards, runs, base_run, stage, 3,
                                                                    *ADAPTATIONS["freeze"]), "--resume", "auto"],
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
         assert refused.stderr.strip().splitlines()[-1].endswith(
             f"was written at ZeRO stage 1 and this run asks for stage {stage}: DeepSpeed loads a ZeRO-1/2 checkpoint "

@@ -88,9 +88,13 @@ def test_sigterm_to_every_process_and_ctrl_c_stop_with_a_checkpoint_and_resume_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGINT)])
-def test_a_stop_signal_during_start_up_is_one_line_and_a_clean_exit(tiny_shards, tmp_path, nproc, sig, paused):
-    proc = start(args_for(tiny_shards[0], tmp_path, 6), tmp_path, "start-up", nproc)
+@pytest.mark.parametrize("point, nproc, sig", [("start-up", 1, signal.SIGTERM), ("start-up", 2, signal.SIGINT),
+                                               ("imports", 1, signal.SIGTERM), ("imports", 1, signal.SIGINT)])
+def test_a_stop_signal_during_start_up_is_one_line_and_a_clean_exit(tiny_shards, tmp_path, point, nproc, sig, paused):
+    """From the first instruction on: "imports" is while Python imports torch (dslm.signals), before
+    dslm.stop's handlers exist (a new user's try: exit 143 without a word, or a KeyboardInterrupt
+    traceback)."""
+    proc = start(args_for(tiny_shards[0], tmp_path, 6), tmp_path, point, nproc)
     ranks = paused(proc, nproc)
     os.killpg(proc.pid, sig)
     code, out, err = resume(proc, ranks)

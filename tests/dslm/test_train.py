@@ -48,7 +48,7 @@ def test_missing_shards_is_one_line(tmp_path):
 
 def test_freezing_more_blocks_than_the_model_has_is_one_line(tiny_shards, tmp_path):
     args = train_args(tiny_shards[0], tmp_path, max_steps=2, warmup_steps=1) + ["train.freeze_blocks=3"]
-    proc = subprocess.run([BIN / "dslm-train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run([BIN / "dslm-train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("train.freeze_blocks=3 is more than the model's 2 blocks "
                                                          "(model.n_layer)")
@@ -77,7 +77,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert load_config(run / "config.yaml", []).train.max_steps == 30
 
     evaluate = [BIN / "dslm-eval", run, "--metrics", "perplexity"]
-    subprocess.run(evaluate, cwd=tmp_path, check=True, timeout=600)
+    subprocess.run(evaluate, cwd=tmp_path, check=True, timeout=900)
     results = {s: json.loads((run / "eval" / f"step{s}.json").read_text())["perplexity"]["all"] for s in (15, 30)}
     assert results[30]["loss"] < results[15]["loss"] < 6.0
     # during training: bf16, 4 micro-batches per rank of the val split; dslm-eval: fp32, all of it
@@ -88,7 +88,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert "steps 15, 30: already evaluated" in again.stdout
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [15, 30]
 
-    subprocess.run([BIN / "dslm-export", ckpts / "global_step30"], cwd=tmp_path, check=True, timeout=300)
+    subprocess.run([BIN / "dslm-export", ckpts / "global_step30"], cwd=tmp_path, check=True, timeout=900)
     assert len({p.stat().st_mode for p in (run / "export" / "step30").iterdir()}) == 1  # safetensors' file too
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(run / "export" / "step30").eval()
@@ -104,7 +104,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
 def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, max_steps=4, warmup_steps=2, log_interval=1, checkpoint_interval=4)
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3, 4]
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step4"
     # train/lr is the rate each step ran at: step 1 at half the peak (warmup), never the next step's
@@ -171,7 +171,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tiny_shards, tmp_path)
     fresh = subprocess.run([BIN / "dslm-train", *args, "--resume", "auto"], cwd=tmp_path, capture_output=True, text=True)
     assert fresh.returncode == 2 and "no intact checkpoint" in fresh.stderr.splitlines()[-1]
     assert not (tmp_path / "t" / "config.yaml").exists(), "a refused start writes no config.yaml"
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     saved = (tmp_path / "t" / "config.yaml").read_text()
     again = subprocess.run([BIN / "dslm-train", *args, "model.dropout=0.1"], cwd=tmp_path, capture_output=True,
                            text=True)
@@ -185,7 +185,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tiny_shards, tmp_path)
     damaged.write_bytes(damaged.read_bytes()[:100])
     longer = [a.replace("train.max_steps=4", "train.max_steps=6") for a in args]
     resumed = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "skipping checkpoint" in resumed.stderr and "global_step4" in resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
@@ -200,7 +200,7 @@ def test_resume_on_fewer_ranks_goes_through_a_universal_checkpoint(tiny_shards, 
     subprocess.run([*launch, *args], cwd=tmp_path, check=True, timeout=900, stdout=subprocess.DEVNULL)
     longer = [a.replace("train.max_steps=4", "train.max_steps=8") for a in args]
     one = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     assert "on 1 ranks instead of 2" in one.stdout
     checkpoints = tmp_path / "t" / "checkpoints"
@@ -218,11 +218,11 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, base_ru
     args = [a.replace("zero2.json", f"zero{stage}.json")
             for a in train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=1,
                                 init_from=base_run, val_interval=0)]
-    first = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True,
+    first = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900, capture_output=True,
                            text=True)
     assert f"engine: 1 rank(s) on cpu, backend gloo, ZeRO stage {stage}, bfloat16 weights, AdamW\n" in first.stdout
     longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
-    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=600,
+    subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    capture_output=True)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3]
     # step 3 runs at the lr of the resumed run's schedule (3 steps), not the checkpointed one's (2: min_lr)
@@ -252,12 +252,12 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_the_job(tiny_shard
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
                       max_skipped_in_a_row=3)
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     checkpoints = tmp_path / "t" / "checkpoints"
     poison_weights(checkpoints / "global_step2")
     longer = [a.replace("train.max_steps=2", "train.max_steps=10") for a in args]
     run = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=900)
     assert run.returncode == 2
     # Step 3 still runs on the loaded bf16 weights; the NaN master weight reaches them with its update.
     assert "steps 4-6 all had non-finite gradients" in run.stderr.splitlines()[-1]
@@ -293,11 +293,11 @@ def test_tied_and_padded_model_trains_and_exports(tiny_shards, tmp_path):
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2)
     options = ["model.tie_embeddings=true", "model.vocab_multiple=128", "model.vocab_size=600"]
-    subprocess.run([BIN / "dslm-train", *args, *options], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    subprocess.run([BIN / "dslm-train", *args, *options], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     tag_dir = tmp_path / "t" / "checkpoints" / "global_step2"
     model = model_from(*read_tag(tag_dir))
     assert model.lm_head.weight is model.wte.weight and model.wte.num_embeddings == 640
-    subprocess.run([BIN / "dslm-export", tag_dir, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=300)
+    subprocess.run([BIN / "dslm-export", tag_dir, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=900)
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 512, (2, 64))
@@ -324,10 +324,10 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
     shards, _ = tiny_shards
     base = train_args(shards, tmp_path, "base", max_steps=12, warmup_steps=2, log_interval=1, checkpoint_interval=12,
                       val_interval=0)
-    subprocess.run([BIN / "dslm-train", *base], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    subprocess.run([BIN / "dslm-train", *base], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     tuned = train_args(shards, tmp_path, "tuned", max_steps=2, warmup_steps=1, log_interval=1, checkpoint_interval=2,
                        val_interval=0, lr=1e-4, min_lr=1e-5) + [f"train.init_from={tmp_path / 'base'}"]
-    proc = subprocess.run([BIN / "dslm-train", *tuned], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([BIN / "dslm-train", *tuned], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     tag = tmp_path / "base" / "checkpoints" / "global_step12"
     origin = load_config(tmp_path / "tuned" / "config.yaml", []).origin
@@ -340,13 +340,13 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
 
     longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in tuned]
     resumed = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=900)
     assert resumed.returncode == 0 and "train.init_from" in resumed.stdout and "is ignored" in resumed.stdout
     assert load_config(tmp_path / "tuned" / "config.yaml", []).origin == origin  # the resumed run keeps it
 
 
 def dslm_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "dslm-train", *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run([BIN / "dslm-train", *args], cwd=cwd, capture_output=True, text=True, timeout=900, **kwargs)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -472,7 +472,7 @@ def test_a_stopped_rank_times_out_the_others_with_one_line_and_a_retryable_statu
     try:
         logs.wait_for(tmp_path / "rank0.out", "step      2 |", lambda: ranks[0].poll() is None)
         os.kill(ranks[1].pid, signal.SIGSTOP)  # a rank that stops answering, as on a stuck filesystem
-        assert ranks[0].wait(timeout=600) == EXIT_RETRY, logs.read(tmp_path / "rank0.out")[-3000:]
+        assert ranks[0].wait(timeout=900) == EXIT_RETRY, logs.read(tmp_path / "rank0.out")[-3000:]
     finally:
         ranks[1].kill()
         ranks[1].wait()
@@ -491,7 +491,7 @@ def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_aband
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, max_steps=12, warmup_steps=1, log_interval=1, checkpoint_interval=3,
                       keep_last=2, val_interval=0)
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     checkpoints = tmp_path / "t" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("global_step*")) == ["global_step12", "global_step9"]
     rollback = [a.replace("checkpoint_interval=3", "checkpoint_interval=1").replace("keep_last=2", "keep_last=1")
@@ -502,7 +502,7 @@ def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_aband
     [rank] = paused(proc, 1)
     rank.send_signal(signal.SIGUSR1)
     rank.send_signal(signal.SIGCONT)
-    output = [proc.communicate(timeout=600)[0]]
+    output = [proc.communicate(timeout=900)[0]]
     assert proc.returncode == EXIT_STOPPED, "".join(output)[-3000:]
     aside = checkpoints / "abandoned" / "after_global_step9"
     assert "stopped at step 10 on SIGUSR1" in "".join(output)
@@ -512,7 +512,7 @@ def test_resume_auto_after_a_rollback_continues_the_rollback_and_never_the_aband
     assert [p.name for p in aside.iterdir()] == ["global_step12"]
 
     resumed = subprocess.run([BIN / "dslm-train", *rollback, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {checkpoints / 'global_step10'} at step 10" in resumed.stdout
     assert "skipping checkpoint" not in resumed.stderr
@@ -536,7 +536,7 @@ def test_resume_falls_back_past_changed_bytes_and_never_unpickles_code(tiny_shar
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, max_steps=6, warmup_steps=1, log_interval=2, checkpoint_interval=2,
                       keep_last=3, val_interval=0)
-    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=600, capture_output=True)
+    subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     checkpoints, ran = tmp_path / "t" / "checkpoints", tmp_path / "ran"
     damaged = checkpoints / "global_step6" / "mp_rank_00_model_states.pt"
     data = bytearray(damaged.read_bytes())
@@ -547,13 +547,13 @@ def test_resume_falls_back_past_changed_bytes_and_never_unpickles_code(tiny_shar
     seal(planted.parent, sealed_state(planted.parent))  # sealed with it: only the loading rule stops it
 
     explicit = subprocess.run([BIN / "dslm-train", *args, "--resume", str(planted.parent)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=900)
     assert explicit.returncode == 2 and explicit.stderr.strip().splitlines()[-1] == (
         f"dslm-train: error: cannot resume from {planted.parent}: {planted}: refusing to load it: it needs arbitrary "
         f"unpickling (posix.system), and checkpoints are read with torch.load(weights_only=True)")
     longer = [a.replace("train.max_steps=6", "train.max_steps=8") for a in args]
     auto = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     assert auto.returncode == 0, auto.stderr[-2000:]
     assert (f"skipping checkpoint {damaged.parent}: mp_rank_00_model_states.pt does not match its xxh3_128 checksum"
             in auto.stderr)
@@ -573,13 +573,13 @@ def test_the_resume_message_compares_the_actual_global_batches(tiny_shards, tmp_
     subprocess.run([*launch, *args], cwd=tmp_path, check=True, timeout=900, stdout=subprocess.DEVNULL)
     kept = [a.replace("max_steps=2", "max_steps=3").replace("grad_accum=2", "grad_accum=4") for a in args]
     one = subprocess.run([BIN / "dslm-train", *kept, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     assert ("on 1 ranks instead of 2 (through global_step2_universal): the global batch stays 16 samples"
             in one.stdout)
     halved = [a.replace("max_steps=2", "max_steps=4") for a in args]  # grad_accum back to 2
     again = subprocess.run([BIN / "dslm-train", *halved, "--resume", "auto"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
+                           text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "the global batch is now 8 samples, was 16 (x1/2); train.grad_accum=4 keeps it" in again.stdout
     assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (4, 3 * 16 + 8)
@@ -674,7 +674,7 @@ def test_a_mix_logs_each_source_and_resumes_on_one_rank_with_new_weights_but_not
                    stdout=subprocess.DEVNULL)
     longer = [a.replace("train.max_steps=4", "train.max_steps=8") for a in args]
     one = subprocess.run([BIN / "dslm-train", *longer, mix((code, 0.5), (other, 0.5)), "--resume", "auto"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     cursors = Interleave([0.7, 0.3]).cursors(64)
     assert (f"data.mix weights [0.7, 0.3] -> [0.5, 0.5] from sample 64 on; each source continues from its cursor "
@@ -690,8 +690,22 @@ def test_a_mix_logs_each_source_and_resumes_on_one_rank_with_new_weights_but_not
     assert sealed_state(tmp_path / "t" / "checkpoints" / "global_step8").mix["base"] == {"samples": 64,
                                                                                           "cursors": cursors}
     fewer = subprocess.run([BIN / "dslm-train", *longer, "train.max_steps=9", "--resume", "auto"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=900)
     assert fewer.returncode == 2 and fewer.stderr.strip().splitlines()[-1].endswith(
         f"this run reads data.shards alone, but the checkpoint's was trained on data.mix ['{code.name}', "
         f"'{other.name}']: a resumed run keeps its sources, whose cursors its checkpoint holds; set data.mix back, "
         f"or start a new run with train.init_from")
+
+
+def test_a_hard_open_file_limit_too_low_for_the_loader_is_one_line_before_the_process_group(tiny_shards, tmp_path):
+    """Issue 27 (a new user's try): under `ulimit -n 20` the start used to reach the rendezvous,
+    whose store retried on EMFILE for 600 s in C++, deaf to SIGTERM. The loader's budget is
+    checked before the process group exists."""
+    shards, _ = tiny_shards
+    command = shlex.join([str(BIN / "dslm-train"), *train_args(shards, tmp_path, max_steps=2, warmup_steps=1)])
+    proc = subprocess.run(["bash", "-c", f"ulimit -n 20 && exec {command}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dslm-train: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "open files per process" in errors[0] and "but the limit is 20 (ulimit -n)" in errors[0]
+    assert "data.max_open_shards" in errors[0].split("ulimit -n):")[1]

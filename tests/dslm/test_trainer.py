@@ -21,7 +21,7 @@ def one_step(shards: Path, runs: Path, name: str, ranks: int, grad_accum: int, m
             "train.val_interval=0", "data.num_workers=0"]
     launch = [BIN / "dslm-train"] if ranks == 1 else [
         BIN / "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), REPO / "dslm/train.py"]
-    proc = subprocess.run([*launch, *args], cwd=runs, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*launch, *args], cwd=runs, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / name
 
@@ -84,7 +84,7 @@ print(json.dumps({
 def test_where_every_token_is_a_target_a_step_is_bitwise_the_mean_of_each_micro_batch(tmp_path):
     """Pretraining shards: the step's loss and update are those of the plain loop that backpropagates
     each micro-batch's own mean (GPT.forward's loss), bit for bit."""
-    proc = subprocess.run([sys.executable, "-c", PLAIN_MEANS], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_MEANS], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
         "losses_equal": [True, True], "weights_equal": True, "weights_moved": True}

@@ -60,7 +60,7 @@ JAVA = [  # (the file name javac wants, source, compiles, javac's extra options)
 ]
 
 def run_tool(cmd: list[str]) -> bool:
-    return subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=120).returncode == 0
+    return subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=900).returncode == 0
 
 
 def direct_javac(tmp: Path, name: str, code: str, options: tuple[str, ...]) -> bool:

@@ -29,7 +29,7 @@ def train(shards: Path, runs: Path, name: str, steps: int, background: bool = Fa
            f"data.shards={shards}", "model.preset=tiny", *(f"train.{k}={v}" for k, v in settings.items())]
     if background:
         return subprocess.Popen(cmd, cwd=runs, stdout=subprocess.DEVNULL)
-    subprocess.run(cmd, cwd=runs, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=runs, check=True, timeout=900, stdout=subprocess.DEVNULL)
     return runs / name
 
 
@@ -87,9 +87,9 @@ def test_watch_follows_a_training_run_to_its_last_checkpoint(tiny_shards, tmp_pa
         assert training.poll() is None, "training ended before writing its config"
         time.sleep(0.2)
     watcher = subprocess.run([BIN / "dslm-eval", run, "--watch", "--poll", "1", "--metrics", "perplexity"],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=900)
     assert watcher.returncode == 0, watcher.stderr[-2000:]
-    assert training.wait(timeout=60) == 0
+    assert training.wait(timeout=600) == 0
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["step2.json", "step4.json", "step6.json"]
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [2, 4, 6]
 
@@ -102,7 +102,7 @@ def test_watch_follows_a_training_run_to_its_last_checkpoint(tiny_shards, tmp_pa
 ])
 def test_bad_input_is_one_line_and_status_2(run, tmp_path, args, message):
     argv = [a.format(tmp=tmp_path, run=run) for a in args]
-    result = subprocess.run([BIN / "dslm-eval", *argv], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([BIN / "dslm-eval", *argv], capture_output=True, text=True, timeout=900)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "dslm-eval: error" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr

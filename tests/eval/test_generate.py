@@ -268,7 +268,7 @@ def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
     assert out == f"def encode({expected[0]}\n{'-' * 40}\nclass JSONEncoder:\n{expected[1]}\n"
     proc = subprocess.run([BIN / "dslm-generate", folder, "--prompt", "def encode(", "--max-new-tokens", "10",
                            "--strategy", "sample", "--top-p", "0.9", "--seed", "5"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.startswith("def encode("), proc.stderr
 
 
@@ -320,7 +320,7 @@ def test_cli_interactive_changes_the_sampler_as_it_goes(tmp_path, tokenizer):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
     lines = "temp=0.5\ntop_k=abc\ntokens=32\ntemp=0.7 tokens=6\ndef encode(\nquit\nnever read\n"
     proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--seed", "2"], input=lines,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     # the card's sampler to start with, its 500 tokens cut to half the model's context of 32
     assert "max new tokens: 16 (half of model.block_size=32" in proc.stdout
@@ -382,6 +382,6 @@ def test_a_templated_prompt_too_long_for_the_context_is_refused_and_a_plain_one_
                                              "26 beside 6 new tokens" in err[0], err
     lines = f"{long.replace(chr(10), ' ')}\nx\nquit\n"  # a prompt per line; the long one is still too long
     proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--template", "instruct", "--max-new-tokens",
-                           "6", "--strategy", "greedy"], input=lines, capture_output=True, text=True, timeout=120)
+                           "6", "--strategy", "greedy"], input=lines, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "> not generated: the prompt is" in proc.stdout and "> x\n=> " in proc.stdout, proc.stdout

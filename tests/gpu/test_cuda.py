@@ -25,7 +25,7 @@ def train(shards: Path, runs: Path, name: str, max_steps: int, *extra: str) -> s
             "train.lr=3e-3", "train.log_interval=1", "train.checkpoint_interval=10", "train.keep_last=0",
             "train.val_interval=10",
             "train.val_batches=2", *extra]
-    proc = subprocess.run([BIN / "dslm-train", *args], cwd=runs, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([BIN / "dslm-train", *args], cwd=runs, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -49,7 +49,7 @@ def test_one_gpu_trains_with_nccl_compiled_resumes_and_evaluates(tiny_shards, tm
         assert resumed[step] == pytest.approx(loss[step], abs=2e-2), (step, resumed[step], loss[step])
 
     ev = subprocess.run([BIN / "dslm-eval", str(tmp_path / "straight"), "--metrics", "perplexity"], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=900)
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads((tmp_path / "straight" / "eval" / "step20.json").read_text())
     assert result["perplexity"]["all"]["loss"] == pytest.approx(loss[20], abs=1.0), result["perplexity"]

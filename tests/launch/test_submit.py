@@ -48,7 +48,7 @@ def test_a_failed_jobs_error_line_is_found_in_whichever_tasks_log_holds_it(tmp_p
 
 
 def dslm_submit(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([SUBMIT, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([SUBMIT, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="the sbatch script text comes from submitit's SLURM executor, "
@@ -124,7 +124,7 @@ def test_local_job_requeues_on_its_timeout_signal_resumes_and_its_run_evaluates(
     log = rank0_log(folder, submitter)
     logs.wait_for(log, "step      3 |", lambda: submitter.poll() is None)
     time_out(folder)
-    out, _ = submitter.communicate(timeout=600)
+    out, _ = submitter.communicate(timeout=900)
     assert submitter.returncode == 0, out
     text = logs.read(log)
     assert "Caught signal SIGUSR2" in text and "(requeue 1)" in text and "resumed from" in text, text[-3000:]
@@ -146,7 +146,7 @@ def test_requeues_are_bounded_and_the_run_stays_resumable(tiny_shards, tmp_path,
     log = rank0_log(folder, submitter)
     logs.wait_for(log, "step      3 |", lambda: submitter.poll() is None)
     time_out(folder)
-    out, _ = submitter.communicate(timeout=300)
+    out, _ = submitter.communicate(timeout=900)
     assert submitter.returncode == 1 and "failed" in out, out
     assert "--max-requeues 0 reached" in logs.read(log)
     latest = (tmp_path / "bounded" / "checkpoints" / "latest").read_text()
@@ -205,7 +205,7 @@ def test_a_failed_rendezvous_requeues_the_job_within_max_requeues(tiny_shards, t
             [SUBMIT, "train", "--executor", "local", "--tasks-per-node", "1", "--wait", "--max-requeues", "1", *args],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1", "DSLM_MASTER_PORT": str(taken.getsockname()[1])})
-        out, _ = submitter.communicate(timeout=600)
+        out, _ = submitter.communicate(timeout=900)
     assert submitter.returncode == 1, out
     text = logs.read(rank0_log(tmp_path / "taken" / "submitit", submitter))
     assert "EADDRINUSE" in text and "(a rank or the rendezvous failed): requeueing" in text, text[-3000:]

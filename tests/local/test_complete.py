@@ -30,7 +30,7 @@ sys.meta_path.insert(0, Refuse())
 
 def run_complete(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "dslm-complete", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=900)
 
 
 def test_completion_runs_with_torch_unimportable(onnx_exports, tmp_path):
@@ -155,7 +155,7 @@ def test_the_light_package_installs_and_runs_without_torch(onnx_exports, tmp_pat
     assert {"dslm-local", "onnxruntime", "tokenizers", "numpy"} <= names
     assert not names & {"torch", "deepspeed", "dslm"}
     proc = subprocess.run([tmp_path / "venv" / "bin" / "dslm-complete", int8, "--prompt", "import "],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -176,6 +176,6 @@ def test_a_reader_that_goes_away_ends_it_quietly(onnx_exports, tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("import \n" * 40)
     proc = subprocess.run(f"'{BIN / 'dslm-complete'}' '{fp32}' --prompts '{prompts}' --jsonl | head -1", shell=True,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 

@@ -64,7 +64,7 @@ def test_the_command_reports_the_vocab_it_learned_and_warns_when_smaller(code_co
     out = tmp_path / "tokenizer.json"
     proc = subprocess.run([Path(sys.executable).parent / "dslm-shard", "tokenizer", "--source",
                            f"code:{code_corpus / 'json'}", "--vocab-size", "70000", "--out", out],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     learned = Tokenizer.from_file(str(out)).get_vocab_size()
     assert proc.returncode == 0 and MIN_VOCAB_SIZE < learned < 70_000, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == f"wrote {out} (vocab {learned:,})"

@@ -48,7 +48,7 @@ def cluster() -> Cluster:
            "OMP_NUM_THREADS": "1"}
     running = subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode == 0
     if not running:
-        subprocess.run([REPO / "slurm/testcluster/start.sh"], check=True, timeout=120)
+        subprocess.run([REPO / "slurm/testcluster/start.sh"], check=True, timeout=900)
     yield Cluster(env)
     if not running:
-        subprocess.run([REPO / "slurm/testcluster/stop.sh"], check=True, timeout=60)
+        subprocess.run([REPO / "slurm/testcluster/stop.sh"], check=True, timeout=600)

@@ -77,7 +77,7 @@ def test_a_shard_build_in_two_array_tasks_requeues_mid_write_and_trains(cluster,
 
     # the documents and counts of one process's build of the same inputs
     subprocess.run([BIN / "dslm-shard", "build", *build_args(tokenizer, tmp_path / "one")], check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=900)
     one, many = Manifest.load(tmp_path / "one"), Manifest.load(out)
     assert many.sources == one.sources and many.dropped_tokens == one.dropped_tokens
     for split in ("train", "val"):
@@ -110,14 +110,14 @@ def test_a_failed_step_is_one_line_and_the_steps_after_it_never_run(cluster, tin
     submitter = subprocess.Popen([BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--wait", *args],
                                  env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ids = submitted_ids(submitter)
-    _, errors = submitter.communicate(timeout=300)
+    _, errors = submitter.communicate(timeout=900)
     assert submitter.returncode == 1
     [line] = [e for e in errors.splitlines() if e.startswith("dslm-submit:")]
     assert line.startswith(f"dslm-submit: digests task 0 (job {ids['digests']}_0) failed: dslm-shard: error: source "), line
     assert "lack FineWeb's column(s)" in line, line
     assert f"(log: {tmp_path / 'out' / 'submitit' / ids['digests']}_0_0_log.out)" in line, line
     for step in ("dedup", "write", "merge"):
-        cluster.wait_done(ids[step], timeout=60)
+        cluster.wait_done(ids[step], timeout=600)
         assert not list((tmp_path / "out" / "submitit").glob(f"{ids[step]}_*log.out")), f"{step} never ran"
 
 
