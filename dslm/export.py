@@ -32,7 +32,7 @@ from dslm.data.manifest import Manifest
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import atomic_path, sha256_file
+from dslm.files import atomic_path, check_creatable, sha256_file
 from dslm.hf import (export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer,
                      tokenizer_config)
 from dslm.logs import VERBOSE_HELP, LibraryOutput
@@ -46,9 +46,8 @@ def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path, framing:
            lora: LoraConfig | None = None) -> None:
     """Write the HF folder under a temporary name, then rename it into place; config.json records
     the model's framing (dslm.hf.DIRECTION_KEY). `lora`: the run's train.lora, whose adapters are
-    merged into the weights. Raises DslmError when `out` exists."""
-    if out.exists():
-        raise DslmError(f"{out} already exists; remove it or name another folder")
+    merged into the weights. Raises DslmError when `out` exists or cannot be created."""
+    check_new_folder(out)
     if (problem := seal_problem(tag_dir, checksums=True)) is not None:
         raise DslmError(f"cannot export {tag_dir}: {problem}")
     weights = load_model_weights(tag_dir, cfg, lora or LoraConfig())
@@ -59,6 +58,14 @@ def export(tag_dir: Path, out: Path, cfg: ModelConfig, tokenizer: Path, framing:
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         write_tokenizer_files(tmp, tokenizer, framing)
+
+
+def check_new_folder(out: Path) -> None:
+    """DslmError, before any weights are read, when the export folder `out` exists or a folder
+    above it is a file."""
+    if out.exists():
+        raise DslmError(f"{out} already exists; remove it or name another folder")
+    check_creatable(out)
 
 
 def write_tokenizer_files(folder: Path, tokenizer: Path, framing: Framing = Framing(), source_sha256: str = "") -> None:
@@ -125,8 +132,7 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
         shards = load_config(run_dir / CONFIG_NAME, []).data.shards
         tokenizer, sha256 = Manifest.load(shards).tokenizer_file(shards), ""
         out = out or run_dir / "export" / f"step{step}{suffix}"
-    if out.exists():
-        raise DslmError(f"{out} already exists; remove it or name another folder")
+    check_new_folder(out)
     cfg, weights, origin = read_weights(tag)
     framing = framing_of(source)
     export_onnx(model_from(cfg, weights, origin.path), out, framing, int8,

@@ -35,6 +35,8 @@ from typing import TextIO
 
 import psutil
 
+from dslm.files import make_folder
+
 LOGS_DIR = "logs"
 """The folder of a run directory that holds each rank's rank_log."""
 VERBOSE_HELP = ("print what DeepSpeed, torch and the tools they run print, as they print it (without it: "
@@ -98,7 +100,7 @@ class LibraryOutput:
         """From now on, append the libraries' output to `path`, beginning with what they printed so far."""
         if not self.active:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with open(path, "ab") as log:
             log.write(f"==== {self.prog} (pid {os.getpid()}) {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
             log.flush()
