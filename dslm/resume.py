@@ -44,6 +44,7 @@ from dslm.files import atomic_path
 from dslm.logs import libraries, library_stream
 from dslm.model import SIZES
 from dslm.optim import apply_schedule
+from dslm_local.cli import counted
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ class Resume:
             if self.state.world_size != env.world_size:
                 through = (f"through {self.load_from.name}" if self.load_universal
                            else "each rank reads the whole ZeRO-0 state")
-                print(f"  on {env.world_size} ranks instead of {self.state.world_size} ({through}): {note}",
+                print(f"  on {counted(env.world_size, 'rank')} instead of {self.state.world_size} ({through}): {note}",
                       flush=True)
             elif self.load_universal:
                 print(f"  at another ZeRO stage than the checkpoint's (through {self.load_from.name}): {note}",

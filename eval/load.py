@@ -19,6 +19,7 @@ from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.model import GPT
 from dslm.weights import export_origin, framing_of, model_from, newest_checkpoint, read_export, read_tag, source_kind
+from dslm_local.cli import counted
 
 
 @dataclass
@@ -44,7 +45,7 @@ def parse_device(text: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise DslmError(f"--device {text}: dslm evaluates on cpu or cuda")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DslmError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DslmError(f"--device {text}: this machine has {counted(torch.cuda.device_count(), 'CUDA device')}")
     return device
 
 
