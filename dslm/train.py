@@ -37,7 +37,8 @@ from dslm.optim import freeze
 from dslm.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.stop import EXIT_STOPPED, StartupStop, Stop, StoppedAtStartup, StopSignal, test_pause
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
-from dslm.weights import framing_of, load_into, read_weights, tokenizer_sha256s
+from dslm.weights import framing_of, load_into, model_config_of, read_weights, tokenizer_sha256s
+from dslm_local.cli import counted
 
 OBJECTIVE = next_token
 """Every run's objective; the previous-token model is this one on reversed samples (data.direction)."""
@@ -74,8 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config from --config, the overrides and --deepspeed; a fine-tune's model is its
+    train.init_from source's (dslm.config.fine_tuned_model), read before anything is built."""
     overrides = list(args.overrides) + ([f"ds_config={args.deepspeed}"] if args.deepspeed else [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, source_model=model_config_of)
 
 
 def launch(args: argparse.Namespace, argv: list[str]) -> None:
@@ -226,13 +229,13 @@ def check_step_samples(train: TrainConfig, samples: int, world_size: int) -> Non
     trains alike, faster (and a step of train.grad_accum=10**9 micro-batches would never end)."""
     micro_step = train.micro_batch_size * world_size
     if micro_step > samples:
-        raise DslmError(f"train.micro_batch_size={train.micro_batch_size} on {world_size} rank(s) takes {micro_step:,} "
-                        f"samples per micro-step, more than the {samples:,} of the train split; set it to at most "
-                        f"{max(1, samples // world_size):,}")
+        raise DslmError(f"train.micro_batch_size={train.micro_batch_size} on {counted(world_size, 'rank')} takes "
+                        f"{micro_step:,} samples per micro-step, more than the {samples:,} of the train split; set it "
+                        f"to at most {max(1, samples // world_size):,}")
     if micro_step * train.grad_accum > samples:
-        raise DslmError(f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples ({world_size} "
-                        f"rank(s)) make a step of {micro_step * train.grad_accum:,} samples, more than the {samples:,} "
-                        f"of the train split; set it to at most {samples // micro_step:,}")
+        raise DslmError(f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples "
+                        f"({counted(world_size, 'rank')}) make a step of {micro_step * train.grad_accum:,} samples, "
+                        f"more than the {samples:,} of the train split; set it to at most {samples // micro_step:,}")
 
 
 def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:

@@ -41,10 +41,16 @@ def export_origin(folder: Path) -> tuple[Path | None, int | None]:
     return None, None
 
 
+def export_model_config(folder: Path) -> ModelConfig:
+    """The model config of a dslm-export folder, from its config.json (no head bias: the export
+    folds it). Raises DslmError for a config.json it cannot read."""
+    return model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
+
+
 def read_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config and fp32 weights of a dslm-export folder (no head bias: the export folds it).
     Raises DslmError for a config or safetensors file it cannot read."""
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    cfg = export_model_config(folder)
     try:
         hf = load_file(str(folder / "model.safetensors"))
     except SafetensorError as e:
@@ -60,11 +66,25 @@ def read_tag(tag_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg.model, load_model_weights(tag_dir, cfg.model, cfg.train.lora)
 
 
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The model config of the weights at `path` (a tag, a run directory or an export folder), read
+    from its run's config.yaml or the export's config.json, without the weights: what a run that
+    starts from them (train.init_from) builds. Raises DslmError as source_kind does."""
+    path = Path(path)
+    if source_kind(path) == "export":
+        return export_model_config(path)
+    return load_config(run_dir_of(path) / CONFIG_NAME, []).model
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory of a tag or run directory `path`."""
+    return path if source_kind(path) == "run" else run_of(path)[0]
+
+
 def run_data(path: Path) -> tuple[DataConfig, Manifest | None]:
     """The data settings of the run that trained the tag or run directory `path`, and its shards'
     manifest (None when the shards are gone)."""
-    run_dir = path if source_kind(path) == "run" else run_of(path)[0]
-    data = load_config(run_dir / CONFIG_NAME, []).data
+    data = load_config(run_dir_of(path) / CONFIG_NAME, []).data
     found = (Path(data.shards) / MANIFEST_NAME).is_file()
     return data, Manifest.load(data.shards) if found else None
 
