@@ -42,6 +42,7 @@ from dslm.model import GPT, ModelConfig
 from dslm.optim import freeze, parameter_order
 from dslm.run_dir import TAG_PATTERN, tag_for
 from dslm.writes import KeptWrites
+from dslm_local.cli import counted
 
 SEAL_NAME = "dslm_complete.json"
 LATEST_NAME = "latest"
@@ -226,7 +227,7 @@ def seal_problem(tag_dir: Path, checksums: bool = False) -> str | None:
     world_size = sealed["state"]["world_size"]
     ranks = sum(1 for name in files if name.startswith("rng_rank"))
     if ranks != world_size:
-        return f"holds {ranks} ranks' state, sealed by {world_size}"
+        return f"holds the state of {counted(ranks, 'rank')}, sealed by {world_size}"
     return None
 
 

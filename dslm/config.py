@@ -9,9 +9,10 @@ import json
 import os
 import textwrap
 import typing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -155,20 +156,27 @@ def describe_config(section: str = "", width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def load_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
+def load_config(recipe: str | Path | None, overrides: list[str],
+                source_model: Callable[[str], ModelConfig] | None = None) -> RunConfig:
     """Defaults < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`); model sizes not
     set anywhere come from model.preset. A run's config.yaml as the recipe names that run: its name
-    and runs_dir are its folder's, unless an override sets them. Raises DslmError (one line) for an
-    unknown key, a value of the wrong type or out of its range."""
+    and runs_dir are its folder's, unless an override sets them. Given `source_model` (what reads
+    the model of a `train.init_from` source) and a train.init_from, the model is the source's
+    instead (fine_tuned_model). Raises DslmError (one line) for an unknown key, a value of the wrong
+    type or out of its range, or a model.* set that the source's weights cannot take."""
     try:
         conf = schema()
         layers = [(load_recipe(recipe), str(recipe))] if recipe else []
         if recipe and Path(recipe).name == RunDir(Path(recipe).parent).config.name and RunDir.at(Path(recipe).parent):
             folder = Path(recipe).parent  # a run is found by its folder, whatever name it was trained as
             layers.append((OmegaConf.create({"name": folder.name, "runs_dir": str(folder.parent)}), str(folder)))
+        chosen: set[str] = set()
         for layer, source in [*layers, (parse_overrides(overrides), "the overrides")]:
             rename_old_keys(layer, source)
             conf = merge(conf, layer, source)
+            chosen |= set(layer.model) if isinstance(layer.get("model"), DictConfig) else set()
+        if source_model is not None and conf.train.init_from:
+            conf.model = fine_tuned_model(conf.model, chosen, conf.train.init_from, source_model)
         return OmegaConf.to_object(conf)
     except OmegaConfBaseException as e:
         raise DslmError(str(e).splitlines()[0] + (f" ({e.full_key})" if getattr(e, "full_key", None) else "")) from e
@@ -214,6 +222,30 @@ def merge(conf: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         return OmegaConf.merge(conf, layer)
     except TypeError as e:  # OmegaConf's "Cannot merge incompatible container types"
         raise DslmError(f"{source}: a mapping {{...}} given for a list field [...], or the reverse ({e})") from None
+
+
+def fine_tuned_model(model: DictConfig, chosen: set[str], init_from: str,
+                     source_model: Callable[[str], ModelConfig]) -> DictConfig:
+    """The model of a run that starts from the weights at `init_from`: the source's
+    (`source_model(init_from)`), every model.* field the recipe and overrides leave unset taken from
+    it. Of the fields they set (`chosen`, with their values in `model`), model.dropout and a head
+    bias the source lacks (an export folds it; it starts at zero) are kept; model.preset must be
+    the source's where the source names one (an export names none); any other field must equal the
+    source's. Raises DslmError naming the first that does not, with both values, or the source
+    that cannot be read."""
+    try:
+        source = source_model(init_from)
+    except DslmError as e:
+        raise DslmError(f"train.init_from: {e}") from None
+    for name in (f.name for f in fields(ModelConfig) if f.name in chosen):
+        ours, theirs = model[name], getattr(source, name)
+        if (ours == theirs or name == "dropout" or (name == "lm_head_bias" and ours)
+                or (name == "preset" and not (ours and theirs))):
+            continue
+        raise DslmError(f"model.{name}={ours} but train.init_from={init_from} has model.{name}={theirs}; leave "
+                        f"model.{name} out to fine-tune the source's model as it is")
+    kept = {name: model[name] for name in chosen & {"dropout", "lm_head_bias"}}
+    return OmegaConf.merge(OmegaConf.structured(source), kept)
 
 
 def schema() -> DictConfig:

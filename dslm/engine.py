@@ -24,6 +24,7 @@ from dslm.ops import build_ops, deepspeed_module
 from dslm.optim import build_optimizer
 from dslm.shm import release_buffer_name, remove_dead_buffers
 from dslm.trainer import TrainConfig
+from dslm_local.cli import counted
 
 
 @dataclass
@@ -208,6 +209,6 @@ def describe(engine, world_size: int) -> str:
     optimizer = engine.basic_optimizer
     fused = "fused " if getattr(optimizer, "defaults", {}).get("fused") else ""
     dtype = str(next(engine.module.parameters()).dtype).removeprefix("torch.")
-    return (f"engine: {world_size} rank(s) on {engine.device.type}, backend {torch.distributed.get_backend()}, "
-            f"ZeRO stage {engine.zero_optimization_stage()}, {dtype} weights, {fused}{type(optimizer).__name__}"
-            f"{', compiled' if engine.is_compiled else ''}")
+    return (f"engine: {counted(world_size, 'rank')} on {engine.device.type}, backend "
+            f"{torch.distributed.get_backend()}, ZeRO stage {engine.zero_optimization_stage()}, {dtype} weights, "
+            f"{fused}{type(optimizer).__name__}{', compiled' if engine.is_compiled else ''}")

@@ -31,7 +31,7 @@ from dslm.config import Origin
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import atomic_path, sha256_file
+from dslm.files import atomic_path, check_creatable, sha256_file
 from dslm.hf import (export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer,
                      tokenizer_config)
 from dslm.logs import VERBOSE_HELP, LibraryOutput
@@ -45,12 +45,11 @@ def export(source: str | Path, out: Path | None = None) -> Path:
     """Write the HF folder of `source` (a tag, a run: its chosen tag, or an HF export) at `out`, by
     default runs/NAME/export/stepN of its run (beside an export outside a run, as X-hf); a LoRA
     run's adapters are merged into the weights. Raises DslmError, before reading any weights, when
-    `out` exists."""
+    `out` exists or a folder above it is a file."""
     found = resolve_source(source)
     found.need_weights()
     out = out or default_out(found, "")
-    if out.exists():
-        raise DslmError(f"{out} already exists; remove it or name another folder")
+    check_new_folder(out)
     cfg, weights, _ = read_weights(source)
     write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found))
     return out
@@ -83,6 +82,14 @@ def default_out(source: ModelSource, suffix: str) -> Path:
         return source.path.absolute().with_name(source.path.absolute().name + (suffix or "-hf"))
     tag = resolve_source(source.chosen_tag())
     return tag.run.export(tag.step, suffix)
+
+
+def check_new_folder(out: Path) -> None:
+    """DslmError, before any weights are read, when the export folder `out` exists or a folder
+    above it is a file."""
+    if out.exists():
+        raise DslmError(f"{out} already exists; remove it or name another folder")
+    check_creatable(out)
 
 
 def write_tokenizer_files(folder: Path, tokenizer: Path, framing: Framing = Framing(), source_sha256: str = "") -> None:
@@ -130,13 +137,12 @@ def run_onnx(source: Path, out: Path | None, int8: bool) -> None:
 def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin]:
     """The ONNX export of `source` (a tag, a run: its chosen tag, or an HF export folder) at `out`,
     by default runs/NAME/export/stepN-onnx[-int8], or beside an export folder. Raises DslmError,
-    before reading any weights, when the folder exists. Returns the folder and where the weights
+    before reading any weights, when the folder exists or a folder above it is a file. Returns the folder and where the weights
     came from."""
     found = resolve_source(source)
     found.need_weights()
     out = out or default_out(found, "-onnx-int8" if int8 else "-onnx")
-    if out.exists():
-        raise DslmError(f"{out} already exists; remove it or name another folder")
+    check_new_folder(out)
     cfg, weights, origin = read_weights(source)
     framing, tokenizer, sha256 = found.framing(), found.tokenizer_file(), training_sha256(found)
     export_onnx(model_from(cfg, weights, origin.path), out, framing, int8,

@@ -29,14 +29,31 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_creatable(path: str | Path) -> None:
+    """Raises DslmError when `path` could never be written because a folder above it is a file
+    (`--out notes.txt/out.jsonl`), naming that file; before any work whose result would go there."""
+    if (file := next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise DslmError(f"{file} is a file, not a folder: {path} cannot be written in it")
+
+
+def make_folder(folder: str | Path) -> None:
+    """`mkdir -p folder`. Raises DslmError naming the file that stands where `folder`, or a folder
+    above it, must be."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DslmError(f"{folder} is a file, not a folder")
+    check_creatable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """A fresh temporary path beside `final` for the block to write a file or a folder at. When the
     block ends without an error it is renamed onto `final` (an existing file there is replaced; an
     existing folder is an error of os.replace); when it raises, the temporary is removed and
-    `final` is left as it was."""
+    `final` is left as it was. Raises DslmError as make_folder does for `final`'s folder."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(final.parent)
     tmp = tmp_path(final)
     remove(tmp)  # left by a crash before
     try:
@@ -83,7 +100,7 @@ def exclusive(lock: str | Path, what: str) -> Iterator[None]:
     `what` at once (fcntl.flock: advisory, one holder). Raises DslmError at once when another
     process holds it; the file is removed at the end."""
     lock = Path(lock)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(lock.parent)
     with open(lock, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from dslm_local.cli import command_name
 
+from dslm.files import make_folder
 VERBOSE_HELP = ("print what DeepSpeed, torch and the tools they run print, as they print it (without it: "
                 "hidden, and shown only before the traceback of a crash)")
 
@@ -112,7 +113,7 @@ class LibraryOutput:
         """From now on, append the libraries' output to `path`, beginning with what they printed so far."""
         if not self.active:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with open(path, "ab") as log:
             log.write(f"==== {self.prog} (pid {os.getpid()}) {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
             log.flush()

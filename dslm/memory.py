@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from dslm.errors import DslmError
+from dslm_local.cli import counted
 
 if TYPE_CHECKING:
     import torch
@@ -222,7 +223,7 @@ def memory_problem(need: MemoryNeed, local_ranks: int, device_free: int | None) 
     available memory is shared by the `local_ranks` ranks on this machine; `device_free`: bytes
     free on this rank's GPU (torch.cuda.mem_get_info), None on a CPU run."""
     host = ("host memory", need.host(cpu_run=device_free is None), available_host_memory(local_ranks),
-            f"available to each of the {local_ranks} rank(s) on this machine")
+            f"available to each of the {counted(local_ranks, 'rank')} on this machine")
     for where, parts, free, whose in (host, ("GPU memory", need.device(), device_free, "free on its GPU")):
         if free is None or sum(parts.values()) <= USABLE * free:
             continue

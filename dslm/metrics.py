@@ -92,16 +92,20 @@ class Metrics:
         """Scalars into TensorBoard's event files in `logdir` (`purge_step`: drop the events of this
         step on, which a killed run wrote after its checkpoint) and, with `csv_path`, into a
         ScalarLog there that continues after step purge_step - 1. Nothing is written unless
-        `enabled` (rank 0)."""
-        self.writer = SummaryWriter(str(logdir), purge_step=purge_step) if enabled else None
+        `enabled` (rank 0); the event file is opened at the first scalar, so a run or an eval that
+        fails before it has one leaves none."""
+        self.logdir, self.purge_step, self.enabled = logdir, purge_step, enabled
+        self.writer: SummaryWriter | None = None
         self.scalar_log = ScalarLog(csv_path, (purge_step or 1) - 1) if enabled and csv_path else None
         self.console = console
         """Print a line per log() call as well."""
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Write `values` (tag -> number) at `step`; calls at the same step share one metrics.csv row."""
-        if self.writer is None:
+        if not self.enabled:
             return
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.logdir), purge_step=self.purge_step)
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()

@@ -44,6 +44,7 @@ from dslm.logs import info, libraries, library_stream, warning
 from dslm.model import SIZES
 from dslm.optim import apply_schedule
 from dslm.run_dir import run_of_tag
+from dslm_local.cli import counted
 
 T = TypeVar("T")
 
@@ -99,7 +100,7 @@ class Resume:
         if self.state.world_size != world_size:
             through = (f"through {self.load_from.name}" if self.load_universal
                        else "each rank reads the whole ZeRO-0 state")
-            lines.append(f"  on {world_size} ranks instead of {self.state.world_size} ({through}): {note}")
+            lines.append(f"  on {counted(world_size, 'rank')} instead of {self.state.world_size} ({through}): {note}")
         elif self.load_universal:
             lines.append(f"  at another ZeRO stage than the checkpoint's (through {self.load_from.name}): {note}")
         elif recorded_batch(self.state) not in (0, global_batch):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dslm.compat import require
 from dslm.files import holders, waiting_lock
+from dslm_local.cli import counted
 
 SHM_DIR = Path("/dev/shm")
 """Where glibc's shm_open keeps its objects."""
@@ -70,7 +71,7 @@ def remove_dead_buffers(folder: Path = SHM_DIR) -> None:
                 continue
             removed, freed = removed + 1, freed + size
     if removed:
-        print(f"removed {removed} DeepSpeed all-reduce buffer(s) of runs that are gone from {folder} "
+        print(f"removed {counted(removed, 'DeepSpeed all-reduce buffer')} of runs that are gone from {folder} "
               f"({freed / 2**20:,.0f} MiB freed)", flush=True)
 
 

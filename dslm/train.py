@@ -47,7 +47,8 @@ from dslm.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.signals import test_pause
 from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
-from dslm.weights import load_into, read_weights
+from dslm.weights import load_into, model_config_of, read_weights
+from dslm_local.cli import counted
 from dslm_local.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_STOPPED, exit_statuses
 
 OBJECTIVE = next_token
@@ -87,9 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """The run's config, its outside paths absolute (dslm.config.absolute_paths)."""
+    """The run's config from --config, the overrides and --deepspeed, its outside paths absolute
+    (dslm.config.absolute_paths); a fine-tune's model is its train.init_from source's
+    (dslm.config.fine_tuned_model), read before anything is built."""
     overrides = list(args.overrides) + ([f"ds_config={args.deepspeed}"] if args.deepspeed else [])
-    return absolute_paths(load_config(args.config, overrides))
+    return absolute_paths(load_config(args.config, overrides, source_model=model_config_of))
 
 
 def launch(args: argparse.Namespace, argv: list[str]) -> None:
@@ -239,13 +242,13 @@ def check_step_samples(train: TrainConfig, samples: int, world_size: int) -> Non
     trains alike, faster (and a step of train.grad_accum=10**9 micro-batches would never end)."""
     micro_step = train.micro_batch_size * world_size
     if micro_step > samples:
-        raise DslmError(f"train.micro_batch_size={train.micro_batch_size} on {world_size} rank(s) takes {micro_step:,} "
-                        f"samples per micro-step, more than the {samples:,} of the train split; set it to at most "
-                        f"{max(1, samples // world_size):,}")
+        raise DslmError(f"train.micro_batch_size={train.micro_batch_size} on {counted(world_size, 'rank')} takes "
+                        f"{micro_step:,} samples per micro-step, more than the {samples:,} of the train split; set it "
+                        f"to at most {max(1, samples // world_size):,}")
     if micro_step * train.grad_accum > samples:
-        raise DslmError(f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples ({world_size} "
-                        f"rank(s)) make a step of {micro_step * train.grad_accum:,} samples, more than the {samples:,} "
-                        f"of the train split; set it to at most {samples // micro_step:,}")
+        raise DslmError(f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples "
+                        f"({counted(world_size, 'rank')}) make a step of {micro_step * train.grad_accum:,} samples, "
+                        f"more than the {samples:,} of the train split; set it to at most {samples // micro_step:,}")
 
 
 def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:

@@ -24,6 +24,7 @@ from dslm.objective import Objective
 from dslm.optim import OptimConfig
 from dslm.signals import test_pause
 from dslm.stop import Stop, StopSignal
+from dslm_local.cli import counted
 
 
 @dataclass
@@ -197,8 +198,8 @@ class Validation:
         batches = validation_batches(len(samples), micro_batch, world, batches_per_rank)
         if batches == 0:
             raise DslmError(f"the val split holds {len(samples)} samples, fewer than one micro-batch of "
-                            f"{micro_batch} per rank on {world} ranks; set train.val_interval=0 or rebuild the "
-                            f"shards with a larger --val-fraction")
+                            f"{micro_batch} per rank on {counted(world, 'rank')}; set train.val_interval=0 or rebuild "
+                            f"the shards with a larger --val-fraction")
         used = batches * world * micro_batch
         # positions spread evenly over the split: its start alone is one corner of the corpus
         self.batches = [default_collate([samples[p * len(samples) // used] for p in range(first, first + micro_batch)])

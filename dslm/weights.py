@@ -21,10 +21,16 @@ from dslm.model import GPT, ModelConfig
 from dslm.model_source import ModelSource, resolve_source
 
 
+def export_model_config(folder: Path) -> ModelConfig:
+    """The model config of a dslm-export folder, from its config.json (no head bias: the export
+    folds it). Raises DslmError for a config.json it cannot read."""
+    return model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
+
+
 def read_export(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config and fp32 weights of a dslm-export folder (no head bias: the export folds it).
     Raises DslmError for a config or safetensors file it cannot read."""
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    cfg = export_model_config(folder)
     try:
         hf = load_file(str(folder / "model.safetensors"))
     except SafetensorError as e:
@@ -37,6 +43,14 @@ def read_tag(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     plain GPT names them (a LoRA run's adapters merged)."""
     cfg = source.run_config
     return cfg.model, load_model_weights(source.path, cfg.model, cfg.train.lora)
+
+
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The model config of the weights at `path` (a tag, a run directory or an export folder), read
+    from its run's config.yaml or the export's config.json, without the weights: what a run that
+    starts from them (train.init_from) builds. Raises DslmError as resolve_source does."""
+    source = resolve_source(path)
+    return export_model_config(source.path) if source.is_export else source.run_config.model
 
 
 def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str | Path = "the weights") -> GPT:

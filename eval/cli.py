@@ -96,10 +96,14 @@ class Target:
 
 
 class ValData:
-    """The val split read once for every checkpoint: labelled samples and held-out code."""
+    """The val split read once for every checkpoint: labelled samples and held-out code. Raises
+    DslmError for shards without a val split, saying how to name others for `target`."""
 
-    def __init__(self, shards: Path, cfg: EvalConfig):
+    def __init__(self, shards: Path, cfg: EvalConfig, target: Path):
         manifest = Manifest.load(shards)
+        if not manifest.split("val"):
+            raise DslmError(f"{shards} has no val split to evaluate on (its manifest lists no val shards: built with "
+                            f"--val-fraction 0); name shards that have one: dslm-eval {target} --shards PATH")
         self.shards, self.manifest = shards, manifest
         self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_file(shards)))
         samples = ShardSamples(shards, manifest, "val")
@@ -309,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
     if not targets and not args.watch:
         warning(f"{args.target} holds no sealed checkpoint yet")
         return
-    data = ValData(shards, cfg)
+    data = ValData(shards, cfg, args.target)
     device = parse_device(args.device)
     results = Results(source.run, shard_set_name(source, shards))
     if args.watch:

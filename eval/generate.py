@@ -23,6 +23,7 @@ from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.memory import check_fits, forward_bytes, kv_cache_bytes
 from dslm.model import GPT, KVCache
+from dslm_local.cli import counted
 from dslm_local.decoding import GenerationConfig, Stopper, cut_at_stop
 from dslm_local.decoding import sample_filter as filter_logits
 
@@ -233,7 +234,7 @@ def check_decoding_fits(model: GPT, prompts: list[list[int]], cfg: GenerationCon
     need = forward_bytes(model.cfg, rows, longest, element, loss=False)
     if cfg.use_cache:
         need += kv_cache_bytes(model.cfg, rows, longest + cfg.max_new_tokens, element)
-    beams = f" ({batch} prompt(s) x {cfg.num_beams} beams)" if cfg.strategy == "beam" else ""
+    beams = f" ({counted(batch, 'prompt')} x {counted(cfg.num_beams, 'beam')})" if cfg.strategy == "beam" else ""
     check_fits(need, model.wte.weight.device, f"decoding {rows:,} sequences at once{beams}",
                "lower --num-beams or --batch-size")
 

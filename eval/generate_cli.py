@@ -26,7 +26,7 @@ import torch
 from dslm.cli import ArgumentParser, run_command
 from dslm.data.templates import TEMPLATES, Framing
 from dslm.errors import DslmError
-from dslm.files import atomic_write_text
+from dslm.files import atomic_write_text, check_creatable
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm_eval.generate import complete
 from dslm_eval.load import LoadedModel, load_for_eval, parse_device
@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=Path, metavar="FILE",
                    help="a fixed prompt set: one prompt per line, or .jsonl records with a \"prompt\" field")
     p.add_argument("--out", type=Path, metavar="FILE.jsonl",
-                   help="also write one JSON line per prompt: the prompt, the settings and each model's output")
+                   help="also write one JSON line per prompt: the prompt, the settings and each model's output "
+                        "(a new file: see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file when it exists")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from the terminal (temp=X, top_k=X, tokens=X change the sampler; quit ends)")
     p.add_argument("--template", choices=("auto", "none", *TEMPLATES), default="auto",
@@ -102,10 +104,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def check_out(out: Path | None) -> None:
-    """Refuse an --out that cannot be written, before any generating."""
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+def check_out(out: Path | None, overwrite: bool) -> None:
+    """Refuse an --out that cannot be written, or that exists without --overwrite, before any
+    generating."""
+    if out is None:
+        return
+    check_creatable(out)
+    if out.is_dir() or not out.parent.is_dir():
         raise DslmError(f"--out {out}: {'a folder' if out.is_dir() else 'its folder does not exist'}; name a file")
+    if out.exists() and not overwrite:
+        raise DslmError(f"--out {out} already exists; pass --overwrite to replace it")
 
 
 def framing(loaded: LoadedModel, template: str) -> Framing:
@@ -227,7 +235,7 @@ def fit_budget(cfg: GenerationConfig, models: list[Model], given: bool) -> Gener
 def run(args: argparse.Namespace) -> None:
     cfg = generation_config(args)
     prompts = read_prompts(args)
-    check_out(args.out)
+    check_out(args.out, args.overwrite)
     models = load_models(args)
     cfg = fit_budget(cfg, models, given=args.max_new_tokens is not None)
     if args.interactive:

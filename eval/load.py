@@ -19,6 +19,7 @@ from dslm.model import GPT
 from dslm.model_source import resolve_source
 from dslm.run_dir import RunDir
 from dslm.weights import model_from, read_export, read_tag
+from dslm_local.cli import counted
 
 
 @dataclass
@@ -44,7 +45,7 @@ def parse_device(text: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise DslmError(f"--device {text}: dslm evaluates on cpu or cuda")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DslmError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DslmError(f"--device {text}: this machine has {counted(torch.cuda.device_count(), 'CUDA device')}")
     return device
 
 

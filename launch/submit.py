@@ -46,6 +46,8 @@ from submitit.core.utils import UncompletedJobError
 from dslm.cli import ArgumentParser, run_command
 from dslm.compat import has_method, require
 from dslm.errors import DslmError
+from dslm.files import check_creatable
+from dslm_local.cli import counted
 from dslm_local.errors import EXIT_RETRY, EXIT_STOPPED
 
 PROG = "dslm-submit"
@@ -230,7 +232,9 @@ class TrainJob(ChildJob):
 def make_executor(cfg: SlurmConfig, folder: Path, name: str, after: str | None = None) -> submitit.Executor:
     """submitit's executor for `cfg`, its logs in `folder`; on SLURM, a job named `name` that starts
     once job `after` (every task of it, for an array) has succeeded (sbatch --dependency=afterok),
-    and is ended by SLURM when that job failed instead of waiting in the queue for ever."""
+    and is ended by SLURM when that job failed instead of waiting in the queue for ever. DslmError
+    when a folder above `folder` is a file (dslm.files.check_creatable)."""
+    check_creatable(folder)
     if cfg.executor == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
         executor.update_parameters(timeout_min=cfg.time_min, tasks_per_node=cfg.ranks_per_node,
@@ -259,8 +263,9 @@ def describe(executor: submitit.Executor, cfg: SlurmConfig, job: ChildJob, folde
 
 
 def executor_line(cfg: SlurmConfig) -> str:
-    return (f"executor: {cfg.executor}, {cfg.nodes} node(s) x {cfg.ranks_per_node} task(s), "
-            f"{cfg.gpus_per_node} GPU(s) per node, {cfg.time_min} min, at most {cfg.max_requeues} requeue(s)")
+    return (f"executor: {cfg.executor}, {counted(cfg.nodes, 'node')} x {counted(cfg.ranks_per_node, 'task')}, "
+            f"{counted(cfg.gpus_per_node, 'GPU')} per node, {cfg.time_min} min, at most "
+            f"{counted(cfg.max_requeues, 'requeue')}")
 
 
 def sbatch_script(executor: submitit.SlurmExecutor) -> str:
@@ -449,8 +454,8 @@ def run(args: argparse.Namespace) -> None:
         return
     [submitted] = submit_array(executor, [job])
     log = task_log(folder, submitted)
-    print(f"{PROG}: submitted {args.kind} job {submitted.job_id} ({cfg.executor}, {cfg.nodes} node(s) x "
-          f"{cfg.ranks_per_node} task(s)) for {run_dir}\n  log:         {log}\n"
+    print(f"{PROG}: submitted {args.kind} job {submitted.job_id} ({cfg.executor}, "
+          f"{counted(cfg.nodes, 'node')} x {counted(cfg.ranks_per_node, 'task')}) for {run_dir}\n  log:         {log}\n"
           f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     if args.wait:
         wait_for(submitted, log)
@@ -566,7 +571,7 @@ def run_steps_here(build: ShardJobs, cfg: SlurmConfig, folder: Path) -> None:
     before has succeeded, and this process waits for them."""
     for name, jobs in build.steps():
         submitted = submit_array(make_executor(cfg, folder, f"dslm-shard-{name}"), jobs)
-        print(f"{PROG}: {name}: {len(jobs)} task(s) on this machine, logs in {folder}", flush=True)
+        print(f"{PROG}: {name}: {counted(len(jobs), 'task')} on this machine, logs in {folder}", flush=True)
         wait_in_order(labelled(name, submitted), folder)
 
 
@@ -579,7 +584,7 @@ def labelled(name: str, jobs: list[submitit.Job]) -> list[tuple[str, submitit.Jo
 
 
 def submitted_lines(build: ShardJobs, submitted: list[tuple[str, list[submitit.Job]]], folder: Path) -> str:
-    lines, after = [f"{PROG}: submitted the build of {build.out}, {build.tasks} task(s) per stage:"], ""
+    lines, after = [f"{PROG}: submitted the build of {build.out}, {counted(build.tasks, 'task')} per stage:"], ""
     for name, jobs in submitted:
         lines.append(f"  {name + ':':8} job {'array ' if len(jobs) > 1 else ''}{array_id(jobs[0])}{after}")
         after = f", afterok:{array_id(jobs[0])}"
@@ -597,7 +602,7 @@ def describe_shard(build: ShardJobs, cfg: SlurmConfig, folder: Path, overwrite: 
     lines.append(f"steps: {' -> '.join([*build.stages, 'merge'])}, each once every task of the one "
                  f"before has succeeded ({'sbatch --dependency=afterok' if slurm else 'dslm-submit waits'})")
     for stage in build.stages:
-        lines += [f"{stage}: {build.tasks} task(s), K = 0 .. {build.tasks - 1}",
+        lines += [f"{stage}: {counted(build.tasks, 'task')}, K = 0 .. {build.tasks - 1}",
                   f"  {shlex.join(build.task(stage, 'K').argv)}"]
     lines += ["merge: 1 task", f"  {shlex.join(build.merge().argv)}"]
     if slurm:

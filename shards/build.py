@@ -19,7 +19,7 @@ from tqdm import tqdm
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, check_build_tokenizer, shard_problem
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import atomic_copy, atomic_write_text, exclusive, sha256_file, tmp_path
+from dslm.files import atomic_copy, atomic_write_text, check_creatable, exclusive, make_folder, sha256_file, tmp_path
 from dslm.logs import warning
 from dslm.memory import USABLE, available_host_memory, gib
 from dslm_shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
@@ -188,7 +188,8 @@ def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_byte
     byte for each (source, language). Raises DslmError, before reading anything, for a vocab_size
     or sample_bytes out of range, or when `out` exists and not `overwrite`: a tokenizer replaced
     under shards built with it would make their ids mean other text (every reader checks it
-    against the manifest, Manifest.tokenizer_file)."""
+    against the manifest, Manifest.tokenizer_file), or a folder above `out` that is a file."""
+    check_creatable(out)
     if out.is_dir():
         raise DslmError(f"{out} is a folder; name the file to write, e.g. {out / TOKENIZER_NAME}")
     if out.exists() and not overwrite:
@@ -552,7 +553,7 @@ def start_or_resume(cfg: ShardConfig, home: Path, key: str, task: bool) -> Build
     """Prepare `home` (the build's folder, or a `task`'s): refuse to clobber a finished build
     unless asked, place the tokenizer, and return the journal of an unfinished build whose
     fingerprint is `key` (or a fresh state)."""
-    home.mkdir(parents=True, exist_ok=True)
+    make_folder(home)
     if not task and cfg.overwrite:
         clear_build(home)  # a merged build of tasks too
     if not task:

@@ -49,7 +49,7 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats,
 from dslm.data.templates import DIRECTIONS, Framer, get_template
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
 from dslm.errors import DslmError
-from dslm.files import sha256_file
+from dslm.files import make_folder, sha256_file
 from dslm.logs import warning
 from dslm_shards.build import SPLITS, TOKENIZER_NAME, place_tokenizer, token_dtype
 from dslm_shards.journal import load_state
@@ -348,7 +348,7 @@ def prepare_out(cfg: SftConfig) -> None:
     """Make `out` ready for a new build: a finished build there is replaced only with
     `overwrite`, as is an unfinished `dslm-shard build`; shards and temporary files that no
     manifest lists (from an interrupted run) are removed."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    make_folder(cfg.out)
     if (cfg.out / MANIFEST_NAME).exists():
         if not cfg.overwrite:
             raise DslmError(f"{cfg.out} already holds a finished build; pass --overwrite to replace it")

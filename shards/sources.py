@@ -255,7 +255,8 @@ class FineWebSource:
         for record in records:
             missing = [column for column in FINEWEB_COLUMNS if column not in record]
             if missing:
-                raise DslmError(f"source {self.spec!r}: the records lack FineWeb's column(s) {', '.join(missing)}")
+                raise DslmError(f"source {self.spec!r}: the records lack FineWeb's "
+                                f"{'column' if len(missing) == 1 else 'columns'} {', '.join(missing)}")
             text = clean_text(record["text"], stats)
             if text is not None:
                 yield Document(id=str(record["id"]), text=text, language=record["language"] or "en", unit=unit)

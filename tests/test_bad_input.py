@@ -22,8 +22,9 @@ ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_shards):
-    """Paths for the table: real shards, shards of another tokenizer, files of the wrong kind."""
+def world(tmp_path_factory, tiny_shards, base_run, code_corpus):
+    """Paths for the table: real shards, shards of another tokenizer, files of the wrong kind, a
+    run of the tiny preset to fine-tune from, and a run on instruction shards without a val split."""
     root = tmp_path_factory.mktemp("bad")
     shards, manifest = tiny_shards
     other = root / "other"  # the same samples, as if built with another tokenizer: manifest and file agree
@@ -39,10 +40,32 @@ def world(tmp_path_factory, tiny_shards):
     (root / "records.jsonl").write_text('{"instruction": "Add one.", "output": "x + 1"}\n')
     (root / "mix.yaml").write_text(f"data:\n  mix:\n    - {{shards: {shards}, weight: 0.5}}\n"
                                    f"    - {{shards: {other}, weight: 0.5}}\n")
+    (root / "finetune.yaml").write_text(f"model:\n  preset: code-33m\ntrain:\n  init_from: {base_run}\n")
     return {"shards": str(shards), "other": str(other), "root": str(root), "missing": str(root / "missing"),
             "empty": str(root / "empty"), "notjson": str(root / "notjson"), "png": str(root / "picture.png"),
             "recipe": str(root / "recipe.yaml"), "records": str(root / "records.jsonl"), "mix": str(root / "mix.yaml"),
-            "tokenizer": str(shards / manifest.tokenizer)}
+            "tokenizer": str(shards / manifest.tokenizer), "base": str(base_run),
+            "finetune": str(root / "finetune.yaml"), "corpus": str(code_corpus / "json"),
+            "sft_run": str(run_without_val_split(root, base_run, shards / manifest.tokenizer))}
+
+
+def run_without_val_split(root: Path, base_run: Path, tokenizer: Path) -> Path:
+    """A copy of `base_run` whose data.shards are instruction shards built with --val-fraction 0."""
+    from dslm.config import CONFIG_NAME, load_config, to_yaml
+    from dslm.files import atomic_write_text
+    from dslm_shards.sft import SftConfig, build_sft_shards
+
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"instruction": f"Add {i}.", "output": f"x + {i}"}) + "\n"
+                                              for i in range(20)))
+    sft = SftConfig(out=root / "sft0", tokenizer=tokenizer, template="instruct", sources=[str(root / "pairs.jsonl")],
+                    seq_len=64, val_fraction=0)
+    build_sft_shards(sft)
+    run = root / "sft_run"
+    shutil.copytree(base_run, run)
+    cfg = load_config(run / CONFIG_NAME, [])
+    cfg.data.shards = str(sft.out)
+    atomic_write_text(run / CONFIG_NAME, to_yaml(cfg))
+    return run
 
 
 def another_tokenizer(path: Path) -> None:
@@ -80,7 +103,7 @@ CASES = [
     ("dslm-train", "--deepspeed " + ZERO2 + " --config {mix} runs_dir={root}/runs", "another tokenizer"),
     ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} data.on_bad_shard=ignore", "stop, skip"),
     ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} data.max_open_shards=4",
-     "data.max_open_shards=4 leaves 4 open shard(s)"),
+     "data.max_open_shards=4 leaves 4 open shards to each of 1 source,"),
     ("dslm-eval", "{missing}", "missing"),
     ("dslm-eval", "{png} --shards {shards}", "picture.png"),
     ("dslm-generate", "{missing} --prompt x", "does not exist"),
@@ -113,9 +136,47 @@ CASES = [
     ("dslm-train", "--deepspeed " + ZERO2 + " --config {png} runs_dir={root}/runs",
      "picture.png is not a YAML recipe: it is not UTF-8 text"),
     ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs train.micro_batch_size=100000",
-     "train.micro_batch_size=100000 on 1 rank(s) takes 100,000 samples per micro-step, more than the"),
+     "train.micro_batch_size=100000 on 1 rank takes 100,000 samples per micro-step, more than the"),
     ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs data.max_open_shards=1000000000",
      "data.max_open_shards=1000000000"),  # refused after the process group exists: a process of its own
+    # issue 28: a fine-tune's model is its source's; an explicit model.* that differs is refused before the model exists
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs train.init_from={base} "
+     "model.n_embd=64", "model.n_embd=64 but train.init_from={base} has model.n_embd=128; leave model.n_embd out"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " --config {finetune} data.shards={shards} runs_dir={root}/runs",
+     "model.preset=code-33m but train.init_from={base} has model.preset=tiny"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs train.init_from={missing}",
+     "train.init_from: {missing} does not exist"),
+    ("dslm-submit", "train --executor local --dry-run data.shards={shards} train.init_from={base} model.n_layer=4",
+     "model.n_layer=4 but train.init_from={base} has model.n_layer=2"),
+    # issue 28: an --out that exists is kept; an --out under a file says so
+    ("dslm-generate", "{base} --prompt x --out {recipe}",
+     "--out {recipe} already exists; pass --overwrite to replace it"),
+    ("dslm-generate", "{base} --prompt x --out {png}/out.jsonl", "{png} is a file, not a folder"),
+    ("dslm-shard", "tokenizer --source code:{corpus} --out {png}/t.json", "{png} is a file, not a folder"),
+    ("dslm-shard", "build --source code:{corpus} --tokenizer {tokenizer} --out {png}/b",
+     "{png} is a file, not a folder"),
+    ("dslm-shard", "build --source code:{corpus} --tokenizer {tokenizer} --out {png}/deeper/b",
+     "{png} is a file, not a folder"),
+    ("dslm-shard", "sft --source {records} --template instruct --tokenizer {tokenizer} --out {png}/s",
+     "{png} is a file, not a folder"),
+    ("dslm-export", "{base}/checkpoints/global_step5 {png}/export", "{png} is a file, not a folder"),
+    ("dslm-export", "{base} {png}/export --format onnx", "{png} is a file, not a folder"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={png}/runs",
+     "{png} is a file, not a folder"),
+    ("dslm-submit", "train --executor local --dry-run data.shards={shards} runs_dir={png}/runs",
+     "{png} is a file, not a folder"),
+    # issue 28: instruction shards without a val split: eval says how to name other shards
+    ("dslm-eval", "{sft_run} --metrics perplexity", "dslm-eval {sft_run} --shards PATH"),
+    # issue 28: an abbreviated option is refused (argparse's allow_abbrev), by every command
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs --resum auto",
+     "unrecognized arguments: --resum"),
+    ("dslm-shard", "inspect {shards} --sho 1", "unrecognized arguments: --sho"),
+    ("dslm-eval", "{base} --metric perplexity", "unrecognized arguments: --metric"),
+    ("dslm-generate", "{base} --prom x", "unrecognized arguments: --prom"),
+    ("dslm-export", "{base} --form onnx", "unrecognized arguments: --form"),
+    ("dslm-submit", "train --executor local --dry data.shards={shards}", "unrecognized arguments: --dry"),
+    ("dslm-submit", "train --exec local --dry-run data.shards={shards}", "unrecognized arguments: --exec"),
+    ("dslm-complete", "{root} --prompt x --max-new 5", "unrecognized arguments: --max-new 5"),
 ]
 
 
@@ -125,7 +186,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(world, command, args, message
                           cwd=world["root"], timeout=900)
     errors = [line for line in proc.stderr.splitlines() if line.startswith(command) and ": error:" in line]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and message.format(**world) in errors[0], proc.stderr[-2000:]
     assert "usage:" not in proc.stderr  # argparse's errors too are one line
 
 
@@ -135,10 +196,13 @@ def test_eval_refuses_shards_of_another_tokenizer(world, tmp_path):
                 "model.preset=tiny", "train.micro_batch_size=2"]
     subprocess.run([BIN / "dslm-train", "--deepspeed", ZERO2, f"data.shards={world['shards']}", f"runs_dir={tmp_path}",
                     "name=r", *settings], check=True, capture_output=True, timeout=900)
+    tensorboard = sorted((tmp_path / "r" / "tb").iterdir())
     proc = subprocess.run([BIN / "dslm-eval", tmp_path / "r", "--shards", world["other"], "--metrics", "perplexity"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "another tokenizer" in proc.stderr.strip().splitlines()[-1]
+    assert sorted((tmp_path / "r" / "tb").iterdir()) == tensorboard  # no event file of an eval without results
+    assert not (tmp_path / "r" / "eval").exists()
 
 
 def test_a_tokenizer_replaced_after_the_build_is_refused_by_every_command_that_reads_the_shards(
@@ -264,9 +328,9 @@ SIZES = [
     ("dslm-train", TRAIN, "data.mix=[{{shards: {shards}, weight: {v}}}]",
      {0: "must be above 0 and finite", -1: "must be above 0 and finite", BIG: None}),
     ("dslm-train", TRAIN, "train.micro_batch_size={v}", {0: POSITIVE, -1: POSITIVE,
-                                                         BIG: "train.micro_batch_size=1000000000 on 1 rank(s)"}),
+                                                         BIG: "train.micro_batch_size=1000000000 on 1 rank "}),
     ("dslm-train", TRAIN, "train.grad_accum={v}", {0: POSITIVE, -1: POSITIVE, BIG: "train.grad_accum=1000000000 "
-                                                   "micro-batches of 8 samples (1 rank(s)) make a step of"}),
+                                                   "micro-batches of 8 samples (1 rank) make a step of"}),
     ("dslm-train", TRAIN, "train.max_steps={v}", {0: POSITIVE, -1: POSITIVE, BIG: None}),
     ("dslm-train", TRAIN, "train.lr={v}", {0: "must be positive and finite", -1: "must be positive", BIG: None}),
     ("dslm-train", TRAIN, "train.min_lr={v}", {0: None, -1: "train.min_lr=-1.0 must be within", BIG: "must be within"}),
@@ -302,7 +366,7 @@ SIZES = [
       for at_least in ["max_new_tokens, batch_size and num_beams must be at least 1"]),
     ("dslm-generate", "{run} --prompt def --strategy beam", "--num-beams {v}",
      {0: "must be at least 1", -1: "must be at least 1",
-      BIG: "decoding 1,000,000,000 sequences at once (1 prompt(s) x 1000000000 beams) needs at least"}),
+      BIG: "decoding 1,000,000,000 sequences at once (1 prompt x 1000000000 beams) needs at least"}),
     ("dslm-generate", "{run} --prompt def --strategy sample", "--temperature {v}",
      {0: "need temperature > 0", -1: "need temperature > 0", BIG: None}),
     ("dslm-generate", "{run} --prompt def --strategy sample", "--top-k {v}", {0: None, -1: "top_k >= 0", BIG: None}),

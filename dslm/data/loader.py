@@ -41,6 +41,7 @@ from dslm.errors import BadShard, DslmError
 from dslm.logs import warning
 from dslm.model import IGNORE_INDEX
 from dslm.stop import ignore_stop_signals, kill_workers_at_exit
+from dslm_local.cli import counted
 
 TOKENS_SUFFIX, MASK_SUFFIX, LANGUAGE_SUFFIX = ".tokens.npy", ".mask.npy", ".language.txt"
 """The members of a sample in a shard (dslm_shards.writer writes them)."""
@@ -240,10 +241,10 @@ class TrainSamples(Dataset):
         per_source = cfg.max_open_shards // len(manifests)  # one budget per worker, whatever the mix
         for (name, _), manifest in zip(cfg.sources(), manifests):
             if per_source < (window := min(cfg.shuffle_window, len(manifest.split("train")))):
-                raise DslmError(f"data.max_open_shards={cfg.max_open_shards} leaves {per_source} open shard(s) to "
-                                f"each of {len(manifests)} source(s), fewer than {name}'s window of {window} (data."
-                                f"shuffle_window): a loader worker would open shards again for most samples; raise "
-                                f"it, or lower data.shuffle_window")
+                raise DslmError(f"data.max_open_shards={cfg.max_open_shards} leaves "
+                                f"{counted(per_source, 'open shard')} to each of {counted(len(manifests), 'source')}, "
+                                f"fewer than {name}'s window of {window} (data.shuffle_window): a loader worker would "
+                                f"open shards again for most samples; raise it, or lower data.shuffle_window")
         self.sources = [ShardSamples(source.shards, manifest, "train", cfg.direction, per_source, cfg.verify)
                         for (_, source), manifest in zip(cfg.sources(), manifests)]
         self.seq_len = manifests[0].seq_len

@@ -16,7 +16,11 @@ USER_ERRORS = (DslmError, FileNotFoundError, FileExistsError, IsADirectoryError,
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, with a usage error as one line like every other dslm error:
-    `PROG: error: MESSAGE (see PROG --help)`, exit status 2."""
+    `PROG: error: MESSAGE (see PROG --help)`, exit status 2. An option is known by its whole name
+    only (allow_abbrev=False: `--resum` is not taken for `--resume`), in the subcommands too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -54,3 +58,8 @@ def run_command(prog: str, main: Callable[[], None], report: Callable[[str], Non
 
 def print_error(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+def counted(n: int, noun: str) -> str:
+    """`n` with `noun`, plural (an s added) unless n is 1: "1 rank", "2 ranks", "0 ranks"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -78,7 +78,7 @@ def test_unsealed_truncated_missing_or_short_of_ranks_is_not(tmp_path):
     assert f"{rng_file(1)} is missing" in seal_problem(missing)
     short = fake_tag(tmp_path, 4, world_size=1)
     seal(short, TrainState(step=4, world_size=2))
-    assert "1 ranks' state, sealed by 2" in seal_problem(short)
+    assert "holds the state of 1 rank, sealed by 2" in seal_problem(short)
 
 
 def test_newest_intact_tag_wins_and_newer_damaged_ones_are_named(tmp_path):

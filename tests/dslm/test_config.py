@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ import pytest
 from dslm.config import check_against_manifest, config_keys, load_config
 from dslm.engine import load_ds_config
 from dslm.errors import DslmError
+from dslm.model import ModelConfig
 
 
 def write(path, text):
@@ -205,3 +207,34 @@ def test_the_deepspeed_config_resolves_from_any_directory(tmp_path, monkeypatch)
     assert ds_config_path("ds_configs/zero3.json") == str(tmp_path / "ds_configs" / "zero3.json")
     assert ds_config_path("ds_configs/mine.json") == str(tmp_path / "ds_configs" / "mine.json")
     assert ds_config_path("../x.json") == str(tmp_path.parent / "x.json")
+
+
+SOURCE = ModelConfig(preset="tiny", n_layer=1, n_head=2, n_embd=64)
+EXPORT = ModelConfig(preset="", n_layer=1, n_head=2, n_embd=64, intermediate_size=256, vocab_size=512, block_size=64,
+                     lm_head_bias=False)
+
+
+def test_a_fine_tune_takes_its_model_from_its_source():
+    """train.init_from's model fills every model.* not set; model.dropout may differ, and a head
+    bias the source lacks may be added (it starts at zero)."""
+    sources = {"run": SOURCE, "export": EXPORT}.__getitem__
+    tuned = load_config(None, ["train.init_from=run", "model.preset=tiny", "model.n_head=2", "model.dropout=0.1"],
+                        source_model=sources)
+    assert tuned.model == dataclasses.replace(SOURCE, dropout=0.1)
+    tuned = load_config(None, ["train.init_from=export", "model.preset=tiny", "model.lm_head_bias=true"],
+                        source_model=sources)
+    assert tuned.model == dataclasses.replace(EXPORT, lm_head_bias=True)  # an export names no preset
+    assert load_config(None, ["train.init_from=run"]).model == ModelConfig(preset="tiny")  # a run's own config.yaml
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_embd=128"], "model.n_embd=128 but train.init_from=run has model.n_embd=64; leave model.n_embd out"),
+    (["model.preset=code-33m"], "model.preset=code-33m but train.init_from=run has model.preset=tiny"),
+    (["model.tie_embeddings=true"], "model.tie_embeddings=True but train.init_from=run has model.tie_embeddings=False"),
+    (["model.vocab_multiple=128"], "model.vocab_multiple=128 but train.init_from=run has model.vocab_multiple=1"),
+    (["model.lm_head_bias=false"], "model.lm_head_bias=False but train.init_from=run has model.lm_head_bias=True"),
+    (["model.d_model=128"], "model.n_embd=128 but"),  # an old key, under its new name
+])
+def test_a_fine_tune_refuses_a_model_its_source_cannot_fill(overrides, message):
+    with pytest.raises(DslmError, match=re.escape(message)):
+        load_config(None, ["train.init_from=run", *overrides], source_model={"run": SOURCE}.__getitem__)

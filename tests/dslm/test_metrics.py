@@ -79,6 +79,12 @@ def test_metrics_writes_the_same_scalars_to_tensorboard_and_csv(tmp_path):
         assert [float(r[tag]) for r in rows] == pytest.approx(values, rel=1e-6)  # TensorBoard keeps float32
 
 
+def test_metrics_that_log_nothing_leave_no_event_file(tmp_path):
+    """A run or an eval that fails before its first scalar leaves its tb folder as it was."""
+    Metrics(tmp_path / "tb", enabled=True, console=False).close()
+    assert not (tmp_path / "tb").exists()
+
+
 def test_a_disabled_rank_writes_no_csv(tmp_path):
     metrics = Metrics(tmp_path / "tb", enabled=False, csv_path=tmp_path / "metrics.csv")
     metrics.log(1, {"train/loss": 1.0})

@@ -58,7 +58,7 @@ def test_frozen_weights_come_back_from_the_checkpoint_on_every_resume_path(tiny_
                                                  *ADAPTATIONS[adaptation], *resume), tmp_path, free_port).stdout)
     frozen_line = "LoRA adapters of rank 4" if adaptation == "lora" else "(14 tensors frozen)"
     assert "trainable parameters: " in outputs[0] and frozen_line in outputs[0]
-    assert "on 2 ranks instead of 1" in outputs[2] and "on 1 ranks instead of 2" in outputs[3]
+    assert "on 2 ranks instead of 1" in outputs[2] and "on 1 rank instead of 2" in outputs[3]
     run = runs / "t"
     base = {name: t.bfloat16().float() for name, t in read_weights(base_run)[1].items()}  # as bf16 training holds it
     cfg = load_config(run / "config.yaml", [])

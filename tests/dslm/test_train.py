@@ -202,7 +202,7 @@ def test_resume_on_fewer_ranks_goes_through_a_universal_checkpoint(tiny_shards, 
     one = subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert "on 1 ranks instead of 2" in one.stdout
+    assert "on 1 rank instead of 2" in one.stdout
     checkpoints = tmp_path / "t" / "checkpoints"
     assert (checkpoints / "global_step4_universal").is_dir() and (checkpoints / "latest").read_text() == "global_step8"
     assert read_scalars(tmp_path / "t" / "tb", "train/samples")[-1] == (8, 4 * 16 + 4 * 8)
@@ -220,7 +220,7 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, base_ru
                                 init_from=base_run, val_interval=0)]
     first = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900, capture_output=True,
                            text=True)
-    assert f"engine: 1 rank(s) on cpu, backend gloo, ZeRO stage {stage}, bfloat16 weights, AdamW\n" in first.stdout
+    assert f"engine: 1 rank on cpu, backend gloo, ZeRO stage {stage}, bfloat16 weights, AdamW\n" in first.stdout
     longer = [a.replace("train.max_steps=2", "train.max_steps=3") for a in args]
     subprocess.run([BIN / "dslm-train", *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
                    capture_output=True)
@@ -347,6 +347,32 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
 
 def dslm_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "dslm-train", *args], cwd=cwd, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def test_a_fine_tune_takes_its_model_from_its_source_and_refuses_another(tiny_shards, tmp_path):
+    """train.init_from's model is the fine-tune's: a source trained with sizes other than its
+    preset's fine-tunes under a recipe that names only the preset; a model.* given that differs
+    from the source's is one line naming it and both values, before the run directory exists."""
+    shards, _ = tiny_shards
+    one_step = dict(max_steps=1, warmup_steps=0, checkpoint_interval=1, val_interval=0, micro_batch_size=2,
+                    grad_accum=1)
+    sizes = ["model.n_layer=1", "model.n_head=2", "model.n_embd=64", "model.intermediate_size=256"]
+    source = dslm_train(train_args(shards, tmp_path, "source", **one_step) + sizes, tmp_path)
+    assert source.returncode == 0, source.stderr[-2000:]
+    init_from = f"train.init_from={tmp_path / 'source'}"
+    tuned = dslm_train(train_args(shards, tmp_path, "tuned", **one_step) + [init_from], tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    source_model = load_config(tmp_path / "source" / "config.yaml", []).model
+    assert load_config(tmp_path / "tuned" / "config.yaml", []).model == source_model
+    assert (source_model.n_layer, source_model.n_embd) == (1, 64)
+    for override, line in [
+            ("model.n_embd=128", "model.n_embd=128 but train.init_from={} has model.n_embd=64"),
+            ("model.preset=code-33m", "model.preset=code-33m but train.init_from={} has model.preset=tiny")]:
+        refused = dslm_train(train_args(shards, tmp_path, "refused", **one_step) + [init_from, override], tmp_path)
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("dslm-train: error:")]
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert len(errors) == 1 and line.format(tmp_path / "source") in errors[0], refused.stderr[-2000:]
+        assert not (tmp_path / "refused").exists()
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -575,7 +601,7 @@ def test_the_resume_message_compares_the_actual_global_batches(tiny_shards, tmp_
     one = subprocess.run([BIN / "dslm-train", *kept, "--resume", "auto"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert ("on 1 ranks instead of 2 (through global_step2_universal): the global batch stays 16 samples"
+    assert ("on 1 rank instead of 2 (through global_step2_universal): the global batch stays 16 samples"
             in one.stdout)
     halved = [a.replace("max_steps=2", "max_steps=4") for a in args]  # grad_accum back to 2
     again = subprocess.run([BIN / "dslm-train", *halved, "--resume", "auto"], cwd=tmp_path, capture_output=True,

@@ -280,6 +280,7 @@ def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
     (["--prompt", "x", "--device", "cuda:63"], "--device cuda:63: this machine has"),
     (["--prompt", "x", "--interactive"], "--interactive reads its prompts from the terminal"),
     (["--prompt", "x", "--out", "/no/such/dir/out.jsonl"], "its folder does not exist"),
+    (["--prompt", "x", "--out", f"{__file__}/out.jsonl"], f"{__file__} is a file, not a folder"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer, capsys, args, message):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
@@ -309,7 +310,12 @@ def test_cli_runs_a_fixed_prompt_set_on_several_models_side_by_side(tmp_path, to
     assert [row["prompt"] for row in rows] == ["def encode(", "import json\n"] and rows[0]["seed"] == 3
     printed = capsys.readouterr().out
     assert f"[{first}]\ndef encode({rows[0]['outputs'][str(first)]}" in printed and f"[{second}]" in printed
-    main(args)
+    written = out.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)  # an --out that exists is kept
+    assert exit_info.value.code == 2 and out.read_text() == written
+    assert f"--out {out} already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    main([*args, "--overwrite"])
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows  # the same set, the same outputs
     with pytest.raises(SystemExit):
         main([str(first), str(first), "--prompt", "x"])

@@ -240,7 +240,7 @@ def test_a_shard_dry_run_on_slurm_prints_three_chained_arrays_and_the_merge(a_bu
     assert f"first: the earlier build in {folder} is cleared" in out
     for stage in STAGES:
         task_k = [BIN / "dslm-shard", "build", *a_build, "--tasks", "2", "--task", "K", "--stage", stage]
-        assert f"{stage}: 2 task(s), K = 0 .. 1\n  {shlex.join(map(str, task_k))}\n" in out
+        assert f"{stage}: 2 tasks, K = 0 .. 1\n  {shlex.join(map(str, task_k))}\n" in out
     assert f"merge: 1 task\n  {BIN / 'dslm-shard'} merge {folder}\n" in out
     assert "--overwrite" not in out.split("steps:")[1], "the tasks do not get --overwrite"
     scripts = dict(zip(("digests", "dedup", "write", "merge"), out.split("sbatch script of ")[1:]))
@@ -328,7 +328,7 @@ def test_a_local_shard_build_runs_each_stage_then_the_merge(code_corpus, tiny_sh
     result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     for stage in STAGES:
-        assert f"{stage}: 2 task(s) on this machine" in result.stdout
+        assert f"{stage}: 2 tasks on this machine" in result.stdout
         assert f"{stage} task 1 (job " in result.stdout
     assert "merge task 0 (job " in result.stdout
     verify = subprocess.run([BIN / "dslm-shard", "verify", out], capture_output=True, text=True)
@@ -348,7 +348,7 @@ def test_a_failed_local_shard_task_is_one_line_naming_it_and_its_log(tiny_shards
     result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
     assert result.returncode == 1, result.stdout + result.stderr
     [line] = [e for e in result.stderr.strip().splitlines() if e.startswith("dslm-submit:")]
-    assert line.startswith("dslm-submit: digests task 0 (job ") and "lack FineWeb's column(s)" in line, line
+    assert line.startswith("dslm-submit: digests task 0 (job ") and "lack FineWeb's columns id, dump" in line, line
     log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
     assert log.parent == tmp_path / "out" / "submitit" and log.exists(), line
     assert "dedup" not in result.stdout, "the next stage never started"

@@ -114,7 +114,7 @@ def test_a_failed_step_is_one_line_and_the_steps_after_it_never_run(cluster, tin
     assert submitter.returncode == 1
     [line] = [e for e in errors.splitlines() if e.startswith("dslm-submit:")]
     assert line.startswith(f"dslm-submit: digests task 0 (job {ids['digests']}_0) failed: dslm-shard: error: source "), line
-    assert "lack FineWeb's column(s)" in line, line
+    assert "lack FineWeb's columns id, dump" in line, line
     assert f"(log: {tmp_path / 'out' / 'submitit' / ids['digests']}_0_0_log.out)" in line, line
     for step in ("dedup", "write", "merge"):
         cluster.wait_done(ids[step], timeout=600)
