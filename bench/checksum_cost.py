@@ -1,4 +1,4 @@
-"""What the checkpoint seal's checksums cost: dslm.checkpoint.file_checksum (xxh3_128) per GB,
+"""What the checkpoint seal's checksums cost: dslm.checkpoint.format.file_checksum (xxh3_128) per GB,
 beside what writing that GB with torch.save costs, and sha256 for scale.
 
     python bench/checksum_cost.py [--gb 1] [--dir FOLDER] [--repeats 3]
@@ -29,7 +29,7 @@ import torch
 from provenance import git_commit  # bench/provenance.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dslm.checkpoint import file_checksum  # noqa: E402  (the repository's, not an installed copy)
+from dslm.checkpoint.format import file_checksum
 
 
 def timed(work) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         per_gb = measure(Path(folder), args.gb, args.repeats)
-    commit = git_commit("dslm/checkpoint.py", "bench/checksum_cost.py")
+    commit = git_commit("dslm/checkpoint/format.py", "bench/checksum_cost.py")
     device = f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"{args.gb:g} GB file, {args.repeats} repeats, {datetime.date.today()}, {commit}, {device}")
     print("| operation | s per GB | GB/s | vs torch.save |\n|---|---|---|---|")

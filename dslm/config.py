@@ -44,7 +44,7 @@ class Origin:
     step: int | None = None
     """That checkpoint's optimizer step, where known."""
     sha256: str = ""
-    """sha256 of the weights read (dslm.weights.weights_sha256)."""
+    """sha256 of the weights read (dslm.checkpoint.weights.weights_sha256)."""
 
 
 @dataclass

@@ -164,7 +164,7 @@ def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, load_uni
     """The DeepSpeed engine around `model`: dslm.optim's AdamW (PyTorch's fused CUDA kernel on a
     GPU, which needs no DeepSpeed op build) and schedule, and the training options.
     `load_universal`: the checkpoint it will load is DeepSpeed's universal form
-    (dslm.resume.Resume.load_universal); `ds_config` itself is left unchanged."""
+    (dslm.checkpoint.resume.Resume.load_universal); `ds_config` itself is left unchanged."""
     model.activation_checkpointing = train.activation_checkpointing
     optimizer, schedule = build_optimizer(model, train, train.max_steps)
     if load_universal:

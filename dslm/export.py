@@ -38,7 +38,7 @@ from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.model import ModelConfig
 from dslm.model_source import ModelSource, resolve_source
 from dslm.onnx_export import export_onnx
-from dslm.weights import model_from, read_weights
+from dslm.checkpoint.weights import model_from, read_weights
 
 
 def export(source: str | Path, out: Path | None = None) -> Path:
@@ -57,7 +57,7 @@ def export(source: str | Path, out: Path | None = None) -> Path:
 
 def write_hf(out: Path, cfg: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Path,
              framing: Framing = Framing(), source_sha256: str = "") -> None:
-    """The HF folder of a model of `cfg` with `weights` (as dslm.weights reads them), written under
+    """The HF folder of a model of `cfg` with `weights` (as dslm.checkpoint.weights reads them), written under
     a temporary name, then renamed into place; config.json records the model's framing
     (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them."""
     with atomic_path(out) as tmp:

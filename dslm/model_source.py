@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from dslm.checkpoint import BEST_NAME, LATEST_NAME, newest_resumable, seal_problem
+from dslm.checkpoint.format import BEST_NAME, LATEST_NAME, newest_resumable, seal_problem
 from dslm.config import RunConfig, read_run_config
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.data.templates import Framing

@@ -1,6 +1,6 @@
 """The optimizer and its learning-rate schedule: parameter groups, AdamW, warmup + decay.
 
-Torch only: the DeepSpeed engine (dslm.engine) and the weight loader (dslm.checkpoint, which
+Torch only: the DeepSpeed engine (dslm.engine) and the weight loader (dslm.checkpoint.weights, which
 needs the order of the parameter groups) both build on it.
 """
 

@@ -22,7 +22,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from dslm.checkpoint import Checkpointer, TrainState
+from dslm.checkpoint.format import TrainState
+from dslm.checkpoint.save import Checkpointer
 from dslm.cli import ArgumentParser, run_command
 from dslm.config import (Origin, RunConfig, absolute_paths, check_against_manifest, describe_config, load_config,
                          save_config, to_yaml)
@@ -43,11 +44,11 @@ from dslm.model import GPT
 from dslm.model_source import ModelSource, resolve_source
 from dslm.objective import next_token
 from dslm.optim import freeze
-from dslm.resume import Resume, fresh_state, mix_base, plan_resume
+from dslm.checkpoint.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.signals import test_pause
 from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
-from dslm.weights import load_into, model_config_of, read_weights
+from dslm.checkpoint.weights import load_into, model_config_of, read_weights
 from dslm_local.cli import counted
 from dslm_local.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_STOPPED, exit_statuses
 

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-from dslm.checkpoint import Checkpointer, TrainState
+from dslm.checkpoint.format import TrainState
+from dslm.checkpoint.save import Checkpointer
 from dslm.data.loader import Batch, DeviceBatches, ShardDamage, to_device
 from dslm.data.mix import Interleave
 from dslm.errors import DslmError

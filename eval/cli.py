@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
-from dslm.checkpoint import list_checkpoints, seal_problem
+from dslm.checkpoint.format import list_checkpoints, seal_problem
 from dslm.cli import ArgumentParser, run_command
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest

@@ -1,6 +1,6 @@
 """A model and its tokenizer for evaluation and generation, from a DeepSpeed checkpoint (any ZeRO
 stage, consolidated on the fly), a run directory (its newest intact checkpoint) or a `dslm-export`
-folder. Weights are read as safetensors or with torch.load(weights_only=True) (dslm.checkpoint)."""
+folder. Weights are read as safetensors or with torch.load(weights_only=True) (dslm.checkpoint.weights)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dslm.errors import DslmError
 from dslm.model import GPT
 from dslm.model_source import resolve_source
 from dslm.run_dir import RunDir
-from dslm.weights import model_from, read_export, read_tag
+from dslm.checkpoint.weights import model_from, read_export, read_tag
 from dslm_local.cli import counted
 
 

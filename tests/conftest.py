@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from dslm.checkpoint import TrainState, rng_file, rng_state, seal
+from dslm.checkpoint.format import TrainState, rng_file, rng_state, seal
 from dslm.data.manifest import Manifest
 from dslm.model import GPT, ModelConfig
 from dslm.run_dir import tag_for

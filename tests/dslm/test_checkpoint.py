@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, CHECKSUM, LATEST_NAME, SEAL_NAME, Checkpointer, TrainState,
-                             best_tag, check_loads_safely, load_rng_state, newest_resumable, own_checksums,
-                             resume_problem, rng_file, rng_state, seal, seal_problem, sealed_state, set_rng_state,
-                             start_branch, tag_for, tag_files)
+from dslm.checkpoint.format import (ABANDONED_NAME, BEST_NAME, CHECKSUM, LATEST_NAME, SEAL_NAME, TrainState, best_tag,
+                                    check_loads_safely, load_rng_state, newest_resumable, own_checksums, resume_problem,
+                                    rng_file, rng_state, seal, seal_problem, sealed_state, set_rng_state, tag_files)
+from dslm.checkpoint.save import Checkpointer, start_branch
+from dslm.run_dir import tag_for
 from dslm.errors import DslmError
-from dslm.resume import batch_note, check_same_shards, find_resume, recorded_batch, shards_identity
+from dslm.checkpoint.resume import batch_note, check_same_shards, find_resume, recorded_batch, shards_identity
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights
+from dslm.checkpoint.weights import load_fp32_weights
 from dslm.config import RunConfig, load_config, save_config
 from dslm.data.loader import DataConfig
 from dslm.errors import DslmError
@@ -17,9 +17,9 @@ from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.metrics import read_scalars
 from dslm.model import GPT, ModelConfig
 from dslm.optim import build_optimizer, freeze, param_groups
-from dslm.resume import check_same_settings
+from dslm.checkpoint.resume import check_same_settings
 from dslm.trainer import TrainConfig
-from dslm.weights import model_from, read_weights
+from dslm.checkpoint.weights import model_from, read_weights
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

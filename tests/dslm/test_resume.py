@@ -1,4 +1,4 @@
-"""Resuming a run (dslm/resume.py) on every path, from weights no seed produces: a fine-tuned run
+"""Resuming a run (dslm/checkpoint/resume.py) on every path, from weights no seed produces: a fine-tuned run
 (train.init_from) whose frozen weights and LoRA base weights are not in the optimizer."""
 
 import subprocess
@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights, sealed_state
+from dslm.checkpoint.format import sealed_state
+from dslm.checkpoint.weights import load_fp32_weights
 from dslm.config import load_config
 from dslm.lora import BASE
 from dslm.metrics import read_scalars
 from dslm.model import GPT
-from dslm.weights import read_weights
+from dslm.checkpoint.weights import read_weights
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

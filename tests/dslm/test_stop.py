@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights
+from dslm.checkpoint.weights import load_fp32_weights
 from dslm.model import ModelConfig
 from dslm_local.errors import EXIT_STOPPED
 

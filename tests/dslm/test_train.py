@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from dslm.checkpoint import load_fp32_weights, resume_problem, seal, sealed_state
+from dslm.checkpoint.format import resume_problem, seal, sealed_state
+from dslm.checkpoint.weights import load_fp32_weights
 from dslm.config import load_config
 from dslm.data.mix import Interleave, MixBase
 from dslm.data.order import WindowOrder
 from dslm.metrics import read_rows, read_scalars
 from dslm.optim import OptimConfig, lr_factor
 from dslm.run_dir import RunDir
-from dslm.weights import model_from, read_tag, read_weights, weights_sha256
+from dslm.checkpoint.weights import model_from, read_tag, read_weights, weights_sha256
 from dslm_local.errors import EXIT_BAD_DATA, EXIT_RETRY, EXIT_STOPPED, EXIT_WRITE_FAILED
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from dslm.checkpoint import BEST_NAME, LATEST_NAME
+from dslm.checkpoint.format import BEST_NAME, LATEST_NAME
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
 from dslm.data.templates import Framing
@@ -15,7 +15,7 @@ from dslm.model import GPT, ModelConfig
 from dslm.model_source import resolve_source
 from dslm.run_dir import tag_for
 from dslm.train import check_init_source
-from dslm.weights import load_into, read_weights, weights_sha256
+from dslm.checkpoint.weights import load_into, read_weights, weights_sha256
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 

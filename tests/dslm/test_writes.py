@@ -1,7 +1,7 @@
 import errno
 from pathlib import Path
 
-from dslm.writes import OUT_OF_SPACE, KeptWrites
+from dslm.checkpoint.save import KeptWrites, OUT_OF_SPACE
 
 
 class Inner:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dslm.checkpoint import list_checkpoints
+from dslm.checkpoint.format import list_checkpoints
 from dslm.data.manifest import Manifest
 from dslm.engine import rendezvous_port
 from dslm.errors import DslmError

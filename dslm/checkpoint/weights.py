@@ -1,6 +1,8 @@
-"""Weights for a model that starts from them rather than resuming a run: from a sealed checkpoint
-tag, a run directory or a `dslm-export` folder (dslm.model_source). Fine-tuning (`train.init_from`) and eval read
-them here; resuming a run (optimizer, RNG, data cursor too) is dslm.resume.
+"""Reading a model's weights, the one way every command does: from a sealed checkpoint tag (its
+DeepSpeed files, any ZeRO stage, a LoRA run's adapters merged), a run directory or a
+`dslm-export` folder (dslm.model_source). Fine-tuning (`train.init_from`), eval, generate and
+export read them here; resuming a run (optimizer, RNG, data cursor too) is
+dslm.checkpoint.resume.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dslm.checkpoint import load_model_weights, seal_problem
+from dslm.checkpoint.format import check_loads_safely, load_weights_only, seal_problem
+from dslm.compat import require
 from dslm.config import Origin
 from dslm.errors import DslmError
 from dslm.hf import dslm_state_dict, model_config_from_hf
+from dslm.logs import libraries
+from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.model import GPT, ModelConfig
 from dslm.model_source import ModelSource, resolve_source
+from dslm.optim import freeze, parameter_order
 
 
 def export_model_config(folder: Path) -> ModelConfig:
@@ -103,3 +109,38 @@ def load_into(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) 
     if extra := sorted(set(weights) - set(own)):
         raise DslmError(f"{source} has tensor {extra[0]}, which this model lacks; set model.* as the source has them")
     model.load_state_dict(weights)
+
+
+def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint, named as the trained module names them (with
+    `lora`, the run's train.lora, its adapters and peft's names): consolidated across ranks for
+    ZeRO-1/2/3, from the optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for
+    ZeRO-0 in fp32. Frozen parameters (TrainState.frozen), which have no master copy under
+    ZeRO-0/1, come from the module's own weights, in the precision they were trained with."""
+    check_loads_safely(tag_dir)  # every file, before DeepSpeed's loader below unpickles without restriction
+    whole = tag_dir / "mp_rank_00_model_states.pt"  # the whole module; ZeRO-3 writes none
+    state = load_weights_only(whole) if whole.is_file() else {"module": {}}
+    module = {name: t.float() for name, t in state["module"].items()}
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        # DeepSpeed's loader unpickles without restriction, but only files just checked above
+        with libraries():  # its import and its loader print their progress
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)}
+    masters = (state.get("optimizer") or {}).get("fp32_groups")
+    if masters is None:
+        require("deepspeed", "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",
+                all(t.dtype == torch.float32 for t in state["module"].values()))
+        return module
+    model = GPT(model_cfg)
+    add_adapters(model, lora or LoraConfig())
+    freeze(model, (state.get("dslm") or {}).get("frozen", []))
+    ordered = parameter_order(model)  # the optimizer's groups hold the masters in this order
+    return {**module, **dict(zip(ordered, (t for group in masters for t in group)))}
+
+
+def load_model_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's fp32 weights as the plain GPT of `model_cfg` names them: load_fp32_weights
+    with the adapters of `lora` (the run's train.lora) merged into their layers. What eval,
+    fine-tuning (train.init_from) and the export read."""
+    return merge_lora_weights(load_fp32_weights(tag_dir, model_cfg, lora), lora)

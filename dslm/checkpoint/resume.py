@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dslm.checkpoint import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely, fresh_folder,
-                             list_checkpoints, load_rng_state, load_weights_only, newest_resumable, resume_problem,
-                             rng_file, sealed_state, set_aside, set_rng_state, set_seeds, start_branch, universal_dir,
-                             written_ds_config)
+from dslm.checkpoint.format import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely,
+                                    list_checkpoints, load_rng_state, load_weights_only, newest_resumable,
+                                    resume_problem, rng_file, sealed_state, set_rng_state, set_seeds, universal_dir,
+                                    written_ds_config)
+from dslm.checkpoint.save import fresh_folder, set_aside, start_branch
 from dslm.config import Origin, RunConfig, read_run_config
 from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest

@@ -11,37 +11,32 @@ Lineage: `latest` names the newest tag of the live branch. A run resumed from an
 starts a new branch there (`start_branch`): the tags beyond it are moved aside into
 checkpoints/abandoned/, so that neither `--resume auto` nor pruning ever sees them again.
 
-This module is the checkpoint format: writing, sealing, finding and checking tags, and reading
-their weights for eval and export. Continuing a run from a tag is dslm.resume.
+This module is the format: a tag's files, the seal and its checks, the RNG files, finding tags
+(latest, best, the newest resumable) and loading a tag's torch files without arbitrary
+unpickling. Writing tags is dslm.checkpoint.save, reading a model's weights
+dslm.checkpoint.weights, continuing a run from a tag dslm.checkpoint.resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import random
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import xxhash
 
-from dslm.compat import import_attr, require
+from dslm.compat import import_attr
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.logs import libraries
-from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
-from dslm.model import GPT, ModelConfig
-from dslm.optim import freeze, parameter_order
 from dslm.run_dir import TAG_PATTERN, tag_for
-from dslm.writes import KeptWrites
 from dslm_local.cli import counted
 
 SEAL_NAME = "dslm_complete.json"
@@ -127,55 +122,6 @@ def set_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class Checkpointer:
-    """Saves sealed tags under `folder`, keeping the newest `keep_last` (0: all)."""
-
-    def __init__(self, folder: Path, keep_last: int):
-        self.folder = folder
-        self.keep_last = keep_last
-
-    def save(self, engine, state: TrainState) -> Path:
-        """Collective: every rank writes its part and hashes it; returns the sealed tag folder."""
-        state = dataclasses.replace(state, global_batch=engine.train_batch_size())
-        tag = tag_for(state.step)
-        # universal_checkpoint_info lets ds_to_universal convert the tag for another world size
-        client_state = {"dslm": dataclasses.asdict(state),
-                        "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-        tag_dir = self.folder / tag
-        if dist.get_rank() == 0:  # a tag written again (over debris) is unsealed until it is whole again
-            (tag_dir / SEAL_NAME).unlink(missing_ok=True)
-        dist.barrier()
-        writes = KeptWrites.around(engine)  # a failed write (disk full) is kept, not raised mid-save
-        engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
-        with writes.kept(tag_dir / rng_file(dist.get_rank())):
-            torch.save(rng_state(), tag_dir / rng_file(dist.get_rank()))
-        writes.raise_if_failed(tag_dir)  # collective: the partial tag removed, WriteError on every rank
-        checksums = [None] * dist.get_world_size()  # each rank hashes its own files, still in its page cache
-        dist.all_gather_object(checksums, own_checksums(tag_dir, dist.get_rank(), dist.get_world_size()))
-        if dist.get_rank() == 0:
-            seal(tag_dir, state, {name: digest for part in checksums for name, digest in part.items()})
-            atomic_write_text(self.folder / LATEST_NAME, tag)
-            write_best(self.folder)
-            self.prune()
-        dist.barrier()
-        return tag_dir
-
-    def prune(self) -> None:
-        """Remove the live branch's tags (live_checkpoints) older than its newest `keep_last` sealed
-        ones (sealed or not), except the best. Tags beyond `latest` are neither counted nor removed."""
-        if not self.keep_last:
-            return
-        live = live_checkpoints(self.folder)
-        sealed = [step for step, tag_dir in live if (tag_dir / SEAL_NAME).is_file()]
-        if len(sealed) <= self.keep_last:
-            return
-        oldest_kept, best = sealed[-self.keep_last], best_tag(self.folder)
-        for step, tag_dir in live:
-            if step < oldest_kept and tag_dir != best:
-                shutil.rmtree(tag_dir)
-                shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
 
 
 def tag_files(tag_dir: Path) -> list[str]:
@@ -316,59 +262,8 @@ def newest_resumable(folder: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def start_branch(folder: Path, tag_dir: Path) -> list[str]:
-    """Make `tag_dir` (a sealed tag a run resumes from) the head of `folder`'s live branch: the
-    tags beyond its step are moved into folder/abandoned/after_global_stepN/ (those never sealed
-    are removed: they are partial), their universal forms removed, `latest` and `best` rewritten.
-    Returns a line for each thing done, for rank 0 to print."""
-    step, lines = sealed_state(tag_dir).step, []
-    beyond = [later for later_step, later in list_checkpoints(folder) if later_step > step]
-    if tag_dir.parent.resolve() == folder.resolve():
-        atomic_write_text(folder / LATEST_NAME, tag_dir.name)
-    aside = fresh_folder(folder / ABANDONED_NAME / f"after_{tag_for(step)}")
-    moved, lines = set_aside(beyond, aside)
-    if moved:
-        lines.append(f"moved {', '.join(sorted(moved))} (beyond {tag_dir.name}, an abandoned branch) to {aside}: "
-                     f"--resume auto and pruning no longer see them; delete it to free the space")
-    write_best(folder)
-    return lines
-
-
-def set_aside(tags: list[Path], aside: Path) -> tuple[list[str], list[str]]:
-    """Take `tags` out of their checkpoint folder: each one's universal form removed, sealed tags
-    moved into `aside` (made when needed), tags never sealed (partial saves) removed. Returns the
-    names moved and a line for each tag removed."""
-    moved, lines = [], []
-    for tag_dir in tags:
-        shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
-        if (tag_dir / SEAL_NAME).is_file():
-            aside.mkdir(parents=True, exist_ok=True)
-            os.rename(tag_dir, aside / tag_dir.name)
-            moved.append(tag_dir.name)
-        else:
-            shutil.rmtree(tag_dir)
-            lines.append(f"removed {tag_dir}: never sealed (a save that did not finish)")
-    return moved, lines
-
-
-def fresh_folder(path: Path) -> Path:
-    """`path`, or path_2, path_3 ... : the first that does not exist yet."""
-    n = 1
-    while (candidate := path if n == 1 else path.with_name(f"{path.name}_{n}")).exists():
-        n += 1
-    return candidate
-
-
-def write_best(folder: Path) -> None:
-    """Point `best` at best_tag, or remove it when no live tag has a val/loss."""
-    if (best := best_tag(folder)) is not None:
-        atomic_write_text(folder / BEST_NAME, best.name)
-    else:
-        (folder / BEST_NAME).unlink(missing_ok=True)
-
-
 def universal_dir(tag_dir: Path) -> Path:
-    """Where DeepSpeed's universal form of a tag is kept (dslm.resume writes it), beside the tag."""
+    """Where DeepSpeed's universal form of a tag is kept (dslm.checkpoint.resume writes it), beside the tag."""
     return tag_dir.with_name(f"{tag_dir.name}_universal")
 
 
@@ -404,39 +299,3 @@ def load_weights_only(path: Path, allowed: list | None = None) -> dict:
     except (RuntimeError, EOFError) as e:  # torch's zip reader on a damaged file; an empty one
         reason = str(e).split(". ")[0] or "it ends before its data"
         raise DslmError(f"{path}: cannot read it: damaged or not a torch file ({reason})") from None
-
-
-def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | None = None) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a checkpoint, named as the trained module names them (with
-    `lora`, the run's train.lora, its adapters and peft's names): consolidated across ranks for
-    ZeRO-1/2/3, from the optimizer's fp32 copy for ZeRO-0 with bf16, or the module itself for
-    ZeRO-0 in fp32. Frozen parameters (TrainState.frozen), which have no master copy under
-    ZeRO-0/1, come from the module's own weights, in the precision they were trained with."""
-    check_loads_safely(tag_dir)  # every file, before DeepSpeed's loader below unpickles without restriction
-    whole = tag_dir / "mp_rank_00_model_states.pt"  # the whole module; ZeRO-3 writes none
-    state = load_weights_only(whole) if whole.is_file() else {"module": {}}
-    module = {name: t.float() for name, t in state["module"].items()}
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        # DeepSpeed's loader unpickles without restriction, but only files just checked above
-        with libraries():  # its import and its loader print their progress
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)}
-    masters = (state.get("optimizer") or {}).get("fp32_groups")
-    if masters is None:
-        require("deepspeed", "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",
-                all(t.dtype == torch.float32 for t in state["module"].values()))
-        return module
-    model = GPT(model_cfg)
-    add_adapters(model, lora or LoraConfig())
-    freeze(model, (state.get("dslm") or {}).get("frozen", []))
-    ordered = parameter_order(model)  # the optimizer's groups hold the masters in this order
-    return {**module, **dict(zip(ordered, (t for group in masters for t in group)))}
-
-
-
-def load_model_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig) -> dict[str, torch.Tensor]:
-    """A checkpoint's fp32 weights as the plain GPT of `model_cfg` names them: load_fp32_weights
-    with the adapters of `lora` (the run's train.lora) merged into their layers. What eval,
-    fine-tuning (train.init_from) and the export read."""
-    return merge_lora_weights(load_fp32_weights(tag_dir, model_cfg, lora), lora)
