@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from provenance import git_commit  # bench/provenance.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,8 +63,12 @@ def measure(folder: Path, gb: float, repeats: int) -> dict[str, float]:
     """Median seconds per GB of each operation."""
     data = torch.randint(0, 256, (int(gb * 1e9),), dtype=torch.uint8)
     path = folder / "part.pt"
-    times: dict[str, list[float]] = {"torch.save + fsync": [], "xxh3_128, warm": [], "xxh3_128, cold": [],
-                                     "sha256, warm": []}
+    times: dict[str, list[float]] = {
+        "torch.save + fsync": [],
+        "xxh3_128, warm": [],
+        "xxh3_128, cold": [],
+        "sha256, warm": [],
+    }
     for _ in range(repeats):
         times["torch.save + fsync"].append(timed(lambda: write(path, data)))
         times["xxh3_128, warm"].append(timed(lambda: file_checksum(path)))

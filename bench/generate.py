@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from provenance import git_commit  # bench/provenance.py, beside this script
 from safetensors.torch import save_file
 
 from dslm.data.tokens import SPECIAL_TOKENS
@@ -37,12 +38,12 @@ from dslm_eval.generate import generate
 from dslm_eval.load import load_for_eval
 from dslm_local.decoding import GenerationConfig
 
-from provenance import git_commit  # bench/provenance.py, beside this script
-
 
 def write_hf_folder(model: GPT, folder: Path) -> Path:
     """The model files dslm-export writes (transformers needs no tokenizer for token ids)."""
-    save_file(hf_state_dict(model.state_dict(), model.cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        hf_state_dict(model.state_dict(), model.cfg), str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     (folder / "config.json").write_text(json.dumps(hf_config(model.cfg)))
     return folder
 
@@ -70,8 +71,14 @@ def runners(model: GPT, hf, prompts: torch.Tensor, new_tokens: int) -> dict[str,
         "dslm, recomputing": lambda: generate(model, as_lists, GenerationConfig(use_cache=False, **settings)),
         # eos_token_id=None: no early stop, as dslm's stop_tokens=()
         "transformers generate": lambda: hf.generate(
-            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=False,
-            use_cache=True, eos_token_id=None, pad_token_id=0)[:, prompts.size(1):].tolist(),
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[:, prompts.size(1) :].tolist(),
     }
 
 
@@ -89,8 +96,9 @@ def load_models(target: Path | None, device: torch.device, tmp: Path):
     return model.to(device), hf.to(device).eval(), what
 
 
-def time_sides(sides: dict[str, Callable[[], list[list[int]]]], repeats: int,
-               device: torch.device) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
+def time_sides(
+    sides: dict[str, Callable[[], list[list[int]]]], repeats: int, device: torch.device
+) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
     """Each side's tokens (from its warm-up run) and its median seconds over `repeats` runs in turn."""
     tokens = {name: run() for name, run in sides.items()}
     seconds: dict[str, list[float]] = {name: [] for name in sides}
@@ -105,12 +113,16 @@ def report(tokens: dict[str, list[list[int]]], seconds: dict[str, float], new: i
     for name in seconds:
         print(f"  {name:<22} {rate[name]:>10,.0f} tokens/s  ({seconds[name]:.3f} s)")
     cached, recomputed, hf = rate["dslm, KV cache"], rate["dslm, recomputing"], rate["transformers generate"]
-    print(f"ratios: dslm cached / transformers = {cached / hf:.2f}; dslm cached / recomputing = {cached / recomputed:.2f}")
+    print(
+        f"ratios: dslm cached / transformers = {cached / hf:.2f}; dslm cached / recomputing = {cached / recomputed:.2f}"
+    )
     ours, theirs = tokens["dslm, KV cache"], tokens["transformers generate"]
     agree = sum(a == b for a, b in zip(ours, theirs))
     same_tokens = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
-    print(f"greedy tokens vs transformers: {agree} of {len(ours)} sequences agree, {len(ours) - agree} disagree "
-          f"({same_tokens} of {new} tokens the same); cached == recomputing: {ours == tokens['dslm, recomputing']}")
+    print(
+        f"greedy tokens vs transformers: {agree} of {len(ours)} sequences agree, {len(ours) - agree} disagree "
+        f"({same_tokens} of {new} tokens the same); cached == recomputing: {ours == tokens['dslm, recomputing']}"
+    )
 
 
 def main() -> None:
@@ -132,14 +144,20 @@ def main() -> None:
     if args.prompt_len + args.new_tokens > cfg.block_size:
         p.error(f"--prompt-len + --new-tokens must fit model.block_size={cfg.block_size}")
     # ids past the special tokens (<pad> <unk> <bos> <eos> ...), as in text
-    prompts = torch.randint(len(SPECIAL_TOKENS), cfg.vocab_size, (args.batch_size, args.prompt_len),
-                            generator=torch.Generator().manual_seed(1)).to(device)
+    prompts = torch.randint(
+        len(SPECIAL_TOKENS),
+        cfg.vocab_size,
+        (args.batch_size, args.prompt_len),
+        generator=torch.Generator().manual_seed(1),
+    ).to(device)
     tokens, seconds = time_sides(runners(model, hf, prompts, args.new_tokens), args.repeats, device)
     stamp = f"{datetime.date.today()} commit {git_commit('dslm', 'eval')}"
     print(f"{stamp} | {device_name(device)} | torch {torch.__version__}")
-    print(f"model: {what} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32); "
-          f"batch {args.batch_size} x prompt {args.prompt_len} + {args.new_tokens} new tokens; "
-          f"median of {args.repeats} after a warm-up")
+    print(
+        f"model: {what} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32); "
+        f"batch {args.batch_size} x prompt {args.prompt_len} + {args.new_tokens} new tokens; "
+        f"median of {args.repeats} after a warm-up"
+    )
     report(tokens, seconds, args.batch_size * args.new_tokens)
 
 

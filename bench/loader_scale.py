@@ -64,11 +64,12 @@ def max_rss_mib() -> float:
 
 def shard_sizes(samples: int, shards: int) -> np.ndarray:
     sizes = np.full(shards, samples // shards, dtype=np.int64)
-    sizes[:samples % shards] += 1
+    sizes[: samples % shards] += 1
     return sizes
 
 
 # ------------------------------------------------------------------ the measured process
+
 
 class FullPermutation:
     """The order before issue 17: a permutation of all N samples per epoch."""
@@ -88,7 +89,7 @@ class FullPermutation:
             if epoch != self.epoch:  # drawn while the old one is still held, as the old sampler did
                 self.epoch, self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             n = min(count - done, self.num_samples - local)
-            out[done:done + n] = self.order[local:local + n]
+            out[done : done + n] = self.order[local : local + n]
             done += n
         return out
 
@@ -104,10 +105,13 @@ def read_positions(read, count: int, call: int) -> float:
 def quality(indices: np.ndarray, sizes: np.ndarray) -> dict:
     starts = np.concatenate([[0], np.cumsum(sizes)])
     shards = np.searchsorted(starts, indices, side="right") - 1
-    runs = np.sort(shards[:len(shards) // RUN * RUN].reshape(-1, RUN), axis=1)
+    runs = np.sort(shards[: len(shards) // RUN * RUN].reshape(-1, RUN), axis=1)
     distinct = 1 + (np.diff(runs, axis=1) != 0).sum(axis=1)
-    return {"same_shard_fraction": float((shards[1:] == shards[:-1]).mean()),
-            "shards_per_1000_mean": float(distinct.mean()), "shards_per_1000_max": int(distinct.max())}
+    return {
+        "same_shard_fraction": float((shards[1:] == shards[:-1]).mean()),
+        "shards_per_1000_mean": float(distinct.mean()),
+        "shards_per_1000_max": int(distinct.max()),
+    }
 
 
 def worker(side: str, samples: int, shards: int, micro_batch: int, positions: int) -> dict:
@@ -142,8 +146,20 @@ def worker(side: str, samples: int, shards: int, micro_batch: int, positions: in
 
 
 def run_worker(side: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", side, "--samples", str(args.samples), "--shards", str(args.shards),
-           "--micro-batch", str(args.micro_batch), "--positions", str(args.positions)]
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "--worker",
+        side,
+        "--samples",
+        str(args.samples),
+        "--shards",
+        str(args.shards),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--positions",
+        str(args.positions),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"loader_scale: {side} failed:\n{proc.stderr[-3000:]}")
@@ -151,6 +167,7 @@ def run_worker(side: str, args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------ the parent
+
 
 def int_list(text: str) -> list[int]:
     try:
@@ -164,8 +181,9 @@ def int_list(text: str) -> list[int]:
 
 def device_line() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                 platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine()
+    )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"CPU ({model}, {os.cpu_count()} cores, {memory:.0f} GiB)"
 
@@ -176,44 +194,68 @@ def fmt(value: float | None, spec: str) -> str:
 
 def report(args: argparse.Namespace, results: dict[str, dict], commit: str) -> None:
     before = results["before"]
-    print(f"loader_scale: {args.samples:,} samples in {args.shards:,} shards; {args.positions:,} positions read "
-          f"in calls of {args.micro_batch} and of {LARGE_CALL} (times per 1M); {device_line()}, load average "
-          f"{os.getloadavg()[0]:.1f}; {datetime.date.today()}; commit {commit}")
-    print("| order | peak RSS delta (MiB) | at first index | absolute | first index (s) | vs before | "
-          f"s per 1M positions, calls of {args.micro_batch} | calls of {LARGE_CALL} | via MixedOrder.draw | "
-          "epoch boundary (s) | same shard as previous | shards per 1,000 (mean / max) |")
+    print(
+        f"loader_scale: {args.samples:,} samples in {args.shards:,} shards; {args.positions:,} positions read "
+        f"in calls of {args.micro_batch} and of {LARGE_CALL} (times per 1M); {device_line()}, load average "
+        f"{os.getloadavg()[0]:.1f}; {datetime.date.today()}; commit {commit}"
+    )
+    print(
+        "| order | peak RSS delta (MiB) | at first index | absolute | first index (s) | vs before | "
+        f"s per 1M positions, calls of {args.micro_batch} | calls of {LARGE_CALL} | via MixedOrder.draw | "
+        "epoch boundary (s) | same shard as previous | shards per 1,000 (mean / max) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, r in results.items():
         ratio = None if side == "before" else r["first_index_s"] / before["first_index_s"]
-        print(f"| {side} | {r['rss_delta_mib']:,.1f} | {r['rss_delta_first_mib']:,.1f} | {r['rss_peak_mib']:,.1f} | "
-              f"{r['first_index_s']:.4f} | {fmt(ratio, '.5f')} | "
-              f"{r['per_1m_small_s']:.3f} | {r['per_1m_large_s']:.4f} | {fmt(r.get('per_1m_draw_s'), '.3f')} | "
-              f"{r['epoch_boundary_s']:.4f} | {r['same_shard_fraction']:.4%} | "
-              f"{r['shards_per_1000_mean']:.1f} / {r['shards_per_1000_max']} |")
+        print(
+            f"| {side} | {r['rss_delta_mib']:,.1f} | {r['rss_delta_first_mib']:,.1f} | {r['rss_peak_mib']:,.1f} | "
+            f"{r['first_index_s']:.4f} | {fmt(ratio, '.5f')} | "
+            f"{r['per_1m_small_s']:.3f} | {r['per_1m_large_s']:.4f} | {fmt(r.get('per_1m_draw_s'), '.3f')} | "
+            f"{r['epoch_boundary_s']:.4f} | {r['same_shard_fraction']:.4%} | "
+            f"{r['shards_per_1000_mean']:.1f} / {r['shards_per_1000_max']} |"
+        )
     for side, r in results.items():
         if side != "before":
             ok = r["rss_delta_mib"] * 2**20 < GOAL_MB * 10**6 and r["first_index_s"] < GOAL_S
-            print(f"{side}: {'meets' if ok else 'MISSES'} the goal (< {GOAL_MB} MB, < {GOAL_S:g} s to the first "
-                  f"index): {r['rss_delta_mib']:.1f} MiB over the imports ({r['rss_peak_mib']:.1f} MiB in all), "
-                  f"{r['first_index_s'] * 1000:.1f} ms; before: {before['rss_delta_mib']:,.0f} MiB, "
-                  f"{before['first_index_s']:.2f} s")
+            print(
+                f"{side}: {'meets' if ok else 'MISSES'} the goal (< {GOAL_MB} MB, < {GOAL_S:g} s to the first "
+                f"index): {r['rss_delta_mib']:.1f} MiB over the imports ({r['rss_peak_mib']:.1f} MiB in all), "
+                f"{r['first_index_s'] * 1000:.1f} ms; before: {before['rss_delta_mib']:,.0f} MiB, "
+                f"{before['first_index_s']:.2f} s"
+            )
     if args.json:
-        figures = {"samples": args.samples, "shards": args.shards, "micro_batch": args.micro_batch,
-                   "large_call": LARGE_CALL, "positions": args.positions, "device": device_line(), "commit": commit,
-                   "results": results}
+        figures = {
+            "samples": args.samples,
+            "shards": args.shards,
+            "micro_batch": args.micro_batch,
+            "large_call": LARGE_CALL,
+            "positions": args.positions,
+            "device": device_line(),
+            "commit": commit,
+            "results": results,
+        }
         args.json.write_text(json.dumps(figures, indent=2))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="loader_scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="loader_scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--samples", type=int, default=100_000_000, help="samples in the split (default: %(default)s)")
     p.add_argument("--shards", type=int, default=100_000, help="shards they are spread over (default: %(default)s)")
-    p.add_argument("--windows", type=int_list, default=[16, 256],
-                   help="comma-separated shuffle windows, in shards (default: 16,256)")
+    p.add_argument(
+        "--windows",
+        type=int_list,
+        default=[16, 256],
+        help="comma-separated shuffle windows, in shards (default: 16,256)",
+    )
     p.add_argument("--micro-batch", type=int, default=8, help="positions per call (default: %(default)s)")
-    p.add_argument("--positions", type=int, default=POSITIONS,
-                   help="positions read from 0 on, timed and for the shuffle quality (default: %(default)s)")
+    p.add_argument(
+        "--positions",
+        type=int,
+        default=POSITIONS,
+        help="positions read from 0 on, timed and for the shuffle quality (default: %(default)s)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()

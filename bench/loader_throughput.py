@@ -56,9 +56,12 @@ SEED = 1
 def write_corpus(folder: Path, min_bytes: int) -> Path:
     """Copies of PACKAGES' source files under folder/copyN/ until at least `min_bytes`; each file
     ends in a comment naming its copy. Returns folder/copy0."""
-    files = [(package / path.relative_to(STDLIB / package), path.read_bytes())
-             for package in map(Path, PACKAGES) for path in sorted((STDLIB / package).rglob("*.py"))
-             if "__pycache__" not in path.parts]
+    files = [
+        (package / path.relative_to(STDLIB / package), path.read_bytes())
+        for package in map(Path, PACKAGES)
+        for path in sorted((STDLIB / package).rglob("*.py"))
+        if "__pycache__" not in path.parts
+    ]
     written, copy = 0, 0
     while written < min_bytes or copy == 0:
         for rel, raw in files:
@@ -78,10 +81,17 @@ def build(work: Path, args: argparse.Namespace) -> Path:
     shutil.rmtree(corpus, ignore_errors=True)
     first = write_corpus(corpus, args.corpus_mb << 20)
     out.mkdir(parents=True, exist_ok=True)
-    train_and_save_tokenizer([CodeSource(spec=f"code:{first}", root=first)], args.vocab_size, sample_bytes=10**9,
-                             out=out / TOKENIZER_NAME)
-    cfg = ShardConfig(out=out, tokenizer=out / TOKENIZER_NAME, seq_len=args.seq_len,
-                      samples_per_shard=args.samples_per_shard, val_fraction=0.0, overwrite=True)
+    train_and_save_tokenizer(
+        [CodeSource(spec=f"code:{first}", root=first)], args.vocab_size, sample_bytes=10**9, out=out / TOKENIZER_NAME
+    )
+    cfg = ShardConfig(
+        out=out,
+        tokenizer=out / TOKENIZER_NAME,
+        seq_len=args.seq_len,
+        samples_per_shard=args.samples_per_shard,
+        val_fraction=0.0,
+        overwrite=True,
+    )
     build_shards(cfg, [CodeSource(spec=f"code:{corpus}", root=corpus)])
     shutil.rmtree(corpus)
     return out
@@ -125,8 +135,9 @@ def measure(shards: Path, num_workers: int, args: argparse.Namespace) -> dict:
 
     manifest = Manifest.load(shards)
     cfg = DataConfig(shards=str(shards), num_workers=num_workers)
-    loader = train_loader(cfg, TrainSamples(cfg, [manifest]), train_order(cfg, [manifest], SEED), 0, 1,
-                          args.micro_batch)
+    loader = train_loader(
+        cfg, TrainSamples(cfg, [manifest]), train_order(cfg, [manifest], SEED), 0, 1, args.micro_batch
+    )
     batches = iter(loader)
     start = time.perf_counter()
     for batch in islice(batches, args.warmup):
@@ -142,10 +153,18 @@ def measure(shards: Path, num_workers: int, args: argparse.Namespace) -> dict:
     del batches, loader  # stops the workers
     tokens = rows * manifest.seq_len
     rate = tokens / seconds
-    result = {"num_workers": num_workers, "batches": args.batches, "samples": rows, "tokens": tokens,
-              "seconds": seconds, "warmup_s": warmup_s, "tokens_per_s": rate,
-              "tokens_per_s_per_worker": rate / max(num_workers, 1),
-              "ms_per_batch": seconds * 1000 / args.batches, "main_cpu_ms_per_batch": main_cpu * 1000 / args.batches}
+    result = {
+        "num_workers": num_workers,
+        "batches": args.batches,
+        "samples": rows,
+        "tokens": tokens,
+        "seconds": seconds,
+        "warmup_s": warmup_s,
+        "tokens_per_s": rate,
+        "tokens_per_s_per_worker": rate / max(num_workers, 1),
+        "ms_per_batch": seconds * 1000 / args.batches,
+        "main_cpu_ms_per_batch": main_cpu * 1000 / args.batches,
+    }
     if num_workers:
         result["worker_cpu_ms_per_batch"] = worker_cpu * 1000 / args.batches
         result["tokens_per_worker_cpu_s"] = tokens / worker_cpu if worker_cpu > 0 else None
@@ -154,40 +173,62 @@ def measure(shards: Path, num_workers: int, args: argparse.Namespace) -> dict:
 
 def report(args: argparse.Namespace, shards: Path, info: dict, results: list[dict], commit: str) -> None:
     cores = len(os.sched_getaffinity(0))
-    print(f"loader_throughput: {info['train_shards']} train shards, {info['train_samples']:,} samples of seq_len "
-          f"{info['seq_len']} (vocab {info['vocab_size']}, {info['bytes'] / 2**20:,.0f} MiB, page cache warm); "
-          f"micro-batch {args.micro_batch}, {args.batches} micro-batches after {args.warmup}; CPU, {cores} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; {datetime.date.today()}; commit {commit}")
-    print(f"| num_workers | tokens/s | per worker | ms per micro-batch | main process CPU ms per micro-batch | "
-          f"worker CPU ms per micro-batch | tokens per worker CPU-second | workers for {GPU_TOKENS_PER_S:,} tokens/s |")
+    print(
+        f"loader_throughput: {info['train_shards']} train shards, {info['train_samples']:,} samples of seq_len "
+        f"{info['seq_len']} (vocab {info['vocab_size']}, {info['bytes'] / 2**20:,.0f} MiB, page cache warm); "
+        f"micro-batch {args.micro_batch}, {args.batches} micro-batches after {args.warmup}; CPU, {cores} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; {datetime.date.today()}; commit {commit}"
+    )
+    print(
+        f"| num_workers | tokens/s | per worker | ms per micro-batch | main process CPU ms per micro-batch | "
+        f"worker CPU ms per micro-batch | tokens per worker CPU-second | workers for {GPU_TOKENS_PER_S:,} tokens/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         per_cpu = r.get("tokens_per_worker_cpu_s")
         need = "-" if not r["num_workers"] else f"{GPU_TOKENS_PER_S / r['tokens_per_s_per_worker']:.2f}"
-        print(f"| {r['num_workers']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_worker']:,.0f} | "
-              f"{r['ms_per_batch']:.2f} | {r['main_cpu_ms_per_batch']:.2f} | "
-              f"{'-' if 'worker_cpu_ms_per_batch' not in r else format(r['worker_cpu_ms_per_batch'], '.2f')} | "
-              f"{'-' if per_cpu is None else format(per_cpu, ',.0f')} | {need} |")
+        print(
+            f"| {r['num_workers']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_worker']:,.0f} | "
+            f"{r['ms_per_batch']:.2f} | {r['main_cpu_ms_per_batch']:.2f} | "
+            f"{'-' if 'worker_cpu_ms_per_batch' not in r else format(r['worker_cpu_ms_per_batch'], '.2f')} | "
+            f"{'-' if per_cpu is None else format(per_cpu, ',.0f')} | {need} |"
+        )
     busiest = max(r["num_workers"] for r in results)
     if busiest + 1 > cores:
-        print(f"note: {busiest} workers and the main process share {cores} cores (oversubscribed): the rows with "
-              f"{cores} or more workers understate a worker's rate; 'tokens per worker CPU-second' does not "
-              "depend on it")
+        print(
+            f"note: {busiest} workers and the main process share {cores} cores (oversubscribed): the rows with "
+            f"{cores} or more workers understate a worker's rate; 'tokens per worker CPU-second' does not "
+            "depend on it"
+        )
     one = next((r for r in results if r["num_workers"] == 1), None)
     if one:
         per_cpu = one.get("tokens_per_worker_cpu_s") or one["tokens_per_s"]
-        print(f"one GPU at {GPU_TOKENS_PER_S:,} tokens/s needs {math.ceil(GPU_TOKENS_PER_S / one['tokens_per_s'])} "
-              f"worker(s) at the 1-worker rate ({one['tokens_per_s']:,.0f} tokens/s), "
-              f"{GPU_TOKENS_PER_S / per_cpu:.3f} of a core by worker CPU time")
+        print(
+            f"one GPU at {GPU_TOKENS_PER_S:,} tokens/s needs {math.ceil(GPU_TOKENS_PER_S / one['tokens_per_s'])} "
+            f"worker(s) at the 1-worker rate ({one['tokens_per_s']:,.0f} tokens/s), "
+            f"{GPU_TOKENS_PER_S / per_cpu:.3f} of a core by worker CPU time"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"shards": str(shards), **info, "micro_batch": args.micro_batch,
-                                         "gpu_tokens_per_s": GPU_TOKENS_PER_S, "cores": cores, "commit": commit,
-                                         "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "shards": str(shards),
+                    **info,
+                    "micro_batch": args.micro_batch,
+                    "gpu_tokens_per_s": GPU_TOKENS_PER_S,
+                    "cores": cores,
+                    "commit": commit,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="loader_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="loader_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workers", type=int_list, default=[0, 1, 2], help="data.num_workers values (default: 0,1,2)")
     p.add_argument("--micro-batch", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--batches", type=int, default=2000, help="micro-batches timed per side (default: %(default)s)")
@@ -197,8 +238,12 @@ def main() -> None:
     p.add_argument("--corpus-mb", type=int, default=40, help="source code sharded (default: %(default)s)")
     p.add_argument("--samples-per-shard", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--shards", type=Path, help="read this build instead of building one")
-    p.add_argument("--work", type=Path, help="build into this folder and keep it; a later run reads that build "
-                   "if its seq_len and vocab match (default: a temporary folder)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="build into this folder and keep it; a later run reads that build "
+        "if its seq_len and vocab match (default: a temporary folder)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     for name in ("micro_batch", "batches", "seq_len", "vocab_size", "corpus_mb", "samples_per_shard"):
@@ -216,8 +261,13 @@ def main() -> None:
         shards = args.shards or (work / "shards" if reusable(work / "shards", args) else build(work, args))
         manifest = Manifest.load(shards)
         train = manifest.split("train")
-        info = {"train_shards": len(train), "train_samples": sum(e.samples for e in train),
-                "seq_len": manifest.seq_len, "vocab_size": manifest.vocab_size, "bytes": warm_page_cache(shards)}
+        info = {
+            "train_shards": len(train),
+            "train_samples": sum(e.samples for e in train),
+            "seq_len": manifest.seq_len,
+            "vocab_size": manifest.vocab_size,
+            "bytes": warm_page_cache(shards),
+        }
         results = []
         for num_workers in args.workers:
             results.append(measure(shards, num_workers, args))

@@ -48,13 +48,14 @@ def peak_rss_mb() -> float:
 
 # ------------------------------------------------------------------ the measured processes
 
+
 def torch_worker(source: str, lines: list[dict], max_new_tokens: int, threads: int) -> dict:
     """dslm-generate's path: the model loaded as it loads it, one line at a time."""
     import torch
 
-    from dslm_local.decoding import GenerationConfig, cut_at_stop
     from dslm_eval.generate import PromptFraming, generate
     from dslm_eval.load import load_for_eval
+    from dslm_local.decoding import GenerationConfig, cut_at_stop
 
     torch.set_num_threads(threads)
     loaded = load_for_eval(source)
@@ -74,8 +75,9 @@ def onnx_worker(folder: str, lines: list[dict], max_new_tokens: int, threads: in
     from dslm_local.decoding import GenerationConfig
     from dslm_local.onnx_model import OnnxModel
 
-    completer = Completer(OnnxModel(folder, threads, mem_pattern), GenerationConfig(max_new_tokens=max_new_tokens,
-                                                                                    stop_strings=("\n",)))
+    completer = Completer(
+        OnnxModel(folder, threads, mem_pattern), GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
+    )
     start = time.perf_counter()
     texts = [completer.complete(line["prompt"], keep_last=True) for line in lines]
     return {"seconds": time.perf_counter() - start, "new_tokens": completer.new_tokens, "texts": texts}
@@ -86,15 +88,27 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "torch fp32":
         result = torch_worker(args.target, lines, args.max_new_tokens, args.threads)
     else:
-        result = onnx_worker(args.target, lines, args.max_new_tokens, args.threads,
-                             mem_pattern="patterns on" in args.worker)
+        result = onnx_worker(
+            args.target, lines, args.max_new_tokens, args.threads, mem_pattern="patterns on" in args.worker
+        )
     result |= {"peak_rss_mb": peak_rss_mb(), "imported_torch": "torch" in sys.modules}
     print(json.dumps(result))
 
 
 def run_worker(mode: str, target: Path, lines_file: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", mode, str(target), "--lines-file", str(lines_file),
-           "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "--worker",
+        mode,
+        str(target),
+        "--lines-file",
+        str(lines_file),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -102,6 +116,7 @@ def run_worker(mode: str, target: Path, lines_file: Path, args: argparse.Namespa
 
 
 # ------------------------------------------------------------------ the parent
+
 
 def heldout_lines(source: Path, shards: str | None, n: int, seed: int = 0) -> list[dict]:
     """{"language", "prompt", "target"} of up to n held-out lines per language (dslm-eval's exact
@@ -127,8 +142,8 @@ def exactness(source: Path, fp32: Path, int8: Path, lines: list[dict]) -> dict:
     import numpy as np
     import torch
 
-    from dslm_local.onnx_model import OnnxModel
     from dslm_eval.load import load_for_eval
+    from dslm_local.onnx_model import OnnxModel
 
     loaded = load_for_eval(source)
     full, small = OnnxModel(fp32), OnnxModel(int8)
@@ -166,35 +181,47 @@ def main() -> None:
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(HERE.parents[1]))
-    from dslm.export import write_onnx
     from provenance import git_commit  # bench/provenance.py, beside this script
+
+    from dslm.export import write_onnx
 
     lines = heldout_lines(args.target, args.shards, args.lines)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's lines
-        (fp32, _), (int8, _) = write_onnx(args.target, Path(tmp) / "fp32", False), write_onnx(args.target, Path(tmp) / "int8", True)
+        (fp32, _), (int8, _) = (
+            write_onnx(args.target, Path(tmp) / "fp32", False),
+            write_onnx(args.target, Path(tmp) / "int8", True),
+        )
         lines_file = Path(tmp) / "lines.jsonl"
         lines_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
         targets = {"torch fp32": args.target, "onnx fp32": fp32, "onnx int8": int8, MODES[3]: int8}
         results = {mode: run_worker(mode, targets[mode], lines_file, args) for mode in MODES}
-        sizes = {"onnx fp32": sum(f.stat().st_size for f in fp32.iterdir() if f.name.startswith("model.onnx")),
-                 "onnx int8": sum(f.stat().st_size for f in int8.iterdir() if f.name.startswith("model.onnx"))}
+        sizes = {
+            "onnx fp32": sum(f.stat().st_size for f in fp32.iterdir() if f.name.startswith("model.onnx")),
+            "onnx int8": sum(f.stat().st_size for f in int8.iterdir() if f.name.startswith("model.onnx")),
+        }
         exact = exactness(args.target, fp32, int8, lines)
     report(args, lines, results, sizes, exact, git_commit("dslm", "local", "eval", "bench"))
 
 
 def report(args, lines, results, sizes, exact, commit) -> None:
     torch_texts = results["torch fp32"]["texts"]
-    print(f"local_inference: {args.target}, {len(lines)} held-out lines, up to {args.max_new_tokens} new tokens each; "
-          f"{device_line(args.threads)}; {datetime.date.today()}; commit {commit}")
+    print(
+        f"local_inference: {args.target}, {len(lines)} held-out lines, up to {args.max_new_tokens} new tokens each; "
+        f"{device_line(args.threads)}; {datetime.date.today()}; commit {commit}"
+    )
     print("| path | model file | peak RSS (MiB) | tokens/s | greedy = torch | torch imported |")
     print("|---|---|---|---|---|---|")
     for mode, r in results.items():
         same = sum(a == b for a, b in zip(r["texts"], torch_texts)) / len(torch_texts)
         size = sizes.get(mode.split(",")[0])
-        print(f"| {mode} | {f'{size / 2**20:.1f} MiB' if size else '-'} | {r['peak_rss_mb']:.1f} | "
-              f"{r['new_tokens'] / r['seconds']:.1f} | {same:.1%} | {r['imported_torch']} |")
-    print(f"ONNX fp32 vs torch: max |logit difference| {exact['max_abs_logit_diff_fp32']:.2e}; int8 vs fp32: top-1 "
-          f"agreement {exact['int8_top1_agreement']:.2%} over {exact['target_tokens']} target tokens")
+        print(
+            f"| {mode} | {f'{size / 2**20:.1f} MiB' if size else '-'} | {r['peak_rss_mb']:.1f} | "
+            f"{r['new_tokens'] / r['seconds']:.1f} | {same:.1%} | {r['imported_torch']} |"
+        )
+    print(
+        f"ONNX fp32 vs torch: max |logit difference| {exact['max_abs_logit_diff_fp32']:.2e}; int8 vs fp32: top-1 "
+        f"agreement {exact['int8_top1_agreement']:.2%} over {exact['target_tokens']} target tokens"
+    )
     if args.json:
         summary = {mode: {k: v for k, v in r.items() if k != "texts"} for mode, r in results.items()}
         args.json.write_text(json.dumps({"results": summary, "sizes": sizes, **exact, "commit": commit}, indent=2))

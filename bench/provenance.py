@@ -12,8 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 def git_commit(*paths: str) -> str:
     """The short commit, marked " + local changes" when `paths` (what the figures depend on)
     differ from it; "unknown" outside a git checkout."""
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
     head = git("rev-parse", "--short", "HEAD")
     if head.returncode:
         return "unknown"

@@ -56,11 +56,26 @@ def run_stage(args: list[str], tasks: int, stage: str, launcher: str) -> float:
     started = time.monotonic()
     command = stage_command(args, tasks, stage)
     if launcher == "slurm":
-        subprocess.run(["srun", f"--nodes={tasks}", f"--ntasks={tasks}", "--ntasks-per-node=1", "--cpus-per-task=1",
-                        "bash", "-c", f"K=$SLURM_PROCID; {command}"], check=True, stdout=subprocess.DEVNULL, env=ONE_CORE)
+        subprocess.run(
+            [
+                "srun",
+                f"--nodes={tasks}",
+                f"--ntasks={tasks}",
+                "--ntasks-per-node=1",
+                "--cpus-per-task=1",
+                "bash",
+                "-c",
+                f"K=$SLURM_PROCID; {command}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=ONE_CORE,
+        )
     else:
-        procs = [subprocess.Popen(["bash", "-c", command], env={**ONE_CORE, "K": str(k)}, stdout=subprocess.DEVNULL)
-                 for k in range(tasks)]
+        procs = [
+            subprocess.Popen(["bash", "-c", command], env={**ONE_CORE, "K": str(k)}, stdout=subprocess.DEVNULL)
+            for k in range(tasks)
+        ]
         if any(p.wait() for p in procs):
             raise SystemExit(f"stage {stage} failed")
     return time.monotonic() - started
@@ -73,8 +88,20 @@ def timed(command: list[str]) -> float:
 
 
 def build_args(corpus: Path, tokenizer: Path, out: Path) -> list[str]:
-    return ["--source", f"code:{corpus}", "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", "1024",
-            "--samples-per-shard", "1000", "--workers", "0"]
+    return [
+        "--source",
+        f"code:{corpus}",
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--seq-len",
+        "1024",
+        "--samples-per-shard",
+        "1000",
+        "--workers",
+        "0",
+    ]
 
 
 def split_build(corpus: Path, tokenizer: Path, out: Path, tasks: int, launcher: str) -> dict[str, float]:
@@ -85,10 +112,17 @@ def split_build(corpus: Path, tokenizer: Path, out: Path, tasks: int, launcher: 
 
 def rates(tokens: int, seconds: dict[str, float], cores: int) -> dict[str, float]:
     total = sum(seconds.values())
-    return {"seconds": seconds, "total_s": total, "tokens_per_s": tokens / total,
-            "tokens_per_s_per_core": tokens / total / cores,
-            **{f"{stage}_tokens_per_core_s": tokens / s / cores for stage, s in seconds.items()
-               if stage in ("digests", "write", "baseline")}}
+    return {
+        "seconds": seconds,
+        "total_s": total,
+        "tokens_per_s": tokens / total,
+        "tokens_per_s_per_core": tokens / total / cores,
+        **{
+            f"{stage}_tokens_per_core_s": tokens / s / cores
+            for stage, s in seconds.items()
+            if stage in ("digests", "write", "baseline")
+        },
+    }
 
 
 def on_paper(result: dict, tokens: float, nodes: int, cores: int) -> dict[str, float]:
@@ -99,8 +133,15 @@ def on_paper(result: dict, tokens: float, nodes: int, cores: int) -> dict[str, f
     all_cores = nodes * cores
     digests_h = tokens / (two["digests_tokens_per_core_s"] * all_cores) / 3600
     write_h = tokens / (two["write_tokens_per_core_s"] * all_cores) / 3600
-    return {"tokens": tokens, "nodes": nodes, "cores_per_node": cores, "digests_h": digests_h, "write_h": write_h,
-            "total_h": digests_h + write_h, "one_core_days": tokens / result["baseline"]["tokens_per_s"] / 86400}
+    return {
+        "tokens": tokens,
+        "nodes": nodes,
+        "cores_per_node": cores,
+        "digests_h": digests_h,
+        "write_h": write_h,
+        "total_h": digests_h + write_h,
+        "one_core_days": tokens / result["baseline"]["tokens_per_s"] / 86400,
+    }
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def baseline(tokenizer: Path, texts: list[str], method: str) -> float:
     encode = getattr(tok, method)
     start, tokens = time.perf_counter(), 0
     for i in range(0, len(texts), 256):
-        tokens += sum(len(e.ids) + 2 for e in encode(texts[i:i + 256]))
+        tokens += sum(len(e.ids) + 2 for e in encode(texts[i : i + 256]))
     return tokens / (time.perf_counter() - start)
 
 
@@ -104,8 +104,21 @@ class PeakRss:
 
 def build(corpus: Path, tokenizer: Path, out: Path, workers: int) -> tuple[float, PeakRss, Manifest]:
     """(seconds, peak RSS, manifest) of one `dslm-shard build` run."""
-    cmd = [sys.executable, "-m", "dslm_shards.cli", "build", "--source", f"code:{corpus}", "--tokenizer",
-           str(tokenizer), "--out", str(out), "--workers", str(workers), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dslm_shards.cli",
+        "build",
+        "--source",
+        f"code:{corpus}",
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--overwrite",
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rss = PeakRss(proc.pid)
@@ -146,13 +159,17 @@ def main() -> None:
     documents = sum(s.documents for s in manifest.sources.values())
     assert documents == len(texts), f"the build kept {documents} of {len(texts)} documents: not the same text"
     rate = built / seconds
-    print(f"corpus: {len(texts):,} files, {size / 1e6:.1f} MB, {built:,} tokens; {args.workers} workers, "
-          f"{psutil.cpu_count()} cores")
+    print(
+        f"corpus: {len(texts):,} files, {size / 1e6:.1f} MB, {built:,} tokens; {args.workers} workers, "
+        f"{psutil.cpu_count()} cores"
+    )
     print(f"dslm-shard build: {rate:,.0f} tokens/s ({seconds:.1f} s, {describe(peak)})")
     for method in BASELINES:
         mean = (before[method] + after[method]) / 2
-        print(f"bare {method}: {before[method]:,.0f} and {after[method]:,.0f} tokens/s; "
-              f"ratio build / {method}: {rate / mean:.3f}")
+        print(
+            f"bare {method}: {before[method]:,.0f} and {after[method]:,.0f} tokens/s; "
+            f"ratio build / {method}: {rate / mean:.3f}"
+        )
 
     if args.rss_corpus_mb:
         shutil.rmtree(corpus)
@@ -161,8 +178,10 @@ def main() -> None:
         write_corpus(corpus, files[:RSS_FILES], args.rss_corpus_mb << 20)
         size = sum(f.stat().st_size for f in corpus.rglob("*.py"))
         seconds, peak, manifest = build(corpus, tokenizer, work / "shards", args.workers)
-        print(f"memory: {size / 2**20:,.0f} MB corpus ({size / 2**20 / MEMORY_CAP_MB:.1f}x the "
-              f"{MEMORY_CAP_MB} MB cap) in {seconds:,.0f} s: {describe(peak)}")
+        print(
+            f"memory: {size / 2**20:,.0f} MB corpus ({size / 2**20 / MEMORY_CAP_MB:.1f}x the "
+            f"{MEMORY_CAP_MB} MB cap) in {seconds:,.0f} s: {describe(peak)}"
+        )
     if args.work is None:
         shutil.rmtree(work)
 

@@ -52,8 +52,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         for package in PACKAGES:
-            shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / package, base / package,
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                Path(sysconfig.get_paths()["stdlib"]) / package,
+                base / package,
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
         out = Path(tmp) / "tokenizer.json"
         baseline = best([f"code:{base}"], out, args.repeats)
         print(f"base corpus ({', '.join(PACKAGES)}): {baseline:.2f} s")

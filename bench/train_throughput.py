@@ -59,6 +59,7 @@ import deepspeed
 import psutil
 import torch
 from deepspeed.utils import logger as deepspeed_logger
+from provenance import git_commit  # bench/provenance.py, beside this script
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
@@ -77,15 +78,20 @@ from dslm.trainer import train_step
 from dslm_shards.build import TOKENIZER_NAME, ShardConfig, build_shards, train_and_save_tokenizer
 from dslm_shards.sources import CodeSource
 
-from provenance import git_commit  # bench/provenance.py, beside this script
-
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_PACKAGES = ("asyncio", "email", "http", "json", "logging")
 """Real Python, ~1.5 MB (~0.36 M tokens at vocab 2048): throughput does not depend on what the
 tokens say, the loader cycles through the samples, and the shards build in seconds."""
-OWNED_KEYS = ("model.preset", "data.shards", "train.micro_batch_size", "train.grad_accum", "train.compile",
-              "train.max_steps", "train.warmup_steps")
+OWNED_KEYS = (
+    "model.preset",
+    "data.shards",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.compile",
+    "train.max_steps",
+    "train.warmup_steps",
+)
 """Config keys the flags set; a key=value override may not set them too."""
 ON_GPU = torch.cuda.is_available()
 
@@ -147,8 +153,9 @@ class BenchSettings:
             raise DslmError("--grad-accum, --warmup, --windows and --steps must be at least 1")
         for override in self.overrides:
             if "=" not in override or override.split("=", 1)[0] in OWNED_KEYS:
-                raise DslmError(f"override {override!r} must be key=value with a key the flags do not set "
-                                f"({', '.join(OWNED_KEYS)})")
+                raise DslmError(
+                    f"override {override!r} must be key=value with a key the flags do not set ({', '.join(OWNED_KEYS)})"
+                )
 
     @property
     def total_steps(self) -> int:
@@ -173,46 +180,107 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> BenchSettings:
     defaults = GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS
-    p = argparse.ArgumentParser(prog="train_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"Defaults are for this machine, which has {'a' if ON_GPU else 'no'} GPU.")
-    p.add_argument("--preset", default=defaults["preset"], choices=sorted(PRESETS),
-                   help="model size (default: %(default)s)")
-    p.add_argument("--micro-batch-sizes", type=int_list, default=defaults["micro_batch_sizes"], metavar="B,B,...",
-                   help="micro-batch sizes to sweep (default: %(default)s)")
-    p.add_argument("--zero-stages", type=int_list, default="0,1,2", metavar="S,S,...",
-                   help="ZeRO stages to sweep, --ds-configs/zeroS.json each (default: %(default)s)")
-    p.add_argument("--ds-configs", type=Path, metavar="DIR", default=REPO / "ds_configs",
-                   help="folder of the DeepSpeed configs zero0/1/2.json (default: the repository's ds_configs/)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="micro-batches per optimizer step (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=defaults["warmup"], metavar="N",
-                   help="untimed steps first (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=defaults["windows"], metavar="N",
-                   help="timed windows (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=defaults["steps"], metavar="N",
-                   help="optimizer steps per window (default: %(default)s)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=ON_GPU,
-                   help="torch.compile on both sides (default: on with a GPU, off without)")
-    p.add_argument("--shards", type=Path, metavar="DIR", help="an existing `dslm-shard build` folder "
-                   "(default: build stdlib shards for the preset into --cache, or reuse them)")
-    p.add_argument("--cache", type=Path, metavar="DIR", default=Path(tempfile.gettempdir()) / "dslm-bench",
-                   help="where built shards are kept (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="train_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Defaults are for this machine, which has {'a' if ON_GPU else 'no'} GPU.",
+    )
+    p.add_argument(
+        "--preset", default=defaults["preset"], choices=sorted(PRESETS), help="model size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--micro-batch-sizes",
+        type=int_list,
+        default=defaults["micro_batch_sizes"],
+        metavar="B,B,...",
+        help="micro-batch sizes to sweep (default: %(default)s)",
+    )
+    p.add_argument(
+        "--zero-stages",
+        type=int_list,
+        default="0,1,2",
+        metavar="S,S,...",
+        help="ZeRO stages to sweep, --ds-configs/zeroS.json each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ds-configs",
+        type=Path,
+        metavar="DIR",
+        default=REPO / "ds_configs",
+        help="folder of the DeepSpeed configs zero0/1/2.json (default: the repository's ds_configs/)",
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=defaults["warmup"], metavar="N", help="untimed steps first (default: %(default)s)"
+    )
+    p.add_argument(
+        "--windows", type=int, default=defaults["windows"], metavar="N", help="timed windows (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=defaults["steps"],
+        metavar="N",
+        help="optimizer steps per window (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=ON_GPU,
+        help="torch.compile on both sides (default: on with a GPU, off without)",
+    )
+    p.add_argument(
+        "--shards",
+        type=Path,
+        metavar="DIR",
+        help="an existing `dslm-shard build` folder "
+        "(default: build stdlib shards for the preset into --cache, or reuse them)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        default=Path(tempfile.gettempdir()) / "dslm-bench",
+        help="where built shards are kept (default: %(default)s)",
+    )
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dslm config overrides for both sides, e.g. model.vocab_multiple=128 data.num_workers=2")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dslm config overrides for both sides, e.g. model.vocab_multiple=128 data.num_workers=2",
+    )
     args = p.parse_args(argv)
-    return BenchSettings(preset=args.preset, micro_batch_sizes=args.micro_batch_sizes, zero_stages=args.zero_stages,
-                         grad_accum=args.grad_accum, warmup=args.warmup, windows=args.windows, steps=args.steps,
-                         compile=args.compile, shards=args.shards, cache=args.cache, ds_configs=args.ds_configs,
-                         overrides=tuple(args.overrides), json_out=args.json)
+    return BenchSettings(
+        preset=args.preset,
+        micro_batch_sizes=args.micro_batch_sizes,
+        zero_stages=args.zero_stages,
+        grad_accum=args.grad_accum,
+        warmup=args.warmup,
+        windows=args.windows,
+        steps=args.steps,
+        compile=args.compile,
+        shards=args.shards,
+        cache=args.cache,
+        ds_configs=args.ds_configs,
+        overrides=tuple(args.overrides),
+        json_out=args.json,
+    )
 
 
 def run_config(settings: BenchSettings, shards: Path | None, micro_batch_size: int) -> RunConfig:
     """The dslm config both sides use: defaults < preset < overrides < what the flags set."""
-    owned = {"model.preset": settings.preset, "train.micro_batch_size": micro_batch_size,
-             "train.grad_accum": settings.grad_accum, "train.compile": settings.compile,
-             "train.max_steps": settings.total_steps, "train.warmup_steps": settings.warmup}
+    owned = {
+        "model.preset": settings.preset,
+        "train.micro_batch_size": micro_batch_size,
+        "train.grad_accum": settings.grad_accum,
+        "train.compile": settings.compile,
+        "train.max_steps": settings.total_steps,
+        "train.warmup_steps": settings.warmup,
+    }
     if shards:
         owned["data.shards"] = shards
     return load_config(None, [*settings.overrides, *(f"{k}={v}" for k, v in owned.items())])
@@ -245,6 +313,7 @@ def bench_shards(settings: BenchSettings) -> tuple[Path, Manifest]:
 class OpCensus:
     """What one optimizer step dispatches, counted by torch.profiler: the framework's overhead in
     terms that do not depend on the device's speed."""
+
     ops: int
     """ATen ops not called by another ATen op: each is a dispatch from Python-level code, and most
     launch a kernel on a GPU."""
@@ -277,6 +346,7 @@ def op_census(step: Callable[[], torch.Tensor]) -> OpCensus:
 @dataclass
 class Side:
     """One side of the comparison at one micro-batch size, ready for timed windows."""
+
     name: str
     """"baseline" or "dslm"."""
     zero_stage: int | None
@@ -301,13 +371,21 @@ def dslm_side(cfg: RunConfig, manifest: Manifest, ds_config_file: Path, zero_sta
     engine = build_engine(seeded_model(cfg), cfg.train, ds_config)
     batches = DeviceBatches(iter(dslm_loader(cfg.data, cfg, manifest)), engine.device)
     # destroy: DeepSpeed's own teardown (optimizer buffers, hooks, its GC setting)
-    return Side("dslm", zero_stage, lambda: train_step(engine, batches, next_token, cfg.train.grad_accum), engine.destroy)
+    return Side(
+        "dslm", zero_stage, lambda: train_step(engine, batches, next_token, cfg.train.grad_accum), engine.destroy
+    )
 
 
 def dslm_loader(data: DataConfig, cfg: RunConfig, manifest: Manifest) -> DataLoader:
     """dslm's training loader on one rank from the start, as dslm.train builds it."""
-    return train_loader(data, TrainSamples(data, [manifest]), train_order(data, [manifest], cfg.train.seed), rank=0,
-                        world_size=1, micro_batch=cfg.train.micro_batch_size)
+    return train_loader(
+        data,
+        TrainSamples(data, [manifest]),
+        train_order(data, [manifest], cfg.train.seed),
+        rank=0,
+        world_size=1,
+        micro_batch=cfg.train.micro_batch_size,
+    )
 
 
 def read_ahead(cfg: RunConfig, manifest: Manifest, total_steps: int) -> list[torch.Tensor]:
@@ -322,8 +400,13 @@ def baseline_side(cfg: RunConfig, batches: list[Batch], clip: float) -> Side:
     device = torch.device("cuda" if ON_GPU else "cpu")
     model = seeded_model(cfg).to(device)
     train = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=(train.beta1, train.beta2), fused=ON_GPU, foreach=not ON_GPU)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=(train.beta1, train.beta2),
+        fused=ON_GPU,
+        foreach=not ON_GPU,
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, train.max_steps))
     forward = torch.compile(model) if train.compile else model
     micro_batches = cycle(batches)
@@ -393,6 +476,7 @@ def timed_window(side: Side, steps: int) -> None:
 @dataclass
 class Measurement:
     """The figures of one side at one micro-batch size (and ZeRO stage for dslm)."""
+
     side: str
     micro_batch_size: int
     zero_stage: int | None
@@ -424,8 +508,10 @@ def compare(cfg: RunConfig, manifest: Manifest, settings: BenchSettings, clip: f
     turns (the order rotating each round)."""
     batches = read_ahead(cfg, manifest, settings.total_steps)
     starts = [("baseline", None, lambda: baseline_side(cfg, batches, clip))]
-    starts += [("dslm", stage, lambda stage=stage: dslm_side(cfg, manifest, settings.ds_config(stage), stage))
-               for stage in settings.zero_stages]
+    starts += [
+        ("dslm", stage, lambda stage=stage: dslm_side(cfg, manifest, settings.ds_config(stage), stage))
+        for stage in settings.zero_stages
+    ]
     sides = {(name, stage): warmed_up(start, settings.warmup) for name, stage, start in starts}
     running = [side for side in sides.values() if side is not None]
     for window in range(settings.windows):
@@ -434,10 +520,20 @@ def compare(cfg: RunConfig, manifest: Manifest, settings: BenchSettings, clip: f
     for side in running:
         side.close()
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * manifest.seq_len
-    results = [Measurement(name, cfg.train.micro_batch_size, stage, tokens, settings.steps,
-                           side.window_seconds if side else [], side.loss if side else None,
-                           side.peak_memory if side else None, side.census if side else None)
-               for (name, stage), side in sides.items()]
+    results = [
+        Measurement(
+            name,
+            cfg.train.micro_batch_size,
+            stage,
+            tokens,
+            settings.steps,
+            side.window_seconds if side else [],
+            side.loss if side else None,
+            side.peak_memory if side else None,
+            side.census if side else None,
+        )
+        for (name, stage), side in sides.items()
+    ]
     del sides, running
     free_memory()
     # every side compiled a new model: without a reset, dynamo would count them all against its
@@ -468,6 +564,7 @@ def print_progress(results: list[Measurement]) -> None:
 @dataclass
 class Row:
     """A line of the results table."""
+
     side: str
     micro_batch_size: int
     zero_stage: int | None
@@ -489,10 +586,19 @@ def row(m: Measurement, mfu_per_token: float | None) -> Row:
         return Row(m.side, m.micro_batch_size, m.zero_stage)
     rates = m.window_rates
     median = statistics.median(rates)
-    return Row(m.side, m.micro_batch_size, m.zero_stage, tokens_per_s=median, slowest=min(rates),
-               fastest=max(rates), step_ms=1000 * m.tokens_per_step / median,
-               mfu=median * mfu_per_token if mfu_per_token else None, peak_memory=m.peak_memory, loss=m.loss,
-               census=m.census)
+    return Row(
+        m.side,
+        m.micro_batch_size,
+        m.zero_stage,
+        tokens_per_s=median,
+        slowest=min(rates),
+        fastest=max(rates),
+        step_ms=1000 * m.tokens_per_step / median,
+        mfu=median * mfu_per_token if mfu_per_token else None,
+        peak_memory=m.peak_memory,
+        loss=m.loss,
+        census=m.census,
+    )
 
 
 def rows(results: list[Measurement], mfu_per_token: float | None) -> list[Row]:
@@ -551,11 +657,14 @@ def markdown(meta: dict[str, str], table: list[Row]) -> str:
         rate = "out of memory" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         spread = "" if r.slowest is None else f"{r.slowest:,.0f}-{r.fastest:,.0f}"
         ratio = f"**{r.ratio:.3f}**" if r.ratio else ""
-        census = ("" if r.census is None
-                  else f"{r.census.ops:,} / {r.census.host_syncs:,} / {fmt(r.census.gpu_events, ',')}")
-        lines.append(f"| {meta['date']} | {meta['commit']} | {meta['device']} | {r.micro_batch_size} | {side} | "
-                     f"{rate} | {spread} | {fmt(r.step_ms, '.1f')} | {fmt(r.mfu, '.1%')} | "
-                     f"{fmt(r.peak_memory, '.2f', 2**-30, ' GiB')} | {fmt(r.loss, '.3f')} | {census} | {ratio} |")
+        census = (
+            "" if r.census is None else f"{r.census.ops:,} / {r.census.host_syncs:,} / {fmt(r.census.gpu_events, ',')}"
+        )
+        lines.append(
+            f"| {meta['date']} | {meta['commit']} | {meta['device']} | {r.micro_batch_size} | {side} | "
+            f"{rate} | {spread} | {fmt(r.step_ms, '.1f')} | {fmt(r.mfu, '.1%')} | "
+            f"{fmt(r.peak_memory, '.2f', 2**-30, ' GiB')} | {fmt(r.loss, '.3f')} | {census} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -578,8 +687,11 @@ def bench(settings: BenchSettings) -> None:
     table = rows(results, mfu_per_token)
     print(f"\n{markdown(meta, table)}")
     if settings.json_out:
-        report = {"meta": meta, "rows": [dataclasses.asdict(r) for r in table],
-                  "runs": [dataclasses.asdict(m) for m in results]}
+        report = {
+            "meta": meta,
+            "rows": [dataclasses.asdict(r) for r in table],
+            "runs": [dataclasses.asdict(m) for m in results],
+        }
         settings.json_out.write_text(json.dumps(report, indent=2) + "\n")
     torch.distributed.destroy_process_group()
 

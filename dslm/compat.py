@@ -29,8 +29,10 @@ def require(package: str, assumption: str, holds: bool) -> None:
     if holds:
         return
     installed = importlib.metadata.version(package)
-    raise DslmError(f"{package} {installed}: {assumption} does not hold; dslm relies on it and is tested with "
-                    f"{package}=={pinned_version(package)} (the pin in pyproject.toml): install that version")
+    raise DslmError(
+        f"{package} {installed}: {assumption} does not hold; dslm relies on it and is tested with "
+        f"{package}=={pinned_version(package)} (the pin in pyproject.toml): install that version"
+    )
 
 
 def has_method(obj: Any, name: str, params: tuple[str, ...] = ()) -> bool:

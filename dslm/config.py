@@ -29,8 +29,12 @@ from dslm.trainer import TrainConfig
 
 DEFAULT_DS_CONFIG = "zero2.json"
 """The DeepSpeed config a run gets without `--deepspeed`: ds_configs/zero2.json as installed with dslm."""
-RENAMED_MODEL_KEYS = {"d_model": "n_embd", "d_ff": "intermediate_size", "context": "block_size",
-                      "head_bias": "lm_head_bias"}
+RENAMED_MODEL_KEYS = {
+    "d_model": "n_embd",
+    "d_ff": "intermediate_size",
+    "context": "block_size",
+    "head_bias": "lm_head_bias",
+}
 """model.* keys renamed to the field's standard names (GPT-2, nanoGPT, litgpt): a recipe, an
 override or a run's config.yaml that still uses an old one is read with a warning."""
 
@@ -80,11 +84,15 @@ class RunConfig:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"name={self.name!r} must be one folder name inside runs_dir={self.runs_dir}")
         if self.train.freeze_blocks > self.model.n_layer:
-            raise ValueError(f"train.freeze_blocks={self.train.freeze_blocks} is more than the model's "
-                             f"{self.model.n_layer} blocks (model.n_layer)")
+            raise ValueError(
+                f"train.freeze_blocks={self.train.freeze_blocks} is more than the model's "
+                f"{self.model.n_layer} blocks (model.n_layer)"
+            )
         if self.train.lora.rank > self.model.n_embd:
-            raise ValueError(f"train.lora.rank={self.train.lora.rank} is above model.n_embd={self.model.n_embd}: an "
-                             f"adapter's update has rank at most min(in, out) of its layer, n_embd or less")
+            raise ValueError(
+                f"train.lora.rank={self.train.lora.rank} is above model.n_embd={self.model.n_embd}: an "
+                f"adapter's update has rank at most min(in, out) of its layer, n_embd or less"
+            )
 
     @property
     def run_dir(self) -> RunDir:
@@ -116,8 +124,13 @@ def fields_as_written(cls: type) -> dict[str, tuple[str, str]]:
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, after in zip(body, [*body[1:], None]):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                doc = (after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                       and isinstance(after.value.value, str) else "")
+                doc = (
+                    after.value.value
+                    if isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                    else ""
+                )
                 found[node.target.id] = (ast.unparse(node.annotation), inspect.cleandoc(doc))
     return found
 
@@ -147,17 +160,27 @@ def describe_config(section: str = "", width: int = 100) -> str:
     if not keys:
         sections = sorted({k.name.rpartition(".")[0] for k in config_keys()} - {""})
         raise DslmError(f"--help-config {section}: no such section; the sections are {', '.join(sections)}")
-    lines = textwrap.wrap("The run config's keys, set in a recipe or as key=value overrides (KEY: TYPE = "
-                          "DEFAULT); a model size left at null comes from model.preset.", width)
+    lines = textwrap.wrap(
+        "The run config's keys, set in a recipe or as key=value overrides (KEY: TYPE = "
+        "DEFAULT); a model size left at null comes from model.preset.",
+        width,
+    )
     for key in keys:
         lines.append(f"{key.name}: {key.type} = {json.dumps(key.default)}")
-        lines += textwrap.wrap(" ".join(key.doc.split()), width, initial_indent="    ", subsequent_indent="    ",
-                               break_on_hyphens=False, break_long_words=False)
+        lines += textwrap.wrap(
+            " ".join(key.doc.split()),
+            width,
+            initial_indent="    ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
     return "\n".join(lines)
 
 
-def load_config(recipe: str | Path | None, overrides: list[str],
-                source_model: Callable[[str], ModelConfig] | None = None) -> RunConfig:
+def load_config(
+    recipe: str | Path | None, overrides: list[str], source_model: Callable[[str], ModelConfig] | None = None
+) -> RunConfig:
     """Defaults < recipe YAML < overrides (`train.lr=1e-3`, `model.preset=tiny`); model sizes not
     set anywhere come from model.preset. A run's config.yaml as the recipe names that run: its name
     and runs_dir are its folder's, unless an override sets them. Given `source_model` (what reads
@@ -210,8 +233,10 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             conf.merge_with_dotlist([override])
         except yaml.YAMLError as e:
             problem = ", ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
-            raise DslmError(f"override {override!r}: the value is not valid YAML ({problem}); a list is "
-                            f"[a, b] and a mapping {{key: value}}, each closed") from None
+            raise DslmError(
+                f"override {override!r}: the value is not valid YAML ({problem}); a list is "
+                f"[a, b] and a mapping {{key: value}}, each closed"
+            ) from None
     return conf
 
 
@@ -224,8 +249,9 @@ def merge(conf: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise DslmError(f"{source}: a mapping {{...}} given for a list field [...], or the reverse ({e})") from None
 
 
-def fine_tuned_model(model: DictConfig, chosen: set[str], init_from: str,
-                     source_model: Callable[[str], ModelConfig]) -> DictConfig:
+def fine_tuned_model(
+    model: DictConfig, chosen: set[str], init_from: str, source_model: Callable[[str], ModelConfig]
+) -> DictConfig:
     """The model of a run that starts from the weights at `init_from`: the source's
     (`source_model(init_from)`), every model.* field the recipe and overrides leave unset taken from
     it. Of the fields they set (`chosen`, with their values in `model`), model.dropout and a head
@@ -239,11 +265,17 @@ def fine_tuned_model(model: DictConfig, chosen: set[str], init_from: str,
         raise DslmError(f"train.init_from: {e}") from None
     for name in (f.name for f in fields(ModelConfig) if f.name in chosen):
         ours, theirs = model[name], getattr(source, name)
-        if (ours == theirs or name == "dropout" or (name == "lm_head_bias" and ours)
-                or (name == "preset" and not (ours and theirs))):
+        if (
+            ours == theirs
+            or name == "dropout"
+            or (name == "lm_head_bias" and ours)
+            or (name == "preset" and not (ours and theirs))
+        ):
             continue
-        raise DslmError(f"model.{name}={ours} but train.init_from={init_from} has model.{name}={theirs}; leave "
-                        f"model.{name} out to fine-tune the source's model as it is")
+        raise DslmError(
+            f"model.{name}={ours} but train.init_from={init_from} has model.{name}={theirs}; leave "
+            f"model.{name} out to fine-tune the source's model as it is"
+        )
     kept = {name: model[name] for name in chosen & {"dropout", "lm_head_bias"}}
     return OmegaConf.merge(OmegaConf.structured(source), kept)
 
@@ -284,16 +316,22 @@ def save_config(cfg: RunConfig) -> Path:
 def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
     """Fail before training when the shards cannot feed this model."""
     if manifest.vocab_size > cfg.model.vocab_size:
-        raise DslmError(f"the shards' tokenizer has {manifest.vocab_size} tokens but model.vocab_size="
-                        f"{cfg.model.vocab_size}; set model.vocab_size >= {manifest.vocab_size}")
+        raise DslmError(
+            f"the shards' tokenizer has {manifest.vocab_size} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {manifest.vocab_size}"
+        )
     if manifest.seq_len > cfg.model.block_size:
-        raise DslmError(f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.block_size="
-                        f"{cfg.model.block_size}; rebuild the shards with --seq-len {cfg.model.block_size} or "
-                        f"raise model.block_size")
+        raise DslmError(
+            f"the shards hold sequences of {manifest.seq_len} tokens (seq_len) but model.block_size="
+            f"{cfg.model.block_size}; rebuild the shards with --seq-len {cfg.model.block_size} or "
+            f"raise model.block_size"
+        )
     if manifest.masks and manifest.direction != cfg.data.direction:
-        raise DslmError(f"the shards' loss masks were made for data.direction={manifest.direction} (template "
-                        f"{manifest.template}) but the run has data.direction={cfg.data.direction}; set it, or "
-                        f"rebuild them with `dslm-shard sft --direction {cfg.data.direction}`")
+        raise DslmError(
+            f"the shards' loss masks were made for data.direction={manifest.direction} (template "
+            f"{manifest.template}) but the run has data.direction={cfg.data.direction}; set it, or "
+            f"rebuild them with `dslm-shard sft --direction {cfg.data.direction}`"
+        )
 
 
 def packaged_ds_config(name: str = DEFAULT_DS_CONFIG) -> Path:
@@ -324,10 +362,16 @@ def outside_paths(cfg: RunConfig) -> dict[str, str]:
 
 def with_outside_paths(cfg: RunConfig, paths: dict[str, str]) -> RunConfig:
     """`cfg` with the outside paths of `paths` (keys as outside_paths gives them) replaced."""
-    mix = [replace(source, shards=paths.get(f"data.mix.{i}.shards", source.shards)) for i, source in enumerate(cfg.data.mix)]
-    return replace(cfg, ds_config=paths.get("ds_config", cfg.ds_config),
-                   data=replace(cfg.data, shards=paths.get("data.shards", cfg.data.shards), mix=mix),
-                   train=replace(cfg.train, init_from=paths.get("train.init_from", cfg.train.init_from)))
+    mix = [
+        replace(source, shards=paths.get(f"data.mix.{i}.shards", source.shards))
+        for i, source in enumerate(cfg.data.mix)
+    ]
+    return replace(
+        cfg,
+        ds_config=paths.get("ds_config", cfg.ds_config),
+        data=replace(cfg.data, shards=paths.get("data.shards", cfg.data.shards), mix=mix),
+        train=replace(cfg.train, init_from=paths.get("train.init_from", cfg.train.init_from)),
+    )
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -354,7 +398,9 @@ def read_run_config(run: RunDir) -> RunConfig:
     relative = {key: path for key, path in outside_paths(cfg).items() if not Path(path).is_absolute()}
     if relative and run.config.absolute() not in WARNED_RELATIVE:
         WARNED_RELATIVE.add(run.config.absolute())
-        warning(f"{run.config} records {', '.join(f'{k}={v}' for k, v in relative.items())} relative to the "
-                     f"directory it was trained in (a run written before dslm recorded them absolute); read from "
-                     f"{Path.cwd()}")
+        warning(
+            f"{run.config} records {', '.join(f'{k}={v}' for k, v in relative.items())} relative to the "
+            f"directory it was trained in (a run written before dslm recorded them absolute); read from "
+            f"{Path.cwd()}"
+        )
     return cfg

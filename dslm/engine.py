@@ -67,8 +67,14 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
     DeepSpeed's init builds is built in this install's folder; after it, the CPU all-reduce's
     buffers leave /dev/shm (they stay mapped until the run's last process ends)."""
     if "RANK" not in os.environ:  # started as a plain process: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     timeout = set_group_timeout(collective_timeout_s)
     remove_dead_buffers()
     deepspeed = deepspeed_module()
@@ -79,9 +85,11 @@ def init_distributed(collective_timeout_s: int = 600) -> DistEnv:
             deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timeout)
     except torch.distributed.DistError as e:  # DistNetworkError (EADDRINUSE), DistStoreError (no rank 0)
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        raise RankFailure(f"rank {os.environ['RANK']}: the rendezvous at {where} failed: "
-                          f"{str(e).strip().splitlines()[0]}; running again can help "
-                          f"(another port: DSLM_MASTER_PORT)") from e
+        raise RankFailure(
+            f"rank {os.environ['RANK']}: the rendezvous at {where} failed: "
+            f"{str(e).strip().splitlines()[0]}; running again can help "
+            f"(another port: DSLM_MASTER_PORT)"
+        ) from e
     _, per_node, local_rank = launched_ranks()
     if accel.device_name() == "cpu":
         torch.distributed.barrier()  # every rank has mapped every rank's all-reduce buffer
@@ -104,9 +112,12 @@ def set_group_timeout(seconds: int) -> timedelta:
     """Make `seconds` the timeout of every process group, also those made without one (DeepSpeed's
     clone of the world group, dslm.stop's), which torch gives its own default (30 min on gloo)."""
     timeout = timedelta(seconds=seconds)
-    require("torch", "torch.distributed.distributed_c10d keeps the default group timeouts in default_pg_timeout "
-            "and default_pg_nccl_timeout", isinstance(getattr(c10d, "default_pg_timeout", None), timedelta)
-            and hasattr(c10d, "default_pg_nccl_timeout"))
+    require(
+        "torch",
+        "torch.distributed.distributed_c10d keeps the default group timeouts in default_pg_timeout "
+        "and default_pg_nccl_timeout",
+        isinstance(getattr(c10d, "default_pg_timeout", None), timedelta) and hasattr(c10d, "default_pg_nccl_timeout"),
+    )
     c10d.default_pg_timeout = timeout
     if c10d.default_pg_nccl_timeout is not None:
         c10d.default_pg_nccl_timeout = timeout
@@ -123,10 +134,12 @@ def timed_out_collective(error: BaseException, step: int | None, timeout_s: int)
     ops = [name for file, name in frames if file.endswith(("distributed_c10d.py", "deepspeed/comm/comm.py"))]
     ours = [f"{Path(file).stem}.{name}" for file, name in frames if f"{os.sep}dslm{os.sep}" in file]
     in_step = "" if step is None else f" during step {step + any(name.endswith('train_step') for name in ours)}"
-    return RankFailure(f"rank {torch.distributed.get_rank()}: collective {ops[-1] if ops else '?'} (in "
-                       f"{ours[-1] if ours else '?'}) timed out after {timeout_s} s{in_step}: another rank stopped "
-                       f"answering (train.collective_timeout_s={timeout_s}); run again to continue from the last "
-                       f"checkpoint")
+    return RankFailure(
+        f"rank {torch.distributed.get_rank()}: collective {ops[-1] if ops else '?'} (in "
+        f"{ours[-1] if ours else '?'}) timed out after {timeout_s} s{in_step}: another rank stopped "
+        f"answering (train.collective_timeout_s={timeout_s}); run again to continue from the last "
+        f"checkpoint"
+    )
 
 
 def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dict:
@@ -144,13 +157,17 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     derived = {
         "train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (train.grad_accum, "train.grad_accum"),
-        "train_batch_size": (train.micro_batch_size * train.grad_accum * world_size,
-                             f"train.micro_batch_size * train.grad_accum * world size {world_size}"),
+        "train_batch_size": (
+            train.micro_batch_size * train.grad_accum * world_size,
+            f"train.micro_batch_size * train.grad_accum * world size {world_size}",
+        ),
     }
     for key, (value, source) in derived.items():
         if key in ds and ds[key] != value:
-            raise DslmError(f"{path}: {key}={ds[key]} disagrees with {source} = {value}; "
-                            f"leave batch sizes out of the DeepSpeed JSON")
+            raise DslmError(
+                f"{path}: {key}={ds[key]} disagrees with {source} = {value}; "
+                f"leave batch sizes out of the DeepSpeed JSON"
+            )
         ds[key] = value
     return ds
 
@@ -193,9 +210,12 @@ def drop_redundant_overflow_check(optimizer) -> None:
     if not isinstance(optimizer, zero_optimizer):
         return
     flags = ("check_grad_overflow", "compute_grad_norm", "cpu_offload")
-    require("deepspeed", f"DeepSpeedZeroOptimizer has {', '.join(flags)} and check_overflow(partition_gradients)",
-            all(hasattr(optimizer, flag) for flag in flags)
-            and has_method(optimizer, "check_overflow", ("partition_gradients",)))
+    require(
+        "deepspeed",
+        f"DeepSpeedZeroOptimizer has {', '.join(flags)} and check_overflow(partition_gradients)",
+        all(hasattr(optimizer, flag) for flag in flags)
+        and has_method(optimizer, "check_overflow", ("partition_gradients",)),
+    )
     if optimizer.check_grad_overflow and optimizer.compute_grad_norm and not optimizer.cpu_offload:
         # step() then leaves `overflow` False for the norm check to set
         optimizer.check_overflow = lambda partition_gradients=True: None
@@ -204,11 +224,16 @@ def drop_redundant_overflow_check(optimizer) -> None:
 def describe(engine, world_size: int) -> str:
     """One line on what trains: where, over which process group, with which ZeRO stage, precision,
     optimizer and compilation."""
-    require("deepspeed", "the engine keeps the client's optimizer as engine.basic_optimizer",
-            hasattr(engine, "basic_optimizer"))
+    require(
+        "deepspeed",
+        "the engine keeps the client's optimizer as engine.basic_optimizer",
+        hasattr(engine, "basic_optimizer"),
+    )
     optimizer = engine.basic_optimizer
     fused = "fused " if getattr(optimizer, "defaults", {}).get("fused") else ""
     dtype = str(next(engine.module.parameters()).dtype).removeprefix("torch.")
-    return (f"engine: {counted(world_size, 'rank')} on {engine.device.type}, backend "
-            f"{torch.distributed.get_backend()}, ZeRO stage {engine.zero_optimization_stage()}, {dtype} weights, "
-            f"{fused}{type(optimizer).__name__}{', compiled' if engine.is_compiled else ''}")
+    return (
+        f"engine: {counted(world_size, 'rank')} on {engine.device.type}, backend "
+        f"{torch.distributed.get_backend()}, ZeRO stage {engine.zero_optimization_stage()}, {dtype} weights, "
+        f"{fused}{type(optimizer).__name__}{', compiled' if engine.is_compiled else ''}"
+    )

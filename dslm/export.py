@@ -26,19 +26,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dslm.checkpoint.weights import model_from, read_weights
 from dslm.cli import ArgumentParser, run_command
 from dslm.config import Origin
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_path, check_creatable, sha256_file
-from dslm.hf import (export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer,
-                     tokenizer_config)
+from dslm.hf import export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer, tokenizer_config
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.model import ModelConfig
 from dslm.model_source import ModelSource, resolve_source
 from dslm.onnx_export import export_onnx
-from dslm.checkpoint.weights import model_from, read_weights
 
 
 def export(source: str | Path, out: Path | None = None) -> Path:
@@ -55,8 +54,14 @@ def export(source: str | Path, out: Path | None = None) -> Path:
     return out
 
 
-def write_hf(out: Path, cfg: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Path,
-             framing: Framing = Framing(), source_sha256: str = "") -> None:
+def write_hf(
+    out: Path,
+    cfg: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    tokenizer: Path,
+    framing: Framing = Framing(),
+    source_sha256: str = "",
+) -> None:
     """The HF folder of a model of `cfg` with `weights` (as dslm.checkpoint.weights reads them), written under
     a temporary name, then renamed into place; config.json records the model's framing
     (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them."""
@@ -103,19 +108,32 @@ def write_tokenizer_files(folder: Path, tokenizer: Path, framing: Framing = Fram
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="dslm-export", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, metavar="SOURCE",
-                   help="a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory (its best, else latest "
-                        "checkpoint) or an HF export folder")
-    p.add_argument("out", type=Path, nargs="?",
-                   help="where to write (default: runs/NAME/export/stepN, stepN-onnx or stepN-onnx-int8; for an "
-                        "export folder X, X-hf, X-onnx or X-onnx-int8 beside it)")
-    p.add_argument("--format", choices=("hf", "onnx"), default="hf",
-                   help="hf: safetensors for transformers; onnx: a graph with a KV cache for dslm-complete "
-                        "(default: %(default)s)")
-    p.add_argument("--int8", action="store_true", help="--format onnx: int8 weights (ONNX Runtime's dynamic "
-                                                       "quantization), about 4x smaller")
+    p = ArgumentParser(prog="dslm-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="SOURCE",
+        help="a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory (its best, else latest "
+        "checkpoint) or an HF export folder",
+    )
+    p.add_argument(
+        "out",
+        type=Path,
+        nargs="?",
+        help="where to write (default: runs/NAME/export/stepN, stepN-onnx or stepN-onnx-int8; for an "
+        "export folder X, X-hf, X-onnx or X-onnx-int8 beside it)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("hf", "onnx"),
+        default="hf",
+        help="hf: safetensors for transformers; onnx: a graph with a KV cache for dslm-complete (default: %(default)s)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="--format onnx: int8 weights (ONNX Runtime's dynamic quantization), about 4x smaller",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_intermixed_args(argv)  # OUT may follow the options
     if args.int8 and args.format != "onnx":
@@ -145,8 +163,13 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
     check_new_folder(out)
     cfg, weights, origin = read_weights(source)
     framing, tokenizer, sha256 = found.framing(), found.tokenizer_file(), training_sha256(found)
-    export_onnx(model_from(cfg, weights, origin.path), out, framing, int8,
-                lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256))
+    export_onnx(
+        model_from(cfg, weights, origin.path),
+        out,
+        framing,
+        int8,
+        lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256),
+    )
     return out, origin
 
 

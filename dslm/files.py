@@ -105,8 +105,9 @@ def exclusive(lock: str | Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DslmError(f"another process is writing {what} ({lock} is locked); wait for it to end, or stop "
-                            f"it") from None
+            raise DslmError(
+                f"another process is writing {what} ({lock} is locked); wait for it to end, or stop it"
+            ) from None
         try:
             yield
         finally:
@@ -166,5 +167,8 @@ def mapped_files(pid: int) -> set[tuple[int, int]]:
     offset, MAJOR:MINOR in hex, inode, path; inode 0 for anonymous memory)."""
     with open(f"/proc/{pid}/maps") as f:
         fields = [line.split(maxsplit=5) for line in f]
-    return {(os.makedev(*(int(n, 16) for n in device.split(":"))), int(inode))
-            for _, _, _, device, inode, *_ in fields if inode != "0"}
+    return {
+        (os.makedev(*(int(n, 16) for n in device.split(":"))), int(inode))
+        for _, _, _, device, inode, *_ in fields
+        if inode != "0"
+    }

@@ -24,8 +24,14 @@ from dslm.errors import DslmError
 from dslm.files import sha256_file
 from dslm.model import ModelConfig
 
-CONFIG_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "intermediate_size": "n_inner",
-                "vocab_size": "vocab_size", "block_size": "n_positions"}
+CONFIG_NAMES = {
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_embd": "n_embd",
+    "intermediate_size": "n_inner",
+    "vocab_size": "vocab_size",
+    "block_size": "n_positions",
+}
 """ModelConfig's sizes -> GPT2Config's keys."""
 DIRECTION_KEY, TEMPLATE_KEY = "dslm_direction", "dslm_template"
 """dslm's own config.json keys (GPT2Config keeps unknown keys as attributes): the model's Framing.
@@ -33,20 +39,31 @@ A "backward" model reads text reversed in token order: reverse a prompt's ids be
 the generated ids after it. Absent: forward, no template."""
 
 BLOCK_NAMES = {
-    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
-    "attn.qkv.weight": "attn.c_attn.weight", "attn.qkv.bias": "attn.c_attn.bias",
-    "attn.proj.weight": "attn.c_proj.weight", "attn.proj.bias": "attn.c_proj.bias",
-    "mlp.fc.weight": "mlp.c_fc.weight", "mlp.fc.bias": "mlp.c_fc.bias",
-    "mlp.proj.weight": "mlp.c_proj.weight", "mlp.proj.bias": "mlp.c_proj.bias",
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "attn.qkv.weight": "attn.c_attn.weight",
+    "attn.qkv.bias": "attn.c_attn.bias",
+    "attn.proj.weight": "attn.c_proj.weight",
+    "attn.proj.bias": "attn.c_proj.bias",
+    "mlp.fc.weight": "mlp.c_fc.weight",
+    "mlp.fc.bias": "mlp.c_fc.bias",
+    "mlp.proj.weight": "mlp.c_proj.weight",
+    "mlp.proj.bias": "mlp.c_proj.bias",
 }
 """A block's tensors, dslm -> GPT-2. GPT-2's Conv1D stores the Linear weights transposed."""
 
 
 def weight_names(cfg: ModelConfig) -> dict[str, str]:
     """dslm's tensor names -> GPT2LMHeadModel's, for every tensor of the exported model."""
-    names = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
-             "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
-             "lm_head.weight": "lm_head.weight"}
+    names = {
+        "wte.weight": "transformer.wte.weight",
+        "wpe.weight": "transformer.wpe.weight",
+        "ln_f.weight": "transformer.ln_f.weight",
+        "ln_f.bias": "transformer.ln_f.bias",
+        "lm_head.weight": "lm_head.weight",
+    }
     for i in range(cfg.n_layer):
         names.update({f"blocks.{i}.{ours}": f"transformer.h.{i}.{theirs}" for ours, theirs in BLOCK_NAMES.items()})
     return names
@@ -88,8 +105,10 @@ def generation_config(framing: Framing) -> dict:
     return {"bos_token_id": BOS_ID, "eos_token_id": stop_token(framing), "pad_token_id": PAD_ID}
 
 
-BACKWARD_CHAT = ("this model reads text backward (dslm_direction=backward): its prompt is reversed in token order, "
-                 "which a chat template cannot write; use dslm-generate")
+BACKWARD_CHAT = (
+    "this model reads text backward (dslm_direction=backward): its prompt is reversed in token order, "
+    "which a chat template cannot write; use dslm-generate"
+)
 """The one line a backward model's chat template raises."""
 
 
@@ -112,20 +131,22 @@ def chat_template(framing: Framing) -> str | None:
     def opening(role: str) -> str:
         return f"{IM_START}{role_marker(role)}"
 
-    return "".join([
-        "{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user' or (messages | length == 2 "
-        "and messages[1]['role'] != 'assistant') -%}",
-        f"{{{{- raise_exception('the {template.name} template takes one user message, optionally followed by one "
-        "assistant message') -}}{%- endif -%}",
-        "{{- bos_token -}}",
-        "{%- for message in messages -%}",
-        "{%- if message['content'] is not string -%}{{- raise_exception('a message content must be a string "
-        "(not a list of parts)') -}}{%- endif -%}",
-        f"{{%- if message['role'] == 'user' -%}}{opening(given)}{{{{ {text} }}}}{IM_END}",
-        f"{{%- else -%}}{opening(target)}{{{{ {text} }}}}{IM_END}{{{{- eos_token -}}}}{{%- endif -%}}",
-        "{%- endfor -%}",
-        f"{{%- if add_generation_prompt and messages | length == 1 -%}}{opening(target)}{{%- endif -%}}",
-    ])
+    return "".join(
+        [
+            "{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user' or (messages | length == 2 "
+            "and messages[1]['role'] != 'assistant') -%}",
+            f"{{{{- raise_exception('the {template.name} template takes one user message, optionally followed by one "
+            "assistant message') -}}{%- endif -%}",
+            "{{- bos_token -}}",
+            "{%- for message in messages -%}",
+            "{%- if message['content'] is not string -%}{{- raise_exception('a message content must be a string "
+            "(not a list of parts)') -}}{%- endif -%}",
+            f"{{%- if message['role'] == 'user' -%}}{opening(given)}{{{{ {text} }}}}{IM_END}",
+            f"{{%- else -%}}{opening(target)}{{{{ {text} }}}}{IM_END}{{{{- eos_token -}}}}{{%- endif -%}}",
+            "{%- endfor -%}",
+            f"{{%- if add_generation_prompt and messages | length == 1 -%}}{opening(target)}{{%- endif -%}}",
+        ]
+    )
 
 
 def framing_from_hf(hf: dict, source: Path) -> Framing:
@@ -133,8 +154,10 @@ def framing_from_hf(hf: dict, source: Path) -> Framing:
     DslmError naming `source` for a direction or template dslm does not know."""
     framing = Framing(hf.get(DIRECTION_KEY, "forward"), hf.get(TEMPLATE_KEY, ""))
     if framing.direction not in DIRECTIONS or framing.template not in ("", *TEMPLATES):
-        raise DslmError(f"{source}: {DIRECTION_KEY}={framing.direction!r} or {TEMPLATE_KEY}={framing.template!r} "
-                        f"is not one dslm knows")
+        raise DslmError(
+            f"{source}: {DIRECTION_KEY}={framing.direction!r} or {TEMPLATE_KEY}={framing.template!r} "
+            f"is not one dslm knows"
+        )
     return framing
 
 
@@ -148,8 +171,9 @@ def model_config_from_hf(hf: dict, source: Path) -> ModelConfig:
     try:
         sizes = {ours: hf[theirs] for ours, theirs in CONFIG_NAMES.items()}
         sizes["intermediate_size"] = sizes["intermediate_size"] or 4 * sizes["n_embd"]  # GPT-2's default
-        return ModelConfig(preset="", **sizes, lm_head_bias=False,
-                           tie_embeddings=hf.get("tie_word_embeddings", True))  # GPT-2's default: tied
+        return ModelConfig(
+            preset="", **sizes, lm_head_bias=False, tie_embeddings=hf.get("tie_word_embeddings", True)
+        )  # GPT-2's default: tied
     except KeyError as e:
         raise DslmError(f"{source} has no {e.args[0]}") from None
     except ValueError as e:
@@ -190,9 +214,17 @@ def tokenizer_config(source_sha256: str, framing: Framing = Framing()) -> dict:
     so split_special_tokens stays off; in a user message that writes one of dslm's special tokens
     as text, it stays text with apply_chat_template(..., sanitize_control_tokens=True)."""
     pad, unk, bos, eos = SPECIAL_TOKENS[:4]
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "unk_token": unk, "bos_token": bos,
-              "eos_token": eos, "additional_special_tokens": SPECIAL_TOKENS[4:], "model_max_length": None,
-              "split_special_tokens": not framing.template, TOKENIZER_SHA_KEY: source_sha256}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": pad,
+        "unk_token": unk,
+        "bos_token": bos,
+        "eos_token": eos,
+        "additional_special_tokens": SPECIAL_TOKENS[4:],
+        "model_max_length": None,
+        "split_special_tokens": not framing.template,
+        TOKENIZER_SHA_KEY: source_sha256,
+    }
     if (template := chat_template(framing)) is not None:
         config["chat_template"] = template
     return config
@@ -209,13 +241,15 @@ def hf_tokenizer(tok: Tokenizer, framing: Framing = Framing()) -> Tokenizer:
     bos, eos = SPECIAL_TOKENS[BOS_ID], SPECIAL_TOKENS[EOS_ID]
     forward = framing.direction == "forward"
     single, pair = (f"{bos} $A", f"{bos} $A $B:1") if forward else (f"$A {eos}", f"$A $B:1 {eos}")
-    out.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                       special_tokens=[(bos, BOS_ID), (eos, EOS_ID)])
+    out.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(bos, BOS_ID), (eos, EOS_ID)]
+    )
     return out
 
 
-def fold_head_bias(gain: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fold_head_bias(
+    gain: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gain, shift, weight) of a final LayerNorm and a bias-free head with the same logits as
     `weight @ (gain * n + shift) + bias` for every normalized n (which sums to zero).
     Shapes: gain, shift (C,); weight (V, C); bias (V,). Raises DslmError if a gain is zero."""
@@ -236,15 +270,21 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     """GPT2LMHeadModel's state dict for dslm's `weights` (padded vocab rows dropped; a tied head
     is written as its own tensor, since folding the bias changes it)."""
     vocab = cfg.vocab_size
-    weights = {**weights, "wte.weight": weights["wte.weight"][:vocab],
-               "lm_head.weight": weights["lm_head.weight"][:vocab]}
+    weights = {
+        **weights,
+        "wte.weight": weights["wte.weight"][:vocab],
+        "lm_head.weight": weights["lm_head.weight"][:vocab],
+    }
     if "lm_head.bias" in weights:
-        folded = fold_head_bias(weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"],
-                                weights["lm_head.bias"][:vocab])
+        folded = fold_head_bias(
+            weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"], weights["lm_head.bias"][:vocab]
+        )
         weights.update(zip(("ln_f.weight", "ln_f.bias", "lm_head.weight"), folded))
     # copies: a tied head and the embedding are one tensor, and safetensors refuses shared storage
-    return {theirs: (weights[ours].t() if is_conv1d(ours) else weights[ours]).to(torch.float32, copy=True)
-            .contiguous() for ours, theirs in weight_names(cfg).items()}
+    return {
+        theirs: (weights[ours].t() if is_conv1d(ours) else weights[ours]).to(torch.float32, copy=True).contiguous()
+        for ours, theirs in weight_names(cfg).items()
+    }
 
 
 def dslm_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:

@@ -25,8 +25,15 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def rank_env(rank: int, world_size: int, port: str) -> dict[str, str]:
     """The environment of rank `rank` of `world_size` on this machine, as torchrun sets it."""
-    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
 
 
 def die_with_launcher(launcher_pid: int) -> None:
@@ -42,8 +49,12 @@ def launch(command: list[str], world_size: int, port: str) -> int:
     every rank; returns the exit status of the first rank that failed, 0 when none did (a rank
     killed by signal S counts as 128 + S, as in a shell)."""
     pid = os.getpid()
-    ranks = [subprocess.Popen(command, env=rank_env(rank, world_size, port), process_group=0,
-                              preexec_fn=lambda: die_with_launcher(pid)) for rank in range(world_size)]
+    ranks = [
+        subprocess.Popen(
+            command, env=rank_env(rank, world_size, port), process_group=0, preexec_fn=lambda: die_with_launcher(pid)
+        )
+        for rank in range(world_size)
+    ]
 
     def forward(signum: int, frame: object) -> None:
         for rank in ranks:
@@ -83,4 +94,3 @@ def launch_ranks(argv: list[str], world_size: int) -> None:
     port = os.environ.get("DSLM_MASTER_PORT") or str(free_port())
     command = [sys.executable, "-m", "dslm.train", *strip_option(argv, "--nproc-per-node")]
     sys.exit(launch(command, world_size, port))
-

@@ -36,11 +36,13 @@ from typing import TextIO
 import psutil
 from tqdm import tqdm
 
+from dslm.files import make_folder
 from dslm_local.cli import command_name
 
-from dslm.files import make_folder
-VERBOSE_HELP = ("print what DeepSpeed, torch and the tools they run print, as they print it (without it: "
-                "hidden, and shown only before the traceback of a crash)")
+VERBOSE_HELP = (
+    "print what DeepSpeed, torch and the tools they run print, as they print it (without it: "
+    "hidden, and shown only before the traceback of a crash)"
+)
 
 
 def rank() -> int:
@@ -210,8 +212,13 @@ def first_to_report(line: str) -> bool:
     except (OSError, psutil.Error):
         return True
     try:
-        os.close(os.open(folder / hashlib.sha256(f"{key}\n{line}".encode()).hexdigest()[:32],
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(
+            os.open(
+                folder / hashlib.sha256(f"{key}\n{line}".encode()).hexdigest()[:32],
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                0o600,
+            )
+        )
     except FileExistsError:
         return False
     except OSError:

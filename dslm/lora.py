@@ -59,11 +59,13 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"train.lora.dropout={self.dropout} must be within [0, 1)")
         if not all(isinstance(name, str) for name in self.target_modules):
-            raise ValueError(f"train.lora.target_modules={self.target_modules} must be a list of layer names, e.g. "
-                             f"[qkv,proj,fc]")
+            raise ValueError(
+                f"train.lora.target_modules={self.target_modules} must be a list of layer names, e.g. [qkv,proj,fc]"
+            )
         if self.rank and not self.target_modules:
-            raise ValueError("train.lora.target_modules is empty; name the layers that get adapters, "
-                             "e.g. [qkv,proj,fc]")
+            raise ValueError(
+                "train.lora.target_modules is empty; name the layers that get adapters, e.g. [qkv,proj,fc]"
+            )
 
     @property
     def scale(self) -> float:
@@ -86,15 +88,21 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
     for target in targets:
         found = [name for name in modules if matches(name, target)]
         if not found:
-            raise DslmError(f"train.lora.target_modules: {target!r} matches no layer (the nn.Linear layers are "
-                            f"{', '.join(linears)})")
+            raise DslmError(
+                f"train.lora.target_modules: {target!r} matches no layer (the nn.Linear layers are "
+                f"{', '.join(linears)})"
+            )
         for name in found:
             if not isinstance(module := modules[name], nn.Linear):
-                raise DslmError(f"train.lora.target_modules: {target!r} matches {name}, a {type(module).__name__}; "
-                                f"adapters go on nn.Linear layers ({', '.join(linears)})")
+                raise DslmError(
+                    f"train.lora.target_modules: {target!r} matches {name}, a {type(module).__name__}; "
+                    f"adapters go on nn.Linear layers ({', '.join(linears)})"
+                )
             if uses[id(module.weight)] > 1:
-                raise DslmError(f"train.lora.target_modules: {target!r} matches {name}, whose weight is tied to "
-                                f"another layer's (model.tie_embeddings); leave it out")
+                raise DslmError(
+                    f"train.lora.target_modules: {target!r} matches {name}, whose weight is tied to "
+                    f"another layer's (model.tie_embeddings); leave it out"
+                )
 
 
 def is_adapter(name: str) -> bool:
@@ -111,15 +119,32 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
     check_targets(model, cfg.target_modules)
     import peft
 
-    peft.inject_adapter_in_model(peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                 target_modules=list(cfg.target_modules), bias="none"),
-                                 model, adapter_name=ADAPTER)
+    peft.inject_adapter_in_model(
+        peft.LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+            bias="none",
+        ),
+        model,
+        adapter_name=ADAPTER,
+    )
     layers = [m for m in model.modules() if hasattr(m, "base_layer")]
     # merge_lora_weights reads the adapters by these names and scales them so
-    require("peft", f"a LoRA layer holds base_layer (nn.Linear), lora_A[{ADAPTER!r}], lora_B[{ADAPTER!r}] and "
-                    f"scaling[{ADAPTER!r}] = alpha / r",
-            bool(layers) and all(isinstance(m.base_layer, nn.Linear) and ADAPTER in m.lora_A and ADAPTER in m.lora_B
-                                 and m.scaling.get(ADAPTER) == cfg.scale for m in layers))
+    require(
+        "peft",
+        f"a LoRA layer holds base_layer (nn.Linear), lora_A[{ADAPTER!r}], lora_B[{ADAPTER!r}] and "
+        f"scaling[{ADAPTER!r}] = alpha / r",
+        bool(layers)
+        and all(
+            isinstance(m.base_layer, nn.Linear)
+            and ADAPTER in m.lora_A
+            and ADAPTER in m.lora_B
+            and m.scaling.get(ADAPTER) == cfg.scale
+            for m in layers
+        ),
+    )
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter(name))
 

@@ -59,9 +59,11 @@ def model_states(parameters: int, trainable: int, stage: int, world_size: int, e
     that of estimate_zero3_model_states_mem_needs (18P/N, without the gathered layer) plus the
     16-bit gradients."""
     optimizer = trainable * (ADAM_BYTES + (MASTER_BYTES if element < FP32_BYTES else 0))
-    return ModelStates(weights=parameters * element // (world_size if stage >= 3 else 1),
-                       gradients=trainable * element // (world_size if stage >= 2 else 1),
-                       optimizer=optimizer // (world_size if stage >= 1 else 1))
+    return ModelStates(
+        weights=parameters * element // (world_size if stage >= 3 else 1),
+        gradients=trainable * element // (world_size if stage >= 2 else 1),
+        optimizer=optimizer // (world_size if stage >= 1 else 1),
+    )
 
 
 @dataclass
@@ -89,8 +91,7 @@ class MemoryNeed:
 
     def states_on(self, place: str) -> int:
         """The model states kept at `place`: "device", "cpu" or "nvme"."""
-        parts = {"weights": self.states.weights, "gradients": self.states.gradients,
-                 "optimizer": self.states.optimizer}
+        parts = {"weights": self.states.weights, "gradients": self.states.gradients, "optimizer": self.states.optimizer}
         return sum(size for part, size in parts.items() if self.offloaded.get(part, "device") == place)
 
     def host(self, cpu_run: bool) -> dict[str, int]:
@@ -98,8 +99,11 @@ class MemoryNeed:
         device is the host, which holds everything. A GPU run's host holds the fp32 build, the
         states offloaded to it and the samples."""
         if cpu_run:
-            return {"model states": self.states_on("device") + self.states_on("cpu"), "activations": self.activations,
-                    "samples": self.batches}
+            return {
+                "model states": self.states_on("device") + self.states_on("cpu"),
+                "activations": self.activations,
+                "samples": self.batches,
+            }
         return {"model states": self.build + self.states_on("cpu"), "samples": self.batches}
 
     def device(self) -> dict[str, int]:
@@ -153,8 +157,16 @@ def batch_bytes(data: DataConfig, micro_batch: int, seq_len: int, validation_bat
     return (ahead + validation_batches) * micro_batch * (seq_len + 1) * SAMPLE_BYTES
 
 
-def estimate(model: ModelConfig, train: TrainConfig, data: DataConfig, ds_config: dict, stage: int,
-             world_size: int, seq_len: int, validation_batches: int) -> MemoryNeed:
+def estimate(
+    model: ModelConfig,
+    train: TrainConfig,
+    data: DataConfig,
+    ds_config: dict,
+    stage: int,
+    world_size: int,
+    seq_len: int,
+    validation_batches: int,
+) -> MemoryNeed:
     """What one rank of a run of `world_size` ranks at ZeRO stage `stage` (engine.zero_stage of
     `ds_config`) on samples of `seq_len` (+ 1) tokens needs; `validation_batches`: the
     micro-batches each rank's validation keeps (0 without one)."""
@@ -162,15 +174,19 @@ def estimate(model: ModelConfig, train: TrainConfig, data: DataConfig, ds_config
     parameters = model.num_params()
     trainable = 0 if train.lora.rank or train.freeze or train.freeze_blocks else parameters
     zero = ds_config.get("zero_optimization", {})
-    offloaded = {part: zero.get(f"offload_{key}", {}).get("device", "none")
-                 for part, key in (("weights", "param"), ("optimizer", "optimizer"))}
-    return MemoryNeed(parameters=parameters, trainable=trainable,
-                      states=model_states(parameters, trainable, stage, world_size, element),
-                      offloaded={part: place for part, place in offloaded.items() if place in ("cpu", "nvme")},
-                      activations=activation_bytes(model, train.micro_batch_size, seq_len,
-                                                   train.activation_checkpointing, element),
-                      build=parameters * FP32_BYTES,
-                      batches=batch_bytes(data, train.micro_batch_size, seq_len, validation_batches))
+    offloaded = {
+        part: zero.get(f"offload_{key}", {}).get("device", "none")
+        for part, key in (("weights", "param"), ("optimizer", "optimizer"))
+    }
+    return MemoryNeed(
+        parameters=parameters,
+        trainable=trainable,
+        states=model_states(parameters, trainable, stage, world_size, element),
+        offloaded={part: place for part, place in offloaded.items() if place in ("cpu", "nvme")},
+        activations=activation_bytes(model, train.micro_batch_size, seq_len, train.activation_checkpointing, element),
+        build=parameters * FP32_BYTES,
+        batches=batch_bytes(data, train.micro_batch_size, seq_len, validation_batches),
+    )
 
 
 def available_host_memory(shared_by: int = 1) -> int:
@@ -199,8 +215,10 @@ def check_fits(need: int, device: torch.device, what: str, advice: str) -> None:
     `device` has free; `advice` says which setting to lower."""
     if need > USABLE * (free := free_memory(device)):
         where = "GPU" if device.type == "cuda" else "host"
-        raise DslmError(f"{what} needs at least {gib(need)} of {where} memory, more than {USABLE:.0%} of the "
-                        f"{gib(free)} free; {advice}")
+        raise DslmError(
+            f"{what} needs at least {gib(need)} of {where} memory, more than {USABLE:.0%} of the "
+            f"{gib(free)} free; {advice}"
+        )
 
 
 def gib(size: int) -> str:
@@ -209,11 +227,11 @@ def gib(size: int) -> str:
 
 ADVICE = {
     "model states": "a smaller model (model.*), or its states spread over more ranks (a higher ZeRO stage, e.g. "
-                    "ds_configs/zero3.json)",
+    "ds_configs/zero3.json)",
     "activations": "a smaller train.micro_batch_size (a larger train.grad_accum keeps the batch) or "
-                   "train.activation_checkpointing=true",
+    "train.activation_checkpointing=true",
     "samples": "fewer micro-batches read ahead (data.num_workers x data.prefetch_factor) or held for "
-               "validation (train.val_batches)",
+    "validation (train.val_batches)",
 }
 """What to change when each part of the need is the largest."""
 
@@ -222,13 +240,19 @@ def memory_problem(need: MemoryNeed, local_ranks: int, device_free: int | None) 
     """The line that refuses a run needing `need` per rank, or "" when it fits. The host's
     available memory is shared by the `local_ranks` ranks on this machine; `device_free`: bytes
     free on this rank's GPU (torch.cuda.mem_get_info), None on a CPU run."""
-    host = ("host memory", need.host(cpu_run=device_free is None), available_host_memory(local_ranks),
-            f"available to each of the {counted(local_ranks, 'rank')} on this machine")
+    host = (
+        "host memory",
+        need.host(cpu_run=device_free is None),
+        available_host_memory(local_ranks),
+        f"available to each of the {counted(local_ranks, 'rank')} on this machine",
+    )
     for where, parts, free, whose in (host, ("GPU memory", need.device(), device_free, "free on its GPU")):
         if free is None or sum(parts.values()) <= USABLE * free:
             continue
         breakdown = ", ".join(f"{part} {gib(size)}" for part, size in parts.items())
-        return (f"the run needs at least {gib(sum(parts.values()))} of {where} per rank, more than {USABLE:.0%} of "
-                f"the {gib(free)} {whose} ({need.parameters:,} parameters; {breakdown}); try "
-                f"{ADVICE[max(parts, key=parts.get)]}")
+        return (
+            f"the run needs at least {gib(sum(parts.values()))} of {where} per rank, more than {USABLE:.0%} of "
+            f"the {gib(free)} {whose} ({need.parameters:,} parameters; {breakdown}); try "
+            f"{ADVICE[max(parts, key=parts.get)]}"
+        )
     return ""

@@ -58,8 +58,11 @@ class ScalarLog:
         self.file.flush()
 
     def rewrite(self, rows: list[dict[str, str]]) -> None:
-        atomic_write_text(self.path, csv_line(self.columns, dict(zip(self.columns, self.columns)))
-                          + "".join(csv_line(self.columns, row) for row in rows))
+        atomic_write_text(
+            self.path,
+            csv_line(self.columns, dict(zip(self.columns, self.columns)))
+            + "".join(csv_line(self.columns, row) for row in rows),
+        )
 
     def close(self) -> None:
         if self.file is not None:
@@ -80,15 +83,21 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.exists():
         return list(FIXED_COLUMNS), []
     text = path.read_text()
-    complete = text[:text.rfind("\n") + 1]
+    complete = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(complete))
     rows = list(reader)
     return list(reader.fieldnames or FIXED_COLUMNS), rows
 
 
 class Metrics:
-    def __init__(self, logdir: Path, enabled: bool, purge_step: int | None = None, console: bool = True,
-                 csv_path: Path | None = None):
+    def __init__(
+        self,
+        logdir: Path,
+        enabled: bool,
+        purge_step: int | None = None,
+        console: bool = True,
+        csv_path: Path | None = None,
+    ):
         """Scalars into TensorBoard's event files in `logdir` (`purge_step`: drop the events of this
         step on, which a killed run wrote after its checkpoint) and, with `csv_path`, into a
         ScalarLog there that continues after step purge_step - 1. Nothing is written unless
@@ -112,8 +121,10 @@ class Metrics:
         if self.scalar_log is not None:
             self.scalar_log.log(step, values)
         if self.console:
-            tqdm.write(f"step {step:>6} | " + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}"
-                                                         for tag, value in values.items()))
+            tqdm.write(
+                f"step {step:>6} | "
+                + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in values.items())
+            )
 
     def close(self) -> None:
         if self.writer is not None:

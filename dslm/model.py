@@ -86,21 +86,39 @@ class ModelConfig:
 
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of each parameter of one Block, by its name within the block."""
-        C, I = self.n_embd, self.intermediate_size
-        return {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,),
-                "attn.proj.weight": (C, C), "attn.proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-                "mlp.fc.weight": (I, C), "mlp.fc.bias": (I,), "mlp.proj.weight": (C, I), "mlp.proj.bias": (C,)}
+        C, F = self.n_embd, self.intermediate_size
+        return {
+            "ln_1.weight": (C,),
+            "ln_1.bias": (C,),
+            "attn.qkv.weight": (3 * C, C),
+            "attn.qkv.bias": (3 * C,),
+            "attn.proj.weight": (C, C),
+            "attn.proj.bias": (C,),
+            "ln_2.weight": (C,),
+            "ln_2.bias": (C,),
+            "mlp.fc.weight": (F, C),
+            "mlp.fc.bias": (F,),
+            "mlp.proj.weight": (C, F),
+            "mlp.proj.bias": (C,),
+        }
 
     def outer_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of each parameter outside the blocks, by name (a tied head has none of its own)."""
         C, V = self.n_embd, self.padded_vocab_size
         head = {} if self.tie_embeddings else {"lm_head.weight": (V, C)}
-        return {"wte.weight": (V, C), "wpe.weight": (self.block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
-                **head, **({"lm_head.bias": (V,)} if self.lm_head_bias else {})}
+        return {
+            "wte.weight": (V, C),
+            "wpe.weight": (self.block_size, C),
+            "ln_f.weight": (C,),
+            "ln_f.bias": (C,),
+            **head,
+            **({"lm_head.bias": (V,)} if self.lm_head_bias else {}),
+        }
 
     def num_params(self) -> int:
         """GPT(self).num_params() from the sizes alone, without building the model (nothing is
         allocated, whatever the sizes): the parameters outside the blocks plus n_layer blocks'."""
+
         def count(shapes: dict[str, tuple[int, ...]]) -> int:
             return sum(math.prod(shape) for shape in shapes.values())
 
@@ -139,8 +157,9 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             k, v = cache.extend(layer, k, v)  # (B, H, start + T, C/H)
             mask = cache.attn_mask(start, T, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=mask is None and T > 1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -157,8 +176,14 @@ class KVCache:
     """Keys and values of the positions decoded so far, per layer, so that each new token costs one
     model pass over itself instead of the whole sequence. Rows are sequences of the batch."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         if max_len > cfg.block_size:
             raise ValueError(f"a cache of {max_len} positions is longer than model.block_size={cfg.block_size}")
         shape = (batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)  # (B, H, T_max, C/H)
@@ -173,8 +198,8 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.keys[layer].size(2):
             raise ValueError(f"the cache holds {self.keys[layer].size(2)} positions; {end} needed")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     @staticmethod
@@ -246,8 +271,13 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); with targets (B, T), the mean cross-entropy over
         the targets that are not IGNORE_INDEX (-100) instead (0 when all are, with zero gradients: an instruction
         batch may hold no target), or with reduction="none" (PyTorch's cross_entropy's) each

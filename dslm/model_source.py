@@ -76,15 +76,20 @@ class ModelSource:
             return self.path
         self.need_checkpoints()
         for pointer in (self.run.checkpoints / BEST_NAME, self.run.checkpoints / LATEST_NAME):
-            if pointer.is_file() and seal_problem(tag_dir := self.run.checkpoints / pointer.read_text().strip()) is None:
+            if (
+                pointer.is_file()
+                and seal_problem(tag_dir := self.run.checkpoints / pointer.read_text().strip()) is None
+            ):
                 return tag_dir
         return self.newest_tag()
 
     def need_weights(self) -> None:
         """DslmError for an ONNX export: no torch command can read its graph."""
         if self.kind == "onnx":
-            raise DslmError(f"{self.path} is an ONNX export, which holds no torch weights: dslm-complete runs it; "
-                            f"use its checkpoint, run or HF export here")
+            raise DslmError(
+                f"{self.path} is an ONNX export, which holds no torch weights: dslm-complete runs it; "
+                f"use its checkpoint, run or HF export here"
+            )
 
     def need_checkpoints(self) -> None:
         if self.kind not in ("tag", "run"):
@@ -133,15 +138,19 @@ class ModelSource:
             raise DslmError(f"{self.path} is not in a run: name the shards to evaluate on with --shards")
         shards = Path(self.run_config.data.shards)
         if not (shards / MANIFEST_NAME).is_file():
-            raise DslmError(f"the run's shards {shards} (data.shards in {self.run.config}) are not there, and the "
-                            f"metrics read their val split: point at a copy with --shards DIR")
+            raise DslmError(
+                f"the run's shards {shards} (data.shards in {self.run.config}) are not there, and the "
+                f"metrics read their val split: point at a copy with --shards DIR"
+            )
         return shards
 
     def legacy_manifest(self) -> Manifest:
         shards = Path(self.run_config.data.shards)
         if not (shards / MANIFEST_NAME).is_file():
-            raise DslmError(f"{self.run.path} has no tokenizer.json (written before runs carried their tokenizer) and its "
-                            f"shards {shards} (data.shards in {self.run.config}) are not there: put them back")
+            raise DslmError(
+                f"{self.run.path} has no tokenizer.json (written before runs carried their tokenizer) and its "
+                f"shards {shards} (data.shards in {self.run.config}) are not there: put them back"
+            )
         return Manifest.load(shards)
 
 
@@ -159,5 +168,7 @@ def resolve_source(path: str | Path) -> ModelSource:
         return ModelSource(path, "run", run, None)
     if (found := run_of_tag(path)) is not None:
         return ModelSource(path, "tag", *found)
-    raise DslmError(f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory or an export "
-                    f"folder ({', '.join(HF_FILES)})")
+    raise DslmError(
+        f"{path} is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory or an export "
+        f"folder ({', '.join(HF_FILES)})"
+    )

@@ -68,8 +68,9 @@ class DecoderWithPast(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor,
-                past_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cache = PastKV(past_keys, past_values)
         logits = self.model(input_ids, cache=cache)
         return logits, torch.stack(cache.keys), torch.stack(cache.values)
@@ -89,9 +90,18 @@ def export_graph(model: GPT, path: Path) -> None:
     # sizes of 2+ for the example: torch.export specializes a size of 0 or 1 into a constant
     example = (torch.zeros(2, 3, dtype=torch.long), empty_past(model, 2, 2), empty_past(model, 2, 2))
     with torch.no_grad(), libraries():  # the exporter prints its progress and warns about torch.export's internals
-        torch.onnx.export(DecoderWithPast(model).eval(), example, str(path), input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), opset_version=OPSET, dynamo=True, external_data=True,
-                          dynamic_shapes=({0: batch, 1: seq}, cache_dims, cache_dims), verbose=False)
+        torch.onnx.export(
+            DecoderWithPast(model).eval(),
+            example,
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=True,
+            dynamic_shapes=({0: batch, 1: seq}, cache_dims, cache_dims),
+            verbose=False,
+        )
 
 
 def quantize_int8(source: Path, out: Path, work: Path) -> None:
@@ -104,14 +114,19 @@ def quantize_int8(source: Path, out: Path, work: Path) -> None:
 
     prepared = work / "prepared.onnx"
     with libraries():
-        quant_pre_process(str(source), str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
-                          external_data_location=prepared.name + ".data")
-        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=True)
+        quant_pre_process(
+            str(source),
+            str(prepared),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            external_data_location=prepared.name + ".data",
+        )
+        quantize_dynamic(
+            str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=True
+        )
 
 
-def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool,
-                write_tokenizer: Callable[[Path], None]) -> None:
+def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_tokenizer: Callable[[Path], None]) -> None:
     """An ONNX export folder: model.onnx with its weights in model.onnx.data (ONNX Runtime maps that
     file instead of copying a protobuf's weights, and a model over 2 GB fits), config.json
     (export_config) and the tokenizer files (`write_tokenizer(folder)`), written under a temporary
@@ -119,8 +134,11 @@ def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool,
     with a progress bar over its stages (the graph; int8)."""
     if out.exists():
         raise DslmError(f"{out} already exists; remove it or name another folder")
-    print(f"exporting the model to ONNX with torch.onnx{', then quantizing its weights to int8' if int8 else ''}...",
-          file=sys.stderr, flush=True)
+    print(
+        f"exporting the model to ONNX with torch.onnx{', then quantizing its weights to int8' if int8 else ''}...",
+        file=sys.stderr,
+        flush=True,
+    )
     with atomic_path(out) as tmp, tqdm(total=1 + int8, desc="onnx export", unit="stage") as bar:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(export_config(model, framing, int8), indent=2) + "\n")
@@ -144,6 +162,9 @@ def export_config(model: GPT, framing: Framing, int8: bool) -> dict:
     """config.json of an ONNX export: GPT-2's sizes and special token ids, the framing and
     WEIGHTS_KEY; without "architectures" and "torch_dtype", which would name a transformers model
     that is not in the folder."""
-    config = {key: value for key, value in hf_config(model.cfg, framing).items()
-              if key not in ("architectures", "torch_dtype")}
+    config = {
+        key: value
+        for key, value in hf_config(model.cfg, framing).items()
+        if key not in ("architectures", "torch_dtype")
+    }
     return {**config, WEIGHTS_KEY: "int8" if int8 else "fp32"}

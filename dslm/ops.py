@@ -115,5 +115,7 @@ def remove_dead_locks(folder: Path) -> None:
             print(f"waiting for process {held[lock]} to finish building {lock.parent.name} ({lock})", flush=True)
         else:
             lock.unlink(missing_ok=True)
-            print(f"removed {lock}: the lock of a build of {lock.parent.name} that was killed (no process holds it)",
-                  flush=True)
+            print(
+                f"removed {lock}: the lock of a build of {lock.parent.name} that was killed (no process holds it)",
+                flush=True,
+            )

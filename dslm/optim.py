@@ -66,8 +66,9 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     that matches no parameter (a typo would otherwise train everything)."""
     names = [name for name, _ in model.named_parameters()]
     if unmatched := [p for p in patterns if not fnmatch.filter(names, p)]:
-        raise DslmError(f"train.freeze: {unmatched[0]!r} matches no parameter (names look like "
-                         f"{names[0]!r}, {names[-1]!r})")
+        raise DslmError(
+            f"train.freeze: {unmatched[0]!r} matches no parameter (names look like {names[0]!r}, {names[-1]!r})"
+        )
     frozen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     for name, p in model.named_parameters():
         if name in frozen:
@@ -121,11 +122,13 @@ def apply_schedule(schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
         group["lr"] = lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig,
-                    max_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, max_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over `param_groups` (PyTorch's fused kernel on CUDA) and its schedule, stepped once
     per optimizer step."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=torch.cuda.is_available())
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available()
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
     return optimizer, schedule

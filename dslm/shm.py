@@ -44,9 +44,11 @@ def check_naming() -> None:
     # found, not imported: importing deepspeed prints which accelerator it picked (dslm.ops.deepspeed_module)
     source = Path(importlib.util.find_spec("deepspeed").origin).parent / "ops/csrc/cpu/comm/shm.cpp"
     code = " ".join(source.read_text().split()) if source.is_file() else ""
-    names = (f'#define SHM_BUFFER_NAME "{PREFIX}"',
-             '"%s_%d_%s_%s", SHM_BUFFER_NAME, getuid(), addr_string, port_string);',
-             '"%s_%d", shm_name_prefix, rank);')
+    names = (
+        f'#define SHM_BUFFER_NAME "{PREFIX}"',
+        '"%s_%d_%s_%s", SHM_BUFFER_NAME, getuid(), addr_string, port_string);',
+        '"%s_%d", shm_name_prefix, rank);',
+    )
     require("deepspeed", f"{source} names its buffers {PREFIX}_UID_ADDR_PORT_RANK", all(n in code for n in names))
 
 
@@ -71,8 +73,11 @@ def remove_dead_buffers(folder: Path = SHM_DIR) -> None:
                 continue
             removed, freed = removed + 1, freed + size
     if removed:
-        print(f"removed {counted(removed, 'DeepSpeed all-reduce buffer')} of runs that are gone from {folder} "
-              f"({freed / 2**20:,.0f} MiB freed)", flush=True)
+        print(
+            f"removed {counted(removed, 'DeepSpeed all-reduce buffer')} of runs that are gone from {folder} "
+            f"({freed / 2**20:,.0f} MiB freed)",
+            flush=True,
+        )
 
 
 def release_buffer_name(rank: int, folder: Path = SHM_DIR) -> None:

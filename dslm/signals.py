@@ -17,14 +17,17 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 def stopped_at_startup(signum: int) -> str:
     """The line of a stop during start-up, before anything is written."""
-    return (f"stopped on {signal.Signals(signum).name} during start-up, before the first step: no checkpoint was "
-            f"written and the run stands as it was; run the same command again")
+    return (
+        f"stopped on {signal.Signals(signum).name} during start-up, before the first step: no checkpoint was "
+        f"written and the run stands as it was; run the same command again"
+    )
 
 
 def stop_during_imports() -> None:
     """Until dslm.stop's handlers replace them: a stop signal ends the process at once with
     `dslm-train: error: <stopped_at_startup>` (rank 0's, the others quiet) and EXIT_STOPPED. Nothing
     exists yet to clean up or write: the process is only importing."""
+
     def stop(signum: int, frame: object) -> None:
         if os.environ.get("RANK", "0") == "0":
             os.write(sys.stderr.fileno(), f"dslm-train: error: {stopped_at_startup(signum)}\n".encode())

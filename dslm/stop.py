@@ -87,8 +87,10 @@ class StopSignal:
             raise StartupStop(signum)
         if not self.received and os.environ.get("RANK", "0") == "0":
             again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-            say(f"\ndslm-train: {signal.Signals(signum).name}: stopping at the next step boundary after a "
-                f"checkpoint{again}\n")
+            say(
+                f"\ndslm-train: {signal.Signals(signum).name}: stopping at the next step boundary after a "
+                f"checkpoint{again}\n"
+            )
         self.received = self.received or signum
 
     def agreed(self, damaged: str = "", failed: str = "") -> tuple[int, list[str], list[str]]:

@@ -23,15 +23,40 @@ import torch
 import torch.distributed as dist
 
 from dslm.checkpoint.format import TrainState
+from dslm.checkpoint.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.checkpoint.save import Checkpointer
+from dslm.checkpoint.weights import load_into, model_config_of, read_weights
 from dslm.cli import ArgumentParser, run_command
-from dslm.config import (Origin, RunConfig, absolute_paths, check_against_manifest, describe_config, load_config,
-                         save_config, to_yaml)
-from dslm.data.loader import (DeviceBatches, ShardDamage, ShardSamples, TrainSamples, ensure_file_limit, train_loader,
-                              train_order)
+from dslm.config import (
+    Origin,
+    RunConfig,
+    absolute_paths,
+    check_against_manifest,
+    describe_config,
+    load_config,
+    save_config,
+    to_yaml,
+)
+from dslm.data.loader import (
+    DeviceBatches,
+    ShardDamage,
+    ShardSamples,
+    TrainSamples,
+    ensure_file_limit,
+    train_loader,
+    train_order,
+)
 from dslm.data.manifest import Manifest
-from dslm.engine import (DistEnv, build_engine, describe, init_distributed, launched_ranks, load_ds_config,
-                         timed_out_collective, zero_stage)
+from dslm.engine import (
+    DistEnv,
+    build_engine,
+    describe,
+    init_distributed,
+    launched_ranks,
+    load_ds_config,
+    timed_out_collective,
+    zero_stage,
+)
 from dslm.errors import BadShard, DslmError
 from dslm.files import atomic_copy, atomic_write_text
 from dslm.launcher import launch_ranks
@@ -44,11 +69,9 @@ from dslm.model import GPT
 from dslm.model_source import ModelSource, resolve_source
 from dslm.objective import next_token
 from dslm.optim import freeze
-from dslm.checkpoint.resume import Resume, fresh_state, mix_base, plan_resume
 from dslm.signals import test_pause
 from dslm.stop import StartupStop, Stop, StoppedAtStartup, StopSignal
 from dslm.trainer import IntervalLog, TrainConfig, Trainer, Validation, freeze_patterns, validation_batches
-from dslm.checkpoint.weights import load_into, model_config_of, read_weights
 from dslm_local.cli import counted
 from dslm_local.errors import EXIT_BAD_DATA, EXIT_BAD_INPUT, EXIT_STOPPED, exit_statuses
 
@@ -57,34 +80,61 @@ OBJECTIVE = next_token
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="dslm-train", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (sets ds_config; default: ds_configs/zero2.json as installed with dslm)")
+    p = ArgumentParser(prog="dslm-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--deepspeed",
+        metavar="JSON",
+        help="DeepSpeed config (sets ds_config; default: ds_configs/zero2.json as installed with dslm)",
+    )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe, e.g. launch/recipes/demo.yaml")
-    p.add_argument("--resume", metavar="auto|if-any|CHECKPOINT", default=None,
-                   help="auto: continue from the run's newest intact checkpoint (falling back to an older one "
-                        "with a warning), an error when there is none; if-any (what slurm/pretrain.sh and "
-                        "dslm-submit pass on a requeue): the same, or, with none, start fresh, removing tags "
-                        "never sealed and moving damaged ones into checkpoints/abandoned/; or a checkpoint "
-                        "folder. Without it, a run directory that already holds checkpoints is an error. "
-                        f"Exit statuses: {exit_statuses()}")
-    p.add_argument("--nproc-per-node", type=int, metavar="N",
-                   help="start N ranks on this machine (CPU ranks, or one per GPU) and pass them the stop signals: "
-                        "SIGTERM to the process group or Ctrl-C stops them at the next step boundary after a "
-                        "checkpoint (exit 75), a second Ctrl-C at once. Leave it out under a launcher that starts "
-                        "the ranks (deepspeed, torchrun, srun)")
-    p.add_argument("--print-run-dir", action="store_true",
-                   help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)")
-    p.add_argument("--verbose", action="store_true", help="print what DeepSpeed, torch and the tools they run print, "
-                                                          "as they print it (without it, each rank's goes to "
-                                                          "RUN_DIR/logs/rankR.log)")
+    p.add_argument(
+        "--resume",
+        metavar="auto|if-any|CHECKPOINT",
+        default=None,
+        help="auto: continue from the run's newest intact checkpoint (falling back to an older one "
+        "with a warning), an error when there is none; if-any (what slurm/pretrain.sh and "
+        "dslm-submit pass on a requeue): the same, or, with none, start fresh, removing tags "
+        "never sealed and moving damaged ones into checkpoints/abandoned/; or a checkpoint "
+        "folder. Without it, a run directory that already holds checkpoints is an error. "
+        f"Exit statuses: {exit_statuses()}",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="start N ranks on this machine (CPU ranks, or one per GPU) and pass them the stop signals: "
+        "SIGTERM to the process group or Ctrl-C stops them at the next step boundary after a "
+        "checkpoint (exit 75), a second Ctrl-C at once. Leave it out under a launcher that starts "
+        "the ranks (deepspeed, torchrun, srun)",
+    )
+    p.add_argument(
+        "--print-run-dir",
+        action="store_true",
+        help="print the run directory these arguments resolve to and exit (slurm/pretrain.sh logs there)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print what DeepSpeed, torch and the tools they run print, "
+        "as they print it (without it, each rank's goes to "
+        "RUN_DIR/logs/rankR.log)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
-                   help="print every config key (or those of SECTION: model, data, train, train.lora, ...) with "
-                        "its type, default and meaning, and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny "
-                        "(the keys: dslm-train --help-config)")
+    p.add_argument(
+        "--help-config",
+        nargs="?",
+        const="",
+        metavar="SECTION",
+        help="print every config key (or those of SECTION: model, data, train, train.lora, ...) with "
+        "its type, default and meaning, and exit",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides on top of the recipe, e.g. train.max_steps=200 model.preset=tiny "
+        "(the keys: dslm-train --help-config)",
+    )
     return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
@@ -122,7 +172,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
             env = init_distributed(cfg.train.collective_timeout_s)
             stopped = train(args, cfg, env, manifests, stop, states)
         except RuntimeError as e:
-            if (failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s)):
+            if failure := timed_out_collective(e, states[0].step if states else None, cfg.train.collective_timeout_s):
                 raise failure from e
             raise
     except StartupStop as e:  # every rank got it (the peer a rank waited for may have ended first): one line, rank 0's
@@ -140,8 +190,11 @@ def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
     if stopped.failed:
         if env.rank != 0:
             return SystemExit(EXIT_BAD_INPUT)
-        where = (f"at step {stopped.step} after a checkpoint ({cfg.run_dir.tag(stopped.step)}): continue "
-                 f"with --resume auto" if stopped.step else "before its first step (no new checkpoint)")
+        where = (
+            f"at step {stopped.step} after a checkpoint ({cfg.run_dir.tag(stopped.step)}): continue with --resume auto"
+            if stopped.step
+            else "before its first step (no new checkpoint)"
+        )
         return DslmError(f"{'; '.join(stopped.failed)}. The run stopped {where}")
     if stopped.damaged:
         if env.rank != 0:
@@ -151,10 +204,14 @@ def stop_exit(stopped: Stop, env: DistEnv, cfg: RunConfig) -> Exception:
             then = "continue with --resume auto"
         else:
             where, then = "before its first step (no checkpoint)", "run the same command again"
-        return BadShard(f"{'; '.join(stopped.damaged)}. The run stopped {where}: rebuild the shard, then {then} (or "
-                        f"set data.on_bad_shard=skip)")
-    info(f"stopped at step {stopped.step} on {signal.Signals(stopped.signal).name} after a checkpoint; continue "
-         f"with --resume auto")
+        return BadShard(
+            f"{'; '.join(stopped.damaged)}. The run stopped {where}: rebuild the shard, then {then} (or "
+            f"set data.on_bad_shard=skip)"
+        )
+    info(
+        f"stopped at step {stopped.step} on {signal.Signals(stopped.signal).name} after a checkpoint; continue "
+        f"with --resume auto"
+    )
     return SystemExit(EXIT_STOPPED)
 
 
@@ -167,12 +224,20 @@ def check_nproc(nproc: int) -> None:
     if nproc > most:
         raise DslmError(f"--nproc-per-node={nproc} is more ranks than this machine's {most} {of}")
     if "RANK" in os.environ:
-        raise DslmError("--nproc-per-node starts the ranks itself: leave it out under a launcher that sets RANK "
-                        "(deepspeed, torchrun, srun)")
+        raise DslmError(
+            "--nproc-per-node starts the ranks itself: leave it out under a launcher that sets RANK "
+            "(deepspeed, torchrun, srun)"
+        )
 
 
-def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, manifests: list[Manifest], stop: StopSignal,
-          states: list[TrainState]) -> Stop | None:
+def train(
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    env: DistEnv,
+    manifests: list[Manifest],
+    stop: StopSignal,
+    states: list[TrainState],
+) -> Stop | None:
     """Build the run on the shards of `manifests` (load_sources) and train it; returns None, or
     why it stopped early (Trainer.fit). The run's state is appended to `states` as soon as it exists."""
     manifest = manifests[cfg.data.shards_source()]
@@ -189,9 +254,13 @@ def train(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, manifests: lis
     test_pause("start-up")
     engine = build_engine(model, cfg.train, ds_config, load_universal=resume is not None and resume.load_universal)
     info(describe(engine, env.world_size))
-    state = resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, cfg.data, manifests, frozen)
+    state = (
+        resume.load(engine, env, cfg.train.seed) if resume else fresh_state(env.world_size, cfg.data, manifests, frozen)
+    )
     states.append(state)
-    save_run_config(cfg, env, manifest, ds_config)  # only now: a refused or failed start leaves the run's config.yaml as it was
+    save_run_config(
+        cfg, env, manifest, ds_config
+    )  # only now: a refused or failed start leaves the run's config.yaml as it was
     trainer = build_trainer(cfg, env, samples, manifests, engine, state, stop, validation, mfu_per_token)
     stop.start()  # from here on, a stop signal ends the run at the next step boundary with a checkpoint
     stopped = trainer.fit(state)
@@ -211,12 +280,16 @@ def load_sources(cfg: RunConfig) -> list[Manifest]:
     first = cfg.data.sources()[0][1].shards
     for (_, source), manifest in zip(cfg.data.sources()[1:], manifests[1:]):
         if manifest.tokenizer_sha256 != manifests[0].tokenizer_sha256:
-            raise DslmError(f"data.mix: {source.shards} was built with another tokenizer than {first} (sha256 "
-                            f"{manifest.tokenizer_sha256[:12]} vs {manifests[0].tokenizer_sha256[:12]}); build every "
-                            f"source with the same `dslm-shard build --tokenizer`")
+            raise DslmError(
+                f"data.mix: {source.shards} was built with another tokenizer than {first} (sha256 "
+                f"{manifest.tokenizer_sha256[:12]} vs {manifests[0].tokenizer_sha256[:12]}); build every "
+                f"source with the same `dslm-shard build --tokenizer`"
+            )
         if manifest.seq_len != manifests[0].seq_len:
-            raise DslmError(f"data.mix: {source.shards} holds samples of seq_len {manifest.seq_len}, {first} of "
-                            f"{manifests[0].seq_len}; build every source with the same --seq-len")
+            raise DslmError(
+                f"data.mix: {source.shards} holds samples of seq_len {manifest.seq_len}, {first} of "
+                f"{manifests[0].seq_len}; build every source with the same --seq-len"
+            )
     return manifests
 
 
@@ -230,8 +303,16 @@ def check_sizes(cfg: RunConfig, manifests: list[Manifest]) -> None:
     ds_config = load_ds_config(cfg.ds_config, cfg.train, world_size)
     manifest = manifests[cfg.data.shards_source()]
     val = sum(entry.samples for entry in manifest.split("val")) if cfg.train.val_interval else 0
-    need = estimate(cfg.model, cfg.train, cfg.data, ds_config, zero_stage(ds_config), world_size, manifest.seq_len,
-                    validation_batches(val, cfg.train.micro_batch_size, world_size, cfg.train.val_batches))
+    need = estimate(
+        cfg.model,
+        cfg.train,
+        cfg.data,
+        ds_config,
+        zero_stage(ds_config),
+        world_size,
+        manifest.seq_len,
+        validation_batches(val, cfg.train.micro_batch_size, world_size, cfg.train.val_batches),
+    )
     device_free = free_memory(torch.device("cuda", local_rank)) if torch.cuda.is_available() else None
     if problem := memory_problem(need, local_ranks, device_free):
         raise DslmError(problem)
@@ -243,13 +324,17 @@ def check_step_samples(train: TrainConfig, samples: int, world_size: int) -> Non
     trains alike, faster (and a step of train.grad_accum=10**9 micro-batches would never end)."""
     micro_step = train.micro_batch_size * world_size
     if micro_step > samples:
-        raise DslmError(f"train.micro_batch_size={train.micro_batch_size} on {counted(world_size, 'rank')} takes "
-                        f"{micro_step:,} samples per micro-step, more than the {samples:,} of the train split; set it "
-                        f"to at most {max(1, samples // world_size):,}")
+        raise DslmError(
+            f"train.micro_batch_size={train.micro_batch_size} on {counted(world_size, 'rank')} takes "
+            f"{micro_step:,} samples per micro-step, more than the {samples:,} of the train split; set it "
+            f"to at most {max(1, samples // world_size):,}"
+        )
     if micro_step * train.grad_accum > samples:
-        raise DslmError(f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples "
-                        f"({counted(world_size, 'rank')}) make a step of {micro_step * train.grad_accum:,} samples, "
-                        f"more than the {samples:,} of the train split; set it to at most {samples // micro_step:,}")
+        raise DslmError(
+            f"train.grad_accum={train.grad_accum} micro-batches of {micro_step:,} samples "
+            f"({counted(world_size, 'rank')}) make a step of {micro_step * train.grad_accum:,} samples, "
+            f"more than the {samples:,} of the train split; set it to at most {samples // micro_step:,}"
+        )
 
 
 def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
@@ -259,10 +344,13 @@ def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
     if not cfg.train.val_interval:
         return None
     if not manifest.split("val"):
-        raise DslmError(f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
-                        f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0")
-    samples = ShardSamples(cfg.data.shards, manifest, "val", cfg.data.direction, cfg.data.max_open_shards,
-                           cfg.data.verify)
+        raise DslmError(
+            f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
+            f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0"
+        )
+    samples = ShardSamples(
+        cfg.data.shards, manifest, "val", cfg.data.direction, cfg.data.max_open_shards, cfg.data.verify
+    )
     samples.check_all()  # now: a damaged val shard found inside a validation would leave the other ranks waiting
     return Validation(samples, OBJECTIVE, cfg.train.micro_batch_size, cfg.train.val_batches)
 
@@ -308,11 +396,15 @@ def check_init_source(source: ModelSource, cfg: RunConfig, manifest: Manifest) -
     source.need_weights()
     tokenizers = source.tokenizer_sha256s()
     if tokenizers and manifest.tokenizer_sha256 not in tokenizers:
-        raise DslmError(f"train.init_from={source.path} was trained with another tokenizer than the one of "
-                        f"{cfg.data.shards}; build the shards with the base model's (--tokenizer)")
+        raise DslmError(
+            f"train.init_from={source.path} was trained with another tokenizer than the one of "
+            f"{cfg.data.shards}; build the shards with the base model's (--tokenizer)"
+        )
     if not tokenizers:
-        info(f"note: the shards {source.path} was trained on are gone, so its tokenizer cannot be checked against "
-             f"{cfg.data.shards}'s")
+        info(
+            f"note: the shards {source.path} was trained on are gone, so its tokenizer cannot be checked against "
+            f"{cfg.data.shards}'s"
+        )
     if (direction := source.framing().direction) != cfg.data.direction:
         info(f"note: {source.path} was trained {direction}; this run reads {cfg.data.direction} (data.direction)")
 
@@ -329,26 +421,49 @@ def freeze_parameters(model: GPT, cfg: RunConfig) -> list[str]:
     return frozen
 
 
-def build_trainer(cfg: RunConfig, env: DistEnv, samples: TrainSamples, manifests: list[Manifest], engine,
-                  state: TrainState, stop: StopSignal, validation: Validation | None,
-                  mfu_per_token: float | None) -> Trainer:
+def build_trainer(
+    cfg: RunConfig,
+    env: DistEnv,
+    samples: TrainSamples,
+    manifests: list[Manifest],
+    engine,
+    state: TrainState,
+    stop: StopSignal,
+    validation: Validation | None,
+    mfu_per_token: float | None,
+) -> Trainer:
     """The loop and its collaborators, reading `samples` on from `state`: batches, checkpoints, metrics."""
     train = cfg.train
     order = train_order(cfg.data, manifests, train.seed, mix_base(state))
     ensure_file_limit(cfg.data, held_batches=train.grad_accum + 1)  # counting what the run holds open by now
-    loader = train_loader(cfg.data, samples, order, env.rank, env.world_size, train.micro_batch_size,
-                          start=state.samples)
+    loader = train_loader(
+        cfg.data, samples, order, env.rank, env.world_size, train.micro_batch_size, start=state.samples
+    )
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
     return Trainer(
-        cfg=train, engine=engine, batches=DeviceBatches(iter(loader), engine.device), objective=OBJECTIVE,
+        cfg=train,
+        engine=engine,
+        batches=DeviceBatches(iter(loader), engine.device),
+        objective=OBJECTIVE,
         checkpointer=Checkpointer(cfg.run_dir.checkpoints, train.keep_last),
         # purge_step: events a killed run (or a fresh start's failed attempt) wrote after the checkpoint
         # are dropped, so each step appears once
-        metrics=Metrics(cfg.run_dir.tb, enabled=env.rank == 0, purge_step=state.step + 1,
-                        csv_path=cfg.run_dir.metrics_csv),
-        stop=stop, validation=validation, damage=ShardDamage(samples, cfg.data.on_bad_shard),
-        interval=IntervalLog(engine, global_batch, samples.seq_len, mfu_per_token, samples.names, order.interleave,
-                             count_skipped=cfg.data.on_bad_shard == "skip"))
+        metrics=Metrics(
+            cfg.run_dir.tb, enabled=env.rank == 0, purge_step=state.step + 1, csv_path=cfg.run_dir.metrics_csv
+        ),
+        stop=stop,
+        validation=validation,
+        damage=ShardDamage(samples, cfg.data.on_bad_shard),
+        interval=IntervalLog(
+            engine,
+            global_batch,
+            samples.seq_len,
+            mfu_per_token,
+            samples.names,
+            order.interleave,
+            count_skipped=cfg.data.on_bad_shard == "skip",
+        ),
+    )
 
 
 def mfu_scale(model: GPT, seq_len: int, world_size: int) -> float | None:

@@ -94,8 +94,16 @@ class TrainConfig(OptimConfig):
         for name in ("keep_last", "val_interval", "freeze_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must not be negative")
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval",
-                     "max_skipped_in_a_row", "val_batches", "collective_timeout_s"):
+        for name in (
+            "micro_batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_interval",
+            "checkpoint_interval",
+            "max_skipped_in_a_row",
+            "val_batches",
+            "collective_timeout_s",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not all(isinstance(pattern, str) for pattern in self.freeze):
@@ -103,7 +111,9 @@ class TrainConfig(OptimConfig):
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"train.seed={self.seed} must be within 0..{2**32 - 1}")
         if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be within 0..train.max_steps={self.max_steps}")
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} must be within 0..train.max_steps={self.max_steps}"
+            )
 
 
 def freeze_patterns(cfg: TrainConfig) -> list[str]:
@@ -136,8 +146,9 @@ class SourceLoss:
         return totals
 
 
-def train_step(engine, batches: DeviceBatches, objective: Objective, grad_accum: int,
-               sources: SourceLoss | None = None) -> torch.Tensor:
+def train_step(
+    engine, batches: DeviceBatches, objective: Objective, grad_accum: int, sources: SourceLoss | None = None
+) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches per rank. The step's loss is the sum of
     its token losses over all its micro-batches on all ranks over their number of targets
     (step_targets), whatever the split into ranks x grad_accum x micro_batch: a micro-batch with
@@ -198,13 +209,17 @@ class Validation:
         rank, world = dist.get_rank(), dist.get_world_size()
         batches = validation_batches(len(samples), micro_batch, world, batches_per_rank)
         if batches == 0:
-            raise DslmError(f"the val split holds {len(samples)} samples, fewer than one micro-batch of "
-                            f"{micro_batch} per rank on {counted(world, 'rank')}; set train.val_interval=0 or rebuild "
-                            f"the shards with a larger --val-fraction")
+            raise DslmError(
+                f"the val split holds {len(samples)} samples, fewer than one micro-batch of "
+                f"{micro_batch} per rank on {counted(world, 'rank')}; set train.val_interval=0 or rebuild "
+                f"the shards with a larger --val-fraction"
+            )
         used = batches * world * micro_batch
         # positions spread evenly over the split: its start alone is one corner of the corpus
-        self.batches = [default_collate([samples[p * len(samples) // used] for p in range(first, first + micro_batch)])
-                        for first in ((k * world + rank) * micro_batch for k in range(batches))]
+        self.batches = [
+            default_collate([samples[p * len(samples) // used] for p in range(first, first + micro_batch)])
+            for first in ((k * world + rank) * micro_batch for k in range(batches))
+        ]
         self.objective = objective
 
     @torch.no_grad()
@@ -234,9 +249,11 @@ class SkipGuard:
     def after_step(self, step: int, skipped: bool) -> None:
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.in_a_row >= self.limit:
-            raise DslmError(f"steps {step - self.in_a_row + 1}-{step} all had non-finite gradients and were skipped "
-                            f"(train.max_skipped_in_a_row={self.limit}); the last checkpoint before them is "
-                            f"intact: lower train.lr, or resume from an earlier checkpoint")
+            raise DslmError(
+                f"steps {step - self.in_a_row + 1}-{step} all had non-finite gradients and were skipped "
+                f"(train.max_skipped_in_a_row={self.limit}); the last checkpoint before them is "
+                f"intact: lower train.lr, or resume from an earlier checkpoint"
+            )
 
 
 class IntervalLog:
@@ -245,8 +262,16 @@ class IntervalLog:
     per target, and data/samples/NAME, the samples read from it so far (from `interleave`); with
     `count_skipped`, data/skipped_samples, the samples of damaged shards skipped in the interval."""
 
-    def __init__(self, engine, global_batch: int, seq_len: int, mfu_per_token: float | None,
-                 names: list[str], interleave: Interleave, count_skipped: bool = False):
+    def __init__(
+        self,
+        engine,
+        global_batch: int,
+        seq_len: int,
+        mfu_per_token: float | None,
+        names: list[str],
+        interleave: Interleave,
+        count_skipped: bool = False,
+    ):
         self.engine = engine
         self.global_batch, self.seq_len, self.mfu_per_token = global_batch, seq_len, mfu_per_token
         self.names, self.interleave, self.count_skipped = names, interleave, count_skipped
@@ -271,7 +296,7 @@ class IntervalLog:
         dist.all_reduce(totals)
         totals = totals.tolist()
         n = len(self.names)
-        targets = totals[1 + n:1 + 2 * n]
+        targets = totals[1 + n : 1 + 2 * n]
         # no target in the interval (every sample skipped for a damaged shard): no loss, not 0
         loss = totals[0] / dist.get_world_size() / self.steps if sum(targets) else math.nan
         tokens_per_s = self.global_batch * self.seq_len * self.steps / (time.perf_counter() - self.start)
@@ -328,12 +353,14 @@ class Trainer:
         _, damaged, failed = self.boundary()
         if damaged or failed:
             return Stop(state.step, damaged=damaged, failed=failed)
-        with tqdm(total=self.cfg.max_steps, initial=state.step, desc="train", unit="step",
-                  disable=dist.get_rank() != 0) as progress:
+        with tqdm(
+            total=self.cfg.max_steps, initial=state.step, desc="train", unit="step", disable=dist.get_rank() != 0
+        ) as progress:
             for step in range(state.step + 1, self.cfg.max_steps + 1):
                 skipped_before = self.engine.skipped_steps
-                self.interval.step(lambda sources: train_step(self.engine, self.batches, self.objective,
-                                                              self.cfg.grad_accum, sources))
+                self.interval.step(
+                    lambda sources: train_step(self.engine, self.batches, self.objective, self.cfg.grad_accum, sources)
+                )
                 state.step, state.samples = step, state.samples + global_batch
                 progress.update()
                 guard.after_step(step, self.engine.skipped_steps > skipped_before)

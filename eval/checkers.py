@@ -52,10 +52,11 @@ os.execvp(sys.argv[9], sys.argv[9:])
 
 # Anchored at line starts: gcc and javac echo source lines, which may mention these words.
 _OUT_OF_MEMORY = re.compile(
-    r"^(?:MemoryError\b"                                    # Python
-    r"|\S*cc1\S*: out of memory|virtual memory exhausted"   # gcc (cc1 is its compiler proper)
+    r"^(?:MemoryError\b"  # Python
+    r"|\S*cc1\S*: out of memory|virtual memory exhausted"  # gcc (cc1 is its compiler proper)
     r"|java\.lang\.OutOfMemoryError|The system is out of resources)",  # javac
-    re.MULTILINE)
+    re.MULTILINE,
+)
 
 # gcc's and javac's diagnostic line "DIR/FILE:LINE[:COL]: [fatal ]error: ..." without the
 # throwaway DIR; echoed source lines that mention "error" come after it.
@@ -81,8 +82,14 @@ except (ValueError, RecursionError) as e:  # NUL bytes; nesting too deep for the
 # One error and no echoed source lines: the reason is the first error. gcc 14 turns implicit
 # declarations and int-conversion into errors: compare rates on one gcc version (recorded in the
 # results' settings).
-GCC_FLAGS = ("-fsyntax-only", "-std=gnu11", "-w", "-fmax-errors=1", "-fno-diagnostics-show-caret",
-             "-fdiagnostics-color=never")
+GCC_FLAGS = (
+    "-fsyntax-only",
+    "-std=gnu11",
+    "-w",
+    "-fmax-errors=1",
+    "-fno-diagnostics-show-caret",
+    "-fdiagnostics-color=never",
+)
 
 # RLIMIT_AS breaks the JVM (it reserves gigabytes of address space up front), so javac's memory
 # limit is its heap, -Xmx. SerialGC and C1-only JIT start faster for short runs; -UsePerfData
@@ -92,7 +99,8 @@ JAVAC_OPTIONS = ("-proc:none", "-Xlint:none", "-encoding", "UTF-8")
 
 _JAVA_PUBLIC_TYPE = re.compile(
     r"\bpublic\s+(?:(?:abstract|final|static|strictfp|sealed|non-sealed)\s+)*"
-    r"(?:class|interface|enum|record|@\s*interface)\s+([A-Za-z_$][\w$]*)")
+    r"(?:class|interface|enum|record|@\s*interface)\s+([A-Za-z_$][\w$]*)"
+)
 _JAVA_TYPE = re.compile(r"\b(?:class|interface|enum|record)\s+([A-Za-z_$][\w$]*)")
 _JAVA_HEADER = re.compile(r"\s*(?:(?:package|import)\b[^;]*;\s*)*")
 _JAVA_PACKAGE = re.compile(r"\s*package\s+([\w.]+)\s*;")
@@ -100,11 +108,16 @@ _JAVA_PACKAGE = re.compile(r"\s*package\s+([\w.]+)\s*;")
 _LITERALS = {
     # Preprocessor lines (with continuations), comments, strings and char literals. An unclosed
     # string ends at the line end, an unclosed comment at the end of the text.
-    "c": re.compile(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*|//[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"
-                    r"|\"(?:\\[\s\S]|[^\"\\\n])*\"?|'(?:\\[\s\S]|[^'\\\n])*'?", re.MULTILINE),
+    "c": re.compile(
+        r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*|//[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"
+        r"|\"(?:\\[\s\S]|[^\"\\\n])*\"?|'(?:\\[\s\S]|[^'\\\n])*'?",
+        re.MULTILINE,
+    ),
     # Java adds text blocks ("""...""") and has no preprocessor.
-    "java": re.compile(r"\"\"\"[\s\S]*?(?:\"\"\"|\Z)|//[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"
-                       r"|\"(?:\\[\s\S]|[^\"\\\n])*\"?|'(?:\\[\s\S]|[^'\\\n])*'?"),
+    "java": re.compile(
+        r"\"\"\"[\s\S]*?(?:\"\"\"|\Z)|//[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"
+        r"|\"(?:\\[\s\S]|[^\"\\\n])*\"?|'(?:\\[\s\S]|[^'\\\n])*'?"
+    ),
 }
 
 
@@ -150,8 +163,15 @@ def run_limited(cmd: Sequence[str], cwd: Path, timeout_s: float, memory_bytes: i
     # A fixed environment: results do not depend on the caller's CPATH, JAVA_TOOL_OPTIONS or locale.
     env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", "TMPDIR": str(cwd)}
     with tempfile.TemporaryFile() as out:  # a file, not a pipe: a flood fills no memory and cannot block
-        proc = subprocess.Popen(wrapper, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            wrapper,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -248,10 +268,12 @@ def blank_literals(code: str, language: str, strings: bool = True) -> str:
     """`code` with comments, string and char literals (and C preprocessor lines) blanked to spaces:
     same length and line breaks, so offsets match and braces in them no longer count. With
     strings=False, string and char literals are kept: only what is no code is blanked."""
+
     def blank(m: re.Match) -> str:
         if not strings and m[0][0] in "\"'":
             return m[0]
         return re.sub(r"[^\n]+", lambda s: " " * len(s[0]), m[0])
+
     return _LITERALS[language].sub(blank, code)
 
 
@@ -347,17 +369,24 @@ def java_package(code: str) -> str:
     return found[1] if found else ""
 
 
-def run_javac_jobs(java: Path, root: Path, jobs: list[tuple[str, Path, list[str]]],
-                   limits: CheckerLimits) -> list[CheckResult]:
+def run_javac_jobs(
+    java: Path, root: Path, jobs: list[tuple[str, Path, list[str]]], limits: CheckerLimits
+) -> list[CheckResult]:
     """Run BatchJavac on `jobs` (package, source, options) until each has a result, starting a new
     JVM after a job that timed out or killed it."""
     (root / "BatchJavac.java").write_text(_BATCH_JAVAC, encoding="utf-8")
     results: list[CheckResult | None] = [None] * len(jobs)
-    while (pending := [i for i, r in enumerate(results) if r is None]):
+    while pending := [i for i, r in enumerate(results) if r is None]:
         lines = ["\t".join([jobs[i][0], str(jobs[i][1]), *jobs[i][2]]) + "\n" for i in pending]
         (root / "jobs.txt").write_text("".join(lines), encoding="utf-8")
-        cmd = [str(java), f"-Xmx{limits.memory_mb}m", *_JVM_FLAGS, "BatchJavac.java",
-               str(math.ceil(limits.timeout_s * 1000)), "jobs.txt"]
+        cmd = [
+            str(java),
+            f"-Xmx{limits.memory_mb}m",
+            *_JVM_FLAGS,
+            "BatchJavac.java",
+            str(math.ceil(limits.timeout_s * 1000)),
+            "jobs.txt",
+        ]
         # The JVM's own limit allows each job its time, plus one for start-up.
         run = run_limited(cmd, root, limits.timeout_s * (len(pending) + 1), None)
         statuses = dict(line.split("\t") for line in run.output.splitlines() if re.fullmatch(r"\d+\t\w+", line))
@@ -379,7 +408,10 @@ def job_result(status: str, source: Path) -> CheckResult:
 
 
 CHECKERS: dict[str, Callable[[str, CheckerLimits], CheckResult]] = {
-    "python": check_python, "c": check_c, "java": check_java}
+    "python": check_python,
+    "c": check_c,
+    "java": check_java,
+}
 TOOLS = {"python": None, "c": "gcc", "java": "javac"}
 
 
@@ -388,7 +420,7 @@ def check_many(language: str, codes: Sequence[str], limits: CheckerLimits, worke
     Java goes in batches of JAVA_BATCH per JVM."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         if language == "java":
-            batches = [codes[i:i + JAVA_BATCH] for i in range(0, len(codes), JAVA_BATCH)]
+            batches = [codes[i : i + JAVA_BATCH] for i in range(0, len(codes), JAVA_BATCH)]
             return [r for batch in pool.map(lambda b: check_java_many(b, limits), batches) for r in batch]
         check = CHECKERS[language]
         return list(pool.map(lambda code: check(code, limits), codes))

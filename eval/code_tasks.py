@@ -129,8 +129,9 @@ class CompileSuccessConfig:
     files in one JVM)."""
 
     def __post_init__(self) -> None:
-        require_positive(self, "samples_per_language", "context_chars", "max_new_tokens", "max_body_chars",
-                         "batch_size", "workers")
+        require_positive(
+            self, "samples_per_language", "context_chars", "max_new_tokens", "max_body_chars", "batch_size", "workers"
+        )
 
 
 def require_positive(cfg: object, *names: str) -> None:
@@ -139,8 +140,14 @@ def require_positive(cfg: object, *names: str) -> None:
             raise DslmError(f"{type(cfg).__name__}.{name} must be >= 1, got {getattr(cfg, name)}")
 
 
-def complete_all(complete: Complete, prompts: Sequence[str], stops: Sequence[tuple[str, ...]],
-                 max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+def complete_all(
+    complete: Complete,
+    prompts: Sequence[str],
+    stops: Sequence[tuple[str, ...]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
+) -> list[str]:
     """Continuations of `prompts` in their order, asked in batches of prompts that share stop strings."""
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: stops[i])
@@ -148,7 +155,7 @@ def complete_all(complete: Complete, prompts: Sequence[str], stops: Sequence[tup
         for stop, group in itertools.groupby(order, key=lambda i: stops[i]):
             group = list(group)
             for start in range(0, len(group), batch_size):
-                batch = group[start:start + batch_size]
+                batch = group[start : start + batch_size]
                 texts = complete([prompts[i] for i in batch], list(stop), max_new_tokens)
                 if len(texts) != len(batch):
                     raise DslmError(f"the completer returned {len(texts)} texts for {len(batch)} prompts")
@@ -170,6 +177,7 @@ def line_starts(text: str) -> list[int]:
 
 # ---------------------------------------------------------------------------- exact match
 
+
 @dataclass(frozen=True)
 class LineTask:
     language: str
@@ -181,43 +189,60 @@ class LineTask:
     """Where the target is: document index in its language, 0-based line."""
 
 
-def build_exact_match_tasks(docs: Mapping[str, Sequence[str]], cfg: ExactMatchConfig,
-                            fit: Fit = keep_all) -> list[LineTask]:
+def build_exact_match_tasks(
+    docs: Mapping[str, Sequence[str]], cfg: ExactMatchConfig, fit: Fit = keep_all
+) -> list[LineTask]:
     tasks = []
     for language, texts in documents_of(docs).items():
         # Lines end at "\n" only: that is where the stop string ends a prediction.
-        candidates = [(d, i) for d, text in enumerate(texts)
-                      for i, line in enumerate(text.split("\n")) if i >= cfg.skip_lines and line.strip()]
+        candidates = [
+            (d, i)
+            for d, text in enumerate(texts)
+            for i, line in enumerate(text.split("\n"))
+            if i >= cfg.skip_lines and line.strip()
+        ]
         rng = random.Random(f"exact_match/{cfg.seed}/{language}")
         chosen = sorted(rng.sample(candidates, min(cfg.samples_per_language, len(candidates))))
         for d, group in itertools.groupby(chosen, key=lambda c: c[0]):
             text = texts[d]
             starts, lines = line_starts(text), text.split("\n")
             for _, i in group:
-                prompt = fit(text[max(0, starts[i] - cfg.context_chars):starts[i]])
+                prompt = fit(text[max(0, starts[i] - cfg.context_chars) : starts[i]])
                 tasks.append(LineTask(language, prompt, lines[i].rstrip(), d, i))
     return tasks
 
 
 def score_exact_match(tasks: Sequence[LineTask], complete: Complete, cfg: ExactMatchConfig) -> dict:
-    completions = complete_all(complete, [t.prompt for t in tasks], [("\n",)] * len(tasks), cfg.max_new_tokens,
-                               cfg.batch_size, "exact match")
+    completions = complete_all(
+        complete, [t.prompt for t in tasks], [("\n",)] * len(tasks), cfg.max_new_tokens, cfg.batch_size, "exact match"
+    )
     per_language: dict[str, list[tuple[bool, float]]] = {}
     for task, completion in zip(tasks, completions):
         predicted, target = normalise(completion.split("\n", 1)[0]), normalise(task.target)
         per_language.setdefault(task.language, []).append((predicted == target, edit_similarity(predicted, target)))
     return {
-        "settings": {**asdict(cfg), "compare": "whitespace-normalised lines; edit similarity = "
-                     "Levenshtein (insert/delete) ratio, fuzzywuzzy's ratio / 100 as in CodeXGLUE"},
-        "languages": {language: {"n": len(scores),
-                                 "exact_match": sum(hit for hit, _ in scores) / len(scores),
-                                 "edit_similarity": sum(sim for _, sim in scores) / len(scores)}
-                      for language, scores in per_language.items()},
+        "settings": {
+            **asdict(cfg),
+            "compare": "whitespace-normalised lines; edit similarity = "
+            "Levenshtein (insert/delete) ratio, fuzzywuzzy's ratio / 100 as in CodeXGLUE",
+        },
+        "languages": {
+            language: {
+                "n": len(scores),
+                "exact_match": sum(hit for hit, _ in scores) / len(scores),
+                "edit_similarity": sum(sim for _, sim in scores) / len(scores),
+            }
+            for language, scores in per_language.items()
+        },
     }
 
 
-def run_exact_match(docs: Mapping[str, Sequence[str]], complete: Complete, cfg: ExactMatchConfig = ExactMatchConfig(),
-                    fit: Fit = keep_all) -> dict:
+def run_exact_match(
+    docs: Mapping[str, Sequence[str]],
+    complete: Complete,
+    cfg: ExactMatchConfig = ExactMatchConfig(),
+    fit: Fit = keep_all,
+) -> dict:
     """Exact match and edit similarity per language: {"settings": {...}, "languages": {language:
     {"n", "exact_match", "edit_similarity"}}}; a language without lines is left out."""
     return score_exact_match(build_exact_match_tasks(docs, cfg, fit), complete, cfg)
@@ -272,11 +297,11 @@ class UnitTask:
 
     @property
     def prefix(self) -> str:
-        return self.text[:self.end]
+        return self.text[: self.end]
 
     @property
     def suffix(self) -> str:
-        return self.text[self.end + len(self.body):]
+        return self.text[self.end + len(self.body) :]
 
 
 @dataclass
@@ -317,7 +342,7 @@ def python_unit(completion: str) -> str:
                 new_line = True
             elif tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
                 if new_line and tok.start[1] == 0:
-                    return completion[:starts[tok.start[0] - 1]]
+                    return completion[: starts[tok.start[0] - 1]]
                 new_line = False
     except (tokenize.TokenError, SyntaxError):
         pass
@@ -331,7 +356,7 @@ def braced_unit(completion: str, language: str) -> str:
     for brace in re.finditer(r"[{}]", blank_literals(completion, language)):
         depth += 1 if brace[0] == "{" else -1
         if depth == 0:
-            return completion[:brace.end()]
+            return completion[: brace.end()]
     return completion
 
 
@@ -361,7 +386,7 @@ def python_adds_statement(prefix: str, unit: str) -> bool:
         tree = ast.parse(prefix + unit)
     except (SyntaxError, ValueError, RecursionError):  # ValueError: NUL bytes
         return True
-    last_line = prefix[prefix.rfind("\n") + 1:]
+    last_line = prefix[prefix.rfind("\n") + 1 :]
     start = (prefix.count("\n") + 1, len(last_line.encode()))
     opened = [node for node in tree.body if (node.lineno, node.col_offset) < start]
     node = opened[-1] if opened else None
@@ -371,8 +396,9 @@ def python_adds_statement(prefix: str, unit: str) -> bool:
     return any((stmt.lineno, stmt.col_offset) >= start for stmt in body)
 
 
-def check_completions(units: Sequence[UnitTask], completions: Sequence[str], limits: CheckerLimits,
-                      workers: int) -> list[CheckResult]:
+def check_completions(
+    units: Sequence[UnitTask], completions: Sequence[str], limits: CheckerLimits, workers: int
+) -> list[CheckResult]:
     """Results for completions of units of one language, in order: EMPTY where a completion adds
     no statement (not compiled), else the compiler's verdict on its program."""
     adds = [adds_code(u, c) for u, c in zip(units, completions)]
@@ -399,8 +425,8 @@ def python_units(text: str) -> Iterator[tuple[int, int, str]]:
             continue
         first = rest[0]  # lineno is 1-based, col_offset counts UTF-8 bytes
         header_end = node.body[0].end_lineno if has_doc else node.lineno
-        first_line = text[starts[first.lineno - 1]:].split("\n", 1)[0]
-        if first.lineno <= header_end or first_line.encode()[:first.col_offset].strip():
+        first_line = text[starts[first.lineno - 1] :].split("\n", 1)[0]
+        if first.lineno <= header_end or first_line.encode()[: first.col_offset].strip():
             continue
         body_line = header_end if has_doc else first.lineno - 1
         yield starts[body_line], body_line, ""
@@ -419,10 +445,10 @@ def braced_units(text: str, language: str) -> Iterator[tuple[int, int, str]]:
     unit_depth = 0 if language == "c" else 1
     depth, head_start = 0, 0
     for mark in re.finditer(r"[{};]", masked):
-        head = masked[head_start:mark.start()]
+        head = masked[head_start : mark.start()]
         if mark[0] == "{":
             line_end = text.find("\n", mark.end())
-            opens_body = line_end != -1 and not text[mark.end():line_end].strip()
+            opens_body = line_end != -1 and not text[mark.end() : line_end].strip()
             if depth == unit_depth and opens_body and is_definition_head(head):
                 head_line = text.rfind("\n", 0, mark.start() - len(head.lstrip())) + 1
                 yield line_end + 1, text.count("\n", 0, line_end + 1), re.match(r"[ \t]*", text[head_line:])[0]
@@ -448,7 +474,7 @@ def find_units(language: str, text: str, doc: int, max_body_chars: int) -> Itera
     max_body_chars (cutting a slice one longer tells which, without copying the document)."""
     found = python_units(text) if language == "python" else braced_units(text, language)
     for end, line, indent in found:
-        body = cut_unit(language, text[end:end + max_body_chars + 1])
+        body = cut_unit(language, text[end : end + max_body_chars + 1])
         if len(body) <= max_body_chars:
             stop = PYTHON_STOPS if language == "python" else (f"\n{indent}}}",)
             yield UnitTask(language, text, end, body, stop, doc, line)
@@ -464,13 +490,16 @@ def humaneval_tasks() -> tuple[list[UnitTask], str]:
         problems = read_problems()
     except OSError as e:  # some installs of the package lack its data file
         return [], f"no data: {e}"
-    tasks = [UnitTask(HUMANEVAL, p["prompt"], len(p["prompt"]), python_unit(p["canonical_solution"]),
-                      PYTHON_STOPS, -1, i) for i, p in enumerate(problems.values())]
+    tasks = [
+        UnitTask(HUMANEVAL, p["prompt"], len(p["prompt"]), python_unit(p["canonical_solution"]), PYTHON_STOPS, -1, i)
+        for i, p in enumerate(problems.values())
+    ]
     return tasks, f"{len(tasks)} problems"
 
 
-def build_compile_tasks(docs: Mapping[str, Sequence[str]], cfg: CompileSuccessConfig,
-                        limits: CheckerLimits) -> CompileTasks:
+def build_compile_tasks(
+    docs: Mapping[str, Sequence[str]], cfg: CompileSuccessConfig, limits: CheckerLimits
+) -> CompileTasks:
     """Up to samples_per_language units per language whose reference compiles, tried in a
     seeded random order (so a run checks only about as many references as it needs)."""
     tasks, references, notes = [], {}, {}
@@ -489,8 +518,9 @@ def build_compile_tasks(docs: Mapping[str, Sequence[str]], cfg: CompileSuccessCo
     return CompileTasks(tasks, references, notes)
 
 
-def first_passing(units: Sequence[UnitTask], n: int, limits: CheckerLimits,
-                  workers: int) -> tuple[list[UnitTask], dict[str, int]]:
+def first_passing(
+    units: Sequence[UnitTask], n: int, limits: CheckerLimits, workers: int
+) -> tuple[list[UnitTask], dict[str, int]]:
     """The first n units in order whose reference compiles and adds code (`check_completions`),
     and counts of references checked and passed. Checks go in chunks a little larger than what is
     still missing; the result does not depend on them."""
@@ -498,36 +528,52 @@ def first_passing(units: Sequence[UnitTask], n: int, limits: CheckerLimits,
     checked = passed = 0
     with tqdm(total=n, desc="reference checks", unit="unit") as bar:
         while len(kept) < n and checked < len(units):
-            chunk = units[checked:checked + max(2 * workers, (n - len(kept)) * 5 // 4)]
+            chunk = units[checked : checked + max(2 * workers, (n - len(kept)) * 5 // 4)]
             checked += len(chunk)
             results = check_completions(chunk, [u.body for u in chunk], limits, workers)
             good = [u for u, r in zip(chunk, results) if r.ok]
             passed += len(good)
             bar.update(min(len(good), n - len(kept)))
-            kept += good[:n - len(kept)]
+            kept += good[: n - len(kept)]
     return kept, {"units": len(units), "checked": checked, "passed": passed}
 
 
-def score_compile_success(tasks: CompileTasks, complete: Complete, cfg: CompileSuccessConfig,
-                          limits: CheckerLimits, fit: Fit = keep_all) -> dict:
+def score_compile_success(
+    tasks: CompileTasks, complete: Complete, cfg: CompileSuccessConfig, limits: CheckerLimits, fit: Fit = keep_all
+) -> dict:
     units = tasks.tasks
-    prompts = [fit(u.prefix[-cfg.context_chars:]) for u in units]
-    completions = complete_all(complete, prompts, [u.stop for u in units], cfg.max_new_tokens, cfg.batch_size,
-                               "compile success")
+    prompts = [fit(u.prefix[-cfg.context_chars :]) for u in units]
+    completions = complete_all(
+        complete, prompts, [u.stop for u in units], cfg.max_new_tokens, cfg.batch_size, "compile success"
+    )
     languages = {}
     for language in dict.fromkeys(u.language for u in units):
         mine = [(u, c) for u, c in zip(units, completions) if u.language == language]
         results = check_completions(*zip(*mine), limits, cfg.workers)
         compiled = sum(r.ok for r in results)
-        languages[language] = {"n": len(mine), "compiled": compiled, "rate": compiled / len(mine),
-                               "failures": dict(Counter(r.reason.split(":")[0] for r in results if not r.ok))}
-    settings = {**asdict(cfg), **asdict(limits), **tasks.notes, "references": tasks.references,
-                "tools": {language: tool_version(checker_language(language)) for language in languages}}
+        languages[language] = {
+            "n": len(mine),
+            "compiled": compiled,
+            "rate": compiled / len(mine),
+            "failures": dict(Counter(r.reason.split(":")[0] for r in results if not r.ok)),
+        }
+    settings = {
+        **asdict(cfg),
+        **asdict(limits),
+        **tasks.notes,
+        "references": tasks.references,
+        "tools": {language: tool_version(checker_language(language)) for language in languages},
+    }
     return {"settings": settings, "languages": languages}
 
 
-def run_compile_success(docs: Mapping[str, Sequence[str]], complete: Complete, limits: CheckerLimits = CheckerLimits(),
-                        cfg: CompileSuccessConfig = CompileSuccessConfig(), fit: Fit = keep_all) -> dict:
+def run_compile_success(
+    docs: Mapping[str, Sequence[str]],
+    complete: Complete,
+    limits: CheckerLimits = CheckerLimits(),
+    cfg: CompileSuccessConfig = CompileSuccessConfig(),
+    fit: Fit = keep_all,
+) -> dict:
     """Compile-success rate per language: {"settings": {...}, "languages": {language: {"n",
     "compiled", "rate", "failures"}}}; a language without usable units is left out. "failures"
     counts failed completions by reason: "empty" (adds no statement, see `adds_code`), "syntax

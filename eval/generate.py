@@ -34,8 +34,9 @@ class Stepper:
     def __init__(self, model: GPT, prompt: torch.Tensor, max_len: int, use_cache: bool):
         self.model = model
         self.seq = prompt  # (B, T): kept only without a cache
-        self.cache = KVCache(model.cfg, prompt.size(0), max_len, prompt.device, model.wte.weight.dtype) \
-            if use_cache else None
+        self.cache = (
+            KVCache(model.cfg, prompt.size(0), max_len, prompt.device, model.wte.weight.dtype) if use_cache else None
+        )
 
     def first(self) -> torch.Tensor:
         """Logits (B, V) after the prompt."""
@@ -71,8 +72,9 @@ def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def decode_batch(model: GPT, prompt: torch.Tensor, cfg: GenerationConfig, stopper: Stopper,
-                 generator: torch.Generator) -> list[list[int]]:
+def decode_batch(
+    model: GPT, prompt: torch.Tensor, cfg: GenerationConfig, stopper: Stopper, generator: torch.Generator
+) -> list[list[int]]:
     """Greedy or sampled new tokens for prompts (B, T) of one length. Rows that stop keep being
     computed with the batch until every row has stopped; their later tokens are dropped."""
     stepper = Stepper(model, prompt, prompt.size(1) + cfg.max_new_tokens, cfg.use_cache)
@@ -117,22 +119,30 @@ def beam_search(model: GPT, prompt: torch.Tensor, cfg: GenerationConfig, stopper
     for step in range(N):
         scores = torch.tensor([h.score for h in beams], device=logprobs.device)
         top_scores, top_ids = (scores[:, None] + logprobs).view(B, -1).topk(2 * K, dim=-1)  # (B, 2K) over K*V
-        rows, tokens, beams = next_beams(beams, top_scores.tolist(), top_ids.tolist(), logprobs.size(-1), K,
-                                         stopper, finished, done)
-        done = [done[b] or prompt_done(finished[b], beams[b * K:(b + 1) * K], N) for b in range(B)]
+        rows, tokens, beams = next_beams(
+            beams, top_scores.tolist(), top_ids.tolist(), logprobs.size(-1), K, stopper, finished, done
+        )
+        done = [done[b] or prompt_done(finished[b], beams[b * K : (b + 1) * K], N) for b in range(B)]
         if all(done) or step == N - 1:
             break
         stepper.reorder(torch.tensor(rows, device=prompt.device))
         logprobs = F.log_softmax(stepper.step(torch.tensor(tokens, device=prompt.device)), dim=-1)
     for b in range(B):
         if not done[b]:
-            finished[b].extend(h for h in beams[b * K:(b + 1) * K] if h.score > float("-inf"))
+            finished[b].extend(h for h in beams[b * K : (b + 1) * K] if h.score > float("-inf"))
     return [stopper.output(max(hyps, key=lambda h: h.normalized).tokens) for hyps in finished]
 
 
-def next_beams(beams: list[Hypothesis], top_scores: list[list[float]], top_ids: list[list[int]], vocab: int,
-               K: int, stopper: Stopper, finished: list[list[Hypothesis]],
-               done: list[bool]) -> tuple[list[int], list[int], list[Hypothesis]]:
+def next_beams(
+    beams: list[Hypothesis],
+    top_scores: list[list[float]],
+    top_ids: list[list[int]],
+    vocab: int,
+    K: int,
+    stopper: Stopper,
+    finished: list[list[Hypothesis]],
+    done: list[bool],
+) -> tuple[list[int], list[int], list[Hypothesis]]:
     """From each prompt's 2K best continuations: stopped ones go to `finished` (unless the prompt is
     done), the best K others become the new beams. Returns, per new beam (B*K), the row it continues
     from, its new token and the beam; empty slots are dead copies (score -inf)."""
@@ -168,7 +178,7 @@ def fit_to_context(prompt: list[int], max_new_tokens: int, context: int) -> list
     most on the nearest text, and with learned absolute positions the cache cannot slide."""
     if max_new_tokens >= context:
         raise DslmError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in model.block_size={context}")
-    return prompt[-(context - max_new_tokens):]
+    return prompt[-(context - max_new_tokens) :]
 
 
 def batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
@@ -179,7 +189,7 @@ def batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[lis
     for length in sorted(by_length):
         group = by_length[length]
         for start in range(0, len(group), batch_size):
-            yield group[start:start + batch_size]
+            yield group[start : start + batch_size]
 
 
 @contextlib.contextmanager
@@ -193,8 +203,13 @@ def eval_mode(model: GPT) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
-             decode: Callable[[list[int]], str] | None = None, progress: bool = False) -> list[list[int]]:
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    decode: Callable[[list[int]], str] | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
     """New token ids for each prompt (token ids), on the model's device, in eval mode, each ending
     at the first of cfg.stop_tokens (default: none; complete() sets the model's end token). A prompt
     longer than model.block_size - max_new_tokens keeps its last tokens. `decode` (token ids -> text)
@@ -213,8 +228,13 @@ def generate(model: GPT, prompts: list[list[int]], cfg: GenerationConfig,
     batch_size = max(1, cfg.batch_size // cfg.num_beams) if cfg.strategy == "beam" else cfg.batch_size
     check_decoding_fits(model, prompts, cfg, min(batch_size, len(prompts)))
     with eval_mode(model):
-        for rows in tqdm(list(batches_by_length(prompts, batch_size)), desc="generate", unit="batch",
-                         disable=not progress, leave=False):
+        for rows in tqdm(
+            list(batches_by_length(prompts, batch_size)),
+            desc="generate",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
             batch = torch.tensor([prompts[i] for i in rows], device=device)
             if cfg.strategy == "beam":
                 new = beam_search(model, batch, cfg, stopper)
@@ -235,8 +255,12 @@ def check_decoding_fits(model: GPT, prompts: list[list[int]], cfg: GenerationCon
     if cfg.use_cache:
         need += kv_cache_bytes(model.cfg, rows, longest + cfg.max_new_tokens, element)
     beams = f" ({counted(batch, 'prompt')} x {counted(cfg.num_beams, 'beam')})" if cfg.strategy == "beam" else ""
-    check_fits(need, model.wte.weight.device, f"decoding {rows:,} sequences at once{beams}",
-               "lower --num-beams or --batch-size")
+    check_fits(
+        need,
+        model.wte.weight.device,
+        f"decoding {rows:,} sequences at once{beams}",
+        "lower --num-beams or --batch-size",
+    )
 
 
 class PromptFraming:
@@ -281,14 +305,22 @@ def check_whole(prompts: list[list[int]], template: str, max_new_tokens: int, co
     for i, ids in enumerate(prompts):
         if len(ids) > room:
             which = f"prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
-            raise DslmError(f"{which} is {len(ids)} tokens in the {template} template; model.block_size={context} "
-                            f"leaves room for {max(room, 0)} beside {max_new_tokens} new tokens: shorten it or ask "
-                            f"for fewer new tokens (--max-new-tokens; tokens= in --interactive): a templated prompt "
-                            f"is never cut")
+            raise DslmError(
+                f"{which} is {len(ids)} tokens in the {template} template; model.block_size={context} "
+                f"leaves room for {max(room, 0)} beside {max_new_tokens} new tokens: shorten it or ask "
+                f"for fewer new tokens (--max-new-tokens; tokens= in --interactive): a templated prompt "
+                f"is never cut"
+            )
 
 
-def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerationConfig,
-             progress: bool = False, framing: Framing = Framing()) -> list[str]:
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    progress: bool = False,
+    framing: Framing = Framing(),
+) -> list[str]:
     """The new text for each prompt, framed as the model reads (PromptFraming); cfg.stop_tokens
     is replaced by the framing's end token. Forward, the text follows its prompt; backward, it
     precedes it; with a template, it is the reply. It is cut at the first stop string

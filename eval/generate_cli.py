@@ -43,42 +43,85 @@ SETTINGS = {"temp": "temperature", "top_k": "top_k", "tokens": "max_new_tokens"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="dslm-generate", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("targets", type=Path, nargs="+", metavar="CHECKPOINT_OR_EXPORT",
-                   help="runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), "
-                        "or a dslm-export folder; several: their outputs side by side")
+    p = ArgumentParser(prog="dslm-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "targets",
+        type=Path,
+        nargs="+",
+        metavar="CHECKPOINT_OR_EXPORT",
+        help="runs/NAME/checkpoints/global_stepN, runs/NAME (its newest intact checkpoint), "
+        "or a dslm-export folder; several: their outputs side by side",
+    )
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    p.add_argument("--prompt-file", action="append", default=[], type=Path, metavar="FILE",
-                   help="a file whose whole text is one prompt (repeatable)")
-    p.add_argument("--prompts", type=Path, metavar="FILE",
-                   help="a fixed prompt set: one prompt per line, or .jsonl records with a \"prompt\" field")
-    p.add_argument("--out", type=Path, metavar="FILE.jsonl",
-                   help="also write one JSON line per prompt: the prompt, the settings and each model's output "
-                        "(a new file: see --overwrite)")
+    p.add_argument(
+        "--prompt-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a file whose whole text is one prompt (repeatable)",
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help='a fixed prompt set: one prompt per line, or .jsonl records with a "prompt" field',
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="also write one JSON line per prompt: the prompt, the settings and each model's output "
+        "(a new file: see --overwrite)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the --out file when it exists")
-    p.add_argument("--interactive", action="store_true",
-                   help="read prompts from the terminal (temp=X, top_k=X, tokens=X change the sampler; quit ends)")
-    p.add_argument("--template", choices=("auto", "none", *TEMPLATES), default="auto",
-                   help="how prompts are wrapped: auto, as the model was trained; none, as plain text "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts from the terminal (temp=X, top_k=X, tokens=X change the sampler; quit ends)",
+    )
+    p.add_argument(
+        "--template",
+        choices=("auto", "none", *TEMPLATES),
+        default="auto",
+        help="how prompts are wrapped: auto, as the model was trained; none, as plain text (default: %(default)s)",
+    )
+    add_decoding_args(p)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)"
+    )
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    return p.parse_args(argv)
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """The options of GenerationConfig; those left out are PLAIN's or (--interactive) CARD_SAMPLER's."""
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="(default: 64; --interactive: 500)")
     p.add_argument("--strategy", choices=STRATEGIES, help="(default: greedy; --interactive: sample)")
     p.add_argument("--temperature", type=float, help="sample only (default: 1.0; --interactive: 0.8)")
-    p.add_argument("--top-k", type=int, metavar="K",
-                   help="sample only: draw from the K most likely tokens (default: 0, no limit; --interactive: 200)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample only: draw from the most likely tokens whose probability reaches P "
-                        "(default: 1.0, no limit)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        help="sample only: draw from the K most likely tokens (default: 0, no limit; --interactive: 200)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="sample only: draw from the most likely tokens whose probability reaches P (default: 1.0, no limit)",
+    )
     p.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam only (default: %(default)s)")
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="stop when the new text contains STR, and cut it there (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop when the new text contains STR, and cut it there (repeatable)",
+    )
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -88,8 +131,14 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     chosen = {**defaults, **given}
     if chosen["strategy"] != "sample":  # the card's sampler settings apply to sampling only
         chosen |= {name: PLAIN[name] for name in ("temperature", "top_k") if name not in given}
-    return checked_config(**chosen, top_p=args.top_p, num_beams=args.num_beams, stop_strings=tuple(args.stop),
-                          seed=args.seed, batch_size=args.batch_size)
+    return checked_config(
+        **chosen,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        stop_strings=tuple(args.stop),
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -97,7 +146,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts += read_prompt_set(args.prompts) if args.prompts else []
     if args.interactive:
         if prompts:
-            raise DslmError("--interactive reads its prompts from the terminal; drop --prompt, --prompt-file and --prompts")
+            raise DslmError(
+                "--interactive reads its prompts from the terminal; drop --prompt, --prompt-file and --prompts"
+            )
         return []
     if not prompts:
         raise DslmError("give at least one --prompt, --prompt-file or --prompts, or --interactive")
@@ -162,11 +213,25 @@ def run_prompts(models: list[Model], prompts: list[str], cfg: GenerationConfig, 
             label = f"[{m.path}]\n" if len(models) > 1 else ""
             print(label + shown(prompt, texts[i], m.frame))
     if out is not None:
-        settings = {"strategy": cfg.strategy, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                    "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+        settings = {
+            "strategy": cfg.strategy,
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+            "num_beams": cfg.num_beams,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed,
+        }
         steps = {str(m.path): m.loaded.step for m in models}
-        rows = [{"prompt": p, **settings, "steps": steps,
-                 "outputs": {str(m.path): texts[i] for m, texts in zip(models, outputs)}} for i, p in enumerate(prompts)]
+        rows = [
+            {
+                "prompt": p,
+                **settings,
+                "steps": steps,
+                "outputs": {str(m.path): texts[i] for m, texts in zip(models, outputs)},
+            }
+            for i, p in enumerate(prompts)
+        ]
         atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {out}")
 

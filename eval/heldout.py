@@ -42,8 +42,9 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.int64)
 
 
-def heldout_documents(samples: LabeledSamples, tokenizer: Tokenizer, languages: set[str],
-                      limit: int) -> dict[str, list[str]]:
+def heldout_documents(
+    samples: LabeledSamples, tokenizer: Tokenizer, languages: set[str], limit: int
+) -> dict[str, list[str]]:
     """Up to `limit` whole val documents per language, as text. The samples of one language,
     in order, are that language's packed stream cut into pieces, so their concatenation holds
     whole documents framed <bos> ... <eos>; a document cut off at the end of the stream is left out."""
@@ -63,4 +64,4 @@ def split_documents(stream: np.ndarray) -> list[np.ndarray]:
     starts = np.flatnonzero(stream == BOS_ID)
     ends = np.flatnonzero(stream == EOS_ID)
     first_end = np.searchsorted(ends, starts)  # the <eos> closing each <bos>
-    return [stream[start + 1: ends[j]] for start, j in zip(starts, first_end) if j < len(ends)]
+    return [stream[start + 1 : ends[j]] for start, j in zip(starts, first_end) if j < len(ends)]

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from dslm.checkpoint.weights import model_from, read_source
 from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.model import GPT
 from dslm.model_source import resolve_source
 from dslm.run_dir import RunDir
-from dslm.checkpoint.weights import model_from, read_export, read_tag
 from dslm_local.cli import counted
 
 
@@ -58,6 +58,6 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
     if source.kind == "run":
         source = resolve_source(source.newest_tag())
     with contextlib.redirect_stdout(sys.stderr):
-        cfg, weights = read_export(source.path) if source.kind == "hf" else read_tag(source)
+        cfg, weights = read_source(source)
     model = model_from(cfg, weights, source.path).to(device).eval()
     return LoadedModel(model, load_text_tokenizer(source.tokenizer_file()), source.run, source.step, source.framing())

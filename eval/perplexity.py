@@ -49,26 +49,39 @@ class Totals:
     def result(self, rows: torch.Tensor | slice) -> Perplexity:
         nats, tokens, size = (float(t[rows].sum()) for t in (self.nats, self.tokens, self.bytes))
         loss = nats / tokens
-        return Perplexity(loss=loss, ppl=math.exp(loss), bpb=nats / math.log(2) / max(size, 1),
-                          tokens=int(tokens), bytes=int(size))
+        return Perplexity(
+            loss=loss, ppl=math.exp(loss), bpb=nats / math.log(2) / max(size, 1), tokens=int(tokens), bytes=int(size)
+        )
 
 
 @torch.no_grad()
-def perplexity(model: GPT, samples: LabeledSamples, token_bytes: torch.Tensor, batch_size: int,
-               device: torch.device, direction: str = "forward") -> dict[str, Perplexity]:
+def perplexity(
+    model: GPT,
+    samples: LabeledSamples,
+    token_bytes: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    direction: str = "forward",
+) -> dict[str, Perplexity]:
     """Results over all samples ("all") and over each language's samples, in the model's reading
     `direction` (backward: each sample reversed, as the model was trained). Only training targets
     count (labels not IGNORE_INDEX), so instruction shards score the responses. Raises DslmError,
     before any batch, when a batch cannot fit in the memory `device` has free."""
     rows = min(batch_size, len(samples))
-    check_fits(forward_bytes(model.cfg, rows, samples.seq_len, model.wte.weight.element_size(), loss=True), device,
-               f"a batch of {rows} samples", "lower --batch-size")
+    check_fits(
+        forward_bytes(model.cfg, rows, samples.seq_len, model.wte.weight.element_size(), loss=True),
+        device,
+        f"a batch of {rows} samples",
+        "lower --batch-size",
+    )
     totals = Totals(len(samples.languages))
     for batch, labels in tqdm(DataLoader(samples, batch_size=batch_size), desc="perplexity", unit="batch", leave=False):
         batch = to_device(batch, device)
         inputs, targets = next_token(reverse(batch) if direction == "backward" else batch)
         logits = model(inputs)  # (B, T, V)
-        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)  # (B,): 0 where ignored
+        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(
+            1
+        )  # (B,): 0 where ignored
         counted = (targets != IGNORE_INDEX).cpu()
         totals.add(labels, nats.cpu(), counted.sum(1), (token_bytes[targets.cpu().clamp(min=0)] * counted).sum(1))
     results = {ALL: totals.result(slice(None))}

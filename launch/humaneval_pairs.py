@@ -53,8 +53,9 @@ def pairs(short: bool) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="humaneval_pairs", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="humaneval_pairs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", type=Path, help="the jsonl file to write")
     p.add_argument("--short", action="store_true", help="first docstring sentence -> signature line")
     args = p.parse_args(argv)

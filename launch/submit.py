@@ -96,7 +96,9 @@ class SlurmConfig:
         if self.executor == "auto":
             self.executor = "slurm" if shutil.which("sbatch") else "local"
         if self.executor == "slurm" and not shutil.which("sbatch"):
-            raise DslmError("--executor slurm: sbatch is not on the PATH (use --executor local on a machine without SLURM)")
+            raise DslmError(
+                "--executor slurm: sbatch is not on the PATH (use --executor local on a machine without SLURM)"
+            )
         if self.executor == "local" and self.nodes != 1:
             raise DslmError(f"--executor local runs on this machine only: --nodes {self.nodes} needs SLURM")
         for name in ("nodes", "time_min"):
@@ -130,6 +132,7 @@ def parse_minutes(text: str) -> int:
 
 # --- what runs in every task -------------------------------------------------------------------
 
+
 def rank_env(job: submitit.JobEnvironment) -> dict[str, str]:
     """torch.distributed's variables for this task, from the scheduler's environment."""
     from dslm.engine import rendezvous_port  # deepspeed: only in the tasks
@@ -140,8 +143,8 @@ def rank_env(job: submitit.JobEnvironment) -> dict[str, str]:
         "WORLD_SIZE": str(job.num_tasks),
         "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
         "MASTER_ADDR": job.hostnames[0],
-        "MASTER_PORT": os.environ.get("DSLM_MASTER_PORT") or str(rendezvous_port(
-            int(re.sub(r"\D", "", job.job_id) or 0), int(os.environ.get("SLURM_RESTART_COUNT", 0)))),
+        "MASTER_PORT": os.environ.get("DSLM_MASTER_PORT")
+        or str(rendezvous_port(int(re.sub(r"\D", "", job.job_id) or 0), int(os.environ.get("SLURM_RESTART_COUNT", 0)))),
     }
 
 
@@ -193,8 +196,10 @@ class ChildJob:
             os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler calls `checkpoint` and requeues
             time.sleep(60)  # the handler exits this process
         if status == EXIT_STOPPED:
-            raise DslmError(f"{name} stopped at a checkpoint on a signal submitit does not handle (SIGTERM: "
-                            f"preemption?); the job resumes if SLURM requeues it, else resubmit with --resume auto")
+            raise DslmError(
+                f"{name} stopped at a checkpoint on a signal submitit does not handle (SIGTERM: "
+                f"preemption?); the job resumes if SLURM requeues it, else resubmit with --resume auto"
+            )
         if status != 0:
             raise DslmError(f"{name} exited with status {status}")
         return status
@@ -229,6 +234,7 @@ class TrainJob(ChildJob):
 
 # --- submission --------------------------------------------------------------------------------
 
+
 def make_executor(cfg: SlurmConfig, folder: Path, name: str, after: str | None = None) -> submitit.Executor:
     """submitit's executor for `cfg`, its logs in `folder`; on SLURM, a job named `name` that starts
     once job `after` (every task of it, for an array) has succeeded (sbatch --dependency=afterok),
@@ -237,17 +243,28 @@ def make_executor(cfg: SlurmConfig, folder: Path, name: str, after: str | None =
     check_creatable(folder)
     if cfg.executor == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
-        executor.update_parameters(timeout_min=cfg.time_min, tasks_per_node=cfg.ranks_per_node,
-                                   gpus_per_node=cfg.gpus_per_node, signal_delay_s=cfg.signal_delay_s,
-                                   stderr_to_stdout=True)
+        executor.update_parameters(
+            timeout_min=cfg.time_min,
+            tasks_per_node=cfg.ranks_per_node,
+            gpus_per_node=cfg.gpus_per_node,
+            signal_delay_s=cfg.signal_delay_s,
+            stderr_to_stdout=True,
+        )
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
     executor.update_parameters(
-        job_name=name, nodes=cfg.nodes, ntasks_per_node=cfg.ranks_per_node, gpus_per_node=cfg.gpus_per_node,
-        time=cfg.time_min, signal_delay_s=cfg.signal_delay_s, partition=cfg.partition,
-        cpus_per_task=cfg.cpus_per_task, stderr_to_stdout=True,
+        job_name=name,
+        nodes=cfg.nodes,
+        ntasks_per_node=cfg.ranks_per_node,
+        gpus_per_node=cfg.gpus_per_node,
+        time=cfg.time_min,
+        signal_delay_s=cfg.signal_delay_s,
+        partition=cfg.partition,
+        cpus_per_task=cfg.cpus_per_task,
+        stderr_to_stdout=True,
         # one rank dying ends every task of the job instead of leaving the others in a collective
-        srun_args=["--kill-on-bad-exit=1"], dependency=f"afterok:{after}" if after else None,
+        srun_args=["--kill-on-bad-exit=1"],
+        dependency=f"afterok:{after}" if after else None,
         additional_parameters={**({"kill_on_invalid_dep": "yes"} if after else {}), **cfg.extra},
     )
     return executor
@@ -255,25 +272,33 @@ def make_executor(cfg: SlurmConfig, folder: Path, name: str, after: str | None =
 
 def describe(executor: submitit.Executor, cfg: SlurmConfig, job: ChildJob, folder: Path) -> str:
     """What --dry-run prints: the command every task runs and, on SLURM, the sbatch script."""
-    lines = [executor_line(cfg), f"logs: {folder}",
-             f"each task: RANK=... WORLD_SIZE={cfg.nodes * cfg.ranks_per_node} {shlex.join(job.command())}"]
+    lines = [
+        executor_line(cfg),
+        f"logs: {folder}",
+        f"each task: RANK=... WORLD_SIZE={cfg.nodes * cfg.ranks_per_node} {shlex.join(job.command())}",
+    ]
     if isinstance(executor, submitit.SlurmExecutor):
         lines += ["sbatch script:", sbatch_script(executor)]
     return "\n".join(lines)
 
 
 def executor_line(cfg: SlurmConfig) -> str:
-    return (f"executor: {cfg.executor}, {counted(cfg.nodes, 'node')} x {counted(cfg.ranks_per_node, 'task')}, "
-            f"{counted(cfg.gpus_per_node, 'GPU')} per node, {cfg.time_min} min, at most "
-            f"{counted(cfg.max_requeues, 'requeue')}")
+    return (
+        f"executor: {cfg.executor}, {counted(cfg.nodes, 'node')} x {counted(cfg.ranks_per_node, 'task')}, "
+        f"{counted(cfg.gpus_per_node, 'GPU')} per node, {cfg.time_min} min, at most "
+        f"{counted(cfg.max_requeues, 'requeue')}"
+    )
 
 
 def sbatch_script(executor: submitit.SlurmExecutor) -> str:
     """The sbatch script submitit would submit, from its own private text builder (submitit has no
     public way to show it): checked to exist with the signature it had in the pinned version."""
-    require("submitit", "SlurmExecutor has _make_submission_file_text(command, uid) and _submitit_command_str",
-            has_method(executor, "_make_submission_file_text", ("command", "uid"))
-            and isinstance(getattr(executor, "_submitit_command_str", None), str))
+    require(
+        "submitit",
+        "SlurmExecutor has _make_submission_file_text(command, uid) and _submitit_command_str",
+        has_method(executor, "_make_submission_file_text", ("command", "uid"))
+        and isinstance(getattr(executor, "_submitit_command_str", None), str),
+    )
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
@@ -330,12 +355,13 @@ def wait_in_order(jobs: list[tuple[str, submitit.Job]], folder: Path) -> None:
         try:
             wait_for(job, task_log(folder, job), name)
         except SystemExit:
-            for _, other in jobs[i + 1:]:
+            for _, other in jobs[i + 1 :]:
                 other.cancel(check=False)
             raise
 
 
 # --- the command line --------------------------------------------------------------------------
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -361,22 +387,41 @@ def launcher_parser(ranks: bool) -> argparse.ArgumentParser:
     multi-rank job (--nodes, --gpus-per-node, --tasks-per-node)."""
     launcher = argparse.ArgumentParser(add_help=False)
     g = launcher.add_argument_group("where the job runs")
-    g.add_argument("--executor", choices=EXECUTORS, default="auto",
-                   help="slurm (sbatch via submitit), local (this machine), auto: slurm when sbatch is on the PATH")
+    g.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="auto",
+        help="slurm (sbatch via submitit), local (this machine), auto: slurm when sbatch is on the PATH",
+    )
     if ranks:
         g.add_argument("--nodes", type=int, default=1, help="(default: %(default)s)")
         g.add_argument("--gpus-per-node", type=int, default=0, help="(default: %(default)s)")
-        g.add_argument("--tasks-per-node", type=int, default=0,
-                       help="ranks per node (default: one per GPU, 1 without GPUs)")
+        g.add_argument(
+            "--tasks-per-node", type=int, default=0, help="ranks per node (default: one per GPU, 1 without GPUs)"
+        )
     g.add_argument("--time", default="24:00:00", help="time limit, in SLURM's formats (default: %(default)s)")
     g.add_argument("--partition")
     g.add_argument("--cpus-per-task", type=int, help="SLURM's --cpus-per-task (default: the cluster's)")
-    g.add_argument("--max-requeues", type=int, default=3,
-                   help="requeues on timeout or preemption before giving up (default: %(default)s)")
-    g.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
-                   help="checkpoint and stop this long before the time limit (default: %(default)s)")
-    g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                   help="another sbatch option, e.g. account=myproj or qos=high (repeatable)")
+    g.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="requeues on timeout or preemption before giving up (default: %(default)s)",
+    )
+    g.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="checkpoint and stop this long before the time limit (default: %(default)s)",
+    )
+    g.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sbatch option, e.g. account=myproj or qos=high (repeatable)",
+    )
     g.add_argument("--dry-run", action="store_true", help="print what would be submitted and exit")
     g.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it failed")
     return launcher
@@ -384,18 +429,27 @@ def launcher_parser(ranks: bool) -> argparse.ArgumentParser:
 
 def add_shard_parser(sub: argparse._SubParsersAction) -> None:
     shard = sub.add_parser(
-        "shard", parents=[launcher_parser(ranks=False)], allow_abbrev=False,
+        "shard",
+        parents=[launcher_parser(ranks=False)],
+        allow_abbrev=False,
         usage=f"{PROG} shard --tasks N [options] DSLM-SHARD-BUILD-ARGUMENTS ...",
         help="a distributed dslm-shard build: N tasks per stage (SLURM job arrays), then the merge",
         description="Run `dslm-shard build` as N tasks per stage (digests, dedup, write; each stage after "
-                    "the one before) and then `dslm-shard merge OUT`. Every argument not listed here, in "
-                    "full, is dslm-shard build's (see dslm-shard build --help); dslm-submit gives each task "
-                    "its --tasks, --task and --stage, and clears an earlier build in OUT itself on "
-                    "--overwrite. SLURM: one job array per stage and the merge, chained by afterok, each "
-                    "task on one node with --cpus-per-task cores. Local: the stages run one after the "
-                    "other, each task with --workers cores/N unless given, and dslm-submit waits for them.")
-    shard.add_argument("--tasks", type=int, action="append", required=True, metavar="N",
-                       help="tasks per stage, >= 1; each one reads and writes its part of OUT")
+        "the one before) and then `dslm-shard merge OUT`. Every argument not listed here, in "
+        "full, is dslm-shard build's (see dslm-shard build --help); dslm-submit gives each task "
+        "its --tasks, --task and --stage, and clears an earlier build in OUT itself on "
+        "--overwrite. SLURM: one job array per stage and the merge, chained by afterok, each "
+        "task on one node with --cpus-per-task cores. Local: the stages run one after the "
+        "other, each task with --workers cores/N unless given, and dslm-submit waits for them.",
+    )
+    shard.add_argument(
+        "--tasks",
+        type=int,
+        action="append",
+        required=True,
+        metavar="N",
+        help="tasks per stage, >= 1; each one reads and writes its part of OUT",
+    )
     shard.set_defaults(nodes=1, gpus_per_node=0, tasks_per_node=1)  # every task is one process
 
 
@@ -403,10 +457,18 @@ def slurm_config(args: argparse.Namespace) -> SlurmConfig:
     bad = [kv for kv in args.slurm if "=" not in kv]
     if bad:
         raise DslmError(f"--slurm {bad[0]!r} is not KEY=VALUE")
-    return SlurmConfig(executor=args.executor, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                       tasks_per_node=args.tasks_per_node, time_min=parse_minutes(args.time),
-                       partition=args.partition, cpus_per_task=args.cpus_per_task, max_requeues=args.max_requeues,
-                       signal_delay_s=args.signal_delay, extra=dict(kv.split("=", 1) for kv in args.slurm))
+    return SlurmConfig(
+        executor=args.executor,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        time_min=parse_minutes(args.time),
+        partition=args.partition,
+        cpus_per_task=args.cpus_per_task,
+        max_requeues=args.max_requeues,
+        signal_delay_s=args.signal_delay,
+        extra=dict(kv.split("=", 1) for kv in args.slurm),
+    )
 
 
 def bin_of(command: str) -> str:
@@ -422,7 +484,9 @@ def train_job(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[TrainJob, Pat
     if len(recipe) > 1:
         raise DslmError(f"one recipe at most, got {' '.join(recipe)}")
     argv = (["--config", recipe[0]] if recipe else []) + [a for a in args.args if "=" in a]
-    argv += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + (["--resume", args.resume] if args.resume else [])
+    argv += (["--deepspeed", args.deepspeed] if args.deepspeed else []) + (
+        ["--resume", args.resume] if args.resume else []
+    )
     run_cfg = resolve_config(train_args(argv))  # fails here, not in the queue, on a bad recipe or override
     run_dir = run_cfg.run_dir.path.resolve()
     job = TrainJob(argv=[bin_of("dslm-train"), *argv], max_requeues=cfg.max_requeues)
@@ -454,9 +518,12 @@ def run(args: argparse.Namespace) -> None:
         return
     [submitted] = submit_array(executor, [job])
     log = task_log(folder, submitted)
-    print(f"{PROG}: submitted {args.kind} job {submitted.job_id} ({cfg.executor}, "
-          f"{counted(cfg.nodes, 'node')} x {counted(cfg.ranks_per_node, 'task')}) for {run_dir}\n  log:         {log}\n"
-          f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+    print(
+        f"{PROG}: submitted {args.kind} job {submitted.job_id} ({cfg.executor}, "
+        f"{counted(cfg.nodes, 'node')} x {counted(cfg.ranks_per_node, 'task')}) for {run_dir}\n  log:         {log}\n"
+        f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}",
+        flush=True,
+    )
     if args.wait:
         wait_for(submitted, log)
 
@@ -480,8 +547,17 @@ class ShardJobs:
     max_requeues: int
 
     def task(self, stage: str, k: int | str) -> ChildJob:
-        argv = [bin_of("dslm-shard"), "build", *self.build_args, "--tasks", str(self.tasks), "--task", str(k),
-                "--stage", stage]
+        argv = [
+            bin_of("dslm-shard"),
+            "build",
+            *self.build_args,
+            "--tasks",
+            str(self.tasks),
+            "--task",
+            str(k),
+            "--stage",
+            stage,
+        ]
         return ChildJob(argv=argv, max_requeues=self.max_requeues, in_group=False)
 
     def merge(self) -> ChildJob:
@@ -512,8 +588,10 @@ def shard_build(args: argparse.Namespace, cfg: SlurmConfig) -> tuple[ShardJobs, 
     check_tasks(tasks)
     refused = [a for a in args.build_args if names_option(a, *TASK_OPTIONS)]
     if refused:
-        raise DslmError(f"{refused[0]}: dslm-submit gives every task its --tasks, --task and --stage; "
-                        "leave them out of dslm-shard build's arguments")
+        raise DslmError(
+            f"{refused[0]}: dslm-submit gives every task its --tasks, --task and --stage; "
+            "leave them out of dslm-shard build's arguments"
+        )
     overwrite = any(names_option(a, "--overwrite") for a in args.build_args)
     build_args = [a for a in args.build_args if not names_option(a, "--overwrite")]
     if cfg.executor == "local" and not any(names_option(a, "--workers") for a in build_args):
@@ -599,11 +677,15 @@ def describe_shard(build: ShardJobs, cfg: SlurmConfig, folder: Path, overwrite: 
     lines = [f"{executor_line(cfg)}, for each task of each step", f"logs: {folder}"]
     if overwrite:
         lines.append(f"first: the earlier build in {build.out} is cleared, here (--overwrite)")
-    lines.append(f"steps: {' -> '.join([*build.stages, 'merge'])}, each once every task of the one "
-                 f"before has succeeded ({'sbatch --dependency=afterok' if slurm else 'dslm-submit waits'})")
+    lines.append(
+        f"steps: {' -> '.join([*build.stages, 'merge'])}, each once every task of the one "
+        f"before has succeeded ({'sbatch --dependency=afterok' if slurm else 'dslm-submit waits'})"
+    )
     for stage in build.stages:
-        lines += [f"{stage}: {counted(build.tasks, 'task')}, K = 0 .. {build.tasks - 1}",
-                  f"  {shlex.join(build.task(stage, 'K').argv)}"]
+        lines += [
+            f"{stage}: {counted(build.tasks, 'task')}, K = 0 .. {build.tasks - 1}",
+            f"  {shlex.join(build.task(stage, 'K').argv)}",
+        ]
     lines += ["merge: 1 task", f"  {shlex.join(build.merge().argv)}"]
     if slurm:
         after = None

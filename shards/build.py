@@ -22,14 +22,33 @@ from dslm.errors import DslmError
 from dslm.files import atomic_copy, atomic_write_text, check_creatable, exclusive, make_folder, sha256_file, tmp_path
 from dslm.logs import warning
 from dslm.memory import USABLE, available_host_memory, gib
-from dslm_shards.dedup import (DocPosition, ListedDuplicates, SeenDigests, Stamp, find_duplicates, is_done, lock_file,
-                               records, write_digest_buckets)
+from dslm_shards.dedup import (
+    DocPosition,
+    ListedDuplicates,
+    SeenDigests,
+    Stamp,
+    find_duplicates,
+    is_done,
+    lock_file,
+    records,
+    write_digest_buckets,
+)
 from dslm_shards.encode import Encoded, EncoderConfig, encode_batches
 from dslm_shards.filters import DocumentFilter, FilterConfig
 from dslm_shards.journal import DIGEST_BYTES, DIGESTS_NAME, BuildState, Position, load_state, remove_journal, save_state
 from dslm_shards.sources import Document, Partition, Source, Units, skip
-from dslm_shards.tasks import (LOCK_NAME, TaskTails, clear_build, finished_task, refuse_finished, refuse_tasks,
-                               remove_finished_build, remove_unfinished_build, save_tails, task_dir)
+from dslm_shards.tasks import (
+    LOCK_NAME,
+    TaskTails,
+    clear_build,
+    finished_task,
+    refuse_finished,
+    refuse_tasks,
+    remove_finished_build,
+    remove_unfinished_build,
+    save_tails,
+    task_dir,
+)
 from dslm_shards.tokenizer import check_vocab_size, train_tokenizer
 from dslm_shards.verify import count_samples
 from dslm_shards.writer import TOKENIZER_NAME, Packer, ShardWriter, check_packing, shard_path, warn_unsampled
@@ -91,10 +110,12 @@ class ShardConfig:
         if self.workers < 0:
             raise DslmError(f"workers {self.workers} must not be negative")
         if self.workers * WORKER_BYTES > USABLE * (available := available_host_memory()):
-            raise DslmError(f"--workers {self.workers} would take at least {gib(self.workers * WORKER_BYTES)} (each "
-                            f"worker process about {WORKER_BYTES >> 20} MiB), more than {USABLE:.0%} of the "
-                            f"{gib(available)} of memory available; use at most {int(USABLE * available) // WORKER_BYTES} "
-                            f"(this process may use {all_cores()} cores)")
+            raise DslmError(
+                f"--workers {self.workers} would take at least {gib(self.workers * WORKER_BYTES)} (each "
+                f"worker process about {WORKER_BYTES >> 20} MiB), more than {USABLE:.0%} of the "
+                f"{gib(available)} of memory available; use at most {int(USABLE * available) // WORKER_BYTES} "
+                f"(this process may use {all_cores()} cores)"
+            )
         if self.dtype not in DTYPES:
             raise DslmError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
@@ -116,13 +137,16 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     """The dtype that holds every id of the vocab: `requested`, or the smallest for "auto"."""
     dtype = DTYPES[requested] or (np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32))
     if vocab_size - 1 > np.iinfo(dtype).max:
-        raise DslmError(f"the tokenizer's vocab of {vocab_size:,} ids does not fit {dtype.name} "
-                        f"(ids up to {np.iinfo(dtype).max:,}); use --dtype uint32")
+        raise DslmError(
+            f"the tokenizer's vocab of {vocab_size:,} ids does not fit {dtype.name} "
+            f"(ids up to {np.iinfo(dtype).max:,}); use --dtype uint32"
+        )
     return dtype
 
 
-def kept_documents(source: Source, doc_filter: DocumentFilter, stats: SourceStats,
-                   units: Units | None = None) -> Iterator[Document]:
+def kept_documents(
+    source: Source, doc_filter: DocumentFilter, stats: SourceStats, units: Units | None = None
+) -> Iterator[Document]:
     """The source's documents (of the selected units) that pass the filters, as kept (long
     headers stripped); drops are counted by reason in `stats`."""
     for doc in source.documents(stats, units):
@@ -178,12 +202,20 @@ class TokenizerSample:
 
     def tokens_per_byte(self, tok: Tokenizer) -> dict[tuple[str, str], float]:
         # encode_batch_fast, as the build's workers: the same ids, without the character offsets
-        return {group: sum(len(e.ids) for e in tok.encode_batch_fast(texts)) / sum(len(t.encode()) for t in texts)
-                for group, texts in self.report.items()}
+        return {
+            group: sum(len(e.ids) for e in tok.encode_batch_fast(texts)) / sum(len(t.encode()) for t in texts)
+            for group, texts in self.report.items()
+        }
 
 
-def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_bytes: int, out: Path,
-                             filters: FilterConfig | None = None, overwrite: bool = False) -> dict[tuple[str, str], float]:
+def train_and_save_tokenizer(
+    sources: list[Source],
+    vocab_size: int,
+    sample_bytes: int,
+    out: Path,
+    filters: FilterConfig | None = None,
+    overwrite: bool = False,
+) -> dict[tuple[str, str], float]:
     """Train on a weighted, filtered sample of the sources, write `out`, and return tokens per
     byte for each (source, language). Raises DslmError, before reading anything, for a vocab_size
     or sample_bytes out of range, or when `out` exists and not `overwrite`: a tokenizer replaced
@@ -193,8 +225,9 @@ def train_and_save_tokenizer(sources: list[Source], vocab_size: int, sample_byte
     if out.is_dir():
         raise DslmError(f"{out} is a folder; name the file to write, e.g. {out / TOKENIZER_NAME}")
     if out.exists() and not overwrite:
-        raise DslmError(f"{out} already exists; pass --overwrite to replace it (shards built with it then need a "
-                        f"rebuild)")
+        raise DslmError(
+            f"{out} already exists; pass --overwrite to replace it (shards built with it then need a rebuild)"
+        )
     check_vocab_size(vocab_size)
     if sample_bytes < 1:
         raise DslmError(f"--sample-bytes {sample_bytes} must be at least 1")
@@ -233,7 +266,9 @@ def numbered(docs: Iterator[Document]) -> Iterator[tuple[Document, int]]:
         yield doc, index
 
 
-def read_batches(sources: list[Source], start: Position, cfg: ShardConfig, units: Units | None = None) -> Iterator[Batch]:
+def read_batches(
+    sources: list[Source], start: Position, cfg: ShardConfig, units: Units | None = None
+) -> Iterator[Batch]:
     """Every document of the selected units (all when None) from `start` on, in order, in batches
     of at most `cfg.batch_documents` documents or about `cfg.batch_bytes` of text. The last batch
     of a source ends at the next source, so that the source's trailing skips are counted once."""
@@ -242,8 +277,10 @@ def read_batches(sources: list[Source], start: Position, cfg: ShardConfig, units
         docs = numbered(source.documents(stats, units))
         consumed = start.documents if index == start.source else 0
         if sum(1 for _ in islice(docs, consumed)) < consumed:
-            raise DslmError(f"source {source.spec!r} now holds fewer than the {consumed:,} documents the "
-                            f"unfinished build read from it; pass --overwrite to start over")
+            raise DslmError(
+                f"source {source.spec!r} now holds fewer than the {consumed:,} documents the "
+                f"unfinished build read from it; pass --overwrite to start over"
+            )
         stats.filtered.clear()  # the journal counted the skips before `start`
         batch: list[tuple[Document, int]] = []
         size = 0
@@ -259,8 +296,13 @@ def read_batches(sources: list[Source], start: Position, cfg: ShardConfig, units
 
 def make_batch(source: int, numbered_docs: list[tuple[Document, int]], stats: SourceStats, end: Position) -> Batch:
     """A Batch, taking the skips counted in `stats` since the last one."""
-    batch = Batch(source, [doc for doc, _ in numbered_docs], [(doc.unit, n) for doc, n in numbered_docs],
-                  dict(stats.filtered), end)
+    batch = Batch(
+        source,
+        [doc for doc, _ in numbered_docs],
+        [(doc.unit, n) for doc, n in numbered_docs],
+        dict(stats.filtered),
+        end,
+    )
     stats.filtered.clear()
     return batch
 
@@ -304,8 +346,15 @@ class ShardBuild:
     """The ordered half of a build, in the main process: dedup, copies by weight, packing,
     writing, and the journal that lets a rerun continue."""
 
-    def __init__(self, cfg: ShardConfig, home: Path, sources: list[Source], dtype: np.dtype, state: BuildState,
-                 dedup: SeenDigests | ListedDuplicates):
+    def __init__(
+        self,
+        cfg: ShardConfig,
+        home: Path,
+        sources: list[Source],
+        dtype: np.dtype,
+        state: BuildState,
+        dedup: SeenDigests | ListedDuplicates,
+    ):
         self.cfg = cfg
         self.home = home
         """The folder written: `cfg.out`, or a task's folder in it."""
@@ -314,10 +363,14 @@ class ShardBuild:
         self.state = state
         self.stats = {s.spec: state.sources.get(s.spec, SourceStats()) for s in sources}
         self.dedup = dedup
-        self.writers = {split: ShardWriter(home, split, cfg.samples_per_shard, self.sample_len,
-                                           state.writers.get(split)) for split in SPLITS}
-        self.packers: dict[str, Packer] = {name: Packer(self.sample_len, dtype, pending, state.owners.get(name))
-                                           for name, pending in state.pending.items()}
+        self.writers = {
+            split: ShardWriter(home, split, cfg.samples_per_shard, self.sample_len, state.writers.get(split))
+            for split in SPLITS
+        }
+        self.packers: dict[str, Packer] = {
+            name: Packer(self.sample_len, dtype, pending, state.owners.get(name))
+            for name, pending in state.pending.items()
+        }
         self.dtype = dtype
 
     def consume(self, batch: Batch, results: list[Encoded]) -> bool:
@@ -366,8 +419,10 @@ class ShardBuild:
 
     def leftovers(self) -> tuple[dict[str, list[int]], dict[str, list[list[int]]]]:
         """The tokens waiting in each stream for its next sample, and the sources they came from."""
-        return ({name: p.leftover() for name, p in self.packers.items()},
-                {name: [list(run) for run in p.owners] for name, p in self.packers.items()})
+        return (
+            {name: p.leftover() for name, p in self.packers.items()},
+            {name: [list(run) for run in p.owners] for name, p in self.packers.items()},
+        )
 
     def finish(self) -> list[ShardEntry]:
         """Close the last shards; the tokens left in each stream, fewer than a sample, are dropped
@@ -418,8 +473,17 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
         return write_build(cfg, sources, part, home, key, listed, tok, dtype, started)
 
 
-def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None, home: Path, key: str,
-                listed: ListedDuplicates | None, tok: Tokenizer, dtype: np.dtype, started: float) -> BuildReport:
+def write_build(
+    cfg: ShardConfig,
+    sources: list[Source],
+    part: Partition | None,
+    home: Path,
+    key: str,
+    listed: ListedDuplicates | None,
+    tok: Tokenizer,
+    dtype: np.dtype,
+    started: float,
+) -> BuildReport:
     """build_shards' writing, in `home`, which this process holds."""
     state = start_or_resume(cfg, home, key, part is not None)
     dedup = SeenDigests(home, state.digests, cfg.filters) if listed is None else listed
@@ -432,8 +496,11 @@ def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None,
             if build.consume(batch, results):
                 build.checkpoint(batch.end)
             progress.update(batch)
-            if (part is None and batch.end.source != batch.source
-                    and not build.stats[sources[batch.source].spec].documents):
+            if (
+                part is None
+                and batch.end.source != batch.source
+                and not build.stats[sources[batch.source].spec].documents
+            ):
                 warning(f"source {sources[batch.source].spec!r} gave no documents to write")
     manifest = Manifest(
         tokenizer=TOKENIZER_NAME if part is None else f"../{TOKENIZER_NAME}",
@@ -450,8 +517,9 @@ def write_build(cfg: ShardConfig, sources: list[Source], part: Partition | None,
         if not manifest.split("train"):
             raise DslmError(f"too little text for one training sample of {build.sample_len} tokens")
     else:
-        save_tails(home, TaskTails(listed.stamp.settings, part.tasks, part.task, cfg.samples_per_shard,
-                                   *build.leftovers()))
+        save_tails(
+            home, TaskTails(listed.stamp.settings, part.tasks, part.task, cfg.samples_per_shard, *build.leftovers())
+        )
     manifest.save(home)  # the commit point
     remove_journal(home)
     return BuildReport(manifest, time.monotonic() - started, *progress.written(), resumed)
@@ -565,8 +633,10 @@ def start_or_resume(cfg: ShardConfig, home: Path, key: str, task: bool) -> Build
     fresh = BuildState(key)
     state = load_state(home)
     if state is not None and state.fingerprint != fresh.fingerprint and not cfg.overwrite:
-        raise DslmError(f"{home} holds an unfinished build of other sources or settings; rerun it "
-                        f"with the same ones to resume, or pass --overwrite to start over")
+        raise DslmError(
+            f"{home} holds an unfinished build of other sources or settings; rerun it "
+            f"with the same ones to resume, or pass --overwrite to start over"
+        )
     if state is not None and not cfg.overwrite:
         roll_back_unjournaled(home, state)
     problem = None if state is None or cfg.overwrite else resume_problem(home, state)

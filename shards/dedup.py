@@ -60,6 +60,8 @@ class Stamp:
         theirs = record.get("settings") or {}
         keys = sorted(k for k in {*theirs, *self.settings} if theirs.get(k) != self.settings.get(k))
         return "differing " + ", ".join(keys)
+
+
 RECORD = np.dtype([("d0", "<u8"), ("d1", "<u8"), ("source", "<u4"), ("unit", "<u4"), ("doc", "<u4")])
 """A kept document's digest (MD5, 16 bytes as two little-endian uint64) and its position in the
 global order: source index, unit index within the source, document index within the unit."""
@@ -128,11 +130,21 @@ def find_duplicates(out: Path, bucket: int, stamp: Stamp) -> tuple[int, int]:
     unit % tasks). Returns (records, duplicates). Raises DslmError when a task of pass
     `digests` has not finished, or did with other settings."""
     done = require_done(out, "digests", stamp)
-    rows = in_order(np.concatenate([load_part(digests_dir(out) / f"task-{task:05d}.npy", done[task]["offsets"], bucket)
-                                    for task in range(stamp.tasks)]))
+    rows = in_order(
+        np.concatenate(
+            [
+                load_part(digests_dir(out) / f"task-{task:05d}.npy", done[task]["offsets"], bucket)
+                for task in range(stamp.tasks)
+            ]
+        )
+    )
     dups = later_copies(rows)
-    offsets = save_parts(dups_dir(out) / f"bucket-{bucket:05d}.npy", repack_fields(dups[POSITION]),
-                         dups["unit"] % np.uint32(stamp.tasks), stamp.tasks)
+    offsets = save_parts(
+        dups_dir(out) / f"bucket-{bucket:05d}.npy",
+        repack_fields(dups[POSITION]),
+        dups["unit"] % np.uint32(stamp.tasks),
+        stamp.tasks,
+    )
     save_done(out, "dedup", bucket, stamp, offsets, records=len(rows), duplicates=len(dups))
     return len(rows), len(dups)
 
@@ -160,8 +172,9 @@ def read_record(path: Path) -> dict | None:
     try:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as e:
-        raise DslmError(f"{path} is damaged ({type(e).__name__}: {e}); rerun the stage that wrote it with "
-                        f"--overwrite") from None
+        raise DslmError(
+            f"{path} is damaged ({type(e).__name__}: {e}); rerun the stage that wrote it with --overwrite"
+        ) from None
     if not isinstance(record, dict):
         raise DslmError(f"{path} is damaged (not a JSON object); rerun the stage that wrote it with --overwrite")
     return record
@@ -181,12 +194,16 @@ def require_done(out: Path, stage: str, stamp: Stamp) -> list[dict]:
         path = done_file(out, stage, k)
         record = read_record(path)
         if record is None:
-            raise DslmError(f"{path} is missing: stage {stage} has not finished for task {k} of {stamp.tasks}; run "
-                            f"`dslm-shard build ... --tasks {stamp.tasks} --task {k} --stage {stage}` first")
+            raise DslmError(
+                f"{path} is missing: stage {stage} has not finished for task {k} of {stamp.tasks}; run "
+                f"`dslm-shard build ... --tasks {stamp.tasks} --task {k} --stage {stage}` first"
+            )
         if not stamp.matches(record):
-            raise DslmError(f"stage {stage} of task {k} ran with other sources, settings or inputs than this one "
-                            f"({stamp.differences(record)}; {path}): give every stage and task the same "
-                            f"arguments, or rerun every stage with --overwrite if the inputs changed")
+            raise DslmError(
+                f"stage {stage} of task {k} ran with other sources, settings or inputs than this one "
+                f"({stamp.differences(record)}; {path}): give every stage and task the same "
+                f"arguments, or rerun every stage with --overwrite if the inputs changed"
+            )
         done.append(record)
     return done
 
@@ -195,10 +212,11 @@ def load_part(path: Path, offsets: list[int], k: int) -> np.ndarray:
     """Part `k` of a file written by `save_parts`, reading only its rows. Raises DslmError for a
     file that is not such an array (damaged)."""
     try:
-        return np.array(np.load(path, mmap_mode="r")[offsets[k]:offsets[k + 1]])
+        return np.array(np.load(path, mmap_mode="r")[offsets[k] : offsets[k + 1]])
     except (ValueError, OSError, IndexError) as e:
-        raise DslmError(f"{path} is damaged ({type(e).__name__}: {e}); rerun the stage that wrote it with "
-                        f"--overwrite") from None
+        raise DslmError(
+            f"{path} is damaged ({type(e).__name__}: {e}); rerun the stage that wrote it with --overwrite"
+        ) from None
 
 
 class ListedDuplicates:

@@ -67,18 +67,28 @@ class Encoder:
         verdicts = [self.filter.check(doc) for doc in docs]
         kept = [v.text for v in verdicts if v.text is not None]
         if not self.cfg.tokenize:
-            return [Encoded(None, v.header_stripped, text_digest(v.text)) if v.text is not None else Encoded(v.reason)
-                    for v in verdicts]
+            return [
+                Encoded(None, v.header_stripped, text_digest(v.text)) if v.text is not None else Encoded(v.reason)
+                for v in verdicts
+            ]
         # encode_batch_fast skips the character offsets, which shards never use
         encodings = iter(self.tok.encode_batch_fast(kept))
-        return [self.frame(v.text, next(encodings).ids, v.header_stripped) if v.text is not None
-                else Encoded(v.reason) for v in verdicts]
+        return [
+            self.frame(v.text, next(encodings).ids, v.header_stripped) if v.text is not None else Encoded(v.reason)
+            for v in verdicts
+        ]
 
     def frame(self, text: str, ids: list[int], header_stripped: bool) -> Encoded:
         framed = np.empty(len(ids) + 2, dtype=self.cfg.dtype)
         framed[0], framed[1:-1], framed[-1] = BOS_ID, ids, EOS_ID
-        return Encoded(reason=None, header_stripped=header_stripped, digest=text_digest(text),
-                       split=split_of(text, self.cfg.val_fraction), bytes=len(text.encode()), ids=framed)
+        return Encoded(
+            reason=None,
+            header_stripped=header_stripped,
+            digest=text_digest(text),
+            split=split_of(text, self.cfg.val_fraction),
+            bytes=len(text.encode()),
+            ids=framed,
+        )
 
 
 _worker_encoder: Encoder | None = None
@@ -96,16 +106,18 @@ def encode_in_worker(docs: list[Document]) -> list[Encoded]:
     return _worker_encoder(docs)
 
 
-def encode_batches(cfg: EncoderConfig, batches: Iterable[T], docs_of: Callable[[T], list[Document]],
-                   workers: int) -> Iterator[tuple[T, list[Encoded]]]:
+def encode_batches(
+    cfg: EncoderConfig, batches: Iterable[T], docs_of: Callable[[T], list[Document]], workers: int
+) -> Iterator[tuple[T, list[Encoded]]]:
     """Each batch with its encoded documents, in input order. `workers` processes encode at most
     2 x `workers` batches ahead of the consumer, so memory stays bounded; 0 encodes inline."""
     if workers == 0:
         encoder = Encoder(cfg)
         yield from ((batch, encoder(docs_of(batch))) for batch in batches)
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=start_worker,
-                             initargs=(cfg,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=start_worker, initargs=(cfg,)
+    ) as pool:
         pending: deque[tuple[T, Future[list[Encoded]]]] = deque()
         for batch in batches:
             pending.append((batch, pool.submit(encode_in_worker, docs_of(batch))))

@@ -109,11 +109,20 @@ TEST_FOLDERS = frozenset({"test", "tests", "testing"})
 
 TEST_FILE_PATTERNS = (
     # pytest's default discovery, plus Django's tests.py and pytest's conftest.py
-    "test_*.py", "*_test.py", "test.py", "tests.py", "conftest.py",
+    "test_*.py",
+    "*_test.py",
+    "test.py",
+    "tests.py",
+    "conftest.py",
     # Maven Surefire's default includes
-    "Test*.java", "*Test.java", "*Tests.java", "*TestCase.java",
+    "Test*.java",
+    "*Test.java",
+    "*Tests.java",
+    "*TestCase.java",
     # C: the same names as Python's
-    "test_*.c", "*_test.c", "test.c",
+    "test_*.c",
+    "*_test.c",
+    "test.c",
 )
 
 
@@ -182,7 +191,7 @@ def strip_header(text: str, language: str, max_lines: int) -> str:
     if span_lines(text, start, end) <= max_lines:
         return text
     # the end of the header's last line and the blank lines after it go with it
-    return text[:keep] + text[BLANK_LINES.match(text, end).end():]
+    return text[:keep] + text[BLANK_LINES.match(text, end).end() :]
 
 
 # --- measures ---------------------------------------------------------------------------------

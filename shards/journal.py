@@ -65,8 +65,10 @@ def load_state(out: Path) -> BuildState | None:
         fingerprint=raw["fingerprint"],
         position=Position(**raw["position"]),
         sources={spec: SourceStats(**s) for spec, s in raw["sources"].items()},
-        writers={split: WriterState(**{**w, "entries": [ShardEntry(**e) for e in w["entries"]]})
-                 for split, w in raw["writers"].items()},
+        writers={
+            split: WriterState(**{**w, "entries": [ShardEntry(**e) for e in w["entries"]]})
+            for split, w in raw["writers"].items()
+        },
         pending=raw["pending"],
         owners=raw.get("owners", {}),  # absent from journals written before it was kept
         digests=raw["digests"],
@@ -90,7 +92,7 @@ class DigestLog:
     def load(self) -> set[bytes]:
         with open(self.path, "rb") as f:
             data = f.read(self.count * DIGEST_BYTES)
-        return {data[i:i + DIGEST_BYTES] for i in range(0, len(data), DIGEST_BYTES)}
+        return {data[i : i + DIGEST_BYTES] for i in range(0, len(data), DIGEST_BYTES)}
 
     def add(self, digest: bytes) -> None:
         self._file.write(digest)

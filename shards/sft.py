@@ -228,8 +228,10 @@ class BadRecords:
 
     def close(self) -> None:
         if self.count > self.shown:
-            warning(f"skipped {self.count - self.shown:,} more bad records in {self.file} "
-                               f"(warnings stop at {self.shown} a file)")
+            warning(
+                f"skipped {self.count - self.shown:,} more bad records in {self.file} "
+                f"(warnings stop at {self.shown} a file)"
+            )
 
 
 def file_records(file: Path, fields: RecordFields) -> Iterator[tuple[str, bytes | dict[str, Any]]]:
@@ -312,8 +314,7 @@ class SftBuild:
         self.stats = {spec: SourceStats() for spec in cfg.sources}
         self.seen: set[bytes] = set()
         self.packers = {split: ExamplePacker(self.sample_len, dtype) for split in SPLITS}
-        self.writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard, self.sample_len)
-                        for split in SPLITS}
+        self.writers = {split: ShardWriter(cfg.out, split, cfg.samples_per_shard, self.sample_len) for split in SPLITS}
 
     def add(self, example: tuple[str, str], stats: SourceStats) -> None:
         """Write one example, unless it repeats an earlier one or is longer than a sample."""
@@ -413,4 +414,3 @@ def sft_manifest(cfg: SftConfig, tok: Tokenizer, build: SftBuild) -> Manifest:
         masks=True,
         direction=cfg.direction,
     )
-

@@ -69,8 +69,10 @@ PARQUET_BATCH_ROWS = 1024
 
 KEYS = {"code": {"weight"}, "text": {"weight", "field"}, "fineweb": {"weight", "config"}}
 """The keys each kind of source takes after its PATH."""
-USAGE = ("code:FOLDER|ARCHIVE, text:FILES or fineweb:[REPO|FILES], then optional ,key=value: "
-         "weight=FLOAT (any kind), field=NAME (text), config=NAME (fineweb)")
+USAGE = (
+    "code:FOLDER|ARCHIVE, text:FILES or fineweb:[REPO|FILES], then optional ,key=value: "
+    "weight=FLOAT (any kind), field=NAME (text), config=NAME (fineweb)"
+)
 WILDCARD = re.compile(r"[*?[]")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 BOM = "\ufeff"
@@ -255,8 +257,10 @@ class FineWebSource:
         for record in records:
             missing = [column for column in FINEWEB_COLUMNS if column not in record]
             if missing:
-                raise DslmError(f"source {self.spec!r}: the records lack FineWeb's "
-                                f"{'column' if len(missing) == 1 else 'columns'} {', '.join(missing)}")
+                raise DslmError(
+                    f"source {self.spec!r}: the records lack FineWeb's "
+                    f"{'column' if len(missing) == 1 else 'columns'} {', '.join(missing)}"
+                )
             text = clean_text(record["text"], stats)
             if text is not None:
                 yield Document(id=str(record["id"]), text=text, language=record["language"] or "en", unit=unit)
@@ -368,7 +372,7 @@ def clean_text(value: object, stats: SourceStats) -> str | None:
 def jsonl_lines(path: Path) -> Iterator[tuple[str, bytes]]:
     """(`PATH:LINE`, the raw line) per line of a .jsonl or .jsonl.gz file (lines from 1), read
     one line at a time."""
-    with (gzip.open(path) if path.name.endswith(".gz") else open(path, "rb")) as lines:
+    with gzip.open(path) if path.name.endswith(".gz") else open(path, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             yield f"{path}:{number}", raw
 
@@ -394,8 +398,10 @@ def parquet_values(path: Path, field: str, row_group: int | None = None) -> Iter
     or all, read in bounded record batches."""
     parquet = pq.ParquetFile(path)
     if field not in parquet.schema_arrow.names:
-        raise DslmError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
-                        f"name the text column with field=NAME")
+        raise DslmError(
+            f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
+            f"name the text column with field=NAME"
+        )
     for where, row in parquet_rows(path, [field], row_group):
         yield where, row[field]
 
@@ -427,8 +433,9 @@ def archive_names(path: Path, keep: Callable[[str], bool]) -> list[str]:
         return sorted((m.name for m in archive.getmembers() if m.isfile() and keep(m.name)), key=PurePosixPath)
 
 
-def archive_members(path: Path, keep: Callable[[str], bool], stats: SourceStats,
-                    units: Units = everything) -> Iterator[tuple[int, str, bytes]]:
+def archive_members(
+    path: Path, keep: Callable[[str], bool], stats: SourceStats, units: Units = everything
+) -> Iterator[tuple[int, str, bytes]]:
     """(index, member name, content) of the wanted members of a zip or tar that `units` selects
     by their index in sorted name order; a member that fails to read (bad checksum) is counted
     as unreadable_file."""
@@ -441,8 +448,10 @@ def archive_members(path: Path, keep: Callable[[str], bool], stats: SourceStats,
     with open_tar(path) as archive:
         members = [m for m in archive.getmembers() if m.isfile() and keep(m.name)]
         for index, member in enumerate(sorted(members, key=lambda m: PurePosixPath(m.name))):
-            if units(index) and (raw := read_or_skip(path / member.name, archive.extractfile(member).read,
-                                                     stats)) is not None:
+            if (
+                units(index)
+                and (raw := read_or_skip(path / member.name, archive.extractfile(member).read, stats)) is not None
+            ):
                 yield index, member.name, raw
 
 
@@ -563,8 +572,9 @@ def code_source(spec: str, path: str, exclude: tuple[str, ...], weight: float) -
     return CodeSource(spec=spec, root=root, exclude=exclude, weight=weight)
 
 
-def fineweb_source(spec: str, path: str, options: dict[str, str], exclude: tuple[str, ...],
-                   weight: float) -> FineWebSource:
+def fineweb_source(
+    spec: str, path: str, options: dict[str, str], exclude: tuple[str, ...], weight: float
+) -> FineWebSource:
     if is_hub_id(path):
         return FineWebSource(spec=spec, path=path, exclude=exclude, weight=weight, **options)
     if "config" in options:

@@ -82,18 +82,24 @@ def refuse_finished(out: Path) -> None:
     """A stage of a distributed build does not touch a finished build, or an unfinished one of
     one process."""
     if (out / MANIFEST_NAME).exists():
-        raise DslmError(f"{out} already holds a finished build (manifest.json); to build it again, remove it "
-                        f"(dslm-submit shard --overwrite does)")
+        raise DslmError(
+            f"{out} already holds a finished build (manifest.json); to build it again, remove it "
+            f"(dslm-submit shard --overwrite does)"
+        )
     if (out / JOURNAL_NAME).exists():
-        raise DslmError(f"{out} holds an unfinished build of one process ({JOURNAL_NAME}); finish it with "
-                        f"`dslm-shard build` without --tasks, or remove it")
+        raise DslmError(
+            f"{out} holds an unfinished build of one process ({JOURNAL_NAME}); finish it with "
+            f"`dslm-shard build` without --tasks, or remove it"
+        )
 
 
 def refuse_tasks(out: Path) -> None:
     """A build of one process does not write beside the tasks of a split one."""
     if task_folders(out) or (out / DEDUP_DIR).exists():
-        raise DslmError(f"{out} holds a build split over tasks (task-NNNNN/, dedup/); finish it with "
-                        f"`dslm-shard merge`, or pass --overwrite to replace it")
+        raise DslmError(
+            f"{out} holds a build split over tasks (task-NNNNN/, dedup/); finish it with "
+            f"`dslm-shard merge`, or pass --overwrite to replace it"
+        )
 
 
 def finished_task(home: Path, stamp: Stamp, part: Partition) -> Manifest | None:
@@ -152,30 +158,43 @@ def finished_tasks(out: Path) -> list[Finished]:
     has not finished, or tasks of different inputs, settings or task counts."""
     folders = task_folders(out)
     if not folders:
-        raise DslmError(f"{out} holds no task of a distributed build (task-NNNNN/ folders): run "
-                        f"`dslm-shard build ... --tasks N --task K` first")
+        raise DslmError(
+            f"{out} holds no task of a distributed build (task-NNNNN/ folders): run "
+            f"`dslm-shard build ... --tasks N --task K` first"
+        )
     first = next((tails for tails in map(load_tails, folders) if tails is not None), None)
     if first is None:
-        raise DslmError(f"no task in {out} has finished stage write ({', '.join(f.name for f in folders)} "
-                        f"started); run every task's stage write, then merge")
+        raise DslmError(
+            f"no task in {out} has finished stage write ({', '.join(f.name for f in folders)} "
+            f"started); run every task's stage write, then merge"
+        )
     stamp, done = Stamp(first.settings, first.tasks), []
     for k in range(first.tasks):
         home = task_dir(out, k)
         tails = load_tails(home)
-        missing = [name for name, there in ((TAILS_NAME, tails is not None),
-                                            (MANIFEST_NAME, (home / MANIFEST_NAME).exists())) if not there]
+        missing = [
+            name
+            for name, there in ((TAILS_NAME, tails is not None), (MANIFEST_NAME, (home / MANIFEST_NAME).exists()))
+            if not there
+        ]
         if missing:
-            raise DslmError(f"task {k} of {first.tasks} has not finished ({home} has no {' or '.join(missing)}): "
-                            f"rerun `dslm-shard build ... --tasks {first.tasks} --task {k} --stage write`, then merge")
+            raise DslmError(
+                f"task {k} of {first.tasks} has not finished ({home} has no {' or '.join(missing)}): "
+                f"rerun `dslm-shard build ... --tasks {first.tasks} --task {k} --stage write`, then merge"
+            )
         if not stamp.matches(dataclasses.asdict(tails)) or tails.task != k:
-            raise DslmError(f"task {k} in {home} ran with other sources, settings or inputs than task {first.task} "
-                            f"({stamp.differences(dataclasses.asdict(tails))}); rebuild the tasks with the same "
-                            f"arguments")
+            raise DslmError(
+                f"task {k} in {home} ran with other sources, settings or inputs than task {first.task} "
+                f"({stamp.differences(dataclasses.asdict(tails))}); rebuild the tasks with the same "
+                f"arguments"
+            )
         done.append(Finished(home, Manifest.load(home), tails))
     extra = [f.name for f in folders if int(TASK_DIR.fullmatch(f.name).group(1)) >= first.tasks]
     if extra:
-        raise DslmError(f"{out} holds {', '.join(extra)}, beyond the {first.tasks} tasks of this build: left by a "
-                        f"build with more --tasks; remove them")
+        raise DslmError(
+            f"{out} holds {', '.join(extra)}, beyond the {first.tasks} tasks of this build: left by a "
+            f"build with more --tasks; remove them"
+        )
     return done
 
 
@@ -188,13 +207,15 @@ def merge_build(out: Path) -> Manifest:
     first = done[0].manifest
     tokenizer = out / TOKENIZER_NAME
     if not tokenizer.is_file() or sha256_file(tokenizer) != first.tokenizer_sha256:
-        raise DslmError(f"{tokenizer} is missing or not the tasks' tokenizer: stage digests of task 0 places "
-                        f"it; rerun that task")
+        raise DslmError(
+            f"{tokenizer} is missing or not the tasks' tokenizer: stage digests of task 0 places it; rerun that task"
+        )
     entries = [entry for f in done for entry in task_entries(out, f)]
     stats = merged_stats(done)
     tails, dropped = write_tails(out, done, first.seq_len + 1, first.dtype, stats)
-    manifest = dataclasses.replace(first, tokenizer=tokenizer.name, shards=entries + tails, sources=stats,
-                                   dropped_tokens=dropped)
+    manifest = dataclasses.replace(
+        first, tokenizer=tokenizer.name, shards=entries + tails, sources=stats, dropped_tokens=dropped
+    )
     for spec, st in stats.items():
         if not st.documents:
             warning(f"source {spec!r} gave no documents to write")
@@ -216,8 +237,10 @@ def task_entries(out: Path, task: Finished) -> list[ShardEntry]:
     for entry in task.manifest.shards:
         path = task.home / entry.name
         if not path.is_file() or path.stat().st_size != entry.bytes:
-            raise DslmError(f"{path} is missing or not the {entry.bytes:,} bytes its task wrote; rebuild task "
-                            f"{task.tails.task} with --overwrite, then merge")
+            raise DslmError(
+                f"{path} is missing or not the {entry.bytes:,} bytes its task wrote; rebuild task "
+                f"{task.tails.task} with --overwrite, then merge"
+            )
         entries.append(dataclasses.replace(entry, name=f"{task.home.name}/{entry.name}"))
     return entries
 
@@ -238,8 +261,9 @@ def merged_stats(done: list[Finished]) -> dict[str, SourceStats]:
     return merged
 
 
-def write_tails(out: Path, done: list[Finished], sample_len: int, dtype: str,
-                stats: dict[str, SourceStats]) -> tuple[list[ShardEntry], dict[str, int]]:
+def write_tails(
+    out: Path, done: list[Finished], sample_len: int, dtype: str, stats: dict[str, SourceStats]
+) -> tuple[list[ShardEntry], dict[str, int]]:
     """Pack each stream's leftover tokens of every task, in task order, into samples in
     OUT/tails/; return their shard entries (named relative to `out`) and the tokens still left
     per stream, which are dropped and counted in their sources' `dropped_tokens`."""
@@ -250,17 +274,20 @@ def write_tails(out: Path, done: list[Finished], sample_len: int, dtype: str,
     dropped: dict[str, int] = {}
     for name in sorted({name for task in done for name in task.tails.pending}):
         split, _, language = name.split(".", 2)  # SPLIT.COPY.LANGUAGE; only the language may hold dots
-        writer = writers.setdefault(split, ShardWriter(out / TAILS_DIR, split, done[0].tails.samples_per_shard,
-                                                       sample_len))
+        writer = writers.setdefault(
+            split, ShardWriter(out / TAILS_DIR, split, done[0].tails.samples_per_shard, sample_len)
+        )
         packer = Packer(sample_len, np.dtype(dtype))
         for task in done:
             tokens, start = task.tails.pending.get(name, []), 0
             owners = task.tails.owners.get(name, [[-1, len(tokens)]])
             if sum(n for _, n in owners) != len(tokens):
-                raise DslmError(f"{task.home / TAILS_NAME}: stream {name} holds {len(tokens)} tokens but names the "
-                                f"sources of {sum(n for _, n in owners)}; rebuild the task with --overwrite")
+                raise DslmError(
+                    f"{task.home / TAILS_NAME}: stream {name} holds {len(tokens)} tokens but names the "
+                    f"sources of {sum(n for _, n in owners)}; rebuild the task with --overwrite"
+                )
             for source, n in owners:
-                for sample in packer.add(np.asarray(tokens[start:start + n], dtype=dtype), source):
+                for sample in packer.add(np.asarray(tokens[start : start + n], dtype=dtype), source):
                     writer.add(sample, language)
                 start += n
         dropped[name] = packer.pending_tokens

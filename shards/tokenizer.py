@@ -65,8 +65,10 @@ def sample_pieces(text: str) -> list[str]:
 def check_vocab_size(vocab_size: int) -> None:
     """DslmError for a --vocab-size outside MIN_VOCAB_SIZE..MAX_VOCAB_SIZE."""
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise DslmError(f"--vocab-size {vocab_size} must be within {MIN_VOCAB_SIZE:,}..{MAX_VOCAB_SIZE:,} (the 256 "
-                        f"bytes and {len(SPECIAL_TOKENS)} special tokens come first)")
+        raise DslmError(
+            f"--vocab-size {vocab_size} must be within {MIN_VOCAB_SIZE:,}..{MAX_VOCAB_SIZE:,} (the 256 "
+            f"bytes and {len(SPECIAL_TOKENS)} special tokens come first)"
+        )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -84,4 +86,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok = new_tokenizer()
     tok.train_from_iterator((sample_pieces(text) for text in texts), trainer)
     return tok
-

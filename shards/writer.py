@@ -52,8 +52,9 @@ class Packer:
     [source index, tokens], oldest first, covering `pending` (-1: unknown, as in a journal
     written before owners were kept)."""
 
-    def __init__(self, sample_len: int, dtype: np.dtype, pending: list[int] | None = None,
-                 owners: list[list[int]] | None = None):
+    def __init__(
+        self, sample_len: int, dtype: np.dtype, pending: list[int] | None = None, owners: list[list[int]] | None = None
+    ):
         self.sample_len = sample_len
         self.dtype = dtype
         self.pending: list[np.ndarray] = [np.asarray(pending or [], dtype=dtype)]
@@ -132,8 +133,9 @@ class ShardWriter:
     (`state.offset`) and appended to, which webdataset's streaming writer cannot do.
     """
 
-    def __init__(self, out: Path, split: str, samples_per_shard: int, sample_len: int,
-                 state: WriterState | None = None):
+    def __init__(
+        self, out: Path, split: str, samples_per_shard: int, sample_len: int, state: WriterState | None = None
+    ):
         self.out = out
         self.split = split
         self.samples_per_shard = samples_per_shard
@@ -226,8 +228,10 @@ def warn_unsampled(manifest: Manifest) -> None:
     for name, tokens in manifest.dropped_tokens.items():
         language = name.split(".", 2)[2]  # SPLIT.COPY.LANGUAGE; only the language may hold dots
         dropped[language] = dropped.get(language, 0) + tokens
-    tail = (f"all in the last, partial sample of their streams (under {manifest.seq_len + 1} tokens), "
-            f"which is dropped; lower --seq-len or add text")
+    tail = (
+        f"all in the last, partial sample of their streams (under {manifest.seq_len + 1} tokens), "
+        f"which is dropped; lower --seq-len or add text"
+    )
     for language, tokens in sorted(dropped.items()):
         if language not in sampled:
             warning(f"language {language!r} has no sample: its {tokens:,} tokens are {tail}")

@@ -48,8 +48,9 @@ def tiny_shards(tmp_path_factory, code_corpus) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("shards")
     sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
     train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=out / "tokenizer.json")
-    cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN,
-                      samples_per_shard=200, val_fraction=0.1)
+    cfg = ShardConfig(
+        out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN, samples_per_shard=200, val_fraction=0.1
+    )
     return out, build_shards(cfg, sources).manifest
 
 
@@ -61,8 +62,9 @@ def other_shards(tmp_path_factory, tiny_shards) -> tuple[Path, Manifest]:
     for package in ("logging", "concurrent"):
         shutil.copytree(STDLIB / package, corpus / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(tiny_shards[0] / "tokenizer.json", out / "tokenizer.json")
-    cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN, samples_per_shard=200,
-                      val_fraction=0.1)
+    cfg = ShardConfig(
+        out=out, tokenizer=out / "tokenizer.json", seq_len=TINY_SEQ_LEN, samples_per_shard=200, val_fraction=0.1
+    )
     return out, build_shards(cfg, [CodeSource(spec=f"code:{corpus}", root=corpus)]).manifest
 
 
@@ -83,8 +85,12 @@ def line_pairs(corpus: Path) -> list[dict[str, str]]:
     for path in sorted(corpus.rglob("*.py")):
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         for i in range(0, len(lines) - 4, 7):
-            records.append({"instruction": f"After `{lines[i].strip()}`, write what follows.",
-                            "output": "\n".join(lines[i + 1:i + 2 + i % 3])})
+            records.append(
+                {
+                    "instruction": f"After `{lines[i].strip()}`, write what follows.",
+                    "output": "\n".join(lines[i + 1 : i + 2 + i % 3]),
+                }
+            )
     return records
 
 
@@ -97,8 +103,15 @@ def sft_shards(tmp_path_factory, code_corpus, tiny_shards) -> tuple[Path, Manife
     root = tmp_path_factory.mktemp("sft")
     records = root / "records.jsonl"
     records.write_text("".join(json.dumps(r) + "\n" for r in line_pairs(code_corpus)))
-    cfg = SftConfig(out=root / "shards", tokenizer=tiny_shards[0] / "tokenizer.json", template="instruct",
-                    sources=[str(records)], seq_len=TINY_SEQ_LEN, samples_per_shard=200, val_fraction=0.1)
+    cfg = SftConfig(
+        out=root / "shards",
+        tokenizer=tiny_shards[0] / "tokenizer.json",
+        template="instruct",
+        sources=[str(records)],
+        seq_len=TINY_SEQ_LEN,
+        samples_per_shard=200,
+        val_fraction=0.1,
+    )
     return cfg.out, build_sft_shards(cfg)
 
 
@@ -141,8 +154,9 @@ def hold_open():
     processes = []
 
     def start(path: Path, how: str = "open") -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), how], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(path), how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         processes.append(process)
         assert process.stdout.readline() == "held\n"
         return process
@@ -159,8 +173,9 @@ def launched(command: list, timeout: float = 900, **kwargs) -> Iterator[subproce
     .stdout. All of it is killed at the end of the block if still running, and after `timeout`
     seconds, a safety net only (its output then ends): subprocess.run's timeout kills the launcher
     alone and leaves its ranks running."""
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, **kwargs)
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
     safety_net = threading.Timer(timeout, kill_group, (process,))
     safety_net.start()
     try:
@@ -209,8 +224,10 @@ def paused_ranks(proc: subprocess.Popen, ranks: int) -> list[psutil.Process]:
     """The `ranks` dslm-train ranks under `proc` (or `proc` itself, when it is the one rank), found
     by the RANK their launcher gave them, once each has stopped itself where DSLM_TEST_PAUSE told
     it to (dslm.stop.test_pause); send them SIGCONT to go on. Fails when `proc` ends first."""
+
     def is_rank(p: psutil.Process) -> bool:
         return "RANK" in p.environ() or (ranks == 1 and p.pid == proc.pid)
+
     while True:
         assert proc.poll() is None, f"the run ended before it paused: {proc.communicate()}"
         try:
@@ -268,8 +285,15 @@ def base_run(tmp_path_factory, tiny_shards) -> Path:
     weights loaded from a checkpoint and weights initialized again must differ."""
     from dslm.config import load_config, save_config
 
-    cfg = load_config(None, ["name=base", f"runs_dir={tmp_path_factory.mktemp('base')}", "model.preset=tiny",
-                             f"data.shards={tiny_shards[0]}"])
+    cfg = load_config(
+        None,
+        [
+            "name=base",
+            f"runs_dir={tmp_path_factory.mktemp('base')}",
+            "model.preset=tiny",
+            f"data.shards={tiny_shards[0]}",
+        ],
+    )
     save_config(cfg)
     torch.manual_seed(7)
     model = GPT(cfg.model)
@@ -293,10 +317,19 @@ def onnx_exports(tmp_path_factory, tiny_shards) -> tuple[Path, GPT, Path, Path]:
     model = trained_looking_model(cfg, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(10)
-    run = RunConfig(name="onnx", runs_dir=str(tmp_path_factory.mktemp("runs")), model=cfg,
-                    data=DataConfig(shards=str(tiny_shards[0])))
+    run = RunConfig(
+        name="onnx",
+        runs_dir=str(tmp_path_factory.mktemp("runs")),
+        model=cfg,
+        data=DataConfig(shards=str(tiny_shards[0])),
+    )
     save_config(run)
     write_tag(run.run_dir.path, 7, {"module": model.state_dict(), "global_steps": 7})
     export_main([str(run.run_dir.path), "--format", "onnx"])
     export_main([str(run.run_dir.path), "--format", "onnx", "--int8"])
-    return run.run_dir.path, model, run.run_dir.path / "export" / "step7-onnx", run.run_dir.path / "export" / "step7-onnx-int8"
+    return (
+        run.run_dir.path,
+        model,
+        run.run_dir.path / "export" / "step7-onnx",
+        run.run_dir.path / "export" / "step7-onnx-int8",
+    )

@@ -69,8 +69,11 @@ def fenced_blocks(text: str) -> list[bool]:
 
 def headings(text: str) -> list[tuple[int, str]]:
     """(line number, heading text) of each markdown heading outside code blocks."""
-    return [(i + 1, m.group(1).strip()) for i, (line, fenced) in enumerate(zip(text.splitlines(), fenced_blocks(text)))
-            if not fenced and (m := re.match(r"#{1,6}\s+(.*)", line))]
+    return [
+        (i + 1, m.group(1).strip())
+        for i, (line, fenced) in enumerate(zip(text.splitlines(), fenced_blocks(text)))
+        if not fenced and (m := re.match(r"#{1,6}\s+(.*)", line))
+    ]
 
 
 def spans(page: Path) -> list[Span]:
@@ -153,8 +156,13 @@ print(json.dumps(helps))
 def helps() -> dict[str, str]:
     """The --help of every console script and of each of its subcommands ("dslm-shard build"), as
     their entry points print it, all in one process."""
-    done = subprocess.run([sys.executable, "-c", HELP_SCRIPT, json.dumps(console_scripts())], capture_output=True,
-                          text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_SCRIPT, json.dumps(console_scripts())],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -217,20 +225,29 @@ def wrong_options() -> list[str]:
         for span in spans(page):
             runs = invocations(span)
             for command, args in runs:
-                wrong += [f"{span.where()}: {command} has no {f}" for a in args if (f := flag(a))
-                          and f not in options(command)]
+                wrong += [
+                    f"{span.where()}: {command} has no {f}"
+                    for a in args
+                    if (f := flag(a)) and f not in options(command)
+                ]
             first = words(span.text)[:1]
             if span.inline and not runs and first and flag(first[0]):  # a bare `--option`: its section's commands
                 named = by_section.get(span.section) or commands_named(text)
-                wrong += [f"{span.where()}: no command of its section ({', '.join(sorted(named)) or 'none'}) has {f}"
-                          for f in filter(None, map(flag, words(span.text))) if not any(f in options(c) for c in named)]
+                wrong += [
+                    f"{span.where()}: no command of its section ({', '.join(sorted(named)) or 'none'}) has {f}"
+                    for f in filter(None, map(flag, words(span.text)))
+                    if not any(f in options(c) for c in named)
+                ]
     return wrong
 
 
 def wrong_names() -> list[str]:
     """`dslm-*` words that name no command, tests that do not exist, repository paths that are not there."""
-    tests = {node for path in (REPO / "tests").rglob("*.py") for node in re.findall(r"^\s*def (test_\w+)",
-                                                                                    path.read_text(), re.M)}
+    tests = {
+        node
+        for path in (REPO / "tests").rglob("*.py")
+        for node in re.findall(r"^\s*def (test_\w+)", path.read_text(), re.M)
+    }
     wrong = []
     for page in DOCS:
         for span in spans(page):
@@ -240,8 +257,11 @@ def wrong_names() -> list[str]:
                     wrong.append(f"{span.where()}: {word} is no command")
                 elif re.fullmatch(r"test_\w+", word) and word not in tests:
                     wrong.append(f"{span.where()}: no test is named {word}")
-                elif (re.fullmatch(r"(%s)/[\w./*-]*(\.[a-z]+|/)" % "|".join(TOP_FOLDERS), word)
-                      and not re.search(r"[A-Z]|\.\.\.", word) and not any(REPO.glob(word.rstrip("/")))):
+                elif (
+                    re.fullmatch(r"(%s)/[\w./*-]*(\.[a-z]+|/)" % "|".join(TOP_FOLDERS), word)
+                    and not re.search(r"[A-Z]|\.\.\.", word)
+                    and not any(REPO.glob(word.rstrip("/")))
+                ):
                     wrong.append(f"{span.where()}: {word} is not in the repository")
     return wrong
 
@@ -265,8 +285,11 @@ def wrong_keys() -> list[str]:
                     wrong.append(f"{span.where()}: {key} is not a config key (dslm-train --help-config)")
             for command, args in invocations(span):  # top-level keys in dslm-train's overrides (name=...)
                 if command in ("dslm-train", "dslm-submit train"):
-                    wrong += [f"{span.where()}: {a} sets no config key" for a in args if "=" in a
-                              and re.fullmatch(r"[a-z_]+", key := a.partition("=")[0]) and key not in known_keys()]
+                    wrong += [
+                        f"{span.where()}: {a} sets no config key"
+                        for a in args
+                        if "=" in a and re.fullmatch(r"[a-z_]+", key := a.partition("=")[0]) and key not in known_keys()
+                    ]
     return wrong
 
 
@@ -281,7 +304,7 @@ def wrong_links() -> list[str]:
     for page in DOCS:
         text = page.read_text()
         for i, (line, fenced) in enumerate(zip(text.splitlines(), fenced_blocks(text))):
-            for target in ([] if fenced else re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", line))):
+            for target in [] if fenced else re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", line)):
                 if re.match(r"[a-z]+:", target):
                     continue
                 path, _, anchor = target.partition("#")
@@ -314,8 +337,11 @@ def test_every_relative_link_resolves():
 
 def test_no_file_points_outside_the_repository():
     """The maintainers' notes beside the repository are not part of it: nothing may cite them."""
-    files = [path for path in REPO.rglob("*") if path.is_file() and path.suffix in TEXT_SUFFIXES
-             and not set(path.relative_to(REPO).parts) & SKIPPED_FOLDERS]
+    files = [
+        path
+        for path in REPO.rglob("*")
+        if path.is_file() and path.suffix in TEXT_SUFFIXES and not set(path.relative_to(REPO).parts) & SKIPPED_FOLDERS
+    ]
     assert [str(path.relative_to(REPO)) for path in files if re.search(r"\.\./shared\b", path.read_text())] == []
 
 
@@ -323,31 +349,47 @@ def test_the_checks_see_what_they_check(tmp_path, monkeypatch):
     """Each check finds a planted mistake, so an empty list means the docs are right, not that
     nothing was looked at."""
     page = tmp_path / "page.md"
-    page.write_text("\n".join([
-        "# Training", "",
-        "Run `dslm-train --resum auto train.lr=1e-3 train.lrr=1 nme=x`; see `train.lora.rnak`,",  # line 3
-        "`--nproc-per-node 2` and `--no-such-flag`, [a](missing.md), [b](#training), [c](#nowhere), [d](../x.md).",
-        "`dslm-evaluate`, `test_nothing_like_this`, `dslm/nothing.py`, `dslm/config.py`, `dslm-local`,",
-        "and a span over a line break: `dslm-eval runs/NAME",
-        "--nope`.", "",
-        "```",
-        "dslm-shard build --source code:x \\",
-        "    --tokenizer t --seq-len 8 --template instruct",  # line 11
-        "```", ""]))
+    page.write_text(
+        "\n".join(
+            [
+                "# Training",
+                "",
+                "Run `dslm-train --resum auto train.lr=1e-3 train.lrr=1 nme=x`; see `train.lora.rnak`,",  # line 3
+                "`--nproc-per-node 2` and `--no-such-flag`, [a](missing.md), [b](#training), [c](#nowhere), [d](../x.md).",
+                "`dslm-evaluate`, `test_nothing_like_this`, `dslm/nothing.py`, `dslm/config.py`, `dslm-local`,",
+                "and a span over a line break: `dslm-eval runs/NAME",
+                "--nope`.",
+                "",
+                "```",
+                "dslm-shard build --source code:x \\",
+                "    --tokenizer t --seq-len 8 --template instruct",  # line 11
+                "```",
+                "",
+            ]
+        )
+    )
     monkeypatch.setattr(sys.modules[__name__], "DOCS", [page])
-    assert wrong_options() == ["page.md:3: dslm-train has no --resum",
-                               "page.md:4: no command of its section (dslm-eval, dslm-shard build, dslm-train) has "
-                               "--no-such-flag",
-                               "page.md:6: dslm-eval has no --nope",
-                               "page.md:11: dslm-shard build has no --template"]
-    assert wrong_keys() == ["page.md:3: train.lrr is not a config key (dslm-train --help-config)",
-                            "page.md:3: nme=x sets no config key",
-                            "page.md:3: train.lora.rnak is not a config key (dslm-train --help-config)"]
-    assert wrong_links() == ["page.md:4: missing.md: no such file", "page.md:4: #nowhere: no such heading in page.md",
-                             "page.md:4: ../x.md: outside the repository"]
-    assert wrong_names() == ["page.md:5: dslm-evaluate is no command",
-                             "page.md:5: no test is named test_nothing_like_this",
-                             "page.md:5: dslm/nothing.py is not in the repository"]
+    assert wrong_options() == [
+        "page.md:3: dslm-train has no --resum",
+        "page.md:4: no command of its section (dslm-eval, dslm-shard build, dslm-train) has --no-such-flag",
+        "page.md:6: dslm-eval has no --nope",
+        "page.md:11: dslm-shard build has no --template",
+    ]
+    assert wrong_keys() == [
+        "page.md:3: train.lrr is not a config key (dslm-train --help-config)",
+        "page.md:3: nme=x sets no config key",
+        "page.md:3: train.lora.rnak is not a config key (dslm-train --help-config)",
+    ]
+    assert wrong_links() == [
+        "page.md:4: missing.md: no such file",
+        "page.md:4: #nowhere: no such heading in page.md",
+        "page.md:4: ../x.md: outside the repository",
+    ]
+    assert wrong_names() == [
+        "page.md:5: dslm-evaluate is no command",
+        "page.md:5: no test is named test_nothing_like_this",
+        "page.md:5: dslm/nothing.py is not in the repository",
+    ]
 
 
 def test_the_readme_stays_short():

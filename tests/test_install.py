@@ -47,9 +47,25 @@ def fresh_venv(root: Path) -> Path:
 def pip_install(python: Path, *args) -> None:
     """pip install into `python`'s environment, offline, without the dependencies; the dslm that
     the dependencies' folders hold (this checkout's own install) is neither seen nor touched."""
-    subprocess.run([sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check", "install", "-q",
-                    "--ignore-installed", "--no-deps", "--no-index", "--no-build-isolation", *args],
-                   check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "--disable-pip-version-check",
+            "install",
+            "-q",
+            "--ignore-installed",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            *args,
+        ],
+        check=True,
+        timeout=600,
+    )
 
 
 def without_pythonpath() -> dict[str, str]:
@@ -61,8 +77,9 @@ def origins(python: Path, cwd: Path) -> dict[str, str | None]:
     """Where each of dslm's packages and each generic name imports from under `python`, run from
     `cwd` (None where it does not import)."""
     script = ORIGINS.format(names=[*FOLDERS, *GENERIC_NAMES])
-    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, env=without_pythonpath(), cwd=cwd,
-                          check=True)
+    proc = subprocess.run(
+        [python, "-c", script], capture_output=True, text=True, env=without_pythonpath(), cwd=cwd, check=True
+    )
     return json.loads(proc.stdout)
 
 
@@ -75,8 +92,23 @@ def source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory, source) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", out, source], check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            out,
+            source,
+        ],
+        check=True,
+        timeout=600,
+    )
     return next(out.glob("dslm-*.whl"))
 
 
@@ -94,8 +126,12 @@ def test_the_wheel_installs_no_top_level_name_but_dslms(wheel):
 def test_the_wheel_holds_every_module_of_the_source_folders(wheel):
     """Each .py file of shards/, eval/, launch/, dslm/ and local/dslm_local/ (subpackages too) is in
     the wheel under its installed name."""
-    expected = {f"{name}/{path.relative_to(folder).as_posix()}" for name, folder in FOLDERS.items()
-                for path in folder.rglob("*.py") if "__pycache__" not in path.parts}
+    expected = {
+        f"{name}/{path.relative_to(folder).as_posix()}"
+        for name, folder in FOLDERS.items()
+        for path in folder.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
     with zipfile.ZipFile(wheel) as z:
         assert expected - set(z.namelist()) == set()
 
@@ -108,8 +144,14 @@ def test_every_console_script_of_the_installed_wheel_runs_help(wheel, tmp_path):
     assert origins(python, cwd=tmp_path) == {**installed, **dict.fromkeys(GENERIC_NAMES)}
     assert sorted(p.name for p in (tmp_path / "venv" / "bin").glob("dslm-*")) == SCRIPTS
     for script in SCRIPTS:
-        proc = subprocess.run([tmp_path / "venv" / "bin" / script, "--help"], capture_output=True, text=True,
-                              env=without_pythonpath(), cwd=tmp_path, timeout=300)
+        proc = subprocess.run(
+            [tmp_path / "venv" / "bin" / script, "--help"],
+            capture_output=True,
+            text=True,
+            env=without_pythonpath(),
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
         assert proc.stdout.startswith(f"usage: {script}"), proc.stdout[:200]
 
@@ -124,4 +166,6 @@ def test_an_editable_install_imports_the_folders_under_dslms_names(source, tmp_p
     found = origins(python, cwd=tmp_path)
     checkout = {name: str(source / folder.relative_to(REPO) / "__init__.py") for name, folder in FOLDERS.items()}
     assert {name: origin and str(Path(origin).resolve()) for name, origin in found.items()} == {
-        **checkout, **dict.fromkeys(GENERIC_NAMES)}
+        **checkout,
+        **dict.fromkeys(GENERIC_NAMES),
+    }

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"dslm": REPO / "dslm", "dslm_shards": REPO / "shards", "dslm_eval": REPO / "eval",
-           "dslm_launch": REPO / "launch", "dslm_local": REPO / "local" / "dslm_local"}
+FOLDERS = {
+    "dslm": REPO / "dslm",
+    "dslm_shards": REPO / "shards",
+    "dslm_eval": REPO / "eval",
+    "dslm_launch": REPO / "launch",
+    "dslm_local": REPO / "local" / "dslm_local",
+}
 """Each package by its import name (what pip installs, pyproject.toml's package-dir) and its folder."""
 PACKAGES = tuple(FOLDERS)
 GENERIC_NAMES = ("shards", "eval", "launch")
@@ -62,8 +67,10 @@ def imported(tree: ast.AST, module: str, known: set[str], is_package: bool = Fal
 
 def import_graph(packages=PACKAGES) -> dict[str, set[str]]:
     modules = sources(packages)
-    return {name: imported(ast.parse(path.read_text()), name, set(modules), path.name == "__init__.py")
-            for name, path in modules.items()}
+    return {
+        name: imported(ast.parse(path.read_text()), name, set(modules), path.name == "__init__.py")
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -75,7 +82,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         stack.pop()
@@ -107,8 +114,13 @@ def test_no_import_cycles_between_modules():
 
 
 def test_dslm_imports_none_of_the_packages_built_on_it():
-    above = [(module, target) for module, targets in import_graph().items() if module.split(".")[0] == "dslm"
-             for target in targets if target.split(".")[0] not in ("dslm", "dslm_local")]
+    above = [
+        (module, target)
+        for module, targets in import_graph().items()
+        if module.split(".")[0] == "dslm"
+        for target in targets
+        if target.split(".")[0] not in ("dslm", "dslm_local")
+    ]
     assert above == []
 
 
@@ -129,8 +141,13 @@ def left_out(folder: str, names: list[str]) -> set[str]:
     """Of `names` in `folder`, what is not the project's own: git and other hidden folders (.ci
     excepted), virtual environments, caches, build outputs, and the runs and data of a checkout."""
     top = Path(folder) == REPO
-    return {n for n in names if n in ("__pycache__", "build") or n.endswith(".egg-info")
-            or (top and ((n.startswith(".") and n != ".ci") or n in ("runs", "data") or "venv" in n))}
+    return {
+        n
+        for n in names
+        if n in ("__pycache__", "build")
+        or n.endswith(".egg-info")
+        or (top and ((n.startswith(".") and n != ".ci") or n in ("runs", "data") or "venv" in n))
+    }
 
 
 def project_files() -> list[Path]:
@@ -164,8 +181,9 @@ def test_no_file_names_a_module_of_shards_eval_or_launch_by_the_folder_name():
     """Docs, docstrings, shell scripts, `python -m` lines and entry points name a module of these
     folders as it is installed (dslm_shards.cli)."""
     modules = [f"{folder}\\.{path.stem}" for folder in GENERIC_NAMES for path in (REPO / folder).glob("*.py")]
-    pattern = re.compile(rf"(?<![\w./-])({'|'.join(modules)})\b|^\s*(from|import)\s+({'|'.join(GENERIC_NAMES)})\b",
-                         re.MULTILINE)
+    pattern = re.compile(
+        rf"(?<![\w./-])({'|'.join(modules)})\b|^\s*(from|import)\s+({'|'.join(GENERIC_NAMES)})\b", re.MULTILINE
+    )
     found = []
     for path in project_files():
         try:
@@ -187,8 +205,11 @@ def functions(packages=PACKAGES + ("bench",)):
 
 
 def test_no_function_is_longer_than_60_lines():
-    long = [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path, node in functions() if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path, node in functions()
+        if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert long == []
 
 
@@ -197,17 +218,28 @@ def config_classes(packages=PACKAGES + ("bench",)):
     for package in packages:
         for path in package_files(package):
             for node in ast.walk(ast.parse(path.read_text())):
-                if (isinstance(node, ast.ClassDef) and node.name.endswith(("Config", "Limits", "Settings"))
-                        and any("dataclass" in ast.unparse(d) for d in node.decorator_list)):
+                if (
+                    isinstance(node, ast.ClassDef)
+                    and node.name.endswith(("Config", "Limits", "Settings"))
+                    and any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+                ):
                     yield path.relative_to(REPO), node
 
 
 def undocumented_fields(cls: ast.ClassDef) -> list[str]:
     """Fields not followed by a docstring (the string literal right below the field)."""
     body = cls.body
-    return [node.target.id for i, node in enumerate(body) if isinstance(node, ast.AnnAssign)
-            and not (i + 1 < len(body) and isinstance(body[i + 1], ast.Expr)
-                     and isinstance(body[i + 1].value, ast.Constant) and isinstance(body[i + 1].value.value, str))]
+    return [
+        node.target.id
+        for i, node in enumerate(body)
+        if isinstance(node, ast.AnnAssign)
+        and not (
+            i + 1 < len(body)
+            and isinstance(body[i + 1], ast.Expr)
+            and isinstance(body[i + 1].value, ast.Constant)
+            and isinstance(body[i + 1].value.value, str)
+        )
+    ]
 
 
 def test_config_classes_are_found():

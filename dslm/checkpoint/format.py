@@ -89,8 +89,10 @@ def rng_state() -> dict:
     """This process's python, numpy and torch (and CUDA) RNG states as tensors, tuples of ints and
     strings only, so that torch.load(weights_only=True) reads them back without unpickling code."""
     numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                            "pos": int(numpy_state["state"]["pos"])}
+    numpy_state["state"] = {
+        "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+        "pos": int(numpy_state["state"]["pos"]),
+    }
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -140,16 +142,21 @@ def file_checksum(path: Path) -> str:
 
 def own_checksums(tag_dir: Path, rank: int, world_size: int) -> dict[str, str]:
     """Checksums of the files of a tag that `rank` wrote (WRITER), by name."""
-    return {name: file_checksum(tag_dir / name) for name in tag_files(tag_dir)
-            if int(m.group(1) if (m := WRITER.search(name)) else 0) % world_size == rank}
+    return {
+        name: file_checksum(tag_dir / name)
+        for name in tag_files(tag_dir)
+        if int(m.group(1) if (m := WRITER.search(name)) else 0) % world_size == rank
+    }
 
 
 def seal(tag_dir: Path, state: TrainState, checksums: dict[str, str] | None = None) -> None:
     """Write the tag's seal: `state` and every file's size and checksum (from `checksums` where it
     has the file, hashed here otherwise)."""
     checksums = checksums or {}
-    files = {name: {"bytes": (tag_dir / name).stat().st_size,
-                    CHECKSUM: checksums.get(name) or file_checksum(tag_dir / name)} for name in tag_files(tag_dir)}
+    files = {
+        name: {"bytes": (tag_dir / name).stat().st_size, CHECKSUM: checksums.get(name) or file_checksum(tag_dir / name)}
+        for name in tag_files(tag_dir)
+    }
     atomic_write_text(tag_dir / SEAL_NAME, json.dumps({"state": dataclasses.asdict(state), "files": files}, indent=1))
 
 
@@ -216,8 +223,11 @@ def sealed_state(tag_dir: Path) -> TrainState:
 def best_tag(folder: Path) -> Path | None:
     """The live branch's sealed tag with the lowest val/loss (the newest of equals), or None when
     none has one."""
-    scored = [(state.val_loss, -step, tag_dir) for step, tag_dir in live_checkpoints(folder)
-              if (tag_dir / SEAL_NAME).is_file() and (state := sealed_state(tag_dir)).val_loss is not None]
+    scored = [
+        (state.val_loss, -step, tag_dir)
+        for step, tag_dir in live_checkpoints(folder)
+        if (tag_dir / SEAL_NAME).is_file() and (state := sealed_state(tag_dir)).val_loss is not None
+    ]
     return min(scored)[2] if scored else None
 
 
@@ -253,8 +263,10 @@ def newest_resumable(folder: Path) -> tuple[Path | None, list[str]]:
     skipped = []
     for _, tag_dir in reversed(list_checkpoints(folder)):
         if tag_dir not in live:
-            skipped.append(f"skipping checkpoint {tag_dir}: beyond {tag_for(latest_step(folder))}, which "
-                           f"{folder / LATEST_NAME} names (not on the run's live branch)")
+            skipped.append(
+                f"skipping checkpoint {tag_dir}: beyond {tag_for(latest_step(folder))}, which "
+                f"{folder / LATEST_NAME} names (not on the run's live branch)"
+            )
         elif (problem := resume_problem(tag_dir)) is None:
             return tag_dir, skipped
         else:
@@ -271,16 +283,21 @@ def deepspeed_records() -> list[type]:
     """The record types DeepSpeed pickles into its checkpoint files, besides tensors and containers."""
     scalers = "deepspeed.runtime.fp16.loss_scaler"
     with libraries():  # importing deepspeed prints the accelerator it picked
-        return [import_attr("deepspeed", module, name) for module, name in (
-            (scalers, "LossScaler"), (scalers, "DynamicLossScaler"), ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-            ("deepspeed.utils.tensor_fragment", "fragment_address"))]
+        return [
+            import_attr("deepspeed", module, name)
+            for module, name in (
+                (scalers, "LossScaler"),
+                (scalers, "DynamicLossScaler"),
+                ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                ("deepspeed.utils.tensor_fragment", "fragment_address"),
+            )
+        ]
 
 
 def numpy_array_records() -> list:
     """What numpy's RNG state array (uint32) pickles as: numpy's private array reconstructor among
     them; nothing of them runs code."""
-    return [import_attr("numpy", "numpy._core.multiarray", "_reconstruct"), np.ndarray, np.dtype,
-            np.dtypes.UInt32DType]
+    return [import_attr("numpy", "numpy._core.multiarray", "_reconstruct"), np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def load_weights_only(path: Path, allowed: list | None = None) -> dict:
@@ -293,9 +310,11 @@ def load_weights_only(path: Path, allowed: list | None = None) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)|but got <class '([^']+)'>", str(e), re.IGNORECASE)
-        raise DslmError(f"{path}: refusing to load it: it needs arbitrary unpickling "
-                        f"({found.group(1) or found.group(2) if found else 'not only tensors and plain data'}), "
-                        "and checkpoints are read with torch.load(weights_only=True)") from None
+        raise DslmError(
+            f"{path}: refusing to load it: it needs arbitrary unpickling "
+            f"({found.group(1) or found.group(2) if found else 'not only tensors and plain data'}), "
+            "and checkpoints are read with torch.load(weights_only=True)"
+        ) from None
     except (RuntimeError, EOFError) as e:  # torch's zip reader on a damaged file; an empty one
         reason = str(e).split(". ")[0] or "it ends before its data"
         raise DslmError(f"{path}: cannot read it: damaged or not a torch file ({reason})") from None

@@ -29,10 +29,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dslm.checkpoint.format import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, TrainState, check_loads_safely,
-                                    list_checkpoints, load_rng_state, load_weights_only, newest_resumable,
-                                    resume_problem, rng_file, sealed_state, set_rng_state, set_seeds, universal_dir,
-                                    written_ds_config)
+from dslm.checkpoint.format import (
+    ABANDONED_NAME,
+    BEST_NAME,
+    LATEST_NAME,
+    TrainState,
+    check_loads_safely,
+    list_checkpoints,
+    load_rng_state,
+    load_weights_only,
+    newest_resumable,
+    resume_problem,
+    rng_file,
+    sealed_state,
+    set_rng_state,
+    set_seeds,
+    universal_dir,
+    written_ds_config,
+)
 from dslm.checkpoint.save import fresh_folder, set_aside, start_branch
 from dslm.config import Origin, RunConfig, read_run_config
 from dslm.data.loader import DataConfig
@@ -99,8 +113,9 @@ class Resume:
         lines = [f"resumed from {self.tag_dir} at step {self.state.step} ({self.state.samples:,} samples read)"]
         note = batch_note(recorded_batch(self.state), global_batch, per_accumulation)
         if self.state.world_size != world_size:
-            through = (f"through {self.load_from.name}" if self.load_universal
-                       else "each rank reads the whole ZeRO-0 state")
+            through = (
+                f"through {self.load_from.name}" if self.load_universal else "each rank reads the whole ZeRO-0 state"
+            )
             lines.append(f"  on {counted(world_size, 'rank')} instead of {self.state.world_size} ({through}): {note}")
         elif self.load_universal:
             lines.append(f"  at another ZeRO stage than the checkpoint's (through {self.load_from.name}): {note}")
@@ -129,8 +144,9 @@ def batch_note(old: int, new: int, per_accumulation: int) -> str:
     return f"the global batch is now {new} samples, was {old} (x{Fraction(new, old)}){keep}"
 
 
-def plan_resume(resume: str | None, cfg: RunConfig, manifests: list[Manifest], env: DistEnv,
-                stage: int) -> Resume | None:
+def plan_resume(
+    resume: str | None, cfg: RunConfig, manifests: list[Manifest], env: DistEnv, stage: int
+) -> Resume | None:
     """Collective. What `--resume` (None, "auto", "if-any" or a tag folder) continues from in the run's
     checkpoint folder, in the form this world size and ZeRO `stage` load (load_form);
     None for a fresh run. Raises DslmError when nothing loadable exists, when a fresh run would mix
@@ -174,8 +190,9 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
     asked for and nothing loadable exists, or when a fresh run would mix with existing checkpoints."""
     if resume is None:
         if list_checkpoints(folder):
-            raise DslmError(f"{folder} already holds checkpoints: pass --resume auto to continue the run, "
-                            f"or choose another name=")
+            raise DslmError(
+                f"{folder} already holds checkpoints: pass --resume auto to continue the run, or choose another name="
+            )
         return None
     if resume not in ("auto", "if-any"):
         tag_dir = Path(resume)
@@ -201,8 +218,9 @@ def clear_for_fresh_start(folder: Path) -> list[str]:
     Returns a line for each thing done."""
     aside = fresh_folder(folder / ABANDONED_NAME / "unresumable")
     moved, lines = set_aside([tag_dir for _, tag_dir in list_checkpoints(folder)], aside)
-    lines += [f"moved {folder / name} to {aside}: it cannot be resumed from; delete it to free the space"
-              for name in moved]
+    lines += [
+        f"moved {folder / name} to {aside}: it cannot be resumed from; delete it to free the space" for name in moved
+    ]
     for name in (LATEST_NAME, BEST_NAME):
         (folder / name).unlink(missing_ok=True)
     return lines
@@ -230,10 +248,12 @@ def load_form(tag_dir: Path, world_size_then: int, world_size: int, stage: int) 
     another layout (ZERO_LAYOUTS): DeepSpeed moves no state between them."""
     stage_then = zero_stage(written_ds_config(tag_dir))
     if (layout := ZERO_LAYOUTS[stage_then]) != ZERO_LAYOUTS[stage]:
-        raise DslmError(f"{tag_dir} was written at ZeRO stage {stage_then} and this run asks for stage {stage}: "
-                        f"DeepSpeed loads a {layout} checkpoint only into {layout}; "
-                        f"resume with stage {stage_then} (--deepspeed), or start a new run from its weights "
-                        f"(train.init_from)")
+        raise DslmError(
+            f"{tag_dir} was written at ZeRO stage {stage_then} and this run asks for stage {stage}: "
+            f"DeepSpeed loads a {layout} checkpoint only into {layout}; "
+            f"resume with stage {stage_then} (--deepspeed), or start a new run from its weights "
+            f"(train.init_from)"
+        )
     if stage_then == stage and (world_size_then == world_size or stage == 0):
         return tag_dir
     return convert_to_universal(tag_dir)
@@ -243,11 +263,25 @@ def universal_form(tag_dir: Path) -> Path:
     """convert_to_universal's work on rank 0."""
     target = universal_dir(tag_dir)
     if not target.is_dir():
-        print(f"converting {tag_dir} to DeepSpeed's universal form, which loads on any number of ranks (once per "
-              f"checkpoint)...", flush=True)
+        print(
+            f"converting {tag_dir} to DeepSpeed's universal form, which loads on any number of ranks (once per "
+            f"checkpoint)...",
+            flush=True,
+        )
         with atomic_path(target) as tmp:
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-                       "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            command = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(tag_dir),
+                "--output_folder",
+                str(tmp),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
             status, last = run_converter(command)
             (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; unused
             if status != 0:
@@ -266,8 +300,10 @@ def run_converter(command: list[str]) -> tuple[int, str]:
     """Run DeepSpeed's converter with its output into the libraries' log and a progress bar over its
     stages; its exit status and the last line it printed."""
     last = "no output"
-    with (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as converter,
-          tqdm(total=3, desc="universal form", unit="stage") as bar):
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as converter,
+        tqdm(total=3, desc="universal form", unit="stage") as bar,
+    ):
         for line in converter.stdout:  # text mode: the converter's progress bars' carriage returns end lines too
             library_stream().write(line)
             last = line.strip() or last
@@ -317,8 +353,10 @@ def load_untrained(module: torch.nn.Module, universal: Path) -> None:
     untrained = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
     for name, tensor in [*untrained, *((name, b) for name, b in module.named_buffers() if name in saved)]:
         if not (path := universal_tensor(universal, name)).is_file():
-            raise DslmError(f"{universal} has no value for {name} ({path} is missing): convert the checkpoint again "
-                            f"(delete {universal.name})")
+            raise DslmError(
+                f"{universal} has no value for {name} ({path} is missing): convert the checkpoint again "
+                f"(delete {universal.name})"
+            )
         value = load_weights_only(path)[PARAM]
         with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=0):
             with torch.no_grad():
@@ -328,23 +366,32 @@ def load_untrained(module: torch.nn.Module, universal: Path) -> None:
 def fresh_state(world_size: int, data: DataConfig, manifests: list[Manifest], frozen: list[str]) -> TrainState:
     """The state of a run that starts at step 0 on the shards of `manifests` (one per
     DataConfig.sources) with `frozen` parameters."""
-    return TrainState(world_size=world_size, shards=shards_identity(manifests[0]), frozen=frozen,
-                      shuffle_window=data.shuffle_window,
-                      mix=mix_state(data, manifests, MixBase(0, [0] * len(manifests))))
+    return TrainState(
+        world_size=world_size,
+        shards=shards_identity(manifests[0]),
+        frozen=frozen,
+        shuffle_window=data.shuffle_window,
+        mix=mix_state(data, manifests, MixBase(0, [0] * len(manifests))),
+    )
 
 
 def shards_identity(manifest: Manifest) -> dict:
     """What a run's sample cursor counts in (TrainState.shards)."""
-    return {"tokenizer_sha256": manifest.tokenizer_sha256, "seq_len": manifest.seq_len,
-            "train_samples": sum(e.samples for e in manifest.split("train"))}
+    return {
+        "tokenizer_sha256": manifest.tokenizer_sha256,
+        "seq_len": manifest.seq_len,
+        "train_samples": sum(e.samples for e in manifest.split("train")),
+    }
 
 
 def mix_state(data: DataConfig, manifests: list[Manifest], base: MixBase) -> dict:
     """TrainState.mix for data.mix's sources, their weights taking over at `base`; {} without data.mix."""
     if not data.mix:
         return {}
-    sources = [{"name": name, "weight": source.weight, "shards": shards_identity(manifest)}
-               for (name, source), manifest in zip(data.sources(), manifests)]
+    sources = [
+        {"name": name, "weight": source.weight, "shards": shards_identity(manifest)}
+        for (name, source), manifest in zip(data.sources(), manifests)
+    ]
     return {"sources": sources, "base": dataclasses.asdict(base)}
 
 
@@ -360,31 +407,41 @@ def continue_data(state: TrainState, data: DataConfig, manifests: list[Manifest]
     names = [name for name, _ in data.sources()] if data.mix else []
     then = [source["name"] for source in state.mix.get("sources", [])]
     if names != then:
+
         def sources(names: list[str]) -> str:
             return f"data.mix {names}" if names else "data.shards alone"
 
-        raise DslmError(f"this run reads {sources(names)}, but the checkpoint's was trained on {sources(then)}: a "
-                        f"resumed run keeps its sources, whose cursors its checkpoint holds; set data.mix back, or "
-                        f"start a new run with train.init_from")
+        raise DslmError(
+            f"this run reads {sources(names)}, but the checkpoint's was trained on {sources(then)}: a "
+            f"resumed run keeps its sources, whose cursors its checkpoint holds; set data.mix back, or "
+            f"start a new run with train.init_from"
+        )
     if not data.mix:
         check_same_shards(state, manifests[0], data.shards)
     for (name, source), manifest, saved in zip(data.sources(), manifests, state.mix.get("sources", [])):
         check_same_shards(dataclasses.replace(state, shards=saved["shards"]), manifest, f"{source.shards} ({name})")
     if state.shuffle_window and state.shuffle_window != data.shuffle_window:
-        raise DslmError(f"data.shuffle_window={data.shuffle_window} differs from {state.shuffle_window}, the order "
-                        f"the run's cursor walks; set it back (it is fixed for a run)")
+        raise DslmError(
+            f"data.shuffle_window={data.shuffle_window} differs from {state.shuffle_window}, the order "
+            f"the run's cursor walks; set it back (it is fixed for a run)"
+        )
     if not state.shuffle_window:
-        warning("this checkpoint is from before the shard-window order (data.shuffle_window): the rest "
-                           "of its epoch is read in the new order, so some of its samples may repeat or be missed")
+        warning(
+            "this checkpoint is from before the shard-window order (data.shuffle_window): the rest "
+            "of its epoch is read in the new order, so some of its samples may repeat or be missed"
+        )
     weights = [source.weight for _, source in data.sources()]
     weights_then = [source["weight"] for source in state.mix.get("sources", [])]
     if not data.mix or normalized(weights) == normalized(weights_then):
         return dataclasses.replace(state, shuffle_window=data.shuffle_window)
     cursors = Interleave(weights_then, mix_base(state)).cursors(state.samples)
-    info(f"data.mix weights {weights_then} -> {weights} from sample {state.samples:,} on; each source continues "
-         f"from its cursor ({', '.join(f'{n} {c:,}' for n, c in zip(names, cursors))})")
-    return dataclasses.replace(state, shuffle_window=data.shuffle_window,
-                               mix=mix_state(data, manifests, MixBase(state.samples, cursors)))
+    info(
+        f"data.mix weights {weights_then} -> {weights} from sample {state.samples:,} on; each source continues "
+        f"from its cursor ({', '.join(f'{n} {c:,}' for n, c in zip(names, cursors))})"
+    )
+    return dataclasses.replace(
+        state, shuffle_window=data.shuffle_window, mix=mix_state(data, manifests, MixBase(state.samples, cursors))
+    )
 
 
 def normalized(weights: list[float]) -> list[float]:
@@ -414,15 +471,20 @@ def saved_config(tag_dir: Path) -> tuple[Path, RunConfig] | None:
 def check_same_settings(cfg: RunConfig, saved_path: Path, saved: RunConfig) -> None:
     """A resumed run keeps the model, the adapters and the optimizer settings of the run that wrote its
     checkpoint (`saved`, read from `saved_path`); DslmError naming the first field that differs."""
-    fields = ([("model", name) for name in KEPT_MODEL_FIELDS] + [("train", name) for name in KEPT_TRAIN_FIELDS]
-              + [("train.lora", name) for name in KEPT_LORA_FIELDS])
+    fields = (
+        [("model", name) for name in KEPT_MODEL_FIELDS]
+        + [("train", name) for name in KEPT_TRAIN_FIELDS]
+        + [("train.lora", name) for name in KEPT_LORA_FIELDS]
+    )
     for section, name in fields:
         now, then = (getattr(operator.attrgetter(section)(config), name) for config in (cfg, saved))
         if now != then:
-            raise DslmError(f"{section}.{name}={now} differs from {then} in {saved_path}: a resumed run keeps the "
-                            f"model's shapes, its adapters and the optimizer's lr, betas and weight decay, which its "
-                            f"checkpoint holds; pass {section}.{name}={then} as the run had it (its recipe and "
-                            f"overrides again), or start a new run")
+            raise DslmError(
+                f"{section}.{name}={now} differs from {then} in {saved_path}: a resumed run keeps the "
+                f"model's shapes, its adapters and the optimizer's lr, betas and weight decay, which its "
+                f"checkpoint holds; pass {section}.{name}={then} as the run had it (its recipe and "
+                f"overrides again), or start a new run"
+            )
 
 
 def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> None:
@@ -430,5 +492,6 @@ def check_same_shards(state: TrainState, manifest: Manifest, folder: str) -> Non
     now = shards_identity(manifest)
     changed = [f"{key} {state.shards[key]} -> {now[key]}" for key in now if state.shards.get(key) != now[key]]
     if changed:
-        raise DslmError(f"{folder} is not what the run was trained on ({'; '.join(changed)}); point the run at "
-                        f"its shards")
+        raise DslmError(
+            f"{folder} is not what the run was trained on ({'; '.join(changed)}); point the run at its shards"
+        )

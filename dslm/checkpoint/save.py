@@ -22,9 +22,22 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from dslm.checkpoint.format import (ABANDONED_NAME, BEST_NAME, LATEST_NAME, SEAL_NAME, TrainState, best_tag,
-                                    list_checkpoints, live_checkpoints, own_checksums, rng_file, rng_state, seal,
-                                    sealed_state, universal_dir)
+from dslm.checkpoint.format import (
+    ABANDONED_NAME,
+    BEST_NAME,
+    LATEST_NAME,
+    SEAL_NAME,
+    TrainState,
+    best_tag,
+    list_checkpoints,
+    live_checkpoints,
+    own_checksums,
+    rng_file,
+    rng_state,
+    seal,
+    sealed_state,
+    universal_dir,
+)
 from dslm.compat import has_method, require
 from dslm.errors import WriteError
 from dslm.files import atomic_write_text
@@ -50,8 +63,11 @@ class KeptWrites:
     def around(cls, engine) -> KeptWrites:
         """The engine's writer, wrapped on first use, with no error kept: call at the start of a save."""
         if not isinstance(engine.checkpoint_engine, cls):
-            require("deepspeed", "the engine writes its files with engine.checkpoint_engine.save(state_dict, path)",
-                    has_method(getattr(engine, "checkpoint_engine", None), "save", ("state_dict", "path")))
+            require(
+                "deepspeed",
+                "the engine writes its files with engine.checkpoint_engine.save(state_dict, path)",
+                has_method(getattr(engine, "checkpoint_engine", None), "save", ("state_dict", "path")),
+            )
             engine.checkpoint_engine = cls(engine.checkpoint_engine)
         engine.checkpoint_engine.error, engine.checkpoint_engine.out_of_space = None, False
         return engine.checkpoint_engine
@@ -90,9 +106,11 @@ class KeptWrites:
         dist.barrier()
         rank, error, out_of_space = failed[0]
         then = "free space, then run again" if out_of_space else "once that is fixed, run again"
-        raise WriteError(f"checkpoint {tag_dir.name} could not be saved in {tag_dir.parent} (rank {rank} {error}); "
-                         f"removed the partial tag, the previous checkpoint and `latest` are intact: {then} "
-                         f"with --resume auto")
+        raise WriteError(
+            f"checkpoint {tag_dir.name} could not be saved in {tag_dir.parent} (rank {rank} {error}); "
+            f"removed the partial tag, the previous checkpoint and `latest` are intact: {then} "
+            f"with --resume auto"
+        )
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -108,7 +126,7 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def describe(cause: BaseException, folder: Path) -> str:
-    """"[Errno 28] No space left on device" for an OS error, with the space left in `folder` when it
+    """ "[Errno 28] No space left on device" for an OS error, with the space left in `folder` when it
     is about space; else the exception's type and first line."""
     if isinstance(cause, OSError) and cause.errno is not None:
         free = shutil.disk_usage(folder).free if folder.exists() else 0
@@ -129,8 +147,10 @@ class Checkpointer:
         state = dataclasses.replace(state, global_batch=engine.train_batch_size())
         tag = tag_for(state.step)
         # universal_checkpoint_info lets ds_to_universal convert the tag for another world size
-        client_state = {"dslm": dataclasses.asdict(state),
-                        "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        client_state = {
+            "dslm": dataclasses.asdict(state),
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
+        }
         tag_dir = self.folder / tag
         if dist.get_rank() == 0:  # a tag written again (over debris) is unsealed until it is whole again
             (tag_dir / SEAL_NAME).unlink(missing_ok=True)
@@ -178,8 +198,10 @@ def start_branch(folder: Path, tag_dir: Path) -> list[str]:
     aside = fresh_folder(folder / ABANDONED_NAME / f"after_{tag_for(step)}")
     moved, lines = set_aside(beyond, aside)
     if moved:
-        lines.append(f"moved {', '.join(sorted(moved))} (beyond {tag_dir.name}, an abandoned branch) to {aside}: "
-                     f"--resume auto and pruning no longer see them; delete it to free the space")
+        lines.append(
+            f"moved {', '.join(sorted(moved))} (beyond {tag_dir.name}, an abandoned branch) to {aside}: "
+            f"--resume auto and pruning no longer see them; delete it to free the space"
+        )
     write_best(folder)
     return lines
 

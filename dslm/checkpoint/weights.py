@@ -68,6 +68,12 @@ def model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str |
     return model.eval()
 
 
+def read_source(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and fp32 weights of a tag or an HF export, as they are (read_weights
+    checks the seal first and picks a run's tag)."""
+    return read_export(source.path) if source.kind == "hf" else read_tag(source)
+
+
 def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Origin]:
     """The model config, fp32 weights and origin of `path`: a checkpoint tag, a run directory
     (ModelSource.chosen_tag) or an HF export folder. Raises DslmError for anything else, or a tag
@@ -78,7 +84,7 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         source = resolve_source(source.chosen_tag())
         if (problem := seal_problem(source.path, checksums=True)) is not None:
             raise DslmError(f"cannot read weights from {source.path}: {problem}")
-    cfg, weights = read_export(source.path) if source.kind == "hf" else read_tag(source)
+    cfg, weights = read_source(source)
     return cfg, weights, Origin(path=str(source.path), step=source.step, sha256=weights_sha256(weights))
 
 
@@ -104,8 +110,10 @@ def load_into(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) 
         if name not in weights:
             raise DslmError(f"{source} has no tensor {name} ({tuple(tensor.shape)} in this model)")
         if weights[name].shape != tensor.shape:
-            raise DslmError(f"{source}: {name} is {tuple(weights[name].shape)} there and {tuple(tensor.shape)} in "
-                            f"this model; set model.* as the source model has them")
+            raise DslmError(
+                f"{source}: {name} is {tuple(weights[name].shape)} there and {tuple(tensor.shape)} in "
+                f"this model; set model.* as the source model has them"
+            )
     if extra := sorted(set(weights) - set(own)):
         raise DslmError(f"{source} has tensor {extra[0]}, which this model lacks; set model.* as the source has them")
     model.load_state_dict(weights)
@@ -129,8 +137,11 @@ def load_fp32_weights(tag_dir: Path, model_cfg: ModelConfig, lora: LoraConfig | 
             return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)}
     masters = (state.get("optimizer") or {}).get("fp32_groups")
     if masters is None:
-        require("deepspeed", "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",
-                all(t.dtype == torch.float32 for t in state["module"].values()))
+        require(
+            "deepspeed",
+            "a ZeRO-0 checkpoint of bf16 weights keeps its fp32 masters in optimizer['fp32_groups']",
+            all(t.dtype == torch.float32 for t in state["module"].values()),
+        )
         return module
     model = GPT(model_cfg)
     add_adapters(model, lora or LoraConfig())

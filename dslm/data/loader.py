@@ -108,8 +108,10 @@ class DataConfig:
                 raise ValueError(f"data.mix names its sources {names}: give each a unique name")
             folders = [os.path.abspath(source.shards) for source in self.mix]
             if len(set(folders)) < len(folders):
-                raise ValueError(f"data.mix lists a folder twice ({', '.join(source.shards for source in self.mix)}): "
-                                 f"give it one entry with the sum of the weights")
+                raise ValueError(
+                    f"data.mix lists a folder twice ({', '.join(source.shards for source in self.mix)}): "
+                    f"give it one entry with the sum of the weights"
+                )
 
     def shards_source(self) -> int | None:
         """The position of data.shards among sources(), None when it is not one of them."""
@@ -129,8 +131,15 @@ class ShardSamples(Dataset):
     check, and DslmError when it has a mask and the manifest says the samples carry none, or the
     other way round."""
 
-    def __init__(self, root: str | Path, manifest: Manifest, split: str, direction: str = "forward",
-                 max_open_shards: int = 64, verify: str = "size"):
+    def __init__(
+        self,
+        root: str | Path,
+        manifest: Manifest,
+        split: str,
+        direction: str = "forward",
+        max_open_shards: int = 64,
+        verify: str = "size",
+    ):
         self.entries = manifest.split(split)
         if not self.entries:
             raise DslmError(f"{root}: the manifest lists no shards for the {split} split")
@@ -152,8 +161,10 @@ class ShardSamples(Dataset):
         labels = tokens.clone()
         if self.masks != (MASK_SUFFIX in sample):
             has = "has" if MASK_SUFFIX in sample else "lacks"
-            raise DslmError(f"{self.path(self.shard_of(index))}: sample {sample['__key__']} {has} a mask, but the "
-                            f"manifest says the samples {'carry masks' if self.masks else 'carry none'}")
+            raise DslmError(
+                f"{self.path(self.shard_of(index))}: sample {sample['__key__']} {has} a mask, but the "
+                f"manifest says the samples {'carry masks' if self.masks else 'carry none'}"
+            )
         if self.masks:
             labels[torch.from_numpy(np.load(sample[MASK_SUFFIX])) == 0] = IGNORE_INDEX
         sample = {"input_ids": tokens, "labels": labels}
@@ -217,8 +228,9 @@ class ShardSamples(Dataset):
             opened.append(IndexedTarSamples(path=str(path)))
             return len(opened[0])
 
-        problem = shard_problem(self.path(shard), self.entries[shard], count_samples,
-                                sha256=self.full_check and shard not in self._checked)
+        problem = shard_problem(
+            self.path(shard), self.entries[shard], count_samples, sha256=self.full_check and shard not in self._checked
+        )
         self._checked[shard] = problem
         if problem:
             for reader in opened:
@@ -241,12 +253,16 @@ class TrainSamples(Dataset):
         per_source = cfg.max_open_shards // len(manifests)  # one budget per worker, whatever the mix
         for (name, _), manifest in zip(cfg.sources(), manifests):
             if per_source < (window := min(cfg.shuffle_window, len(manifest.split("train")))):
-                raise DslmError(f"data.max_open_shards={cfg.max_open_shards} leaves "
-                                f"{counted(per_source, 'open shard')} to each of {counted(len(manifests), 'source')}, "
-                                f"fewer than {name}'s window of {window} (data.shuffle_window): a loader worker would "
-                                f"open shards again for most samples; raise it, or lower data.shuffle_window")
-        self.sources = [ShardSamples(source.shards, manifest, "train", cfg.direction, per_source, cfg.verify)
-                        for (_, source), manifest in zip(cfg.sources(), manifests)]
+                raise DslmError(
+                    f"data.max_open_shards={cfg.max_open_shards} leaves "
+                    f"{counted(per_source, 'open shard')} to each of {counted(len(manifests), 'source')}, "
+                    f"fewer than {name}'s window of {window} (data.shuffle_window): a loader worker would "
+                    f"open shards again for most samples; raise it, or lower data.shuffle_window"
+                )
+        self.sources = [
+            ShardSamples(source.shards, manifest, "train", cfg.direction, per_source, cfg.verify)
+            for (_, source), manifest in zip(cfg.sources(), manifests)
+        ]
         self.seq_len = manifests[0].seq_len
 
     def __len__(self) -> int:
@@ -258,7 +274,12 @@ class TrainSamples(Dataset):
             sample, skipped = self.sources[source][index], 0
         except BadShard:
             sample, skipped = self.blank(), 1
-        return {**sample, "source": torch.tensor(source), "index": torch.tensor(index), "skipped": torch.tensor(skipped)}
+        return {
+            **sample,
+            "source": torch.tensor(source),
+            "index": torch.tensor(index),
+            "skipped": torch.tensor(skipped),
+        }
 
     def blank(self) -> Batch:
         tokens = torch.zeros(self.seq_len + 1, dtype=torch.int64)
@@ -268,9 +289,11 @@ class TrainSamples(Dataset):
         """ShardSamples.damage for sample `index` of source `source`, which a loader worker found
         damaged (also when it reads intact in this process: a read that failed once)."""
         samples = self.sources[source]
-        return samples.damage(index) or (f"{samples.path(samples.shard_of(index))}: a loader worker could not read "
-                                         f"it, though it matches its manifest now (check the folder: dslm-shard "
-                                         f"verify {samples.root})")
+        return samples.damage(index) or (
+            f"{samples.path(samples.shard_of(index))}: a loader worker could not read "
+            f"it, though it matches its manifest now (check the folder: dslm-shard "
+            f"verify {samples.root})"
+        )
 
 
 class ShardDamage:
@@ -335,12 +358,17 @@ def ensure_file_limit(cfg: DataConfig, held_batches: int) -> None:
         return
     if hard != resource.RLIM_INFINITY and hard < need:
         shards = (hard - need + FDS_PER_SHARD * cfg.max_open_shards) // FDS_PER_SHARD
-        lower = (f"lower data.max_open_shards to {shards}" if shards >= 1 else
-                 "lower data.max_open_shards, data.num_workers, data.prefetch_factor or train.grad_accum")
-        raise DslmError(f"the data loader needs about {need} open files per process (data.max_open_shards="
-                        f"{cfg.max_open_shards}, data.num_workers={cfg.num_workers}, data.prefetch_factor="
-                        f"{cfg.prefetch_factor}, {open_now} open already), but the limit is {hard} (ulimit -n): "
-                        f"{lower}, or raise the limit")
+        lower = (
+            f"lower data.max_open_shards to {shards}"
+            if shards >= 1
+            else "lower data.max_open_shards, data.num_workers, data.prefetch_factor or train.grad_accum"
+        )
+        raise DslmError(
+            f"the data loader needs about {need} open files per process (data.max_open_shards="
+            f"{cfg.max_open_shards}, data.num_workers={cfg.num_workers}, data.prefetch_factor="
+            f"{cfg.prefetch_factor}, {open_now} open already), but the limit is {hard} (ulimit -n): "
+            f"{lower}, or raise the limit"
+        )
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
@@ -426,14 +454,22 @@ def out_of_files(error: BaseException) -> str:
     while seen is not None and seen not in chain:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    if not any(isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE) or receiving_descriptor(e)
-               or "Too many open files" in str(e) or "received 0 items of ancdata" in str(e) for e in chain):
+    if not any(
+        isinstance(e, OSError)
+        and e.errno in (errno.EMFILE, errno.ENFILE)
+        or receiving_descriptor(e)
+        or "Too many open files" in str(e)
+        or "received 0 items of ancdata" in str(e)
+        for e in chain
+    ):
         return ""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     what = str(error).splitlines()[0] if str(error) else ""
-    return (f"the data loader ran out of open files ({type(error).__name__}{': ' if what else ''}{what}; the limit "
-            f"is {soft} per process, ulimit -Sn, hard limit {hard}): raise the soft limit, or lower "
-            f"data.max_open_shards, data.num_workers or data.prefetch_factor")
+    return (
+        f"the data loader ran out of open files ({type(error).__name__}{': ' if what else ''}{what}; the limit "
+        f"is {soft} per process, ulimit -Sn, hard limit {hard}): raise the soft limit, or lower "
+        f"data.max_open_shards, data.num_workers or data.prefetch_factor"
+    )
 
 
 def receiving_descriptor(error: BaseException) -> bool:
@@ -444,8 +480,10 @@ def receiving_descriptor(error: BaseException) -> bool:
 def train_order(cfg: DataConfig, manifests: list[Manifest], seed: int, base: MixBase | None = None) -> MixedOrder:
     """The run's order over the train splits of its sources (`manifests`, in DataConfig.sources'
     order): each source's own WindowOrder, interleaved by weight from `base` on."""
-    orders = [WindowOrder([e.samples for e in manifest.split("train")], seed, cfg.shuffle_window, key=[i])
-              for i, manifest in enumerate(manifests)]
+    orders = [
+        WindowOrder([e.samples for e in manifest.split("train")], seed, cfg.shuffle_window, key=[i])
+        for i, manifest in enumerate(manifests)
+    ]
     return MixedOrder(orders, Interleave([source.weight for _, source in cfg.sources()], base))
 
 
@@ -459,8 +497,15 @@ def init_worker(worker_id: int) -> None:
     sys.stderr = open(os.devnull, "w")
 
 
-def train_loader(cfg: DataConfig, samples: TrainSamples, order: MixedOrder, rank: int, world_size: int,
-                 micro_batch: int, start: int = 0) -> DataLoader:
+def train_loader(
+    cfg: DataConfig,
+    samples: TrainSamples,
+    order: MixedOrder,
+    rank: int,
+    world_size: int,
+    micro_batch: int,
+    start: int = 0,
+) -> DataLoader:
     """This rank's training micro-batches, from global position `start` on. The loader draws its
     workers' seeds from a generator of its own: from torch's global one, starting the loader would
     move the RNG state a resume has just restored, and every dropout mask after it would differ.

@@ -33,7 +33,9 @@ PROCESS_LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 limit, the system's), no memory for the map."""
 
 
-def shard_problem(path: Path, entry: ShardEntry, count_samples: Callable[[Path], int], sha256: bool = True) -> str | None:
+def shard_problem(
+    path: Path, entry: ShardEntry, count_samples: Callable[[Path], int], sha256: bool = True
+) -> str | None:
     """Why the shard at `path` does not match its manifest entry (its size, its sample count as
     `count_samples` reads them, then, with `sha256`, its checksum), or None when it does. An
     exception from `count_samples` is reported as an unreadable tar, except running out of open
@@ -105,13 +107,17 @@ class Manifest:
         (replaced after the build: the shards' ids would mean other text)."""
         path = Path(folder) / self.tokenizer
         if not path.is_file():
-            raise DslmError(f"{path} is missing: the shards in {folder} need the tokenizer they were built with "
-                            f"(sha256 {self.tokenizer_sha256}, {MANIFEST_NAME})")
+            raise DslmError(
+                f"{path} is missing: the shards in {folder} need the tokenizer they were built with "
+                f"(sha256 {self.tokenizer_sha256}, {MANIFEST_NAME})"
+            )
         if (found := sha256_file(path)) != self.tokenizer_sha256:
-            raise DslmError(f"{path} has sha256 {found}, but the shards in {folder} were built with sha256 "
-                            f"{self.tokenizer_sha256} ({MANIFEST_NAME}): it was replaced after the build and their ids "
-                            f"would mean other text; put the build's tokenizer back, or rebuild the shards with this "
-                            f"one (--overwrite)")
+            raise DslmError(
+                f"{path} has sha256 {found}, but the shards in {folder} were built with sha256 "
+                f"{self.tokenizer_sha256} ({MANIFEST_NAME}): it was replaced after the build and their ids "
+                f"would mean other text; put the build's tokenizer back, or rebuild the shards with this "
+                f"one (--overwrite)"
+            )
         return path
 
     def save(self, folder: str | Path) -> None:

@@ -50,9 +50,9 @@ class WindowOrder:
             first, end = int(window_starts[w]), int(window_starts[w + 1])
             n = min(count - done, end - local)
             _, _, shards, shard_starts, permutation = self._window_tables(epoch, w, order, end - first)
-            picks = permutation[local - first:local - first + n]  # positions among the window's samples
+            picks = permutation[local - first : local - first + n]  # positions among the window's samples
             k = np.searchsorted(shard_starts, picks, side="right") - 1
-            out[done:done + n] = self.starts[shards[k]] + picks - shard_starts[k]
+            out[done : done + n] = self.starts[shards[k]] + picks - shard_starts[k]
             done += n
         return out
 
@@ -66,7 +66,7 @@ class WindowOrder:
 
     def _window_tables(self, epoch: int, w: int, order: np.ndarray, samples: int) -> tuple:
         if self._window is None or self._window[:2] != (epoch, w):
-            shards = order[w * self.window:(w + 1) * self.window]
+            shards = order[w * self.window : (w + 1) * self.window]
             shard_starts = np.concatenate([[0], np.cumsum(self.sizes[shards])[:-1]])
             permutation = np.random.default_rng([*self.key, epoch, 2, w + 1]).permutation(samples)
             self._window = (epoch, w, shards, shard_starts, permutation)

@@ -65,11 +65,18 @@ class Template:
 
 
 TEMPLATES = {
-    "instruct": Template("instruct", ("instruction", "response"),
-                         summary="instruction then response; forward: the loss is on the response"),
-    "backchat": Template("backchat", ("response", "instruction"), reverse_words=True,
-                         summary="response then instruction, words reversed (the BackChat card); forward: the "
-                                 "loss is on the instruction"),
+    "instruct": Template(
+        "instruct",
+        ("instruction", "response"),
+        summary="instruction then response; forward: the loss is on the response",
+    ),
+    "backchat": Template(
+        "backchat",
+        ("response", "instruction"),
+        reverse_words=True,
+        summary="response then instruction, words reversed (the BackChat card); forward: the "
+        "loss is on the instruction",
+    ),
 }
 
 
@@ -113,8 +120,10 @@ def marker_ids(tok: Tokenizer) -> dict[str, int]:
     ids = {}
     for marker in (IM_START, IM_END, *map(role_marker, ROLES)):
         if tok.token_to_id(marker) != SPECIAL_TOKENS.index(marker):
-            raise DslmError(f"the tokenizer has no special token {marker} at id {SPECIAL_TOKENS.index(marker)} "
-                            f"(templates need dslm's reserved tokens: build it with `dslm-shard tokenizer`)")
+            raise DslmError(
+                f"the tokenizer has no special token {marker} at id {SPECIAL_TOKENS.index(marker)} "
+                f"(templates need dslm's reserved tokens: build it with `dslm-shard tokenizer`)"
+            )
         ids[marker] = SPECIAL_TOKENS.index(marker)
     return ids
 

@@ -10,8 +10,14 @@ from dslm_local.tokens import load_text_tokenizer
 __all__ = ["SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "load_text_tokenizer"]
 
 SPECIAL_TOKENS = [
-    "<pad>", "<unk>", "<bos>", "<eos>",
-    "<|im_start|>", "<|im_end|>", "<|instruction|>", "<|response|>",
+    "<pad>",
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|instruction|>",
+    "<|response|>",
 ]
 """Ids 0..7 of every dslm tokenizer, in this order: the model, the loader and the export rely on
 <pad>=0 <unk>=1 <bos>=2 <eos>=3. The last four frame instruction data (chat-style markers)."""

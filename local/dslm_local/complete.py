@@ -37,9 +37,11 @@ class Completer:
 
     def __init__(self, model: OnnxModel, cfg: GenerationConfig):
         if model.config.direction != "forward" or model.config.template:
-            raise DslmError(f"this export reads text {model.config.direction}"
-                            f"{' with the template ' + model.config.template if model.config.template else ''}; "
-                            f"dslm-complete continues code (forward, no template): use dslm-generate")
+            raise DslmError(
+                f"this export reads text {model.config.direction}"
+                f"{' with the template ' + model.config.template if model.config.template else ''}; "
+                f"dslm-complete continues code (forward, no template): use dslm-generate"
+            )
         if cfg.strategy == "beam":
             raise DslmError("dslm-complete decodes greedy or sample; beam search is dslm-generate's")
         self.model, self.tokenizer = model, model.tokenizer
@@ -63,9 +65,11 @@ class Completer:
             return ids
         if keep_last and room > 0:
             return ids[-room:]
-        raise DslmError(f"the prompt is {len(ids)} tokens with <bos>; the context of {self.model.config.block_size} "
-                        f"leaves room for {max(room, 0)} beside --max-new-tokens {self.cfg.max_new_tokens}: "
-                        f"shorten the prompt or lower --max-new-tokens")
+        raise DslmError(
+            f"the prompt is {len(ids)} tokens with <bos>; the context of {self.model.config.block_size} "
+            f"leaves room for {max(room, 0)} beside --max-new-tokens {self.cfg.max_new_tokens}: "
+            f"shorten the prompt or lower --max-new-tokens"
+        )
 
     def new_ids(self, prompt_ids: list[int]) -> list[int]:
         """Greedy or sampled new token ids after `prompt_ids`, without a final stop token."""
@@ -100,39 +104,51 @@ def cursor_prompt(path: Path, line: int, column: int | None) -> str:
     current = lines[line - 1]
     if column is not None and not 1 <= column <= len(current) + 1:
         raise DslmError(f"--column {column}: line {line} of {path} has columns 1..{len(current) + 1}")
-    before = "".join(f"{ln}\n" for ln in lines[:line - 1])
-    return before + (current if column is None else current[:column - 1])
+    before = "".join(f"{ln}\n" for ln in lines[: line - 1])
+    return before + (current if column is None else current[: column - 1])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="dslm-complete", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="dslm-complete", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, metavar="ONNX_EXPORT", help="a folder written by dslm-export --format onnx")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--prompt", metavar="TEXT", help="the code before the cursor")
     where.add_argument("--file", type=Path, metavar="F", help="complete at a cursor in file F (with --line)")
-    where.add_argument("--prompts", type=Path, metavar="FILE",
-                       help="a prompt set: one prompt per line, or .jsonl records with a \"prompt\" field")
+    where.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help='a prompt set: one prompt per line, or .jsonl records with a "prompt" field',
+    )
     p.add_argument("--line", type=int, metavar="N", help="--file: the cursor's line, 1-based")
-    p.add_argument("--column", type=int, metavar="C",
-                   help="--file: the cursor is before character C of the line, 1-based, counted in Unicode "
-                        "characters, a tab as one (default: at its end)")
-    p.add_argument("--multiline", action="store_true", help="go on past the end of the line (to <eos>, a --stop "
-                                                            "or --max-new-tokens)")
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="stop when the new text contains STR, and cut it there (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")
-    p.add_argument("--strategy", choices=("greedy", "sample"), default="greedy", help="(default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sample only (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample only: draw from the K most likely tokens (default: 0, no limit)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample only: draw from the most likely tokens whose probability reaches P (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="CPU threads for ONNX Runtime (default: 0, one per core)")
-    p.add_argument("--jsonl", action="store_true",
-                   help="print one JSON line per prompt (prompt, completion, new tokens, seconds) instead of the text")
+    p.add_argument(
+        "--column",
+        type=int,
+        metavar="C",
+        help="--file: the cursor is before character C of the line, 1-based, counted in Unicode "
+        "characters, a tab as one (default: at its end)",
+    )
+    p.add_argument(
+        "--multiline",
+        action="store_true",
+        help="go on past the end of the line (to <eos>, a --stop or --max-new-tokens)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop when the new text contains STR, and cut it there (repeatable)",
+    )
+    add_decoding_args(p)
+    p.add_argument(
+        "--threads", type=int, default=0, metavar="N", help="CPU threads for ONNX Runtime (default: 0, one per core)"
+    )
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="print one JSON line per prompt (prompt, completion, new tokens, seconds) instead of the text",
+    )
     args = p.parse_args(argv)
     if (args.file is None) != (args.line is None) or (args.column is not None and args.file is None):
         p.error("--line (and --column) go with --file, and --file needs --line")
@@ -141,10 +157,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """The options of GenerationConfig."""
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--strategy", choices=("greedy", "sample"), default="greedy", help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sample only (default: %(default)s)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="sample only: draw from the K most likely tokens (default: 0, no limit)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="sample only: draw from the most likely tokens whose probability reaches P (default: 1.0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+
+
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     stops = tuple(args.stop) + (() if args.multiline else ("\n",))
-    return checked_config(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, stop_strings=stops, seed=args.seed)
+    return checked_config(
+        strategy=args.strategy,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_strings=stops,
+        seed=args.seed,
+    )
 
 
 def prompts_of(args: argparse.Namespace) -> list[tuple[str, bool]]:
@@ -166,8 +211,17 @@ def run(args: argparse.Namespace) -> None:
         start, before = time.perf_counter(), completer.new_tokens
         text = completer.text(completer.new_ids(prompt_ids))
         if args.jsonl:
-            print(json.dumps({"prompt": prompt, "completion": text, "new_tokens": completer.new_tokens - before,
-                              "seconds": round(time.perf_counter() - start, 4)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "completion": text,
+                        "new_tokens": completer.new_tokens - before,
+                        "seconds": round(time.perf_counter() - start, 4),
+                    }
+                ),
+                flush=True,
+            )
         else:
             print(text, flush=True)
 

@@ -66,8 +66,10 @@ class GenerationConfig:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_beams < 1:
             raise ValueError("max_new_tokens, batch_size and num_beams must be at least 1")
         if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1 (got {self.temperature}, "
-                             f"{self.top_k}, {self.top_p})")
+            raise ValueError(
+                f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1 (got {self.temperature}, "
+                f"{self.top_k}, {self.top_p})"
+            )
         if self.strategy != "sample" and (self.temperature != 1.0 or self.top_k or self.top_p != 1.0):
             raise ValueError("temperature, top_k and top_p apply only to strategy='sample'")
         if self.strategy != "beam" and self.num_beams != 1:
@@ -117,7 +119,7 @@ def cut_at_stop(text: str, stop_strings: tuple[str, ...], keep: bool = False, ba
     if not found:
         return text
     start, stop = min(found, key=lambda match: match[0])
-    return text[:start + len(stop)] if keep else text[:start]
+    return text[: start + len(stop)] if keep else text[:start]
 
 
 TOP_P_TOLERANCE = 1e-6

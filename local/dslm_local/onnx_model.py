@@ -51,9 +51,18 @@ class ExportConfig:
         path = folder / "config.json"
         try:
             hf = json.loads(path.read_text())
-            return cls(hf["n_layer"], hf["n_head"], hf["n_embd"] // hf["n_head"], hf["n_positions"],
-                       hf["vocab_size"], hf["bos_token_id"], hf["eos_token_id"], hf.get("dslm_direction", "forward"),
-                       hf.get("dslm_template", ""), hf[WEIGHTS_KEY])
+            return cls(
+                hf["n_layer"],
+                hf["n_head"],
+                hf["n_embd"] // hf["n_head"],
+                hf["n_positions"],
+                hf["vocab_size"],
+                hf["bos_token_id"],
+                hf["eos_token_id"],
+                hf.get("dslm_direction", "forward"),
+                hf.get("dslm_template", ""),
+                hf[WEIGHTS_KEY],
+            )
         except FileNotFoundError:
             raise DslmError(f"{folder}: no config.json; is it a dslm-export --format onnx folder?") from None
         except (json.JSONDecodeError, TypeError, KeyError) as e:
@@ -96,11 +105,14 @@ class OnnxModel:
             raise DslmError(f"{folder}: no tokenizer.json; export it again with dslm-export --format onnx")
         self.tokenizer = load_text_tokenizer(folder / "tokenizer.json")
         if self.tokenizer.get_vocab_size() > self.config.vocab_size:
-            raise DslmError(f"{folder}: tokenizer.json has {self.tokenizer.get_vocab_size()} tokens, more than the "
-                            f"model's {self.config.vocab_size}: it is another model's tokenizer")
+            raise DslmError(
+                f"{folder}: tokenizer.json has {self.tokenizer.get_vocab_size()} tokens, more than the "
+                f"model's {self.config.vocab_size}: it is another model's tokenizer"
+            )
         try:
-            self.session = ort.InferenceSession(str(folder / ONNX_NAME), session_options(threads, mem_pattern),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(folder / ONNX_NAME), session_options(threads, mem_pattern), providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise DslmError(f"{folder / ONNX_NAME}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
         self.check_shapes(folder)
@@ -114,9 +126,11 @@ class OnnxModel:
         logits = {o.name: o.shape for o in self.session.get_outputs()}.get("logits", [None])
         past = inputs.get("past_keys", [None] * 5)
         if (past[0], past[2], past[4], logits[-1]) != (cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size):
-            raise DslmError(f"{folder}: config.json (n_layer {cfg.n_layer}, n_head {cfg.n_head}, head size "
-                            f"{cfg.head_dim}, vocab {cfg.vocab_size}) does not describe its {ONNX_NAME} (past "
-                            f"{past}, logits {logits}); export the model again")
+            raise DslmError(
+                f"{folder}: config.json (n_layer {cfg.n_layer}, n_head {cfg.n_head}, head size "
+                f"{cfg.head_dim}, vocab {cfg.vocab_size}) does not describe its {ONNX_NAME} (past "
+                f"{past}, logits {logits}); export the model again"
+            )
 
     def empty_past(self) -> np.ndarray:
         """Zeros (n_layer, 1, n_head, 0, head_dim) float32: the past of a sequence's first pass."""
@@ -128,21 +142,24 @@ class OnnxModel:
         `reset`); their keys and values join the past."""
         past_keys, past_values = self.past or (self.empty_past(), self.empty_past())
         if past_keys.shape[3] + len(ids) > self.config.block_size:
-            raise DslmError(f"{past_keys.shape[3] + len(ids)} tokens do not fit the model's context of "
-                            f"{self.config.block_size}")
+            raise DslmError(
+                f"{past_keys.shape[3] + len(ids)} tokens do not fit the model's context of {self.config.block_size}"
+            )
         inputs = (np.array([ids], dtype=np.int64), past_keys, past_values)
         try:
             logits, keys, values = self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, inputs)))
         except Exception as e:  # onnxruntime's own error types: a graph that config.json does not describe
-            raise DslmError(f"ONNX Runtime failed on {past_keys.shape[3] + len(ids)} tokens "
-                            f"({str(e).splitlines()[0][:200]}); is config.json this model's?") from None
+            raise DslmError(
+                f"ONNX Runtime failed on {past_keys.shape[3] + len(ids)} tokens "
+                f"({str(e).splitlines()[0][:200]}); is config.json this model's?"
+            ) from None
         self.past = keys, values
         return logits[0]
 
     def last_logits(self, ids: list[int]) -> np.ndarray:
         """Logits (vocab_size,) after `ids`, fed PROMPT_CHUNK tokens per pass (as `forward`)."""
         for start in range(0, len(ids), PROMPT_CHUNK):
-            logits = self.forward(ids[start:start + PROMPT_CHUNK])
+            logits = self.forward(ids[start : start + PROMPT_CHUNK])
         return logits[-1]
 
     def reset(self) -> None:

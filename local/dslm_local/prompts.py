@@ -32,6 +32,6 @@ def read_prompt_set(path: Path) -> list[str]:
         except (json.JSONDecodeError, AttributeError):
             prompt = None
         if not isinstance(prompt, str):
-            raise DslmError(f"{path}:{n}: not a JSON object with a string \"prompt\"")
+            raise DslmError(f'{path}:{n}: not a JSON object with a string "prompt"')
         prompts.append(prompt)
     return prompts

@@ -14,8 +14,19 @@ REPO = Path(__file__).resolve().parents[2]
 def test_each_path_reports_memory_and_speed_and_onnx_imports_no_torch(onnx_exports, tmp_path):
     run, _, _, _ = onnx_exports
     out = tmp_path / "figures.json"
-    cmd = [sys.executable, REPO / "bench/local_inference.py", run, "--lines", "2", "--max-new-tokens", "6",
-           "--threads", "1", "--json", out]
+    cmd = [
+        sys.executable,
+        REPO / "bench/local_inference.py",
+        run,
+        "--lines",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())

@@ -14,8 +14,23 @@ pytestmark = pytest.mark.slow
 
 def test_one_and_two_tasks_time_every_stage_and_build_what_one_process_does(tmp_path):
     out = tmp_path / "figures.json"
-    proc = subprocess.run([sys.executable, REPO / "bench" / "shard_tasks.py", "--corpus-mb", "1", "--launcher", "local",
-                           "--work", tmp_path / "work", "--json", out], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            REPO / "bench" / "shard_tasks.py",
+            "--corpus-mb",
+            "1",
+            "--launcher",
+            "local",
+            "--work",
+            tmp_path / "work",
+            "--json",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # it fails when a split build's counts differ
     figures = json.loads(out.read_text())
     for run in ("tasks_1", "tasks_2"):

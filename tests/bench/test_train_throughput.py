@@ -14,8 +14,24 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_cpu_run_prints_a_row_per_side_with_rate_and_ratio(tmp_path):
     out = tmp_path / "results.json"
-    cmd = [sys.executable, REPO / "bench/train_throughput.py", "--micro-batch-sizes", "2", "--zero-stages", "2",
-           "--warmup", "1", "--windows", "1", "--steps", "2", "--cache", tmp_path / "cache", "--json", out]
+    cmd = [
+        sys.executable,
+        REPO / "bench/train_throughput.py",
+        "--micro-batch-sizes",
+        "2",
+        "--zero-stages",
+        "2",
+        "--warmup",
+        "1",
+        "--windows",
+        "1",
+        "--steps",
+        "2",
+        "--cache",
+        tmp_path / "cache",
+        "--json",
+        out,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -40,7 +56,11 @@ def test_cpu_run_prints_a_row_per_side_with_rate_and_ratio(tmp_path):
 
 
 def test_bad_input_is_one_line():
-    proc = subprocess.run([sys.executable, REPO / "bench/train_throughput.py", "--zero-stages", "3"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, REPO / "bench/train_throughput.py", "--zero-stages", "3"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("train_throughput: error: --zero-stages")

@@ -10,13 +10,31 @@ import numpy as np
 import pytest
 import torch
 
-from dslm.checkpoint.format import (ABANDONED_NAME, BEST_NAME, CHECKSUM, LATEST_NAME, SEAL_NAME, TrainState, best_tag,
-                                    check_loads_safely, load_rng_state, newest_resumable, own_checksums, resume_problem,
-                                    rng_file, rng_state, seal, seal_problem, sealed_state, set_rng_state, tag_files)
-from dslm.checkpoint.save import Checkpointer, start_branch
-from dslm.run_dir import tag_for
-from dslm.errors import DslmError
+from dslm.checkpoint.format import (
+    ABANDONED_NAME,
+    BEST_NAME,
+    CHECKSUM,
+    LATEST_NAME,
+    SEAL_NAME,
+    TrainState,
+    best_tag,
+    check_loads_safely,
+    load_rng_state,
+    newest_resumable,
+    own_checksums,
+    resume_problem,
+    rng_file,
+    rng_state,
+    seal,
+    seal_problem,
+    sealed_state,
+    set_rng_state,
+    tag_files,
+)
 from dslm.checkpoint.resume import batch_note, check_same_shards, find_resume, recorded_batch, shards_identity
+from dslm.checkpoint.save import Checkpointer, start_branch
+from dslm.errors import DslmError
+from dslm.run_dir import tag_for
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -90,7 +108,9 @@ def test_newest_intact_tag_wins_and_newer_damaged_ones_are_named(tmp_path):
     flip_byte(damaged / optim_file(1))
     tag_dir, skipped = newest_resumable(tmp_path)
     assert tag_dir == good
-    assert [line.split(": ")[0] for line in skipped] == [f"skipping checkpoint {tmp_path / tag_for(s)}" for s in (20, 15)]
+    assert [line.split(": ")[0] for line in skipped] == [
+        f"skipping checkpoint {tmp_path / tag_for(s)}" for s in (20, 15)
+    ]
     assert newest_resumable(tmp_path / "none") == (None, [])
 
 
@@ -125,6 +145,7 @@ def test_the_best_tag_by_val_loss_survives_pruning(tmp_path):
 
 # Lineage (issue 15, item 1): `latest`, not the highest step, names the live branch.
 
+
 def test_the_issues_rollback_resume_auto_continues_the_rollback_not_the_abandoned_step(tmp_path):
     live_run(tmp_path, (9, 12), latest=12)  # 12 steps, checkpoint every 3, keep_last=2
     lines = start_branch(tmp_path, tmp_path / tag_for(9))  # rolled back to step 9
@@ -145,8 +166,10 @@ def test_tags_beyond_latest_are_never_resumed_by_auto_nor_counted_by_pruning(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(s) for s in (10, 11, 12, 9)] + [LATEST_NAME]
     tag_dir, skipped = newest_resumable(tmp_path)
     assert tag_dir == tmp_path / tag_for(11)
-    assert skipped == [f"skipping checkpoint {tmp_path / tag_for(12)}: beyond {tag_for(11)}, which "
-                       f"{tmp_path / LATEST_NAME} names (not on the run's live branch)"]
+    assert skipped == [
+        f"skipping checkpoint {tmp_path / tag_for(12)}: beyond {tag_for(11)}, which "
+        f"{tmp_path / LATEST_NAME} names (not on the run's live branch)"
+    ]
     flip_byte(tmp_path / tag_for(11) / MODEL_FILE)  # the tag latest names is damaged: back along the live branch
     tag_dir, skipped = newest_resumable(tmp_path)
     assert tag_dir == tmp_path / tag_for(10) and f"{MODEL_FILE} does not match its {CHECKSUM}" in skipped[1]
@@ -180,12 +203,15 @@ def test_a_new_branch_removes_partial_tags_and_derived_folders_and_repoints_best
     assert (tmp_path / BEST_NAME).read_text() == tag_for(4) and (tmp_path / LATEST_NAME).read_text() == tag_for(4)
     fake_tag(tmp_path, 8, world_size=1)  # the new branch reaches step 8 again, and rolls back to 4 again
     start_branch(tmp_path, tmp_path / tag_for(4))
-    assert sorted(p.name for p in (tmp_path / ABANDONED_NAME).iterdir()) == [f"after_{tag_for(4)}",
-                                                                              f"after_{tag_for(4)}_2"]
+    assert sorted(p.name for p in (tmp_path / ABANDONED_NAME).iterdir()) == [
+        f"after_{tag_for(4)}",
+        f"after_{tag_for(4)}_2",
+    ]
     assert best_tag(tmp_path) == tmp_path / tag_for(4) and start_branch(tmp_path, tmp_path / tag_for(4)) == []
 
 
 # Checksums (item 3): a changed byte is found, and resume falls back past it naming the file.
+
 
 def test_the_seal_records_size_and_checksum_of_every_file_hashed_by_its_writer(tmp_path):
     tag_dir = fake_tag(tmp_path, 5)
@@ -205,8 +231,9 @@ def test_a_changed_byte_of_the_same_size_is_found_and_resume_falls_back_naming_t
     problem = f"{rng_file(0)} does not match its {CHECKSUM} checksum in {SEAL_NAME}"
     assert problem in seal_problem(tmp_path / tag_for(8), checksums=True)
     tag_dir, skipped = newest_resumable(tmp_path)
-    assert tag_dir == tmp_path / tag_for(4) and skipped == [f"skipping checkpoint {tmp_path / tag_for(8)}: {problem} "
-                                                            f"(its bytes changed after sealing)"]
+    assert tag_dir == tmp_path / tag_for(4) and skipped == [
+        f"skipping checkpoint {tmp_path / tag_for(8)}: {problem} (its bytes changed after sealing)"
+    ]
     with pytest.raises(DslmError, match=f"cannot resume from {tmp_path / tag_for(8)}: {problem}"):
         find_resume(str(tmp_path / tag_for(8)), tmp_path)
     assert find_resume("auto", tmp_path) == tmp_path / tag_for(4)
@@ -224,14 +251,18 @@ def test_a_tag_sealed_before_checksums_is_checked_by_size(tmp_path):
 
 # Safe loading (item 5): no file of a tag is unpickled beyond tensors and plain data.
 
+
 @pytest.mark.parametrize("name", [MODEL_FILE, optim_file(0), rng_file(0), "zero/w/fp32.pt"])
 def test_a_file_that_needs_arbitrary_unpickling_is_refused_before_anything_loads_it(tmp_path, name):
     tag_dir = fake_tag(tmp_path, 2, world_size=1)
     (tag_dir / name).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"module": RunsCode(tmp_path / "ran")}, tag_dir / name)
     seal(tag_dir, sealed_state(tag_dir))  # sealed with it: its checksum matches
-    with pytest.raises(DslmError, match=rf"{tag_dir / name}: refusing to load it: it needs arbitrary unpickling "
-                                        r"\(posix.system\)"):
+    with pytest.raises(
+        DslmError,
+        match=rf"{tag_dir / name}: refusing to load it: it needs arbitrary unpickling "
+        r"\(posix.system\)",
+    ):
         check_loads_safely(tag_dir)
     assert f"{name}: refusing to load it" in resume_problem(tag_dir)
     assert newest_resumable(tmp_path)[0] is None and not (tmp_path / "ran").exists()
@@ -271,6 +302,7 @@ def test_an_rng_file_of_the_old_format_is_read_and_one_with_code_refused(tmp_pat
 
 
 # World size (item 7): the message compares the actual global batches.
+
 
 def test_the_batch_note_compares_actual_global_batches():
     assert batch_note(16, 16, 4) == "the global batch stays 16 samples"  # 2 ranks -> 1, grad_accum 2 -> 4

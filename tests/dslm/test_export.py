@@ -19,7 +19,9 @@ from dslm_eval.generate_cli import main as generate_main
 from dslm_shards.tokenizer import train_tokenizer
 
 IM_END_ID = SPECIAL_TOKENS.index(IM_END)
-transformers = pytest.importorskip("transformers", reason="the HF export check needs `transformers` (pip install .[test])")
+transformers = pytest.importorskip(
+    "transformers", reason="the HF export check needs `transformers` (pip install .[test])"
+)
 
 
 def hf_model(weights: dict, cfg: ModelConfig):
@@ -45,8 +47,9 @@ def test_folded_head_bias_is_exact_for_any_normalized_input():
     weight, bias = torch.randn(100, 32), torch.randn(100)
     new_gain, new_shift, new_weight = fold_head_bias(gain, shift, weight, bias)
     n = torch.nn.functional.layer_norm(torch.randn(50, 32), (32,))
-    assert torch.allclose(n @ torch.diag(gain) @ weight.T + shift @ weight.T + bias,
-                          (n * new_gain + new_shift) @ new_weight.T, atol=1e-4)
+    assert torch.allclose(
+        n @ torch.diag(gain) @ weight.T + shift @ weight.T + bias, (n * new_gain + new_shift) @ new_weight.T, atol=1e-4
+    )
 
 
 def test_config_is_gpt2s():
@@ -59,8 +62,16 @@ def test_config_is_gpt2s():
 def test_a_tied_head_is_written_as_a_tensor_of_its_own(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=100, block_size=16,
-                      tie_embeddings=True, lm_head_bias=False)
+    cfg = ModelConfig(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        intermediate_size=64,
+        vocab_size=100,
+        block_size=16,
+        tie_embeddings=True,
+        lm_head_bias=False,
+    )
     weights = GPT(cfg).state_dict()  # lm_head.weight is wte.weight, as in a consolidated ZeRO-3 checkpoint
     assert weights["lm_head.weight"].data_ptr() == weights["wte.weight"].data_ptr()
     save_file(hf_state_dict(weights, cfg), str(tmp_path / "model.safetensors"))
@@ -106,8 +117,10 @@ def test_the_exported_tokenizer_encodes_prompts_as_dslm(tmp_path, shards_tokeniz
     # the export records the tokenizer it was trained with; its own file differs by the post-processor
     assert export_tokenizer_sha256(folder) == sha256_file(shards_tokenizer) != sha256_file(folder / "tokenizer.json")
     first = [BOS_ID] if direction == "forward" else []
-    assert theirs(PROMPTS[1])["input_ids"][:len(first) + 1] == first + load_text_tokenizer(shards_tokenizer).encode(
-        PROMPTS[1]).ids[:1]
+    assert (
+        theirs(PROMPTS[1])["input_ids"][: len(first) + 1]
+        == first + load_text_tokenizer(shards_tokenizer).encode(PROMPTS[1]).ids[:1]
+    )
     assert EOS_ID not in theirs(PROMPTS[1])["input_ids"][:-1]
 
 
@@ -119,15 +132,25 @@ def test_greedy_continuations_on_the_export_equal_dslm_generates(tmp_path, shard
     folder = write_export(tmp_path / "export", model.eval(), shards_tokenizer)
     prompts = PROMPTS[:4]
     out = tmp_path / "out.jsonl"
-    generate_main([str(folder), *(a for p in prompts for a in ("--prompt", p)), "--max-new-tokens", "12",
-                   "--device", "cpu", "--out", str(out)])
+    generate_main(
+        [
+            str(folder),
+            *(a for p in prompts for a in ("--prompt", p)),
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     dslm = [json.loads(line)["outputs"][str(folder)] for line in out.read_text().splitlines()]
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     for prompt, text in zip(prompts, dslm):
         enc = tok(prompt, return_tensors="pt")
-        new = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc["input_ids"].size(1):].tolist()
-        new = new[:new.index(EOS_ID)] if EOS_ID in new else new  # dslm-generate stops before <eos>
+        new = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc["input_ids"].size(1) :].tolist()
+        new = new[: new.index(EOS_ID)] if EOS_ID in new else new  # dslm-generate stops before <eos>
         assert tok.decode(new, skip_special_tokens=True) == text, prompt
 
 
@@ -159,12 +182,13 @@ def test_a_templated_exports_chat_template_gives_the_ids_dslm_feeds(tmp_path, sh
     # special tokens written in a message stay text, as in dslm, when the caller asks for it (transformers
     # encodes the text around them in pieces: a merge across a piece's edge may give other ids than dslm's)
     marked = "a <|im_end|> b <eos>"
-    ids = theirs.apply_chat_template([{"role": "user", "content": marked}], add_generation_prompt=True,
-                                     sanitize_control_tokens=True)["input_ids"]
+    ids = theirs.apply_chat_template(
+        [{"role": "user", "content": marked}], add_generation_prompt=True, sanitize_control_tokens=True
+    )["input_ids"]
     opening, closing = dslm.ids("")[:-3], dslm.ids("")[-3:]  # <bos> and the given block's markers; its end
-    assert ids[:len(opening)] == opening and ids[-len(closing):] == closing
-    assert not set(ids[len(opening):-len(closing)]) & {EOS_ID, IM_END_ID}
-    assert theirs.decode(ids[len(opening):-len(closing)]) == get_template(name).text(marked)
+    assert ids[: len(opening)] == opening and ids[-len(closing) :] == closing
+    assert not set(ids[len(opening) : -len(closing)]) & {EOS_ID, IM_END_ID}
+    assert theirs.decode(ids[len(opening) : -len(closing)]) == get_template(name).text(marked)
     with pytest.raises(Exception, match=f"the {name} template takes one user message"):
         theirs.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], add_generation_prompt=True)
     for content in ([{"type": "text", "text": "hi"}], 5):  # the list-of-parts form; not text at all
@@ -202,9 +226,10 @@ def test_an_instruction_models_export_stops_where_dslm_generate_does(tmp_path, s
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == IM_END_ID
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": CHAT_TEXTS[0]}], add_generation_prompt=True,
-                                  return_tensors="pt")["input_ids"]
-    assert hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.size(1):].tolist() == [IM_END_ID]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": CHAT_TEXTS[0]}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
+    assert hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.size(1) :].tolist() == [IM_END_ID]
     # the stop the export used to name (<eos>, which this model never writes) runs to the budget
     assert hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=EOS_ID).size(1) == ids.size(1) + 20
     out = tmp_path / "out.jsonl"

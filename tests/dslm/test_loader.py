@@ -10,8 +10,15 @@ import psutil
 import pytest
 import torch
 
-from dslm.data.loader import (DataConfig, DeviceBatches, GlobalOrderSampler, ShardSamples, TrainSamples, train_loader,
-                              train_order)
+from dslm.data.loader import (
+    DataConfig,
+    DeviceBatches,
+    GlobalOrderSampler,
+    ShardSamples,
+    TrainSamples,
+    train_loader,
+    train_order,
+)
 from dslm.data.manifest import Manifest
 from dslm.data.mix import Interleave, MixedOrder, MixSource
 from dslm.data.order import WindowOrder
@@ -27,15 +34,22 @@ def one_source(sizes, seed=7, window=2):
 
 def global_steps(sizes, world_size, micro_batch, steps, start=0):
     """The set of sample indices each global micro-step reads, over all ranks."""
-    per_rank = [[i for _, i in islice(iter(GlobalOrderSampler(one_source(sizes), r, world_size, micro_batch, start)),
-                                      steps * micro_batch)]
-                for r in range(world_size)]
-    return [sorted(i for r in per_rank for i in r[s * micro_batch:(s + 1) * micro_batch]) for s in range(steps)]
+    per_rank = [
+        [
+            i
+            for _, i in islice(
+                iter(GlobalOrderSampler(one_source(sizes), r, world_size, micro_batch, start)), steps * micro_batch
+            )
+        ]
+        for r in range(world_size)
+    ]
+    return [sorted(i for r in per_rank for i in r[s * micro_batch : (s + 1) * micro_batch]) for s in range(steps)]
 
 
 def loader(cfg, manifest, seed, rank, world_size, micro_batch, start=0):
-    return train_loader(cfg, TrainSamples(cfg, [manifest]), train_order(cfg, [manifest], seed), rank, world_size,
-                        micro_batch, start)
+    return train_loader(
+        cfg, TrainSamples(cfg, [manifest]), train_order(cfg, [manifest], seed), rank, world_size, micro_batch, start
+    )
 
 
 def test_epoch_reads_every_sample_once_whatever_the_world_size():
@@ -55,8 +69,11 @@ def test_loader_yields_token_batches(tiny_shards):
     out, manifest = tiny_shards
     cfg = DataConfig(shards=str(out), num_workers=2)
     batches = list(islice(iter(loader(cfg, manifest, seed=1, rank=0, world_size=1, micro_batch=4)), 3))
-    assert all(b[name].shape == (4, manifest.seq_len + 1) and b[name].dtype == torch.int64
-               for b in batches for name in ("input_ids", "labels"))
+    assert all(
+        b[name].shape == (4, manifest.seq_len + 1) and b[name].dtype == torch.int64
+        for b in batches
+        for name in ("input_ids", "labels")
+    )
     assert all(torch.equal(b["input_ids"], b["labels"]) for b in batches)  # pretraining: every token a target
     dataset = ShardSamples(out, manifest, "train")
     assert len(dataset) == sum(e.samples for e in manifest.split("train"))
@@ -67,8 +84,14 @@ def test_loader_yields_token_batches(tiny_shards):
 def test_backward_reads_each_sample_reversed_in_the_same_order(tiny_shards):
     out, manifest = tiny_shards
     forward = loader(DataConfig(shards=str(out), num_workers=0), manifest, seed=1, rank=0, world_size=1, micro_batch=4)
-    backward = loader(DataConfig(shards=str(out), num_workers=0, direction="backward"), manifest, seed=1, rank=0,
-                      world_size=1, micro_batch=4)
+    backward = loader(
+        DataConfig(shards=str(out), num_workers=0, direction="backward"),
+        manifest,
+        seed=1,
+        rank=0,
+        world_size=1,
+        micro_batch=4,
+    )
     for f, b in islice(zip(forward, backward), 2):
         assert torch.equal(b["input_ids"], f["input_ids"].flip(1)) and torch.equal(b["labels"], f["labels"].flip(1))
         assert (b["input_ids"][:, 0] != f["input_ids"][:, 0]).any()
@@ -100,8 +123,15 @@ def read_positions(out, manifest, world_size, micro_batch, start, stop, workers=
     rows = []
     step_size = world_size * micro_batch
     for rank in range(world_size):
-        batches = loader(DataConfig(shards=str(out), num_workers=workers), manifest, seed=3, rank=rank,
-                         world_size=world_size, micro_batch=micro_batch, start=start)
+        batches = loader(
+            DataConfig(shards=str(out), num_workers=workers),
+            manifest,
+            seed=3,
+            rank=rank,
+            world_size=world_size,
+            micro_batch=micro_batch,
+            start=start,
+        )
         steps = -(-(stop - start) // step_size)
         for step, batch in enumerate(islice(iter(batches), steps)):
             for k, row in enumerate(batch["input_ids"]):
@@ -137,8 +167,10 @@ def test_a_shard_damaged_after_the_build_is_named_when_opened(tiny_shards, tmp_p
     samples = ShardSamples(out, manifest, "train")
     with pytest.raises(BadShard) as error:
         samples[0]
-    assert str(error.value) == (f"{out / first.name}: {first.bytes // 2:,} bytes, the manifest says {first.bytes:,} "
-                                f"(check the folder: dslm-shard verify {out})")
+    assert str(error.value) == (
+        f"{out / first.name}: {first.bytes // 2:,} bytes, the manifest says {first.bytes:,} "
+        f"(check the folder: dslm-shard verify {out})"
+    )
     assert samples.damage(first.samples) is None  # sizes and counts hold
     full = ShardSamples(out, manifest, "train", verify="full")
     assert full.damage(first.samples).startswith(f"{out / second.name}: sha256 differs from the manifest")
@@ -147,7 +179,9 @@ def test_a_shard_damaged_after_the_build_is_named_when_opened(tiny_shards, tmp_p
     train = TrainSamples(DataConfig(shards=str(out), verify="full"), [manifest])
     skipped, intact = train[0, first.samples], train[0, first.samples + second.samples]
     assert skipped["skipped"] == 1 and (skipped["labels"] == IGNORE_INDEX).all()
-    assert intact["skipped"] == 0 and torch.equal(intact["input_ids"], full[first.samples + second.samples]["input_ids"])
+    assert intact["skipped"] == 0 and torch.equal(
+        intact["input_ids"], full[first.samples + second.samples]["input_ids"]
+    )
     assert train.damage(0, 3) == str(error.value)
 
 
@@ -181,8 +215,13 @@ except Exception as e:
 def test_reading_thousands_of_shards_under_ulimit_256_needs_the_bound(many_shards, max_open_shards, ok):
     out, manifest = many_shards
     assert len(manifest.split("train")) > 3200  # each of 200 batches of 16 from its own shards
-    proc = subprocess.run([sys.executable, "-c", READ_UNDER_ULIMIT, out, str(max_open_shards)], capture_output=True,
-                          text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", READ_UNDER_ULIMIT, out, str(max_open_shards)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     if ok:
         assert proc.returncode == 0 and proc.stdout.split() == ["3200"], proc.stderr[-2000:]
     else:  # without it, each worker keeps every shard it touched open: the limit ends the read (in the worker,
@@ -193,8 +232,11 @@ def test_reading_thousands_of_shards_under_ulimit_256_needs_the_bound(many_shard
 def test_mixed_sources_read_each_sample_once_across_a_resume_on_another_world_size(tiny_shards, many_shards):
     """Two sources at 0.6/0.4: a 2-rank read up to a cursor, then a 1-rank read on, gives what one
     straight 1-rank read gives, each source in its own order."""
-    cfg = DataConfig(shards=str(tiny_shards[0]), mix=[MixSource(str(tiny_shards[0]), 0.6, "code"),
-                                                     MixSource(str(many_shards[0]), 0.4, "many")], num_workers=0)
+    cfg = DataConfig(
+        shards=str(tiny_shards[0]),
+        mix=[MixSource(str(tiny_shards[0]), 0.6, "code"), MixSource(str(many_shards[0]), 0.4, "many")],
+        num_workers=0,
+    )
     manifests = [tiny_shards[1], many_shards[1]]
     samples = TrainSamples(cfg, manifests)
 
@@ -202,8 +244,13 @@ def test_mixed_sources_read_each_sample_once_across_a_resume_on_another_world_si
         rows = []
         for step in range(steps):
             for rank in range(world_size):
-                sampler = GlobalOrderSampler(train_order(cfg, manifests, seed=4), rank, world_size, micro_batch,
-                                             start + step * micro_batch * world_size)
+                sampler = GlobalOrderSampler(
+                    train_order(cfg, manifests, seed=4),
+                    rank,
+                    world_size,
+                    micro_batch,
+                    start + step * micro_batch * world_size,
+                )
                 rows += islice(iter(sampler), micro_batch)
         return rows
 
@@ -247,8 +294,14 @@ print(open_now, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 def test_the_open_file_limit_covers_the_shards_and_the_batches_in_flight_or_names_what_to_lower():
     def run(max_open_shards, workers=1, held=2):
-        return subprocess.run([sys.executable, "-c", RAISE_FILE_LIMIT, str(max_open_shards), str(workers), str(held)],
-                              capture_output=True, text=True, timeout=900, cwd=REPO)
+        return subprocess.run(
+            [sys.executable, "-c", RAISE_FILE_LIMIT, str(max_open_shards), str(workers), str(held)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=REPO,
+        )
+
     open_now, soft = map(int, run(4).stdout.split())
     assert soft == 100  # 4 shards and 2 batches of 6 tensors: left as it is
     open_now, soft = map(int, run(100).stdout.split())
@@ -280,8 +333,14 @@ def test_a_loader_worker_outlives_a_sigterm_to_it_and_ends_with_its_trainer():
     """Issue 27: SIGTERM to every process of a job killed the workers first, and the trainer with
     them; ignoring it, a worker must still end when the trainer exits (multiprocessing ends daemonic
     children with SIGTERM and then waits for them)."""
-    proc = subprocess.Popen([sys.executable, "-c", WORKER_AND_SIGTERM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_AND_SIGTERM],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.stdout.readline().strip() == "[0, 1]"
     [worker] = psutil.Process(proc.pid).children()
     worker.send_signal(signal.SIGTERM)

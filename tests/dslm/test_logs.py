@@ -15,15 +15,26 @@ from pathlib import Path
 import pytest
 
 from dslm.logs import LibraryOutput, first_to_report
-from dslm.run_dir import RunDir
 from dslm.ops import extensions_dir, op_build_current
+from dslm.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 OP = "deepspeed_shm_comm"
-LIBRARY_LINES = ("Setting accelerator to CPU", "built successfully", "[WARNING]", "[INFO]", "FutureWarning",
-                 "Processing zero checkpoint", "Reconstructed fp32 state dict", "Loading checkpoint shards",
-                 "MPU is not provided", "*** 1. Extracting ZeRO fragments", "ld returned", "[torch.onnx]")
+LIBRARY_LINES = (
+    "Setting accelerator to CPU",
+    "built successfully",
+    "[WARNING]",
+    "[INFO]",
+    "FutureWarning",
+    "Processing zero checkpoint",
+    "Reconstructed fp32 state dict",
+    "Loading checkpoint shards",
+    "MPU is not provided",
+    "*** 1. Extracting ZeRO fragments",
+    "ld returned",
+    "[torch.onnx]",
+)
 """Marks of what DeepSpeed, torch and the tools they run print: the accelerator DeepSpeed picked,
 its op build and the linker of its op probes, zero_to_fp32, its universal converter and
 checkpoint loader, torch.distributed's deprecation warning on every rank, the ONNX exporter."""
@@ -46,10 +57,21 @@ def unused_port() -> int:
 
 
 def train_args(shards: Path, runs: Path, name: str, max_steps: int, *extra: str) -> list[str]:
-    return ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"name={name}", f"runs_dir={runs}",
-            f"data.shards={shards}", "model.preset=tiny", "train.micro_batch_size=2", f"train.max_steps={max_steps}",
-            "train.warmup_steps=1", "train.log_interval=1", f"train.checkpoint_interval={max_steps}",
-            "train.val_interval=0", *extra]
+    return [
+        "--deepspeed",
+        str(REPO / "ds_configs/zero2.json"),
+        f"name={name}",
+        f"runs_dir={runs}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        "train.micro_batch_size=2",
+        f"train.max_steps={max_steps}",
+        "train.warmup_steps=1",
+        "train.log_interval=1",
+        f"train.checkpoint_interval={max_steps}",
+        "train.val_interval=0",
+        *extra,
+    ]
 
 
 def start_ranks(args: list[str], world_size: int, cwd: Path) -> list[tuple[int, str, str]]:
@@ -57,12 +79,20 @@ def start_ranks(args: list[str], world_size: int, cwd: Path) -> list[tuple[int, 
     MASTER_ADDR/PORT), each with its own output files: (exit status, stdout, stderr) per rank."""
     port, procs = unused_port(), []
     for rank in range(world_size):
-        env = user_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = user_env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         with open(cwd / f"rank{rank}.out", "w") as out, open(cwd / f"rank{rank}.err", "w") as err:
             procs.append(subprocess.Popen([BIN / "dslm-train", *args], cwd=cwd, env=env, stdout=out, stderr=err))
-    return [(proc.wait(timeout=900), (cwd / f"rank{rank}.out").read_text(), (cwd / f"rank{rank}.err").read_text())
-            for rank, proc in enumerate(procs)]
+    return [
+        (proc.wait(timeout=900), (cwd / f"rank{rank}.out").read_text(), (cwd / f"rank{rank}.err").read_text())
+        for rank, proc in enumerate(procs)
+    ]
 
 
 def run(command: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -85,17 +115,22 @@ def test_two_ranks_print_dslms_lines_and_log_the_libraries_and_a_resume_says_it_
         assert status == 0, out[-2000:] + err[-3000:]
         assert library_lines(out + err) == []
         log = RunDir(run_dir).rank_log(rank).read_text()
-        for line in ("Setting accelerator to CPU", "built successfully", "FutureWarning: `torch.distributed."
-                                                                          "all_gather_into_tensor` is deprecated"):
+        for line in (
+            "Setting accelerator to CPU",
+            "built successfully",
+            "FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated",
+        ):
             assert line in log, (rank, log)
     assert "engine: 2 ranks on cpu" in ranks[0][1] and ranks[1][1] == ""  # dslm's lines: rank 0's
 
-    resumed = run([BIN / "dslm-train", *train_args(tiny_shards[0], run_dir.parent, "t", 4), "--resume", "auto"],
-                  run_dir.parent)
+    resumed = run(
+        [BIN / "dslm-train", *train_args(tiny_shards[0], run_dir.parent, "t", 4), "--resume", "auto"], run_dir.parent
+    )
     said = resumed.stdout.splitlines()
     converting = f"converting {run_dir / 'checkpoints' / 'global_step2'} to DeepSpeed's universal form"
     assert [line.startswith(converting) for line in said].index(True) < said.index(
-        "engine: 1 rank on cpu, backend gloo, ZeRO stage 2, bfloat16 weights, AdamW")  # before it starts
+        "engine: 1 rank on cpu, backend gloo, ZeRO stage 2, bfloat16 weights, AdamW"
+    )  # before it starts
     assert "universal form: 100%" in resumed.stderr and library_lines(resumed.stdout + resumed.stderr) == []
     log = RunDir(run_dir).rank_log(0).read_text()
     assert "*** 1. Extracting ZeRO fragments" in log and "MPU is not provided" in log
@@ -107,10 +142,12 @@ def test_eval_generate_and_export_print_their_own_lines_and_the_libraries_only_w
     run_dir, _ = zero2_run
     tag = run_dir / "checkpoints" / "global_step2"
     prompt = ["--prompt", "def", "--max-new-tokens", "3"]
-    commands = {"eval": [BIN / "dslm-eval", tag, "--metrics", "perplexity"],
-                "generate": [BIN / "dslm-generate", tag, *prompt],
-                "export": [BIN / "dslm-export", tag, tmp_path / "hf"],
-                "onnx": [BIN / "dslm-export", tag, tmp_path / "onnx", "--format", "onnx"]}
+    commands = {
+        "eval": [BIN / "dslm-eval", tag, "--metrics", "perplexity"],
+        "generate": [BIN / "dslm-generate", tag, *prompt],
+        "export": [BIN / "dslm-export", tag, tmp_path / "hf"],
+        "onnx": [BIN / "dslm-export", tag, tmp_path / "onnx", "--format", "onnx"],
+    }
     printed = {name: run(command, tmp_path) for name, command in commands.items()}
     for name, proc in printed.items():
         assert library_lines(proc.stdout + proc.stderr) == [], name
@@ -125,9 +162,13 @@ def test_eval_generate_and_export_print_their_own_lines_and_the_libraries_only_w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, error, logged", [
-    ("train.freeze_blocks=5", "train.freeze_blocks=5 is more than the model's 2 blocks (model.n_layer)", False),
-    ("model.block_size=4", "but model.block_size=4; rebuild the shards with --seq-len 4", True)])
+@pytest.mark.parametrize(
+    "override, error, logged",
+    [
+        ("train.freeze_blocks=5", "train.freeze_blocks=5 is more than the model's 2 blocks (model.n_layer)", False),
+        ("model.block_size=4", "but model.block_size=4; rebuild the shards with --seq-len 4", True),
+    ],
+)
 def test_a_bad_input_on_two_ranks_is_one_error_line(tiny_shards, tmp_path, override, error, logged):
     """A config that cannot be is refused before the run directory exists; one that the shards
     refuse is refused after each rank's log is open, and each rank's log has the line too."""
@@ -185,8 +226,14 @@ def test_library_output_keeps_the_terminal_for_dslm_and_the_rest_for_the_log(cap
     out, err = capfd.readouterr()
     assert out == "dslm's line\n" and err == ""
     kept = log.read_text()
-    for line in ("before the log is named", "a library's print", "C++ on descriptor 2", "a child process",
-                 "FutureWarning: a library's warning", "a library's record"):
+    for line in (
+        "before the log is named",
+        "a library's print",
+        "C++ on descriptor 2",
+        "a child process",
+        "FutureWarning: a library's warning",
+        "a library's record",
+    ):
         assert line in kept
     os.write(1, b"after\n")
     assert capfd.readouterr().out == "after\n", "descriptors 1 and 2 are back"
@@ -208,8 +255,9 @@ def test_a_crash_shows_what_the_libraries_printed_before_its_traceback(capfd, tm
 
 
 @pytest.mark.slow
-def test_an_op_build_is_announced_before_it_starts_and_not_when_it_is_up_to_date(zero2_run, tiny_shards, tmp_path,
-                                                                                 monkeypatch):
+def test_an_op_build_is_announced_before_it_starts_and_not_when_it_is_up_to_date(
+    zero2_run, tiny_shards, tmp_path, monkeypatch
+):
     extensions, built = tmp_path / "extensions", extensions_dir() / OP  # where the 2-rank run built it
     if op_build_current(built):  # that build, less its library: ninja only relinks it
         shutil.copytree(built, extensions / OP, ignore=shutil.ignore_patterns("lock"))
@@ -217,8 +265,14 @@ def test_an_op_build_is_announced_before_it_starts_and_not_when_it_is_up_to_date
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     assert not op_build_current(extensions / OP)
 
-    first, again = (run([BIN / "dslm-train", *train_args(tiny_shards[0], tmp_path, name, 1)], tmp_path,
-                        TORCH_EXTENSIONS_DIR=str(extensions)) for name in ("first", "again"))
+    first, again = (
+        run(
+            [BIN / "dslm-train", *train_args(tiny_shards[0], tmp_path, name, 1)],
+            tmp_path,
+            TORCH_EXTENSIONS_DIR=str(extensions),
+        )
+        for name in ("first", "again")
+    )
     building = f"building DeepSpeed's {OP} op in {extensions / OP} (once per install, about a minute)..."
     assert first.stdout.splitlines()[0] == building and library_lines(first.stdout + first.stderr) == []
     assert "built successfully" in RunDir(tmp_path / "first").rank_log(0).read_text()

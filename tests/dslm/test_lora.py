@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dslm.checkpoint.weights import load_fp32_weights
+from dslm.checkpoint.resume import check_same_settings
+from dslm.checkpoint.weights import load_fp32_weights, model_from, read_weights
 from dslm.config import RunConfig, load_config, save_config
 from dslm.data.loader import DataConfig
 from dslm.errors import DslmError
@@ -17,9 +18,7 @@ from dslm.lora import LoraConfig, add_adapters, merge_lora_weights
 from dslm.metrics import read_scalars
 from dslm.model import GPT, ModelConfig
 from dslm.optim import build_optimizer, freeze, param_groups
-from dslm.checkpoint.resume import check_same_settings
 from dslm.trainer import TrainConfig
-from dslm.checkpoint.weights import model_from, read_weights
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -91,10 +90,13 @@ def test_freeze_applies_on_top_of_the_adapters():
     assert "blocks.0.attn.qkv.lora_A.default.weight" in frozen_adapters
 
 
-@pytest.mark.parametrize("target, message", [
-    ("nope", "'nope' matches no layer (the nn.Linear layers are fc, lm_head, proj, qkv)"),
-    ("attn", "'attn' matches blocks.0.attn, a CausalSelfAttention; adapters go on nn.Linear layers"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("nope", "'nope' matches no layer (the nn.Linear layers are fc, lm_head, proj, qkv)"),
+        ("attn", "'attn' matches blocks.0.attn, a CausalSelfAttention; adapters go on nn.Linear layers"),
+    ],
+)
 def test_a_target_that_is_no_linear_layer_is_one_line(target, message):
     with pytest.raises(DslmError, match=re.escape(message)):
         add_adapters(GPT(CFG), LoraConfig(rank=2, target_modules=["qkv", target]))
@@ -106,13 +108,16 @@ def test_a_tied_head_takes_no_adapter():
         add_adapters(tied, LoraConfig(rank=2, target_modules=["lm_head"]))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lora.rank=-1", "train.lora.rank=-1 must not be negative"),
-    ("train.lora.alpha=0", "train.lora.alpha=0.0 must be positive"),
-    ("train.lora.dropout=1.0", "train.lora.dropout=1.0 must be within [0, 1)"),
-    ("train.lora.dropout=-0.1", "train.lora.dropout=-0.1 must be within [0, 1)"),
-    ("train.lora.target_modules=[]", "train.lora.target_modules is empty"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lora.rank=-1", "train.lora.rank=-1 must not be negative"),
+        ("train.lora.alpha=0", "train.lora.alpha=0.0 must be positive"),
+        ("train.lora.dropout=1.0", "train.lora.dropout=1.0 must be within [0, 1)"),
+        ("train.lora.dropout=-0.1", "train.lora.dropout=-0.1 must be within [0, 1)"),
+        ("train.lora.target_modules=[]", "train.lora.target_modules is empty"),
+    ],
+)
 def test_bad_settings_name_the_field(override, message):
     with pytest.raises(DslmError, match=re.escape(message)):
         load_config(None, [override, "train.lora.rank=4"] if "target" in override else [override])
@@ -124,22 +129,31 @@ def test_a_bad_setting_stops_dslm_train_with_one_line(tmp_path):
 
 
 def test_a_target_that_matches_nothing_stops_dslm_train_with_one_line(tiny_shards, tmp_path):
-    args = ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"data.shards={tiny_shards[0]}", f"runs_dir={tmp_path}",
-            "train.lora.rank=4",
-            "train.lora.target_modules=[qkv,mlp.nope]"]
+    args = [
+        "--deepspeed",
+        str(REPO / "ds_configs/zero2.json"),
+        f"data.shards={tiny_shards[0]}",
+        f"runs_dir={tmp_path}",
+        "train.lora.rank=4",
+        "train.lora.target_modules=[qkv,mlp.nope]",
+    ]
     proc = subprocess.run([BIN / "dslm-train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == ("dslm-train: error: train.lora.target_modules: 'mlp.nope' matches no layer "
-                                            "(the nn.Linear layers are fc, lm_head, proj, qkv)")
+    assert proc.stderr.splitlines()[-1] == (
+        "dslm-train: error: train.lora.target_modules: 'mlp.nope' matches no layer "
+        "(the nn.Linear layers are fc, lm_head, proj, qkv)"
+    )
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_a_resumed_run_keeps_its_adapters_but_not_their_dropout(tmp_path):
     saved = load_config(None, ["train.lora.rank=4"])
     check_same_settings(load_config(None, ["train.lora.rank=4", "train.lora.dropout=0.1"]), tmp_path, saved)
-    for change, message in (("train.lora.rank=8", "train.lora.rank=8 differs from 4"),
-                            ("train.lora.alpha=4", "train.lora.alpha=4.0 differs from 16.0"),
-                            ("train.lora.target_modules=[qkv]", "train.lora.target_modules=['qkv'] differs")):
+    for change, message in (
+        ("train.lora.rank=8", "train.lora.rank=8 differs from 4"),
+        ("train.lora.alpha=4", "train.lora.alpha=4.0 differs from 16.0"),
+        ("train.lora.target_modules=[qkv]", "train.lora.target_modules=['qkv'] differs"),
+    ):
         with pytest.raises(DslmError, match=re.escape(message)):
             check_same_settings(load_config(None, ["train.lora.rank=4", change]), tmp_path, saved)
 
@@ -147,8 +161,13 @@ def test_a_resumed_run_keeps_its_adapters_but_not_their_dropout(tmp_path):
 def test_a_lora_checkpoint_reads_as_the_merged_plain_gpt(tmp_path, tiny_shards, trained_looking, write_checkpoint):
     model = adapted(trained_looking(CFG))
     train_a_few_steps(model)
-    cfg = RunConfig(name="lora", runs_dir=str(tmp_path), model=CFG, data=DataConfig(shards=str(tiny_shards[0])),
-                    train=TrainConfig(lora=LORA))
+    cfg = RunConfig(
+        name="lora",
+        runs_dir=str(tmp_path),
+        model=CFG,
+        data=DataConfig(shards=str(tiny_shards[0])),
+        train=TrainConfig(lora=LORA),
+    )
     save_config(cfg)
     write_checkpoint(cfg.run_dir.path, 3, {"module": model.state_dict()})  # ZeRO-0's fp32 layout
     tag = cfg.run_dir.tag(3)
@@ -164,11 +183,29 @@ TINY = ModelConfig(preset="tiny")
 
 
 def lora_args(shards: Path, runs: Path, source: Path, max_steps: int) -> list[str]:
-    settings = dict(micro_batch_size=4, grad_accum=2, max_steps=max_steps, warmup_steps=2, lr=1e-2, min_lr=1e-3,
-                    log_interval=1, checkpoint_interval=10, val_interval=10, val_batches=2, init_from=source)
-    return ["--deepspeed", str(REPO / "ds_configs/zero2.json"), "name=lora", f"runs_dir={runs}",
-            f"data.shards={shards}", "model.preset=tiny", "train.lora.rank=4",
-            *(f"train.{k}={v}" for k, v in settings.items())]
+    settings = dict(
+        micro_batch_size=4,
+        grad_accum=2,
+        max_steps=max_steps,
+        warmup_steps=2,
+        lr=1e-2,
+        min_lr=1e-3,
+        log_interval=1,
+        checkpoint_interval=10,
+        val_interval=10,
+        val_batches=2,
+        init_from=source,
+    )
+    return [
+        "--deepspeed",
+        str(REPO / "ds_configs/zero2.json"),
+        "name=lora",
+        f"runs_dir={runs}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        "train.lora.rank=4",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
 
 
 def write_source(model: GPT, runs: Path, shards: Path, write_checkpoint) -> Path:
@@ -192,7 +229,8 @@ def adapted_from(raw: dict[str, torch.Tensor], lora: LoraConfig) -> GPT:
 
 @pytest.mark.slow
 def test_a_lora_run_at_zero2_trains_only_adapters_and_exports_and_evaluates_merged(
-        tiny_shards, tmp_path, free_port, trained_looking, write_checkpoint):
+    tiny_shards, tmp_path, free_port, trained_looking, write_checkpoint
+):
     shards, _ = tiny_shards
     source = trained_looking(TINY)
     source_tag = write_source(source, tmp_path, shards, write_checkpoint)
@@ -224,12 +262,16 @@ def test_a_lora_run_at_zero2_trains_only_adapters_and_exports_and_evaluates_merg
         assert (hf(ids).logits - expected).abs().max().item() < 1e-4
         assert (load_for_eval(tag).model(ids) - expected).abs().max().item() < 1e-4
 
-    refused = subprocess.run([BIN / "dslm-train", *args, "train.lora.rank=8", "--resume", "auto"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=900)
+    refused = subprocess.run(
+        [BIN / "dslm-train", *args, "train.lora.rank=8", "--resume", "auto"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert refused.returncode == 2 and "train.lora.rank=8 differs from 4" in refused.stderr.splitlines()[-1]
     longer = lora_args(shards, tmp_path, source_tag, max_steps=12)
-    subprocess.run([*launch, *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900,
-                   capture_output=True)
+    subprocess.run([*launch, *longer, "--resume", "auto"], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     assert [s for s, _ in read_scalars(run / "tb", "train/loss")] == list(range(1, 13))
     resumed = load_fp32_weights(run / "checkpoints" / "global_step12", TINY, lora)
     assert all(torch.equal(t.float(), as_trained[name]) for name, t in base_weights_of(resumed).items())
@@ -243,10 +285,14 @@ def test_a_lora_run_trains_resumes_and_reads_merged_at_every_zero_stage(tiny_sha
     shards, _ = tiny_shards
     source = model_from(*read_weights(base_run)[:2])  # weights no seed produces
     for max_steps, resume in ((2, []), (3, ["--resume", "auto"])):
-        args = [a.replace("zero2.json", f"zero{stage}.json")
-                for a in lora_args(shards, tmp_path, base_run, max_steps)]
-        proc = subprocess.run([BIN / "dslm-train", *args, "train.checkpoint_interval=1", *resume], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=900)
+        args = [a.replace("zero2.json", f"zero{stage}.json") for a in lora_args(shards, tmp_path, base_run, max_steps)]
+        proc = subprocess.run(
+            [BIN / "dslm-train", *args, "train.checkpoint_interval=1", *resume],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     tag, lora = tmp_path / "lora" / "checkpoints" / "global_step3", LoraConfig(rank=4)
     raw = load_fp32_weights(tag, TINY, lora)

@@ -28,10 +28,12 @@ def test_model_states_are_deepspeeds_estimates(preset, ranks):
     assert total(model_states(params, params, 2, ranks, element=2)) == pytest.approx(zero2, abs=2)
     # ZeRO-3: DeepSpeed's 18 bytes per parameter over the ranks, less the gathered layer it adds,
     # plus the 16-bit gradients it leaves out
-    _, zero3, layer = estimate_zero3_model_states_mem_needs(params, cfg.largest_layer_params(), num_gpus_per_node=ranks,
-                                                            cpu_offload=False, zero_init=False)
-    assert total(model_states(params, params, 3, ranks, element=2)) == pytest.approx(zero3 - layer + 2 * params / ranks,
-                                                                                      abs=3)
+    _, zero3, layer = estimate_zero3_model_states_mem_needs(
+        params, cfg.largest_layer_params(), num_gpus_per_node=ranks, cpu_offload=False, zero_init=False
+    )
+    assert total(model_states(params, params, 3, ranks, element=2)) == pytest.approx(
+        zero3 - layer + 2 * params / ranks, abs=3
+    )
     per_stage = [total(model_states(params, params, stage, ranks, element=2)) for stage in range(4)]
     assert per_stage == sorted(per_stage, reverse=True) and per_stage[0] == 20 * params
 
@@ -60,8 +62,9 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(n_layer=4), dict(vocab_size=4000), dict(intermediate_size=1000),
-                                    dict(n_embd=256, n_head=8)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(n_layer=4), dict(vocab_size=4000), dict(intermediate_size=1000), dict(n_embd=256, n_head=8)]
+)
 def test_activations_are_what_a_forward_pass_keeps(kwargs):
     """The estimate is a lower bound close to the real figure: what autograd keeps, plus the 16-bit
     logits and their fp32 copy, alive beside the log-softmax while the loss is computed."""
@@ -75,14 +78,30 @@ def test_activations_are_what_a_forward_pass_keeps(kwargs):
 
 def test_a_model_too_big_for_the_machine_is_refused_in_one_line_naming_its_needs():
     model = ModelConfig(preset="tiny", n_layer=100_000)
-    need = estimate(model, TrainConfig(micro_batch_size=2), DataConfig(), ZERO2, stage=2, world_size=1, seq_len=64,
-                    validation_batches=0)
+    need = estimate(
+        model,
+        TrainConfig(micro_batch_size=2),
+        DataConfig(),
+        ZERO2,
+        stage=2,
+        world_size=1,
+        seq_len=64,
+        validation_batches=0,
+    )
     line = memory_problem(need, local_ranks=1, device_free=None)
     assert line.startswith("the run needs at least ") and "of host memory per rank" in line and "\n" not in line
     assert f"{model.num_params():,} parameters" in line and "a smaller model (model.*)" in line
     assert need.states.weights == 2 * model.num_params()
-    tiny = estimate(ModelConfig(preset="tiny"), TrainConfig(micro_batch_size=2), DataConfig(), ZERO2, stage=2,
-                    world_size=1, seq_len=64, validation_batches=0)
+    tiny = estimate(
+        ModelConfig(preset="tiny"),
+        TrainConfig(micro_batch_size=2),
+        DataConfig(),
+        ZERO2,
+        stage=2,
+        world_size=1,
+        seq_len=64,
+        validation_batches=0,
+    )
     assert memory_problem(tiny, local_ranks=1, device_free=None) == ""
     assert sum(tiny.host(cpu_run=True).values()) < 100 * 2**20 < available_host_memory()
 
@@ -109,8 +128,12 @@ def test_frozen_models_count_their_weights_only():
 def test_offloaded_states_are_counted_on_the_host_of_a_gpu_run():
     model = ModelConfig(preset="code-33m")
     offload = {**ZERO2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    plain, moved = (estimate(model, TrainConfig(), DataConfig(), ds, stage=2, world_size=1, seq_len=256,
-                             validation_batches=0) for ds in (ZERO2, offload))
+    plain, moved = (
+        estimate(model, TrainConfig(), DataConfig(), ds, stage=2, world_size=1, seq_len=256, validation_batches=0)
+        for ds in (ZERO2, offload)
+    )
     assert plain.device()["model states"] - moved.device()["model states"] == moved.states.optimizer
-    assert moved.host(cpu_run=False)["model states"] - plain.host(cpu_run=False)["model states"] == moved.states.optimizer
+    assert (
+        moved.host(cpu_run=False)["model states"] - plain.host(cpu_run=False)["model states"] == moved.states.optimizer
+    )
     assert sum(plain.host(cpu_run=True).values()) == sum(moved.host(cpu_run=True).values())

@@ -37,8 +37,12 @@ def test_calls_at_one_step_share_its_row_even_when_the_second_widens_the_header(
     log.log(20, {"train/loss": 2.0})
     log.log(20, {"val/loss": 2.125})
     log.close()
-    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows_of(path)] == \
-        [("5", "3.0", ""), ("10", "2.5", "2.75"), ("15", "2.25", ""), ("20", "2.0", "2.125")]
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows_of(path)] == [
+        ("5", "3.0", ""),
+        ("10", "2.5", "2.75"),
+        ("15", "2.25", ""),
+        ("20", "2.0", "2.125"),
+    ]
 
 
 def test_a_resume_drops_the_rows_after_the_checkpoint_as_tensorboard_does(tmp_path):
@@ -54,8 +58,15 @@ def test_a_resume_drops_the_rows_after_the_checkpoint_as_tensorboard_does(tmp_pa
     for step in range(5, 8):
         resumed.log(step, {"train/loss": step + 0.5})
     resumed.close()
-    assert [(r["step"], r["train/loss"]) for r in rows_of(path)] == \
-        [("1", "1.0"), ("2", "2.0"), ("3", "3.0"), ("4", "4.0"), ("5", "5.5"), ("6", "6.5"), ("7", "7.5")]
+    assert [(r["step"], r["train/loss"]) for r in rows_of(path)] == [
+        ("1", "1.0"),
+        ("2", "2.0"),
+        ("3", "3.0"),
+        ("4", "4.0"),
+        ("5", "5.5"),
+        ("6", "6.5"),
+        ("7", "7.5"),
+    ]
 
 
 def test_a_fresh_start_in_a_run_directory_keeps_no_old_rows(tmp_path):

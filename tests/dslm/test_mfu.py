@@ -16,8 +16,15 @@ def test_tied_head_counts_as_a_matmul():
     assert flops_per_token(untied, 16) == flops_per_token(tied, 16)
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-                                        ("NVIDIA GeForce GTX 1080", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
 def test_peak_by_device_name(name, peak):
     assert peak_flops(name) == peak

@@ -47,7 +47,10 @@ def test_model_module_is_single_device_code():
     assert not {m for m in imported if m.startswith(("deepspeed", "torch.distributed"))}
     assert {m.split(".")[0] for m in imported} <= {"torch", "math", "dataclasses", "__future__"}
     code = "import sys, dslm.model; print('deepspeed' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_tied_embeddings_and_padded_vocab():
@@ -85,34 +88,47 @@ def test_a_preset_fills_the_sizes_left_unset_in_code():
     assert ModelConfig().n_embd == PRESETS["tiny"]["n_embd"]  # the default preset
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(preset="huge"), "model.preset='huge' is not one of"),
-    (dict(preset="", n_layer=2), "model.n_head is not set"),
-    (dict(dropout=1.0), "model.dropout=1.0"),
-    (dict(n_layer=0), "model.n_layer=0 must be at least 1"),
-    (dict(block_size=-1), "model.block_size=-1 must be at least 1"),
-    (dict(vocab_multiple=0), "model.vocab_multiple=0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(preset="huge"), "model.preset='huge' is not one of"),
+        (dict(preset="", n_layer=2), "model.n_head is not set"),
+        (dict(dropout=1.0), "model.dropout=1.0"),
+        (dict(n_layer=0), "model.n_layer=0 must be at least 1"),
+        (dict(block_size=-1), "model.block_size=-1 must be at least 1"),
+        (dict(vocab_multiple=0), "model.vocab_multiple=0 must be at least 1"),
+    ],
+)
 def test_bad_model_configs_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(preset="tiny"), dict(preset="tiny", n_layer=3, tie_embeddings=True),
-                                    dict(preset="tiny", lm_head_bias=False, vocab_multiple=128, vocab_size=500),
-                                    dict(preset="code-33m", intermediate_size=1000), dict(preset="gpt-12l-1024d")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(preset="tiny"),
+        dict(preset="tiny", n_layer=3, tie_embeddings=True),
+        dict(preset="tiny", lm_head_bias=False, vocab_multiple=128, vocab_size=500),
+        dict(preset="code-33m", intermediate_size=1000),
+        dict(preset="gpt-12l-1024d"),
+    ],
+)
 def test_the_sizes_alone_give_the_models_parameters(kwargs):
     """ModelConfig's arithmetic (what dslm-train's memory check counts before building anything)
     against the model itself."""
     cfg = ModelConfig(**kwargs)
     with torch.device("meta"):
         model = GPT(cfg)
-    shapes = {**cfg.outer_shapes(), **{f"blocks.{i}.{name}": shape for i in range(cfg.n_layer)
-                                       for name, shape in cfg.block_shapes().items()}}
+    shapes = {
+        **cfg.outer_shapes(),
+        **{f"blocks.{i}.{name}": shape for i in range(cfg.n_layer) for name, shape in cfg.block_shapes().items()},
+    }
     assert shapes == {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert cfg.num_params() == model.num_params()
-    assert cfg.largest_layer_params() == max(sum(p.numel() for p in m.parameters(recurse=False))
-                                             for m in model.modules())
+    assert cfg.largest_layer_params() == max(
+        sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()
+    )
 
 
 def test_the_parameters_of_a_huge_model_are_counted_without_allocating_it():

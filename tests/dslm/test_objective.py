@@ -99,13 +99,16 @@ def test_backchat_reverses_words_and_puts_the_response_first(tok):
     ids, mask = Framer(TEMPLATES["backchat"], tok).example(EXAMPLE, "forward")
     text = tok.decode(ids.tolist(), skip_special_tokens=False)
     assert text.startswith("<bos><|im_start|><|response|>animals. are others the car, The<|im_end|>")
-    assert tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False) == \
-        reverse_words(EXAMPLE["instruction"]) + "<|im_end|>"
+    assert (
+        tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
+        == reverse_words(EXAMPLE["instruction"]) + "<|im_end|>"
+    )
     assert reverse_words(reverse_words("a b  c\nd")) == "a b c d"
 
 
 def test_a_tokenizer_without_the_markers_is_refused(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     bare = Tokenizer(models.BPE())
     bare.pre_tokenizer = pre_tokenizers.ByteLevel()
     bare.train_from_iterator(["some text"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"]))
@@ -128,8 +131,9 @@ def test_a_backward_model_generates_the_text_before_the_prompt_and_it_reads_forw
     text = "alpha beta gamma delta epsilon zeta eta theta"
     ids = torch.tensor([[BOS_ID, *tok.encode(text).ids, EOS_ID]])
     model = memorize(reverse({"input_ids": ids, "labels": ids}))
-    new = complete(model, tok, [" epsilon zeta eta theta"], GenerationConfig(max_new_tokens=30),
-                   framing=Framing("backward"))[0]
+    new = complete(
+        model, tok, [" epsilon zeta eta theta"], GenerationConfig(max_new_tokens=30), framing=Framing("backward")
+    )[0]
     assert new + " epsilon zeta eta theta" == text  # turned back, stopped at <bos>
     forward = complete(model, tok, ["alpha beta"], GenerationConfig(max_new_tokens=5))[0]
     assert not (text.startswith("alpha beta" + forward) and forward.strip())  # it never learned forwards
@@ -141,8 +145,9 @@ def test_both_backchat_routes_answer_a_response_with_its_instruction(tok, name, 
     ids, mask = (torch.from_numpy(a.copy())[None].long() for a in framer.example(EXAMPLE, direction))
     batch = masked(ids, mask)
     model = memorize(reverse(batch) if direction == "backward" else batch)
-    reply = complete(model, tok, [EXAMPLE["response"]], GenerationConfig(max_new_tokens=30),
-                     framing=Framing(direction, name))[0]
+    reply = complete(
+        model, tok, [EXAMPLE["response"]], GenerationConfig(max_new_tokens=30), framing=Framing(direction, name)
+    )[0]
     assert reply == EXAMPLE["instruction"]
 
 
@@ -151,16 +156,39 @@ def test_a_backward_model_learns_about_as_well_as_a_forward_one(tiny_shards, tmp
     shards, _ = tiny_shards
     drop = {}
     for direction in ("forward", "backward"):
-        args = ["--deepspeed", str(REPO / "ds_configs/zero2.json"), f"name={direction}", f"runs_dir={tmp_path}",
-                f"data.shards={shards}", "model.preset=tiny", f"data.direction={direction}",
-                *(f"train.{k}={v}" for k, v in dict(micro_batch_size=4, grad_accum=2, max_steps=30, warmup_steps=3,
-                                                      lr=3e-3, min_lr=3e-4, log_interval=5, checkpoint_interval=30,
-                                                      val_interval=5, val_batches=4).items())]
+        args = [
+            "--deepspeed",
+            str(REPO / "ds_configs/zero2.json"),
+            f"name={direction}",
+            f"runs_dir={tmp_path}",
+            f"data.shards={shards}",
+            "model.preset=tiny",
+            f"data.direction={direction}",
+            *(
+                f"train.{k}={v}"
+                for k, v in dict(
+                    micro_batch_size=4,
+                    grad_accum=2,
+                    max_steps=30,
+                    warmup_steps=3,
+                    lr=3e-3,
+                    min_lr=3e-4,
+                    log_interval=5,
+                    checkpoint_interval=30,
+                    val_interval=5,
+                    val_batches=4,
+                ).items()
+            ),
+        ]
         proc = subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-2000:]
         val = read_scalars(tmp_path / direction / "tb", "val/loss")
         drop[direction] = val[0][1] - val[-1][1]
     assert drop["forward"] > 0.3 and drop["backward"] >= 0.5 * drop["forward"], drop
-    result = subprocess.run([BIN / "dslm-generate", tmp_path / "backward", "--prompt", "return x\n",
-                             "--max-new-tokens", "20"], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [BIN / "dslm-generate", tmp_path / "backward", "--prompt", "return x\n", "--max-new-tokens", "20"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0 and result.stdout.rstrip("\n").endswith("return x"), result.stdout

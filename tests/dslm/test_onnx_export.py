@@ -59,7 +59,9 @@ def test_greedy_tokens_equal_dslm_generates_on_heldout_prompts(onnx_exports, tin
     free = GenerationConfig(max_new_tokens=30)
     ids = [[BOS_ID, *tokenizer.encode(p).ids] for p in prompts]
     completer = Completer(OnnxModel(fp32), free)
-    assert [completer.new_ids(p) for p in ids] == generate(model, ids, GenerationConfig(max_new_tokens=30, stop_tokens=(3,)))
+    assert [completer.new_ids(p) for p in ids] == generate(
+        model, ids, GenerationConfig(max_new_tokens=30, stop_tokens=(3,))
+    )
     assert sum(map(len, ours)) > 0
 
 
@@ -71,7 +73,7 @@ def test_int8_weights_are_smaller_and_agree_on_the_next_token(onnx_exports, tiny
     tokenizer = load_text_tokenizer(tiny_shards[0] / "tokenizer.json")
     text = (STDLIB / "textwrap.py").read_text()[:6000]
     ids = [BOS_ID, *tokenizer.encode(text).ids]
-    windows = [ids[i:i + 96] for i in range(0, len(ids) - 96, 96)]
+    windows = [ids[i : i + 96] for i in range(0, len(ids) - 96, 96)]
     full, small = OnnxModel(fp32), OnnxModel(int8)
     agree = []
     for window in windows:
@@ -89,8 +91,13 @@ def model_bytes(folder: Path) -> int:
 def test_the_export_folder_holds_what_dslm_complete_needs(onnx_exports, precision):
     run, model, fp32, int8 = onnx_exports
     folder = fp32 if precision == "fp32" else int8
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.onnx", "model.onnx.data",
-                                                        "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
     assert len({p.stat().st_mode for p in folder.iterdir()}) == 1  # every file as the umask makes them
     config = json.loads((folder / "config.json").read_text())
@@ -108,8 +115,11 @@ def test_an_hf_export_folder_exports_beside_it_with_the_same_logits(onnx_exports
     from_hf, from_run = OnnxModel(tmp_path / "model-onnx").forward(ids), OnnxModel(fp32).forward(ids)
     assert np.abs(from_hf - from_run).max() < 1e-4  # the HF export folds the head bias; logits stay
     proc = subprocess.run([BIN / "dslm-export", hf, "--format", "onnx"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
-        f"dslm-export: error: {tmp_path / 'model-onnx'} already exists; remove it or name another folder"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().splitlines()[-1]
+        == f"dslm-export: error: {tmp_path / 'model-onnx'} already exists; remove it or name another folder"
+    )
 
 
 def test_bad_input_is_one_line(onnx_exports, tmp_path):
@@ -129,8 +139,9 @@ def test_bad_input_is_one_line(onnx_exports, tmp_path):
 def test_a_checkpoint_of_another_preset_than_its_run_config_is_one_line(onnx_exports, tmp_path, write_checkpoint):
     run, model, _, _ = onnx_exports
     shards = load_config(run / "config.yaml", []).data.shards
-    cfg = RunConfig(name="other", runs_dir=str(tmp_path), model=ModelConfig(preset="code-33m"),
-                    data=DataConfig(shards=shards))
+    cfg = RunConfig(
+        name="other", runs_dir=str(tmp_path), model=ModelConfig(preset="code-33m"), data=DataConfig(shards=shards)
+    )
     save_config(cfg)
     write_checkpoint(cfg.run_dir.path, 3, {"module": model.state_dict()})  # weights of the small model
     proc = subprocess.run([BIN / "dslm-export", cfg.run_dir.path, "--format", "onnx"], capture_output=True, text=True)
@@ -148,9 +159,11 @@ def test_a_checkpoint_whose_bytes_changed_after_sealing_is_not_exported(onnx_exp
     data[len(data) // 2] ^= 0xFF  # one byte, as a failing disk flips it
     states.write_bytes(bytes(data))
     for fmt in (["--format", "onnx"], ["--format", "hf"]):
-        proc = subprocess.run([BIN / "dslm-export", copy / "checkpoints" / "global_step7", tmp_path / "out", *fmt],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [BIN / "dslm-export", copy / "checkpoints" / "global_step7", tmp_path / "out", *fmt],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert "does not match its xxh3_128 checksum" in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "out").exists()
-

@@ -30,7 +30,8 @@ def test_a_lock_no_process_holds_is_removed_and_a_held_one_names_its_holder(tmp_
     assert not dead.exists() and live.exists()
     assert capsys.readouterr().out.splitlines() == [
         f"removed {dead}: the lock of a build of op_a that was killed (no process holds it)",
-        f"waiting for process {holder.pid} to finish building op_b ({live})"]
+        f"waiting for process {holder.pid} to finish building op_b ({live})",
+    ]
 
 
 def built_shm_op() -> Path:
@@ -53,5 +54,6 @@ def test_a_lock_left_by_a_killed_build_is_removed_with_one_line_and_the_run_trai
     proc = run_launch([*launch, *args], cwd=tmp_path, env=env)  # before: it waited for the lock forever
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert [line for line in proc.stdout.splitlines() if str(lock) in line] == [
-        f"removed {lock}: the lock of a build of deepspeed_shm_comm that was killed (no process holds it)"]
+        f"removed {lock}: the lock of a build of deepspeed_shm_comm that was killed (no process holds it)"
+    ]
     assert not lock.exists() and (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step2"

@@ -22,8 +22,9 @@ def test_wsd_holds_then_decays_linearly_over_the_last_fraction():
     assert f[90] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("bad", [dict(schedule="linear"), dict(decay_fraction=0.0), dict(lr=0.0), dict(beta2=1.0),
-                                 dict(weight_decay=-0.1)])
+@pytest.mark.parametrize(
+    "bad", [dict(schedule="linear"), dict(decay_fraction=0.0), dict(lr=0.0), dict(beta2=1.0), dict(weight_decay=-0.1)]
+)
 def test_bad_schedule_settings_name_the_field(bad):
     with pytest.raises(ValueError, match=f"train.{next(iter(bad))}"):
         TrainConfig(**bad)

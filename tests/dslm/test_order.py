@@ -25,7 +25,7 @@ def test_a_position_is_the_same_sample_whatever_is_read_before_it():
     straight = WindowOrder(SIZES, seed=5, window=3).indices(0, 3 * n)
     hopping = WindowOrder(SIZES, seed=5, window=3)
     for start in (2 * n + 7, 5, n - 3, 0, 2 * n - 1):  # across epochs, windows and back
-        assert np.array_equal(hopping.indices(start, 40), straight[start:start + 40])
+        assert np.array_equal(hopping.indices(start, 40), straight[start : start + 40])
     assert not np.array_equal(WindowOrder(SIZES, seed=6, window=3).indices(0, n), straight[:n])
     assert not np.array_equal(WindowOrder(SIZES, seed=5, window=3, key=[1]).indices(0, n), straight[:n])
 

@@ -36,9 +36,21 @@ def trained(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("reloc")
     shutil.copytree(tiny_shards[0], root / "data" / "code")
     (work := root / "work").mkdir()
-    proc = run("dslm-train", "name=reloc", "runs_dir=runs", "data.shards=../data/code", "model.preset=tiny",
-               "train.micro_batch_size=2", "train.grad_accum=1", f"train.max_steps={STEPS}", "train.warmup_steps=1",
-               f"train.checkpoint_interval={STEPS}", "train.val_interval=0", "train.log_interval=1", cwd=work)
+    proc = run(
+        "dslm-train",
+        "name=reloc",
+        "runs_dir=runs",
+        "data.shards=../data/code",
+        "model.preset=tiny",
+        "train.micro_batch_size=2",
+        "train.grad_accum=1",
+        f"train.max_steps={STEPS}",
+        "train.warmup_steps=1",
+        f"train.checkpoint_interval={STEPS}",
+        "train.val_interval=0",
+        "train.log_interval=1",
+        cwd=work,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work / "runs" / "reloc", root / "data" / "code"
 
@@ -72,7 +84,10 @@ def test_a_moved_run_evaluates_generates_and_exports_from_any_directory(moved):
     assert RunDir(run_dir).eval_result(STEPS).is_file()
     generated = run("dslm-generate", run_dir, "--prompt", "def", "--max-new-tokens", "4", cwd=cwd)
     assert generated.returncode == 0 and "def" in generated.stdout, generated.stderr[-3000:]
-    for args, folder in ([(), RunDir(run_dir).export(STEPS)], [("--format", "onnx"), RunDir(run_dir).export(STEPS, "-onnx")]):
+    for args, folder in (
+        [(), RunDir(run_dir).export(STEPS)],
+        [("--format", "onnx"), RunDir(run_dir).export(STEPS, "-onnx")],
+    ):
         exported = run("dslm-export", run_dir, *args, cwd=cwd)
         assert exported.returncode == 0 and (folder / "tokenizer.json").is_file(), exported.stderr[-3000:]
 
@@ -106,8 +121,16 @@ def test_a_run_without_its_shards_generates_and_exports_and_eval_asks_for_them(m
 @pytest.mark.slow
 def test_a_moved_run_resumes_in_its_new_folder(moved, trained):
     run_dir, cwd = moved
-    resumed = run("dslm-train", "--config", RunDir(run_dir).config, "--resume", "auto",
-                  f"train.max_steps={STEPS + 2}", f"train.checkpoint_interval={STEPS + 2}", cwd=cwd)
+    resumed = run(
+        "dslm-train",
+        "--config",
+        RunDir(run_dir).config,
+        "--resume",
+        "auto",
+        f"train.max_steps={STEPS + 2}",
+        f"train.checkpoint_interval={STEPS + 2}",
+        cwd=cwd,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {RunDir(run_dir).tag(STEPS)}" in resumed.stdout
     assert RunDir(run_dir).tag(STEPS + 2).is_dir()
@@ -121,21 +144,33 @@ def test_a_run_written_before_paths_were_absolute_still_reads_and_resumes_from_i
     run_dir, shards = trained
     shutil.copytree(shards, tmp_path / "data")
     old = RunDir(tmp_path / "runs" / "old")
-    shutil.copytree(run_dir, old.path, ignore=shutil.ignore_patterns("tokenizer.json", "ds_config.json", "eval",
-                                                                     "export"))
+    shutil.copytree(
+        run_dir, old.path, ignore=shutil.ignore_patterns("tokenizer.json", "ds_config.json", "eval", "export")
+    )
     saved = yaml.safe_load(old.config.read_text())
     saved["data"]["shards"], saved["ds_config"] = "data", "ds_configs/zero2.json"
     for key in ("given", "template"):
         del saved[key]
     old.config.write_text(yaml.safe_dump(saved))
-    for command, *args in (["dslm-eval", "--metrics", "perplexity"], ["dslm-generate", "--prompt", "def"],
-                           ["dslm-export"]):
+    for command, *args in (
+        ["dslm-eval", "--metrics", "perplexity"],
+        ["dslm-generate", "--prompt", "def"],
+        ["dslm-export"],
+    ):
         proc = run(command, "runs/old", *args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         warnings = [line for line in proc.stderr.splitlines() if "relative to the directory it was trained in" in line]
         assert len(warnings) == 1 and "data.shards=data" in warnings[0], proc.stderr[-3000:]
-    resumed = run("dslm-train", "--config", old.config, "--resume", "auto", f"train.max_steps={STEPS + 1}",
-                  f"train.checkpoint_interval={STEPS + 1}", cwd=tmp_path)
+    resumed = run(
+        "dslm-train",
+        "--config",
+        old.config,
+        "--resume",
+        "auto",
+        f"train.max_steps={STEPS + 1}",
+        f"train.checkpoint_interval={STEPS + 1}",
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0 and f"resumed from {old.tag(STEPS)}" in resumed.stdout, resumed.stderr[-3000:]
     saved = yaml.safe_load(old.config.read_text())  # written again as a run now writes it
     assert saved["data"]["shards"] == str(tmp_path / "data") and saved["given"]["data.shards"] == "data"

@@ -74,8 +74,9 @@ def test_a_start_removes_the_buffers_no_live_process_holds_and_says_how_much_it_
 
 
 @pytest.mark.slow
-def test_no_run_leaves_buffers_and_a_start_removes_those_of_dead_runs_but_never_a_live_runs(tiny_shards, tmp_path,
-                                                                                            hold_open):
+def test_no_run_leaves_buffers_and_a_start_removes_those_of_dead_runs_but_never_a_live_runs(
+    tiny_shards, tmp_path, hold_open
+):
     shards, _ = tiny_shards
     dead_port, killed_port, next_port, live_port = free_ports(4)
     live = [buffer(SHM_DIR, live_port, rank) for rank in (0, 1)]  # a live run's: one held open, one mapped
@@ -86,21 +87,36 @@ def test_no_run_leaves_buffers_and_a_start_removes_those_of_dead_runs_but_never_
 
         # a DeepSpeed program killed after its init: its ranks' buffers stay, as DeepSpeed never removes them
         (tmp_path / "hold.py").write_text(HOLD_AFTER_INIT)
-        with launched([BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(dead_port), "hold.py"], cwd=tmp_path,
-                      env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir())}) as plain:
+        with launched(
+            [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(dead_port), "hold.py"],
+            cwd=tmp_path,
+            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir())},
+        ) as plain:
             read_until(plain, lambda output: output.count("initialized\n") == 2)
             kill(plain)
         assert buffers_of(dead_port) == [buffer(SHM_DIR, dead_port, rank).name for rank in (0, 1)]
 
         # a dslm run: its start removes them, and killed while it trains, it leaves none of its own
         launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(killed_port), REPO / "dslm/train.py"]
-        args = train_args(shards, tmp_path, "killed", max_steps=10000, warmup_steps=1, log_interval=1, val_interval=0,
-                          checkpoint_interval=10000)
+        args = train_args(
+            shards,
+            tmp_path,
+            "killed",
+            max_steps=10000,
+            warmup_steps=1,
+            log_interval=1,
+            val_interval=0,
+            checkpoint_interval=10000,
+        )
         with launched([*launch, *args], cwd=tmp_path) as run:
             output = read_until(run, lambda output: re.search(r"^step +1 \|", output, re.M))
             kill(run)
-        freed = re.search(r"^removed (\d+) DeepSpeed all-reduce buffers? of runs that are gone from /dev/shm "
-                          r"\(([\d,]+) MiB freed\)$", output, re.M)
+        freed = re.search(
+            r"^removed (\d+) DeepSpeed all-reduce buffers? of runs that are gone from /dev/shm "
+            r"\(([\d,]+) MiB freed\)$",
+            output,
+            re.M,
+        )
         assert freed and int(freed.group(1)) >= 2 and int(freed.group(2).replace(",", "")) >= 132, output[-3000:]
         assert buffers_of(dead_port) == [] and buffers_of(killed_port) == []
 

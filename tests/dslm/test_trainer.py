@@ -15,12 +15,27 @@ BIN = Path(sys.executable).parent
 
 def one_step(shards: Path, runs: Path, name: str, ranks: int, grad_accum: int, micro_batch: int, port: int) -> Path:
     """A run of one optimizer step that reads global samples 0..7, split as ranks x grad_accum x micro_batch."""
-    args = ["--deepspeed", REPO / "ds_configs/zero2.json", f"name={name}", f"runs_dir={runs}", f"data.shards={shards}",
-            "model.preset=tiny", "model.vocab_size=512", f"train.micro_batch_size={micro_batch}",
-            f"train.grad_accum={grad_accum}", "train.max_steps=1", "train.warmup_steps=0", "train.log_interval=1",
-            "train.val_interval=0", "data.num_workers=0"]
-    launch = [BIN / "dslm-train"] if ranks == 1 else [
-        BIN / "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), REPO / "dslm/train.py"]
+    args = [
+        "--deepspeed",
+        REPO / "ds_configs/zero2.json",
+        f"name={name}",
+        f"runs_dir={runs}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        "model.vocab_size=512",
+        f"train.micro_batch_size={micro_batch}",
+        f"train.grad_accum={grad_accum}",
+        "train.max_steps=1",
+        "train.warmup_steps=0",
+        "train.log_interval=1",
+        "train.val_interval=0",
+        "data.num_workers=0",
+    ]
+    launch = (
+        [BIN / "dslm-train"]
+        if ranks == 1
+        else [BIN / "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), REPO / "dslm/train.py"]
+    )
     proc = subprocess.run([*launch, *args], cwd=runs, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / name
@@ -87,4 +102,7 @@ def test_where_every_token_is_a_target_a_step_is_bitwise_the_mean_of_each_micro_
     proc = subprocess.run([sys.executable, "-c", PLAIN_MEANS], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-        "losses_equal": [True, True], "weights_equal": True, "weights_moved": True}
+        "losses_equal": [True, True],
+        "weights_equal": True,
+        "weights_moved": True,
+    }

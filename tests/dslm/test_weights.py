@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dslm.checkpoint.format import BEST_NAME, LATEST_NAME
+from dslm.checkpoint.weights import load_into, read_weights, weights_sha256
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
 from dslm.data.templates import Framing
@@ -15,7 +16,6 @@ from dslm.model import GPT, ModelConfig
 from dslm.model_source import resolve_source
 from dslm.run_dir import tag_for
 from dslm.train import check_init_source
-from dslm.checkpoint.weights import load_into, read_weights, weights_sha256
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=600, block_size=32)
 
@@ -94,12 +94,19 @@ def test_the_weights_digest_sees_every_value():
     assert weights_sha256(weights) != before
 
 
-def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_refused(source, tiny_shards, tmp_path,
-                                                                                        capsys):
+def test_a_source_knows_its_tokenizer_and_direction_and_another_tokenizer_is_refused(
+    source, tiny_shards, tmp_path, capsys
+):
     run, _ = source
     shards, manifest = tiny_shards
     tag = run / "checkpoints" / tag_for(7)
-    write_hf(run / "export" / "step7", CFG, read_weights(tag)[1], shards / manifest.tokenizer, Framing("backward", "instruct"))
+    write_hf(
+        run / "export" / "step7",
+        CFG,
+        read_weights(tag)[1],
+        shards / manifest.tokenizer,
+        Framing("backward", "instruct"),
+    )
     for path in (tag, run, run / "export" / "step7"):
         assert manifest.tokenizer_sha256 in resolve_source(path).tokenizer_sha256s()
     assert resolve_source(run / "export" / "step7").framing() == Framing("backward", "instruct")

@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from dslm.errors import DslmError
-from dslm_eval.checkers import (MAX_OUTPUT_BYTES, CheckerLimits, blank_literals, check_c, check_java, check_java_many,
-                                check_python, run_limited, write_java_source)
+from dslm_eval.checkers import (
+    MAX_OUTPUT_BYTES,
+    CheckerLimits,
+    blank_literals,
+    check_c,
+    check_java,
+    check_java_many,
+    check_python,
+    run_limited,
+    write_java_source,
+)
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 needs_javac = pytest.mark.skipif(shutil.which("javac") is None, reason="a JDK (javac) is not installed")
@@ -39,7 +48,7 @@ PYTHON = [
 ]
 C = [
     ("int add(int a, int b) { return a + b; }\n", True),
-    ('#include <stdio.h>\nint main(void) {\n    printf("{%c}\\n", \'}\');\n    return 0;\n}\n', True),
+    ("#include <stdio.h>\nint main(void) {\n    printf(\"{%c}\\n\", '}');\n    return 0;\n}\n", True),
     ("typedef struct { int x; } P;\nstatic int get(const P *p) { return p->x; }\n", True),
     ("int f(void) { return 1 }\n", False),
     ("int f(void) { return y; }\n", False),
@@ -49,8 +58,12 @@ C = [
 JDK_PROBE = "package java.util;\npublic class DslmProbe {\n    int f() { return new ArrayList<String>().size(); }\n}\n"
 PATCH_JAVA_BASE = ("--patch-module", "java.base={src}")  # a JDK package compiles as part of its module
 JAVA = [  # (the file name javac wants, source, compiles, javac's extra options)
-    ("Foo.java", "import java.util.*;\npublic class Foo {\n    int n(List<String> xs) { return xs.size(); }\n}\n",
-     True, ()),
+    (
+        "Foo.java",
+        "import java.util.*;\npublic class Foo {\n    int n(List<String> xs) { return xs.size(); }\n}\n",
+        True,
+        (),
+    ),
     ("Point.java", "public record Point(int x, int y) {\n    int sum() { return x + y; }\n}\n", True, ()),
     ("DslmProbe.java", JDK_PROBE, True, PATCH_JAVA_BASE),
     ("Bar.java", 'public class Bar {\n    void f() { int x = "s"; }\n}\n', False, ()),
@@ -58,6 +71,7 @@ JAVA = [  # (the file name javac wants, source, compiles, javac's extra options)
     ("Qux.java", "class Qux {\n    int f() { }\n}\n", False, ()),
     ("DslmProbe.java", JDK_PROBE.replace("size()", "sighs()"), False, PATCH_JAVA_BASE),
 ]
+
 
 def run_tool(cmd: list[str]) -> bool:
     return subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=900).returncode == 0
@@ -93,8 +107,9 @@ def test_c_checker_agrees_with_gcc(tmp_path, code, valid):
 @needs_javac
 def test_java_checkers_agree_with_javac(tmp_path):
     with ThreadPoolExecutor(2) as pool:
-        direct = list(pool.map(lambda i: direct_javac(tmp_path / str(i), JAVA[i][0], JAVA[i][1], JAVA[i][3]),
-                               range(len(JAVA))))
+        direct = list(
+            pool.map(lambda i: direct_javac(tmp_path / str(i), JAVA[i][0], JAVA[i][1], JAVA[i][3]), range(len(JAVA)))
+        )
     assert direct == [valid for _, _, valid, _ in JAVA]
     batch = check_java_many([code for _, code, _, _ in JAVA], LIMITS)
     assert [r.ok for r in batch] == direct
@@ -106,9 +121,11 @@ def test_java_checkers_agree_with_javac(tmp_path):
 
 @needs_javac
 def test_bare_java_members_are_wrapped_in_a_class():
-    snippets = ["int twice(int x) { return 2 * x; }\n",
-                "import java.util.List;\n\nint size(List<String> xs) { return xs.size(); }\n",
-                "int twice(int x) { return 2 * y; }\n"]
+    snippets = [
+        "int twice(int x) { return 2 * x; }\n",
+        "import java.util.List;\n\nint size(List<String> xs) { return xs.size(); }\n",
+        "int twice(int x) { return 2 * y; }\n",
+    ]
     assert [r.ok for r in check_java_many(snippets, LIMITS)] == [True, True, False]
 
 
@@ -121,7 +138,7 @@ def test_java_file_is_named_for_its_public_top_level_type(tmp_path):
 
 
 def test_blank_literals_keeps_offsets_and_hides_braces():
-    code = 'int f() { /* { */ char c = \'{\'; s = "}{"; // }\n#define X {\n}\n'
+    code = "int f() { /* { */ char c = '{'; s = \"}{\"; // }\n#define X {\n}\n"
     masked = blank_literals(code, "c")
     assert len(masked) == len(code) and masked.count("\n") == code.count("\n")
     assert masked.count("{") == masked.count("}") == 1
@@ -138,8 +155,10 @@ def test_generated_code_is_never_run(tmp_path):
 @needs_gcc
 def test_c_constructor_is_never_run(tmp_path):
     marker = tmp_path / "ran"
-    code = ("#include <stdio.h>\n__attribute__((constructor)) static void hook(void) {\n"
-            f"    fclose(fopen(\"{marker}\", \"w\"));\n}}\nint main(void) {{ return 0; }}\n")
+    code = (
+        "#include <stdio.h>\n__attribute__((constructor)) static void hook(void) {\n"
+        f'    fclose(fopen("{marker}", "w"));\n}}\nint main(void) {{ return 0; }}\n'
+    )
     assert check_c(code, LIMITS).ok
     assert not marker.exists()
 
@@ -147,9 +166,11 @@ def test_c_constructor_is_never_run(tmp_path):
 @needs_javac
 def test_java_static_initializer_is_never_run(tmp_path):
     marker = tmp_path / "ran"
-    code = ("public class Init {\n    static {\n"
-            f"        try {{ new java.io.File(\"{marker}\").createNewFile(); }} catch (java.io.IOException e) {{ }}\n"
-            "    }\n}\n")
+    code = (
+        "public class Init {\n    static {\n"
+        f'        try {{ new java.io.File("{marker}").createNewFile(); }} catch (java.io.IOException e) {{ }}\n'
+        "    }\n}\n"
+    )
     assert check_java(code, LIMITS).ok
     assert not marker.exists()
 
@@ -164,8 +185,10 @@ def test_a_hanging_process_is_stopped_at_the_time_limit(tmp_path):
 def test_the_whole_process_group_is_killed(tmp_path):
     # The parent records the grandchild's pid once Popen has started it, so only the parent's own
     # start (well under a second) must fit in the time limit.
-    parent = (f"import subprocess, sys\ngrandchild = subprocess.Popen([sys.executable, '-c', {NEVER_ENDS!r}])\n"
-              f"open('pid', 'w').write(str(grandchild.pid))\n{NEVER_ENDS}")
+    parent = (
+        f"import subprocess, sys\ngrandchild = subprocess.Popen([sys.executable, '-c', {NEVER_ENDS!r}])\n"
+        f"open('pid', 'w').write(str(grandchild.pid))\n{NEVER_ENDS}"
+    )
     assert run_limited([sys.executable, "-c", parent], tmp_path, timeout_s=5.0, memory_bytes=None).reason == "timeout"
     pid = int((tmp_path / "pid").read_text())
     deadline = time.monotonic() + STOP_SLACK_S

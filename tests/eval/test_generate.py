@@ -45,15 +45,15 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[0, len(prompt):].tolist()
+    return seq[0, len(prompt) :].tolist()
 
 
 def sequence_logprobs(model: GPT, prompt: list[int], news: list[list[int]]) -> list[float]:
     """log P(new | prompt) for each of `news` (all of one length), in one batch."""
     seqs = torch.tensor([prompt + new for new in news])  # (N, T + n)
     with torch.no_grad():
-        logprobs = F.log_softmax(model(seqs)[:, len(prompt) - 1:-1], dim=-1)  # (N, n, V)
-    return logprobs.gather(-1, seqs[:, len(prompt):, None]).sum(dim=(1, 2)).tolist()
+        logprobs = F.log_softmax(model(seqs)[:, len(prompt) - 1 : -1], dim=-1)  # (N, n, V)
+    return logprobs.gather(-1, seqs[:, len(prompt) :, None]).sum(dim=(1, 2)).tolist()
 
 
 PROMPTS = [[5, 17, 2], [9, 1, 40, 41, 42, 43, 44], [7, 7, 7], [250]]  # two of length 3: one batch
@@ -91,13 +91,22 @@ def test_sampling_is_reproducible_with_its_seed_and_differs_with_another():
 def test_top_k_1_is_greedy():
     model = peaked_model()
     greedy = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10, **NO_STOP))
-    assert generate(model, PROMPTS, GenerationConfig(strategy="sample", top_k=1, temperature=5.0, seed=3,
-                                                     max_new_tokens=10, **NO_STOP)) == greedy
+    assert (
+        generate(
+            model,
+            PROMPTS,
+            GenerationConfig(strategy="sample", top_k=1, temperature=5.0, seed=3, max_new_tokens=10, **NO_STOP),
+        )
+        == greedy
+    )
 
 
 def test_top_k_and_top_p_keep_the_most_likely_tokens():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda **kw: torch.isfinite(sample_filter(logits, GenerationConfig(strategy="sample", **kw)))[0].tolist()
+
+    def kept(**kw):
+        return torch.isfinite(sample_filter(logits, GenerationConfig(strategy="sample", **kw)))[0].tolist()
+
     assert kept(top_k=3) == [True, True, True, False]
     assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, then 0.5 + 0.3 reaches it
     assert kept(top_p=0.4) == [True, False, False, False]  # the most likely token always stays
@@ -124,7 +133,7 @@ def test_top_p_keeps_the_smallest_nucleus_that_reaches_it_exactly_at_the_boundar
     for _ in range(1000):
         cuts = sorted(rng.sample(range(1, 20), rng.randrange(1, 6)))
         parts = sorted((b - a for a, b in zip([0, *cuts], [*cuts, 20])), reverse=True)
-        top_p = Fraction(sum(parts[:rng.randrange(1, len(parts))]), 20)
+        top_p = Fraction(sum(parts[: rng.randrange(1, len(parts))]), 20)
         assert kept_count([q / 20 for q in parts], float(top_p)) == nucleus_size(parts, 20, top_p), (parts, top_p)
 
 
@@ -149,10 +158,17 @@ def test_top_p_matches_transformers():
 def test_beam_search_with_one_beam_is_greedy():
     model = peaked_model()
     greedy = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10, **NO_STOP))
-    assert generate(model, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=10,
-                                                     **NO_STOP)) == greedy
-    assert generate(model, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=10,
-                                                     use_cache=False, **NO_STOP)) == greedy
+    assert (
+        generate(model, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=10, **NO_STOP)) == greedy
+    )
+    assert (
+        generate(
+            model,
+            PROMPTS,
+            GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=10, use_cache=False, **NO_STOP),
+        )
+        == greedy
+    )
 
 
 def test_beam_search_as_wide_as_the_vocab_finds_the_most_likely_pair():
@@ -188,10 +204,14 @@ def test_beam_search_stops_at_a_likely_stop_token():
 def test_stop_tokens_end_a_row_without_stopping_the_others():
     model = peaked_model()
     free = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, **NO_STOP))
-    row, token = next((r, t) for r, tokens in enumerate(free) for i, t in enumerate(tokens[1:], 1)
-                      if t not in tokens[:i] and not any(t in other for other in free[:r] + free[r + 1:]))
+    row, token = next(
+        (r, t)
+        for r, tokens in enumerate(free)
+        for i, t in enumerate(tokens[1:], 1)
+        if t not in tokens[:i] and not any(t in other for other in free[:r] + free[r + 1 :])
+    )
     stopped = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, stop_tokens=(token,)))
-    assert stopped[row] == free[row][:free[row].index(token)]
+    assert stopped[row] == free[row][: free[row].index(token)]
     assert [s for i, s in enumerate(stopped) if i != row] == [f for i, f in enumerate(free) if i != row]
 
 
@@ -208,14 +228,18 @@ def test_stop_strings_cut_the_new_text_before_them(tokenizer):
     free = complete(model, tokenizer, prompts, GenerationConfig(max_new_tokens=20))
     assert all(free)
     text = free[0]
-    start = next(i for i in range(1, len(text) - 1) if text[i:i + 2].isascii() and text[i:i + 2].strip())
-    stop = text[start:start + 2]
+    start = next(i for i in range(1, len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2].strip())
+    stop = text[start : start + 2]
     cut = complete(model, tokenizer, prompts, GenerationConfig(max_new_tokens=20, stop_strings=(stop,)))
-    assert cut[0] == text[:text.find(stop)]
+    assert cut[0] == text[: text.find(stop)]
     assert cut[1] == cut_at_stop(free[1], (stop,))
-    kept = complete(model, tokenizer, prompts[:1], GenerationConfig(max_new_tokens=20, stop_strings=("@@", stop),
-                                                                    keep_stop_string=True))
-    assert kept[0] == text[:text.find(stop) + len(stop)]
+    kept = complete(
+        model,
+        tokenizer,
+        prompts[:1],
+        GenerationConfig(max_new_tokens=20, stop_strings=("@@", stop), keep_stop_string=True),
+    )
+    assert kept[0] == text[: text.find(stop) + len(stop)]
 
 
 def test_a_long_prompt_keeps_its_last_tokens():
@@ -235,10 +259,22 @@ def test_generation_runs_in_eval_mode_and_restores_the_mode():
     assert model.training and generate(model, PROMPTS, cfg) == first == generate(model.eval(), PROMPTS, cfg)
 
 
-@pytest.mark.parametrize("bad", [dict(strategy="nucleus"), dict(max_new_tokens=0), dict(temperature=0.0),
-                                 dict(strategy="sample", top_p=0.0), dict(strategy="sample", top_k=-1),
-                                 dict(temperature=0.7), dict(num_beams=4), dict(strategy="beam", num_beams=0),
-                                 dict(stop_tokens=(-1,)), dict(stop_strings=("",)), dict(seed=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(strategy="nucleus"),
+        dict(max_new_tokens=0),
+        dict(temperature=0.0),
+        dict(strategy="sample", top_p=0.0),
+        dict(strategy="sample", top_k=-1),
+        dict(temperature=0.7),
+        dict(num_beams=4),
+        dict(strategy="beam", num_beams=0),
+        dict(stop_tokens=(-1,)),
+        dict(stop_strings=("",)),
+        dict(seed=-1),
+    ],
+)
 def test_bad_generation_settings_are_refused(bad):
     with pytest.raises(ValueError):
         GenerationConfig(**bad)
@@ -260,28 +296,62 @@ def test_cli_continues_prompts_of_an_export(tmp_path, tokenizer, capsys):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("class JSONEncoder:\n")
-    main([str(folder), "--prompt", "def encode(", "--prompt-file", str(prompt_file), "--max-new-tokens", "10",
-          "--device", "cpu"])
+    main(
+        [
+            str(folder),
+            "--prompt",
+            "def encode(",
+            "--prompt-file",
+            str(prompt_file),
+            "--max-new-tokens",
+            "10",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
-    expected = complete(peaked_model(), tokenizer,  # the shards' tokenizer: the export's adds no second <bos>
-                        ["def encode(", "class JSONEncoder:\n"], GenerationConfig(max_new_tokens=10))
+    expected = complete(
+        peaked_model(),
+        tokenizer,  # the shards' tokenizer: the export's adds no second <bos>
+        ["def encode(", "class JSONEncoder:\n"],
+        GenerationConfig(max_new_tokens=10),
+    )
     assert out == f"def encode({expected[0]}\n{'-' * 40}\nclass JSONEncoder:\n{expected[1]}\n"
-    proc = subprocess.run([BIN / "dslm-generate", folder, "--prompt", "def encode(", "--max-new-tokens", "10",
-                           "--strategy", "sample", "--top-p", "0.9", "--seed", "5"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            BIN / "dslm-generate",
+            folder,
+            "--prompt",
+            "def encode(",
+            "--max-new-tokens",
+            "10",
+            "--strategy",
+            "sample",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("def encode("), proc.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--temperature", "0.5"], "apply only to strategy='sample'"),
-    (["--prompt", "x", "--max-new-tokens", "32"], "no room for a prompt"),
-    ([], "give at least one --prompt"),
-    (["--prompt", "x", "--device", "gpu"], "--device gpu: not a torch device"),
-    (["--prompt", "x", "--device", "cuda:63"], "--device cuda:63: this machine has"),
-    (["--prompt", "x", "--interactive"], "--interactive reads its prompts from the terminal"),
-    (["--prompt", "x", "--out", "/no/such/dir/out.jsonl"], "its folder does not exist"),
-    (["--prompt", "x", "--out", f"{__file__}/out.jsonl"], f"{__file__} is a file, not a folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--temperature", "0.5"], "apply only to strategy='sample'"),
+        (["--prompt", "x", "--max-new-tokens", "32"], "no room for a prompt"),
+        ([], "give at least one --prompt"),
+        (["--prompt", "x", "--device", "gpu"], "--device gpu: not a torch device"),
+        (["--prompt", "x", "--device", "cuda:63"], "--device cuda:63: this machine has"),
+        (["--prompt", "x", "--interactive"], "--interactive reads its prompts from the terminal"),
+        (["--prompt", "x", "--out", "/no/such/dir/out.jsonl"], "its folder does not exist"),
+        (["--prompt", "x", "--out", f"{__file__}/out.jsonl"], f"{__file__} is a file, not a folder"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer, capsys, args, message):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
     with pytest.raises(SystemExit) as exit_info:
@@ -299,8 +369,22 @@ def test_cli_runs_a_fixed_prompt_set_on_several_models_side_by_side(tmp_path, to
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def encode("}\n\n{"prompt": "import json\\n", "id": 2}\n')
     out = tmp_path / "side.jsonl"
-    args = [str(first), str(second), "--prompts", str(prompts), "--seed", "3", "--strategy", "sample",
-            "--temperature", "0.9", "--max-new-tokens", "8", "--out", str(out)]
+    args = [
+        str(first),
+        str(second),
+        "--prompts",
+        str(prompts),
+        "--seed",
+        "3",
+        "--strategy",
+        "sample",
+        "--temperature",
+        "0.9",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+    ]
     main(args)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     cfg = GenerationConfig(strategy="sample", temperature=0.9, max_new_tokens=8, seed=3)
@@ -325,8 +409,13 @@ def test_cli_runs_a_fixed_prompt_set_on_several_models_side_by_side(tmp_path, to
 def test_cli_interactive_changes_the_sampler_as_it_goes(tmp_path, tokenizer):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
     lines = "temp=0.5\ntop_k=abc\ntokens=32\ntemp=0.7 tokens=6\ndef encode(\nquit\nnever read\n"
-    proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--seed", "2"], input=lines,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [BIN / "dslm-generate", folder, "--interactive", "--seed", "2"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     # the card's sampler to start with, its 500 tokens cut to half the model's context of 32
     assert "max new tokens: 16 (half of model.block_size=32" in proc.stdout
@@ -334,8 +423,12 @@ def test_cli_interactive_changes_the_sampler_as_it_goes(tmp_path, tokenizer):
     assert "temp=0.5 top_k=200 tokens=16" in proc.stdout and "temp=0.7 top_k=200 tokens=6" in proc.stdout
     assert "not changed: invalid literal" in proc.stdout
     assert "not changed: tokens=32 leaves no room for a prompt in a context of 32" in proc.stdout
-    expected = complete(peaked_model(), tokenizer, ["def encode("], GenerationConfig(
-        strategy="sample", temperature=0.7, top_k=200, max_new_tokens=6, seed=2))[0]
+    expected = complete(
+        peaked_model(),
+        tokenizer,
+        ["def encode("],
+        GenerationConfig(strategy="sample", temperature=0.7, top_k=200, max_new_tokens=6, seed=2),
+    )[0]
     assert f"def encode({expected}\n" in proc.stdout and "never read" not in proc.stdout
 
 
@@ -344,12 +437,18 @@ def test_cli_follows_the_direction_and_template_an_export_records(tmp_path, toke
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
     main([str(folder), "--prompt", "return x", "--max-new-tokens", "6"])
-    expected = complete(peaked_model(), tokenizer, ["return x"], GenerationConfig(max_new_tokens=6),
-                        framing=Framing("backward"))[0]
+    expected = complete(
+        peaked_model(), tokenizer, ["return x"], GenerationConfig(max_new_tokens=6), framing=Framing("backward")
+    )[0]
     assert capsys.readouterr().out == f"{expected}return x\n"  # the new text goes before the prompt
     main([str(folder), "--prompt", "return x", "--max-new-tokens", "6", "--template", "instruct"])
-    reply = complete(peaked_model(), tokenizer, ["return x"], GenerationConfig(max_new_tokens=6),
-                     framing=Framing("backward", "instruct"))[0]
+    reply = complete(
+        peaked_model(),
+        tokenizer,
+        ["return x"],
+        GenerationConfig(max_new_tokens=6),
+        framing=Framing("backward", "instruct"),
+    )[0]
     assert capsys.readouterr().out == f"return x\n=> {reply}\n"
     (folder / "config.json").write_text(json.dumps({**config, "dslm_direction": "sideways"}))
     with pytest.raises(SystemExit):
@@ -357,13 +456,16 @@ def test_cli_follows_the_direction_and_template_an_export_records(tmp_path, toke
     assert "dslm_direction='sideways'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    (b"\xff\xfe\x00", "prompts.jsonl: not UTF-8 text"),
-    ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2: not a JSON object with a string "prompt"'),
-    ('{"prompt": 3}\n', 'prompts.jsonl:1: not a JSON object'),
-    ("[1, 2]\n", "prompts.jsonl:1: not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"\xff\xfe\x00", "prompts.jsonl: not UTF-8 text"),
+        ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2: not a JSON object with a string "prompt"'),
+        ('{"prompt": 3}\n', "prompts.jsonl:1: not a JSON object"),
+        ("[1, 2]\n", "prompts.jsonl:1: not a JSON object"),
+    ],
+)
 def test_cli_bad_prompt_set_is_one_line(tmp_path, tokenizer, capsys, content, message):
     folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
     prompts = tmp_path / "prompts.jsonl"
@@ -384,10 +486,27 @@ def test_a_templated_prompt_too_long_for_the_context_is_refused_and_a_plain_one_
         main([str(folder), "--prompt", "x", "--prompt", long, "--max-new-tokens", "6", "--template", "instruct"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
-    assert "prompt 2 of 2 is" in err[0] and "tokens in the instruct template; model.block_size=32 leaves room for " \
-                                             "26 beside 6 new tokens" in err[0], err
+    assert (
+        "prompt 2 of 2 is" in err[0]
+        and "tokens in the instruct template; model.block_size=32 leaves room for 26 beside 6 new tokens" in err[0]
+    ), err
     lines = f"{long.replace(chr(10), ' ')}\nx\nquit\n"  # a prompt per line; the long one is still too long
-    proc = subprocess.run([BIN / "dslm-generate", folder, "--interactive", "--template", "instruct", "--max-new-tokens",
-                           "6", "--strategy", "greedy"], input=lines, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            BIN / "dslm-generate",
+            folder,
+            "--interactive",
+            "--template",
+            "instruct",
+            "--max-new-tokens",
+            "6",
+            "--strategy",
+            "greedy",
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "> not generated: the prompt is" in proc.stdout and "> x\n=> " in proc.stdout, proc.stdout

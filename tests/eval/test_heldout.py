@@ -43,8 +43,9 @@ def mixed(tmp_path_factory, code_corpus):
     sources = [CodeSource(spec=f"code:{corpus}", root=corpus)]
     out = root / "shards"
     train_and_save_tokenizer(sources, 512, sample_bytes=10**9, out=out / "tokenizer.json")
-    cfg = ShardConfig(out=out, tokenizer=out / "tokenizer.json", seq_len=64, samples_per_shard=200,
-                      val_fraction=0.3, workers=0)
+    cfg = ShardConfig(
+        out=out, tokenizer=out / "tokenizer.json", seq_len=64, samples_per_shard=200, val_fraction=0.3, workers=0
+    )
     manifest = build_shards(cfg, sources).manifest
     return corpus, out, manifest
 
@@ -61,13 +62,17 @@ def test_samples_carry_their_language_and_the_manifest_counts_them(mixed):
 def test_held_out_documents_are_whole_val_files(mixed):
     corpus, out, manifest = mixed
     tokenizer = load_text_tokenizer(out / "tokenizer.json")
-    documents = heldout_documents(LabeledSamples(ShardSamples(out, manifest, "val")), tokenizer, {"python", "c"}, limit=1000)
+    documents = heldout_documents(
+        LabeledSamples(ShardSamples(out, manifest, "val")), tokenizer, {"python", "c"}, limit=1000
+    )
     c_files = {unicodedata.normalize("NFKC", p.read_text()) for p in corpus.glob("*.c")}
     py_files = [unicodedata.normalize("NFKC", p.read_text()) for p in corpus.rglob("*.py")]
     assert documents["c"] and all(doc in c_files for doc in documents["c"]), "a C document is a whole file"
     # Python files may lose a long leading header to the filters: what is kept ends the file
     assert documents["python"] and all(any(f.endswith(doc) for f in py_files) for doc in documents["python"])
-    assert len(heldout_documents(LabeledSamples(ShardSamples(out, manifest, "val")), tokenizer, {"c"}, limit=3)["c"]) == 3
+    assert (
+        len(heldout_documents(LabeledSamples(ShardSamples(out, manifest, "val")), tokenizer, {"c"}, limit=3)["c"]) == 3
+    )
 
 
 def test_split_documents_leaves_out_a_document_cut_at_the_end():

@@ -38,8 +38,7 @@ def logits(model: GPT) -> torch.Tensor:
         return model(torch.arange(2 * CFG.block_size).view(2, CFG.block_size) % CFG.vocab_size)
 
 
-def test_a_checkpoint_and_its_run_load_the_trained_weights_and_the_tokenizer(run, tiny_shards, model,
-                                                                            write_checkpoint):
+def test_a_checkpoint_and_its_run_load_the_trained_weights_and_the_tokenizer(run, tiny_shards, model, write_checkpoint):
     shards, manifest = tiny_shards
     newer_unsealed = write_checkpoint(run, 9, {"module": GPT(CFG).state_dict()}, sealed=False)
     for path in (run / "checkpoints" / tag_for(7), run):  # the run: its newest intact checkpoint

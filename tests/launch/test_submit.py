@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 SUBMIT = Path(sys.executable).parent / "dslm-submit"
 
 
-@pytest.mark.parametrize("text, minutes", [("90", 90), ("2:30", 3), ("1:00:00", 60), ("24:00:00", 1440),
-                                           ("1-0", 1440), ("1-2:30", 1590), ("0-0:0:30", 1)])
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("90", 90), ("2:30", 3), ("1:00:00", 60), ("24:00:00", 1440), ("1-0", 1440), ("1-2:30", 1590), ("0-0:0:30", 1)],
+)
 def test_slurm_time_formats(text, minutes):
     assert parse_minutes(text) == minutes
 
@@ -51,30 +53,59 @@ def dslm_submit(*args: str, cwd: Path = REPO, env: dict | None = None) -> subpro
     return subprocess.run([SUBMIT, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
-@pytest.mark.skipif(shutil.which("sbatch") is None, reason="the sbatch script text comes from submitit's SLURM executor, "
-                    "which needs sbatch on the PATH (.ci/run installs slurm-client)")
+@pytest.mark.skipif(
+    shutil.which("sbatch") is None,
+    reason="the sbatch script text comes from submitit's SLURM executor, "
+    "which needs sbatch on the PATH (.ci/run installs slurm-client)",
+)
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
-    result = dslm_submit("train", "--executor", "slurm", "--dry-run", "--nodes", "2", "--gpus-per-node", "8",
-                         "--partition", "gpu", "--time", "4:00:00", "--slurm", "account=lm",
-                         "launch/recipes/demo.yaml", f"runs_dir={tmp_path}", "train.max_steps=500")
+    result = dslm_submit(
+        "train",
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "4:00:00",
+        "--slurm",
+        "account=lm",
+        "launch/recipes/demo.yaml",
+        f"runs_dir={tmp_path}",
+        "train.max_steps=500",
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --signal=USR2@120", "#SBATCH --account=lm",
-                 "--kill-on-bad-exit=1"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=240",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --account=lm",
+        "--kill-on-bad-exit=1",
+    ):
         assert line in out, line
     assert "dslm-train --config launch/recipes/demo.yaml" in out and "train.max_steps=500" in out
     assert f"logs: {tmp_path / 'demo' / 'submitit'}" in out
     assert not (tmp_path / "demo").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--executor", "local", "--nodes", "2", "launch/recipes/demo.yaml"], "--nodes 2 needs SLURM"),
-    (["train", "--executor", "local", "--time", "soon", "launch/recipes/demo.yaml"], "not a SLURM time"),
-    (["train", "--executor", "local", "launch/recipes/demo.yaml", "train.max_steps=-1"], "train.max_steps=-1"),
-    (["train", "--executor", "local", "a.yaml", "b.yaml"], "one recipe at most"),
-    (["eval", "--executor", "local", "runs/no-such-run"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--executor", "local", "--nodes", "2", "launch/recipes/demo.yaml"], "--nodes 2 needs SLURM"),
+        (["train", "--executor", "local", "--time", "soon", "launch/recipes/demo.yaml"], "not a SLURM time"),
+        (["train", "--executor", "local", "launch/recipes/demo.yaml", "train.max_steps=-1"], "train.max_steps=-1"),
+        (["train", "--executor", "local", "a.yaml", "b.yaml"], "one recipe at most"),
+        (["eval", "--executor", "local", "runs/no-such-run"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(args, message, tmp_path):
     result = dslm_submit(*args, "--dry-run")
     assert result.returncode == 2
@@ -83,10 +114,22 @@ def test_bad_input_is_one_line_and_status_2(args, message, tmp_path):
 
 
 def tiny_run(shards: Path, runs: Path, name: str, steps: int) -> list[str]:
-    settings = dict(micro_batch_size=4, grad_accum=2, max_steps=steps, warmup_steps=2, log_interval=1,
-                    checkpoint_interval=6, val_interval=0)
-    return [f"name={name}", f"runs_dir={runs}", f"data.shards={shards}", "model.preset=tiny",
-            *(f"train.{k}={v}" for k, v in settings.items())]
+    settings = dict(
+        micro_batch_size=4,
+        grad_accum=2,
+        max_steps=steps,
+        warmup_steps=2,
+        log_interval=1,
+        checkpoint_interval=6,
+        val_interval=0,
+    )
+    return [
+        f"name={name}",
+        f"runs_dir={runs}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
 
 
 def task_pids(folder: Path) -> list[int]:
@@ -96,9 +139,14 @@ def task_pids(folder: Path) -> list[int]:
 
 
 def submit_local(args: list[str], *options: str) -> subprocess.Popen:
-    return subprocess.Popen([SUBMIT, "train", "--executor", "local", "--tasks-per-node", "2", "--wait", *options, *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [SUBMIT, "train", "--executor", "local", "--tasks-per-node", "2", "--wait", *options, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def rank0_log(folder: Path, submitter: subprocess.Popen, timeout: float = 120) -> Path:
@@ -172,7 +220,12 @@ def test_a_requeued_train_job_resumes_if_it_can_and_a_first_start_does_not(monke
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     job = TrainJob(argv=["dslm-train", "name=x"], max_requeues=3)
     assert job.command() == ["dslm-train", "name=x"]
-    assert TrainJob(argv=job.argv, max_requeues=3, requeues=1).command() == ["dslm-train", "name=x", "--resume", "if-any"]
+    assert TrainJob(argv=job.argv, max_requeues=3, requeues=1).command() == [
+        "dslm-train",
+        "name=x",
+        "--resume",
+        "if-any",
+    ]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued by SLURM itself (preemption)
     assert job.command()[-2:] == ["--resume", "if-any"]
     typed = TrainJob(argv=["dslm-train", "--resume", "auto"], max_requeues=3, requeues=1)
@@ -203,8 +256,12 @@ def test_a_failed_rendezvous_requeues_the_job_within_max_requeues(tiny_shards, t
         args = [*tiny_run(shards, tmp_path, "taken", 4), "train.collective_timeout_s=5"]
         submitter = subprocess.Popen(
             [SUBMIT, "train", "--executor", "local", "--tasks-per-node", "1", "--wait", "--max-requeues", "1", *args],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "DSLM_MASTER_PORT": str(taken.getsockname()[1])})
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "DSLM_MASTER_PORT": str(taken.getsockname()[1])},
+        )
         out, _ = submitter.communicate(timeout=900)
     assert submitter.returncode == 1, out
     text = logs.read(rank0_log(tmp_path / "taken" / "submitit", submitter))
@@ -219,8 +276,19 @@ STAGES = ("digests", "dedup", "write")
 
 
 def build_args(corpus: Path, tokenizer: Path, out: Path, *more: str) -> list[str]:
-    return ["--source", f"code:{corpus}", "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", "64",
-            "--samples-per-shard", "50", *more]
+    return [
+        "--source",
+        f"code:{corpus}",
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--seq-len",
+        "64",
+        "--samples-per-shard",
+        "50",
+        *more,
+    ]
 
 
 @pytest.fixture
@@ -229,11 +297,28 @@ def a_build(code_corpus, tiny_shards, tmp_path) -> list[str]:
     return build_args(code_corpus, tiny_shards[0] / "tokenizer.json", tmp_path / "out")
 
 
-@pytest.mark.skipif(shutil.which("sbatch") is None, reason="the sbatch script text comes from submitit's SLURM executor, "
-                    "which needs sbatch on the PATH (.ci/run installs slurm-client)")
+@pytest.mark.skipif(
+    shutil.which("sbatch") is None,
+    reason="the sbatch script text comes from submitit's SLURM executor, "
+    "which needs sbatch on the PATH (.ci/run installs slurm-client)",
+)
 def test_a_shard_dry_run_on_slurm_prints_three_chained_arrays_and_the_merge(a_build, tmp_path):
-    result = dslm_submit("shard", "--executor", "slurm", "--dry-run", "--tasks", "2", "--cpus-per-task", "4",
-                         "--time", "1:00:00", "--slurm", "account=lm", *a_build, "--overwrite")
+    result = dslm_submit(
+        "shard",
+        "--executor",
+        "slurm",
+        "--dry-run",
+        "--tasks",
+        "2",
+        "--cpus-per-task",
+        "4",
+        "--time",
+        "1:00:00",
+        "--slurm",
+        "account=lm",
+        *a_build,
+        "--overwrite",
+    )
     assert result.returncode == 0, result.stderr
     out, folder = result.stdout, tmp_path / "out"
     assert f"logs: {folder / 'submitit'}" in out and "steps: digests -> dedup -> write -> merge" in out
@@ -245,9 +330,16 @@ def test_a_shard_dry_run_on_slurm_prints_three_chained_arrays_and_the_merge(a_bu
     assert "--overwrite" not in out.split("steps:")[1], "the tasks do not get --overwrite"
     scripts = dict(zip(("digests", "dedup", "write", "merge"), out.split("sbatch script of ")[1:]))
     for name, script in scripts.items():
-        for line in (f"#SBATCH --job-name=dslm-shard-{name}", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-                     "#SBATCH --cpus-per-task=4", "#SBATCH --time=60", "#SBATCH --signal=USR2@120",
-                     "#SBATCH --account=lm", f"#SBATCH --output={folder / 'submitit'}"):
+        for line in (
+            f"#SBATCH --job-name=dslm-shard-{name}",
+            "#SBATCH --nodes=1",
+            "#SBATCH --ntasks-per-node=1",
+            "#SBATCH --cpus-per-task=4",
+            "#SBATCH --time=60",
+            "#SBATCH --signal=USR2@120",
+            "#SBATCH --account=lm",
+            f"#SBATCH --output={folder / 'submitit'}",
+        ):
             assert line in script, (name, line)
         assert ("#SBATCH --array=0-1%2" in script) == (name != "merge"), name
     assert "--dependency" not in scripts["digests"] and "--kill-on-invalid-dep" not in scripts["digests"]
@@ -262,8 +354,19 @@ def test_a_local_shard_dry_run_shares_the_cores_among_the_tasks(a_build, tmp_pat
     assert result.returncode == 0, result.stderr
     workers = max(1, len(os.sched_getaffinity(0)) // 2)
     for stage in STAGES:
-        task_k = [BIN / "dslm-shard", "build", "--workers", str(workers), *a_build, "--tasks", "2", "--task", "K",
-                  "--stage", stage]
+        task_k = [
+            BIN / "dslm-shard",
+            "build",
+            "--workers",
+            str(workers),
+            *a_build,
+            "--tasks",
+            "2",
+            "--task",
+            "K",
+            "--stage",
+            stage,
+        ]
         assert shlex.join(map(str, task_k)) in result.stdout
     assert "(dslm-submit waits)" in result.stdout and "sbatch" not in result.stdout
     given = dslm_submit("shard", "--executor", "local", "--dry-run", "--tasks", "2", *a_build, "--workers=3")
@@ -272,19 +375,22 @@ def test_a_local_shard_dry_run_shares_the_cores_among_the_tasks(a_build, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tasks", "2", "--task", "1"], "--task: dslm-submit gives every task its --tasks, --task and --stage"),
-    (["--tasks", "2", "--stage=write"], "--stage=write: dslm-submit gives every task"),
-    (["--tasks", "2", "--tasks", "3"], "--tasks is given once"),
-    (["--tasks", "0"], "--tasks 0 must be within 1..10,000"),
-    (["--tasks", str(10**9), "--dry-run"], "--tasks 1000000000 must be within 1..10,000"),
-    (["--tasks", "2", "--seq-len", "many"], "argument --seq-len: invalid int value"),
-    (["--tasks", "2", "--workers", "-1"], "workers -1 must not be negative"),
-    (["--tasks", "2", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1"),
-    (["--tasks", "2", "--val-fraction", "1"], "val_fraction 1.0 must be in [0, 1)"),
-    (["--tasks", "2", "--no-such-option"], "unrecognized arguments: --no-such-option"),
-    ([], "the following arguments are required: --tasks"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "2", "--task", "1"], "--task: dslm-submit gives every task its --tasks, --task and --stage"),
+        (["--tasks", "2", "--stage=write"], "--stage=write: dslm-submit gives every task"),
+        (["--tasks", "2", "--tasks", "3"], "--tasks is given once"),
+        (["--tasks", "0"], "--tasks 0 must be within 1..10,000"),
+        (["--tasks", str(10**9), "--dry-run"], "--tasks 1000000000 must be within 1..10,000"),
+        (["--tasks", "2", "--seq-len", "many"], "argument --seq-len: invalid int value"),
+        (["--tasks", "2", "--workers", "-1"], "workers -1 must not be negative"),
+        (["--tasks", "2", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1"),
+        (["--tasks", "2", "--val-fraction", "1"], "val_fraction 1.0 must be in [0, 1)"),
+        (["--tasks", "2", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        ([], "the following arguments are required: --tasks"),
+    ],
+)
 def test_bad_shard_input_is_one_line_and_status_2(a_build, args, message, tmp_path):
     result = dslm_submit("shard", "--executor", "local", *args, *a_build)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -306,7 +412,8 @@ def test_missing_build_arguments_are_named_by_dslm_shard(code_corpus, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "dslm-shard build: error: the following arguments are required: --tokenizer, --out "
-        "(see dslm-shard build --help)"], result.stderr
+        "(see dslm-shard build --help)"
+    ], result.stderr
 
 
 def test_a_shard_build_into_a_finished_one_or_of_a_missing_source_is_refused_before_submitting(a_build, tmp_path):
@@ -315,8 +422,9 @@ def test_a_shard_build_into_a_finished_one_or_of_a_missing_source_is_refused_bef
     result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *a_build)
     assert result.returncode == 2 and "already holds a finished build" in result.stderr, result.stderr
     assert "--overwrite" in result.stderr and not (tmp_path / "out" / "submitit").exists()
-    missing = dslm_submit("shard", "--executor", "local", "--tasks", "2", "--source", f"code:{tmp_path / 'nothing'}",
-                          *a_build)
+    missing = dslm_submit(
+        "shard", "--executor", "local", "--tasks", "2", "--source", f"code:{tmp_path / 'nothing'}", *a_build
+    )
     assert missing.returncode == 2 and "nothing' is not a folder" in missing.stderr, missing.stderr
 
 
@@ -343,8 +451,16 @@ def test_a_local_shard_build_runs_each_stage_then_the_merge(code_corpus, tiny_sh
 def test_a_failed_local_shard_task_is_one_line_naming_it_and_its_log(tiny_shards, tmp_path):
     """A fault only reading finds (FineWeb records without FineWeb's columns) fails in the task."""
     (tmp_path / "web.jsonl").write_text('{"text": "a page of the web"}\n')
-    args = ["--source", f"fineweb:{tmp_path / 'web.jsonl'}", "--tokenizer", str(tiny_shards[0] / "tokenizer.json"),
-            "--out", str(tmp_path / "out"), "--workers", "1"]
+    args = [
+        "--source",
+        f"fineweb:{tmp_path / 'web.jsonl'}",
+        "--tokenizer",
+        str(tiny_shards[0] / "tokenizer.json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+    ]
     result = dslm_submit("shard", "--executor", "local", "--tasks", "2", *args)
     assert result.returncode == 1, result.stdout + result.stderr
     [line] = [e for e in result.stderr.strip().splitlines() if e.startswith("dslm-submit:")]

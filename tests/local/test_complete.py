@@ -16,7 +16,7 @@ from dslm_local.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-NO_TORCH = '''
+NO_TORCH = """
 import importlib.abc, sys
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -24,13 +24,14 @@ class Refuse(importlib.abc.MetaPathFinder):
                                   "dslm_launch"}:
             raise ImportError(f"dslm-complete imported {name}")
 sys.meta_path.insert(0, Refuse())
-'''
+"""
 """A sitecustomize.py that makes importing torch (and dslm's torch packages) fail in its process."""
 
 
 def run_complete(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "dslm-complete", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=900)
+    return subprocess.run(
+        [BIN / "dslm-complete", *map(str, args)], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def test_completion_runs_with_torch_unimportable(onnx_exports, tmp_path):
@@ -56,8 +57,8 @@ def test_a_file_cursor_completes_the_text_before_it(onnx_exports, tmp_path, caps
     before_lo = capsys.readouterr().out
     completer = Completer(OnnxModel(fp32), GenerationConfig(stop_strings=("\n",)))
     text = source.read_text()
-    assert at_end == completer.complete(text[:text.index(".lo\n") + 3], keep_last=True) + "\n"
-    assert before_lo == completer.complete(text[:text.index(".lo\n") + 1], keep_last=True) + "\n"
+    assert at_end == completer.complete(text[: text.index(".lo\n") + 3], keep_last=True) + "\n"
+    assert before_lo == completer.complete(text[: text.index(".lo\n") + 1], keep_last=True) + "\n"
     assert "\n" not in at_end.rstrip("\n")  # one line
 
 
@@ -99,9 +100,21 @@ def test_the_int8_export_completes_too(onnx_exports):
     assert proc.returncode == 0 and proc.stdout.endswith("\n"), proc.stderr
 
 
-@pytest.mark.parametrize("case", ["no_model", "no_tokenizer", "other_config", "backward", "line_range",
-                                  "line_without_file", "beam_like", "not_a_folder", "other_tokenizer",
-                                  "longer_context_in_config"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_model",
+        "no_tokenizer",
+        "other_config",
+        "backward",
+        "line_range",
+        "line_without_file",
+        "beam_like",
+        "not_a_folder",
+        "other_tokenizer",
+        "longer_context_in_config",
+    ],
+)
 def test_bad_input_is_one_line(onnx_exports, tmp_path, case):
     run, _, fp32, _ = onnx_exports
     folder = tmp_path / "export"
@@ -154,8 +167,12 @@ def test_the_light_package_installs_and_runs_without_torch(onnx_exports, tmp_pat
     names = {p["name"].lower() for p in json.loads(installed)}
     assert {"dslm-local", "onnxruntime", "tokenizers", "numpy"} <= names
     assert not names & {"torch", "deepspeed", "dslm"}
-    proc = subprocess.run([tmp_path / "venv" / "bin" / "dslm-complete", int8, "--prompt", "import "],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [tmp_path / "venv" / "bin" / "dslm-complete", int8, "--prompt", "import "],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -175,7 +192,11 @@ def test_a_reader_that_goes_away_ends_it_quietly(onnx_exports, tmp_path):
     _, _, fp32, _ = onnx_exports
     prompts = tmp_path / "many.txt"
     prompts.write_text("import \n" * 40)
-    proc = subprocess.run(f"'{BIN / 'dslm-complete'}' '{fp32}' --prompts '{prompts}' --jsonl | head -1", shell=True,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        f"'{BIN / 'dslm-complete'}' '{fp32}' --prompts '{prompts}' --jsonl | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
-

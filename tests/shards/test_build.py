@@ -33,7 +33,9 @@ def read_samples(path):
 
 
 def test_tokenizer_round_trip_and_special_ids(tmp_path):
-    train_tokenizer(TRICKY * 20 + ["some more ordinary text for merges"] * 20, vocab_size=300).save(str(tmp_path / "t.json"))
+    train_tokenizer(TRICKY * 20 + ["some more ordinary text for merges"] * 20, vocab_size=300).save(
+        str(tmp_path / "t.json")
+    )
     tok = load_text_tokenizer(tmp_path / "t.json")
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     for text in TRICKY:
@@ -61,7 +63,7 @@ def test_shard_round_trip(tiny_shards, code_corpus):
         stream.extend(np.concatenate(samples).tolist())
     assert stream[0] == BOS_ID
     # Documents come back whole (less a long leading header), framed <bos> ... <eos>.
-    first_doc = tok.decode(stream[1:stream.index(EOS_ID)], skip_special_tokens=False)
+    first_doc = tok.decode(stream[1 : stream.index(EOS_ID)], skip_special_tokens=False)
     assert len(first_doc) > 100 and any(p.read_text().endswith(first_doc) for p in code_corpus.rglob("*.py"))
     total = sum(e.tokens for e in manifest.shards)
     assert 0 < manifest.sources[f"code:{code_corpus}"].tokens - total < 2 * (manifest.seq_len + 1)
@@ -81,10 +83,13 @@ def test_rebuild_needs_overwrite(tiny_shards, code_corpus, tmp_path):
     assert sorted(p.name for p in target.glob("*.tar")) == sorted(e.name for e in first.shards)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--source", "code:/no/such/folder"], "is not a folder"),
-    (["--source", "web:/tmp"], "expected code:FOLDER"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "code:/no/such/folder"], "is not a folder"),
+        (["--source", "web:/tmp"], "expected code:FOLDER"),
+    ],
+)
 def test_cli_bad_source_is_one_line(tmp_path, args, message):
     cmd = [sys.executable, "-m", "dslm_shards.cli", "build", *args, "--tokenizer", "t.json", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -94,8 +99,16 @@ def test_cli_bad_source_is_one_line(tmp_path, args, message):
 
 def test_cli_empty_source_for_tokenizer(tmp_path):
     (tmp_path / "src").mkdir()
-    cmd = [sys.executable, "-m", "dslm_shards.cli", "tokenizer", "--source", f"code:{tmp_path / 'src'}",
-           "--out", str(tmp_path / "tok.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dslm_shards.cli",
+        "tokenizer",
+        "--source",
+        f"code:{tmp_path / 'src'}",
+        "--out",
+        str(tmp_path / "tok.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and "sources are empty" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "tok.json").exists()
@@ -111,8 +124,16 @@ def write_files(root, files):
 def test_build_filters_and_counts_per_reason(tiny_shards, tmp_path):
     body = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(40))
     header = "".join(f"# license line {i}\n" for i in range(25))
-    a = write_files(tmp_path / "a", {"m.py": header + body, "tests/t.py": body + "#t\n", "test_x.py": body + "#x\n",
-                                     "tiny.py": "x = 1\n", "Main.java": "class Main {\n  int x;\n}\n" * 5})
+    a = write_files(
+        tmp_path / "a",
+        {
+            "m.py": header + body,
+            "tests/t.py": body + "#t\n",
+            "test_x.py": body + "#x\n",
+            "tiny.py": "x = 1\n",
+            "Main.java": "class Main {\n  int x;\n}\n" * 5,
+        },
+    )
     b = write_files(tmp_path / "b", {"copy.py": body})  # m.py without its header: a duplicate
     out, _ = tiny_shards
     cfg = ShardConfig(out=tmp_path / "out", tokenizer=out / "tokenizer.json", seq_len=16, samples_per_shard=100)
@@ -124,8 +145,10 @@ def test_build_filters_and_counts_per_reason(tiny_shards, tmp_path):
 
 def test_tokenizer_sample_is_weighted_and_reports_tokens_per_byte(tmp_path, code_corpus):
     out = tmp_path / "tok.json"
-    sources = [CodeSource(spec="json", root=code_corpus / "json", weight=1.0),
-               CodeSource(spec="email", root=code_corpus / "email", weight=3.0)]
+    sources = [
+        CodeSource(spec="json", root=code_corpus / "json", weight=1.0),
+        CodeSource(spec="email", root=code_corpus / "email", weight=3.0),
+    ]
     sample = TokenizerSample(sample_bytes=40_000)
     list(sample.texts(sources, DocumentFilter()))
     taken = {spec: sum(len(t.encode()) for t in texts) for (spec, _), texts in sample.report.items()}
@@ -140,26 +163,40 @@ def test_tokenizer_sample_is_weighted_and_reports_tokens_per_byte(tmp_path, code
 def small_tree(root):
     """Issue 15's case: 3 Python files that fill samples, and 1 C and 1 Java file too short for one."""
     body = "".join(f"def f{i}(x):\n    return x * {i} + {i}\n" for i in range(12))
-    return write_files(root, {**{f"py/m{n}.py": f"# module {n}\n" + body for n in range(3)},
-                              "cj/a.c": "int a(void) {\n  return 1;\n}\n",
-                              "cj/Main.java": "class Main {\n  int x;\n}\n"})
+    return write_files(
+        root,
+        {
+            **{f"py/m{n}.py": f"# module {n}\n" + body for n in range(3)},
+            "cj/a.c": "int a(void) {\n  return 1;\n}\n",
+            "cj/Main.java": "class Main {\n  int x;\n}\n",
+        },
+    )
 
 
 def test_tokens_dropped_at_stream_ends_are_counted_and_a_language_without_a_sample_is_named(
-        tiny_shards, tmp_path, capsys):
+    tiny_shards, tmp_path, capsys
+):
     """Each (split, copy, language) stream's last, partial sample is dropped: every token is either
     in a shard or counted as dropped, per stream and per source, and a language or source left with
     no sample gets one warning line each."""
     root = small_tree(tmp_path / "tree")
     sources = [CodeSource(spec="py", root=root / "py"), CodeSource(spec="cj", root=root / "cj")]
-    cfg = ShardConfig(out=tmp_path / "out", tokenizer=tiny_shards[0] / "tokenizer.json", seq_len=64,
-                      samples_per_shard=100, val_fraction=0.0, workers=0)
+    cfg = ShardConfig(
+        out=tmp_path / "out",
+        tokenizer=tiny_shards[0] / "tokenizer.json",
+        seq_len=64,
+        samples_per_shard=100,
+        val_fraction=0.0,
+        workers=0,
+    )
     manifest = build_shards(cfg, sources).manifest
     py, cj = manifest.sources["py"], manifest.sources["cj"]
     assert (py.documents, cj.documents) == (3, 2)
     assert {language for entry in manifest.shards for language in entry.languages} == {"python"}
     assert set(manifest.dropped_tokens) == {"train.0.c", "train.0.java", "train.0.python"}
-    assert cj.dropped_tokens == cj.tokens == manifest.dropped_tokens["train.0.c"] + manifest.dropped_tokens["train.0.java"]
+    assert (
+        cj.dropped_tokens == cj.tokens == manifest.dropped_tokens["train.0.c"] + manifest.dropped_tokens["train.0.java"]
+    )
     assert py.dropped_tokens == manifest.dropped_tokens["train.0.python"] < manifest.seq_len + 1
     assert sum(e.tokens for e in manifest.shards) + sum(manifest.dropped_tokens.values()) == py.tokens + cj.tokens
     warnings = re.findall(r"dslm-shard: warning: (.*)", capsys.readouterr().err)
@@ -170,13 +207,28 @@ def test_tokens_dropped_at_stream_ends_are_counted_and_a_language_without_a_samp
 
 def test_the_summary_shows_the_dropped_tokens(tiny_shards, tmp_path):
     root = small_tree(tmp_path / "tree")
-    cmd = [sys.executable, "-m", "dslm_shards.cli", "build", "--source", f"code:{root}", "--tokenizer",
-           str(tiny_shards[0] / "tokenizer.json"), "--out", str(tmp_path / "out"), "--seq-len", "64",
-           "--val-fraction", "0", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dslm_shards.cli",
+        "build",
+        "--source",
+        f"code:{root}",
+        "--tokenizer",
+        str(tiny_shards[0] / "tokenizer.json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--seq-len",
+        "64",
+        "--val-fraction",
+        "0",
+        "--workers",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     dropped = Manifest.load(tmp_path / "out").dropped_tokens
-    line, = [line for line in proc.stdout.splitlines() if line.startswith("dropped: ")]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("dropped: ")]
     assert all(f"{name} {n:,}" in line for name, n in dropped.items())
     assert f"{sum(dropped.values()):,} tokens dropped at stream ends" in proc.stdout
     assert proc.stderr.count("has no sample") == 2  # c and java; the source has python too

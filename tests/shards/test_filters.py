@@ -112,40 +112,46 @@ def test_encoded_run_limit():
 # --- test files ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("doc_id", [
-    "pkg/test_mod.py",
-    "pkg/mod_test.py",
-    "pkg/tests.py",
-    "pkg/conftest.py",
-    "src/main/java/org/x/ParserTest.java",
-    "src/main/java/org/x/ParserTests.java",
-    "src/main/java/org/x/ParserTestCase.java",
-    "src/main/java/org/x/TestParser.java",
-    "src/test_parser.c",
-    "src/parser_test.c",
-    "/usr/lib/python3.11/test/support/__init__.py",
-    "proj/Tests/helpers.py",
-    "lib/testing/util.c",
-    "proj/src/test/java/org/x/Fixtures.java",
-    "/usr/lib/python3.11/idlelib/idle_test/mock_idle.py",
-    "/jdk/lib/src.zip!java.base/java/util/MapTest.java",
-    "/corpus/code.tar!pkg/tests/helpers.py",
-    "/corpus/code.zip!test_mod.py",
-])
+@pytest.mark.parametrize(
+    "doc_id",
+    [
+        "pkg/test_mod.py",
+        "pkg/mod_test.py",
+        "pkg/tests.py",
+        "pkg/conftest.py",
+        "src/main/java/org/x/ParserTest.java",
+        "src/main/java/org/x/ParserTests.java",
+        "src/main/java/org/x/ParserTestCase.java",
+        "src/main/java/org/x/TestParser.java",
+        "src/test_parser.c",
+        "src/parser_test.c",
+        "/usr/lib/python3.11/test/support/__init__.py",
+        "proj/Tests/helpers.py",
+        "lib/testing/util.c",
+        "proj/src/test/java/org/x/Fixtures.java",
+        "/usr/lib/python3.11/idlelib/idle_test/mock_idle.py",
+        "/jdk/lib/src.zip!java.base/java/util/MapTest.java",
+        "/corpus/code.tar!pkg/tests/helpers.py",
+        "/corpus/code.zip!test_mod.py",
+    ],
+)
 def test_test_files_are_detected(doc_id):
     assert is_test_file(doc_id)
 
 
-@pytest.mark.parametrize("doc_id", [
-    "pkg/mod.py",
-    "pkg/testing_utils.py",
-    "pkg/contest.py",
-    "src/main/java/org/x/Latest.java",
-    "src/protest.c",
-    "/data/testdata/x.py",
-    "/corpus/tests.zip!pkg/mod.py",  # only folders count, and an archive is a file
-    "/tmp/pytest-of-me/pytest-3/test_build0/corpus/mod.py",  # pytest's tmp_path is not a test folder
-])
+@pytest.mark.parametrize(
+    "doc_id",
+    [
+        "pkg/mod.py",
+        "pkg/testing_utils.py",
+        "pkg/contest.py",
+        "src/main/java/org/x/Latest.java",
+        "src/protest.c",
+        "/data/testdata/x.py",
+        "/corpus/tests.zip!pkg/mod.py",  # only folders count, and an archive is a file
+        "/tmp/pytest-of-me/pytest-3/test_build0/corpus/mod.py",  # pytest's tmp_path is not a test folder
+    ],
+)
 def test_other_files_are_not_test_files(doc_id):
     assert not is_test_file(doc_id)
 
@@ -171,21 +177,27 @@ def c_block(n: int) -> str:
     return "/*\n" + " * Licensed under terms.\n" * (n - 2) + " */\n"
 
 
-@pytest.mark.parametrize("header", [
-    hash_block(21),
-    docstring(21),
-    docstring(21, "'''"),
-    'r"""Raw: \\d+ and an escaped quote \\""" still inside.\n' + "More.\n" * 19 + '"""\n',
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        hash_block(21),
+        docstring(21),
+        docstring(21, "'''"),
+        'r"""Raw: \\d+ and an escaped quote \\""" still inside.\n' + "More.\n" * 19 + '"""\n',
+    ],
+)
 def test_python_header_over_20_lines_is_stripped(header):
     assert strip_header(header + "\n\n" + BODY, "python", 20) == BODY
 
 
-@pytest.mark.parametrize("prelude", [
-    "#!/usr/bin/env python3\n",
-    "# -*- coding: utf-8 -*-\n",
-    "#!/usr/bin/env python3\n# vim: set fileencoding=latin-1 :\n",
-])
+@pytest.mark.parametrize(
+    "prelude",
+    [
+        "#!/usr/bin/env python3\n",
+        "# -*- coding: utf-8 -*-\n",
+        "#!/usr/bin/env python3\n# vim: set fileencoding=latin-1 :\n",
+    ],
+)
 def test_python_shebang_and_encoding_lines_stay(prelude):
     assert strip_header(prelude + hash_block(25) + BODY, "python", 20) == prelude + BODY
     assert strip_header(prelude + "\n" + docstring(25) + BODY, "python", 20) == prelude + BODY
@@ -296,18 +308,21 @@ def test_check_is_stateless_and_seen_can_be_seeded():
 # --- config -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [
-    {"min_lines": 0},
-    {"min_lines": 10, "max_lines": 5},
-    {"max_non_ascii": 1.5},
-    {"max_duplicate_line_fraction": -0.1},
-    {"min_alpha_word_fraction": 2.0},
-    {"max_line_length": 0},
-    {"max_mean_line_length": 0},
-    {"max_encoded_run": -1},
-    {"max_header_lines": -1},
-    {"min_text_chars": -1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_lines": 0},
+        {"min_lines": 10, "max_lines": 5},
+        {"max_non_ascii": 1.5},
+        {"max_duplicate_line_fraction": -0.1},
+        {"min_alpha_word_fraction": 2.0},
+        {"max_line_length": 0},
+        {"max_mean_line_length": 0},
+        {"max_encoded_run": -1},
+        {"max_header_lines": -1},
+        {"min_text_chars": -1},
+    ],
+)
 def test_bad_config_values_are_errors(bad):
     with pytest.raises(DslmError, match="filter"):
         FilterConfig(**bad)

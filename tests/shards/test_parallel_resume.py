@@ -68,7 +68,8 @@ def crash_at_batch(monkeypatch, n):
 
 
 def test_rerun_after_a_crash_keeps_verified_shards_and_writes_the_same_build(
-        tiny_shards, sources, whole, tmp_path, monkeypatch):
+    tiny_shards, sources, whole, tmp_path, monkeypatch
+):
     out, cfg = tmp_path / "out", config(tiny_shards, tmp_path / "out")
     crash_at_batch(monkeypatch, 9)
     with pytest.raises(RuntimeError, match="simulated"):
@@ -89,7 +90,8 @@ def test_rerun_after_a_crash_keeps_verified_shards_and_writes_the_same_build(
 
 @pytest.mark.parametrize("crash_at", [30, 65])
 def test_a_crash_after_shards_finished_since_the_journal_resumes_without_starting_over(
-        tiny_shards, sources, tmp_path, monkeypatch, capsys, crash_at):
+    tiny_shards, sources, tmp_path, monkeypatch, capsys, crash_at
+):
     """Small shards: a batch finishes several, and the journal is saved only after it. A crash just
     after a shard's rename leaves finished shards (and the journaled open one) that the journal
     does not know: the rerun takes them back and still resumes."""
@@ -194,8 +196,10 @@ def test_weight_repeats_or_samples_a_source(tiny_shards, code_corpus, tmp_path):
         return build_shards(cfg, [source]).manifest
 
     one, two, half = build(1.0), build(2.0), build(0.5)
-    assert (two.sources["json"].documents, two.sources["json"].tokens) == \
-        (2 * one.sources["json"].documents, 2 * one.sources["json"].tokens)
+    assert (two.sources["json"].documents, two.sources["json"].tokens) == (
+        2 * one.sources["json"].documents,
+        2 * one.sources["json"].tokens,
+    )
     kept = half.sources["json"]
     assert kept.documents + kept.filtered["downsampled"] == one.sources["json"].documents
     assert 0 < kept.documents < one.sources["json"].documents
@@ -215,10 +219,21 @@ def test_killed_build_resumes_from_the_command_line(tiny_shards, code_corpus, tm
     last.parent.mkdir()
     shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py", last)
     roots = [code_corpus / "email", code_corpus / "json", last.parent]
-    cmd = [sys.executable, "-m", "dslm_shards.cli", "build",
-           *(a for root in roots for a in ("--source", f"code:{root}")),
-           "--tokenizer", str(tiny_shards[0] / "tokenizer.json"), "--seq-len", "16", "--samples-per-shard", "50",
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dslm_shards.cli",
+        "build",
+        *(a for root in roots for a in ("--source", f"code:{root}")),
+        "--tokenizer",
+        str(tiny_shards[0] / "tokenizer.json"),
+        "--seq-len",
+        "16",
+        "--samples-per-shard",
+        "50",
+        "--workers",
+        "1",
+    ]
     whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, text=True, check=True)
     out = tmp_path / "out"
     # The killed build cannot finish: the last source's file becomes a FIFO that nothing writes, so
@@ -227,8 +242,9 @@ def test_killed_build_resumes_from_the_command_line(tiny_shards, code_corpus, tm
     text = last.read_bytes()
     last.unlink()
     os.mkfifo(last)
-    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_for_journal(out, proc)
     finally:
@@ -238,7 +254,9 @@ def test_killed_build_resumes_from_the_command_line(tiny_shards, code_corpus, tm
     last.write_bytes(text)
     again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=True)
     assert "shards kept from the unfinished run" in again.stdout, again.stdout
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "manifest.json").read_text()
+    )
     assert whole.returncode == 0 and verify_build(out) == []
 
 

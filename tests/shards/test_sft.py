@@ -52,14 +52,19 @@ def tok_path(tiny_shards):
 
 
 def build(tmp_path, tok_path, sources, **settings):
-    cfg = SftConfig(out=tmp_path / "sft", tokenizer=tok_path, sources=[str(s) for s in sources],
-                    **{"template": "instruct", "seq_len": 512, "val_fraction": 0.2, **settings})
+    cfg = SftConfig(
+        out=tmp_path / "sft",
+        tokenizer=tok_path,
+        sources=[str(s) for s in sources],
+        **{"template": "instruct", "seq_len": 512, "val_fraction": 0.2, **settings},
+    )
     return cfg.out, build_sft_shards(cfg)
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dslm_shards.cli", "sft", *map(str, args)], capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "dslm_shards.cli", "sft", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def read_samples(out, manifest, split="train"):
@@ -68,9 +73,10 @@ def read_samples(out, manifest, split="train"):
     for entry in manifest.split(split):
         with tarfile.open(out / entry.name) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for key in sorted(name[:-len(TOKENS_SUFFIX)] for name in members if name.endswith(TOKENS_SUFFIX)):
-            samples.append((np.load(io.BytesIO(members[key + TOKENS_SUFFIX])),
-                            np.load(io.BytesIO(members[key + MASK_SUFFIX]))))
+        for key in sorted(name[: -len(TOKENS_SUFFIX)] for name in members if name.endswith(TOKENS_SUFFIX)):
+            samples.append(
+                (np.load(io.BytesIO(members[key + TOKENS_SUFFIX])), np.load(io.BytesIO(members[key + MASK_SUFFIX])))
+            )
     return samples
 
 
@@ -82,8 +88,8 @@ def examples_in(tokens, mask, sample_len):
     found, start = [], 0
     while start < sample_len and tokens[start] == BOS_ID:
         end = int(np.flatnonzero(tokens[start:] == EOS_ID)[0]) + start  # IndexError: an example cut off
-        found.append((tokens[start:end + 1].tolist(), mask[start:end + 1].tolist()))
-        assert BOS_ID not in tokens[start + 1:end]
+        found.append((tokens[start : end + 1].tolist(), mask[start : end + 1].tolist()))
+        assert BOS_ID not in tokens[start + 1 : end]
         start = end + 1
     assert (tokens[start:] == PAD_ID).all() and (mask[start:] == 0).all()
     return found
@@ -108,13 +114,13 @@ def expected_mask(ids, target, direction):
     for role, start, end in blocks(ids):
         if role == target:
             first, last = (start + 2, end) if direction == "forward" else (start, end - 1)
-            mask[first:last + 1] = [1] * (last + 1 - first)
+            mask[first : last + 1] = [1] * (last + 1 - first)
     return mask
 
 
 def decoded(tok, ids, role):
-    (start, end), = [(s, e) for r, s, e in blocks(ids) if r == role]
-    return tok.decode(ids[start + 2:end], skip_special_tokens=False)
+    ((start, end),) = [(s, e) for r, s, e in blocks(ids) if r == role]
+    return tok.decode(ids[start + 2 : end], skip_special_tokens=False)
 
 
 def nfkc(text):
@@ -123,18 +129,26 @@ def nfkc(text):
 
 def all_examples(out, manifest):
     sample_len = manifest.seq_len + 1
-    return [example for split in ("train", "val") for tokens, mask in read_samples(out, manifest, split)
-            for example in examples_in(tokens, mask, sample_len)]
+    return [
+        example
+        for split in ("train", "val")
+        for tokens, mask in read_samples(out, manifest, split)
+        for example in examples_in(tokens, mask, sample_len)
+    ]
 
 
-@pytest.mark.parametrize("template, direction, target", [
-    ("instruct", "forward", "response"),
-    ("instruct", "backward", "instruction"),
-    ("backchat", "forward", "instruction"),
-    ("backchat", "backward", "response"),
-])
-def test_masks_are_on_the_target_and_examples_are_whole(tmp_path, tok_path, alpaca, problems, template, direction,
-                                                        target):
+@pytest.mark.parametrize(
+    "template, direction, target",
+    [
+        ("instruct", "forward", "response"),
+        ("instruct", "backward", "instruction"),
+        ("backchat", "forward", "instruction"),
+        ("backchat", "backward", "response"),
+    ],
+)
+def test_masks_are_on_the_target_and_examples_are_whole(
+    tmp_path, tok_path, alpaca, problems, template, direction, target
+):
     out, manifest = build(tmp_path, tok_path, [alpaca], template=template, direction=direction)
     assert Manifest.load(out) == manifest
     assert (manifest.template, manifest.masks, manifest.direction) == (template, True, direction)
@@ -207,8 +221,10 @@ def test_duplicates_are_counted_and_each_example_sits_in_one_split(tmp_path, tok
     out, manifest = build(tmp_path, tok_path, [alpaca, again], val_fraction=0.5)
     first, second = manifest.sources[str(alpaca)], manifest.sources[str(again)]
     assert second.documents == 0 and second.filtered == {"duplicate": len(problems)}  # too long or not
-    train, val = ({tuple(ids) for tokens, mask in read_samples(out, manifest, split)
-                   for ids, _ in examples_in(tokens, mask, 513)} for split in ("train", "val"))
+    train, val = (
+        {tuple(ids) for tokens, mask in read_samples(out, manifest, split) for ids, _ in examples_in(tokens, mask, 513)}
+        for split in ("train", "val")
+    )
     assert train and val and not train & val
     assert len(train) + len(val) == first.documents
 
@@ -223,26 +239,44 @@ def test_parquet_gives_the_same_shards_as_jsonl(tmp_path, tok_path, alpaca, prob
 
 
 def test_chat_records_and_custom_field_names(tmp_path, tok_path):
-    chat = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
-            {"role": "tool", "content": "ignored"},
-            {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"},
-            {"role": "user", "content": "No reply to this one"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "tool", "content": "ignored"},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "6"},
+        {"role": "user", "content": "No reply to this one"},
+    ]
     records = tmp_path / "records"
     records.mkdir()
     with gzip.open(records / "chat.jsonl.gz", "wt") as f:
         f.write(json.dumps({"turns": chat}) + "\n")
     hello = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     pq.write_table(pa.table({"turns": [hello]}), records / "chat.parquet")
-    pq.write_table(pa.table({"prompt": ["Name a colour", "Name a fruit"], "context": ["in English", None],
-                             "completion": ["Blue", "Apple"]}), records / "alpaca.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": ["Name a colour", "Name a fruit"],
+                "context": ["in English", None],
+                "completion": ["Blue", "Apple"],
+            }
+        ),
+        records / "alpaca.parquet",
+    )
     fields = RecordFields(instruction="prompt", input="context", output="completion", messages="turns")
     out, manifest = build(tmp_path, tok_path, [records], fields=fields, val_fraction=0.0)
     tok = load_text_tokenizer(out / "tokenizer.json")
-    examples = [(decoded(tok, ids, "instruction"), decoded(tok, ids, "response"))
-                for ids, _ in all_examples(out, manifest)]
-    assert examples == [("Name a colour\n\nin English", "Blue"), ("Name a fruit", "Apple"),
-                        ("Be brief.\n\nWhat is 2 + 2?", "4"), ("And 3 + 3?", "6"), ("Hi", "Hello")]
+    examples = [
+        (decoded(tok, ids, "instruction"), decoded(tok, ids, "response")) for ids, _ in all_examples(out, manifest)
+    ]
+    assert examples == [
+        ("Name a colour\n\nin English", "Blue"),
+        ("Name a fruit", "Apple"),
+        ("Be brief.\n\nWhat is 2 + 2?", "4"),
+        ("And 3 + 3?", "6"),
+        ("Hi", "Hello"),
+    ]
     assert len(read_samples(out, manifest)) == 1  # five short examples share one sample
 
 
@@ -251,17 +285,23 @@ def test_a_byte_order_mark_is_stripped_from_records(tmp_path, tok_path):
     records = tmp_path / "records"
     records.mkdir()
     bom = "\ufeff"
-    lines = [{"instruction": "Say hi", "output": "hi"}, {"instruction": bom + "Say bye", "output": bom + "bye"},
-             {"instruction": bom, "output": "only a BOM before it"}]
+    lines = [
+        {"instruction": "Say hi", "output": "hi"},
+        {"instruction": bom + "Say bye", "output": bom + "bye"},
+        {"instruction": bom, "output": "only a BOM before it"},
+    ]
     (records / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in lines).encode())
     chat = [{"role": bom + "user", "content": bom + "Hi"}, {"role": "assistant", "content": bom + "Hello"}]
-    pq.write_table(pa.table({"instruction": [bom + "Name a colour"], "output": [bom + "Blue"],
-                             "messages": [None]}), records / "b.parquet")
+    pq.write_table(
+        pa.table({"instruction": [bom + "Name a colour"], "output": [bom + "Blue"], "messages": [None]}),
+        records / "b.parquet",
+    )
     (records / "c.jsonl").write_text(json.dumps({"messages": chat}) + "\n", encoding="utf-8-sig")
     out, manifest = build(tmp_path, tok_path, [records], val_fraction=0.0)
     tok = load_text_tokenizer(out / "tokenizer.json")
-    examples = [(decoded(tok, ids, "instruction"), decoded(tok, ids, "response"))
-                for ids, _ in all_examples(out, manifest)]
+    examples = [
+        (decoded(tok, ids, "instruction"), decoded(tok, ids, "response")) for ids, _ in all_examples(out, manifest)
+    ]
     assert examples == [("Say hi", "hi"), ("Say bye", "bye"), ("Name a colour", "Blue"), ("Hi", "Hello")]
     assert manifest.sources[str(records)].filtered == {"empty_instruction": 1}
 
@@ -283,8 +323,18 @@ def test_bad_records_are_skipped_counted_and_named_by_line(tmp_path, tok_path):
     source = tmp_path / "mixed.jsonl"
     good = json.dumps({"instruction": "Say hi", "output": "hi"})
     source.write_bytes("\n".join([good, "", *(line for line, _ in BAD_LINES)]).encode() + b"\n\xff\xfe{}\n")
-    proc = run_cli("--source", source, "--template", "instruct", "--tokenizer", tok_path, "--out", tmp_path / "out",
-                   "--seq-len", 64)
+    proc = run_cli(
+        "--source",
+        source,
+        "--template",
+        "instruct",
+        "--tokenizer",
+        tok_path,
+        "--out",
+        tmp_path / "out",
+        "--seq-len",
+        64,
+    )
     assert proc.returncode == 0, proc.stderr
     warnings = proc.stderr.strip().splitlines()
     reasons = [reason for _, reason in BAD_LINES] + ["invalid_utf8"]
@@ -303,16 +353,19 @@ def test_warnings_stop_after_a_few_per_file(tmp_path, tok_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == WARNINGS_PER_FILE + 1
     assert lines[0] == f"dslm-shard: warning: skipped {source}:1 (not_json): not JSON (Expecting value)"
-    assert lines[-1] == (f"dslm-shard: warning: skipped {50 - WARNINGS_PER_FILE} more bad records in {source} "
-                         f"(warnings stop at {WARNINGS_PER_FILE} a file)")
+    assert lines[-1] == (
+        f"dslm-shard: warning: skipped {50 - WARNINGS_PER_FILE} more bad records in {source} "
+        f"(warnings stop at {WARNINGS_PER_FILE} a file)"
+    )
     assert manifest.sources[str(source)].filtered == {"not_json": 50}
 
 
 def marker_less_tokenizer(path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["plain text without any special tokens"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    tok.train_from_iterator(
+        ["plain text without any special tokens"] * 10, trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    )
     tok.save(str(path))
     return path
 
@@ -327,8 +380,16 @@ def error_line(proc):
 def test_cli_errors_are_one_line(tmp_path, tok_path, alpaca):
     out = tmp_path / "out"
     args = ["--template", "instruct", "--tokenizer", tok_path, "--out", out]
-    no_markers = run_cli("--source", alpaca, "--template", "instruct", "--out", out,
-                         "--tokenizer", marker_less_tokenizer(tmp_path / "plain.json"))
+    no_markers = run_cli(
+        "--source",
+        alpaca,
+        "--template",
+        "instruct",
+        "--out",
+        out,
+        "--tokenizer",
+        marker_less_tokenizer(tmp_path / "plain.json"),
+    )
     assert "no special token <|im_start|>" in error_line(no_markers) and not out.exists()
     missing = run_cli("--source", tmp_path / "nope*.jsonl", *args)
     assert "matches no .jsonl/.jsonl.gz/.parquet file" in error_line(missing)
@@ -351,14 +412,19 @@ def test_a_rerun_removes_what_an_interrupted_run_left(tmp_path, tok_path, alpaca
     for name in (".train-000000.tar.tmp", "train-000007.tar", "val-000003.tar", ".manifest.json.tmp"):
         (out / name).write_bytes(b"left by a killed run")
     _, manifest = build(tmp_path, tok_path, [alpaca])
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, "tokenizer.json",
-                                                            *(e.name for e in manifest.shards)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST_NAME, "tokenizer.json", *(e.name for e in manifest.shards)]
+    )
 
 
 def test_inspect_shows_the_targets(tmp_path, tok_path, alpaca, problems):
     out, _ = build(tmp_path, tok_path, [alpaca], val_fraction=0.0)
-    proc = subprocess.run([sys.executable, "-m", "dslm_shards.cli", "inspect", str(out), "--show", "1"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dslm_shards.cli", "inspect", str(out), "--show", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "template instruct, direction forward" in proc.stdout and " <pad>)\n" in proc.stdout
     first_target = f"targets (the tokens the loss is on)\n[1] {nfkc(problems[0][1])}{IM_END}\n"
     assert "--- sample 0: " in proc.stdout and first_target in proc.stdout
@@ -369,5 +435,7 @@ def test_pretraining_samples_are_written_as_before(tmp_path):
     for i in range(4):
         writer.add((np.arange(65) * (i + 1) % 500).astype(np.uint16), "python")
     # sha256 of these shards as written before masks existed
-    assert [e.sha256 for e in writer.close()] == ["0097b7bd1fb185fe2eb4441ed7712dad227526adce430e8934d89695243dad87",
-                                                  "071ce3d4e913e4cf5a548fa3d798069ea7d944bce591319d786cef2a71385b0b"]
+    assert [e.sha256 for e in writer.close()] == [
+        "0097b7bd1fb185fe2eb4441ed7712dad227526adce430e8934d89695243dad87",
+        "071ce3d4e913e4cf5a548fa3d798069ea7d944bce591319d786cef2a71385b0b",
+    ]

@@ -30,10 +30,20 @@ def write(path, content):
 
 
 def fineweb_rows(prefix, n, language="en"):
-    return [dict(text=f"{prefix} page {i}", id=f"<urn:{prefix}:{i}>", dump="CC-MAIN-2024-10",
-                 url=f"https://example.com/{prefix}/{i}", date="2024-02-20T10:00:00Z",
-                 file_path=f"s3://commoncrawl/{prefix}.warc.gz", language=language,
-                 language_score=0.93, token_count=3) for i in range(n)]
+    return [
+        dict(
+            text=f"{prefix} page {i}",
+            id=f"<urn:{prefix}:{i}>",
+            dump="CC-MAIN-2024-10",
+            url=f"https://example.com/{prefix}/{i}",
+            date="2024-02-20T10:00:00Z",
+            file_path=f"s3://commoncrawl/{prefix}.warc.gz",
+            language=language,
+            language_score=0.93,
+            token_count=3,
+        )
+        for i in range(n)
+    ]
 
 
 CODE_FILES = {
@@ -84,8 +94,9 @@ def make_tar(path, files):
     return path
 
 
-@pytest.mark.parametrize("name, make", [("src.zip", make_zip), ("src.tar", make_tar),
-                                        ("src.tar.gz", make_tar), ("src.tgz", make_tar)])
+@pytest.mark.parametrize(
+    "name, make", [("src.zip", make_zip), ("src.tar", make_tar), ("src.tar.gz", make_tar), ("src.tgz", make_tar)]
+)
 def test_code_archive_members_sorted_with_excludes(tmp_path, name, make):
     archive = make(tmp_path / name, CODE_FILES)
     docs, filtered = read(parse_source(f"code:{archive}", exclude=("skip/*", "*/inc/*")))
@@ -97,14 +108,22 @@ def test_code_archive_members_sorted_with_excludes(tmp_path, name, make):
 
 def test_text_jsonl_parquet_txt_in_sorted_order_with_skips(tmp_path):
     data = tmp_path / "data"
-    lines = [json.dumps({"content": "first"}), "", "{not json", json.dumps({"other": 1}),
-             json.dumps({"content": ""}), json.dumps({"content": None}), json.dumps({"content": "\udc80"}),
-             json.dumps({"content": "last, ünïcode"})]
+    lines = [
+        json.dumps({"content": "first"}),
+        "",
+        "{not json",
+        json.dumps({"other": 1}),
+        json.dumps({"content": ""}),
+        json.dumps({"content": None}),
+        json.dumps({"content": "\udc80"}),
+        json.dumps({"content": "last, ünïcode"}),
+    ]
     write(data / "b.jsonl", ("\n".join(lines) + "\n").encode() + b'{"content": "\xff"}\n')
     with gzip.open(data / "c.jsonl.gz", "wt") as f:
         f.write(json.dumps({"content": "zipped"}) + "\n")
-    pq.write_table(pa.table({"content": ["row one", "  ", "row three"], "n": [1, 2, 3]}), data / "a.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.table({"content": ["row one", "  ", "row three"], "n": [1, 2, 3]}), data / "a.parquet", row_group_size=2
+    )
     write(data / "sub" / "d.txt", "a whole file\n")
     write(data / "e.csv", "ignored,format\n")
 
@@ -176,8 +195,11 @@ def test_a_byte_order_mark_does_not_stop_header_stripping(tmp_path):
     body = "def f(x):\n    return x + 1\n\n\nprint(f(1))\n"
     write(tmp_path / "plain" / "m.py", header + body)
     write(tmp_path / "bom" / "m.py", BOM + BOM + (header + body).encode())
-    verdicts = [DocumentFilter().apply(doc) for folder in ("plain", "bom")
-                for doc in CodeSource(spec=folder, root=tmp_path / folder).documents(SourceStats())]
+    verdicts = [
+        DocumentFilter().apply(doc)
+        for folder in ("plain", "bom")
+        for doc in CodeSource(spec=folder, root=tmp_path / folder).documents(SourceStats())
+    ]
     assert [(v.text, v.header_stripped) for v in verdicts] == [(body, True)] * 2
 
 
@@ -202,15 +224,21 @@ def test_fineweb_local_parquet_and_jsonl(tmp_path):
     fw = tmp_path / "fw"
     fw.mkdir()
     pq.write_table(pa.Table.from_pylist(fineweb_rows("b", 2)), fw / "b.parquet")
-    pq.write_table(pa.Table.from_pylist(fineweb_rows("a", 2) + [{**fineweb_rows("a", 1)[0], "text": " "}]),
-                   fw / "a.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(fineweb_rows("a", 2) + [{**fineweb_rows("a", 1)[0], "text": " "}]), fw / "a.parquet"
+    )
     rows = fineweb_rows("c", 2, language="de")
     write(fw / "c.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     docs, filtered = read(parse_source(f"fineweb:{fw}"))
-    assert docs == [("<urn:a:0>", "a page 0", "en"), ("<urn:a:1>", "a page 1", "en"),
-                    ("<urn:b:0>", "b page 0", "en"), ("<urn:b:1>", "b page 1", "en"),
-                    ("<urn:c:0>", "c page 0", "de"), ("<urn:c:1>", "c page 1", "de")]
+    assert docs == [
+        ("<urn:a:0>", "a page 0", "en"),
+        ("<urn:a:1>", "a page 1", "en"),
+        ("<urn:b:0>", "b page 0", "en"),
+        ("<urn:b:1>", "b page 1", "en"),
+        ("<urn:c:0>", "c page 0", "de"),
+        ("<urn:c:1>", "c page 1", "de"),
+    ]
     assert filtered == {"empty": 1}
     by_glob, _ = read(parse_source(f"fineweb:{fw}/*.jsonl,weight=2"))
     assert [d[0] for d in by_glob] == ["<urn:c:0>", "<urn:c:1>"]
@@ -244,7 +272,11 @@ def test_fineweb_hub_units_are_the_datasets_shards(monkeypatch):
     import datasets
 
     rows = fineweb_rows("hub", 7)
-    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kwargs: datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=3))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda path, **kwargs: datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=3),
+    )
     source = parse_source("fineweb:")
     assert source.units() == 3
     parts = [[(d.id, d.unit) for d in source.documents(SourceStats(), Partition(2, k))] for k in range(2)]
@@ -253,31 +285,36 @@ def test_fineweb_hub_units_are_the_datasets_shards(monkeypatch):
     assert {u for _, u in parts[0]} == {0, 2} and {u for _, u in parts[1]} == {1}
 
 
-@pytest.mark.parametrize("spec, weight", [("code:{d}", 1.0), ("code:{d},weight=0.5", 0.5), ("text:{d},weight=3", 3.0),
-                                          ("fineweb:{d},weight=1e-2", 0.01)])
+@pytest.mark.parametrize(
+    "spec, weight",
+    [("code:{d}", 1.0), ("code:{d},weight=0.5", 0.5), ("text:{d},weight=3", 3.0), ("fineweb:{d},weight=1e-2", 0.01)],
+)
 def test_weight(tmp_path, spec, weight):
     source = parse_source(spec.format(d=tmp_path))
     assert source.weight == weight and source.spec == spec.format(d=tmp_path)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("web:/tmp", "unknown kind 'web'; expected code:FOLDER"),
-    ("/tmp", "no KIND: prefix"),
-    ("code:{d},field=text", "unknown key 'field' for code"),
-    ("text:{d},config=x", "unknown key 'config' for text"),
-    ("text:{d},field", "'field' is not key=value"),
-    ("text:{d},weight=1,weight=2", "key 'weight' given twice"),
-    ("code:{d},weight=0", "weight '0' is not a positive number"),
-    ("code:{d},weight=-1", "weight '-1' is not a positive number"),
-    ("code:{d},weight=heavy", "weight 'heavy' is not a positive number"),
-    ("code:{d},weight=nan", "weight 'nan' is not a positive number"),
-    ("code:{d}/missing", "is not a folder or a .zip/.tar/.tar.gz/.tgz archive"),
-    ("code:", "'' is not a folder"),
-    ("text:{d}/*.jsonl", "matches no folder or .parquet/.jsonl/.jsonl.gz/.txt file"),
-    ("text:{d}/notes.csv", "matches no folder"),
-    ("fineweb:{d}/fw/*.parquet", "matches no folder or .parquet/.jsonl/.jsonl.gz file"),
-    ("fineweb:{d},config=sample-10BT", "local files have none"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("web:/tmp", "unknown kind 'web'; expected code:FOLDER"),
+        ("/tmp", "no KIND: prefix"),
+        ("code:{d},field=text", "unknown key 'field' for code"),
+        ("text:{d},config=x", "unknown key 'config' for text"),
+        ("text:{d},field", "'field' is not key=value"),
+        ("text:{d},weight=1,weight=2", "key 'weight' given twice"),
+        ("code:{d},weight=0", "weight '0' is not a positive number"),
+        ("code:{d},weight=-1", "weight '-1' is not a positive number"),
+        ("code:{d},weight=heavy", "weight 'heavy' is not a positive number"),
+        ("code:{d},weight=nan", "weight 'nan' is not a positive number"),
+        ("code:{d}/missing", "is not a folder or a .zip/.tar/.tar.gz/.tgz archive"),
+        ("code:", "'' is not a folder"),
+        ("text:{d}/*.jsonl", "matches no folder or .parquet/.jsonl/.jsonl.gz/.txt file"),
+        ("text:{d}/notes.csv", "matches no folder"),
+        ("fineweb:{d}/fw/*.parquet", "matches no folder or .parquet/.jsonl/.jsonl.gz file"),
+        ("fineweb:{d},config=sample-10BT", "local files have none"),
+    ],
+)
 def test_bad_specs_are_one_line_naming_the_spec(tmp_path, spec, message):
     write(tmp_path / "notes.csv", "a,b\n")
     spec = spec.format(d=tmp_path)
@@ -373,7 +410,9 @@ def test_tasks_split_the_units_and_together_read_everything_once(tmp_path, kind,
     source = parse_source(spec, exclude=("skip/*",))
     assert source.units() == units
     whole = [(d.unit, d.id, d.text) for d in source.documents(SourceStats())]
-    parts = [[(d.unit, d.id, d.text) for d in source.documents(SourceStats(), Partition(tasks, k))] for k in range(tasks)]
+    parts = [
+        [(d.unit, d.id, d.text) for d in source.documents(SourceStats(), Partition(tasks, k))] for k in range(tasks)
+    ]
     for k, part in enumerate(parts):
         assert all(unit % tasks == k for unit, _, _ in part)
     assert sorted(sum(parts, []), key=lambda d: (d[0], whole.index(d))) == whole  # whole is in unit order
@@ -382,10 +421,15 @@ def test_tasks_split_the_units_and_together_read_everything_once(tmp_path, kind,
         assert [d[0] for d in whole[:10]] == [0] * 4 + [1] * 4 + [2] * 2
 
 
-@pytest.mark.parametrize("task, tasks, message", [(2, 2, "--task 2 must be in [0, --tasks 2)"),
-                                                   (-1, 2, "--task -1 must be in [0, --tasks 2)"),
-                                                   (0, 0, "--tasks 0 must be within 1..10,000"),
-                                                   (0, 10**9, "--tasks 1000000000 must be within 1..10,000")])
+@pytest.mark.parametrize(
+    "task, tasks, message",
+    [
+        (2, 2, "--task 2 must be in [0, --tasks 2)"),
+        (-1, 2, "--task -1 must be in [0, --tasks 2)"),
+        (0, 0, "--tasks 0 must be within 1..10,000"),
+        (0, 10**9, "--tasks 1000000000 must be within 1..10,000"),
+    ],
+)
 def test_a_task_outside_the_tasks_is_one_line(task, tasks, message):
     with pytest.raises(DslmError) as e:
         Partition(tasks, task)

@@ -23,8 +23,12 @@ from dslm_shards.tasks import STAGES, clear_build, merge_build
 from dslm_shards.verify import verify_build
 from tests.conftest import STDLIB, TINY_SEQ_LEN
 
-PLANTED = {"json/decoder.py": "email/zz_copy_of_decoder.py", "email/utils.py": "json/aa_copy_of_utils.py",
-           "email/charset.py": "email/zz_copy_of_charset.py", "json/scanner.py": "json/zz_copy_of_scanner.py"}
+PLANTED = {
+    "json/decoder.py": "email/zz_copy_of_decoder.py",
+    "email/utils.py": "json/aa_copy_of_utils.py",
+    "email/charset.py": "email/zz_copy_of_charset.py",
+    "json/scanner.py": "json/zz_copy_of_scanner.py",
+}
 
 
 def shard(argv: list[str]) -> None:
@@ -44,15 +48,37 @@ def corpus(tmp_path_factory, tiny_shards) -> tuple[Path, Path]:
 
 def build_args(corpus: tuple[Path, Path], out: Path) -> list[str]:
     root, tokenizer = corpus
-    return ["build", "--source", f"code:{root}", "--tokenizer", str(tokenizer), "--out", str(out),
-            "--seq-len", str(TINY_SEQ_LEN), "--samples-per-shard", "40", "--val-fraction", "0.1", "--workers", "0"]
+    return [
+        "build",
+        "--source",
+        f"code:{root}",
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--seq-len",
+        str(TINY_SEQ_LEN),
+        "--samples-per-shard",
+        "40",
+        "--val-fraction",
+        "0.1",
+        "--workers",
+        "0",
+    ]
 
 
 def config(corpus: tuple[Path, Path], out: Path) -> ShardConfig:
     """build_args' settings, in batches of 3 documents: many journal saves, and a last batch that
     need not finish a shard."""
-    return ShardConfig(out=out, tokenizer=corpus[1], seq_len=TINY_SEQ_LEN, samples_per_shard=40, val_fraction=0.1,
-                       workers=0, batch_documents=3)
+    return ShardConfig(
+        out=out,
+        tokenizer=corpus[1],
+        seq_len=TINY_SEQ_LEN,
+        samples_per_shard=40,
+        val_fraction=0.1,
+        workers=0,
+        batch_documents=3,
+    )
 
 
 def build_in_tasks(corpus: tuple[Path, Path], out: Path, tasks: int) -> Manifest:
@@ -101,7 +127,7 @@ def documents_of(out: Path, split: str = "train") -> tuple[Counter, tuple[int, .
         else:
             (starts if segment[0] == BOS_ID else rests).append(segment)
     assert len(starts) - len(rests) in (0, 1), "a document's start or rest is missing: a task's tail was lost"
-    joined = [tuple(a + b) for a, b in zip(starts, rests)] + [tuple(a) for a in starts[len(rests):]]
+    joined = [tuple(a + b) for a, b in zip(starts, rests)] + [tuple(a) for a in starts[len(rests) :]]
     cut = [doc for doc in joined if doc[-1] != EOS_ID]
     assert len(cut) == 1, "one document, the last of the stream, is cut by the dropped partial sample"
     whole.update(doc for doc in joined if doc[-1] == EOS_ID)
@@ -116,8 +142,8 @@ def same_documents(one: Path, many: Path, split: str) -> None:
     if cut_one == cut_many:  # both streams end with the same document
         assert docs_one == docs_many
         return
-    whole_one = next(d for d in docs_many if d[:len(cut_one)] == cut_one)  # uncut in the other build
-    whole_many = next(d for d in docs_one if d[:len(cut_many)] == cut_many)
+    whole_one = next(d for d in docs_many if d[: len(cut_one)] == cut_one)  # uncut in the other build
+    whole_many = next(d for d in docs_one if d[: len(cut_many)] == cut_many)
     assert docs_one - Counter([whole_many]) == docs_many - Counter([whole_one])
     assert len(whole_one) - len(cut_one) == len(whole_many) - len(cut_many)
 
@@ -126,8 +152,9 @@ def same_documents(one: Path, many: Path, split: str) -> None:
 def one_process(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
     shard(build_args(corpus, out))
-    assert build_shards(config(corpus, tmp_path_factory.mktemp("one_small")), [parse_source(f"code:{corpus[0]}")]
-                        ).manifest == Manifest.load(out), "the batch size does not change a build"
+    assert build_shards(
+        config(corpus, tmp_path_factory.mktemp("one_small")), [parse_source(f"code:{corpus[0]}")]
+    ).manifest == Manifest.load(out), "the batch size does not change a build"
     return out
 
 
@@ -152,7 +179,11 @@ def test_the_first_copy_in_input_order_wins_however_the_records_come(tmp_path):
     rng = np.random.default_rng(0)
     rows = np.zeros(200, RECORD)
     rows["d0"], rows["d1"] = rng.integers(0, 5, 200), 7  # 5 digests, many copies each
-    rows["source"], rows["unit"], rows["doc"] = rng.integers(0, 2, 200), rng.integers(0, 9, 200), rng.integers(0, 99, 200)
+    rows["source"], rows["unit"], rows["doc"] = (
+        rng.integers(0, 2, 200),
+        rng.integers(0, 9, 200),
+        rng.integers(0, 99, 200),
+    )
     rows = np.unique(rows)
     for order in (rows, rows[::-1], rng.permutation(rows)):
         kept = np.setdiff1d(order, later_copies(in_order(order)))
@@ -178,19 +209,32 @@ def test_a_task_rerun_writes_the_same_and_a_finished_task_is_kept(corpus, one_pr
     assert Manifest.load(tmp_path).sources == Manifest.load(one_process).sources
 
 
-@pytest.mark.parametrize("setup, argv, message", [
-    ("none", ["--tasks", "2", "--task", "0", "--stage", "dedup"], r"stage digests has not finished for task 0 of 2"),
-    ("digests", ["--tasks", "2", "--task", "1"], r"stage dedup has not finished for task 0 of 2"),
-    ("digests", ["--tasks", "3", "--task", "0", "--stage", "dedup"],
-     r"stage digests of task 0 ran with other sources, settings or inputs than this one \(--tasks 2 there, 3 here"),
-    ("digests", ["--tasks", "2", "--task", "0", "--stage", "dedup", "--seq-len", "32"],
-     r"ran with other .* \(differing seq_len; .*task-00000.json\): give every stage and task the same arguments"),
-    ("none", ["--tasks", "2"], r"--tasks N and --task K go together"),
-    ("none", ["--stage", "dedup"], r"--tasks N and --task K go together"),
-    ("none", ["--tasks", "2", "--task", "2"], r"--task 2 must be in \[0, --tasks 2\)"),
-    ("none", ["--tasks", "0", "--task", "0"], r"--tasks 0 must be within 1..10,000"),
-    ("none", ["--tasks", str(10**9), "--task", "0"], r"--tasks 1000000000 must be within 1..10,000"),
-])
+@pytest.mark.parametrize(
+    "setup, argv, message",
+    [
+        (
+            "none",
+            ["--tasks", "2", "--task", "0", "--stage", "dedup"],
+            r"stage digests has not finished for task 0 of 2",
+        ),
+        ("digests", ["--tasks", "2", "--task", "1"], r"stage dedup has not finished for task 0 of 2"),
+        (
+            "digests",
+            ["--tasks", "3", "--task", "0", "--stage", "dedup"],
+            r"stage digests of task 0 ran with other sources, settings or inputs than this one \(--tasks 2 there, 3 here",
+        ),
+        (
+            "digests",
+            ["--tasks", "2", "--task", "0", "--stage", "dedup", "--seq-len", "32"],
+            r"ran with other .* \(differing seq_len; .*task-00000.json\): give every stage and task the same arguments",
+        ),
+        ("none", ["--tasks", "2"], r"--tasks N and --task K go together"),
+        ("none", ["--stage", "dedup"], r"--tasks N and --task K go together"),
+        ("none", ["--tasks", "2", "--task", "2"], r"--task 2 must be in \[0, --tasks 2\)"),
+        ("none", ["--tasks", "0", "--task", "0"], r"--tasks 0 must be within 1..10,000"),
+        ("none", ["--tasks", str(10**9), "--task", "0"], r"--tasks 1000000000 must be within 1..10,000"),
+    ],
+)
 def test_stages_out_of_order_are_one_line(corpus, tmp_path, setup, argv, message):
     if setup == "digests":
         for task in range(2):
@@ -232,8 +276,9 @@ def test_the_tokenizer_sample_spans_the_source(tmp_path):
     from dslm_shards.filters import DocumentFilter
 
     for i in range(40):  # 570 bytes each
-        (tmp_path / f"{i:02d}.txt").write_text("".join(f"document {i:02d} says the quick brown fox jumps over "
-                                                       f"line {j:02d}.\n" for j in range(10)))
+        (tmp_path / f"{i:02d}.txt").write_text(
+            "".join(f"document {i:02d} says the quick brown fox jumps over line {j:02d}.\n" for j in range(10))
+        )
     source = parse_source(f"text:{tmp_path}")
     texts = list(TokenizerSample(sample_bytes=8 * 570, parts=8).texts([source], DocumentFilter()))
     assert [t.split()[1] for t in texts] == [f"{i:02d}" for i in range(0, 40, 5)]
@@ -284,7 +329,9 @@ def test_overwrite_rebuilds_a_finished_task_and_files_added_between_stages_are_n
     # a file added after the duplicates were listed: their positions no longer fit the units
     for stage in ("digests", "dedup"):
         for task in range(2):
-            shard(build_args((root, corpus[1]), tmp_path / "b") + ["--tasks", "2", "--task", str(task), "--stage", stage])
+            shard(
+                build_args((root, corpus[1]), tmp_path / "b") + ["--tasks", "2", "--task", str(task), "--stage", stage]
+            )
     (root / "json" / "aaa_new.py").write_text((root / "email" / "utils.py").read_text())
     with pytest.raises(DslmError, match=r"stage dedup of task 0 ran with other .*\(differing units;"):
         shard(build_args((root, corpus[1]), tmp_path / "b") + ["--tasks", "2", "--task", "0"])
@@ -312,8 +359,9 @@ def test_one_process_and_tasks_do_not_share_a_folder_and_a_stage_runs_once_at_a_
             shard(build_args(corpus, tmp_path / "b") + ["--tasks", "2", "--task", "0"])
 
 
-@pytest.mark.parametrize("damaged", ["dedup/digests/task-00001.json", "dedup/digests/task-00001.npy",
-                                     "task-00001/task.json"])
+@pytest.mark.parametrize(
+    "damaged", ["dedup/digests/task-00001.json", "dedup/digests/task-00001.npy", "task-00001/task.json"]
+)
 def test_a_damaged_file_of_a_stage_is_one_line(corpus, tmp_path, damaged):
     out = tmp_path / "out"
     stages = ["digests"] if damaged.startswith("dedup/digests") else list(STAGES)

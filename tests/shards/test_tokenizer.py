@@ -10,8 +10,14 @@ import pytest
 from tokenizers import Tokenizer
 
 from dslm.errors import DslmError
-from dslm_shards.tokenizer import (MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SAMPLE_PIECE_CHARS, SAMPLE_RUN_CHARS, sample_pieces,
-                                   train_tokenizer)
+from dslm_shards.tokenizer import (
+    MAX_VOCAB_SIZE,
+    MIN_VOCAB_SIZE,
+    SAMPLE_PIECE_CHARS,
+    SAMPLE_RUN_CHARS,
+    sample_pieces,
+    train_tokenizer,
+)
 
 RUNS = re.compile(r"\S+|\s+")
 
@@ -29,8 +35,9 @@ def test_a_million_character_run_is_cut_into_pieces_and_capped(unit):
     assert pieces[0].startswith("before") and pieces[-1].endswith("after.")
 
 
-@pytest.mark.parametrize("length, cut", [(SAMPLE_PIECE_CHARS, False), (SAMPLE_PIECE_CHARS + 1, True),
-                                         (SAMPLE_RUN_CHARS, True)])
+@pytest.mark.parametrize(
+    "length, cut", [(SAMPLE_PIECE_CHARS, False), (SAMPLE_PIECE_CHARS + 1, True), (SAMPLE_RUN_CHARS, True)]
+)
 def test_runs_up_to_the_cap_lose_nothing(length, cut):
     text = "x = 1  # " + "=" * length + "\n    return x\n"
     pieces = sample_pieces(text)
@@ -62,9 +69,21 @@ def test_the_command_reports_the_vocab_it_learned_and_warns_when_smaller(code_co
     """Asked for more tokens than the sample has pairs to merge, the trainer stops early: the line
     says how many it learned, and a warning says why, instead of echoing --vocab-size."""
     out = tmp_path / "tokenizer.json"
-    proc = subprocess.run([Path(sys.executable).parent / "dslm-shard", "tokenizer", "--source",
-                           f"code:{code_corpus / 'json'}", "--vocab-size", "70000", "--out", out],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            Path(sys.executable).parent / "dslm-shard",
+            "tokenizer",
+            "--source",
+            f"code:{code_corpus / 'json'}",
+            "--vocab-size",
+            "70000",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     learned = Tokenizer.from_file(str(out)).get_vocab_size()
     assert proc.returncode == 0 and MIN_VOCAB_SIZE < learned < 70_000, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == f"wrote {out} (vocab {learned:,})"

@@ -57,6 +57,10 @@ def test_verify_cli_exit_status(tiny_shards, tmp_path):
 
 def test_inspect_prints_stats_and_samples(tiny_shards):
     out, manifest = tiny_shards
-    proc = subprocess.run([sys.executable, "-m", "dslm_shards.cli", "inspect", str(out), "--show", "1"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dslm_shards.cli", "inspect", str(out), "--show", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "tokens/byte" in proc.stdout and "--- sample 0\n<bos>" in proc.stdout

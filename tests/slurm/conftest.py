@@ -21,7 +21,9 @@ class Cluster:
     """The environment for sbatch/squeue/scancel against the test cluster."""
 
     def in_queue(self, job: str) -> bool:
-        return bool(subprocess.run(["squeue", "-h", "-j", job], env=self.env, capture_output=True, text=True).stdout.strip())
+        return bool(
+            subprocess.run(["squeue", "-h", "-j", job], env=self.env, capture_output=True, text=True).stdout.strip()
+        )
 
     def wait_done(self, job: str, timeout: float = 600) -> None:
         end = time.monotonic() + timeout
@@ -44,8 +46,12 @@ def cluster() -> Cluster:
         pytest.skip("Debian's slurmd slurmctld slurm-client munge are not installed (.ci/run installs them)")
     # gloo on the nodes' bridge interface; one thread per rank as under the local launcher (the same
     # thread count gives the same float reductions, hence the same losses)
-    env = {**os.environ, "SLURM_CONF": str(CLUSTER_DIR / "slurm.conf"), "GLOO_SOCKET_IFNAME": "eth0",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(CLUSTER_DIR / "slurm.conf"),
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "OMP_NUM_THREADS": "1",
+    }
     running = subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode == 0
     if not running:
         subprocess.run([REPO / "slurm/testcluster/start.sh"], check=True, timeout=900)

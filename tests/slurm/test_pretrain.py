@@ -19,15 +19,36 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(shards: Path, runs: Path, name: str) -> list[str]:
-    settings = dict(micro_batch_size=4, grad_accum=2, max_steps=12, warmup_steps=2, log_interval=1,
-                    checkpoint_interval=6, val_interval=0)
-    return [f"name={name}", f"runs_dir={runs}", f"data.shards={shards}", "model.preset=tiny",
-            *(f"train.{k}={v}" for k, v in settings.items())]
+    settings = dict(
+        micro_batch_size=4,
+        grad_accum=2,
+        max_steps=12,
+        warmup_steps=2,
+        log_interval=1,
+        checkpoint_interval=6,
+        val_interval=0,
+    )
+    return [
+        f"name={name}",
+        f"runs_dir={runs}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
 
 
 def submit(cluster, log: Path, args: list[str]) -> str:
-    cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--open-mode=append",
-           f"--output={log}", REPO / "slurm/pretrain.sh", *args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--gpus-per-node=0",
+        "--ntasks-per-node=1",
+        "--open-mode=append",
+        f"--output={log}",
+        REPO / "slurm/pretrain.sh",
+        *args,
+    ]
     return subprocess.run(cmd, env=cluster.env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
 
 
@@ -38,10 +59,24 @@ def losses(run: Path) -> list[tuple[int, float]]:
 def test_two_node_job_matches_a_local_two_rank_run(cluster, logs, tiny_shards, tmp_path, free_port):
     shards, _ = tiny_shards
     job = submit(cluster, tmp_path / "job.out", train_args(shards, tmp_path, "slurm"))
-    launch = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port), REPO / "dslm/train.py",
-              "--deepspeed", REPO / "ds_configs/zero2.json"]
-    subprocess.run([*launch, *train_args(shards, tmp_path, "local")], cwd=tmp_path, check=True, timeout=900,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = [
+        BIN / "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port),
+        REPO / "dslm/train.py",
+        "--deepspeed",
+        REPO / "ds_configs/zero2.json",
+    ]
+    subprocess.run(
+        [*launch, *train_args(shards, tmp_path, "local")],
+        cwd=tmp_path,
+        check=True,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     cluster.wait_done(job)
     log = logs.read(tmp_path / "job.out")
     assert "2 ranks, rendezvous dslm-n1:" in log, log[-3000:]
@@ -50,12 +85,27 @@ def test_two_node_job_matches_a_local_two_rank_run(cluster, logs, tiny_shards, t
     # the job's output is also in the run directory
     assert "step     12 |" in logs.read(tmp_path / "slurm" / "logs" / f"slurm-{job}.out")
 
-    evaluation = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--output={tmp_path / 'eval.out'}",
-                                 REPO / "slurm/eval.sh", tmp_path / "slurm", "--metrics", "perplexity"],
-                                env=cluster.env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+    evaluation = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            f"--output={tmp_path / 'eval.out'}",
+            REPO / "slurm/eval.sh",
+            tmp_path / "slurm",
+            "--metrics",
+            "perplexity",
+        ],
+        env=cluster.env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     cluster.wait_done(evaluation)
-    assert [s for s, _ in read_scalars(tmp_path / "slurm" / "tb", "eval/val_loss")] == [6, 12], \
-        logs.read(tmp_path / "eval.out")[-2000:]
+    assert [s for s, _ in read_scalars(tmp_path / "slurm" / "tb", "eval/val_loss")] == [6, 12], logs.read(
+        tmp_path / "eval.out"
+    )[-2000:]
     assert "dslm-eval: job" in logs.read(tmp_path / "slurm" / "logs" / f"eval-{evaluation}.out")
 
 
@@ -83,8 +133,11 @@ def rank_pid(name: str, rank: int) -> int | None:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"dslm-train") for a in cmdline) and f"name={name}".encode() in cmdline \
-                and f"RANK={rank}".encode() in environ:
+        if (
+            any(a.endswith(b"dslm-train") for a in cmdline)
+            and f"name={name}".encode() in cmdline
+            and f"RANK={rank}".encode() in environ
+        ):
             return int(proc.name)
     return None
 

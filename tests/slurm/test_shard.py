@@ -26,9 +26,23 @@ def build_args(tokenizer: Path, out: Path) -> list[str]:
     20 samples of 64 tokens, one worker: a write stage of thousands of shards, long enough to be
     stopped mid-way."""
     excluded = ("site-packages/*", "dist-packages/*", "test/*", "idlelib/*", "*.c", "*.h", "*.java")
-    return ["--source", f"code:{STDLIB}", *(a for glob in excluded for a in ("--exclude", glob)),
-            "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", "64", "--samples-per-shard", "20",
-            "--val-fraction", "0.1", "--workers", "1"]
+    return [
+        "--source",
+        f"code:{STDLIB}",
+        *(a for glob in excluded for a in ("--exclude", glob)),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--seq-len",
+        "64",
+        "--samples-per-shard",
+        "20",
+        "--val-fraction",
+        "0.1",
+        "--workers",
+        "1",
+    ]
 
 
 def submitted_ids(submitter: subprocess.Popen) -> dict[str, str]:
@@ -52,9 +66,28 @@ def wait_for_file(path: Path, alive, timeout: float = 600) -> None:
 def test_a_shard_build_in_two_array_tasks_requeues_mid_write_and_trains(cluster, logs, tiny_shards, tmp_path):
     tokenizer, out = tiny_shards[0] / "tokenizer.json", tmp_path / "out"
     submitter = subprocess.Popen(
-        [BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--cpus-per-task", "2", "--time", "30",
-         "--max-requeues", "2", "--wait", *build_args(tokenizer, out)],
-        env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            BIN / "dslm-submit",
+            "shard",
+            "--executor",
+            "slurm",
+            "--tasks",
+            "2",
+            "--cpus-per-task",
+            "2",
+            "--time",
+            "30",
+            "--max-requeues",
+            "2",
+            "--wait",
+            *build_args(tokenizer, out),
+        ],
+        env=cluster.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ids = submitted_ids(submitter)
     assert list(ids) == ["digests", "dedup", "write", "merge"], ids
     for before, step in (("dedup", "write"), ("write", "merge")):  # (dedup's may be met already)
@@ -76,19 +109,44 @@ def test_a_shard_build_in_two_array_tasks_requeues_mid_write_and_trains(cluster,
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
     # the documents and counts of one process's build of the same inputs
-    subprocess.run([BIN / "dslm-shard", "build", *build_args(tokenizer, tmp_path / "one")], check=True,
-                   capture_output=True, timeout=900)
+    subprocess.run(
+        [BIN / "dslm-shard", "build", *build_args(tokenizer, tmp_path / "one")],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     one, many = Manifest.load(tmp_path / "one"), Manifest.load(out)
     assert many.sources == one.sources and many.dropped_tokens == one.dropped_tokens
     for split in ("train", "val"):
         same_documents(tmp_path / "one", out, split)
 
     # and they train
-    settings = dict(micro_batch_size=4, grad_accum=2, max_steps=4, warmup_steps=2, log_interval=1,
-                    checkpoint_interval=4, val_interval=0)
-    train = [BIN / "dslm-submit", "train", "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "1",
-             "--time", "30", "name=sharded", f"runs_dir={tmp_path}", f"data.shards={out}", "model.preset=tiny",
-             *(f"train.{k}={v}" for k, v in settings.items())]
+    settings = dict(
+        micro_batch_size=4,
+        grad_accum=2,
+        max_steps=4,
+        warmup_steps=2,
+        log_interval=1,
+        checkpoint_interval=4,
+        val_interval=0,
+    )
+    train = [
+        BIN / "dslm-submit",
+        "train",
+        "--executor",
+        "slurm",
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "1",
+        "--time",
+        "30",
+        "name=sharded",
+        f"runs_dir={tmp_path}",
+        f"data.shards={out}",
+        "model.preset=tiny",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
     printed = subprocess.run(train, env=cluster.env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     job = printed.split("submitted train job ")[1].split()[0]
     cluster.wait_done(job)
@@ -105,15 +163,31 @@ def test_a_shard_build_in_two_array_tasks_requeues_mid_write_and_trains(cluster,
 
 def test_a_failed_step_is_one_line_and_the_steps_after_it_never_run(cluster, tiny_shards, tmp_path):
     (tmp_path / "web.jsonl").write_text('{"text": "a page of the web"}\n')  # found only when read: in the queue
-    args = ["--source", f"fineweb:{tmp_path / 'web.jsonl'}", "--tokenizer", str(tiny_shards[0] / "tokenizer.json"),
-            "--out", str(tmp_path / "out"), "--workers", "1"]
-    submitter = subprocess.Popen([BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--wait", *args],
-                                 env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "--source",
+        f"fineweb:{tmp_path / 'web.jsonl'}",
+        "--tokenizer",
+        str(tiny_shards[0] / "tokenizer.json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+    ]
+    submitter = subprocess.Popen(
+        [BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--wait", *args],
+        env=cluster.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ids = submitted_ids(submitter)
     _, errors = submitter.communicate(timeout=900)
     assert submitter.returncode == 1
     [line] = [e for e in errors.splitlines() if e.startswith("dslm-submit:")]
-    assert line.startswith(f"dslm-submit: digests task 0 (job {ids['digests']}_0) failed: dslm-shard: error: source "), line
+    assert line.startswith(
+        f"dslm-submit: digests task 0 (job {ids['digests']}_0) failed: dslm-shard: error: source "
+    ), line
     assert "lack FineWeb's columns id, dump" in line, line
     assert f"(log: {tmp_path / 'out' / 'submitit' / ids['digests']}_0_0_log.out)" in line, line
     for step in ("dedup", "write", "merge"):
@@ -122,11 +196,24 @@ def test_a_failed_step_is_one_line_and_the_steps_after_it_never_run(cluster, tin
 
 
 def test_a_submission_sbatch_refuses_is_one_line(cluster, tiny_shards, code_corpus, tmp_path):
-    args = ["--source", f"code:{code_corpus}", "--tokenizer", str(tiny_shards[0] / "tokenizer.json"), "--out",
-            str(tmp_path / "out")]
-    result = subprocess.run([BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--partition", "nope",
-                             *args], env=cluster.env, cwd=REPO, capture_output=True, text=True)
+    args = [
+        "--source",
+        f"code:{code_corpus}",
+        "--tokenizer",
+        str(tiny_shards[0] / "tokenizer.json"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = subprocess.run(
+        [BIN / "dslm-submit", "shard", "--executor", "slurm", "--tasks", "2", "--partition", "nope", *args],
+        env=cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = [e for e in result.stderr.splitlines() if e.startswith("dslm-submit:")]
-    assert line.startswith("dslm-submit: error: the job was not submitted: sbatch: error: ") and "partition" in line, line
+    assert line.startswith("dslm-submit: error: the job was not submitted: sbatch: error: ") and "partition" in line, (
+        line
+    )
     assert "Traceback" not in result.stderr

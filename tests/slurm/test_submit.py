@@ -16,11 +16,34 @@ pytestmark = pytest.mark.slow
 
 def test_submitit_job_requeues_on_its_timeout_signal_and_resumes(cluster, logs, tiny_shards, tmp_path):
     shards, _ = tiny_shards
-    settings = dict(micro_batch_size=4, grad_accum=2, max_steps=16, warmup_steps=2, log_interval=1,
-                    checkpoint_interval=8, val_interval=0)
-    cmd = [BIN / "dslm-submit", "train", "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "1",
-           "--time", "30", "--max-requeues", "2", f"name=sub", f"runs_dir={tmp_path}", f"data.shards={shards}",
-           "model.preset=tiny", *(f"train.{k}={v}" for k, v in settings.items())]
+    settings = dict(
+        micro_batch_size=4,
+        grad_accum=2,
+        max_steps=16,
+        warmup_steps=2,
+        log_interval=1,
+        checkpoint_interval=8,
+        val_interval=0,
+    )
+    cmd = [
+        BIN / "dslm-submit",
+        "train",
+        "--executor",
+        "slurm",
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "1",
+        "--time",
+        "30",
+        "--max-requeues",
+        "2",
+        "name=sub",
+        f"runs_dir={tmp_path}",
+        f"data.shards={shards}",
+        "model.preset=tiny",
+        *(f"train.{k}={v}" for k, v in settings.items()),
+    ]
     out = subprocess.run(cmd, env=cluster.env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     job = out.split("submitted train job ")[1].split()[0]
     log = tmp_path / "sub" / "submitit" / f"{job}_0_log.out"
