@@ -179,52 +179,19 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchSettings:
-    defaults = GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS
     p = argparse.ArgumentParser(
         prog="train_throughput",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Defaults are for this machine, which has {'a' if ON_GPU else 'no'} GPU.",
     )
-    p.add_argument(
-        "--preset", default=defaults["preset"], choices=sorted(PRESETS), help="model size (default: %(default)s)"
-    )
-    p.add_argument(
-        "--micro-batch-sizes",
-        type=int_list,
-        default=defaults["micro_batch_sizes"],
-        metavar="B,B,...",
-        help="micro-batch sizes to sweep (default: %(default)s)",
-    )
-    p.add_argument(
-        "--zero-stages",
-        type=int_list,
-        default="0,1,2",
-        metavar="S,S,...",
-        help="ZeRO stages to sweep, --ds-configs/zeroS.json each (default: %(default)s)",
-    )
+    add_sweep_args(p)
     p.add_argument(
         "--ds-configs",
         type=Path,
         metavar="DIR",
         default=REPO / "ds_configs",
         help="folder of the DeepSpeed configs zero0/1/2.json (default: the repository's ds_configs/)",
-    )
-    p.add_argument(
-        "--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (default: %(default)s)"
-    )
-    p.add_argument(
-        "--warmup", type=int, default=defaults["warmup"], metavar="N", help="untimed steps first (default: %(default)s)"
-    )
-    p.add_argument(
-        "--windows", type=int, default=defaults["windows"], metavar="N", help="timed windows (default: %(default)s)"
-    )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=defaults["steps"],
-        metavar="N",
-        help="optimizer steps per window (default: %(default)s)",
     )
     p.add_argument(
         "--compile",
@@ -268,6 +235,44 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
         ds_configs=args.ds_configs,
         overrides=tuple(args.overrides),
         json_out=args.json,
+    )
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """What is swept and how long each point is timed; the defaults are this machine's."""
+    defaults = GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS
+    p.add_argument(
+        "--preset", default=defaults["preset"], choices=sorted(PRESETS), help="model size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--micro-batch-sizes",
+        type=int_list,
+        default=defaults["micro_batch_sizes"],
+        metavar="B,B,...",
+        help="micro-batch sizes to sweep (default: %(default)s)",
+    )
+    p.add_argument(
+        "--zero-stages",
+        type=int_list,
+        default="0,1,2",
+        metavar="S,S,...",
+        help="ZeRO stages to sweep, --ds-configs/zeroS.json each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=defaults["warmup"], metavar="N", help="untimed steps first (default: %(default)s)"
+    )
+    p.add_argument(
+        "--windows", type=int, default=defaults["windows"], metavar="N", help="timed windows (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=defaults["steps"],
+        metavar="N",
+        help="optimizer steps per window (default: %(default)s)",
     )
 
 

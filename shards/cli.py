@@ -187,6 +187,18 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
         help="the reading direction the masks are made for; training needs data.direction to "
         "match (default: %(default)s)",
     )
+    add_packing_args(s)
+    add_record_field_args(s)
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished build in --out (without it, one there is an error); an "
+        "interrupted run is always started over",
+    )
+
+
+def add_packing_args(s: argparse.ArgumentParser) -> None:
+    """--seq-len, --samples-per-shard, --val-fraction of `dslm-shard sft`."""
     s.add_argument(
         "--seq-len", type=int, default=1024, help="model context; samples hold seq_len+1 tokens (default: %(default)s)"
     )
@@ -201,13 +213,6 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.05,
         help="share of examples in val, by a hash of the example (default: %(default)s)",
-    )
-    add_record_field_args(s)
-    s.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a finished build in --out (without it, one there is an error); an "
-        "interrupted run is always started over",
     )
 
 
