@@ -65,8 +65,9 @@ def world(tmp_path_factory, tiny_shards, base_run, code_corpus):
 
 def run_without_val_split(root: Path, base_run: Path, tokenizer: Path) -> Path:
     """A copy of `base_run` whose data.shards are instruction shards built with --val-fraction 0."""
-    from dslm.config import CONFIG_NAME, load_config, to_yaml
+    from dslm.config import load_config, to_yaml
     from dslm.files import atomic_write_text
+    from dslm.run_dir import RunDir
     from dslm_shards.sft import SftConfig, build_sft_shards
 
     (root / "pairs.jsonl").write_text(
@@ -83,9 +84,9 @@ def run_without_val_split(root: Path, base_run: Path, tokenizer: Path) -> Path:
     build_sft_shards(sft)
     run = root / "sft_run"
     shutil.copytree(base_run, run)
-    cfg = load_config(run / CONFIG_NAME, [])
+    cfg = load_config(RunDir(run).config, [])
     cfg.data.shards = str(sft.out)
-    atomic_write_text(run / CONFIG_NAME, to_yaml(cfg))
+    atomic_write_text(RunDir(run).config, to_yaml(cfg))
     return run
 
 

@@ -39,7 +39,9 @@ def command_name() -> str:
 def run_command(prog: str, main: Callable[[], None], report: Callable[[str], None] | None = None) -> None:
     """Run a command's `main`: a DslmError or a file error becomes one line and its exit status
     (DSLM_TRACEBACK=1 keeps the traceback). `report` prints that line (default: on stderr; a rank
-    of dslm-train: dslm.logs.LibraryOutput.report, once for all ranks)."""
+    of dslm-train: dslm.logs.LibraryOutput.report, once for all ranks). The command's name is in
+    COMMAND_ENV while `main` runs, and what it was before after."""
+    previous = os.environ.get(COMMAND_ENV)
     os.environ[COMMAND_ENV] = prog
     try:
         main()
@@ -54,6 +56,11 @@ def run_command(prog: str, main: Callable[[], None], report: Callable[[str], Non
     except BrokenPipeError:  # the reader went away (`| head`): stop as a shell pipeline does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
         sys.exit(EXIT_BROKEN_PIPE)
+    finally:
+        if previous is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = previous
 
 
 def print_error(line: str) -> None:
