@@ -37,7 +37,9 @@ def train_args(shards: Path, runs: Path, name: str) -> list[str]:
     ]
 
 
-def submit(cluster, log: Path, args: list[str]) -> str:
+def submit(cluster, log: Path, args: list[str], pause: str = "") -> str:
+    """The job id of pretrain.sh on two nodes; with `pause` (dslm.signals.test_pause's point, e.g.
+    "step 8"), its ranks stop themselves there, in every run of the job (a requeued one too)."""
     cmd = [
         "sbatch",
         "--parsable",
@@ -49,7 +51,8 @@ def submit(cluster, log: Path, args: list[str]) -> str:
         REPO / "slurm/pretrain.sh",
         *args,
     ]
-    return subprocess.run(cmd, env=cluster.env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+    env = {**cluster.env, "DSLM_TEST_PAUSE": pause} if pause else cluster.env
+    return subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -112,43 +115,28 @@ def test_two_node_job_matches_a_local_two_rank_run(cluster, logs, tiny_shards, t
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, logs, tiny_shards, tmp_path):
     shards, _ = tiny_shards
     log = tmp_path / "job.out"
-    job = submit(cluster, log, train_args(shards, tmp_path, "requeued"))
-    logs.wait_for(log, "step      2 |", lambda: cluster.in_queue(job))
-    # what `#SBATCH --signal=B:USR1@120` does before the time limit: signal the batch script
+    job = submit(cluster, log, train_args(shards, tmp_path, "requeued"), pause="step 2")
+    ranks = cluster.paused_ranks(job, "requeued")
+    # what `#SBATCH --signal=B:USR1@120` does before the time limit: signal the batch script, which
+    # passes it on to the ranks; they go on once it waits for each
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
+    cluster.go_on_with(ranks, signal.SIGUSR1)
     cluster.wait_done(job)
     text = logs.read(log)
     assert "requeueing job" in text and "(restart 1)" in text, text[-3000:]
-    assert "resumed from" in text
+    assert "resumed from" in text and "global_step2 at step 2" in text, text[-3000:]
     run = tmp_path / "requeued"
     assert [s for s, _ in losses(run)] == list(range(1, 13)), "each step once in TensorBoard"
     assert (run / "checkpoints" / "latest").read_text() == "global_step12"
-
-
-def rank_pid(name: str, rank: int) -> int | None:
-    """The dslm-train process of run `name` with RANK=`rank` (the nodes share this machine's processes)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            any(a.endswith(b"dslm-train") for a in cmdline)
-            and f"name={name}".encode() in cmdline
-            and f"RANK={rank}".encode() in environ
-        ):
-            return int(proc.name)
-    return None
 
 
 def test_a_killed_rank_fails_the_job_and_the_next_run_resumes(cluster, logs, tiny_shards, tmp_path):
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, "killed")
     log = tmp_path / "job.out"
-    job = submit(cluster, log, args)
-    logs.wait_for(log, "step      8 |", lambda: cluster.in_queue(job))  # after the step-6 checkpoint
-    os.kill(rank_pid("killed", 1), signal.SIGKILL)
+    job = submit(cluster, log, args, pause="step 8")
+    _, rank1 = cluster.paused_ranks(job, "killed")  # after the step-6 checkpoint
+    os.kill(rank1, signal.SIGKILL)
     killed = time.monotonic()
     cluster.wait_done(job, timeout=900)
     # --kill-on-bad-exit: no rank is left waiting in a collective, which would end only after
@@ -168,9 +156,11 @@ def test_a_killed_rank_fails_the_job_and_the_next_run_resumes(cluster, logs, tin
 def test_a_job_requeued_before_its_first_checkpoint_starts_fresh(cluster, logs, tiny_shards, tmp_path):
     shards, _ = tiny_shards
     log = tmp_path / "job.out"
-    job = submit(cluster, log, train_args(shards, tmp_path, "early"))
-    logs.wait_for(log, "step      2 |", lambda: cluster.in_queue(job))  # before the step-6 checkpoint
-    subprocess.run(["scontrol", "requeue", job], env=cluster.env, check=True)  # as after a node failure
+    job = submit(cluster, log, train_args(shards, tmp_path, "early"), pause="start-up")
+    ranks = cluster.paused_ranks(job, "early")  # before the first step, so before any checkpoint
+    # as after a node failure; SLURM sends SIGCONT and SIGTERM, which ends a start-up without a word
+    subprocess.run(["scontrol", "requeue", job], env=cluster.env, check=True)
+    cluster.go_on_with(cluster.paused_ranks(job, "early", before=ranks))  # the next run pauses there too
     cluster.wait_done(job)
     text = logs.read(log)
     assert "(restart 1)" in text and "--resume if-any: no intact checkpoint" in text, text[-3000:]
@@ -181,9 +171,10 @@ def test_a_job_requeued_before_its_first_checkpoint_starts_fresh(cluster, logs, 
 def test_a_stopped_rank_times_out_and_the_job_requeues_and_finishes(cluster, logs, tiny_shards, tmp_path):
     shards, _ = tiny_shards
     log = tmp_path / "job.out"
-    job = submit(cluster, log, [*train_args(shards, tmp_path, "hung"), "train.collective_timeout_s=5"])
-    logs.wait_for(log, "step      8 |", lambda: cluster.in_queue(job))  # after the step-6 checkpoint
-    os.kill(rank_pid("hung", 1), signal.SIGSTOP)  # a rank that stops answering
+    job = submit(cluster, log, [*train_args(shards, tmp_path, "hung"), "train.collective_timeout_s=5"], pause="step 8")
+    ranks = cluster.paused_ranks(job, "hung")  # after the step-6 checkpoint
+    os.kill(ranks[0], signal.SIGCONT)  # rank 1 stays stopped: a rank that stops answering
+    cluster.go_on_with(cluster.paused_ranks(job, "hung", before=ranks))  # the requeued run pauses there too
     cluster.wait_done(job)
     text = logs.read(log)
     assert "timed out after 5 s" in text and "requeueing job" in text and "(restart 1)" in text, text[-3000:]

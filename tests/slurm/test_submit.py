@@ -1,5 +1,6 @@
 """`dslm-submit train` with submitit's SLURM executor on the test cluster: two nodes, requeue on the timeout signal."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,13 +45,16 @@ def test_submitit_job_requeues_on_its_timeout_signal_and_resumes(cluster, logs, 
         "model.preset=tiny",
         *(f"train.{k}={v}" for k, v in settings.items()),
     ]
-    out = subprocess.run(cmd, env=cluster.env, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    env = {**cluster.env, "DSLM_TEST_PAUSE": "step 3"}  # every dslm-train of the job pauses after step 3
+    out = subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     job = out.split("submitted train job ")[1].split()[0]
     log = tmp_path / "sub" / "submitit" / f"{job}_0_log.out"
     assert f"log:         {log}" in out
-    logs.wait_for(log, "step      3 |", lambda: cluster.in_queue(job))
-    # what SLURM does `--signal-delay` seconds before the time limit: SIGUSR2 to every task
+    ranks = cluster.paused_ranks(job, "sub")
+    # what SLURM does `--signal-delay` seconds before the time limit: SIGUSR2 to every process of
+    # every task; the ranks go on once it waits for each
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster.env, check=True)
+    cluster.go_on_with(ranks, signal.SIGUSR2)
     cluster.wait_done(job)
     text = logs.read(log)
     assert "Caught signal SIGUSR2" in text and "(requeue 1)" in text, text[-3000:]
