@@ -332,6 +332,11 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
             f"{manifest.template}) but the run has data.direction={cfg.data.direction}; set it, or "
             f"rebuild them with `dslm-shard sft --direction {cfg.data.direction}`"
         )
+    if manifest.fim and cfg.data.direction == "backward":
+        raise DslmError(
+            "the shards are built with fill-in-the-middle (--fim-rate), which lays documents out for a "
+            "forward reader; a backward run (data.direction=backward) needs shards built without it"
+        )
 
 
 def packaged_ds_config(name: str = DEFAULT_DS_CONFIG) -> Path:

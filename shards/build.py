@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from dslm.data.fim import FimConfig, check_fim_tokens, fim_record
 from dslm.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SourceStats, check_build_tokenizer, shard_problem
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
@@ -96,6 +97,9 @@ class ShardConfig:
     """Replace a finished build in `out`, or start an unfinished one over (--overwrite). Without
     it a finished build is an error, and an unfinished one is resumed (an error if it was of
     other sources or settings)."""
+    fim: FimConfig = field(default_factory=FimConfig)
+    """Fill-in-the-middle for the train split (dslm.data.fim; --fim-rate, --fim-spm-rate): off by
+    default. The tokenizer must hold the FIM tokens (`dslm-shard tokenizer --fim`)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Thresholds of the document filters (dslm_shards.filters.FilterConfig); no option sets them.
     Part of the settings a resumed build must share, with seq_len, samples_per_shard,
@@ -215,12 +219,14 @@ def train_and_save_tokenizer(
     out: Path,
     filters: FilterConfig | None = None,
     overwrite: bool = False,
+    fim: bool = False,
 ) -> dict[tuple[str, str], float]:
     """Train on a weighted, filtered sample of the sources, write `out`, and return tokens per
     byte for each (source, language). Raises DslmError, before reading anything, for a vocab_size
     or sample_bytes out of range, or when `out` exists and not `overwrite`: a tokenizer replaced
     under shards built with it would make their ids mean other text (every reader checks it
-    against the manifest, Manifest.tokenizer_file), or a folder above `out` that is a file."""
+    against the manifest, Manifest.tokenizer_file), or a folder above `out` that is a file. With
+    `fim`, the tokenizer holds the four FIM tokens (dslm_local.fim) after dslm's own."""
     check_creatable(out)
     if out.is_dir():
         raise DslmError(f"{out} is a folder; name the file to write, e.g. {out / TOKENIZER_NAME}")
@@ -228,12 +234,12 @@ def train_and_save_tokenizer(
         raise DslmError(
             f"{out} already exists; pass --overwrite to replace it (shards built with it then need a rebuild)"
         )
-    check_vocab_size(vocab_size)
+    check_vocab_size(vocab_size, fim)
     if sample_bytes < 1:
         raise DslmError(f"--sample-bytes {sample_bytes} must be at least 1")
     sample = TokenizerSample(sample_bytes)
     texts = tqdm(sample.texts(sources, DocumentFilter(filters)), desc="tokenizer", unit="doc")
-    tok = train_tokenizer(texts, vocab_size)
+    tok = train_tokenizer(texts, vocab_size, fim)
     if texts.n == 0:
         raise DslmError("no text to train the tokenizer on: the sources are empty or everything was filtered")
     atomic_write_text(out, tok.to_str())
@@ -458,6 +464,7 @@ def build_shards(cfg: ShardConfig, sources: list[Source], part: Partition | None
     started = time.monotonic()
     check_build_tokenizer(cfg.tokenizer, cfg.out)
     tok = load_text_tokenizer(cfg.tokenizer)
+    check_fim_tokens(cfg.fim, tok, cfg.tokenizer)
     dtype = token_dtype(tok.get_vocab_size(), cfg.dtype)
     if part is None:
         home, key, listed = cfg.out, fingerprint(build_settings(cfg, sources)), None
@@ -489,7 +496,7 @@ def write_build(
     dedup = SeenDigests(home, state.digests, cfg.filters) if listed is None else listed
     build = ShardBuild(cfg, home, sources, dtype, state, dedup)
     resumed = sum(len(w.entries) for w in state.writers.values())
-    encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, dtype.name)
+    encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, dtype.name, fim=cfg.fim)
     batches = read_batches(sources, state.position, cfg, part)
     with BuildProgress(build.stats, resumed) as progress:
         for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
@@ -511,6 +518,7 @@ def write_build(
         shards=build.finish(),
         sources=build.stats,
         dropped_tokens=build.dropped_tokens(),
+        fim=fim_record(cfg.fim),
     )
     if part is None:
         warn_unsampled(manifest)
@@ -603,6 +611,7 @@ def build_settings(cfg: ShardConfig, sources: list[Source]) -> dict:
         "dtype": cfg.dtype,
         "filters": dataclasses.asdict(cfg.filters),
         "sources": [repr(s) for s in sources],
+        **({"fim": fim_record(cfg.fim)} if cfg.fim.enabled else {}),  # a build journaled before FIM resumes
     }
 
 

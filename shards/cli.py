@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from dslm.cli import ArgumentParser, run_command
+from dslm.data.fim import FimConfig
 from dslm.data.manifest import Manifest
 from dslm.data.templates import DIRECTIONS, TEMPLATES
 from dslm.data.tokens import PAD_ID, load_text_tokenizer
@@ -88,6 +89,12 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
     t.add_argument(
+        "--fim",
+        action="store_true",
+        help="add the four fill-in-the-middle tokens (<fim_prefix> <fim_middle> <fim_suffix> <fim_pad>, ids 8..11), "
+        "which `build --fim-rate` needs",
+    )
+    t.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing --out (shards built with it must then be rebuilt: every command that "
@@ -111,6 +118,7 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
         default=all_cores(),
         help="processes that filter and tokenize; 0: in this process (default: all cores, %(default)s)",
     )
+    add_fim_args(b)
     b.add_argument(
         "--dtype",
         choices=("auto", "uint16", "uint32"),
@@ -141,6 +149,30 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
         help="digests: write the digests of the task's kept documents, bucketed by hash; dedup: "
         "find the duplicates in bucket K across all tasks (first copy in input order wins); "
         "write: write the task's shards without them into OUT/task-K/ (default: %(default)s)",
+    )
+
+
+def add_fim_args(b: argparse.ArgumentParser) -> None:
+    """--fim-rate and --fim-spm-rate of `dslm-shard build` (dslm.data.fim.FimConfig)."""
+    g = b.add_argument_group(
+        "fill-in-the-middle (Bavarian et al. 2022): train documents cut at two random characters into "
+        "prefix, middle and suffix and laid out so that the model learns to write the middle"
+    )
+    g.add_argument(
+        "--fim-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="share of train documents transformed, within 0..1; the paper's and StarCoder's 0.5 (needs a "
+        "tokenizer made with `dslm-shard tokenizer --fim`; default: %(default)s, none)",
+    )
+    g.add_argument(
+        "--fim-spm-rate",
+        type=float,
+        default=0.5,
+        metavar="R",
+        help="share of the transformed documents laid out suffix-prefix-middle, the rest prefix-suffix-middle "
+        "(default: %(default)s)",
     )
 
 
@@ -247,7 +279,7 @@ def dispatch(args: argparse.Namespace) -> None:
     sources = [parse_source(s, tuple(args.exclude)) for s in args.source]
     if args.command == "tokenizer":
         for (spec, language), ratio in train_and_save_tokenizer(
-            sources, args.vocab_size, args.sample_bytes, args.out, overwrite=args.overwrite
+            sources, args.vocab_size, args.sample_bytes, args.out, overwrite=args.overwrite, fim=args.fim
         ).items():
             print(f"{spec} [{language}]: {ratio:.3f} tokens/byte")
         vocab = Tokenizer.from_file(str(args.out)).get_vocab_size()
@@ -279,6 +311,7 @@ def shard_config(args: argparse.Namespace) -> ShardConfig:
         workers=args.workers,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        fim=FimConfig(rate=args.fim_rate, spm_rate=args.fim_spm_rate),
     )
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from dslm.data.fim import FimConfig, FimCut, fim_cut, fim_layout, fim_pieces
 from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
+from dslm_local.fim import FimIds
 from dslm_shards.filters import DocumentFilter, FilterConfig, text_digest
 from dslm_shards.sources import Document
 from dslm_shards.writer import split_of
@@ -34,7 +36,8 @@ class Encoded:
     bytes: int = 0
     """UTF-8 size of the kept text."""
     ids: np.ndarray | None = None
-    """<bos> tokens <eos>, in the shard dtype."""
+    """<bos> tokens <eos>, in the shard dtype (the tokens of a train document in a FIM layout when
+    EncoderConfig.fim cut it)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class EncoderConfig:
     already resolved for the vocab)."""
     tokenize: bool = True
     """False: filter, split and digest only (stage `digests` of a distributed build); `ids` is None."""
+    fim: FimConfig = field(default_factory=FimConfig)
+    """Fill-in-the-middle for the train split (ShardConfig.fim, whose tokens the tokenizer holds)."""
 
 
 class Encoder:
@@ -62,6 +67,7 @@ class Encoder:
         self.tok = load_text_tokenizer(cfg.tokenizer)
         self.filter = DocumentFilter(cfg.filters)
         self.cfg = cfg
+        self.fim_ids = FimIds.of(self.tok) if cfg.fim.enabled else None
 
     def __call__(self, docs: list[Document]) -> list[Encoded]:
         verdicts = [self.filter.check(doc) for doc in docs]
@@ -71,21 +77,37 @@ class Encoder:
                 Encoded(None, v.header_stripped, text_digest(v.text)) if v.text is not None else Encoded(v.reason)
                 for v in verdicts
             ]
+        splits = [split_of(text, self.cfg.val_fraction) for text in kept]
+        cuts = [self.cut(text, split) for text, split in zip(kept, splits)]
         # encode_batch_fast skips the character offsets, which shards never use
-        encodings = iter(self.tok.encode_batch_fast(kept))
+        pieces = [piece for text, cut in zip(kept, cuts) for piece in fim_pieces(text, cut)]
+        encodings = iter(self.tok.encode_batch_fast(pieces))
+        tokens = iter(
+            [
+                fim_layout(self.fim_ids, cut, [next(encodings).ids for _ in fim_pieces(text, cut)])
+                for text, cut in zip(kept, cuts)
+            ]
+        )
+        splits_of_kept = iter(splits)
         return [
-            self.frame(v.text, next(encodings).ids, v.header_stripped) if v.text is not None else Encoded(v.reason)
+            self.frame(v.text, next(tokens), next(splits_of_kept), v.header_stripped)
+            if v.text is not None
+            else Encoded(v.reason)
             for v in verdicts
         ]
 
-    def frame(self, text: str, ids: list[int], header_stripped: bool) -> Encoded:
+    def cut(self, text: str, split: str) -> FimCut | None:
+        """Where a train document is cut for FIM (dslm.data.fim), if it is."""
+        return fim_cut(text, self.cfg.fim) if self.fim_ids is not None and split == "train" else None
+
+    def frame(self, text: str, ids: list[int], split: str, header_stripped: bool) -> Encoded:
         framed = np.empty(len(ids) + 2, dtype=self.cfg.dtype)
         framed[0], framed[1:-1], framed[-1] = BOS_ID, ids, EOS_ID
         return Encoded(
             reason=None,
             header_stripped=header_stripped,
             digest=text_digest(text),
-            split=split_of(text, self.cfg.val_fraction),
+            split=split,
             bytes=len(text.encode()),
             ids=framed,
         )

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dslm.data.tokens import SPECIAL_TOKENS
+from dslm.data.tokens import SPECIAL_TOKENS, special_tokens
 from dslm.errors import DslmError
 
 SAMPLE_PIECE_CHARS = 64
@@ -62,24 +62,27 @@ def sample_pieces(text: str) -> list[str]:
     return [piece for piece in pieces if piece]
 
 
-def check_vocab_size(vocab_size: int) -> None:
-    """DslmError for a --vocab-size outside MIN_VOCAB_SIZE..MAX_VOCAB_SIZE."""
-    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+def check_vocab_size(vocab_size: int, fim: bool = False) -> None:
+    """DslmError for a --vocab-size outside MIN_VOCAB_SIZE..MAX_VOCAB_SIZE (with `fim`, the four FIM
+    tokens on top of the minimum)."""
+    least = MIN_VOCAB_SIZE + len(special_tokens(fim)) - len(SPECIAL_TOKENS)
+    if not least <= vocab_size <= MAX_VOCAB_SIZE:
         raise DslmError(
-            f"--vocab-size {vocab_size} must be within {MIN_VOCAB_SIZE:,}..{MAX_VOCAB_SIZE:,} (the 256 "
-            f"bytes and {len(SPECIAL_TOKENS)} special tokens come first)"
+            f"--vocab-size {vocab_size} must be within {least:,}..{MAX_VOCAB_SIZE:,} (the 256 "
+            f"bytes and {len(special_tokens(fim))} special tokens come first)"
         )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, fim: bool = False) -> Tokenizer:
     """Learn merges from `texts`, each cut by `sample_pieces` (which bounds the trainer's cost per
     character); every byte is in the base alphabet, so nothing is ever <unk>. The vocabulary holds
-    at most `vocab_size` tokens (check_vocab_size), fewer when the text has no more pairs to merge.
-    Raises DslmError for a vocab_size out of range."""
-    check_vocab_size(vocab_size)
+    at most `vocab_size` tokens (check_vocab_size), fewer when the text has no more pairs to merge;
+    its special tokens are dslm.data.tokens.special_tokens(fim). Raises DslmError for a vocab_size
+    out of range."""
+    check_vocab_size(vocab_size, fim)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens(fim),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

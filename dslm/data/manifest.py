@@ -91,6 +91,9 @@ class Manifest:
     direction: str = ""
     """The reading direction the masks were made for ("forward" or "backward"); training on the
     shards needs data.direction to match. "" for shards without masks, which train either way."""
+    fim: dict = field(default_factory=dict)
+    """The fill-in-the-middle settings of the train split (dslm.data.fim.FimConfig's fields), or {}
+    for documents as they are (val is always as it is)."""
     dropped_tokens: dict[str, int] = field(default_factory=dict)
     """Tokens not written, per packing stream `SPLIT.COPY.LANGUAGE` of `dslm-shard build` (copy k
     of a document goes to stream k): each stream's last, partial sample (fewer than seq_len + 1

@@ -5,9 +5,10 @@ generation and the export read by it."""
 
 from __future__ import annotations
 
+from dslm_local.fim import FIM_TOKENS
 from dslm_local.tokens import load_text_tokenizer
 
-__all__ = ["SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "load_text_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "FIM_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "load_text_tokenizer", "special_tokens"]
 
 SPECIAL_TOKENS = [
     "<pad>",
@@ -26,3 +27,9 @@ BOS_ID = SPECIAL_TOKENS.index("<bos>")
 """Starts every document in the shards."""
 EOS_ID = SPECIAL_TOKENS.index("<eos>")
 """Ends every document in the shards; generation stops on it."""
+
+
+def special_tokens(fim: bool = False) -> list[str]:
+    """The special tokens of a tokenizer, in id order: SPECIAL_TOKENS, then with `fim` the four
+    FIM tokens (dslm_local.fim), ids 8..11."""
+    return SPECIAL_TOKENS + (FIM_TOKENS if fim else [])
