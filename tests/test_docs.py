@@ -32,7 +32,7 @@ TOP_FOLDERS = ("dslm", "shards", "eval", "launch", "slurm", "bench", "tests", "d
 """A word in a page that starts with one of these folders and ends in a file suffix or "/" names a
 file or folder of the repository (`eval/val_loss` is a TensorBoard scalar)."""
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".toml", ".sh", ".json", ".txt", ".cfg", ""}
-SKIPPED_FOLDERS = {".git", ".venv", ".whl", "data", "runs", "__pycache__", ".pytest_cache"}
+SKIPPED_FOLDERS = {".git", ".venv", ".whl", "data", "runs", "__pycache__", ".pytest_cache", ".ruff_cache"}
 """What the project's own files are not: version control, installs, and what runs write."""
 SHELL_BREAKS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "(", ")", "do", "then"}
 
