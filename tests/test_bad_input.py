@@ -271,6 +271,16 @@ CASES = [
     ("dslm-submit", "train --executor local --dry data.shards={shards}", "unrecognized arguments: --dry"),
     ("dslm-submit", "train --exec local --dry-run data.shards={shards}", "unrecognized arguments: --exec"),
     ("dslm-complete", "{root} --prompt x --max-new 5", "unrecognized arguments: --max-new 5"),
+    # issue 29: fill-in-the-middle needs its tokens, and rates within 0..1
+    (
+        "dslm-shard",
+        "build --source code:{corpus} --tokenizer {tokenizer} --out {root}/f --fim-rate 0.5",
+        "--fim-rate 0.5 needs the FIM tokens, and {tokenizer} has none: train a tokenizer with "
+        "`dslm-shard tokenizer --fim`",
+    ),
+    ("dslm-shard", "build --source code:{corpus} --tokenizer {tokenizer} --out {root}/f --fim-rate 1.5", "within 0..1"),
+    ("dslm-shard", "build --source code:{corpus} --tokenizer {tokenizer} --out {root}/f --fim-spm-rate -1", "0..1"),
+    ("dslm-shard", "tokenizer --fim --source code:{corpus} --vocab-size 265 --out {root}/t.json", "within 268.."),
 ]
 
 
