@@ -346,7 +346,8 @@ def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
     if not manifest.split("val"):
         raise DslmError(
             f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
-            f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0"
+            f"(built with --val-fraction 0, or too few documents for one val sample); set "
+            f"train.val_interval=0, or rebuild the shards with a larger --val-fraction"
         )
     samples = ShardSamples(
         cfg.data.shards, manifest, "val", cfg.data.direction, cfg.data.max_open_shards, cfg.data.verify
