@@ -274,6 +274,11 @@ def load_sources(cfg: RunConfig) -> list[Manifest]:
     data.mix, also against the first: one tokenizer, one seq_len."""
     manifests = []
     for _, source in cfg.data.sources():
+        if not Path(source.shards).is_dir():
+            raise DslmError(
+                f"the shards folder {source.shards} does not exist: build it with `dslm-shard build`, or, if the "
+                f"shards moved (a moved or copied run), name where they are now (data.shards=PATH)"
+            )
         manifests.append(Manifest.load(source.shards))
         manifests[-1].tokenizer_file(source.shards)  # what eval and export will read the run's ids with
         check_against_manifest(cfg, manifests[-1])

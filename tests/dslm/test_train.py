@@ -65,7 +65,10 @@ def test_missing_shards_is_one_line(tmp_path):
     proc = subprocess.run(
         [BIN / "dslm-train", f"data.shards={tmp_path}/none"], capture_output=True, text=True, cwd=tmp_path
     )
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("run `dslm-shard build` first")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dslm-train: error: the shards folder {tmp_path}/none does not exist: build it with `dslm-shard build`, "
+        f"or, if the shards moved (a moved or copied run), name where they are now (data.shards=PATH)"
+    ]
 
 
 def test_freezing_more_blocks_than_the_model_has_is_one_line(tiny_shards, tmp_path):
