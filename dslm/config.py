@@ -208,7 +208,10 @@ def load_config(
 
 
 def load_recipe(path: str | Path) -> DictConfig:
-    """A YAML recipe or config.yaml; DslmError for a file that is not UTF-8 YAML or not a mapping."""
+    """A YAML recipe or config.yaml; DslmError for a missing file, or one that is not UTF-8 YAML or
+    not a mapping."""
+    if not Path(path).is_file():
+        raise DslmError(f"recipe {path}: no such file (the recipes are in the repository's launch/recipes/)")
     try:
         conf = OmegaConf.load(path)
     except yaml.YAMLError as e:
@@ -308,8 +311,9 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig) -> Path:
+    """Write the run's config.yaml (its DeepSpeed config as recorded_ds_config spells it)."""
     path = cfg.run_dir.config
-    atomic_write_text(path, to_yaml(cfg))
+    atomic_write_text(path, to_yaml(replace(cfg, ds_config=recorded_ds_config(cfg.ds_config))))
     return path
 
 
@@ -357,6 +361,16 @@ def ds_config_path(given: str) -> str:
     return os.path.abspath(given)
 
 
+def recorded_ds_config(path: str) -> str:
+    """How a run's config.yaml records the DeepSpeed config at `path`: ds_configs/NAME for the
+    packaged config NAME (or spelled so), which ds_config_path finds in the package wherever dslm
+    is installed, so the run resumes on another machine; else `path`."""
+    packaged = packaged_ds_config(Path(path).name)
+    if packaged.is_file() and (path == f"ds_configs/{packaged.name}" or packaged.samefile(path)):
+        return f"ds_configs/{packaged.name}"
+    return path
+
+
 def outside_paths(cfg: RunConfig) -> dict[str, str]:
     """The paths a run's config names outside the run, by key (data.mix.I.shards for a mix's
     sources); unset ones ("") left out."""
@@ -380,9 +394,9 @@ def with_outside_paths(cfg: RunConfig, paths: dict[str, str]) -> RunConfig:
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """`cfg` as a run records it: every outside path absolute (the default DeepSpeed config the
-    packaged one), each spelling that differs kept in `given`, so that the run's config resolves
-    from any working directory."""
+    """`cfg` with every outside path absolute (the default DeepSpeed config the packaged one),
+    each spelling that differs kept in `given`, so that the run's config resolves from any working
+    directory (a run records it so, save for recorded_ds_config)."""
     typed = outside_paths(cfg)
     absolute = {key: os.path.abspath(path) for key, path in typed.items()}  # ".." collapsed, links kept
     absolute["ds_config"] = ds_config_path(cfg.ds_config)
@@ -400,7 +414,11 @@ def read_run_config(run: RunDir) -> RunConfig:
     absolute has them read from the working directory, with one warning. Raises DslmError as
     load_config does."""
     cfg = load_config(run.config, [])
-    relative = {key: path for key, path in outside_paths(cfg).items() if not Path(path).is_absolute()}
+    relative = {
+        key: path
+        for key, path in outside_paths(cfg).items()
+        if not Path(path).is_absolute() and not (key == "ds_config" and recorded_ds_config(path) == path)
+    }
     if relative and run.config.absolute() not in WARNED_RELATIVE:
         WARNED_RELATIVE.add(run.config.absolute())
         warning(

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import psutil
 
 from dslm.errors import DslmError
-from dslm_local.cli import counted
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +243,9 @@ def memory_problem(need: MemoryNeed, local_ranks: int, device_free: int | None) 
         "host memory",
         need.host(cpu_run=device_free is None),
         available_host_memory(local_ranks),
-        f"available to each of the {counted(local_ranks, 'rank')} on this machine",
+        "available to this rank"
+        if local_ranks == 1
+        else f"available to each of the {local_ranks} ranks on this machine",
     )
     for where, parts, free, whose in (host, ("GPU memory", need.device(), device_free, "free on its GPU")):
         if free is None or sum(parts.values()) <= USABLE * free:

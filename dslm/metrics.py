@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -120,11 +121,12 @@ class Metrics:
         self.writer.flush()
         if self.scalar_log is not None:
             self.scalar_log.log(step, values)
-        if self.console:
+        if self.console:  # flushed: a batch job's log or a pipe shows each line as it comes
             tqdm.write(
                 f"step {step:>6} | "
                 + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in values.items())
             )
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.writer is not None:

@@ -73,7 +73,7 @@ class RunDir:
 
     def eval_result(self, step: int, shard_set: str = "") -> Path:
         """Where dslm-eval writes its result for `step`: on the run's own shards, or on the shard
-        set named `shard_set` (its folder's name)."""
+        set named `shard_set` (dslm_eval.cli.shard_set_name)."""
         return self.path / "eval" / (f"step{step}/{shard_set}.json" if shard_set else f"step{step}.json")
 
     @staticmethod

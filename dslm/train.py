@@ -274,6 +274,11 @@ def load_sources(cfg: RunConfig) -> list[Manifest]:
     data.mix, also against the first: one tokenizer, one seq_len."""
     manifests = []
     for _, source in cfg.data.sources():
+        if not Path(source.shards).is_dir():
+            raise DslmError(
+                f"the shards folder {source.shards} does not exist: build it with `dslm-shard build`, or, if the "
+                f"shards moved (a moved or copied run), name where they are now (data.shards=PATH)"
+            )
         manifests.append(Manifest.load(source.shards))
         manifests[-1].tokenizer_file(source.shards)  # what eval and export will read the run's ids with
         check_against_manifest(cfg, manifests[-1])
@@ -346,7 +351,8 @@ def build_validation(cfg: RunConfig, manifest: Manifest) -> Validation | None:
     if not manifest.split("val"):
         raise DslmError(
             f"{cfg.data.shards} has no val split for train.val_interval={cfg.train.val_interval}; "
-            f"set train.val_interval=0 or rebuild the shards with --val-fraction above 0"
+            f"(built with --val-fraction 0, or too few documents for one val sample); set "
+            f"train.val_interval=0, or rebuild the shards with a larger --val-fraction"
         )
     samples = ShardSamples(
         cfg.data.shards, manifest, "val", cfg.data.direction, cfg.data.max_open_shards, cfg.data.verify

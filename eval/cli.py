@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from tokenizers import Tokenizer
 from dslm.checkpoint.format import list_checkpoints, seal_problem
 from dslm.cli import ArgumentParser, run_command
 from dslm.data.loader import ShardSamples
-from dslm.data.manifest import Manifest
+from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_write_text
 from dslm.logs import VERBOSE_HELP, LibraryOutput, warning
@@ -104,7 +105,8 @@ class ValData:
         if not manifest.split("val"):
             raise DslmError(
                 f"{shards} has no val split to evaluate on (its manifest lists no val shards: built with "
-                f"--val-fraction 0); name shards that have one: dslm-eval {target} --shards PATH"
+                f"--val-fraction 0, or too few documents for one val sample); name shards that have one: "
+                f"dslm-eval {target} --shards PATH"
             )
         self.shards, self.manifest = shards, manifest
         self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_file(shards)))
@@ -305,13 +307,16 @@ def summary(result: dict) -> str:
 @dataclass
 class Results:
     """Where a run of dslm-eval writes: into the run (`run`, None for an export outside one) under
-    the name of its shard set (`shard_set`, "" for the run's own shards), else beside the export."""
+    the name of its shard set (`shard_set`, "" for the run's own shards), else into the export's
+    eval/ folder under that name."""
 
     run: RunDir | None
     shard_set: str = ""
 
     def path(self, target: Target) -> Path:
-        return self.run.eval_result(target.step, self.shard_set) if self.run else target.path / "eval.json"
+        if self.run is None:
+            return target.path / "eval" / f"{self.shard_set}.json"
+        return self.run.eval_result(target.step, self.shard_set)
 
     def tb_scalars(self, result: dict) -> dict[str, float]:
         """TensorBoard's eval/* scalars of `result`, as eval/SET/* on another shard set."""
@@ -361,11 +366,16 @@ def watch(source: ModelSource, evaluate_new: Callable[[list[Target]], None], pol
 
 
 def shard_set_name(source: ModelSource, shards: Path) -> str:
-    """ "" when `shards` are the run's own (data.shards), else their folder's name: results on
-    another shard set never overwrite the run's own."""
-    if source.run is None or not source.run_config.data.shards:
-        return ""
-    return "" if shards.resolve() == Path(source.run_config.data.shards).resolve() else shards.resolve().name
+    """ "" when `shards` are the run's own (data.shards, or a copy of them: the same manifest.json),
+    else NAME-DIGEST: the folder's name and the first 8 hex digits of its manifest's sha256, so that
+    results on another shard set never overwrite the run's own, nor those of another set with the
+    same folder name. An export has no shards of its own."""
+    digest = hashlib.sha256((shards / MANIFEST_NAME).read_bytes()).hexdigest()
+    if source.run is not None and source.run_config.data.shards:
+        own = Path(source.run_config.data.shards) / MANIFEST_NAME
+        if own.is_file() and hashlib.sha256(own.read_bytes()).hexdigest() == digest:
+            return ""
+    return f"{shards.resolve().name}-{digest[:8]}"
 
 
 def run(args: argparse.Namespace) -> None:

@@ -126,7 +126,8 @@ CASES = [
     ),
     ("dslm-shard", "merge {empty}", "holds no task of a distributed build"),
     ("dslm-generate", "{missing} --prompt x --strategy nucleus", "nucleus"),
-    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={missing} runs_dir={root}/runs", "no manifest.json"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={missing} runs_dir={root}/runs", "does not exist: build it"),
+    ("dslm-train", "--deepspeed " + ZERO2 + " data.shards={empty} runs_dir={root}/runs", "no manifest.json"),
     ("dslm-train", "--deepspeed " + ZERO2 + " --config {recipe} data.shards={shards} runs_dir={root}/runs", "max_step"),
     ("dslm-train", "--deepspeed " + ZERO2 + " --config {missing} runs_dir={root}/runs", "missing"),
     ("dslm-train", "--deepspeed {png} data.shards={shards} runs_dir={root}/runs", "picture.png"),
@@ -258,6 +259,19 @@ CASES = [
     ),
     # issue 28: instruction shards without a val split: eval says how to name other shards
     ("dslm-eval", "{sft_run} --metrics perplexity", "dslm-eval {sft_run} --shards PATH"),
+    # issue 28: a recipe that is not there (outside the repository, launch/recipes/X is not found)
+    ("dslm-train", "--config {root}/launch/recipes/demo.yaml", "recipe {root}/launch/recipes/demo.yaml: no such file"),
+    # issue 28: --resume names a tag of this run
+    (
+        "dslm-train",
+        "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs --resume aut",
+        "--resume aut: no such checkpoint (auto, if-any, or a tag folder of this run)",
+    ),
+    (
+        "dslm-train",
+        "--deepspeed " + ZERO2 + " data.shards={shards} runs_dir={root}/runs --resume {base}/checkpoints/global_step5",
+        "is not a checkpoint of this run (its tags are in {root}/runs/",
+    ),
     # issue 28: an abbreviated option is refused (argparse's allow_abbrev), by every command
     (
         "dslm-train",

@@ -186,8 +186,9 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
     """The checkpoint to resume from (checkpoint.resume_problem says it can be): None for a fresh
     run; for "auto", newest_resumable in `folder` (a warning for each tag passed over); for
     "if-any" (what the wrappers pass on a requeue) the same, or a fresh start when there is none
-    (clear_for_fresh_start); else the tag folder `resume` names. Raises DslmError when resuming is
-    asked for and nothing loadable exists, or when a fresh run would mix with existing checkpoints."""
+    (clear_for_fresh_start); else the tag folder `resume` names, which must be one of this run's
+    (in `folder`). Raises DslmError when resuming is asked for and nothing loadable exists, for a
+    path that is not a tag of this run, or when a fresh run would mix with existing checkpoints."""
     if resume is None:
         if list_checkpoints(folder):
             raise DslmError(
@@ -196,6 +197,13 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
         return None
     if resume not in ("auto", "if-any"):
         tag_dir = Path(resume)
+        if not tag_dir.is_dir():
+            raise DslmError(f"--resume {resume}: no such checkpoint (auto, if-any, or a tag folder of this run)")
+        if tag_dir.resolve().parent != folder.resolve():
+            raise DslmError(
+                f"--resume {resume} is not a checkpoint of this run (its tags are in {folder}); to start a "
+                f"new run from its weights, pass train.init_from={resume}"
+            )
         if (problem := resume_problem(tag_dir)) is not None:
             raise DslmError(f"cannot resume from {tag_dir}: {problem}")
         return tag_dir

@@ -2,6 +2,7 @@
 paths typed relative to it, is evaluated, generated from, exported and resumed from another
 directory, after it was moved, and without its shards where only they are needed."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dslm.config import packaged_ds_config
+from dslm.config import ds_config_path, packaged_ds_config
 from dslm.data.manifest import Manifest
 from dslm.files import sha256_file
 from dslm.metrics import read_scalars
@@ -70,7 +71,9 @@ def test_a_run_records_absolute_paths_its_tokenizer_and_its_resolved_deepspeed_c
     saved = yaml.safe_load(RunDir(run_dir).config.read_text())
     assert saved["data"]["shards"] == str(shards)
     assert saved["given"] == {"data.shards": "../data/code"}
-    assert saved["ds_config"] == str(packaged_ds_config()) and Path(saved["ds_config"]).is_file()
+    # the packaged config by its portable name: found in the package wherever dslm is installed
+    assert saved["ds_config"] == "ds_configs/zero2.json"
+    assert ds_config_path(saved["ds_config"]) == str(packaged_ds_config())
     assert sha256_file(RunDir(run_dir).tokenizer) == Manifest.load(shards).tokenizer_sha256
     ds_config = json.loads(RunDir(run_dir).ds_config.read_text())
     assert ds_config["train_micro_batch_size_per_gpu"] == 2 and ds_config["zero_optimization"]["stage"] == 2
@@ -111,9 +114,10 @@ def test_a_run_without_its_shards_generates_and_exports_and_eval_asks_for_them(m
         assert other.returncode == 0, other.stderr[-3000:]
     finally:
         shutil.move(away, shards)
-    assert RunDir(run_dir).eval_result(STEPS, away.name).is_file()
+    name = f"{away.name}-{hashlib.sha256((shards / 'manifest.json').read_bytes()).hexdigest()[:8]}"
+    assert RunDir(run_dir).eval_result(STEPS, name).is_file()
     assert not RunDir(run_dir).eval_result(STEPS).exists()  # results on another shard set never overwrite the run's
-    assert [step for step, _ in read_scalars(RunDir(run_dir).tb, f"eval/{away.name}/val_loss")] == [STEPS]
+    assert [step for step, _ in read_scalars(RunDir(run_dir).tb, f"eval/{name}/val_loss")] == [STEPS]
     with pytest.raises(KeyError):  # no scalar of the run's own eval
         read_scalars(RunDir(run_dir).tb, "eval/val_loss")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dslm.checkpoint.format import resume_problem, seal, sealed_state
-from dslm.checkpoint.weights import load_fp32_weights, model_from, read_tag, read_weights, weights_sha256
+from dslm.checkpoint.weights import load_fp32_weights, model_from, read_weights, weights_sha256
 from dslm.config import load_config
 from dslm.data.mix import Interleave, MixBase
 from dslm.data.order import WindowOrder
@@ -65,7 +65,10 @@ def test_missing_shards_is_one_line(tmp_path):
     proc = subprocess.run(
         [BIN / "dslm-train", f"data.shards={tmp_path}/none"], capture_output=True, text=True, cwd=tmp_path
     )
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("run `dslm-shard build` first")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dslm-train: error: the shards folder {tmp_path}/none does not exist: build it with `dslm-shard build`, "
+        f"or, if the shards moved (a moved or copied run), name where they are now (data.shards=PATH)"
+    ]
 
 
 def test_freezing_more_blocks_than_the_model_has_is_one_line(tiny_shards, tmp_path):
@@ -117,7 +120,7 @@ def test_two_rank_zero2_bf16_run_trains_checkpoints_and_evaluates(tiny_shards, t
     assert len({p.stat().st_mode for p in (run / "export" / "step30").iterdir()}) == 1  # safetensors' file too
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
     hf = transformers.GPT2LMHeadModel.from_pretrained(run / "export" / "step30").eval()
-    model = model_from(*read_tag(ckpts / "global_step30"))
+    model = model_from(*read_weights(ckpts / "global_step30")[:2])
     tokens = torch.randint(0, 512, (2, 64))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
@@ -137,6 +140,31 @@ def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     logged = read_scalars(tmp_path / "t" / "tb", "train/lr")
     assert [v for _, v in logged] == pytest.approx([3e-3 * lr_factor(s - 1, schedule, 4) for s in (1, 2, 3, 4)])
     assert logged[0][1] == pytest.approx(1.5e-3) and logged[-1][1] > 3e-4
+
+
+@pytest.mark.slow
+def test_each_step_line_reaches_a_pipe_as_it_is_logged(tiny_shards, tmp_path, paused):
+    """A batch job's log is a file, not a terminal: the console lines must not wait in a buffer
+    until the run ends. Read while the run is paused after step 2."""
+    shards, _ = tiny_shards
+    args = train_args(shards, tmp_path, max_steps=4, warmup_steps=2, log_interval=1, checkpoint_interval=4)
+    proc = subprocess.Popen(
+        [BIN / "dslm-train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "DSLM_TEST_PAUSE": "step 2"},
+    )
+    try:
+        (rank,) = paused(proc, 1)
+        os.set_blocking(proc.stdout.fileno(), False)
+        so_far = (proc.stdout.read() or b"").decode()
+        assert "step      1 |" in so_far and "step      2 |" in so_far, so_far[-2000:]
+        rank.resume()
+        os.set_blocking(proc.stdout.fileno(), True)
+        assert "step      4 |" in proc.communicate(timeout=900)[0].decode()
+    finally:
+        proc.kill()
 
 
 def logged_steps(path: Path) -> list[int]:
@@ -285,11 +313,11 @@ def test_every_zero_stage_trains_resumes_and_loads_for_eval(tiny_shards, base_ru
     lr = dict(read_scalars(tmp_path / "t" / "tb", "train/lr"))[3]
     assert lr == pytest.approx(3e-3 * lr_factor(2, OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1), 3)) and lr > 1e-3
     checkpoints = tmp_path / "t" / "checkpoints"
-    model = model_from(*read_tag(checkpoints / "global_step3"))
+    model = model_from(*read_weights(checkpoints / "global_step3")[:2])
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     # the resume went on from step 2's weights (the base's, 0.05 away from any seed's): one Adam step of
     # lr 3e-3 away, clipped and decayed, never a fresh start
-    resumed, saved = model.state_dict(), read_tag(checkpoints / "global_step2")[1]
+    resumed, saved = model.state_dict(), read_weights(checkpoints / "global_step2")[1]
     assert max((resumed[name] - saved[name]).abs().max().item() for name in saved) < 2 * 3e-3
 
 
@@ -362,7 +390,7 @@ def test_tied_and_padded_model_trains_and_exports(tiny_shards, tmp_path):
     options = ["model.tie_embeddings=true", "model.vocab_multiple=128", "model.vocab_size=600"]
     subprocess.run([BIN / "dslm-train", *args, *options], cwd=tmp_path, check=True, timeout=900, capture_output=True)
     tag_dir = tmp_path / "t" / "checkpoints" / "global_step2"
-    model = model_from(*read_tag(tag_dir))
+    model = model_from(*read_weights(tag_dir)[:2])
     assert model.lm_head.weight is model.wte.weight and model.wte.num_embeddings == 640
     subprocess.run([BIN / "dslm-export", tag_dir, tmp_path / "hf"], cwd=tmp_path, check=True, timeout=900)
     transformers = pytest.importorskip("transformers", reason="checking the export needs `transformers`")
@@ -394,7 +422,7 @@ def test_compiled_model_with_activation_checkpointing_trains_like_the_plain_one(
         losses.append([v for _, v in read_scalars(tmp_path / name / "tb", "train/loss")])
     assert losses[1] == pytest.approx(losses[0], abs=0.02)
     assert load_config(tmp_path / "compiled" / "config.yaml", []).train.compile
-    model_from(*read_tag(tmp_path / "compiled" / "checkpoints" / "global_step2"))
+    model_from(*read_weights(tmp_path / "compiled" / "checkpoints" / "global_step2")[:2])
 
 
 @pytest.mark.slow

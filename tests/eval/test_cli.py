@@ -1,7 +1,9 @@
 """dslm-eval on real runs: every checkpoint once, perplexity against transformers, --watch."""
 
+import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import Manifest
 from dslm.metrics import read_scalars
-from dslm_eval.cli import main
+from dslm.model_source import resolve_source
+from dslm_eval.cli import main, shard_set_name
 from dslm_eval.load import load_for_eval
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +58,28 @@ def run(tiny_shards, tmp_path_factory) -> Path:
     return train(tiny_shards[0], tmp_path_factory.mktemp("runs"), "t", steps=4)
 
 
+def export_result(export: Path) -> dict:
+    """The one result dslm-eval wrote for an export (EXPORT/eval/SET.json)."""
+    (path,) = (export / "eval").glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_shard_set_is_named_by_its_folder_and_manifest_and_a_copy_of_the_runs_own_is_its_own(
+    run, tiny_shards, other_shards, tmp_path
+):
+    """Two sets in folders of the same name get two names (their results never overwrite each
+    other's); a copy of the run's own shards elsewhere is the run's own."""
+    source = resolve_source(run)
+    copy, other = tmp_path / "a" / "val", tmp_path / "b" / "val"
+    shutil.copytree(tiny_shards[0], copy)
+    shutil.copytree(other_shards[0], other)
+    assert shard_set_name(source, tiny_shards[0]) == shard_set_name(source, copy) == ""
+    digest = hashlib.sha256((other / "manifest.json").read_bytes()).hexdigest()[:8]
+    assert shard_set_name(source, other) == f"val-{digest}"
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text() + "\n")  # another build's
+    assert shard_set_name(source, copy) not in ("", f"val-{digest}")
+
+
 def test_each_checkpoint_is_evaluated_once_and_a_rerun_adds_nothing(run, capsys):
     main([str(run), *SMALL])
     out = capsys.readouterr().out
@@ -86,7 +111,7 @@ def test_perplexity_of_an_export_equals_transformers(run, tiny_shards, tmp_path)
         stderr=subprocess.DEVNULL,
     )
     main([str(export), "--shards", str(shards), "--metrics", "perplexity"])
-    ours = json.loads((export / "eval.json").read_text())["perplexity"]["all"]
+    ours = export_result(export)["perplexity"]["all"]
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(export).eval()
     samples = ShardSamples(shards, manifest, "val")
@@ -148,7 +173,7 @@ def test_a_backward_export_is_measured_backward_and_its_code_metrics_skipped(run
     assert (config["dslm_direction"], config["dslm_template"]) == ("forward", "")
     (export / "config.json").write_text(json.dumps({**config, "dslm_direction": "backward"}))
     main([str(export), "--shards", str(shards), *SMALL])
-    result = json.loads((export / "eval.json").read_text())
+    result = export_result(export)
     assert "exact_match" not in result and "compile_success" not in result
     assert "this model reads backward (data.direction=backward): skipped" in capsys.readouterr().err
 
@@ -195,7 +220,7 @@ def test_instruction_shards_are_scored_on_their_targets_in_the_masks_direction(r
         stderr=subprocess.DEVNULL,
     )
     main([str(export), "--shards", str(sft), "--metrics", "perplexity"])
-    scored = json.loads((export / "eval.json").read_text())["perplexity"]["all"]
+    scored = export_result(export)["perplexity"]["all"]
     samples = ShardSamples(sft, Manifest.load(sft), "val")
     targets = sum(int((samples[i]["labels"][1:] != -100).sum()) for i in range(len(samples)))
     assert scored["tokens"] == targets < len(samples) * 64  # only the responses and their closing markers

@@ -3,6 +3,7 @@ checkpoint resumed, and eval on the GPU. Runs where torch sees a GPU (`bash benc
 tests` on a lent machine); CI has none, so there it skips."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,11 @@ def test_one_gpu_trains_with_nccl_compiled_resumes_and_evaluates(tiny_shards, tm
     assert list(loss) == list(range(1, 21)) and loss[20] < loss[1] - 1.0, loss
     assert all(0 < v < 1 for _, v in read_scalars(tmp_path / "straight" / "tb", "train/mfu"))
 
-    # a second run continues from the straight run's step-10 checkpoint
-    train(shards, tmp_path, "resumed", 20, "--resume", str(tmp_path / "straight" / "checkpoints" / "global_step10"))
+    # a second run continues from a copy of the straight run's step-10 checkpoint (a run resumes
+    # only from its own tags)
+    tag = tmp_path / "resumed" / "checkpoints" / "global_step10"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "global_step10", tag)
+    train(shards, tmp_path, "resumed", 20, "--resume", str(tag))
     resumed = dict(read_scalars(tmp_path / "resumed" / "tb", "train/loss"))
     assert list(resumed) == list(range(11, 21))
     # the same steps; GPU kernels (atomics in the backward) need not repeat bit for bit
