@@ -75,6 +75,9 @@ class RunConfig:
     template: str = ""
     """Written by the run, not read: the chat template its shards were built with ("" for plain
     text); dslm-eval, dslm-generate and dslm-export frame prompts with it."""
+    fim: bool = False
+    """Written by the run, not read: its shards were built with fill-in-the-middle (their
+    manifest's `fim`), so completion at a cursor may give it the code after the cursor too."""
     given: dict[str, str] = field(default_factory=dict)
     """Written by the run, not read: each outside path (data.shards, data.mix.I.shards,
     train.init_from, ds_config) as it was typed, where that was not the absolute path the

@@ -33,7 +33,7 @@ CONFIG_NAMES = {
     "block_size": "n_positions",
 }
 """ModelConfig's sizes -> GPT2Config's keys."""
-DIRECTION_KEY, TEMPLATE_KEY = "dslm_direction", "dslm_template"
+DIRECTION_KEY, TEMPLATE_KEY, FIM_KEY = "dslm_direction", "dslm_template", "dslm_fim"
 """dslm's own config.json keys (GPT2Config keeps unknown keys as attributes): the model's Framing.
 A "backward" model reads text reversed in token order: reverse a prompt's ids before the model and
 the generated ids after it. Absent: forward, no template."""
@@ -96,6 +96,7 @@ def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
         "torch_dtype": "float32",
         DIRECTION_KEY: framing.direction,
         TEMPLATE_KEY: framing.template,
+        FIM_KEY: framing.fim,
     }
 
 
@@ -152,7 +153,7 @@ def chat_template(framing: Framing) -> str | None:
 def framing_from_hf(hf: dict, source: Path) -> Framing:
     """The Framing a config.json records (forward, no template, when it records none). Raises
     DslmError naming `source` for a direction or template dslm does not know."""
-    framing = Framing(hf.get(DIRECTION_KEY, "forward"), hf.get(TEMPLATE_KEY, ""))
+    framing = Framing(hf.get(DIRECTION_KEY, "forward"), hf.get(TEMPLATE_KEY, ""), bool(hf.get(FIM_KEY, False)))
     if framing.direction not in DIRECTIONS or framing.template not in ("", *TEMPLATES):
         raise DslmError(
             f"{source}: {DIRECTION_KEY}={framing.direction!r} or {TEMPLATE_KEY}={framing.template!r} "

@@ -112,7 +112,7 @@ class ModelSource:
             return framing_from_hf(json.loads((self.path / "config.json").read_text()), self.path / "config.json")
         cfg = self.run_config
         if self.run.tokenizer.is_file():
-            return Framing(cfg.data.direction, cfg.template)
+            return Framing(cfg.data.direction, cfg.template, cfg.fim)
         shards = Path(cfg.data.shards)  # a run written before it recorded its template: its shards', if they are there
         return Framing(cfg.data.direction, Manifest.load(shards).template if (shards / MANIFEST_NAME).is_file() else "")
 

@@ -367,7 +367,7 @@ def save_run_config(cfg: RunConfig, env: DistEnv, manifest: Manifest, ds_config:
     the resolved DeepSpeed config and the shards' template (rank 0)."""
     if env.rank != 0:
         return
-    cfg.template = manifest.template
+    cfg.template, cfg.fim = manifest.template, bool(manifest.fim)
     print(to_yaml(cfg), flush=True)
     atomic_copy(manifest.tokenizer_file(cfg.data.shards), cfg.run_dir.tokenizer)
     atomic_write_text(cfg.run_dir.ds_config, json.dumps(ds_config, indent=2) + "\n")

@@ -88,6 +88,9 @@ class Framing:
     """data.direction of its training run (DIRECTIONS)."""
     template: str = ""
     """The template of its instruction shards (TEMPLATES); "" when it was trained on documents."""
+    fim: bool = False
+    """Trained with fill-in-the-middle documents (dslm.data.fim): it can complete at a cursor with
+    the code after it."""
 
 
 def stop_token(framing: Framing) -> int:

@@ -1,9 +1,12 @@
 """dslm-complete: code completion with a model exported by `dslm-export --format onnx`, run by
 ONNX Runtime, tokenizers and numpy only (no torch), small enough for a laptop.
 
-It completes the line at a cursor: --prompt TEXT (the code before the cursor), --file F --line N
-[--column C] (the cursor in a file: at the end of line N, or before its column C), or --prompts
-FILE (one prompt per line, or .jsonl records with a "prompt"). The completion stops at the end of
+It completes the line at a cursor: --prompt TEXT (the code before the cursor; --suffix TEXT the
+code after it), --file F --line N [--column C] (the cursor in a file: at the end of line N, or
+before its column C), or --prompts FILE (one prompt per line, or .jsonl records with a "prompt").
+A model trained to fill in the middle (`dslm-shard build --fim-rate`; its export's config.json
+says dslm_fim) is given the code after the cursor too, in the PSM layout (dslm_local.fim), and
+writes the middle; any other sees the code before the cursor only. The completion stops at the end of
 the line (--multiline: at the end of the text), at a --stop string or after --max-new-tokens, and
 is printed alone, for an editor to insert. Greedy decoding by default, as dslm-generate decodes:
 the same export gives the same tokens; --strategy sample draws with --temperature, --top-k and
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +27,7 @@ import numpy as np
 from dslm_local.cli import ArgumentParser, run_command
 from dslm_local.decoding import GenerationConfig, Stopper, checked_config, cut_at_stop, pick
 from dslm_local.errors import DslmError
+from dslm_local.fim import FimIds
 from dslm_local.onnx_model import OnnxModel
 from dslm_local.prompts import read_prompt_set, read_text
 
@@ -48,6 +53,8 @@ class Completer:
         self.cfg = replace(cfg, stop_tokens=(model.config.eos_token_id,))
         self.stopper = Stopper(frozenset(self.cfg.stop_tokens), self.cfg.stop_strings, self.decode)
         self.rng = np.random.default_rng(self.cfg.seed)
+        self.fim = FimIds.of(self.tokenizer) if model.config.fim else None
+        """The FIM tokens of a model trained to fill in the middle, else None."""
         self.new_tokens = 0
         """Tokens generated so far (a final stop token not counted, as dslm-generate returns them)."""
 
@@ -55,15 +62,26 @@ class Completer:
         """Text of new ids, special tokens left out, as dslm-generate decodes."""
         return self.tokenizer.decode(ids)
 
-    def prompt_ids(self, prompt: str, keep_last: bool = False) -> list[int]:
-        """<bos> and the prompt's tokens, as the model was trained. A prompt that leaves no room for
-        max_new_tokens in the context is a DslmError, or with `keep_last` keeps its last tokens
-        (the code nearest the cursor matters most; learned positions cannot slide)."""
-        ids = [self.model.config.bos_token_id, *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
+    def prompt_ids(self, prompt: str, keep_last: bool = False, suffix: str | None = None) -> list[int]:
+        """<bos> and the prompt's tokens, as the model was trained; with `suffix` (the code after
+        the cursor) and a FIM model, `<bos> <fim_prefix> prompt <fim_suffix> suffix <fim_middle>`.
+        A prompt that leaves no room for max_new_tokens in the context is a DslmError, or with
+        `keep_last` keeps the code nearest the cursor: the prompt's last tokens and the suffix's
+        first (learned positions cannot slide)."""
         room = self.model.config.block_size - self.cfg.max_new_tokens
+        before = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if suffix is not None and self.fim is not None:
+            after = self.tokenizer.encode(suffix, add_special_tokens=False).ids
+            if keep_last and 1 + 3 + len(before) + len(after) > room > 4:
+                kept_after = min(len(after), (room - 4) // 2)
+                kept_before = min(len(before), room - 4 - kept_after)
+                before, after = before[len(before) - kept_before :], after[: room - 4 - kept_before]
+            ids = [self.model.config.bos_token_id, *self.fim.psm(before, after, [])]
+        else:
+            ids = [self.model.config.bos_token_id, *before]
         if len(ids) <= room:
             return ids
-        if keep_last and room > 0:
+        if keep_last and room > 0 and (suffix is None or self.fim is None):
             return ids[-room:]
         raise DslmError(
             f"the prompt is {len(ids)} tokens with <bos>; the context of {self.model.config.block_size} "
@@ -94,9 +112,9 @@ class Completer:
         return cut_at_stop(self.decode(new), self.cfg.stop_strings, self.cfg.keep_stop_string)
 
 
-def cursor_prompt(path: Path, line: int, column: int | None) -> str:
-    """The text of `path` before the cursor: at the end of 1-based `line`, or before its 1-based
-    `column`. Raises DslmError for a line or column the file does not have."""
+def cursor_text(path: Path, line: int, column: int | None) -> tuple[str, str]:
+    """The text of `path` before and after the cursor: at the end of 1-based `line`, or before its
+    1-based `column`. Raises DslmError for a line or column the file does not have."""
     text = read_text(path, "--file")
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
@@ -104,8 +122,9 @@ def cursor_prompt(path: Path, line: int, column: int | None) -> str:
     current = lines[line - 1]
     if column is not None and not 1 <= column <= len(current) + 1:
         raise DslmError(f"--column {column}: line {line} of {path} has columns 1..{len(current) + 1}")
-    before = "".join(f"{ln}\n" for ln in lines[: line - 1])
-    return before + (current if column is None else current[: column - 1])
+    cut = len(current) if column is None else column - 1
+    before = "".join(f"{ln}\n" for ln in lines[: line - 1]) + current[:cut]
+    return before, text[len(before) :]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,6 +132,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("export", type=Path, metavar="ONNX_EXPORT", help="a folder written by dslm-export --format onnx")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--prompt", metavar="TEXT", help="the code before the cursor")
+    p.add_argument(
+        "--suffix",
+        metavar="TEXT",
+        help="--prompt: the code after the cursor, for a model trained to fill in the middle",
+    )
     where.add_argument("--file", type=Path, metavar="F", help="complete at a cursor in file F (with --line)")
     where.add_argument(
         "--prompts",
@@ -152,6 +176,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.file is None) != (args.line is None) or (args.column is not None and args.file is None):
         p.error("--line (and --column) go with --file, and --file needs --line")
+    if args.suffix is not None and args.prompt is None:
+        p.error("--suffix goes with --prompt (--file takes the code after the cursor from the file)")
     if not 0 <= args.threads <= MAX_THREADS:
         p.error(f"--threads {args.threads}: must be within 0..{MAX_THREADS}")
     return args
@@ -192,22 +218,34 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def prompts_of(args: argparse.Namespace) -> list[tuple[str, bool]]:
-    """(prompt, keep_last) pairs: a file's text before the cursor keeps its last tokens; a prompt
-    given as such must fit."""
+def prompts_of(args: argparse.Namespace) -> list[tuple[str, bool, str | None]]:
+    """(prompt, keep_last, suffix) triples: a file's text before the cursor keeps its last tokens,
+    and the text after it is the suffix; a prompt given as such must fit."""
     if args.file is not None:
-        return [(cursor_prompt(args.file, args.line, args.column), True)]
+        before, after = cursor_text(args.file, args.line, args.column)
+        return [(before, True, after)]
     if args.prompts is not None:
-        return [(prompt, False) for prompt in read_prompt_set(args.prompts)]
-    return [(args.prompt, False)]
+        return [(prompt, False, None) for prompt in read_prompt_set(args.prompts)]
+    return [(args.prompt, False, args.suffix)]
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = generation_config(args)
     prompts = prompts_of(args)
     completer = Completer(OnnxModel(args.export, args.threads), cfg)
-    ids = [completer.prompt_ids(prompt, keep_last) for prompt, keep_last in prompts]  # every prompt fits, first
-    for (prompt, _), prompt_ids in zip(prompts, ids):
+    if completer.fim is None and args.suffix is not None:
+        raise DslmError(
+            f"--suffix: {args.export} was not trained to fill in the middle (no dslm_fim in its config.json); "
+            f"complete with --prompt alone, or export a model trained with `dslm-shard build --fim-rate`"
+        )
+    if completer.fim is None and args.file is not None:
+        print(
+            f"dslm-complete: warning: {args.export} was not trained to fill in the middle: the code after the "
+            f"cursor is not used",
+            file=sys.stderr,
+        )
+    ids = [completer.prompt_ids(prompt, keep_last, suffix) for prompt, keep_last, suffix in prompts]  # all fit, first
+    for (prompt, *_), prompt_ids in zip(prompts, ids):
         start, before = time.perf_counter(), completer.new_tokens
         text = completer.text(completer.new_ids(prompt_ids))
         if args.jsonl:

@@ -42,6 +42,8 @@ class ExportConfig:
     """"forward" or "backward" (dslm_direction): how the model reads text."""
     template: str
     """The instruction template the model was tuned with (dslm_template), "" for none."""
+    fim: bool
+    """Trained to fill in the middle (dslm_fim): completion at a cursor feeds the code after it too."""
     weights: str
     """"fp32" or "int8" (WEIGHTS_KEY)."""
 
@@ -61,6 +63,7 @@ class ExportConfig:
                 hf["eos_token_id"],
                 hf.get("dslm_direction", "forward"),
                 hf.get("dslm_template", ""),
+                bool(hf.get("dslm_fim", False)),
                 hf[WEIGHTS_KEY],
             )
         except FileNotFoundError:
