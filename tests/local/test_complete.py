@@ -200,3 +200,59 @@ def test_a_reader_that_goes_away_ends_it_quietly(onnx_exports, tmp_path):
         timeout=900,
     )
     assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def fim_export(fp32: Path, folder: Path, code_corpus: Path) -> Path:
+    """A copy of the export that says it was trained to fill in the middle, with a tokenizer of its
+    vocabulary's size that holds the FIM tokens (its prompts are checked, never run)."""
+    from dslm_shards.build import train_and_save_tokenizer
+    from dslm_shards.sources import CodeSource
+
+    shutil.copytree(fp32, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dslm_fim": True}))
+    source = CodeSource(spec=f"code:{code_corpus}", root=code_corpus)
+    train_and_save_tokenizer([source], config["vocab_size"], 10**9, folder / "tokenizer.json", overwrite=True, fim=True)
+    return folder
+
+
+def test_a_fim_model_gets_the_code_after_the_cursor_in_psm_and_a_long_file_keeps_both_sides(
+    onnx_exports, tmp_path, code_corpus
+):
+    from dslm_local.fim import FimIds
+
+    folder = fim_export(onnx_exports[2], tmp_path / "fim", code_corpus)
+    completer = Completer(OnnxModel(folder), GenerationConfig(max_new_tokens=8))
+    fim, encode = completer.fim, lambda text: completer.tokenizer.encode(text, add_special_tokens=False).ids
+    assert fim == FimIds.of(completer.tokenizer) and fim is not None
+    before, after = "def load(path):\n    return json.", "(open(path))\n"
+    assert completer.prompt_ids(before, suffix=after) == [
+        completer.model.config.bos_token_id,
+        fim.prefix,
+        *encode(before),
+        fim.suffix,
+        *encode(after),
+        fim.middle,
+    ]
+    long_before, long_after = "x = 1\n" * 200, "y = 2\n" * 200
+    ids = completer.prompt_ids(long_before, keep_last=True, suffix=long_after)
+    room = completer.model.config.block_size - 8
+    assert len(ids) == room and ids[:2] == [completer.model.config.bos_token_id, fim.prefix] and ids[-1] == fim.middle
+    middle = ids.index(fim.suffix)
+    assert ids[2:middle] == encode(long_before)[-(middle - 2) :]  # the code nearest the cursor, both sides
+    assert ids[middle + 1 : -1] == encode(long_after)[: room - 2 - middle]
+
+
+def test_a_suffix_for_a_model_without_fim_is_one_line_and_a_file_cursor_warns_once(onnx_exports, tmp_path):
+    fp32 = onnx_exports[2]
+    proc = run_complete(fp32, "--prompt", "def f(", "--suffix", "):\n")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dslm-complete: error: --suffix: {fp32} was not trained to fill in the middle (no dslm_fim in its "
+        f"config.json); complete with --prompt alone, or export a model trained with `dslm-shard build --fim-rate`"
+    ]
+    source = tmp_path / "f.py"
+    source.write_text("import json\n\ndef load(path):\n    return json.lo\n")
+    proc = run_complete(fp32, "--file", source, "--line", "4", "--column", "17")
+    assert proc.returncode == 0 and proc.stderr.strip().splitlines() == [
+        f"dslm-complete: warning: {fp32} was not trained to fill in the middle: the code after the cursor is not used"
+    ]
