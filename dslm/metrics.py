@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -121,12 +120,14 @@ class Metrics:
         self.writer.flush()
         if self.scalar_log is not None:
             self.scalar_log.log(step, values)
-        if self.console:  # flushed: a batch job's log or a pipe shows each line as it comes
-            tqdm.write(
-                f"step {step:>6} | "
-                + " | ".join(f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in values.items())
+        if self.console:
+            line = f"step {step:>6} | " + " | ".join(
+                f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in values.items()
             )
-            sys.stdout.flush()
+            # flushed before the bar is drawn again: a batch job's log (stdout and stderr in one
+            # file) or a pipe shows each line as it comes, at the start of a line of its own
+            with tqdm.external_write_mode():
+                print(line, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -73,7 +73,7 @@ def test_a_run_records_absolute_paths_its_tokenizer_and_its_resolved_deepspeed_c
     assert saved["given"] == {"data.shards": "../data/code"}
     # the packaged config by its portable name: found in the package wherever dslm is installed
     assert saved["ds_config"] == "ds_configs/zero2.json"
-    assert ds_config_path(saved["ds_config"]) == str(packaged_ds_config())
+    assert Path(ds_config_path(saved["ds_config"])).samefile(packaged_ds_config())
     assert sha256_file(RunDir(run_dir).tokenizer) == Manifest.load(shards).tokenizer_sha256
     ds_config = json.loads(RunDir(run_dir).ds_config.read_text())
     assert ds_config["train_micro_batch_size_per_gpu"] == 2 and ds_config["zero_optimization"]["stage"] == 2

@@ -145,24 +145,29 @@ def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_each_step_line_reaches_a_pipe_as_it_is_logged(tiny_shards, tmp_path, paused):
     """A batch job's log is a file, not a terminal: the console lines must not wait in a buffer
-    until the run ends. Read while the run is paused after step 2."""
+    until the run ends, and each starts a line of its own, also where the progress bar shares
+    the file (stderr and stdout into one log). Read while the run is paused after step 2."""
     shards, _ = tiny_shards
     args = train_args(shards, tmp_path, max_steps=4, warmup_steps=2, log_interval=1, checkpoint_interval=4)
     proc = subprocess.Popen(
         [BIN / "dslm-train", *args],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "DSLM_TEST_PAUSE": "step 2"},
     )
+
+    def starts_a_line(step: int, log: bytes) -> bool:
+        return re.search(rf"^step +{step} \|", log.decode().replace("\r", "\n"), re.M) is not None
+
     try:
         (rank,) = paused(proc, 1)
         os.set_blocking(proc.stdout.fileno(), False)
-        so_far = (proc.stdout.read() or b"").decode()
-        assert "step      1 |" in so_far and "step      2 |" in so_far, so_far[-2000:]
+        so_far = proc.stdout.read() or b""
+        assert starts_a_line(1, so_far) and starts_a_line(2, so_far), so_far[-2000:]
         rank.resume()
         os.set_blocking(proc.stdout.fileno(), True)
-        assert "step      4 |" in proc.communicate(timeout=900)[0].decode()
+        assert starts_a_line(4, proc.communicate(timeout=900)[0])
     finally:
         proc.kill()
 
