@@ -64,19 +64,14 @@ class Completer:
 
     def prompt_ids(self, prompt: str, keep_last: bool = False, suffix: str | None = None) -> list[int]:
         """<bos> and the prompt's tokens, as the model was trained; with `suffix` (the code after
-        the cursor) and a FIM model, `<bos> <fim_prefix> prompt <fim_suffix> suffix <fim_middle>`.
-        A prompt that leaves no room for max_new_tokens in the context is a DslmError, or with
-        `keep_last` keeps the code nearest the cursor: the prompt's last tokens and the suffix's
-        first (learned positions cannot slide)."""
+        the cursor) and a FIM model, the PSM prompt of FimIds.cursor_prompt. A prompt that leaves
+        no room for max_new_tokens in the context is a DslmError, or with `keep_last` keeps the
+        code nearest the cursor: the prompt's last tokens (and the suffix's first)."""
         room = self.model.config.block_size - self.cfg.max_new_tokens
         before = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         if suffix is not None and self.fim is not None:
             after = self.tokenizer.encode(suffix, add_special_tokens=False).ids
-            if keep_last and 1 + 3 + len(before) + len(after) > room > 4:
-                kept_after = min(len(after), (room - 4) // 2)
-                kept_before = min(len(before), room - 4 - kept_after)
-                before, after = before[len(before) - kept_before :], after[: room - 4 - kept_before]
-            ids = [self.model.config.bos_token_id, *self.fim.psm(before, after, [])]
+            ids = self.fim.cursor_prompt(self.model.config.bos_token_id, before, after, room if keep_last else None)
         else:
             ids = [self.model.config.bos_token_id, *before]
         if len(ids) <= room:

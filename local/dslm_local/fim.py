@@ -7,14 +7,17 @@ in which a document's prefix P, middle M and suffix S are laid out:
   in which the prefix runs on into the middle)
 
 Training writes a document that way between `<bos>` and `<eos>` (dslm.data.fim), so the model ends
-a middle with `<eos>`; completion at a cursor feeds PSM with an empty middle. Here, without torch,
-for dslm-complete as for training."""
+a middle with `<eos>`; completion at a cursor feeds PSM with an empty middle (FimIds.cursor_prompt,
+the one home of that prompt for dslm-complete and dslm-generate). Here, without torch, for
+dslm-complete as for training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
+
+from dslm_local.errors import DslmError
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
 FIM_TOKENS = [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD]
@@ -41,6 +44,24 @@ class FimIds:
 
     def spm(self, prefix: list[int], suffix: list[int], middle: list[int]) -> list[int]:
         return [self.prefix, self.suffix, *suffix, self.middle, *prefix, *middle]
+
+    def cursor_prompt(self, bos: int, prefix: list[int], suffix: list[int], room: int | None = None) -> list[int]:
+        """The prompt that asks for the middle at a cursor, as training lays out a PSM document:
+        `<bos> <fim_prefix> prefix <fim_suffix> suffix <fim_middle>` (token ids; the model writes
+        the middle and ends it with <eos>). Given `room` (tokens), a longer prompt keeps the code
+        nearest the cursor, learned positions being unable to slide: the suffix's first tokens, at
+        most half the room for code unless the prefix is shorter, and the prefix's last tokens.
+        Raises DslmError when `room` leaves no place for the four markers."""
+        if room is not None and 4 + len(prefix) + len(suffix) > room:
+            if room < 4:
+                raise DslmError(
+                    f"a prompt at a cursor takes 4 tokens (<bos> and the FIM markers) and the context leaves room "
+                    f"for {room} beside the new tokens: ask for fewer new tokens"
+                )
+            code = room - 4
+            kept = min(len(prefix), code - min(len(suffix), code // 2))
+            prefix, suffix = prefix[len(prefix) - kept :], suffix[: code - kept]
+        return [bos, *self.psm(prefix, suffix, [])]
 
     def unscramble(self, ids: list[int]) -> list[int]:
         """The document order (P M S) of `ids` laid out as PSM or SPM; `ids` as they are when they
