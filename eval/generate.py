@@ -26,6 +26,7 @@ from dslm.model import GPT, KVCache
 from dslm_local.cli import counted
 from dslm_local.decoding import GenerationConfig, Stopper, cut_at_stop
 from dslm_local.decoding import sample_filter as filter_logits
+from dslm_local.fim import FimIds
 
 
 class Stepper:
@@ -269,12 +270,15 @@ class PromptFraming:
     and stops at <eos>. Backward: a prompt is a text's end (before <eos>), fed reversed in token
     order; the model writes what came before, leftwards, and stops at <bos>; the new text is
     turned back. With a template, a prompt fills the template's given block and the model writes
-    the target block (dslm.data.templates.Framer)."""
+    the target block (dslm.data.templates.Framer). A model trained to fill in the middle also
+    takes a prompt at a cursor (cursor_ids) and writes the middle, ending it with <eos>."""
 
     def __init__(self, tokenizer: Tokenizer, framing: Framing):
         self.tok, self.framing, self.backward = tokenizer, framing, framing.direction == "backward"
         self.direction = framing.direction
         self.framer = Framer(get_template(framing.template), tokenizer) if framing.template else None
+        self.fim = FimIds.of(tokenizer) if framing.fim and not framing.template and not self.backward else None
+        """The FIM tokens of a forward model of plain text trained to fill in the middle, else None."""
 
     def ids(self, prompt: str) -> list[int]:
         """The model's input for `prompt`, in its reading order."""
@@ -282,6 +286,13 @@ class PromptFraming:
             return self.framer.prompt(prompt, self.direction)
         ids = self.tok.encode(prompt).ids
         return [EOS_ID, *reversed(ids)] if self.backward else [BOS_ID, *ids]
+
+    def cursor_ids(self, prefix: str, suffix: str, room: int) -> list[int]:
+        """The PSM prompt at a cursor between `prefix` and `suffix` (FimIds.cursor_prompt, as
+        dslm-complete feeds it), at most `room` tokens. Raises ValueError for a model without FIM."""
+        if self.fim is None:
+            raise ValueError("a prompt at a cursor needs a forward model trained to fill in the middle")
+        return self.fim.cursor_prompt(BOS_ID, self.tok.encode(prefix).ids, self.tok.encode(suffix).ids, room)
 
     @property
     def stop_tokens(self) -> tuple[int, ...]:
@@ -320,15 +331,22 @@ def complete(
     cfg: GenerationConfig,
     progress: bool = False,
     framing: Framing = Framing(),
+    suffix: str | None = None,
 ) -> list[str]:
     """The new text for each prompt, framed as the model reads (PromptFraming); cfg.stop_tokens
     is replaced by the framing's end token. Forward, the text follows its prompt; backward, it
-    precedes it; with a template, it is the reply. It is cut at the first stop string
-    (cfg.keep_stop_string), the first in the model's writing order. A plain prompt too long for
-    the context keeps its last tokens; a templated one is a DslmError (check_whole)."""
+    precedes it; with a template, it is the reply; with `suffix` (the code after a cursor, for
+    every prompt; a model trained to fill in the middle only, else ValueError), it is the middle
+    between the prompt and the suffix. It is cut at the first stop string (cfg.keep_stop_string),
+    the first in the model's writing order. A plain prompt too long for the context keeps its last
+    tokens (at a cursor: those nearest the cursor, on both sides); a templated one is a DslmError
+    (check_whole)."""
     frame = PromptFraming(tokenizer, framing)
     cfg = replace(cfg, stop_tokens=frame.stop_tokens)
-    ids = [frame.ids(p) for p in prompts]
+    if suffix is None:
+        ids = [frame.ids(p) for p in prompts]
+    else:
+        ids = [frame.cursor_ids(p, suffix, model.cfg.block_size - cfg.max_new_tokens) for p in prompts]
     if framing.template:
         check_whole(ids, framing.template, cfg.max_new_tokens, model.cfg.block_size)
     new = generate(model, ids, cfg, decode=frame.decode, progress=progress)

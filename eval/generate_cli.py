@@ -7,6 +7,9 @@ output) or after --max-new-tokens.
 Each model reads prompts as it was trained: a backward model (data.direction=backward) takes the
 prompt as the end of a text and writes what comes before it; a model trained on instruction
 shards wraps the prompt in its template and answers until <|im_end|> (--template overrides).
+A model trained to fill in the middle (`dslm-shard build --fim-rate`) completes at a cursor:
+--suffix TEXT is the code after it, the prompt the code before it, and the model writes the
+middle, which is shown between them (the prompt laid out as dslm-complete lays it out).
 Given several models, each prompt's outputs are shown side by side; --prompts FILE --out
 FILE.jsonl keeps them as a fixed evaluation set. --interactive reads prompts from the terminal,
 sampling as the BackChat card does (temperature 0.8, top-k 200, 500 tokens), and takes
@@ -68,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='a fixed prompt set: one prompt per line, or .jsonl records with a "prompt" field',
     )
     p.add_argument(
+        "--suffix",
+        metavar="TEXT",
+        help="the code after the cursor, for a model trained to fill in the middle: it writes the middle "
+        "between the one prompt and TEXT",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         metavar="FILE.jsonl",
@@ -93,7 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)"
     )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.suffix is not None and args.template not in ("auto", "none"):
+        p.error("--suffix: a prompt at a cursor is plain code; drop --template")
+    return args
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +167,27 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def check_suffix(args: argparse.Namespace, prompts: list[str]) -> None:
+    """--suffix goes with one prompt, the code before the cursor (not --interactive)."""
+    if args.suffix is not None and (args.interactive or len(prompts) != 1):
+        raise DslmError(
+            f"--suffix goes with one prompt (--prompt or --prompt-file: the code before the cursor), "
+            f"not {'--interactive' if args.interactive else f'{len(prompts)} prompts'}"
+        )
+
+
+def check_fim(models: list[Model], suffix: str | None) -> None:
+    """A --suffix needs every model to have been trained to fill in the middle (forward, no template)."""
+    if suffix is None:
+        return
+    for m in models:
+        if not m.frame.fim or m.frame.template or m.frame.direction != "forward":
+            raise DslmError(
+                f"--suffix: {m.path} was not trained to fill in the middle of plain code (its config records no "
+                f"fim); continue the --prompt alone, or train on shards built with `dslm-shard build --fim-rate`"
+            )
+
+
 def check_out(out: Path | None, overwrite: bool) -> None:
     """Refuse an --out that cannot be written, or that exists without --overwrite, before any
     generating."""
@@ -174,12 +207,13 @@ def framing(loaded: LoadedModel, template: str) -> Framing:
     return replace(loaded.framing, template="" if template == "none" else template)
 
 
-def shown(prompt: str, text: str, frame: Framing) -> str:
+def shown(prompt: str, text: str, frame: Framing, suffix: str | None = None) -> str:
     """A prompt with its output as a reader wants them: a reply below the prompt, new text where
-    it belongs in the page (after a forward prompt, before a backward one)."""
+    it belongs in the page (after a forward prompt, before a backward one, a middle before its
+    suffix)."""
     if frame.template:
         return f"{prompt}\n=> {text}"
-    return text + prompt if frame.direction == "backward" else prompt + text
+    return text + prompt if frame.direction == "backward" else prompt + text + (suffix or "")
 
 
 @dataclass
@@ -188,8 +222,12 @@ class Model:
     loaded: LoadedModel
     frame: Framing
 
-    def outputs(self, prompts: list[str], cfg: GenerationConfig, progress: bool = True) -> list[str]:
-        return complete(self.loaded.model, self.loaded.tokenizer, prompts, cfg, progress=progress, framing=self.frame)
+    def outputs(
+        self, prompts: list[str], cfg: GenerationConfig, progress: bool = True, suffix: str | None = None
+    ) -> list[str]:
+        return complete(
+            self.loaded.model, self.loaded.tokenizer, prompts, cfg, progress=progress, framing=self.frame, suffix=suffix
+        )
 
 
 def load_models(args: argparse.Namespace) -> list[Model]:
@@ -203,15 +241,18 @@ def load_models(args: argparse.Namespace) -> list[Model]:
     return models
 
 
-def run_prompts(models: list[Model], prompts: list[str], cfg: GenerationConfig, out: Path | None) -> None:
-    """Every model on every prompt (each model with the same seed); print them, and write --out."""
-    outputs = [m.outputs(prompts, cfg) for m in models]
+def run_prompts(
+    models: list[Model], prompts: list[str], cfg: GenerationConfig, out: Path | None, suffix: str | None = None
+) -> None:
+    """Every model on every prompt (each model with the same seed; at a cursor before `suffix`);
+    print them, and write --out."""
+    outputs = [m.outputs(prompts, cfg, suffix=suffix) for m in models]
     for i, prompt in enumerate(prompts):
         if i:
             print(SEPARATOR)
         for m, texts in zip(models, outputs):
             label = f"[{m.path}]\n" if len(models) > 1 else ""
-            print(label + shown(prompt, texts[i], m.frame))
+            print(label + shown(prompt, texts[i], m.frame, suffix))
     if out is not None:
         settings = {
             "strategy": cfg.strategy,
@@ -226,6 +267,7 @@ def run_prompts(models: list[Model], prompts: list[str], cfg: GenerationConfig, 
         rows = [
             {
                 "prompt": p,
+                **({} if suffix is None else {"suffix": suffix}),
                 **settings,
                 "steps": steps,
                 "outputs": {str(m.path): texts[i] for m, texts in zip(models, outputs)},
@@ -300,13 +342,15 @@ def fit_budget(cfg: GenerationConfig, models: list[Model], given: bool) -> Gener
 def run(args: argparse.Namespace) -> None:
     cfg = generation_config(args)
     prompts = read_prompts(args)
+    check_suffix(args, prompts)
     check_out(args.out, args.overwrite)
     models = load_models(args)
+    check_fim(models, args.suffix)
     cfg = fit_budget(cfg, models, given=args.max_new_tokens is not None)
     if args.interactive:
         interactive(models, cfg, terminal_lines())
     else:
-        run_prompts(models, prompts, cfg, args.out)
+        run_prompts(models, prompts, cfg, args.out, args.suffix)
 
 
 def main(argv: list[str] | None = None) -> None:

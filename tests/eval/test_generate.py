@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dslm.data.templates import Framing
+from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.export import write_tokenizer_files
 from dslm.hf import hf_config, hf_state_dict
@@ -22,6 +23,7 @@ from dslm.model import GPT, KVCache, ModelConfig
 from dslm_eval.generate import complete, generate, sample_filter
 from dslm_eval.generate_cli import main
 from dslm_local.decoding import GenerationConfig, cut_at_stop
+from dslm_local.fim import FimIds
 from dslm_shards.tokenizer import train_tokenizer
 
 BIN = Path(sys.executable).parent
@@ -510,3 +512,41 @@ def test_a_templated_prompt_too_long_for_the_context_is_refused_and_a_plain_one_
     )
     assert proc.returncode == 0, proc.stderr
     assert "> not generated: the prompt is" in proc.stdout and "> x\n=> " in proc.stdout, proc.stdout
+
+
+def test_cli_suffix_asks_a_fim_export_for_the_middle_and_keeps_both_sides_of_a_long_cursor(tmp_path, capsys):
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "encoder.py").read_text()
+    tok = train_tokenizer([text], vocab_size=CFG.vocab_size, fim=True)
+    folder = write_export(tmp_path / "fim", peaked_model(), tok)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dslm_fim": True}))
+    before, after = "x = json.dumps(", ")\n"  # 19 tokens: within the room of 32 - 10
+    main([str(folder), "--prompt", before, "--suffix", after, "--max-new-tokens", "10"])
+    fim = FimIds.of(tok)
+    prompt = [BOS_ID, fim.prefix, *tok.encode(before).ids, fim.suffix, *tok.encode(after).ids, fim.middle]
+    cfg = GenerationConfig(max_new_tokens=10, stop_tokens=(EOS_ID,))
+    middle = tok.decode(generate(peaked_model(), [prompt], cfg, decode=tok.decode)[0])
+    assert capsys.readouterr().out == f"{before}{middle}{after}\n"  # the middle where it belongs
+    long_before, long_after = "x = 1\n" * 40, "y = 2\n" * 40  # more than the context of 32 tokens
+    main([str(folder), "--prompt", long_before, "--suffix", long_after, "--max-new-tokens", "6"])
+    kept = fim.cursor_prompt(BOS_ID, tok.encode(long_before).ids, tok.encode(long_after).ids, CFG.block_size - 6)
+    assert len(kept) == CFG.block_size - 6 and kept[:2] == [BOS_ID, fim.prefix] and kept[-1] == fim.middle
+    middle = tok.decode(generate(peaked_model(), [kept], GenerationConfig(max_new_tokens=6, stop_tokens=(EOS_ID,)))[0])
+    assert capsys.readouterr().out == f"{long_before}{middle}{long_after}\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "def f(", "--suffix", "):"], "was not trained to fill in the middle"),
+        (["--prompt", "a", "--prompt", "b", "--suffix", "c"], "--suffix goes with one prompt"),
+        (["--interactive", "--suffix", "c"], "--suffix goes with one prompt"),
+        (["--prompt", "a", "--suffix", "c", "--template", "instruct"], "--suffix: a prompt at a cursor is plain code"),
+    ],
+)
+def test_cli_suffix_without_fim_or_with_several_prompts_is_one_line(tmp_path, tokenizer, capsys, args, message):
+    folder = write_export(tmp_path / "export", peaked_model(), tokenizer)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
