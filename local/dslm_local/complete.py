@@ -3,14 +3,27 @@ ONNX Runtime, tokenizers and numpy only (no torch), small enough for a laptop.
 
 It completes the line at a cursor: --prompt TEXT (the code before the cursor; --suffix TEXT the
 code after it), --file F --line N [--column C] (the cursor in a file: at the end of line N, or
-before its column C), or --prompts FILE (one prompt per line, or .jsonl records with a "prompt").
-A model trained to fill in the middle (`dslm-shard build --fim-rate`; its export's config.json
-says dslm_fim) is given the code after the cursor too, in the PSM layout (dslm_local.fim), and
-writes the middle; any other sees the code before the cursor only. The completion stops at the end of
-the line (--multiline: at the end of the text), at a --stop string or after --max-new-tokens, and
-is printed alone, for an editor to insert. Greedy decoding by default, as dslm-generate decodes:
-the same export gives the same tokens; --strategy sample draws with --temperature, --top-k and
---top-p (seeded by --seed).
+before its column C), --prompts FILE (one prompt per line, or .jsonl records with a "prompt"),
+or --stdio (below). A model trained to fill in the middle (`dslm-shard build --fim-rate`; its
+export's config.json says dslm_fim) is given the code after the cursor too, in the PSM layout
+(dslm_local.fim), and writes the middle; any other sees the code before the cursor only. The
+completion stops at the end of the line (--multiline: at the end of the text), at a --stop string
+or after --max-new-tokens, and is printed alone, for an editor to insert. Greedy decoding by
+default, as dslm-generate decodes: the same export gives the same tokens; --strategy sample draws
+with --temperature, --top-k and --top-p (seeded by --seed).
+
+--stdio serves an editor: the model loaded once, one JSON request a line on stdin (a file's text,
+a cursor, settings), one JSON reply a line on stdout (the completion, timing), until stdin ends:
+
+  {"id": 7, "text": "import os\\nos.pa", "line": 2, "column": 6, "max_new_tokens": 16}
+  {"id": 7, "completion": "th.join(", "prompt_tokens": 9, "new_tokens": 3, "time_ms": 41.5}
+
+The cursor is "line" (1-based) with "column" (1-based, default: the line's end), as --line and
+--column, or "offset" (0-based); both count Unicode characters (code points, not UTF-16 units).
+Optional settings, each the option of the same name by default: max_new_tokens, strategy,
+temperature, top_k, top_p, seed, multiline (true or false) and stop (a list of strings). "id",
+any JSON value, is echoed. A request that cannot be answered gets {"id": ..., "error": "..."}
+and the next is read; each reply is flushed as it is written.
 """
 
 from __future__ import annotations
@@ -19,8 +32,10 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -33,6 +48,19 @@ from dslm_local.prompts import read_prompt_set, read_text
 
 MAX_THREADS = 256
 """--threads at most: each is an OS thread with its own stack; far more than cores only slows."""
+REQUEST_SETTINGS: dict[str, type] = {
+    "max_new_tokens": int,
+    "strategy": str,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "multiline": bool,
+    "stop": list,
+}
+"""A --stdio request's optional settings and their JSON types (a float may be written as an
+integer, stop is a list of strings); each left out is the command line's option of that name."""
+REQUEST_FIELDS = ("id", "text", "line", "column", "offset", *REQUEST_SETTINGS)
 
 
 class Completer:
@@ -108,18 +136,117 @@ class Completer:
 
 
 def cursor_text(path: Path, line: int, column: int | None) -> tuple[str, str]:
-    """The text of `path` before and after the cursor: at the end of 1-based `line`, or before its
-    1-based `column`. Raises DslmError for a line or column the file does not have."""
-    text = read_text(path, "--file")
+    """The text of `path` before and after the cursor (split_at_line). Raises DslmError for a
+    line or column the file does not have."""
+    return split_at_line(read_text(path, "--file"), line, column, f"--file {path}")
+
+
+def split_at_line(text: str, line: int, column: int | None, source: str) -> tuple[str, str]:
+    """`text` before and after the cursor: at the end of 1-based `line`, or before its 1-based
+    `column` (in characters). Raises DslmError, naming `source`, for a line or column the text
+    does not have."""
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
-        raise DslmError(f"--line {line}: {path} has lines 1..{len(lines)}")
+        raise DslmError(f"{source}: no line {line} (lines 1..{len(lines)})")
     current = lines[line - 1]
     if column is not None and not 1 <= column <= len(current) + 1:
-        raise DslmError(f"--column {column}: line {line} of {path} has columns 1..{len(current) + 1}")
+        raise DslmError(f"{source}: line {line} has no column {column} (columns 1..{len(current) + 1})")
     cut = len(current) if column is None else column - 1
     before = "".join(f"{ln}\n" for ln in lines[: line - 1]) + current[:cut]
     return before, text[len(before) :]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One --stdio request: a file's text split at its cursor, and settings over the command line's."""
+
+    before: str
+    """The text before the cursor."""
+    after: str
+    """The text after it: the suffix of a FIM model."""
+    settings: dict[str, object]
+    """Some of REQUEST_SETTINGS, checked for their types."""
+
+    @classmethod
+    def of(cls, fields: dict) -> Request:
+        """The request a JSON object holds. Raises DslmError, in the request's field names, for an
+        unknown field, a missing or ill-typed one, or a cursor outside the text."""
+        unknown = sorted(set(fields) - set(REQUEST_FIELDS))
+        if unknown:
+            raise DslmError(f"unknown field {', '.join(unknown)} (a request's fields: {', '.join(REQUEST_FIELDS)})")
+        text = fields.get("text")
+        if not isinstance(text, str):
+            raise DslmError('a request needs "text": the file\'s text, a string')
+        for name, kind in REQUEST_SETTINGS.items():
+            if name in fields and not of_type(fields[name], kind):
+                raise DslmError(f"{name}: {json.dumps(fields[name])} is not {JSON_TYPES[kind]}")
+        settings = {name: fields[name] for name in REQUEST_SETTINGS if name in fields}
+        return cls(*request_cursor(text, fields), settings)
+
+
+def request_cursor(text: str, fields: dict) -> tuple[str, str]:
+    """`text` before and after a request's cursor: "line" (and "column") as split_at_line takes
+    them, or "offset" (0-based, in characters). Raises DslmError for a cursor that is missing,
+    given twice, not integers, or outside the text."""
+    line, column, offset = (fields.get(name) for name in ("line", "column", "offset"))
+    if any(value is not None and not of_type(value, int) for value in (line, column, offset)):
+        raise DslmError("line, column and offset are integers")
+    if (line is None) == (offset is None) or (column is not None and line is None):
+        raise DslmError('a request\'s cursor is "line" (and "column") or "offset"')
+    if offset is None:
+        return split_at_line(text, line, column, "text")
+    if not 0 <= offset <= len(text):
+        raise DslmError(f"offset {offset}: the text has offsets 0..{len(text)}")
+    return text[:offset], text[offset:]
+
+
+JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list of strings"}
+"""How an error names the JSON type of each REQUEST_SETTINGS type."""
+
+
+def of_type(value: object, kind: type) -> bool:
+    """Whether a JSON value is of a REQUEST_SETTINGS type (true and false are not numbers)."""
+    if isinstance(value, bool) or kind is bool:
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float))
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, kind)
+
+
+def serve(model: OnnxModel, args: argparse.Namespace, lines: Iterable[bytes], out: TextIO) -> None:
+    """--stdio: a reply on `out` to each line of `lines` (a JSON request), in order, each flushed as
+    soon as it is written: the completion at the request's cursor as --file gives it, or the error
+    that kept it from being answered. The request's "id", when given, is echoed; time_ms is the
+    request's time in this process, from its line to its reply."""
+    for line in lines:
+        start, echo = time.perf_counter(), {}
+        try:
+            fields = request_fields(line)
+            echo = {"id": fields["id"]} if "id" in fields else {}
+            request = Request.of(fields)
+            completer = Completer(model, generation_config(args, request.settings))
+            ids = completer.prompt_ids(request.before, keep_last=True, suffix=request.after)
+            text = completer.text(completer.new_ids(ids))
+            reply = {"completion": text, "prompt_tokens": len(ids), "new_tokens": completer.new_tokens}
+            reply["time_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        except DslmError as e:
+            reply = {"error": str(e)}
+        print(json.dumps({**echo, **reply}), file=out, flush=True)
+
+
+def request_fields(line: bytes) -> dict:
+    """The JSON object of a request line. Raises DslmError for a line that is not one."""
+    try:
+        fields = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DslmError("a request is UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DslmError(f"not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise DslmError("a request is a JSON object")
+    return fields
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,6 +265,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         metavar="FILE",
         help='a prompt set: one prompt per line, or .jsonl records with a "prompt" field',
+    )
+    where.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve an editor: a JSON request a line on stdin (text, cursor, settings), a JSON reply a line on "
+        "stdout, until stdin ends (the format is above)",
     )
     p.add_argument("--line", type=int, metavar="N", help="--file: the cursor's line, 1-based")
     p.add_argument(
@@ -173,6 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--line (and --column) go with --file, and --file needs --line")
     if args.suffix is not None and args.prompt is None:
         p.error("--suffix goes with --prompt (--file takes the code after the cursor from the file)")
+    if args.jsonl and args.stdio:
+        p.error("--stdio always replies in JSON lines; drop --jsonl")
     if not 0 <= args.threads <= MAX_THREADS:
         p.error(f"--threads {args.threads}: must be within 0..{MAX_THREADS}")
     return args
@@ -200,17 +335,12 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
 
 
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    stops = tuple(args.stop) + (() if args.multiline else ("\n",))
-    return checked_config(
-        strategy=args.strategy,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_strings=stops,
-        seed=args.seed,
-    )
+def generation_config(args: argparse.Namespace, settings: dict[str, object] | None = None) -> GenerationConfig:
+    """The decoding settings of the command line's options, with `settings` (a --stdio request's,
+    REQUEST_SETTINGS) over them. Raises DslmError for a value out of range."""
+    chosen = {name: getattr(args, name) for name in REQUEST_SETTINGS} | (settings or {})
+    stops = tuple(chosen.pop("stop")) + (() if chosen.pop("multiline") else ("\n",))
+    return checked_config(**chosen, stop_strings=stops)
 
 
 def prompts_of(args: argparse.Namespace) -> list[tuple[str, bool, str | None]]:
@@ -221,7 +351,7 @@ def prompts_of(args: argparse.Namespace) -> list[tuple[str, bool, str | None]]:
         return [(before, True, after)]
     if args.prompts is not None:
         return [(prompt, False, None) for prompt in read_prompt_set(args.prompts)]
-    return [(args.prompt, False, args.suffix)]
+    return [] if args.stdio else [(args.prompt, False, args.suffix)]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -233,12 +363,14 @@ def run(args: argparse.Namespace) -> None:
             f"--suffix: {args.export} was not trained to fill in the middle (no dslm_fim in its config.json); "
             f"complete with --prompt alone, or export a model trained with `dslm-shard build --fim-rate`"
         )
-    if completer.fim is None and args.file is not None:
+    if completer.fim is None and (args.file is not None or args.stdio):
         print(
             f"dslm-complete: warning: {args.export} was not trained to fill in the middle: the code after the "
             f"cursor is not used",
             file=sys.stderr,
         )
+    if args.stdio:
+        return serve(completer.model, args, sys.stdin.buffer, sys.stdout)
     ids = [completer.prompt_ids(prompt, keep_last, suffix) for prompt, keep_last, suffix in prompts]  # all fit, first
     for (prompt, *_), prompt_ids in zip(prompts, ids):
         start, before = time.perf_counter(), completer.new_tokens

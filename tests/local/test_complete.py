@@ -113,6 +113,7 @@ def test_the_int8_export_completes_too(onnx_exports):
         "not_a_folder",
         "other_tokenizer",
         "longer_context_in_config",
+        "stdio_with_jsonl",
     ],
 )
 def test_bad_input_is_one_line(onnx_exports, tmp_path, case):
@@ -148,6 +149,8 @@ def test_bad_input_is_one_line(onnx_exports, tmp_path, case):
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "n_positions": 1024}))
         args = [folder, "--prompt", "x = 1\n" * 60, "--max-new-tokens", "8"]
+    elif case == "stdio_with_jsonl":
+        args = [folder, "--stdio", "--jsonl"]
     proc = run_complete(*args)
     assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("dslm-complete: error: "), proc.stderr
@@ -256,3 +259,78 @@ def test_a_suffix_for_a_model_without_fim_is_one_line_and_a_file_cursor_warns_on
     assert proc.returncode == 0 and proc.stderr.strip().splitlines() == [
         f"dslm-complete: warning: {fp32} was not trained to fill in the middle: the code after the cursor is not used"
     ]
+
+
+def serve(export: Path, lines: list[str], *args) -> subprocess.CompletedProcess:
+    """dslm-complete --stdio fed `lines` (one request each) on stdin, which then ends."""
+    return subprocess.run(
+        [BIN / "dslm-complete", export, "--stdio", *map(str, args)],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.parametrize("fim", [False, True])
+def test_stdio_answers_each_request_line_in_order_as_a_file_cursor_does(onnx_exports, tmp_path, code_corpus, fim):
+    export = fim_export(onnx_exports[2], tmp_path / "fim", code_corpus) if fim else onnx_exports[2]
+    short = "import json\n\ndef load(path):\n    with open(path) as f:\n        return json.lo\n"
+    long = "".join(f"value_{i} = compute({i}, scale=2)\n" for i in range(150)) + "print(value_3)\n"
+    offset = long.index("scale=2)\nvalue_100") + 6  # mid-line, before "2)"
+    line, column = long.count("\n", 0, offset) + 1, offset - long.rindex("\n", 0, offset)
+    requests = [
+        json.dumps({"id": "a", "text": short, "line": 5, "column": 16}),
+        "{not json",
+        json.dumps({"id": 2, "text": long, "offset": offset, "max_new_tokens": 8}),
+        json.dumps({"id": 3, "text": short, "line": 9}),
+        json.dumps({"text": short, "line": 3, "multiline": True, "max_new_tokens": 6}),
+        json.dumps({"id": 5, "text": short, "line": 1, "max_tokens": 4}),
+    ]
+    proc = serve(export, requests, "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(replies) == len(requests)
+    files = {"short.py": short, "long.py": long}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+
+    def one_shot(name: str, *args) -> str:
+        proc = run_complete(export, "--file", tmp_path / name, *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.removesuffix("\n")
+
+    assert replies[0]["id"] == "a"
+    assert replies[0]["completion"] == one_shot("short.py", "--line", 5, "--column", 16, "--max-new-tokens", 12)
+    assert set(replies[1]) == {"error"} and "not JSON" in replies[1]["error"]
+    assert replies[2]["id"] == 2
+    assert replies[2]["completion"] == one_shot("long.py", "--line", line, "--column", column, "--max-new-tokens", 8)
+    assert replies[3] == {"id": 3, "error": "text: no line 9 (lines 1..6)"}
+    expected = one_shot("short.py", "--line", 3, "--multiline", "--max-new-tokens", 6)
+    assert "id" not in replies[4] and replies[4]["completion"] == expected
+    assert replies[5]["id"] == 5 and "max_tokens" in replies[5]["error"]
+    for reply in (replies[0], replies[2], replies[4]):
+        assert set(reply) <= {"id", "completion", "prompt_tokens", "new_tokens", "time_ms"}
+        assert reply["time_ms"] > 0 and reply["prompt_tokens"] > 0 and 0 <= reply["new_tokens"] <= 12
+    warning = f"dslm-complete: warning: {export} was not trained to fill in the middle: the code after the cursor"
+    assert proc.stderr.strip().splitlines() == ([] if fim else [f"{warning} is not used"])
+
+
+def test_stdio_replies_line_by_line_as_requests_come(onnx_exports):
+    """An editor writes a request and waits for its reply before the next: each reply is flushed."""
+    proc = subprocess.Popen(
+        [BIN / "dslm-complete", onnx_exports[2], "--stdio"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for i in range(3):
+            proc.stdin.write(json.dumps({"id": i, "text": "import os\nimport ", "offset": 17}) + "\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline())["id"] == i
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0 and proc.stdout.read() == ""
+    finally:
+        proc.kill()
