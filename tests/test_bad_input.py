@@ -295,6 +295,10 @@ CASES = [
     ("dslm-shard", "build --source code:{corpus} --tokenizer {tokenizer} --out {root}/f --fim-rate 1.5", "within 0..1"),
     ("dslm-shard", "build --source code:{corpus} --tokenizer {tokenizer} --out {root}/f --fim-spm-rate -1", "0..1"),
     ("dslm-shard", "tokenizer --fim --source code:{corpus} --vocab-size 265 --out {root}/t.json", "within 268.."),
+    # issue 29: completion at a cursor needs a FIM model, one prompt, and --stdio answers in JSON only
+    ("dslm-generate", "{base} --prompt x --suffix y", "--suffix: {base} was not trained to fill in the middle"),
+    ("dslm-generate", "{base} --prompt x --prompt y --suffix z", "--suffix goes with one prompt"),
+    ("dslm-complete", "{root} --stdio --jsonl", "--stdio always replies in JSON lines; drop --jsonl"),
 ]
 
 

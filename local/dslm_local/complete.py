@@ -138,19 +138,19 @@ class Completer:
 def cursor_text(path: Path, line: int, column: int | None) -> tuple[str, str]:
     """The text of `path` before and after the cursor (split_at_line). Raises DslmError for a
     line or column the file does not have."""
-    return split_at_line(read_text(path, "--file"), line, column, f"--file {path}")
+    return split_at_line(read_text(path, "--file"), line, column, str(path), "--")
 
 
-def split_at_line(text: str, line: int, column: int | None, source: str) -> tuple[str, str]:
+def split_at_line(text: str, line: int, column: int | None, source: str, prefix: str = "") -> tuple[str, str]:
     """`text` before and after the cursor: at the end of 1-based `line`, or before its 1-based
-    `column` (in characters). Raises DslmError, naming `source`, for a line or column the text
-    does not have."""
+    `column` (in characters). Raises DslmError, naming `source` and the fields `line` and
+    `column` after `prefix` ("--" for the options), for a line or column the text does not have."""
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
-        raise DslmError(f"{source}: no line {line} (lines 1..{len(lines)})")
+        raise DslmError(f"{prefix}line {line}: {source} has lines 1..{len(lines)}")
     current = lines[line - 1]
     if column is not None and not 1 <= column <= len(current) + 1:
-        raise DslmError(f"{source}: line {line} has no column {column} (columns 1..{len(current) + 1})")
+        raise DslmError(f"{prefix}column {column}: line {line} of {source} has columns 1..{len(current) + 1}")
     cut = len(current) if column is None else column - 1
     before = "".join(f"{ln}\n" for ln in lines[: line - 1]) + current[:cut]
     return before, text[len(before) :]
@@ -194,7 +194,7 @@ def request_cursor(text: str, fields: dict) -> tuple[str, str]:
     if (line is None) == (offset is None) or (column is not None and line is None):
         raise DslmError('a request\'s cursor is "line" (and "column") or "offset"')
     if offset is None:
-        return split_at_line(text, line, column, "text")
+        return split_at_line(text, line, column, "the text")
     if not 0 <= offset <= len(text):
         raise DslmError(f"offset {offset}: the text has offsets 0..{len(text)}")
     return text[:offset], text[offset:]

@@ -305,7 +305,7 @@ def test_stdio_answers_each_request_line_in_order_as_a_file_cursor_does(onnx_exp
     assert set(replies[1]) == {"error"} and "not JSON" in replies[1]["error"]
     assert replies[2]["id"] == 2
     assert replies[2]["completion"] == one_shot("long.py", "--line", line, "--column", column, "--max-new-tokens", 8)
-    assert replies[3] == {"id": 3, "error": "text: no line 9 (lines 1..6)"}
+    assert replies[3] == {"id": 3, "error": "line 9: the text has lines 1..6"}
     expected = one_shot("short.py", "--line", 3, "--multiline", "--max-new-tokens", 6)
     assert "id" not in replies[4] and replies[4]["completion"] == expected
     assert replies[5]["id"] == 5 and "max_tokens" in replies[5]["error"]
