@@ -32,12 +32,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from dslm_local.cli import ArgumentParser, run_command
 from dslm_local.decoding import GenerationConfig, Stopper, checked_config, cut_at_stop, pick
@@ -45,6 +46,7 @@ from dslm_local.errors import DslmError
 from dslm_local.fim import FimIds
 from dslm_local.onnx_model import OnnxModel
 from dslm_local.prompts import read_prompt_set, read_text
+from dslm_local.tokens import first_ids, last_ids
 
 MAX_THREADS = 256
 """--threads at most: each is an OS thread with its own stack; far more than cores only slows."""
@@ -96,9 +98,9 @@ class Completer:
         no room for max_new_tokens in the context is a DslmError, or with `keep_last` keeps the
         code nearest the cursor: the prompt's last tokens (and the suffix's first)."""
         room = self.model.config.block_size - self.cfg.max_new_tokens
-        before = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        before = self.encode(prompt, room, keep_last, last_ids)
         if suffix is not None and self.fim is not None:
-            after = self.tokenizer.encode(suffix, add_special_tokens=False).ids
+            after = self.encode(suffix, room, keep_last, first_ids)
             ids = self.fim.cursor_prompt(self.model.config.bos_token_id, before, after, room if keep_last else None)
         else:
             ids = [self.model.config.bos_token_id, *before]
@@ -111,6 +113,16 @@ class Completer:
             f"leaves room for {max(room, 0)} beside --max-new-tokens {self.cfg.max_new_tokens}: "
             f"shorten the prompt or lower --max-new-tokens"
         )
+
+    def encode(
+        self, text: str, room: int, keep_last: bool, window: Callable[[Tokenizer, str, int], list[int]]
+    ) -> list[int]:
+        """The ids of `text`; with `keep_last`, only the `room` of them nearest the cursor that
+        `window` encodes (last_ids before it, first_ids after it), all that a prompt cut to the
+        context keeps, so that a long file costs what its lines near the cursor cost."""
+        if keep_last and room > 0:
+            return window(self.tokenizer, text, room)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def new_ids(self, prompt_ids: list[int]) -> list[int]:
         """Greedy or sampled new token ids after `prompt_ids`, without a final stop token."""

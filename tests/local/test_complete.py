@@ -334,3 +334,23 @@ def test_stdio_replies_line_by_line_as_requests_come(onnx_exports):
         assert proc.wait(timeout=60) == 0 and proc.stdout.read() == ""
     finally:
         proc.kill()
+
+
+def test_the_code_nearest_a_cursor_is_encoded_from_a_window_as_the_whole_text_encodes_it(onnx_exports):
+    """A long file is not encoded whole at each completion: the tokens nearest the cursor come from
+    a window of its text cut at the end of a line that ends with code, and are the whole text's."""
+    from dslm_local.tokens import first_ids, last_ids
+
+    tokenizer = OnnxModel(onnx_exports[3]).tokenizer
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    stdlib = Path(sys.modules["json"].__file__).parents[1]
+    spaced = "x = 1   \n\n  \nif y:\n    z = 2\n\t\n    s = 'ﬁné ✓'\n" * 200  # blanks, indents, NFKC
+    for text in [(stdlib / name).read_text() for name in ("argparse.py", "json/decoder.py", "textwrap.py")] + [spaced]:
+        for cut in (0, 5, len(text) // 3, len(text) // 2 + 7, len(text) - 40, len(text)):
+            before, after = text[:cut], text[cut:]
+            for n in (0, 1, 60, 500):
+                assert last_ids(tokenizer, before, n) == (encode(before)[-n:] if n else []), (text[:40], cut, n)
+                assert first_ids(tokenizer, after, n) == encode(after)[:n], (text[:40], cut, n)
+    indented = "    x = 1 \n" * 400 + "\n\n  \n" + "\ty = 2\t\n" * 300  # no line ends with code: the whole text
+    assert last_ids(tokenizer, indented, 30) == encode(indented)[-30:]
+    assert first_ids(tokenizer, indented, 30) == encode(indented)[:30]
