@@ -19,7 +19,8 @@ the whole text goes in the request, as an editor sends its buffer, and dslm-comp
 code nearest the cursor that fits the context (both sides for a FIM model). Timed in this
 process: from writing a request's line to reading its reply (the round trip an editor waits);
 from the server's replies, its own time_ms. The first reply, which follows the model's loading,
-is reported apart and left out of the percentiles.
+is reported apart and left out of the percentiles. The machine's 1-minute load average before
+and after the requests says whether other work shared the cores.
 """
 
 from __future__ import annotations
@@ -173,12 +174,15 @@ def main() -> None:
     requests = cursor_requests(args.requests + 1, args.lines_before)
     with tempfile.TemporaryDirectory() as tmp:
         export = args.export or untrained_export(args.preset, Path(tmp))
+        load_before = os.getloadavg()[0]
         first_s, replies = measure(export, requests, args)
+        load_after = os.getloadavg()[0]
     figures = summary(first_s, replies) | {
         "model": str(args.export) if args.export else f"{args.preset}, untrained, FIM, int8 ONNX",
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+        "load_average": [round(load_before, 2), round(load_after, 2)],
         "date": str(datetime.date.today()),
         "commit": git_commit("local", "bench"),
     }
@@ -190,7 +194,8 @@ def main() -> None:
 def report(f: dict) -> None:
     print(
         f"complete_latency: {f['model']}; {f['requests']} requests after a first, up to {f['max_new_tokens']} new "
-        f"tokens, one line; {f['cpu']}, {f['threads']} threads; {f['date']}; commit {f['commit']}"
+        f"tokens, one line; {f['cpu']}, {f['threads']} threads, 1-minute load average {f['load_average'][0]} before "
+        f"and {f['load_average'][1]} after; {f['date']}; commit {f['commit']}"
     )
     print("| first reply (load + 1) | round trip p50 | p95 | max | server p50 | p95 | prompt tokens | new tokens |")
     print("|---|---|---|---|---|---|---|---|")
