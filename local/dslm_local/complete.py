@@ -19,7 +19,8 @@ a cursor, settings), one JSON reply a line on stdout (the completion, timing), u
   {"id": 7, "completion": "th.join(", "prompt_tokens": 9, "new_tokens": 3, "time_ms": 41.5}
 
 The cursor is "line" (1-based) with "column" (1-based, default: the line's end), as --line and
---column, or "offset" (0-based); both count Unicode characters (code points, not UTF-16 units).
+--column, or "offset" (0-based); both count Unicode characters (code points, not UTF-16 units),
+and the text is read as --file reads a file (a byte-order mark dropped, \\r\\n read as \\n).
 Optional settings, each the option of the same name by default: max_new_tokens, strategy,
 temperature, top_k, top_p, seed, multiline (true or false) and stop (a list of strings). "id",
 any JSON value, is echoed. A request that cannot be answered gets {"id": ..., "error": "..."}
@@ -198,18 +199,25 @@ class Request:
 
 def request_cursor(text: str, fields: dict) -> tuple[str, str]:
     """`text` before and after a request's cursor: "line" (and "column") as split_at_line takes
-    them, or "offset" (0-based, in characters). Raises DslmError for a cursor that is missing,
-    given twice, not integers, or outside the text."""
+    them, or "offset" (0-based, in characters of the text as sent); each side as --file reads a
+    file (as_read). Raises DslmError for a cursor that is missing, given twice, not integers, or
+    outside the text."""
     line, column, offset = (fields.get(name) for name in ("line", "column", "offset"))
     if any(value is not None and not of_type(value, int) for value in (line, column, offset)):
         raise DslmError("line, column and offset are integers")
     if (line is None) == (offset is None) or (column is not None and line is None):
         raise DslmError('a request\'s cursor is "line" (and "column") or "offset"')
     if offset is None:
-        return split_at_line(text, line, column, "the text")
+        return split_at_line(as_read(text), line, column, "the text")
     if not 0 <= offset <= len(text):
         raise DslmError(f"offset {offset}: the text has offsets 0..{len(text)}")
-    return text[:offset], text[offset:]
+    return as_read(text[:offset]), as_read(text[offset:])
+
+
+def as_read(text: str) -> str:
+    """`text` as read_text reads a file: a byte-order mark at its start dropped, "\\r\\n" and "\\r"
+    read as "\\n" (Python's universal newlines)."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list of strings"}

@@ -316,6 +316,21 @@ def test_stdio_answers_each_request_line_in_order_as_a_file_cursor_does(onnx_exp
     assert proc.stderr.strip().splitlines() == ([] if fim else [f"{warning} is not used"])
 
 
+def test_stdio_reads_a_text_of_crlf_newlines_and_a_byte_order_mark_as_a_file_is_read(onnx_exports):
+    text = "import os\n\ndef here():\n    return os.pa\n"
+    crlf = "\ufeff" + text.replace("\n", "\r\n")
+    requests = [
+        {"text": text, "line": 4, "column": 17},
+        {"text": crlf, "line": 4, "column": 17},
+        {"text": text, "offset": text.index("pa\n") + 2},
+        {"text": crlf, "offset": crlf.index("pa\r\n") + 2},
+    ]
+    proc = serve(onnx_exports[2], [json.dumps(r) for r in requests], "--multiline", "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(replies) == 4 and len({(r["completion"], r["prompt_tokens"]) for r in replies}) == 1, replies
+
+
 def test_stdio_replies_line_by_line_as_requests_come(onnx_exports):
     """An editor writes a request and waits for its reply before the next: each reply is flushed."""
     proc = subprocess.Popen(
