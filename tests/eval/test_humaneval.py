@@ -1,0 +1,155 @@
+"""HumanEval: the pass@k estimator, programs run against their tests in the sandbox, and bits per
+byte of the canonical solutions."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dslm.data.tokens import BOS_ID
+from dslm.errors import DslmError
+from dslm.model import ModelConfig
+from dslm_eval.checkers import CheckerLimits
+from dslm_eval.humaneval import (
+    STOP_SEQUENCES,
+    PassAtKConfig,
+    humaneval_bpb,
+    humaneval_problems,
+    pass_at_k,
+    run_pass_at_k,
+    solution_bits,
+    truncate,
+)
+from tests.conftest import trained_looking_model
+
+LIMITS = CheckerLimits(timeout_s=20, memory_mb=1024)  # generous time: CI machines are shared
+
+
+def closed_form(n: int, c: int, k: int) -> float:
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@pytest.mark.parametrize("n, c, k", [(10, 3, 1), (10, 3, 5), (10, 0, 1), (10, 0, 5), (10, 8, 5), (10, 10, 3)])
+def test_the_estimator_equals_the_closed_form(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(closed_form(n, c, k), abs=1e-12)
+
+
+def test_the_estimator_on_known_cases():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 6, 5) == 1.0, "n - c < k: every draw of k holds a correct sample"
+    assert pass_at_k(200, 2, 100) == pytest.approx(closed_form(200, 2, 100))  # large n stays exact
+
+
+def test_completions_stop_where_humaneval_completions_stop():
+    body = "    return x + 1\n"
+    for stop in STOP_SEQUENCES:
+        assert truncate(body + stop + " more") == body
+    assert truncate("    if x:\n        return 1\n") == "    if x:\n        return 1\n", "indented lines go on"
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[dict]:
+    return humaneval_problems()
+
+
+def answers(problems: list[dict], answer) -> callable:
+    """A completer that answers each HumanEval prompt with answer(problem)."""
+    by_prompt = {p["prompt"]: p for p in problems}
+
+    def complete(prompts: list[str], stop: list[str], max_new_tokens: int) -> list[str]:
+        return [answer(by_prompt[prompt]) for prompt in prompts]
+
+    return complete
+
+
+def test_canonical_solutions_pass_every_problem_and_empty_completions_none(problems):
+    assert len(problems) == 164
+    start = time.monotonic()
+    solved = run_pass_at_k(problems, answers(problems, lambda p: p["canonical_solution"]), PassAtKConfig(), LIMITS)
+    took = time.monotonic() - start
+    assert (solved["problems"], solved["pass@1"], solved["failures"]) == (164, 1.0, {}), solved["failures"]
+    print(f"164 canonical solutions checked in {took:.1f} s")
+
+    empty = run_pass_at_k(problems[:20], answers(problems, lambda p: ""), PassAtKConfig(), LIMITS)
+    assert empty["pass@1"] == 0.0 and sum(empty["failures"].values()) == 20
+
+
+def test_pass_at_k_counts_correct_samples_per_problem(problems):
+    """With 4 samples, of which the completer gets the first 2 of each problem right."""
+    calls = {}
+
+    def complete(prompts, stop, max_new_tokens):
+        out = []
+        for prompt in prompts:
+            calls[prompt] = calls.get(prompt, 0) + 1
+            right = calls[prompt] <= 2
+            out.append(next(p["canonical_solution"] for p in problems[:3] if p["prompt"] == prompt) if right else "")
+        return out
+
+    cfg = PassAtKConfig(samples=4, k=(1, 2, 4), batch_size=3)
+    result = run_pass_at_k(problems[:3], complete, cfg, LIMITS)
+    assert result["pass@1"] == pytest.approx(0.5)
+    assert result["pass@2"] == pytest.approx(closed_form(4, 2, 2))
+    assert result["pass@4"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(samples=0), "samples must be >= 1"),
+        (dict(samples=1, k=(5,)), "k=5"),
+        (dict(samples=4, k=()), "at least one k"),
+        (dict(samples=4, temperature=0), "temperature"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    ],
+)
+def test_pass_at_k_config_rejects_bad_values(settings, message):
+    with pytest.raises(DslmError, match=message):
+        PassAtKConfig(**settings)
+
+
+class CharTokenizer:
+    """A tokenizer of one token per character (ids 8 + code point % 200): the split between
+    prompt and solution is exactly where the text splits."""
+
+    def encode(self, text: str):
+        return type("Encoding", (), {"ids": [8 + ord(ch) % 200 for ch in text]})()
+
+
+def test_bits_per_byte_of_a_solution_is_its_tokens_minus_log2_p_over_its_bytes(problems):
+    model = trained_looking_model(ModelConfig(preset="tiny", vocab_size=256, block_size=1024), seed=1)
+    tokenizer, problem = CharTokenizer(), problems[0]
+    prompt = tokenizer.encode(problem["prompt"]).ids
+    solution = tokenizer.encode(problem["canonical_solution"]).ids
+    ids = torch.tensor([[BOS_ID, *prompt, *solution]])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0]
+    targets = ids[0, 1:]
+    by_hand = -logp[torch.arange(len(targets)), targets][-len(solution) :].sum().item() / math.log(2)
+    assert solution_bits(model, prompt, solution) == pytest.approx(by_hand, rel=1e-5)
+
+    result = humaneval_bpb(model, tokenizer, problems[:3])
+    expected = by_hand / len(problem["canonical_solution"].encode())
+    assert result["problems"] == 3 and math.isfinite(result["bpb"]) and result["bpb"] > 0
+    assert result["per_problem"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_solution_longer_than_the_window_is_scored_whole():
+    """Every token of a solution longer than the model's window is scored, each with the context
+    that fits; a window that holds it all gives the same bits as one pass."""
+    small = trained_looking_model(ModelConfig(preset="tiny", vocab_size=256, block_size=32), seed=2)
+    prompt, solution = list(range(8, 48)), list(range(60, 130))
+    bits = solution_bits(small, prompt, solution)
+    assert math.isfinite(bits) and bits > 0
+    with torch.no_grad():
+        whole = trained_looking_model(ModelConfig(preset="tiny", vocab_size=256, block_size=128), seed=2)
+        ids = torch.tensor([[BOS_ID, *prompt, *solution[:20]]])
+        logp = F.log_softmax(whole(ids[:, :-1]).float(), dim=-1)[0]
+        expected = -logp[torch.arange(ids.size(1) - 1), ids[0, 1:]][-20:].sum().item() / math.log(2)
+    assert solution_bits(whole, prompt, solution[:20]) == pytest.approx(expected, rel=1e-5)
