@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dslm.data.tokens import BOS_ID
 from dslm.errors import DslmError
@@ -33,6 +32,8 @@ from dslm_eval.code_tasks import Complete, complete_all, require_positive
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """Where a completion ends (the Codex paper, section 3.3): a line at column 0 that starts another
 top-level unit, a comment or a statement; lines of the function's body are indented."""
+MAX_SAMPLES = 1000
+"""Most samples per problem: 164,000 programs (the Codex paper draws 200 for pass@100)."""
 
 
 @dataclass
@@ -42,7 +43,8 @@ class PassAtKConfig:
     (eval/cli.py) caps max_new_tokens at half of model.block_size."""
 
     samples: int = 1
-    """Completions per problem (n), >= 1: 1 decodes greedily, more sample (temperature, top_p)."""
+    """Completions per problem (n), within 1..MAX_SAMPLES: 1 decodes greedily, more sample
+    (temperature, top_p)."""
     k: tuple[int, ...] = (1,)
     """The k of each pass@k reported, each within 1..samples."""
     temperature: float = 0.8
@@ -53,7 +55,7 @@ class PassAtKConfig:
     max_new_tokens: int = 512
     """Tokens generated per completion at most, >= 1; stop sequences and <eos> end most sooner."""
     seed: int = 0
-    """Seeds the sampling, >= 0."""
+    """Seeds the sampling, any integer: the same model, settings and seed draw the same samples."""
     batch_size: int = 16
     """Prompts per `Complete` call, >= 1."""
     workers: int = 2
@@ -62,14 +64,14 @@ class PassAtKConfig:
     def __post_init__(self) -> None:
         self.k = tuple(self.k)
         require_positive(self, "samples", "max_new_tokens", "batch_size", "workers")
+        if self.samples > MAX_SAMPLES:
+            raise DslmError(f"pass@k samples={self.samples} must be at most {MAX_SAMPLES} per problem")
         if not self.k:
             raise DslmError("pass@k needs at least one k")
         if bad := [k for k in self.k if not 1 <= k <= self.samples]:
             raise DslmError(f"pass@k: k={bad[0]} must be within 1..{self.samples}, the samples per problem")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise DslmError(f"pass@k needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if self.seed < 0:
-            raise DslmError(f"pass@k seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -146,35 +148,66 @@ def run_pass_at_k(
     }
 
 
-@torch.no_grad()
-def solution_bits(model: GPT, prompt: list[int], solution: list[int]) -> float:
-    """Sum of -log2 p(token | what precedes it) over the `solution` tokens that follow <bos> and
-    the `prompt` tokens. Every solution token is scored; where the whole does not fit the model's
-    window, the solution goes in pieces of half a window, each after as much of what precedes it
-    as fits."""
-    ids = [BOS_ID, *prompt, *solution]
-    window, device = model.cfg.block_size, model.wte.weight.device
-    first, nats = len(ids) - len(solution), 0.0
-    piece = len(solution) if len(ids) - 1 <= window else max(1, window // 2)
+def scored_pieces(ids: list[int], first: int, window: int) -> list[tuple[list[int], int]]:
+    """`ids[first:]` cut into pieces that a model of `window` positions scores, each as (the tokens
+    it reads and the piece's last one, how many at the end are scored). All of ids[first:] is
+    scored once; where the whole does not fit, in pieces of half a window, each after as much of
+    what precedes it as fits."""
+    piece = len(ids) - first if len(ids) - 1 <= window else max(1, window // 2)
+    pieces = []
     for start in range(first, len(ids), piece):
-        end = min(start + piece, len(ids))  # targets ids[start:end]
-        left = max(0, end - 1 - window)
-        inputs = torch.tensor([ids[left : end - 1]], device=device)
-        logp = F.log_softmax(model(inputs).float(), dim=-1)[0, start - 1 - left :]  # (end - start, V)
-        targets = torch.tensor(ids[start:end], device=device)
-        nats -= logp.gather(1, targets[:, None]).sum().item()
-    return nats / math.log(2)
+        end = min(start + piece, len(ids))
+        pieces.append((ids[max(0, end - 1 - window) : end], end - start))
+    return pieces
 
 
-def humaneval_bpb(model: GPT, tokenizer, problems: Sequence[dict]) -> dict:
+@torch.no_grad()
+def pieces_nats(model: GPT, pieces: Sequence[tuple[list[int], int]], batch_size: int) -> list[float]:
+    """-ln p of the scored tokens of each piece (`scored_pieces`), summed per piece; pieces go
+    through the model batch_size at a time, padded on the right (causal attention: padding after
+    a position does not change its logits)."""
+    device, out = model.wte.weight.device, []
+    for b in range(0, len(pieces), batch_size):
+        batch = pieces[b : b + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        rows = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)  # (B, T)
+        logp = F.log_softmax(model(rows[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+        token_logp = logp.gather(2, rows[:, 1:, None])[..., 0]  # (B, T-1): ln p of each next token
+        position = torch.arange(width - 1, device=device)
+        lengths = torch.tensor([len(ids) for ids, _ in batch], device=device)[:, None]
+        scored = torch.tensor([n for _, n in batch], device=device)[:, None]
+        mask = (position >= lengths - 1 - scored) & (position < lengths - 1)  # the last `scored` targets
+        out += (-(token_logp * mask).sum(dim=1)).tolist()
+    return out
+
+
+def solution_bits(model: GPT, prompt: list[int], solution: list[int], batch_size: int = 16) -> float:
+    """Sum of -log2 p(token | what precedes it) over the `solution` tokens that follow <bos> and
+    the `prompt` tokens, every one scored (`scored_pieces`)."""
+    ids = [BOS_ID, *prompt, *solution]
+    return sum(pieces_nats(model, scored_pieces(ids, len(ids) - len(solution), model.cfg.block_size), batch_size)) / (
+        math.log(2)
+    )
+
+
+def humaneval_bpb(model: GPT, tokenizer, problems: Sequence[dict], batch_size: int = 16) -> dict:
     """Bits per byte of each canonical solution given its prompt, {"problems", "bpb" (the mean over
     problems), "per_problem"}. Prompt and solution are tokenized apart and joined, so the solution's
     tokens are exactly the ones scored, as OLMo's in-loop evaluation scores a continuation after its
     context (OLMo-core / OLMo-in-loop-evals: context and continuation encoded separately, the
     continuation's -log p summed and divided by ln 2 and its UTF-8 bytes, averaged over instances).
-    `tokenizer.encode(text).ids` must add no special tokens (dslm's tokenizers add none)."""
-    per_problem = []
-    for problem in tqdm(problems, desc="bpb humaneval", unit="problem", leave=False):
+    `tokenizer.encode(text).ids` must add no special tokens (dslm's tokenizers add none). Pieces of
+    all problems go through the model `batch_size` at a time."""
+    pieces, owner = [], []
+    for i, problem in enumerate(problems):
         prompt, solution = (tokenizer.encode(problem[key]).ids for key in ("prompt", "canonical_solution"))
-        per_problem.append(solution_bits(model, prompt, solution) / len(problem["canonical_solution"].encode()))
+        ids = [BOS_ID, *prompt, *solution]
+        mine = scored_pieces(ids, len(ids) - len(solution), model.cfg.block_size)
+        pieces += mine
+        owner += [i] * len(mine)
+    order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][0]))  # similar lengths pad little
+    nats = [0.0] * len(problems)
+    for j, value in zip(order, pieces_nats(model, [pieces[j] for j in order], batch_size)):
+        nats[owner[j]] += value
+    per_problem = [n / math.log(2) / len(p["canonical_solution"].encode()) for n, p in zip(nats, problems)]
     return {"problems": len(per_problem), "bpb": sum(per_problem) / len(per_problem), "per_problem": per_problem}

@@ -3,7 +3,9 @@ byte of the canonical solutions."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 
 import pytest
@@ -12,8 +14,11 @@ import torch.nn.functional as F
 
 from dslm.data.tokens import BOS_ID
 from dslm.errors import DslmError
+from dslm.metrics import read_scalars
 from dslm.model import ModelConfig
+from dslm_eval import cli
 from dslm_eval.checkers import CheckerLimits
+from dslm_eval.cli import main
 from dslm_eval.humaneval import (
     STOP_SEQUENCES,
     PassAtKConfig,
@@ -153,3 +158,45 @@ def test_a_solution_longer_than_the_window_is_scored_whole():
         logp = F.log_softmax(whole(ids[:, :-1]).float(), dim=-1)[0]
         expected = -logp[torch.arange(ids.size(1) - 1), ids[0, 1:]][-20:].sum().item() / math.log(2)
     assert solution_bits(whole, prompt, solution[:20]) == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ dslm-eval
+
+
+def test_dslm_eval_records_pass_at_k_and_bpb_where_the_other_metrics_go(
+    base_run, problems, tmp_path, capsys, monkeypatch
+):
+    """On HumanEval's first 20 problems (all 164 take minutes on a CPU)."""
+    monkeypatch.setattr(cli, "humaneval_problems", lambda: problems[:20])
+    run = tmp_path / "base"
+    shutil.copytree(base_run, run)
+    main([str(run), "--metrics", "bpb_humaneval,pass_at_k", "--batch-size", "32"])
+    result = json.loads((run / "eval" / "step5.json").read_text())
+    assert result["pass_at_k"]["problems"] == 20 and 0 <= result["pass_at_k"]["pass@1"] <= 1
+    assert result["pass_at_k"]["settings"]["max_new_tokens"] == 64, "half of the tiny preset's window"
+    assert result["bpb_humaneval"]["problems"] == 20 and math.isfinite(result["bpb_humaneval"]["bpb"])
+    assert result["bpb_humaneval"]["bpb"] > 0
+    for tag in ("eval/humaneval/pass@1", "eval/humaneval/bpb"):
+        assert [s for s, _ in read_scalars(run / "tb", tag)] == [5], tag
+    table = capsys.readouterr().out.splitlines()
+    assert "pass@k" in table[0] and "bpb" in table[0] and "exact" not in table[0], "only what was measured"
+    assert table[1].split()[:2] == ["humaneval", f"{result['bpb_humaneval']['bpb']:.4f}"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--metrics", "perplexity,pass@k"],
+            "--metrics: pass@k; choose from perplexity, exact_match, compile_success, "
+            "pass_at_k, bpb_humaneval, fim_exact_match",
+        ),
+        (["--metrics", "pass_at_k", "--pass-k", "1,ten"], "--pass-k 1,ten: give comma-separated whole numbers"),
+        (["--metrics", "pass_at_k", "--pass-k-samples", "5", "--pass-k", "1,10"], "k=10 must be within 1..5"),
+    ],
+)
+def test_bad_pass_at_k_settings_are_one_line(base_run, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(base_run), *args])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "dslm-eval: error" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
