@@ -3,15 +3,28 @@ model trained without fill-in-the-middle."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
+from dslm.config import load_config, save_config
+from dslm.data.fim import FimConfig
+from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
+from dslm.metrics import read_scalars
+from dslm.model import GPT
+from dslm_eval import infilling
 from dslm_eval.cli import main
 from dslm_eval.code_tasks import edit_similarity
-from dslm_eval.infilling import InfillingConfig, build_infilling_tasks, fim_prompt, run_fim_exact_match
+from dslm_eval.infilling import InfillingConfig, build_infilling_tasks, fim_prompt, run_fim_exact_match, torch_infill
+from dslm_eval.load import load_for_eval
 from dslm_local.fim import FimIds
+from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
+from dslm_shards.sources import CodeSource
+from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB, write_tag
 
 DOCS = {
     "python": [
@@ -97,3 +110,62 @@ def test_a_model_trained_without_fim_is_refused_in_one_line(base_run, tmp_path, 
     assert len([line for line in err if "dslm-eval: error" in line]) == 1
     assert "fim_exact_match" in err[-1] and "fill in the middle" in err[-1]
     assert not (run / "eval").exists(), "nothing is evaluated"
+
+
+@pytest.fixture(scope="module")
+def fim_run(tmp_path_factory, code_corpus) -> Path:
+    """A run of the tiny preset trained (as its config says) on FIM shards: a tokenizer with the
+    FIM tokens, shards built with --fim-rate 0.5, and one sealed tag of random weights."""
+    shards = tmp_path_factory.mktemp("fim_shards")
+    sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
+    train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=shards / "tokenizer.json", fim=True)
+    build_shards(
+        ShardConfig(
+            out=shards,
+            tokenizer=shards / "tokenizer.json",
+            seq_len=TINY_SEQ_LEN,
+            samples_per_shard=200,
+            val_fraction=0.1,
+            fim=FimConfig(rate=0.5),
+        ),
+        sources,
+    )
+    cfg = load_config(
+        None,
+        ["name=fim", f"runs_dir={tmp_path_factory.mktemp('fim_runs')}", "model.preset=tiny", f"data.shards={shards}"],
+    )
+    cfg.fim = True
+    save_config(cfg)
+    shutil.copy(shards / "tokenizer.json", cfg.run_dir.tokenizer)
+    torch.manual_seed(0)
+    write_tag(cfg.run_dir.path, 3, {"module": GPT(cfg.model).state_dict(), "global_steps": 3})
+    return cfg.run_dir.path
+
+
+def test_a_fim_model_is_asked_in_psm_and_stops_at_the_line_end(fim_run, monkeypatch):
+    loaded = load_for_eval(fim_run)
+    fim = FimIds.of(loaded.tokenizer)
+    seen = {}
+
+    def fake_generate(model, prompts, cfg, decode):
+        seen.update(prompts=prompts, cfg=cfg)
+        return [loaded.tokenizer.encode("x = 1\ny = 2").ids for _ in prompts]
+
+    monkeypatch.setattr(infilling, "generate", fake_generate)
+    infill = torch_infill(loaded.model, loaded.tokenizer, batch_size=4)
+    assert infill(["def f():\n"], ["\n    return x\n"], max_new_tokens=16) == ["x = 1"]
+    (prompt,) = seen["prompts"]
+    before, after = (loaded.tokenizer.encode(t).ids for t in ("def f():\n", "\n    return x\n"))
+    assert prompt == [BOS_ID, fim.prefix, *before, fim.suffix, *after, fim.middle]
+    assert set(seen["cfg"].stop_tokens) == {EOS_ID, fim.prefix, fim.middle, fim.suffix, fim.pad}
+    assert seen["cfg"].strategy == "greedy" and seen["cfg"].stop_strings == ("\n",)
+
+
+def test_dslm_eval_records_fim_exact_match_per_language_and_overall(fim_run, capsys):
+    main([str(fim_run), "--metrics", "fim_exact_match", "--fim-samples", "4", "--batch-size", "4"])
+    result = json.loads((fim_run / "eval" / "step3.json").read_text())["fim_exact_match"]
+    assert [(lang, r["n"]) for lang, r in result["languages"].items()] == [("python", 4), ("all", 4)]
+    assert 0 <= result["languages"]["all"]["exact_match"] <= result["languages"]["all"]["edit_similarity"] <= 1
+    for tag in ("eval/fim_exact_match/python", "eval/fim_edit_similarity/all"):
+        assert [s for s, _ in read_scalars(fim_run / "tb", tag)] == [3], tag
+    assert "fim em/es" in capsys.readouterr().out
