@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--metrics",
         default=",".join(DEFAULT_METRICS),
-        help=f"comma-separated subset of {','.join(METRICS)} (default: %(default)s)",
+        help=f"comma-separated, of: {', '.join(METRICS)} (default: %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument(
@@ -226,7 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--seed",
         type=int,
         default=0,
-        help="seeds which lines and functions are asked, and pass_at_k's sampling (default: %(default)s)",
+        help="seeds which lines (exact_match, fim_exact_match) and functions (compile_success) are asked, and "
+        "pass_at_k's sampling (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
     p.add_argument(
