@@ -173,6 +173,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, of: {', '.join(METRICS)} (default: %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    add_code_options(p)
+    p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep evaluating new checkpoints of the run until its last step (train.max_steps) is done",
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="--watch: how often to look for new checkpoints, within (0, 86400] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to evaluate on (default: %(default)s)",
+    )
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    args = p.parse_args(argv)
+    if not 0 < args.poll <= MAX_POLL_S:
+        p.error(f"--poll {args.poll:g} must be within (0, {MAX_POLL_S}] seconds")
+    return args
+
+
+def add_code_options(p: argparse.ArgumentParser) -> None:
+    """The options of the metrics that generate code: how many tasks, pass@k's sampling, the seed."""
     p.add_argument(
         "--exact-match-samples",
         type=int,
@@ -229,29 +257,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seeds which lines (exact_match, fim_exact_match) and functions (compile_success) are asked, and "
         "pass_at_k's sampling (default: %(default)s)",
     )
-    p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
-    p.add_argument(
-        "--watch",
-        action="store_true",
-        help="keep evaluating new checkpoints of the run until its last step (train.max_steps) is done",
-    )
-    p.add_argument(
-        "--poll",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="--watch: how often to look for new checkpoints, within (0, 86400] (default: %(default)s)",
-    )
-    p.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device to evaluate on (default: %(default)s)",
-    )
-    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    args = p.parse_args(argv)
-    if not 0 < args.poll <= MAX_POLL_S:
-        p.error(f"--poll {args.poll:g} must be within (0, {MAX_POLL_S}] seconds")
-    return args
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
