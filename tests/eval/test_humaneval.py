@@ -29,6 +29,7 @@ from dslm_eval.humaneval import (
     solution_bits,
     truncate,
 )
+from dslm_eval.load import load_for_eval
 from tests.conftest import trained_looking_model
 
 LIMITS = CheckerLimits(timeout_s=20, memory_mb=1024)  # generous time: CI machines are shared
@@ -200,3 +201,16 @@ def test_bad_pass_at_k_settings_are_one_line(base_run, capsys, args, message):
         main([str(base_run), *args])
     errors = [line for line in capsys.readouterr().err.splitlines() if "dslm-eval: error" in line]
     assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+def test_sampled_completions_differ_between_calls_and_repeat_between_runs(base_run):
+    loaded = load_for_eval(base_run)
+    sampling = PassAtKConfig(samples=4, k=(1, 4), temperature=1.0, seed=-3)
+
+    def two_calls() -> list[list[str]]:
+        complete = cli.completer(loaded, 4, sampling)
+        return [complete(["def f(x):\n"] * 2, ["\ndef"], 8) for _ in range(2)]
+
+    first = two_calls()
+    assert first == two_calls(), "the seed fixes the samples"
+    assert first[0][0] != first[0][1] and first[0] != first[1], "rows and calls draw apart"
