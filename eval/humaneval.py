@@ -114,11 +114,11 @@ def program(problem: dict, completion: str) -> str:
 
 
 def failure(result: CheckResult) -> str:
-    """Why a program failed: the exception that ended it (AssertionError for a wrong answer), or a
-    limit ("timeout", "memory", ...)."""
-    if not result.reason.startswith("exit "):
+    """Why a program failed: the exception that ended it (AssertionError for a wrong answer; the
+    last line of its traceback names it), else its limit or exit ("timeout", "memory", "exit N")."""
+    if not result.reason.startswith("exit ") or "Traceback (most recent call last):" not in result.output:
         return result.reason
-    last = (result.output.strip().splitlines() or [""])[-1]
+    last = result.output.strip().splitlines()[-1]
     found = re.match(r"([A-Za-z_][\w.]*)(?::|$)", last)
     return found[1] if found else result.reason
 

@@ -17,11 +17,12 @@ from dslm.errors import DslmError
 from dslm.metrics import read_scalars
 from dslm.model import ModelConfig
 from dslm_eval import cli
-from dslm_eval.checkers import CheckerLimits
+from dslm_eval.checkers import CheckerLimits, CheckResult
 from dslm_eval.cli import main
 from dslm_eval.humaneval import (
     STOP_SEQUENCES,
     PassAtKConfig,
+    failure,
     humaneval_bpb,
     humaneval_problems,
     pass_at_k,
@@ -214,3 +215,14 @@ def test_sampled_completions_differ_between_calls_and_repeat_between_runs(base_r
     first = two_calls()
     assert first == two_calls(), "the seed fixes the samples"
     assert first[0][0] != first[0][1] and first[0] != first[1], "rows and calls draw apart"
+
+
+def test_a_failure_is_named_by_the_exception_that_ended_the_program_or_its_limit():
+    def failed(reason: str, output: str) -> str:
+        return failure(CheckResult(ok=False, reason=reason, output=output))
+
+    traceback = 'Traceback (most recent call last):\n  File "program.py", line 9, in <module>\n'
+    assert failed("exit 1", traceback + "AssertionError\n") == "AssertionError"
+    assert failed("exit 1", "12\n" + traceback + "NameError: name 'x' is not defined\n") == "NameError"
+    assert failed("exit 3", "printed: words\n") == "exit 3", "no traceback: the exit status"
+    assert failed("timeout", traceback) == "timeout"
