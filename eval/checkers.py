@@ -69,27 +69,34 @@ MAX_PROCESSES = 64
 _ISOLATE_THEN_EXEC = (
     """\
 import ctypes, os, resource, signal, struct, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
-def need(ok, what):
-    if not ok:
-        print(f"sandbox unavailable: {what}: {os.strerror(ctypes.get_errno())}", flush=True)
-        os._exit(%(unavailable)d)
-uid, gid, here = os.getuid(), os.getgid(), os.getcwd().encode()
-need(libc.unshare(0x10000000 | 0x20000 | 0x20000000 | 0x40000000) == 0, "unshare")  # USER NS PID NET
-for name, text in (("setgroups", "deny"), ("uid_map", f"1000 {uid} 1"), ("gid_map", f"1000 {gid} 1")):
-    with open(f"/proc/self/{name}", "w") as f:
-        f.write(text)
-need(libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0, "private mounts")  # MS_REC | MS_PRIVATE
-need(libc.mount(here, here, None, 0x1000, None) == 0, "bind mount")  # MS_BIND
-read_only = struct.pack("QQQQ", 1, 0, 0, 0)  # struct mount_attr: attr_set = MOUNT_ATTR_RDONLY
-writable = struct.pack("QQQQ", 0, 1, 0, 0)  # attr_clr = MOUNT_ATTR_RDONLY
-need(libc.syscall(442, -100, b"/", 0x8000, read_only, 32) == 0, "mount_setattr")  # AT_FDCWD, AT_RECURSIVE
-need(libc.syscall(442, -100, here, 0, writable, 32) == 0, "mount_setattr")
-os.chdir(here)  # the new mount, not the one beneath it
-need(libc.prctl(38, 1, 0, 0, 0) == 0, "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-resource.setrlimit(resource.RLIMIT_NPROC, (%(processes)d, %(processes)d))
+def isolate():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    def need(ok, what):
+        if not ok:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+    uid, gid, here = os.getuid(), os.getgid(), os.getcwd().encode()
+    need(libc.unshare(0x10000000 | 0x20000 | 0x20000000 | 0x40000000) == 0, "unshare")  # USER NS PID NET
+    for name, text in (("setgroups", "deny"), ("uid_map", f"1000 {uid} 1"), ("gid_map", f"1000 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    need(libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0, "private mounts")  # MS_REC | MS_PRIVATE
+    need(libc.mount(here, here, None, 0x1000, None) == 0, "bind mount")  # MS_BIND
+    read_only = struct.pack("QQQQ", 1, 0, 0, 0)  # struct mount_attr: attr_set = MOUNT_ATTR_RDONLY
+    writable = struct.pack("QQQQ", 0, 1, 0, 0)  # attr_clr = MOUNT_ATTR_RDONLY
+    # mount_setattr(2) is syscall 442 on every architecture (Linux 5.12+); -100: AT_FDCWD
+    need(libc.syscall(442, -100, b"/", 0x8000, read_only, 32) == 0, "mount_setattr")  # AT_RECURSIVE
+    need(libc.syscall(442, -100, here, 0, writable, 32) == 0, "mount_setattr")
+    os.chdir(here)  # the new mount, not the one beneath it
+    need(libc.prctl(38, 1, 0, 0, 0) == 0, "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    resource.setrlimit(resource.RLIMIT_NPROC, (%(processes)d, %(processes)d))
+try:
+    isolate()
+except (OSError, AttributeError) as e:  # AttributeError: a C library without unshare (not Linux)
+    print(f"sandbox unavailable: {e}", flush=True)
+    os._exit(%(unavailable)d)
 """
     % {"unavailable": SANDBOX_UNAVAILABLE, "processes": MAX_PROCESSES}
     + _SET_LIMITS

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from dslm.errors import DslmError
+from dslm_eval import checkers
 from dslm_eval.checkers import (
     MAX_OUTPUT_BYTES,
     CheckerLimits,
@@ -388,3 +389,11 @@ def test_a_program_has_no_network():
 def test_programs_run_in_parallel_keep_their_order():
     codes = [f"assert {i} % 3 != 0\n" for i in range(9)]
     assert [r.ok for r in run_python_many(codes, LIMITS, workers=2)] == [i % 3 != 0 for i in range(9)]
+
+
+def test_a_machine_that_refuses_the_sandbox_runs_nothing_and_says_so_in_one_line(monkeypatch):
+    refused = "import sys\nprint('sandbox unavailable: unshare: Operation not permitted')\nsys.exit(125)\n"
+    monkeypatch.setattr(checkers, "_ISOLATE_THEN_EXEC", refused)
+    with pytest.raises(DslmError, match=r"refuses one \(unshare: Operation not permitted\)") as error:
+        run_python("print('ran')\n", LIMITS)
+    assert "\n" not in str(error.value)
