@@ -316,6 +316,12 @@ def run_python(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResul
         return run_limited(cmd, Path(tmp), limits.timeout_s, limits.memory_mb << 20, isolated=True)
 
 
+def require_sandbox(limits: CheckerLimits = CheckerLimits()) -> None:
+    """DslmError where this machine refuses the sandbox that `run_python` needs (an empty program
+    runs in it): called before anything is generated for programs that could never run."""
+    run_python("", limits)
+
+
 def run_python_many(codes: Sequence[str], limits: CheckerLimits, workers: int) -> list[CheckResult]:
     """`run_python` on `workers` threads (each program a sandboxed subprocess); results in input order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:

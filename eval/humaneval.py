@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from dslm.data.tokens import BOS_ID
 from dslm.errors import DslmError
 from dslm.model import GPT
-from dslm_eval.checkers import CheckerLimits, CheckResult, run_python_many
+from dslm_eval.checkers import CheckerLimits, CheckResult, require_sandbox, run_python_many
 from dslm_eval.code_tasks import Complete, complete_all, require_positive
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -131,7 +131,9 @@ def run_pass_at_k(
 ) -> dict:
     """pass@k over `problems`: {"settings": {...}, "problems", "samples", "pass@K" for each k,
     "passed" (problems with at least one passing sample), "failures" (failed samples by reason,
-    see `failure`)}. `complete` gets each prompt cfg.samples times (rows of one prompt together)."""
+    see `failure`)}. `complete` gets each prompt cfg.samples times (rows of one prompt together).
+    Raises DslmError, before asking `complete`, where this machine refuses the sandbox."""
+    require_sandbox(limits)
     prompts = [p["prompt"] for p in problems for _ in range(cfg.samples)]
     stops = [STOP_SEQUENCES] * len(prompts)
     completions = complete_all(complete, prompts, stops, cfg.max_new_tokens, cfg.batch_size, "pass@k completions")

@@ -16,7 +16,7 @@ from dslm.data.tokens import BOS_ID
 from dslm.errors import DslmError
 from dslm.metrics import read_scalars
 from dslm.model import ModelConfig
-from dslm_eval import cli
+from dslm_eval import checkers, cli
 from dslm_eval.checkers import CheckerLimits, CheckResult
 from dslm_eval.cli import main
 from dslm_eval.humaneval import (
@@ -226,3 +226,14 @@ def test_a_failure_is_named_by_the_exception_that_ended_the_program_or_its_limit
     assert failed("exit 1", "12\n" + traceback + "NameError: name 'x' is not defined\n") == "NameError"
     assert failed("exit 3", "printed: words\n") == "exit 3", "no traceback: the exit status"
     assert failed("timeout", traceback) == "timeout"
+
+
+def test_pass_at_k_on_a_machine_that_refuses_the_sandbox_asks_the_model_nothing(problems, monkeypatch):
+    refused = "import sys\nprint('sandbox unavailable: unshare: Operation not permitted')\nsys.exit(125)\n"
+    monkeypatch.setattr(checkers, "_ISOLATE_THEN_EXEC", refused)
+
+    def complete(prompts, stop, max_new_tokens):
+        raise AssertionError("the model was asked")
+
+    with pytest.raises(DslmError, match="refuses one"):
+        run_pass_at_k(problems, complete, PassAtKConfig(), LIMITS)
