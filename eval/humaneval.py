@@ -114,13 +114,15 @@ def program(problem: dict, completion: str) -> str:
 
 
 def failure(result: CheckResult) -> str:
-    """Why a program failed: the exception that ended it (AssertionError for a wrong answer; the
-    last line of its traceback names it), else its limit or exit ("timeout", "memory", "exit N")."""
-    if not result.reason.startswith("exit ") or "Traceback (most recent call last):" not in result.output:
+    """Why a program failed: the exception that ended it, as the last line of the output names it
+    after a traceback (AssertionError for a wrong answer) or as a compile error (SyntaxError,
+    IndentationError: no traceback); else its limit or exit ("timeout", "memory", "exit N")."""
+    if not result.reason.startswith("exit ") or not result.output.strip():
         return result.reason
-    last = result.output.strip().splitlines()[-1]
-    found = re.match(r"([A-Za-z_][\w.]*)(?::|$)", last)
-    return found[1] if found else result.reason
+    found = re.match(r"([A-Za-z_][\w.]*)(?::|$)", result.output.strip().splitlines()[-1])
+    if found and ("Traceback (most recent call last):" in result.output or found[1].endswith("Error")):
+        return found[1]
+    return result.reason
 
 
 def run_pass_at_k(

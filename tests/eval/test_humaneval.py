@@ -225,6 +225,9 @@ def test_a_failure_is_named_by_the_exception_that_ended_the_program_or_its_limit
     assert failed("exit 1", traceback + "AssertionError\n") == "AssertionError"
     assert failed("exit 1", "12\n" + traceback + "NameError: name 'x' is not defined\n") == "NameError"
     assert failed("exit 3", "printed: words\n") == "exit 3", "no traceback: the exit status"
+    assert failed("exit 1", "  File \"program.py\", line 3\n    x = (\n    ^\nSyntaxError: '(' was never closed\n") == (
+        "SyntaxError"
+    ), "a compile error has no traceback"
     assert failed("timeout", traceback) == "timeout"
 
 
