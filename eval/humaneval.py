@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from dslm.data.tokens import BOS_ID
 from dslm.errors import DslmError
@@ -185,16 +186,7 @@ def pieces_nats(model: GPT, pieces: Sequence[tuple[list[int], int]], batch_size:
     return out
 
 
-def solution_bits(model: GPT, prompt: list[int], solution: list[int], batch_size: int = 16) -> float:
-    """Sum of -log2 p(token | what precedes it) over the `solution` tokens that follow <bos> and
-    the `prompt` tokens, every one scored (`scored_pieces`)."""
-    ids = [BOS_ID, *prompt, *solution]
-    return sum(pieces_nats(model, scored_pieces(ids, len(ids) - len(solution), model.cfg.block_size), batch_size)) / (
-        math.log(2)
-    )
-
-
-def humaneval_bpb(model: GPT, tokenizer, problems: Sequence[dict], batch_size: int = 16) -> dict:
+def humaneval_bpb(model: GPT, tokenizer: Tokenizer, problems: Sequence[dict], batch_size: int = 16) -> dict:
     """Bits per byte of each canonical solution given its prompt, {"problems", "bpb" (the mean over
     problems), "per_problem"}. Prompt and solution are tokenized apart and joined, so the solution's
     tokens are exactly the ones scored, as OLMo's in-loop evaluation scores a continuation after its

@@ -26,8 +26,9 @@ from dslm_eval.humaneval import (
     humaneval_bpb,
     humaneval_problems,
     pass_at_k,
+    pieces_nats,
     run_pass_at_k,
-    solution_bits,
+    scored_pieces,
     truncate,
 )
 from dslm_eval.load import load_for_eval
@@ -139,27 +140,31 @@ def test_bits_per_byte_of_a_solution_is_its_tokens_minus_log2_p_over_its_bytes(p
         logp = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0]
     targets = ids[0, 1:]
     by_hand = -logp[torch.arange(len(targets)), targets][-len(solution) :].sum().item() / math.log(2)
-    assert solution_bits(model, prompt, solution) == pytest.approx(by_hand, rel=1e-5)
 
-    result = humaneval_bpb(model, tokenizer, problems[:3])
-    expected = by_hand / len(problem["canonical_solution"].encode())
+    result = humaneval_bpb(model, tokenizer, problems[:3], batch_size=2)
     assert result["problems"] == 3 and math.isfinite(result["bpb"]) and result["bpb"] > 0
-    assert result["per_problem"][0] == pytest.approx(expected, rel=1e-5)
+    assert result["per_problem"][0] == pytest.approx(by_hand / len(problem["canonical_solution"].encode()), rel=1e-5)
+    assert result["bpb"] == pytest.approx(sum(result["per_problem"]) / 3)
 
 
-def test_a_solution_longer_than_the_window_is_scored_whole():
-    """Every token of a solution longer than the model's window is scored, each with the context
-    that fits; a window that holds it all gives the same bits as one pass."""
-    small = trained_looking_model(ModelConfig(preset="tiny", vocab_size=256, block_size=32), seed=2)
-    prompt, solution = list(range(8, 48)), list(range(60, 130))
-    bits = solution_bits(small, prompt, solution)
-    assert math.isfinite(bits) and bits > 0
-    with torch.no_grad():
-        whole = trained_looking_model(ModelConfig(preset="tiny", vocab_size=256, block_size=128), seed=2)
-        ids = torch.tensor([[BOS_ID, *prompt, *solution[:20]]])
-        logp = F.log_softmax(whole(ids[:, :-1]).float(), dim=-1)[0]
-        expected = -logp[torch.arange(ids.size(1) - 1), ids[0, 1:]][-20:].sum().item() / math.log(2)
-    assert solution_bits(whole, prompt, solution[:20]) == pytest.approx(expected, rel=1e-5)
+def test_a_solution_longer_than_the_window_is_scored_token_by_token_once():
+    """Each solution token is scored once, after at least half a window of what precedes it (or
+    all of it), in pieces no longer than the window."""
+    ids, first, window = list(range(110)), 41, 32
+    pieces = scored_pieces(ids, first, window)
+    scored = [t for tokens, n in pieces for t in tokens[-n:]]
+    assert scored == ids[first:]
+    for tokens, n in pieces:
+        assert len(tokens) - 1 <= window and (len(tokens) - 1 - n >= window // 2 or tokens[0] == ids[0])
+    assert scored_pieces(ids, first, 200) == [(ids, 110 - first)], "a window that holds it all: one piece"
+
+
+def test_pieces_padded_into_a_batch_score_as_they_do_alone():
+    model = trained_looking_model(ModelConfig(preset="tiny", vocab_size=256, block_size=32), seed=2)
+    pieces = scored_pieces([BOS_ID, *range(8, 90)], 30, 32) + [([BOS_ID, 9, 10], 1), ([BOS_ID, *range(40, 60)], 7)]
+    alone = [pieces_nats(model, [piece], batch_size=1)[0] for piece in pieces]
+    assert pieces_nats(model, pieces, batch_size=3) == pytest.approx(alone, rel=1e-5)
+    assert all(math.isfinite(n) and n > 0 for n in alone)
 
 
 # ------------------------------------------------------------------------------ dslm-eval
