@@ -700,6 +700,24 @@ SIZES = [
     ),
     (
         "dslm-eval",
+        "{run} --metrics pass_at_k --force",
+        "--pass-k-samples {v}",
+        {0: "samples must be >= 1", -1: "samples must be >= 1", BIG: "samples=1000000000 must be at most 1000"},
+    ),
+    (  # an accepted temperature goes on to the next check: this model has no FIM
+        "dslm-eval",
+        "{run} --metrics pass_at_k,fim_exact_match --pass-k-samples 2 --force",
+        "--pass-k-temperature {v}",
+        {0: "temperature > 0", -1: "temperature > 0", BIG: "was not trained to fill in the middle"},
+    ),
+    (
+        "dslm-eval",
+        "{run} --metrics fim_exact_match --force",
+        "--fim-samples {v}",
+        {0: "samples_per_language must be >= 1", -1: "must be >= 1", BIG: "was not trained to fill in the middle"},
+    ),
+    (
+        "dslm-eval",
         "{run} --metrics exact_match --exact-match-samples 2 --force",
         "--seed {v}",
         {0: None, -1: None, BIG: None},

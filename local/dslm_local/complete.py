@@ -27,7 +27,7 @@ import numpy as np
 from dslm_local.cli import ArgumentParser, run_command
 from dslm_local.decoding import GenerationConfig, Stopper, checked_config, cut_at_stop, pick
 from dslm_local.errors import DslmError
-from dslm_local.fim import FimIds
+from dslm_local.fim import FimIds, fit_around
 from dslm_local.onnx_model import OnnxModel
 from dslm_local.prompts import read_prompt_set, read_text
 
@@ -72,10 +72,8 @@ class Completer:
         before = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         if suffix is not None and self.fim is not None:
             after = self.tokenizer.encode(suffix, add_special_tokens=False).ids
-            if keep_last and 1 + 3 + len(before) + len(after) > room > 4:
-                kept_after = min(len(after), (room - 4) // 2)
-                kept_before = min(len(before), room - 4 - kept_after)
-                before, after = before[len(before) - kept_before :], after[: room - 4 - kept_before]
+            if keep_last and room > 4:
+                before, after = fit_around(before, after, room - 4)
             ids = [self.model.config.bos_token_id, *self.fim.psm(before, after, [])]
         else:
             ids = [self.model.config.bos_token_id, *before]

@@ -54,3 +54,13 @@ class FimIds:
         if not 0 < suffix < mid:
             raise ValueError("not a PSM or SPM layout")
         return [*ids[1:suffix], *ids[mid + 1 :], *ids[suffix + 1 : mid]]
+
+
+def fit_around(before: list[int], after: list[int], room: int) -> tuple[list[int], list[int]]:
+    """The tokens nearest a cursor that fit in `room` (>= 0) together: the end of `before` (the code
+    before the cursor) and the start of `after` (the code after it), each given half the room where
+    both need more, and what one leaves to the other (learned positions cannot slide)."""
+    if len(before) + len(after) <= room:
+        return before, after
+    kept_before = min(len(before), room - min(len(after), room // 2))
+    return before[len(before) - kept_before :], after[: room - kept_before]
