@@ -13,7 +13,7 @@ completed by the model and run against their unit tests in a sandbox: pass@1 gre
 from --pass-k-samples samples), bpb_humaneval (bits per byte of HumanEval's canonical solutions
 given their prompts) and fim_exact_match (single-line infilling on held-out code, for a model
 trained with fill-in-the-middle). Results go to runs/NAME/eval/stepN.json and to
-TensorBoard as eval/* at the checkpoint's step; on another shard set SET (--shards SET, not the
+TensorBoard as eval/* at the checkpoint's step (the same scalars under the result's "scalars"); on another shard set SET (--shards SET, not the
 run's own), to runs/NAME/eval/stepN/SET.json and eval/SET/*. A summary table is printed.
 """
 
@@ -38,11 +38,13 @@ from dslm.cli import ArgumentParser, run_command
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.errors import DslmError
+from dslm.evals import METRICS
 from dslm.files import atomic_write_text
 from dslm.logs import VERBOSE_HELP, LibraryOutput, warning
 from dslm.metrics import Metrics
 from dslm.model_source import ModelSource, resolve_source
 from dslm.run_dir import RunDir
+from dslm.signals import test_pause
 from dslm_eval.checkers import CheckerLimits
 from dslm_eval.code_tasks import (
     HUMANEVAL,
@@ -62,7 +64,6 @@ from dslm_eval.perplexity import ALL, perplexity
 from dslm_local.decoding import GenerationConfig
 
 PROG = "dslm-eval"
-METRICS = ("perplexity", "exact_match", "compile_success", "pass_at_k", "bpb_humaneval", "fim_exact_match")
 DEFAULT_METRICS = METRICS[:3]
 """What --metrics asks by default: pass_at_k runs 164 programs per sample, and fim_exact_match
 needs a model trained with FIM."""
@@ -516,6 +517,7 @@ def evaluate_all(
     for target in (t for t in targets if t not in done):
         out = results.path(target)
         result = evaluate(target, data, cfg, device)
+        result["scalars"] = results.tb_scalars(result)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         if results.run is not None:
             metrics = metrics or Metrics(results.run.tb, enabled=True, console=False)
@@ -578,6 +580,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    test_pause("eval")
     args = parse_args(argv)
     with LibraryOutput(PROG, args.verbose):
         run_command(PROG, lambda: run(args))

@@ -1,0 +1,117 @@
+"""train.evals: dslm-eval on each checkpoint in the background while the run trains, its results in
+TensorBoard and metrics.csv at the checkpoint's step; a failed or timed-out eval is one warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dslm.data.fim import FimConfig
+from dslm.metrics import read_rows, read_scalars
+from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
+from dslm_shards.sources import CodeSource
+from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB
+from tests.dslm.test_train import BIN, train_args
+
+FOUR_STEPS = dict(max_steps=4, warmup_steps=1, log_interval=1, checkpoint_interval=2, val_interval=0)
+
+
+@pytest.fixture(scope="module")
+def fim_shards(tmp_path_factory, code_corpus) -> Path:
+    """Shards built with fill-in-the-middle (--fim-rate 0.5) and a tokenizer with the FIM tokens."""
+    shards = tmp_path_factory.mktemp("fim_shards")
+    sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
+    train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=shards / "tokenizer.json", fim=True)
+    cfg = ShardConfig(
+        out=shards,
+        tokenizer=shards / "tokenizer.json",
+        seq_len=TINY_SEQ_LEN,
+        samples_per_shard=200,
+        val_fraction=0.1,
+        fim=FimConfig(rate=0.5),
+    )
+    build_shards(cfg, sources)
+    return shards
+
+
+def dslm_train(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BIN / "dslm-train", *args], capture_output=True, text=True, cwd=cwd, timeout=900, env={**os.environ, **env}
+    )
+
+
+def warnings(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "warning:" in line]
+
+
+def test_each_checkpoint_is_evaluated_into_tensorboard_and_metrics_csv(fim_shards, tmp_path):
+    args = train_args(fim_shards, tmp_path, **FOUR_STEPS) + [
+        "train.evals=[bpb_humaneval, fim_exact_match]",
+        "train.eval_args=[--fim-samples, '2', --batch-size, '2']",
+    ]
+    proc = dslm_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "t"
+    assert warnings(proc) == []
+    columns, rows = read_rows(run / "metrics.csv")
+    by_step = {int(row["step"]): row for row in rows}
+    assert sorted(by_step) == [1, 2, 3, 4], "each step once"
+    for tag in ("eval/humaneval/bpb", "eval/fim_exact_match/all", "eval/fim_edit_similarity/python"):
+        assert [s for s, _ in read_scalars(run / "tb", tag)] == [2, 4], tag
+        assert [s for s, row in by_step.items() if row.get(tag)] == [2, 4], tag
+        from_tb = dict(read_scalars(run / "tb", tag))
+        assert [float(by_step[s][tag]) for s in (2, 4)] == pytest.approx([from_tb[2], from_tb[4]], rel=1e-6)
+    assert all(row["train/loss"] for row in rows), "the eval's cells join the training rows"
+    assert sorted(p.name for p in (run / "logs").glob("eval-*.log")) == ["eval-step2.log", "eval-step4.log"]
+
+
+def test_other_shard_sets_get_perplexity_under_their_own_name(tiny_shards, other_shards, tmp_path):
+    args = train_args(tiny_shards[0], tmp_path, **FOUR_STEPS) + [
+        "train.evals=[perplexity]",
+        f"train.eval_shards=[{other_shards[0]}]",
+    ]
+    proc = dslm_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "t"
+    (other,) = (run / "eval" / "step4").glob("*.json")
+    tags = [c for c in read_rows(run / "metrics.csv")[0] if c.startswith("eval/")]
+    assert "eval/val_loss" in tags and f"eval/{other.stem}/val_loss" in tags
+    assert [s for s, _ in read_scalars(run / "tb", f"eval/{other.stem}/val_loss")] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "setting, env, says",
+    [
+        (["train.eval_args=[--shards, /nonexistent]"], {}, "failed (exit status 2)"),
+        (["train.eval_timeout_s=1"], {"DSLM_TEST_PAUSE": "eval"}, "timed out after train.eval_timeout_s=1"),
+    ],
+    ids=["crash", "timeout"],
+)
+def test_a_failed_eval_is_one_warning_and_the_run_goes_on(tiny_shards, tmp_path, setting, env, says):
+    args = train_args(tiny_shards[0], tmp_path, **FOUR_STEPS) + ["train.evals=[perplexity]", *setting]
+    proc = dslm_train(args, tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "t"
+    assert sorted(p.name for p in (run / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
+    lines = warnings(proc)
+    assert len(lines) == 2, proc.stderr[-3000:]
+    for step, line in zip((2, 4), lines):
+        assert says in line and str(run / "logs" / f"eval-step{step}.log") in line, line
+    assert not any(c.startswith("eval/") for c in read_rows(run / "metrics.csv")[0])
+
+
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("train.evals=[perplexity, bleu]", "train.evals: bleu is not a dslm-eval metric"),
+        ("train.evals=[fim_exact_match]", "train.evals=fim_exact_match needs shards built with fill-in-the-middle"),
+    ],
+)
+def test_bad_evals_are_one_line_before_training(tiny_shards, tmp_path, setting, says):
+    proc = dslm_train(train_args(tiny_shards[0], tmp_path, **FOUR_STEPS) + [setting], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "t" / "checkpoints").exists()
