@@ -143,6 +143,10 @@ class BackgroundEvals:
         them at once when `stopping()` turns true (a stop signal)."""
         while self.running is not None:
             if stopping():
+                warning(
+                    f"the eval of step {self.running.step} was killed on the stop signal: `dslm-eval "
+                    f"{self.run.path}` evaluates the run's checkpoints that have no result yet"
+                )
                 self.close()
                 return
             try:

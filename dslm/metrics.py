@@ -70,9 +70,10 @@ class ScalarLog:
             rows = sorted([*rows, row], key=lambda r: int(r["step"]))
         row.update({tag: float(value) for tag, value in values.items()})
         self.rewrite(rows)
+        self.file = self.path.open("a", newline="")
         if self.last is not None:  # the last row moved: a longer header or row before it
             last = {**rows[-1], "step": int(rows[-1]["step"])}
-            self.last = (self.path.stat().st_size - len(csv_line(self.columns, last).encode()), last)
+            self.last = (self.file.tell() - len(csv_line(self.columns, last).encode()), last)
 
     def rewrite(self, rows: list[dict[str, str]]) -> None:
         atomic_write_text(

@@ -4,9 +4,12 @@ TensorBoard and metrics.csv at the checkpoint's step; a failed or timed-out eval
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dslm.data.fim import FimConfig
@@ -115,3 +118,39 @@ def test_bad_evals_are_one_line_before_training(tiny_shards, tmp_path, setting, 
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
     assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def paused_eval(proc: subprocess.Popen) -> psutil.Process:
+    """The dslm-eval that `proc` started, once it has stopped itself (DSLM_TEST_PAUSE=eval)."""
+    while True:
+        assert proc.poll() is None, f"the run ended before its eval paused: {proc.communicate()}"
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                if "dslm_eval.cli" in child.cmdline() and child.status() == psutil.STATUS_STOPPED:
+                    return child
+        except psutil.Error:  # a short-lived child went meanwhile
+            pass
+        time.sleep(0.05)
+
+
+def test_a_stop_signal_kills_the_last_eval_instead_of_waiting_for_it(tiny_shards, tmp_path):
+    args = train_args(tiny_shards[0], tmp_path, **(FOUR_STEPS | dict(max_steps=2))) + ["train.evals=[perplexity]"]
+    proc = subprocess.Popen(
+        [BIN / "dslm-train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DSLM_TEST_PAUSE": "eval"},
+    )
+    try:
+        evaluating = paused_eval(proc)  # started after the last checkpoint: the run waits for it (an hour)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert not evaluating.is_running()
+    (line,) = [line for line in err.splitlines() if "warning:" in line]
+    assert "the eval of step 2 was killed on the stop signal" in line
+    assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step2"
