@@ -95,8 +95,8 @@ class TrainConfig(OptimConfig):
     perplexity on too (dslm-eval --shards): results under eval/SET/*, SET being the folder's name and
     the first 8 hex digits of its manifest's sha256."""
     eval_args: list[str] = field(default_factory=list)
-    """More dslm-eval options for those evals, as on its command line, e.g. [--fim-samples, "8",
-    --batch-size, "4"]; one it refuses fails each eval (a warning naming its log)."""
+    """More dslm-eval options for those evals, as on its command line, e.g. [--fim-samples, 8,
+    --batch-size, 4]; one it refuses fails each eval (a warning naming its log)."""
     eval_device: str = "cpu"
     """Those evals' torch device (dslm-eval --device). "cpu", the default, never takes memory from
     training (the eval runs at a lower CPU priority than the ranks); "cuda" evaluates on the first
