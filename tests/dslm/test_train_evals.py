@@ -111,9 +111,12 @@ def test_a_failed_eval_is_one_warning_and_the_run_goes_on(tiny_shards, tmp_path,
     [
         ("train.evals=[perplexity, bleu]", "train.evals: bleu is not a dslm-eval metric"),
         ("train.evals=[fim_exact_match]", "train.evals=fim_exact_match needs shards built with fill-in-the-middle"),
+        ("train.eval_shards=[{tmp}/none]", "train.eval_shards: {tmp}/none does not exist"),
+        ("train.eval_shards=[{fim}]", "train.eval_shards: {fim} was built with another tokenizer"),
     ],
 )
-def test_bad_evals_are_one_line_before_training(tiny_shards, tmp_path, setting, says):
+def test_bad_evals_are_one_line_before_training(tiny_shards, fim_shards, tmp_path, setting, says):
+    setting, says = (text.format(tmp=tmp_path, fim=fim_shards) for text in (setting, says))
     proc = dslm_train(train_args(tiny_shards[0], tmp_path, **FOUR_STEPS) + [setting], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
