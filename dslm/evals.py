@@ -12,6 +12,7 @@ run goes on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -125,7 +126,8 @@ class BackgroundEvals:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a group of its own: the job's signals do not reach it, a kill reaches all of it
         )
-        os.setpriority(os.PRIO_PROCESS, job.process.pid, NICENESS)  # before it imports torch and starts threads
+        with contextlib.suppress(ProcessLookupError):  # it ended already
+            os.setpriority(os.PRIO_PROCESS, job.process.pid, NICENESS)  # before it imports torch and starts threads
 
     def poll(self) -> None:
         """Look at the running eval: once it has finished, its results go to `on_result` (or its

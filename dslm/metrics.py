@@ -150,7 +150,7 @@ class Metrics:
     def merge_into_csv(self, step: int, values: dict[str, float]) -> None:
         """metrics.csv only: add `values` (tag -> number) to the row of `step`, a step logged before;
         their TensorBoard copy is written by whoever made them (dslm-eval)."""
-        if self.scalar_log is not None:
+        if self.scalar_log is not None and values:
             self.scalar_log.merge(step, values)
 
     def close(self) -> None:

