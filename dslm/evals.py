@@ -100,7 +100,7 @@ class BackgroundEvals:
         commands = self.commands(tag)
         if not commands:
             return
-        job = EvalJob(step, commands, self.run.logs / f"eval-step{step}.log")
+        job = EvalJob(step, commands, self.run.eval_log(step))
         if self.running is None:
             self.start(job)
             return

@@ -7,6 +7,7 @@ what dslm-eval and dslm-export add to it.
     runs/NAME/checkpoints/           DeepSpeed tags global_stepN/, `latest`, `best`
     runs/NAME/tb/  metrics.csv       TensorBoard events and the same scalars as CSV
     runs/NAME/logs/rankR.log         what the libraries printed on each rank
+    runs/NAME/logs/eval-stepN.log    what the eval of checkpoint N printed (train.evals, dslm.evals)
     runs/NAME/export/stepN[-onnx]    dslm-export's default folders
     runs/NAME/eval/stepN.json        dslm-eval's results on the run's own shards
     runs/NAME/eval/stepN/SET.json    ... and on another shard set (`dslm-eval --shards SET`)
@@ -63,6 +64,9 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
+
+    def eval_log(self, step: int) -> Path:
+        return self.logs / f"eval-step{step}.log"
 
     def tag(self, step: int) -> Path:
         return self.checkpoints / tag_for(step)
