@@ -195,9 +195,7 @@ class BackgroundEvals:
 def result_scalars(run: RunDir, step: int) -> dict[str, float]:
     """The TensorBoard scalars of every dslm-eval result of `step` in the run (its own shards and
     other shard sets), as each result's "scalars" records them."""
-    paths = [run.eval_result(step), *sorted(run.eval_result(step, "SET").parent.glob("*.json"))]
     scalars: dict[str, float] = {}
-    for path in paths:
-        if path.is_file():
-            scalars |= json.loads(path.read_text()).get("scalars", {})
+    for path in run.eval_results(step):
+        scalars |= json.loads(path.read_text()).get("scalars", {})
     return scalars

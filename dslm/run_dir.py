@@ -80,6 +80,12 @@ class RunDir:
         set named `shard_set` (dslm_eval.cli.shard_set_name)."""
         return self.path / "eval" / (f"step{step}/{shard_set}.json" if shard_set else f"step{step}.json")
 
+    def eval_results(self, step: int) -> list[Path]:
+        """The dslm-eval results there are for `step`: on the run's own shards, then on each other
+        shard set (by name)."""
+        own = self.eval_result(step)
+        return ([own] if own.is_file() else []) + sorted(self.eval_result(step, "SET").parent.glob("*.json"))
+
     @staticmethod
     def at(path: Path) -> RunDir | None:
         """The run directory `path` is (it holds config.yaml), else None."""
