@@ -674,6 +674,7 @@ SIZES = [
             "val_batches",
             "max_skipped_in_a_row",
             "collective_timeout_s",
+            "eval_timeout_s",
         )
     ),
     *(
