@@ -13,8 +13,9 @@ completed by the model and run against their unit tests in a sandbox: pass@1 gre
 from --pass-k-samples samples), bpb_humaneval (bits per byte of HumanEval's canonical solutions
 given their prompts) and fim_exact_match (single-line infilling on held-out code, for a model
 trained with fill-in-the-middle). Results go to runs/NAME/eval/stepN.json and to
-TensorBoard as eval/* at the checkpoint's step (the same scalars under the result's "scalars"); on another shard set SET (--shards SET, not the
-run's own), to runs/NAME/eval/stepN/SET.json and eval/SET/*. A summary table is printed.
+TensorBoard as eval/* at the checkpoint's step (the same scalars under the result's "scalars");
+on another shard set SET (--shards SET, not the run's own), to runs/NAME/eval/stepN/SET.json and
+eval/SET/*. A summary table is printed. dslm-train runs it on each checkpoint with train.evals.
 """
 
 from __future__ import annotations
