@@ -80,7 +80,7 @@ class RunConfig:
     manifest's `fim`), so completion at a cursor may give it the code after the cursor too."""
     given: dict[str, str] = field(default_factory=dict)
     """Written by the run, not read: each outside path (data.shards, data.mix.I.shards,
-    train.init_from, ds_config) as it was typed, where that was not the absolute path the
+    train.init_from, train.eval_shards.I, ds_config) as it was typed, where that was not the absolute path the
     config records."""
 
     def __post_init__(self) -> None:
@@ -339,6 +339,11 @@ def check_against_manifest(cfg: RunConfig, manifest: Manifest) -> None:
             f"{manifest.template}) but the run has data.direction={cfg.data.direction}; set it, or "
             f"rebuild them with `dslm-shard sft --direction {cfg.data.direction}`"
         )
+    if "fim_exact_match" in cfg.train.evals and not manifest.fim:
+        raise DslmError(
+            "train.evals=fim_exact_match needs shards built with fill-in-the-middle (`dslm-shard build "
+            "--fim-rate`); these were built without it: leave the metric out"
+        )
     if manifest.fim and cfg.data.direction == "backward":
         raise DslmError(
             "the shards are built with fill-in-the-middle (--fim-rate), which lays documents out for a "
@@ -376,9 +381,10 @@ def recorded_ds_config(path: str) -> str:
 
 def outside_paths(cfg: RunConfig) -> dict[str, str]:
     """The paths a run's config names outside the run, by key (data.mix.I.shards for a mix's
-    sources); unset ones ("") left out."""
+    sources, train.eval_shards.I); unset ones ("") left out."""
     paths = {"data.shards": cfg.data.shards, "train.init_from": cfg.train.init_from, "ds_config": cfg.ds_config}
     paths |= {f"data.mix.{i}.shards": source.shards for i, source in enumerate(cfg.data.mix)}
+    paths |= {f"train.eval_shards.{i}": shards for i, shards in enumerate(cfg.train.eval_shards)}
     return {key: path for key, path in paths.items() if path}
 
 
@@ -388,11 +394,12 @@ def with_outside_paths(cfg: RunConfig, paths: dict[str, str]) -> RunConfig:
         replace(source, shards=paths.get(f"data.mix.{i}.shards", source.shards))
         for i, source in enumerate(cfg.data.mix)
     ]
+    eval_shards = [paths.get(f"train.eval_shards.{i}", shards) for i, shards in enumerate(cfg.train.eval_shards)]
     return replace(
         cfg,
         ds_config=paths.get("ds_config", cfg.ds_config),
         data=replace(cfg.data, shards=paths.get("data.shards", cfg.data.shards), mix=mix),
-        train=replace(cfg.train, init_from=paths.get("train.init_from", cfg.train.init_from)),
+        train=replace(cfg.train, init_from=paths.get("train.init_from", cfg.train.init_from), eval_shards=eval_shards),
     )
 
 

@@ -57,6 +57,24 @@ class ScalarLog:
         self.file.write(csv_line(self.columns, row))
         self.file.flush()
 
+    def merge(self, step: int, values: dict[str, float]) -> None:
+        """Add `values` (tag -> number) to the row of `step`, a step logged before (a row in step
+        order where it has none), rewriting the file under a temporary name renamed into place:
+        a reader sees the old file or the new one, never half of it."""
+        self.close()
+        columns, rows = read_rows(self.path)
+        self.columns = columns + [tag for tag in values if tag not in columns]
+        row = next((row for row in rows if int(row["step"]) == step), None)
+        if row is None:
+            row = {"step": str(step), "wall_time": str(round(time.time(), 3))}
+            rows = sorted([*rows, row], key=lambda r: int(r["step"]))
+        row.update({tag: float(value) for tag, value in values.items()})
+        self.rewrite(rows)
+        self.file = self.path.open("a", newline="")
+        if self.last is not None:  # the last row moved: a longer header or row before it
+            last = {**rows[-1], "step": int(rows[-1]["step"])}
+            self.last = (self.file.tell() - len(csv_line(self.columns, last).encode()), last)
+
     def rewrite(self, rows: list[dict[str, str]]) -> None:
         atomic_write_text(
             self.path,
@@ -128,6 +146,12 @@ class Metrics:
             # file) or a pipe shows each line as it comes, at the start of a line of its own
             with tqdm.external_write_mode():
                 print(line, flush=True)
+
+    def merge_into_csv(self, step: int, values: dict[str, float]) -> None:
+        """metrics.csv only: add `values` (tag -> number) to the row of `step`, a step logged before;
+        their TensorBoard copy is written by whoever made them (dslm-eval)."""
+        if self.scalar_log is not None and values:
+            self.scalar_log.merge(step, values)
 
     def close(self) -> None:
         if self.writer is not None:

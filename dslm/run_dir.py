@@ -7,6 +7,7 @@ what dslm-eval and dslm-export add to it.
     runs/NAME/checkpoints/           DeepSpeed tags global_stepN/, `latest`, `best`
     runs/NAME/tb/  metrics.csv       TensorBoard events and the same scalars as CSV
     runs/NAME/logs/rankR.log         what the libraries printed on each rank
+    runs/NAME/logs/eval-stepN.log    what the eval of checkpoint N printed (train.evals, dslm.evals)
     runs/NAME/export/stepN[-onnx]    dslm-export's default folders
     runs/NAME/eval/stepN.json        dslm-eval's results on the run's own shards
     runs/NAME/eval/stepN/SET.json    ... and on another shard set (`dslm-eval --shards SET`)
@@ -64,6 +65,9 @@ class RunDir:
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 
+    def eval_log(self, step: int) -> Path:
+        return self.logs / f"eval-step{step}.log"
+
     def tag(self, step: int) -> Path:
         return self.checkpoints / tag_for(step)
 
@@ -75,6 +79,12 @@ class RunDir:
         """Where dslm-eval writes its result for `step`: on the run's own shards, or on the shard
         set named `shard_set` (dslm_eval.cli.shard_set_name)."""
         return self.path / "eval" / (f"step{step}/{shard_set}.json" if shard_set else f"step{step}.json")
+
+    def eval_results(self, step: int) -> list[Path]:
+        """The dslm-eval results there are for `step`: on the run's own shards, then on each other
+        shard set (by name)."""
+        own = self.eval_result(step)
+        return ([own] if own.is_file() else []) + sorted(self.eval_result(step, "SET").parent.glob("*.json"))
 
     @staticmethod
     def at(path: Path) -> RunDir | None:

@@ -39,7 +39,7 @@ def stop_during_imports() -> None:
 
 def test_pause(point: str) -> None:
     """Where the environment's DSLM_TEST_PAUSE names `point` ("imports", "start-up", or "step N":
-    after step N, before its boundary), the process stops itself (SIGSTOP) until it gets SIGCONT: a
+    after step N, before its boundary; "eval": dslm-eval as it starts), the process stops itself (SIGSTOP) until it gets SIGCONT: a
     test signals a run at a known point instead of racing it. Unset outside tests."""
     if os.environ.get("DSLM_TEST_PAUSE") == point:
         os.kill(os.getpid(), signal.SIGSTOP)

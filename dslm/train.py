@@ -58,6 +58,7 @@ from dslm.engine import (
     zero_stage,
 )
 from dslm.errors import BadShard, DslmError
+from dslm.evals import BackgroundEvals, check_evals
 from dslm.files import atomic_copy, atomic_write_text
 from dslm.launcher import launch_ranks
 from dslm.logs import LibraryOutput, info
@@ -164,6 +165,7 @@ def run(args: argparse.Namespace, output: LibraryOutput) -> None:
     stop = StopSignal()  # from here on, a stop signal ends the start-up at once, and training at a step boundary
     output.keep_in(cfg.run_dir.rank_log(int(os.environ.get("RANK", 0))))
     manifests = load_sources(cfg)
+    check_evals(cfg.train.evals)
     check_sizes(cfg, manifests)  # before the process group, DeepSpeed's op build and the model exist
     ensure_file_limit(cfg.data, held_batches=cfg.train.grad_accum + 1)  # so too: gloo's store retries on EMFILE
     states: list[TrainState] = []  # the run's state once it exists: a timed-out collective names its step
@@ -271,7 +273,8 @@ def train(
 def load_sources(cfg: RunConfig) -> list[Manifest]:
     """The manifest of each folder the training samples come from (DataConfig.sources), checked
     against the model and against the folder's tokenizer.json (Manifest.tokenizer_file); with
-    data.mix, also against the first: one tokenizer, one seq_len."""
+    data.mix, also against the first: one tokenizer, one seq_len; and train.eval_shards against them
+    (check_eval_shards)."""
     manifests = []
     for _, source in cfg.data.sources():
         if not Path(source.shards).is_dir():
@@ -295,7 +298,24 @@ def load_sources(cfg: RunConfig) -> list[Manifest]:
                 f"data.mix: {source.shards} holds samples of seq_len {manifest.seq_len}, {first} of "
                 f"{manifests[0].seq_len}; build every source with the same --seq-len"
             )
+    check_eval_shards(cfg.train.eval_shards, manifests[0])
     return manifests
+
+
+def check_eval_shards(folders: list[str], manifest: Manifest) -> None:
+    """DslmError when a folder of train.eval_shards is not shards with a val split, tokenized with
+    the tokenizer of the run's (`manifest`)."""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise DslmError(f"train.eval_shards: {folder} does not exist; name shard folders built by dslm-shard")
+        other = Manifest.load(folder)
+        if other.tokenizer_sha256 != manifest.tokenizer_sha256:
+            raise DslmError(
+                f"train.eval_shards: {folder} was built with another tokenizer than the run's shards; build it "
+                f"with theirs (`dslm-shard build --tokenizer`)"
+            )
+        if not other.split("val"):
+            raise DslmError(f"train.eval_shards: {folder} has no val split to measure perplexity on")
 
 
 def check_sizes(cfg: RunConfig, manifests: list[Manifest]) -> None:
@@ -446,17 +466,18 @@ def build_trainer(
         cfg.data, samples, order, env.rank, env.world_size, train.micro_batch_size, start=state.samples
     )
     global_batch = train.micro_batch_size * train.grad_accum * env.world_size
+    # purge_step: events a killed run (or a fresh start's failed attempt) wrote after the checkpoint
+    # are dropped, so each step appears once
+    metrics = Metrics(
+        cfg.run_dir.tb, enabled=env.rank == 0, purge_step=state.step + 1, csv_path=cfg.run_dir.metrics_csv
+    )
     return Trainer(
         cfg=train,
         engine=engine,
         batches=DeviceBatches(iter(loader), engine.device),
         objective=OBJECTIVE,
         checkpointer=Checkpointer(cfg.run_dir.checkpoints, train.keep_last),
-        # purge_step: events a killed run (or a fresh start's failed attempt) wrote after the checkpoint
-        # are dropped, so each step appears once
-        metrics=Metrics(
-            cfg.run_dir.tb, enabled=env.rank == 0, purge_step=state.step + 1, csv_path=cfg.run_dir.metrics_csv
-        ),
+        metrics=metrics,
         stop=stop,
         validation=validation,
         damage=ShardDamage(samples, cfg.data.on_bad_shard),
@@ -469,6 +490,24 @@ def build_trainer(
             order.interleave,
             count_skipped=cfg.data.on_bad_shard == "skip",
         ),
+        evals=background_evals(cfg, metrics) if env.rank == 0 else None,
+    )
+
+
+def background_evals(cfg: RunConfig, metrics: Metrics) -> BackgroundEvals | None:
+    """train.evals and train.eval_shards on each checkpoint, their scalars into metrics.csv (None
+    when neither is set)."""
+    train = cfg.train
+    if not train.evals and not train.eval_shards:
+        return None
+    return BackgroundEvals(
+        cfg.run_dir,
+        train.evals,
+        train.eval_shards,
+        train.eval_args,
+        train.eval_device,
+        train.eval_timeout_s,
+        on_result=metrics.merge_into_csv,
     )
 
 

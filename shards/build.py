@@ -313,13 +313,6 @@ def make_batch(source: int, numbered_docs: list[tuple[Document, int]], stats: So
     return batch
 
 
-def copies(digest: bytes, weight: float) -> int:
-    """How many times a document of a source with this weight is written: floor(weight), plus one
-    more for a share frac(weight) of documents chosen by their digest."""
-    whole, fraction = divmod(weight, 1.0)
-    return int(whole) + (int.from_bytes(digest[:8], "little") / 2**64 < fraction)
-
-
 @dataclass
 class BuildReport:
     manifest: Manifest
@@ -392,18 +385,15 @@ class ShardBuild:
             if enc.reason is not None:
                 skip(stats, enc.reason)
                 continue
-            n = copies(enc.digest, source.weight)
-            if enc.split == "val":
-                n = min(n, 1)  # val documents are written at most once
-            if n == 0:
+            if not enc.copies:
                 skip(stats, "downsampled")
                 continue
             stats.headers_stripped += enc.header_stripped
-            for copy in range(n):
-                finished |= self.write(Stream(enc.split, copy, doc.language), enc.ids, batch.source)
+            for copy, ids in enumerate(enc.copies):
+                finished |= self.write(Stream(enc.split, copy, doc.language), ids, batch.source)
                 stats.documents += 1
                 stats.bytes += enc.bytes
-                stats.tokens += len(enc.ids)
+                stats.tokens += len(ids)
         return finished
 
     def write(self, stream: Stream, ids: np.ndarray, source: int) -> bool:
@@ -499,7 +489,9 @@ def write_build(
     encoder = EncoderConfig(cfg.tokenizer, cfg.filters, cfg.val_fraction, dtype.name, fim=cfg.fim)
     batches = read_batches(sources, state.position, cfg, part)
     with BuildProgress(build.stats, resumed) as progress:
-        for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
+        for batch, results in encode_batches(
+            encoder, batches, lambda b: (b.documents, sources[b.source].weight), cfg.workers
+        ):
             if build.consume(batch, results):
                 build.checkpoint(batch.end)
             progress.update(batch)
@@ -552,7 +544,9 @@ def write_digests(cfg: ShardConfig, sources: list[Source], part: Partition) -> i
         rows = []
         batches = read_batches(sources, Position(), cfg, part)
         with tqdm(desc=f"digests (task {part.task} of {part.tasks})", unit="doc", dynamic_ncols=True) as bar:
-            for batch, results in encode_batches(encoder, batches, lambda b: b.documents, cfg.workers):
+            for batch, results in encode_batches(
+                encoder, batches, lambda b: (b.documents, sources[b.source].weight), cfg.workers
+            ):
                 kept = [i for i, enc in enumerate(results) if enc.reason is None]
                 rows.append(records([results[i].digest for i in kept], [batch.position(i) for i in kept]))
                 bar.update(len(batch.documents) + sum(batch.skipped.values()))

@@ -678,6 +678,7 @@ SIZES = [
             "val_batches",
             "max_skipped_in_a_row",
             "collective_timeout_s",
+            "eval_timeout_s",
         )
     ),
     *(
@@ -701,6 +702,24 @@ SIZES = [
         "{run} --metrics compile_success --no-humaneval --force",
         "--compile-samples {v}",
         {0: "samples_per_language must be >= 1", -1: "samples_per_language must be >= 1", BIG: None},
+    ),
+    (
+        "dslm-eval",
+        "{run} --metrics pass_at_k --force",
+        "--pass-k-samples {v}",
+        {0: "samples must be >= 1", -1: "samples must be >= 1", BIG: "samples=1000000000 must be at most 1000"},
+    ),
+    (  # an accepted temperature goes on to the next check: this model has no FIM
+        "dslm-eval",
+        "{run} --metrics pass_at_k,fim_exact_match --pass-k-samples 2 --force",
+        "--pass-k-temperature {v}",
+        {0: "temperature > 0", -1: "temperature > 0", BIG: "was not trained to fill in the middle"},
+    ),
+    (
+        "dslm-eval",
+        "{run} --metrics fim_exact_match --force",
+        "--fim-samples {v}",
+        {0: "samples_per_language must be >= 1", -1: "must be >= 1", BIG: "was not trained to fill in the middle"},
     ),
     (
         "dslm-eval",

@@ -5,10 +5,10 @@ at two character positions drawn uniformly, into prefix, middle and suffix; each
 on its own, and laid out as SPM with probability `spm_rate`, else PSM. The rest stay as they are.
 
 `dslm-shard build --fim-rate R` applies it to the train split when it tokenizes, so a shard holds
-the transformed documents: the cut of a document is a function of its text and the build's `seed`
-(the copies that a source weight above 1 writes share it), never of the worker, task or world
-size that writes or reads it, so a resumed run reads the same. Val documents stay whole, for
-eval."""
+the transformed documents: the cut of a document is a function of its text, the build's `seed`
+and which of its copies it is (each copy that a source weight above 1 writes has its own, so
+repeats teach other cuts), never of the worker, task or world size that writes or reads it, so a
+resumed run reads the same. Val documents stay whole, for eval."""
 
 from __future__ import annotations
 
@@ -72,11 +72,12 @@ class FimCut:
     spm: bool
 
 
-def fim_cut(text: str, cfg: FimConfig) -> FimCut | None:
-    """The cut of `text` (None: it stays whole), drawn from a generator seeded by cfg.seed and
-    sha256(text): the same for the same document wherever it is built."""
+def fim_cut(text: str, cfg: FimConfig, copy: int = 0) -> FimCut | None:
+    """The cut of copy `copy` of `text` (None: it stays whole), drawn from a generator seeded by
+    cfg.seed, `copy` and sha256(text): the same for the same copy of a document wherever it is
+    built, and its own for each copy that a source weight above 1 writes."""
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    rng = np.random.default_rng([cfg.seed, *np.frombuffer(digest[:16], dtype=np.uint32).tolist()])
+    rng = np.random.default_rng([cfg.seed, copy, *np.frombuffer(digest[:16], dtype=np.uint32).tolist()])
     if rng.random() >= cfg.rate:
         return None
     start, end = sorted(rng.integers(0, len(text) + 1, size=2).tolist())

@@ -49,18 +49,15 @@ class FimIds:
         """The prompt that asks for the middle at a cursor, as training lays out a PSM document:
         `<bos> <fim_prefix> prefix <fim_suffix> suffix <fim_middle>` (token ids; the model writes
         the middle and ends it with <eos>). Given `room` (tokens), a longer prompt keeps the code
-        nearest the cursor, learned positions being unable to slide: the suffix's first tokens, at
-        most half the room for code unless the prefix is shorter, and the prefix's last tokens.
-        Raises DslmError when `room` leaves no place for the four markers."""
+        nearest the cursor (fit_around, in the room the four markers leave). Raises DslmError when
+        `room` leaves no place for the markers."""
         if room is not None and 4 + len(prefix) + len(suffix) > room:
             if room < 4:
                 raise DslmError(
                     f"a prompt at a cursor takes 4 tokens (<bos> and the FIM markers) and the context leaves room "
                     f"for {room} beside the new tokens: ask for fewer new tokens"
                 )
-            code = room - 4
-            kept = min(len(prefix), code - min(len(suffix), code // 2))
-            prefix, suffix = prefix[len(prefix) - kept :], suffix[: code - kept]
+            prefix, suffix = fit_around(prefix, suffix, room - 4)
         return [bos, *self.psm(prefix, suffix, [])]
 
     def unscramble(self, ids: list[int]) -> list[int]:
@@ -75,3 +72,13 @@ class FimIds:
         if not 0 < suffix < mid:
             raise ValueError("not a PSM or SPM layout")
         return [*ids[1:suffix], *ids[mid + 1 :], *ids[suffix + 1 : mid]]
+
+
+def fit_around(before: list[int], after: list[int], room: int) -> tuple[list[int], list[int]]:
+    """The tokens nearest a cursor that fit in `room` (>= 0) together: the end of `before` (the code
+    before the cursor) and the start of `after` (the code after it), each given half the room where
+    both need more, and what one leaves to the other (learned positions cannot slide)."""
+    if len(before) + len(after) <= room:
+        return before, after
+    kept_before = min(len(before), room - min(len(after), room // 2))
+    return before[len(before) - kept_before :], after[: room - kept_before]

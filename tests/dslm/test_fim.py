@@ -1,6 +1,7 @@
 """Fill-in-the-middle training data (dslm.data.fim, dslm_local.fim, `dslm-shard tokenizer --fim`,
 `dslm-shard build --fim-rate`), from documents of real Python."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -14,7 +15,9 @@ from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
 from dslm.errors import DslmError
 from dslm_local.fim import FimIds
 from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
-from dslm_shards.sources import CodeSource
+from dslm_shards.encode import Encoder, EncoderConfig
+from dslm_shards.filters import FilterConfig
+from dslm_shards.sources import CodeSource, Document
 from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB
 from tests.shards.test_build import read_samples
 
@@ -57,7 +60,8 @@ def test_the_rates_hold_over_a_thousand_documents_and_a_document_always_gets_its
     cuts = [fim_cut(text, cfg) for text in texts]
     chosen = [cut for cut in cuts if cut is not None]
     assert abs(len(chosen) / 1000 - 0.5) <= 0.02
-    assert abs(sum(cut.spm for cut in chosen) / len(chosen) - 0.5) <= 0.02
+    every = [fim_cut(text, dataclasses.replace(cfg, rate=1.0)) for text in texts]  # spm_rate over 1000 too
+    assert abs(sum(cut.spm for cut in every) / 1000 - 0.5) <= 0.02
     assert all(0 <= cut.start <= cut.end <= len(text) for text, cut in zip(texts, cuts) if cut is not None)
     assert [fim_cut(text, cfg) for text in reversed(texts)] == cuts[::-1]  # its text's, not its place's
     assert [fim_cut(text, FimConfig(rate=0.5, seed=1)) for text in texts] != cuts
@@ -116,3 +120,18 @@ def test_a_backward_run_on_fim_shards_is_one_line(tiny_shards):
     check_against_manifest(RunConfig(), fim)
     with pytest.raises(DslmError, match="a backward run"):
         check_against_manifest(RunConfig(data=DataConfig(direction="backward")), fim)
+
+
+def test_each_copy_of_a_document_has_its_own_cut_and_gives_the_document_back(fim_tokenizer, code_corpus):
+    """A source weight above 1 repeats a document: each repeat teaches another cut."""
+    tok = load_text_tokenizer(fim_tokenizer)
+    ids = FimIds.of(tok)
+    docs = [Document(id=str(i), text=text, language="python") for i, text in enumerate(documents(code_corpus, 20))]
+    cfg = EncoderConfig(fim_tokenizer, FilterConfig(), 0.0, "uint16", fim=FimConfig(rate=1.0))
+    encoded = [enc for enc in Encoder(cfg)((docs, 3.0)) if enc.reason is None]
+    assert encoded and all(len(enc.copies) == 3 for enc in encoded)
+    for enc in encoded:
+        assert len({tok.decode(ids.unscramble(copy[1:-1].tolist())) for copy in enc.copies}) == 1
+    assert sum(len({copy.tobytes() for copy in enc.copies}) == 3 for enc in encoded) >= len(encoded) - 2
+    plain = Encoder(dataclasses.replace(cfg, fim=FimConfig()))((docs, 3.0))
+    assert all(len({id(copy) for copy in enc.copies}) == 1 for enc in plain if enc.reason is None)

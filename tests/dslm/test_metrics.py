@@ -45,6 +45,26 @@ def test_calls_at_one_step_share_its_row_even_when_the_second_widens_the_header(
     ]
 
 
+def test_merged_scalars_join_an_earlier_row_and_the_last_row_still_takes_its_step(tmp_path):
+    """A background eval's scalars reach the row of its checkpoint's step after later steps were
+    logged; the row being written (the last) still merges a second call at its step."""
+    path = tmp_path / "metrics.csv"
+    log = ScalarLog(path, start_step=0)
+    log.log(10, {"train/loss": 2.5})
+    log.log(15, {"train/loss": 2.25})
+    log.merge(10, {"eval/val_loss": 2.625})  # a new column, and a longer row before the last
+    log.log(15, {"val/loss": 2.375})
+    log.merge(12, {"eval/val_loss": 2.5})  # a step without a row gets one in step order
+    log.log(20, {"train/loss": 2.0})
+    log.close()
+    assert [(r["step"], r["train/loss"], r["val/loss"], r["eval/val_loss"]) for r in rows_of(path)] == [
+        ("10", "2.5", "", "2.625"),
+        ("12", "", "", "2.5"),
+        ("15", "2.25", "2.375", ""),
+        ("20", "2.0", "", ""),
+    ]
+
+
 def test_a_resume_drops_the_rows_after_the_checkpoint_as_tensorboard_does(tmp_path):
     path = tmp_path / "metrics.csv"
     log = ScalarLog(path, start_step=0)

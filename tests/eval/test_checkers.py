@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dslm.errors import DslmError
+from dslm_eval import checkers
 from dslm_eval.checkers import (
     MAX_OUTPUT_BYTES,
     CheckerLimits,
@@ -22,6 +25,8 @@ from dslm_eval.checkers import (
     check_java_many,
     check_python,
     run_limited,
+    run_python,
+    run_python_many,
     write_java_source,
 )
 
@@ -286,3 +291,109 @@ def test_a_javac_batch_past_its_time_still_answers_every_file(tmp_path, monkeypa
 def test_limits_reject_bad_values(kwargs):
     with pytest.raises(DslmError):
         CheckerLimits(**kwargs)
+
+
+# ------------------------------------------------------------------- running programs
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[int]:
+    """The pids of the processes run_limited starts (each leads its own process group)."""
+    pids = []
+    popen = subprocess.Popen
+
+    def recording(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        pids.append(process.pid)
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    return pids
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def process_with(marker: str) -> bool:
+    return any(marker in " ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))
+
+
+def wait_gone(alive) -> None:
+    """Until alive() is False: killed processes end, and init reaps them, within moments."""
+    deadline = time.monotonic() + STOP_SLACK_S
+    while alive():
+        assert time.monotonic() < deadline, "a process survived its time limit"
+        time.sleep(0.1)
+
+
+def test_a_program_that_passes_its_tests_is_ok_and_one_that_fails_says_why():
+    assert run_python("assert sum([1, 2]) == 3\nprint('fine')\n", LIMITS).ok
+    failed = run_python("def f(x):\n    return x\n\nassert f(1) == 2\n", LIMITS)
+    assert not failed.ok and failed.reason == "exit 1" and "AssertionError" in failed.output
+
+
+def test_a_program_that_loops_forever_is_killed_on_time(started):
+    start = time.monotonic()
+    result = run_python("while True:\n    pass\n", CheckerLimits(timeout_s=1.0, memory_mb=512))
+    assert result.reason == "timeout" and time.monotonic() - start < 1.0 + STOP_SLACK_S
+    wait_gone(lambda: group_alive(started[-1]))
+
+
+def test_a_fork_bomb_is_killed_with_all_its_processes(started):
+    """Five rounds of fork: 32 processes that each wait forever, one of them in a session of its own
+    (out of the process group): the time limit ends every one."""
+    marker = f"dslm-fork-bomb-{os.getpid()}-{time.monotonic_ns()}"
+    code = (
+        "import os, sys, time\n"
+        "for _ in range(5):\n"
+        "    os.fork()\n"
+        "if os.getpid() % 7 == 0:\n"
+        "    os.setsid()\n"
+        f"os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}])\n"
+    )
+    result = run_python(code, CheckerLimits(timeout_s=2.0, memory_mb=512))
+    assert result.reason == "timeout", result
+    wait_gone(lambda: group_alive(started[-1]))
+    wait_gone(lambda: process_with(marker))
+
+
+def test_a_program_cannot_write_outside_its_folder(tmp_path):
+    outside = tmp_path / "escaped.txt"
+    result = run_python(f"open({str(outside)!r}, 'w').write('out')\n", LIMITS)
+    assert not result.ok and "Read-only file system" in result.output, result
+    assert not outside.exists()
+    assert run_python("open('inside.txt', 'w').write('in')\nassert open('inside.txt').read() == 'in'\n", LIMITS).ok
+
+
+def test_a_program_has_no_network():
+    """A listener on this machine's loopback is out of reach, and so is the internet."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=5)\n"
+        result = run_python(code, LIMITS)
+        assert not result.ok and ("ConnectionRefusedError" in result.output or "OSError" in result.output), result
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    internet = run_python("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)\n", LIMITS)
+    assert not internet.ok and "unreachable" in internet.output, internet
+
+
+def test_programs_run_in_parallel_keep_their_order():
+    codes = [f"assert {i} % 3 != 0\n" for i in range(9)]
+    assert [r.ok for r in run_python_many(codes, LIMITS, workers=2)] == [i % 3 != 0 for i in range(9)]
+
+
+def test_a_machine_that_refuses_the_sandbox_runs_nothing_and_says_so_in_one_line(monkeypatch):
+    refused = "import sys\nprint('sandbox unavailable: unshare: Operation not permitted')\nsys.exit(125)\n"
+    monkeypatch.setattr(checkers, "_ISOLATE_THEN_EXEC", refused)
+    with pytest.raises(DslmError, match=r"refuses one \(unshare: Operation not permitted\)") as error:
+        run_python("print('ran')\n", LIMITS)
+    assert "\n" not in str(error.value)

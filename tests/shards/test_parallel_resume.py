@@ -15,7 +15,8 @@ import pytest
 import webdataset as wds
 
 from dslm.errors import DslmError
-from dslm_shards.build import ShardBuild, ShardConfig, build_shards, copies, token_dtype
+from dslm_shards.build import ShardBuild, ShardConfig, build_shards, token_dtype
+from dslm_shards.encode import copies
 from dslm_shards.journal import DIGESTS_NAME, JOURNAL_NAME, load_state
 from dslm_shards.sources import CodeSource
 from dslm_shards.verify import verify_build
