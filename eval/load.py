@@ -20,6 +20,7 @@ from dslm.model import GPT
 from dslm.model_source import resolve_source
 from dslm.run_dir import RunDir
 from dslm_local.cli import counted
+from dslm_local.fim import check_model_tokenizer
 
 
 @dataclass
@@ -60,4 +61,6 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> Loade
     with contextlib.redirect_stdout(sys.stderr):
         cfg, weights = read_source(source)
     model = model_from(cfg, weights, source.path).to(device).eval()
-    return LoadedModel(model, load_text_tokenizer(source.tokenizer_file()), source.run, source.step, source.framing())
+    tokenizer, framing = load_text_tokenizer(source.tokenizer_file()), source.framing()
+    check_model_tokenizer(tokenizer, framing.fim, str(source.path))
+    return LoadedModel(model, tokenizer, source.run, source.step, framing)

@@ -82,3 +82,13 @@ def fit_around(before: list[int], after: list[int], room: int) -> tuple[list[int
         return before, after
     kept_before = min(len(before), room - min(len(after), room // 2))
     return before[len(before) - kept_before :], after[: room - kept_before]
+
+
+def check_model_tokenizer(tokenizer: Tokenizer, fim: bool, where: str) -> None:
+    """DslmError naming `where` (a model's folder) when its config says it was trained to fill in
+    the middle (`fim`) and its tokenizer lacks the FIM tokens: the two do not belong together."""
+    if fim and FimIds.of(tokenizer) is None:
+        raise DslmError(
+            f"{where} was trained to fill in the middle, but its tokenizer.json has no {', '.join(FIM_TOKENS)}: "
+            f"it is not the tokenizer the model was trained with"
+        )

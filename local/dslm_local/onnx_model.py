@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dslm_local.errors import DslmError
+from dslm_local.fim import check_model_tokenizer
 from dslm_local.graph import INPUT_NAMES, ONNX_NAME, OUTPUT_NAMES, WEIGHTS_KEY
 from dslm_local.tokens import load_text_tokenizer
 
@@ -107,6 +108,7 @@ class OnnxModel:
         if not (folder / "tokenizer.json").is_file():
             raise DslmError(f"{folder}: no tokenizer.json; export it again with dslm-export --format onnx")
         self.tokenizer = load_text_tokenizer(folder / "tokenizer.json")
+        check_model_tokenizer(self.tokenizer, self.config.fim, str(folder))
         if self.tokenizer.get_vocab_size() > self.config.vocab_size:
             raise DslmError(
                 f"{folder}: tokenizer.json has {self.tokenizer.get_vocab_size()} tokens, more than the "

@@ -2,7 +2,10 @@
 `dslm-shard build --fim-rate`), from documents of real Python."""
 
 import dataclasses
+import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +16,14 @@ from dslm.data.loader import DataConfig
 from dslm.data.manifest import Manifest
 from dslm.data.tokens import BOS_ID, EOS_ID, load_text_tokenizer
 from dslm.errors import DslmError
+from dslm.export import main as export_main
 from dslm_local.fim import FimIds
 from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
 from dslm_shards.encode import Encoder, EncoderConfig
 from dslm_shards.filters import FilterConfig
 from dslm_shards.sources import CodeSource, Document
 from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB
+from tests.dslm.test_train import BIN, train_args
 from tests.shards.test_build import read_samples
 
 
@@ -135,3 +140,74 @@ def test_each_copy_of_a_document_has_its_own_cut_and_gives_the_document_back(fim
     assert sum(len({copy.tobytes() for copy in enc.copies}) == 3 for enc in encoded) >= len(encoded) - 2
     plain = Encoder(dataclasses.replace(cfg, fim=FimConfig()))((docs, 3.0))
     assert all(len({id(copy) for copy in enc.copies}) == 1 for enc in plain if enc.reason is None)
+
+
+FIM_STEPS = 1200
+SHAPES = {"rectangle": "w * h", "triangle": "w * h / 2", "ellipse": "math.pi * w * h / 4"}
+
+
+def shape_file(number: int, shape: str) -> str:
+    """Files alike up to the line that computes the area, told apart by it and the comment after it."""
+    return f"# shape {number}\ndef area(w, h):\n    result = {SHAPES[shape]}\n    return result  # {shape}\n"
+
+
+def trained_export(corpus: Path, tokenizer: Path, out: Path, fim: FimConfig, steps: int) -> Path:
+    """Shards of `corpus`, a tiny model trained on them for `steps`, and its ONNX export."""
+    shards = out / "shards"
+    shards.mkdir(parents=True)
+    shutil.copy(tokenizer, shards / "tokenizer.json")
+    # 50 copies of each file, each with a FIM cut of its own: the model learns to fill in, not 60 cuts
+    source = CodeSource(spec=f"code:{corpus},weight=50", root=corpus, weight=50.0)
+    cfg = ShardConfig(
+        out=shards, tokenizer=shards / "tokenizer.json", seq_len=128, val_fraction=0.0, workers=0, fim=fim
+    )  # seq_len: a sample holds a few whole documents
+    build_shards(cfg, [source])
+    settings = dict(micro_batch_size=16, grad_accum=1, max_steps=steps, lr=5e-3, min_lr=5e-4, warmup_steps=10)
+    args = train_args(shards, out, "m", **settings, log_interval=100, checkpoint_interval=steps, val_interval=0)
+    fp32 = out / "fp32.json"  # float32 without ZeRO: on a CPU, several times the steps per second of bf16
+    fp32.write_text(json.dumps({"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0}))
+    args[args.index("--deepspeed") + 1] = str(fp32)
+    subprocess.run([BIN / "dslm-train", *args], check=True, capture_output=True, cwd=out, timeout=1800)
+    export_main([str(out / "m"), "--format", "onnx"])
+    return out / "m" / "export" / f"step{steps}-onnx"
+
+
+@pytest.mark.slow
+def test_a_fim_model_fills_a_masked_line_at_a_cursor_which_a_prefix_only_model_cannot(tmp_path):
+    """A tiny model trained on FIM shards of a few files fills the line masked in each of three
+    files through `dslm-complete --file --line --column`. The three share the text before the
+    cursor, so the same model trained without FIM, which sees only that text, gives one
+    completion for all three and fills at most one."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for number in range(20):
+        for shape in SHAPES:
+            (corpus / f"{shape}_{number}.py").write_text(shape_file(number, shape))
+    tokenizer = tmp_path / "tokenizer.json"
+    train_and_save_tokenizer([CodeSource(spec=f"code:{corpus}", root=corpus)], 300, 10**9, tokenizer, fim=True)
+    fim = trained_export(corpus, tokenizer, tmp_path / "fim", FimConfig(rate=1.0, spm_rate=0.0), FIM_STEPS)  # PSM
+    # shorter: what it is given is the same for the three files, however long it trains
+    plain = trained_export(corpus, tokenizer, tmp_path / "plain", FimConfig(), FIM_STEPS // 6)
+
+    def complete_masked(export: Path, shape: str) -> subprocess.CompletedProcess:
+        lines = shape_file(7, shape).splitlines(keepends=True)
+        lines[2] = "\n"  # the line that computes the area, emptied; the cursor at its start
+        masked = tmp_path / f"{shape}.py"
+        masked.write_text("".join(lines))
+        return subprocess.run(
+            [BIN / "dslm-complete", export, "--file", masked, "--line", "3", "--column", "1"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=900,
+        )
+
+    wanted = {shape: f"    result = {expr}\n" for shape, expr in SHAPES.items()}
+    assert {shape: complete_masked(fim, shape).stdout for shape in SHAPES} == wanted
+    prefix_only = {shape: complete_masked(plain, shape) for shape in SHAPES}
+    assert len({done.stdout for done in prefix_only.values()}) == 1
+    assert sum(prefix_only[shape].stdout == wanted[shape] for shape in SHAPES) <= 1
+    assert all(
+        "not trained to fill in the middle" in done.stderr and done.stderr.count("\n") == 1
+        for done in prefix_only.values()
+    )

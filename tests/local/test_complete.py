@@ -261,6 +261,27 @@ def test_a_suffix_for_a_model_without_fim_is_one_line_and_a_file_cursor_warns_on
     ]
 
 
+def test_a_fim_model_with_a_tokenizer_without_the_fim_tokens_is_one_line(onnx_exports, tmp_path):
+    """config.json says dslm_fim but tokenizer.json is another one: dslm-complete and dslm-generate
+    --suffix say so in one line, before any prompt."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(onnx_exports[3], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dslm_fim": True}))
+    expected = f"{folder} was trained to fill in the middle, but its tokenizer.json has no <fim_prefix>"
+    proc = run_complete(folder, "--prompt", "def f(", "--suffix", "):\n")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+    run = tmp_path / "run"  # a run (torch weights, for dslm-generate) said to be FIM-trained, likewise
+    shutil.copytree(onnx_exports[0], run, ignore=shutil.ignore_patterns("export"))
+    shutil.copy(folder / "tokenizer.json", run / "tokenizer.json")  # its shards' tokenizer, without FIM tokens
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("\nfim: false\n", "\nfim: true\n"))
+    proc = subprocess.run(
+        [BIN / "dslm-generate", run, "--prompt", "def f(", "--suffix", "):\n"], capture_output=True, text=True
+    )
+    expected = expected.replace(str(folder), str(run / "checkpoints" / "global_step7"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+
+
 def serve(export: Path, lines: list[str], *args) -> subprocess.CompletedProcess:
     """dslm-complete --stdio fed `lines` (one request each) on stdin, which then ends."""
     return subprocess.run(
