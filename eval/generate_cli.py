@@ -45,8 +45,8 @@ SETTINGS = {"temp": "temperature", "top_k": "top_k", "tokens": "max_new_tokens"}
 """--interactive's `NAME=VALUE` lines -> GenerationConfig fields."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="dslm-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """The models, and the prompts they continue: --prompt, --prompt-file, --prompts, --suffix."""
     p.add_argument(
         "targets",
         type=Path,
@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the code after the cursor, for a model trained to fill in the middle: it writes the middle "
         "between the one prompt and TEXT",
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(prog="dslm-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prompt_args(p)
     p.add_argument(
         "--out",
         type=Path,

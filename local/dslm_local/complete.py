@@ -271,35 +271,7 @@ def request_fields(line: bytes) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="dslm-complete", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("export", type=Path, metavar="ONNX_EXPORT", help="a folder written by dslm-export --format onnx")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--prompt", metavar="TEXT", help="the code before the cursor")
-    p.add_argument(
-        "--suffix",
-        metavar="TEXT",
-        help="--prompt: the code after the cursor, for a model trained to fill in the middle",
-    )
-    where.add_argument("--file", type=Path, metavar="F", help="complete at a cursor in file F (with --line)")
-    where.add_argument(
-        "--prompts",
-        type=Path,
-        metavar="FILE",
-        help='a prompt set: one prompt per line, or .jsonl records with a "prompt" field',
-    )
-    where.add_argument(
-        "--stdio",
-        action="store_true",
-        help="serve an editor: a JSON request a line on stdin (text, cursor, settings), a JSON reply a line on "
-        "stdout, until stdin ends (the format is above)",
-    )
-    p.add_argument("--line", type=int, metavar="N", help="--file: the cursor's line, 1-based")
-    p.add_argument(
-        "--column",
-        type=int,
-        metavar="C",
-        help="--file: the cursor is before character C of the line, 1-based, counted in Unicode "
-        "characters, a tab as one (default: at its end)",
-    )
+    add_cursor_args(p)
     p.add_argument(
         "--multiline",
         action="store_true",
@@ -331,6 +303,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 <= args.threads <= MAX_THREADS:
         p.error(f"--threads {args.threads}: must be within 0..{MAX_THREADS}")
     return args
+
+
+def add_cursor_args(p: argparse.ArgumentParser) -> None:
+    """The export, and where the code to complete comes from: --prompt (and --suffix), --file at
+    --line and --column, --prompts or --stdio."""
+    p.add_argument("export", type=Path, metavar="ONNX_EXPORT", help="a folder written by dslm-export --format onnx")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--prompt", metavar="TEXT", help="the code before the cursor")
+    p.add_argument(
+        "--suffix",
+        metavar="TEXT",
+        help="--prompt: the code after the cursor, for a model trained to fill in the middle",
+    )
+    where.add_argument("--file", type=Path, metavar="F", help="complete at a cursor in file F (with --line)")
+    where.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help='a prompt set: one prompt per line, or .jsonl records with a "prompt" field',
+    )
+    where.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve an editor: a JSON request a line on stdin (text, cursor, settings), a JSON reply a line on "
+        "stdout, until stdin ends (the format is above)",
+    )
+    p.add_argument("--line", type=int, metavar="N", help="--file: the cursor's line, 1-based")
+    p.add_argument(
+        "--column",
+        type=int,
+        metavar="C",
+        help="--file: the cursor is before character C of the line, 1-based, counted in Unicode "
+        "characters, a tab as one (default: at its end)",
+    )
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
