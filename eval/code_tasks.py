@@ -222,19 +222,25 @@ def score_exact_match(tasks: Sequence[LineTask], complete: Complete, cfg: ExactM
         predicted, target = normalise(completion.split("\n", 1)[0]), normalise(task.target)
         per_language.setdefault(task.language, []).append((predicted == target, edit_similarity(predicted, target)))
     return {
-        "settings": {
-            **asdict(cfg),
-            "compare": "whitespace-normalised lines; edit similarity = "
-            "Levenshtein (insert/delete) ratio, fuzzywuzzy's ratio / 100 as in CodeXGLUE",
-        },
-        "languages": {
-            language: {
-                "n": len(scores),
-                "exact_match": sum(hit for hit, _ in scores) / len(scores),
-                "edit_similarity": sum(sim for _, sim in scores) / len(scores),
-            }
-            for language, scores in per_language.items()
-        },
+        "settings": {**asdict(cfg), "compare": f"whitespace-normalised lines; edit similarity = {EDIT_SIMILARITY}"},
+        "languages": line_scores(per_language),
+    }
+
+
+EDIT_SIMILARITY = "Levenshtein (insert/delete) ratio, fuzzywuzzy's ratio / 100 as in CodeXGLUE"
+"""How exact_match and fim_exact_match compare lines, as their results' settings say."""
+
+
+def line_scores(scores: dict[str, list[tuple[bool, float]]]) -> dict[str, dict[str, float]]:
+    """Per language (in `scores`' order), from each line's (exact, edit similarity): the lines `n`,
+    and the means `exact_match` and `edit_similarity`, in [0, 1]."""
+    return {
+        language: {
+            "n": len(pairs),
+            "exact_match": sum(hit for hit, _ in pairs) / len(pairs),
+            "edit_similarity": sum(sim for _, sim in pairs) / len(pairs),
+        }
+        for language, pairs in scores.items()
     }
 
 

@@ -27,7 +27,14 @@ from tqdm import tqdm
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.model import GPT
-from dslm_eval.code_tasks import documents_of, edit_similarity, line_starts, require_positive
+from dslm_eval.code_tasks import (
+    EDIT_SIMILARITY,
+    documents_of,
+    edit_similarity,
+    line_scores,
+    line_starts,
+    require_positive,
+)
 from dslm_eval.generate import generate
 from dslm_eval.perplexity import ALL
 from dslm_local.decoding import GenerationConfig, cut_at_stop
@@ -116,17 +123,9 @@ def score_infilling(tasks: Sequence[InfillTask], infill: Infill, cfg: InfillingC
         "settings": {
             **asdict(cfg),
             "layout": "PSM",
-            "compare": "lines stripped of surrounding whitespace; edit similarity = Levenshtein (insert/delete) "
-            "ratio, fuzzywuzzy's ratio / 100 as in CodeXGLUE",
+            "compare": f"lines stripped of surrounding whitespace; edit similarity = {EDIT_SIMILARITY}",
         },
-        "languages": {
-            language: {
-                "n": len(pairs),
-                "exact_match": sum(hit for hit, _ in pairs) / len(pairs),
-                "edit_similarity": sum(sim for _, sim in pairs) / len(pairs),
-            }
-            for language, pairs in sorted(scores.items(), key=lambda item: item[0] == ALL)
-        },
+        "languages": line_scores(dict(sorted(scores.items(), key=lambda item: item[0] == ALL))),
     }
 
 

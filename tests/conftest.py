@@ -69,6 +69,27 @@ def other_shards(tmp_path_factory, tiny_shards) -> tuple[Path, Manifest]:
 
 
 @pytest.fixture(scope="session")
+def fim_shards(tmp_path_factory, code_corpus) -> Path:
+    """Shards of the code corpus built with fill-in-the-middle (--fim-rate 0.5), and their tokenizer
+    with the FIM tokens."""
+    from dslm.data.fim import FimConfig
+
+    out = tmp_path_factory.mktemp("fim_shards")
+    sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
+    train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=out / "tokenizer.json", fim=True)
+    cfg = ShardConfig(
+        out=out,
+        tokenizer=out / "tokenizer.json",
+        seq_len=TINY_SEQ_LEN,
+        samples_per_shard=200,
+        val_fraction=0.1,
+        fim=FimConfig(rate=0.5),
+    )
+    build_shards(cfg, sources)
+    return out
+
+
+@pytest.fixture(scope="session")
 def many_shards(tmp_path_factory, code_corpus, tiny_shards) -> tuple[Path, Manifest]:
     """Thousands of one-sample shards of 17 tokens with tiny_shards' tokenizer: more than a process
     may open under `ulimit -n 256`."""

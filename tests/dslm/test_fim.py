@@ -22,18 +22,14 @@ from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenize
 from dslm_shards.encode import Encoder, EncoderConfig
 from dslm_shards.filters import FilterConfig
 from dslm_shards.sources import CodeSource, Document
-from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB
+from tests.conftest import TINY_SEQ_LEN
 from tests.dslm.test_train import BIN, train_args
 from tests.shards.test_build import read_samples
 
 
 @pytest.fixture(scope="module")
-def fim_tokenizer(tmp_path_factory, code_corpus):
-    out = tmp_path_factory.mktemp("fim_tok") / "tokenizer.json"
-    train_and_save_tokenizer(
-        [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)], TINY_VOCAB, 10**9, out, fim=True
-    )
-    return out
+def fim_tokenizer(fim_shards):
+    return fim_shards / "tokenizer.json"
 
 
 def documents(code_corpus, n):

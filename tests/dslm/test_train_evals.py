@@ -14,35 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dslm.data.fim import FimConfig
 from dslm.errors import DslmError
 from dslm.evals import BackgroundEvals, check_evals
 from dslm.metrics import read_rows, read_scalars
 from dslm.run_dir import RunDir
-from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
-from dslm_shards.sources import CodeSource
-from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB
 from tests.dslm.test_train import BIN, train_args
 
 FOUR_STEPS = dict(max_steps=4, warmup_steps=1, log_interval=1, checkpoint_interval=2, val_interval=0)
-
-
-@pytest.fixture(scope="module")
-def fim_shards(tmp_path_factory, code_corpus) -> Path:
-    """Shards built with fill-in-the-middle (--fim-rate 0.5) and a tokenizer with the FIM tokens."""
-    shards = tmp_path_factory.mktemp("fim_shards")
-    sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
-    train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=shards / "tokenizer.json", fim=True)
-    cfg = ShardConfig(
-        out=shards,
-        tokenizer=shards / "tokenizer.json",
-        seq_len=TINY_SEQ_LEN,
-        samples_per_shard=200,
-        val_fraction=0.1,
-        fim=FimConfig(rate=0.5),
-    )
-    build_shards(cfg, sources)
-    return shards
 
 
 def dslm_train(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

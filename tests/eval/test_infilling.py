@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dslm.config import load_config, save_config
-from dslm.data.fim import FimConfig
 from dslm.data.tokens import BOS_ID, EOS_ID
 from dslm.errors import DslmError
 from dslm.metrics import read_scalars
@@ -22,9 +21,7 @@ from dslm_eval.code_tasks import edit_similarity
 from dslm_eval.infilling import InfillingConfig, build_infilling_tasks, fim_prompt, run_fim_exact_match, torch_infill
 from dslm_eval.load import load_for_eval
 from dslm_local.fim import FimIds
-from dslm_shards.build import ShardConfig, build_shards, train_and_save_tokenizer
-from dslm_shards.sources import CodeSource
-from tests.conftest import TINY_SEQ_LEN, TINY_VOCAB, write_tag
+from tests.conftest import write_tag
 
 DOCS = {
     "python": [
@@ -113,23 +110,10 @@ def test_a_model_trained_without_fim_is_refused_in_one_line(base_run, tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def fim_run(tmp_path_factory, code_corpus) -> Path:
-    """A run of the tiny preset trained (as its config says) on FIM shards: a tokenizer with the
-    FIM tokens, shards built with --fim-rate 0.5, and one sealed tag of random weights."""
-    shards = tmp_path_factory.mktemp("fim_shards")
-    sources = [CodeSource(spec=f"code:{code_corpus}", root=code_corpus)]
-    train_and_save_tokenizer(sources, TINY_VOCAB, sample_bytes=10**9, out=shards / "tokenizer.json", fim=True)
-    build_shards(
-        ShardConfig(
-            out=shards,
-            tokenizer=shards / "tokenizer.json",
-            seq_len=TINY_SEQ_LEN,
-            samples_per_shard=200,
-            val_fraction=0.1,
-            fim=FimConfig(rate=0.5),
-        ),
-        sources,
-    )
+def fim_run(tmp_path_factory, fim_shards) -> Path:
+    """A run of the tiny preset trained (as its config says) on FIM shards (fim_shards), with one
+    sealed tag of random weights."""
+    shards = fim_shards
     cfg = load_config(
         None,
         ["name=fim", f"runs_dir={tmp_path_factory.mktemp('fim_runs')}", "model.preset=tiny", f"data.shards={shards}"],
