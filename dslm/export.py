@@ -14,6 +14,9 @@ in the prompt kept as text (dslm.hf.hf_tokenizer, dslm.hf.tokenizer_config).
 a run (its best, else latest checkpoint) or an export folder; --int8 quantizes its weights. The
 folder (model.onnx, config.json, tokenizer files) is what `dslm-complete` runs, with ONNX Runtime
 and no torch.
+
+--format gguf writes one GGUF file for llama.cpp and Ollama (dslm.gguf_export), --type f32, f16 or
+q8_0, with a Modelfile for `ollama create` beside it.
 """
 
 from __future__ import annotations
@@ -29,11 +32,20 @@ from safetensors.torch import save_file
 from dslm.checkpoint.weights import model_from, read_weights
 from dslm.cli import ArgumentParser, run_command
 from dslm.config import Origin
-from dslm.data.templates import Framing
+from dslm.data.templates import IM_END, IM_START, Framing, get_template, role_marker
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_path, check_creatable, sha256_file
-from dslm.hf import export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer, tokenizer_config
+from dslm.gguf_export import GGUF_NAME, GGUF_TYPES, check_exportable, write_gguf
+from dslm.hf import (
+    export_tokenizer_sha256,
+    generation_config,
+    hf_config,
+    hf_state_dict,
+    hf_tokenizer,
+    runtime_config,
+    tokenizer_config,
+)
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.model import ModelConfig
 from dslm.model_source import ModelSource, resolve_source
@@ -120,24 +132,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "out",
         type=Path,
         nargs="?",
-        help="where to write (default: runs/NAME/export/stepN, stepN-onnx or stepN-onnx-int8; for an "
-        "export folder X, X-hf, X-onnx or X-onnx-int8 beside it)",
+        help="where to write (default: runs/NAME/export/stepN, stepN-onnx, stepN-onnx-int8 or stepN-gguf-TYPE; "
+        "for an export folder X, X-hf, X-onnx, X-onnx-int8 or X-gguf-TYPE beside it)",
     )
     p.add_argument(
         "--format",
-        choices=("hf", "onnx"),
+        choices=("hf", "onnx", "gguf"),
         default="hf",
-        help="hf: safetensors for transformers; onnx: a graph with a KV cache for dslm-complete (default: %(default)s)",
+        help="hf: safetensors for transformers; onnx: a graph with a KV cache for dslm-complete; gguf: one file "
+        "for llama.cpp and Ollama (default: %(default)s)",
     )
     p.add_argument(
         "--int8",
         action="store_true",
         help="--format onnx: int8 weights (ONNX Runtime's dynamic quantization), about 4x smaller",
     )
+    p.add_argument(
+        "--type",
+        choices=tuple(GGUF_TYPES),
+        help="--format gguf: the weights' type: f32, f16 (half the size) or q8_0 (llama.cpp's 8-bit blocks, "
+        "about a quarter) (default: f16)",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_intermixed_args(argv)  # OUT may follow the options
     if args.int8 and args.format != "onnx":
         p.error("--int8 goes with --format onnx")
+    if args.type and args.format != "gguf":
+        p.error("--type goes with --format gguf")
+    args.type = args.type or "f16"
     return args
 
 
@@ -173,9 +195,63 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
     return out, origin
 
 
+def write_gguf_folder(source: Path, out: Path | None, type: str) -> tuple[Path, Origin]:
+    """The GGUF export of `source` (a tag, a run: its chosen tag, or an HF export folder) at `out`,
+    by default runs/NAME/export/stepN-gguf-TYPE, or beside an export folder: GGUF_NAME, config.json
+    (dslm.hf.runtime_config), the tokenizer files and a Modelfile (`ollama_modelfile`). Raises
+    DslmError, before reading any weights, when the folder exists, a folder above it is a file or
+    the model reads text backward (dslm.gguf_export.check_exportable). Returns the folder and where
+    the weights came from."""
+    found = resolve_source(source)
+    found.need_weights()
+    framing, tokenizer, sha256 = found.framing(), found.tokenizer_file(), training_sha256(found)
+    check_exportable(framing)
+    out = out or default_out(found, f"-gguf-{type}")
+    check_new_folder(out)
+    cfg, weights, origin = read_weights(source)
+    name = GGUF_NAME.format(type=type)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(runtime_config(cfg, framing), indent=2) + "\n")
+        write_tokenizer_files(tmp, tokenizer, framing, sha256)
+        write_gguf(tmp / name, cfg, weights, load_text_tokenizer(tokenizer), framing, type)
+        (tmp / "Modelfile").write_text(ollama_modelfile(name, framing))
+    return out, origin
+
+
+def ollama_modelfile(name: str, framing: Framing) -> str:
+    """An Ollama Modelfile for the GGUF file `name` beside it (`ollama create NAME -f Modelfile`):
+    greedy decoding, as dslm-complete's default, and the prompt framed as the model was trained
+    (Ollama adds <bos> as the file asks): as it is for a model of documents; for a model tuned with
+    a template, the given block, then the target block's opening markers, stopping at its close
+    (what dslm-generate --template feeds; a template with reversed words, which Ollama's template
+    language cannot reverse, takes its prompt reversed word by word, as the comment says)."""
+    lines = [f"FROM ./{name}", "PARAMETER temperature 0"]
+    if not framing.template:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+        return "\n".join(lines) + "\n"
+    template = get_template(framing.template)
+    given, target = (
+        f"{IM_START}{role_marker(template.given(framing.direction))}",
+        f"{IM_START}{role_marker(template.target(framing.direction))}",
+    )
+    if template.reverse_words:
+        lines.insert(0, f"# the {template.name} template: write the prompt with its words in reverse order")
+    lines += [f'TEMPLATE """{given}{{{{ .Prompt }}}}{IM_END}{target}"""', f"PARAMETER stop {IM_END}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_gguf(source: Path, out: Path | None, type: str) -> None:
+    out, origin = write_gguf_folder(source, out, type)
+    step = f", step {origin.step}" if origin.step is not None else ""
+    print(f"wrote {out} from {origin.path}{step} (llama-cli -m {out / GGUF_NAME.format(type=type)} -p ...)")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         run_onnx(args.checkpoint, args.out, args.int8)
+    elif args.format == "gguf":
+        run_gguf(args.checkpoint, args.out, args.type)
     else:
         run_hf(args.checkpoint, args.out)
 

@@ -100,6 +100,13 @@ def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
     }
 
 
+def runtime_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
+    """config.json of an export that is no transformers model (ONNX, GGUF): hf_config's sizes,
+    special token ids and framing, without "architectures" and "torch_dtype", which would name a
+    transformers model that is not in the folder."""
+    return {key: value for key, value in hf_config(cfg, framing).items() if key not in ("architectures", "torch_dtype")}
+
+
 def generation_config(framing: Framing) -> dict:
     """generation_config.json: what `transformers`' generate() (and the servers that read the file)
     stop at: the token the model was trained to end its text with (dslm.data.templates.stop_token)."""
@@ -267,9 +274,10 @@ def fold_head_bias(
     return new_gain.float(), new_shift.float(), new_weight.float()
 
 
-def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's state dict for dslm's `weights` (padded vocab rows dropped; a tied head
-    is written as its own tensor, since folding the bias changes it)."""
+def gpt2_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """dslm's `weights` under dslm's names as GPT-2 holds them: padded vocab rows dropped, the
+    head's bias folded into the final LayerNorm and the head (fold_head_bias) and dropped. A tied
+    head stays tied only where there was no bias to fold. Shapes as in dslm (Linear: (out, in))."""
     vocab = cfg.vocab_size
     weights = {
         **weights,
@@ -278,9 +286,16 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     }
     if "lm_head.bias" in weights:
         folded = fold_head_bias(
-            weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"], weights["lm_head.bias"][:vocab]
+            weights["ln_f.weight"], weights["ln_f.bias"], weights["lm_head.weight"], weights.pop("lm_head.bias")[:vocab]
         )
         weights.update(zip(("ln_f.weight", "ln_f.bias", "lm_head.weight"), folded))
+    return weights
+
+
+def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's state dict for dslm's `weights` (gpt2_weights; a tied head is written as
+    its own tensor, since folding the bias changes it)."""
+    weights = gpt2_weights(weights, cfg)
     # copies: a tied head and the embedding are one tensor, and safetensors refuses shared storage
     return {
         theirs: (weights[ours].t() if is_conv1d(ours) else weights[ours]).to(torch.float32, copy=True).contiguous()

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dslm.data.templates import Framing
 from dslm.errors import DslmError
 from dslm.files import atomic_path
-from dslm.hf import hf_config
+from dslm.hf import runtime_config
 from dslm.logs import libraries
 from dslm.model import GPT, causal_mask
 from dslm_local.graph import DATA_NAME, INPUT_NAMES, ONNX_NAME, OUTPUT_NAMES, WEIGHTS_KEY
@@ -159,12 +159,5 @@ def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_token
 
 
 def export_config(model: GPT, framing: Framing, int8: bool) -> dict:
-    """config.json of an ONNX export: GPT-2's sizes and special token ids, the framing and
-    WEIGHTS_KEY; without "architectures" and "torch_dtype", which would name a transformers model
-    that is not in the folder."""
-    config = {
-        key: value
-        for key, value in hf_config(model.cfg, framing).items()
-        if key not in ("architectures", "torch_dtype")
-    }
-    return {**config, WEIGHTS_KEY: "int8" if int8 else "fp32"}
+    """config.json of an ONNX export: dslm.hf.runtime_config and WEIGHTS_KEY."""
+    return {**runtime_config(model.cfg, framing), WEIGHTS_KEY: "int8" if int8 else "fp32"}

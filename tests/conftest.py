@@ -325,32 +325,39 @@ def base_run(tmp_path_factory, tiny_shards) -> Path:
     return cfg.run_dir.path
 
 
-@pytest.fixture(scope="session")
-def onnx_exports(tmp_path_factory, tiny_shards) -> tuple[Path, GPT, Path, Path]:
-    """(run directory with a sealed tag at step 7, its model, its fp32 and int8 ONNX exports). The
-    model's head is scaled up so that its next-token choices are not near-ties that float
-    rounding could flip."""
+def sharp_run(runs_dir: Path, shards: Path, name: str, step: int) -> tuple[Path, GPT]:
+    """A run directory with one sealed tag at `step` of a trained-looking 2-layer model whose head
+    is scaled up, so that its next-token choices are not near-ties that float rounding could flip."""
     from dslm.config import RunConfig, save_config
     from dslm.data.loader import DataConfig
-    from dslm.export import main as export_main
 
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, intermediate_size=256, vocab_size=TINY_VOCAB, block_size=96)
     model = trained_looking_model(cfg, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(10)
-    run = RunConfig(
-        name="onnx",
-        runs_dir=str(tmp_path_factory.mktemp("runs")),
-        model=cfg,
-        data=DataConfig(shards=str(tiny_shards[0])),
-    )
+    run = RunConfig(name=name, runs_dir=str(runs_dir), model=cfg, data=DataConfig(shards=str(shards)))
     save_config(run)
-    write_tag(run.run_dir.path, 7, {"module": model.state_dict(), "global_steps": 7})
-    export_main([str(run.run_dir.path), "--format", "onnx"])
-    export_main([str(run.run_dir.path), "--format", "onnx", "--int8"])
-    return (
-        run.run_dir.path,
-        model,
-        run.run_dir.path / "export" / "step7-onnx",
-        run.run_dir.path / "export" / "step7-onnx-int8",
-    )
+    write_tag(run.run_dir.path, step, {"module": model.state_dict(), "global_steps": step})
+    return run.run_dir.path, model
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory, tiny_shards) -> tuple[Path, GPT, Path, Path]:
+    """(sharp_run with a tag at step 7, its model, its fp32 and int8 ONNX exports)."""
+    from dslm.export import main as export_main
+
+    run, model = sharp_run(tmp_path_factory.mktemp("runs"), tiny_shards[0], "onnx", 7)
+    export_main([str(run), "--format", "onnx"])
+    export_main([str(run), "--format", "onnx", "--int8"])
+    return run, model, run / "export" / "step7-onnx", run / "export" / "step7-onnx-int8"
+
+
+@pytest.fixture(scope="session")
+def gguf_exports(tmp_path_factory, tiny_shards) -> tuple[Path, GPT, dict[str, Path]]:
+    """(sharp_run with a tag at step 9, its model, its GGUF export folders by --type)."""
+    from dslm.export import main as export_main
+
+    run, model = sharp_run(tmp_path_factory.mktemp("runs"), tiny_shards[0], "gguf", 9)
+    for type in ("f32", "f16", "q8_0"):
+        export_main([str(run), "--format", "gguf", "--type", type])
+    return run, model, {type: run / "export" / f"step9-gguf-{type}" for type in ("f32", "f16", "q8_0")}
