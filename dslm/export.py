@@ -14,6 +14,9 @@ in the prompt kept as text (dslm.hf.hf_tokenizer, dslm.hf.tokenizer_config).
 a run (its best, else latest checkpoint) or an export folder; --int8 quantizes its weights. The
 folder (model.onnx, config.json, tokenizer files) is what `dslm-complete` runs, with ONNX Runtime
 and no torch.
+
+Every export folder also holds its model card, README.md, with the loss curve beside it
+(dslm.model_card), written from what the run recorded.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dslm.files import atomic_path, check_creatable, sha256_file
 from dslm.hf import export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer, tokenizer_config
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.model import ModelConfig
+from dslm.model_card import write_model_card
 from dslm.model_source import ModelSource, resolve_source
 from dslm.onnx_export import export_onnx
 
@@ -50,7 +54,7 @@ def export(source: str | Path, out: Path | None = None) -> Path:
     out = out or default_out(found, "")
     check_new_folder(out)
     cfg, weights, _ = read_weights(source)
-    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found))
+    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found), found)
     return out
 
 
@@ -61,10 +65,12 @@ def write_hf(
     tokenizer: Path,
     framing: Framing = Framing(),
     source_sha256: str = "",
+    source: ModelSource | None = None,
 ) -> None:
     """The HF folder of a model of `cfg` with `weights` (as dslm.checkpoint.weights reads them), written under
     a temporary name, then renamed into place; config.json records the model's framing
-    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them."""
+    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them; with the
+    `source` the weights were read from, its model card (dslm.model_card)."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
@@ -72,6 +78,8 @@ def write_hf(
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         write_tokenizer_files(tmp, tokenizer, framing, source_sha256)
+        if source is not None:
+            write_model_card(tmp, source, "hf")
 
 
 def training_sha256(source: ModelSource) -> str:
@@ -163,13 +171,12 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
     check_new_folder(out)
     cfg, weights, origin = read_weights(source)
     framing, tokenizer, sha256 = found.framing(), found.tokenizer_file(), training_sha256(found)
-    export_onnx(
-        model_from(cfg, weights, origin.path),
-        out,
-        framing,
-        int8,
-        lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256),
-    )
+
+    def write_files(folder: Path) -> None:
+        write_tokenizer_files(folder, tokenizer, framing, sha256)
+        write_model_card(folder, found, "onnx-int8" if int8 else "onnx")
+
+    export_onnx(model_from(cfg, weights, origin.path), out, framing, int8, write_files)
     return out, origin
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,15 +41,18 @@ def section(card: str, title: str) -> str:
 
 
 def table_rows(text: str) -> list[list[str]]:
-    """The body rows of the markdown tables in `text`, each as its cells."""
-    rows = [[cell.strip() for cell in line.strip()[1:-1].split("|")] for line in text.splitlines() if line.startswith("|")]
-    return [row for row in rows if not all(set(cell) <= set("-: ") for cell in row)][1:]
+    """The body rows of the markdown tables in `text`, each as its cells (an escaped "|" read as "|")."""
+    rows = [
+        [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+    return [row for row in rows if not all(cell and set(cell) <= set("-:") for cell in row)][1:]
 
 
 def table(text: str, header: str) -> dict[str, str]:
     """The two-column table under the line `header` in `text`, as {first cell: second cell}."""
-    after = text.split(header + "\n", 1)[1]
-    block = after.split("\n\n", 2)[1] if after.startswith("\n") else after.split("\n\n", 1)[0]
+    block = text.split(header + "\n", 1)[1].lstrip("\n").split("\n\n", 1)[0]
     return {row[0]: row[1] for row in table_rows(block)}
 
 
@@ -202,18 +206,15 @@ def test_write_model_card_writes_the_card_and_a_real_png_and_renders_parity(card
     ]
 
 
-def test_a_fine_tuned_runs_card_names_its_base_model_and_chain(base_run, tiny_shards, tmp_path):
+def test_a_fine_tuned_runs_card_names_its_base_model_and_chain(base_run, tiny_shards, tmp_path, write_checkpoint):
     cfg = load_config(
         None,
         ["name=tuned", f"runs_dir={tmp_path}", f"train.init_from={base_run}", f"data.shards={tiny_shards[0]}"],
         model_config_of,
     )
-    _, weights, cfg.origin = read_weights(base_run)
+    _, _, cfg.origin = read_weights(base_run)
     save_config(cfg)
-    seal_dir = cfg.run_dir.tag(2)
-    seal_dir.mkdir(parents=True)
-    shutil.copy(RunDir(base_run).tag(5) / "mp_rank_00_model_states.pt", seal_dir)
-    seal(seal_dir, TrainState(step=2))
+    write_checkpoint(cfg.run_dir.path, 2, {"module": GPT(cfg.model).state_dict(), "global_steps": 2})
 
     card = render_model_card(resolve_source(cfg.run_dir.path), "onnx")
     assert front_matter(card)["base_model"] == cfg.origin.path == str(RunDir(base_run).tag(5))
