@@ -135,6 +135,8 @@ def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3, 4]
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step4"
+    state = sealed_state(tmp_path / "t" / "checkpoints" / "global_step4")
+    assert state.train_seconds > 0 and state.hardware.startswith("1 x ")  # what the model card states
     # train/lr is the rate each step ran at: step 1 at half the peak (warmup), never the next step's
     schedule = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2)
     logged = read_scalars(tmp_path / "t" / "tb", "train/lr")
