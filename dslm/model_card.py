@@ -94,7 +94,8 @@ def format_facts(fmt: str) -> tuple[str, str, list[str]]:
 
 
 def write_model_card(folder: Path, source: ModelSource, fmt: str) -> None:
-    """Write the card of the export of `source` in format `fmt` into the export folder `folder`:
+    """Write the card of the export of `source` in format `fmt` (hf, onnx, onnx-int8, gguf or
+    gguf-TYPE) into the export folder `folder`:
     the loss curve (where metrics.csv has losses), then README.md, each under a temporary name
     renamed into place, so it may be written again into a finished folder (after `--check` adds
     parity.json). Raises DslmError as gather and read_parity do."""
@@ -118,7 +119,7 @@ def read_parity(path: Path) -> dict | None:
         return None
     try:
         parity = json.loads(path.read_text())
-        complete = isinstance(parity["rows"], list) and isinstance(parity["reference"]["bits_per_byte"], float)
+        complete = isinstance(parity["rows"], list) and isinstance(parity["reference"]["bits_per_byte"], int | float)
     except (ValueError, KeyError, TypeError) as e:
         complete, parity = False, f"{type(e).__name__}: {e}"
     if not complete:
@@ -349,7 +350,7 @@ def evaluation(facts: Facts, parity: dict | None) -> str:
     rows = [
         ["the run's shards" if path == facts.run.eval_result(facts.step) else path.stem, metric, f"{value:.4f}"]
         for path in results
-        for metric, value in json.loads(path.read_text()).get("scalars", {}).items()
+        for metric, value in read_result(path).get("scalars", {}).items()
     ]
     if rows:
         text = f"dslm-eval's results for step {facts.step}:\n\n" + markdown_table(["shards", "metric", "value"], rows)
@@ -357,6 +358,17 @@ def evaluation(facts: Facts, parity: dict | None) -> str:
         command = f"dslm-eval {facts.run.path}" if facts.run else f"dslm-eval {facts.source.path} --shards DIR"
         text = f"No dslm-eval result recorded for this checkpoint (`{command}` writes one).\n"
     return "## Evaluation\n\n" + text + "\n### Export parity\n\n" + parity_text(facts, parity)
+
+
+def read_result(path: Path) -> dict:
+    """A dslm-eval result. Raises DslmError for a file that is not a JSON object."""
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as e:
+        raise DslmError(f"{path} is not a dslm-eval result ({e})") from None
+    if not isinstance(result, dict):
+        raise DslmError(f"{path} is not a dslm-eval result (not a JSON object)")
+    return result
 
 
 def parity_text(facts: Facts, parity: dict | None) -> str:
@@ -425,21 +437,23 @@ def usage(facts: Facts) -> str:
     format needs (OUT), this folder where it is that one."""
     source, framing = source_path(facts), facts.source.framing()
     prompt = "def fib(n):" if "code" in metadata(facts).get("language", []) else "The history of"
-    kind = facts.fmt.partition("-")[0]
+    kind, _, precision = facts.fmt.partition("-")
+    gguf_type = precision if kind == "gguf" and precision else "f16"
 
-    def here(kinds: tuple[str, ...]) -> str:
-        return " (OUT: this folder)" if kind in kinds else ""
+    def here(format_kind: str) -> str:
+        return " (OUT: this folder)" if kind == format_kind else ""
 
     text = (
-        f"## How to use\n\nWith transformers, from the Hugging Face export `dslm-export {source} OUT`{here(('hf',))}:\n\n"
+        f"## How to use\n\nWith transformers, from the Hugging Face export `dslm-export {source} OUT`{here('hf')}:\n\n"
         "```python\nfrom transformers import AutoTokenizer, GPT2LMHeadModel\n\n"
         'tokenizer = AutoTokenizer.from_pretrained("OUT")\nmodel = GPT2LMHeadModel.from_pretrained("OUT")\n'
         f'ids = tokenizer({prompt!r}, return_tensors="pt").input_ids\n'
         "print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))\n```\n\n"
-        f"With dslm-complete, from the ONNX export{here(('onnx',))}:\n\n"
+        f"With dslm-complete, from the ONNX export{here('onnx')}:\n\n"
         f"```\ndslm-export {source} --format onnx --int8 OUT\ndslm-complete OUT --prompt {prompt!r}\n```\n\n"
-        f"With llama.cpp, from the GGUF file{here(('gguf',))}:\n\n"
-        f"```\ndslm-export {source} --format gguf --type f16 OUT\nllama-cli -m OUT/model-f16.gguf -p {prompt!r}\n```\n"
+        f"With llama.cpp, from the GGUF file{here('gguf')}:\n\n"
+        f"```\ndslm-export {source} --format gguf --type {gguf_type} OUT\n"
+        f"llama-cli -m OUT/model-{gguf_type}.gguf -p {prompt!r}\n```\n"
     )
     if framing.direction == "backward":
         text += "\nThis model reads backward: give it reversed ids (config.json's `dslm_direction`), or use dslm-generate.\n"

@@ -16,6 +16,7 @@ from dslm.checkpoint.weights import model_config_of, read_weights
 from dslm.config import load_config, read_run_config, save_config
 from dslm.data.manifest import Manifest
 from dslm.data.tokens import SPECIAL_TOKENS
+from dslm.errors import DslmError
 from dslm.export import main as export_main
 from dslm.metrics import ScalarLog, read_rows
 from dslm.model import GPT
@@ -204,6 +205,10 @@ def test_write_model_card_writes_the_card_and_a_real_png_and_renders_parity(card
         ["checkpoint", "", "1.5000", "", "", ""],
         ["hf", "3.00 MiB", "1.5012", "+0.08%", "99.50%", "yes"],
     ]
+
+    (folder / "parity.json").write_text('{"rows": [')  # cut off
+    with pytest.raises(DslmError, match="parity.json is not dslm-export --check's parity table"):
+        write_model_card(folder, source, "hf")
 
 
 def test_a_fine_tuned_runs_card_names_its_base_model_and_chain(base_run, tiny_shards, tmp_path, write_checkpoint):
