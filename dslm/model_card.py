@@ -30,6 +30,7 @@ from dslm.config import RunConfig, read_run_config
 from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.errors import DslmError
 from dslm.files import atomic_path, atomic_write_text
+from dslm.logs import libraries
 from dslm.metrics import read_rows
 from dslm.model import ModelConfig
 from dslm.model_source import ModelSource, resolve_source
@@ -325,9 +326,19 @@ def settings(cfg: RunConfig) -> dict[str, str]:
 def draw_loss_curve(rows: list[dict[str, str]], step: int | None, path: Path) -> None:
     """A PNG at `path` of train and val loss by step, the exported step marked (matplotlib's Agg
     renderer, no display needed), written under a temporary name renamed into place."""
-    from matplotlib.figure import Figure  # without pyplot: no backend state shared with the process
+    with libraries():  # matplotlib says so on stderr when it first builds its font cache
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure  # without pyplot: no backend state shared with the process
 
-    figure = Figure(figsize=(7, 4), dpi=100)
+        figure = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(figure)
+        draw_losses(figure, rows, step)
+    with atomic_path(path) as tmp, libraries():
+        figure.savefig(tmp, format="png")
+
+
+def draw_losses(figure, rows: list[dict[str, str]], step: int | None) -> None:
+    """Train and val loss by step on `figure` (a matplotlib Figure), `step` marked."""
     axes = figure.subplots()
     for tag, name in LOSSES:
         points = [(int(row["step"]), float(row[tag])) for row in rows if row.get(tag)]
@@ -340,8 +351,6 @@ def draw_loss_curve(rows: list[dict[str, str]], step: int | None, path: Path) ->
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
 
 
 def evaluation(facts: Facts, parity: dict | None) -> str:
