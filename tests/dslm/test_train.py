@@ -469,6 +469,14 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
     assert resumed.returncode == 0 and "train.init_from" in resumed.stdout and "is ignored" in resumed.stdout
     assert load_config(tmp_path / "tuned" / "config.yaml", []).origin == origin  # the resumed run keeps it
 
+    exported = subprocess.run([BIN / "dslm-export", tmp_path / "tuned"], capture_output=True, text=True, timeout=900)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    folder = RunDir(tmp_path / "tuned").export(3)
+    card = (folder / "README.md").read_text()  # its figures: tests/dslm/test_model_card.py
+    assert f"base_model: {tag}\n" in card and f"- `tuned` started from `{tag}` (step 12, " in card
+    assert "- `base`: Trained from random weights" in card and "| hardware | 1 x " in card
+    assert "| wall time | not recorded |" not in card and (folder / "loss_curve.png").stat().st_size > 0
+
 
 def dslm_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "dslm-train", *args], cwd=cwd, capture_output=True, text=True, timeout=900, **kwargs)
