@@ -296,7 +296,7 @@ def training(facts: Facts) -> str:
         "steps": str(state.step) if state else NOT_RECORDED,
         "samples": f"{state.samples:,}" if state else NOT_RECORDED,
         "tokens seen": f"{state.samples * seq_len:,}" if seq_len else NOT_RECORDED,
-        "wall time": f"{seconds / 3600:.2f} h ({seconds:,.0f} s)" if seconds else NOT_RECORDED,
+        "wall time": duration(seconds) if seconds else NOT_RECORDED,
         "hardware": (state.hardware if state else "") or NOT_RECORDED,
         "ranks": str(state.world_size) if state else NOT_RECORDED,
         **{f"final {name} loss": final_loss(rows, tag, facts.step) for tag, name in LOSSES},
@@ -304,6 +304,13 @@ def training(facts: Facts) -> str:
     curve = f"\n![loss curve]({LOSS_CURVE_NAME})\n" if rows else ""
     recipe = markdown_table(["setting", "value"], [[key, f"`{value}`"] for key, value in settings(facts.cfg).items()])
     return f"## Training\n\n{facts_table(recorded)}{curve}\nThe recipe's settings:\n\n{recipe}"
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as a reader takes them in: seconds up to 2 minutes, minutes up to 2 hours, then hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 def settings(cfg: RunConfig) -> dict[str, str]:
