@@ -40,6 +40,8 @@ CARD_NAME = "README.md"
 LOSS_CURVE_NAME = "loss_curve.png"
 PARITY_NAME = "parity.json"
 """The parity table `dslm-export --check` records in the export folder."""
+PARITY_ROW_KEYS = {"format", "size_bytes", "bits_per_byte", "delta_pct", "top1_agreement", "passed"}
+"""What the card reads of each row of a parity table."""
 NOT_RECORDED = "not recorded"
 FORMATS = {  # fmt -> (what the folder holds, library_name, tags)
     "hf": ("a Hugging Face transformers folder (safetensors, fp32)", "transformers", ["safetensors"]),
@@ -120,12 +122,14 @@ def read_parity(path: Path) -> dict | None:
         return None
     try:
         parity = json.loads(path.read_text())
-        complete = isinstance(parity["rows"], list) and isinstance(parity["reference"]["bits_per_byte"], int | float)
-    except (ValueError, KeyError, TypeError) as e:
-        complete, parity = False, f"{type(e).__name__}: {e}"
-    if not complete:
-        raise DslmError(f"{path} is not dslm-export --check's parity table ({parity})")
-    return parity
+        if isinstance(parity["reference"]["bits_per_byte"], int | float) and all(
+            PARITY_ROW_KEYS <= row.keys() for row in parity["rows"]
+        ):
+            return parity
+        problem = f"reference.bits_per_byte is not a number, or a row lacks one of {', '.join(sorted(PARITY_ROW_KEYS))}"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    raise DslmError(f"{path} is not dslm-export --check's parity table ({problem})")
 
 
 def render(facts: Facts, parity: dict | None) -> str:
