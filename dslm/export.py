@@ -17,6 +17,9 @@ and no torch.
 
 --format gguf writes one GGUF file for llama.cpp and Ollama (dslm.gguf_export), --type f32, f16 or
 q8_0, with a Modelfile for `ollama create` beside it.
+
+Every export folder also holds its model card, README.md, with the loss curve beside it
+(dslm.model_card), written from what the run recorded.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from dslm.hf import (
 )
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.model import ModelConfig
+from dslm.model_card import write_model_card
 from dslm.model_source import ModelSource, resolve_source
 from dslm.onnx_export import export_onnx
 
@@ -62,7 +66,7 @@ def export(source: str | Path, out: Path | None = None) -> Path:
     out = out or default_out(found, "")
     check_new_folder(out)
     cfg, weights, _ = read_weights(source)
-    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found))
+    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found), found)
     return out
 
 
@@ -73,10 +77,12 @@ def write_hf(
     tokenizer: Path,
     framing: Framing = Framing(),
     source_sha256: str = "",
+    source: ModelSource | None = None,
 ) -> None:
     """The HF folder of a model of `cfg` with `weights` (as dslm.checkpoint.weights reads them), written under
     a temporary name, then renamed into place; config.json records the model's framing
-    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them."""
+    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them; with the
+    `source` the weights were read from, its model card (dslm.model_card)."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
@@ -84,6 +90,8 @@ def write_hf(
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         write_tokenizer_files(tmp, tokenizer, framing, source_sha256)
+        if source is not None:
+            write_model_card(tmp, source, "hf")
 
 
 def training_sha256(source: ModelSource) -> str:
@@ -185,13 +193,12 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
     check_new_folder(out)
     cfg, weights, origin = read_weights(source)
     framing, tokenizer, sha256 = found.framing(), found.tokenizer_file(), training_sha256(found)
-    export_onnx(
-        model_from(cfg, weights, origin.path),
-        out,
-        framing,
-        int8,
-        lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256),
-    )
+
+    def write_files(folder: Path) -> None:
+        write_tokenizer_files(folder, tokenizer, framing, sha256)
+        write_model_card(folder, found, "onnx-int8" if int8 else "onnx")
+
+    export_onnx(model_from(cfg, weights, origin.path), out, framing, int8, write_files)
     return out, origin
 
 
@@ -216,6 +223,7 @@ def write_gguf_folder(source: Path, out: Path | None, type: str) -> tuple[Path, 
         write_tokenizer_files(tmp, tokenizer, framing, sha256)
         write_gguf(tmp / name, cfg, weights, load_text_tokenizer(tokenizer), framing, type)
         (tmp / "Modelfile").write_text(ollama_modelfile(name, framing))
+        write_model_card(tmp, found, f"gguf-{type}")
     return out, origin
 
 

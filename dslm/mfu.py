@@ -1,6 +1,9 @@
-"""Model FLOPs utilization: training FLOPs per token against the GPU's dense bf16 peak."""
+"""Model FLOPs utilization: training FLOPs per token against the GPU's dense bf16 peak; the
+hardware a run records."""
 
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -35,3 +38,10 @@ def peak_flops(device_name: str) -> float | None:
 def device_peak_flops() -> float | None:
     """This process's GPU's bf16 peak, or None on a CPU or an unknown GPU (then no MFU is logged)."""
     return peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+
+
+def hardware(device: torch.device, world_size: int) -> str:
+    """What `world_size` ranks on devices like `device` train on, as a tag records it
+    (TrainState.hardware): "8 x NVIDIA H100 80GB HBM3", or "2 x CPU (x86_64)"."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    return f"{world_size} x {name}"

@@ -126,10 +126,10 @@ def quantize_int8(source: Path, out: Path, work: Path) -> None:
         )
 
 
-def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_tokenizer: Callable[[Path], None]) -> None:
+def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_files: Callable[[Path], None]) -> None:
     """An ONNX export folder: model.onnx with its weights in model.onnx.data (ONNX Runtime maps that
     file instead of copying a protobuf's weights, and a model over 2 GB fits), config.json
-    (export_config) and the tokenizer files (`write_tokenizer(folder)`), written under a temporary
+    (export_config), the tokenizer files and the model card (`write_files(folder)`), written under a temporary
     name and renamed into place. Raises DslmError when `out` exists. Says what it does on stderr,
     with a progress bar over its stages (the graph; int8)."""
     if out.exists():
@@ -155,7 +155,7 @@ def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_token
         bar.update()
         for name in (ONNX_NAME, DATA_NAME):  # the writers' private temporary files leave them 0600
             shutil.copymode(tmp / "config.json", tmp / name)
-        write_tokenizer(tmp)
+        write_files(tmp)
 
 
 def export_config(model: GPT, framing: Framing, int8: bool) -> dict:

@@ -21,6 +21,7 @@ from dslm.errors import DslmError
 from dslm.evals import METRICS, BackgroundEvals
 from dslm.lora import LoraConfig
 from dslm.metrics import Metrics
+from dslm.mfu import hardware
 from dslm.model import IGNORE_INDEX
 from dslm.objective import Objective
 from dslm.optim import OptimConfig
@@ -394,6 +395,8 @@ class Trainer:
         the middle of a log interval logs the mean of the steps since the resume."""
         global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * state.world_size
         guard = SkipGuard(self.cfg.max_skipped_in_a_row)
+        state.hardware = hardware(self.engine.device, state.world_size)
+        started, seconds_before = time.monotonic(), state.train_seconds
         _, damaged, failed = self.boundary()
         if damaged or failed:
             return Stop(state.step, damaged=damaged, failed=failed)
@@ -406,6 +409,7 @@ class Trainer:
                     lambda sources: train_step(self.engine, self.batches, self.objective, self.cfg.grad_accum, sources)
                 )
                 state.step, state.samples = step, state.samples + global_batch
+                state.train_seconds = seconds_before + time.monotonic() - started
                 progress.update()
                 guard.after_step(step, self.engine.skipped_steps > skipped_before)
                 self.log(state)

@@ -79,6 +79,12 @@ class TrainState:
     mix: dict = dataclasses.field(default_factory=dict)
     """With data.mix: {"sources": [{"name", "weight", "shards": identity}], "base": {"samples",
     "cursors"}} (dslm.data.mix.MixBase); {} for a run that reads data.shards alone."""
+    train_seconds: float = 0.0
+    """Wall-clock seconds of the training loop up to this step, summed over the run's resumes (not
+    the start-up before the first step); 0 in tags written before dslm recorded it."""
+    hardware: str = ""
+    """What the ranks that ran the latest steps trained on (dslm.mfu.hardware), e.g. "8 x NVIDIA
+    H100 80GB HBM3"; "" in tags written before dslm recorded it."""
 
 
 def rng_file(rank: int) -> str:

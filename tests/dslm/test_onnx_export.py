@@ -92,6 +92,7 @@ def test_the_export_folder_holds_what_dslm_complete_needs(onnx_exports, precisio
     run, model, fp32, int8 = onnx_exports
     folder = fp32 if precision == "fp32" else int8
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",  # the model card (tests/dslm/test_model_card.py); no loss curve: the run logged none
         "config.json",
         "model.onnx",
         "model.onnx.data",
@@ -103,6 +104,8 @@ def test_the_export_folder_holds_what_dslm_complete_needs(onnx_exports, precisio
     config = json.loads((folder / "config.json").read_text())
     assert (config["n_layer"], config["n_positions"], config["dslm_direction"]) == (2, 96, "forward")
     assert "architectures" not in config  # no transformers model in the folder
+    card = (folder / "README.md").read_text()
+    assert "library_name: onnx" in card and ("int8 weights" in card) == (precision == "int8")
     assert not list(folder.parent.glob(".*tmp"))
 
 

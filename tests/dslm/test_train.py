@@ -135,6 +135,8 @@ def test_dslm_train_runs_as_a_single_process(tiny_shards, tmp_path):
     subprocess.run([BIN / "dslm-train", *args], cwd=tmp_path, check=True, timeout=900)
     assert [s for s, _ in read_scalars(tmp_path / "t" / "tb", "train/loss")] == [1, 2, 3, 4]
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "global_step4"
+    state = sealed_state(tmp_path / "t" / "checkpoints" / "global_step4")
+    assert state.train_seconds > 0 and state.hardware.startswith("1 x ")  # what the model card states
     # train/lr is the rate each step ran at: step 1 at half the peak (warmup), never the next step's
     schedule = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2)
     logged = read_scalars(tmp_path / "t" / "tb", "train/lr")
@@ -466,6 +468,14 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_records_
     )
     assert resumed.returncode == 0 and "train.init_from" in resumed.stdout and "is ignored" in resumed.stdout
     assert load_config(tmp_path / "tuned" / "config.yaml", []).origin == origin  # the resumed run keeps it
+
+    exported = subprocess.run([BIN / "dslm-export", tmp_path / "tuned"], capture_output=True, text=True, timeout=900)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    folder = RunDir(tmp_path / "tuned").export(3)
+    card = (folder / "README.md").read_text()  # its figures: tests/dslm/test_model_card.py
+    assert f"base_model: {tag}\n" in card and f"- `tuned` started from `{tag}` (step 12, " in card
+    assert "- `base`: Trained from random weights" in card and "| hardware | 1 x " in card
+    assert "| wall time | not recorded |" not in card and (folder / "loss_curve.png").stat().st_size > 0
 
 
 def dslm_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
