@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +75,12 @@ class GgufModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = False, nfkc: bool = True) -> list[int]:
         """llama.cpp's ids for `text` (special tokens written in it stay text, as dslm encodes a
-        prompt); with `add_bos`, <bos> first where the file asks for it."""
+        prompt); with `add_bos`, <bos> first where the file asks for it. With `nfkc`, `text` is
+        normalized first as dslm's tokenizer normalizes it (llama.cpp does not: dslm.gguf_export),
+        which makes the ids dslm's; without it, llama.cpp's ids for the raw text, as llama-cli's."""
+        text = unicodedata.normalize("NFKC", text) if nfkc else text
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:

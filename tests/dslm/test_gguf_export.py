@@ -5,7 +5,6 @@ ids against dslm's tokenizer, the metadata llama.cpp and Ollama read, and the in
 import subprocess
 import sys
 import sysconfig
-import unicodedata
 from pathlib import Path
 
 import gguf
@@ -106,9 +105,9 @@ def test_llama_cpp_tokenizes_ascii_code_to_dslms_ids(loaded, gguf_exports, tiny_
     text = (STDLIB / name).read_text()
     assert text.isascii()
     llama = loaded(folders["q8_0"], model)
-    assert llama.tokenize(text) == tokenizer.encode(text).ids
-    assert llama.tokenize(text, add_bos=True) == [BOS_ID, *tokenizer.encode(text).ids]
-    assert llama.tokenize("x = '<eos>'") == tokenizer.encode("x = '<eos>'").ids  # special tokens stay text
+    assert llama.tokenize(text, nfkc=False) == tokenizer.encode(text).ids
+    assert llama.tokenize(text, add_bos=True, nfkc=False) == [BOS_ID, *tokenizer.encode(text).ids]
+    assert llama.tokenize("x = '<eos>'", nfkc=False) == tokenizer.encode("x = '<eos>'").ids  # special tokens stay text
 
 
 def test_text_that_nfkc_changes_tokenizes_as_dslm_after_normalizing(loaded, gguf_exports, tiny_shards):
@@ -116,8 +115,8 @@ def test_text_that_nfkc_changes_tokenizes_as_dslm_after_normalizing(loaded, gguf
     tokenizer = load_text_tokenizer(tiny_shards[0] / "tokenizer.json")
     llama = loaded(folders["f32"], model)
     text = "ﬁle = open('ｄａｔａ①.txt')  # ½ of the ㎏"
-    assert llama.tokenize(text) != tokenizer.encode(text).ids  # llama.cpp does not normalize
-    assert llama.tokenize(unicodedata.normalize("NFKC", text)) == tokenizer.encode(text).ids
+    assert llama.tokenize(text, nfkc=False) != tokenizer.encode(text).ids  # llama.cpp does not normalize
+    assert llama.tokenize(text) == tokenizer.encode(text).ids
 
 
 def metadata(folder: Path) -> dict:
