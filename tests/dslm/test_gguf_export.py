@@ -87,7 +87,7 @@ def test_q8_0_agrees_on_95_percent_of_next_tokens_and_bits_per_byte_within_1_per
     for window in heldout_ids(tokenizer, 16, model.cfg.block_size):
         ids, targets = np.array(window[:-1]), np.array(window[1:])
         with torch.no_grad():
-            expected = model(torch.tensor([ids]))[0].numpy()
+            expected = model(torch.from_numpy(ids)[None])[0].numpy()
         got = llama.logits(ids)
         agree.append(got.argmax(-1) == expected.argmax(-1))
         ours, theirs = ours + nats(expected, targets), theirs + nats(got, targets)
