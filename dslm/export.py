@@ -14,6 +14,11 @@ in the prompt kept as text (dslm.hf.hf_tokenizer, dslm.hf.tokenizer_config).
 a run (its best, else latest checkpoint) or an export folder; --int8 quantizes its weights. The
 folder (model.onnx, config.json, tokenizer files) is what `dslm-complete` runs, with ONNX Runtime
 and no torch.
+
+Every export's config.json records the checkpoint it came from (dslm.hf.ORIGIN_KEY). --check then
+compares the folder with it (`dslm-eval OUT --parity`): bits per byte on the run's held-out val
+samples and top-1 next-token agreement, printed as a table and recorded as OUT/parity.json; outside
+the format's bounds it exits non-zero with one line naming what failed, and the folder stays.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +40,15 @@ from dslm.data.templates import Framing
 from dslm.data.tokens import load_text_tokenizer
 from dslm.errors import DslmError
 from dslm.files import atomic_path, check_creatable, sha256_file
-from dslm.hf import export_tokenizer_sha256, generation_config, hf_config, hf_state_dict, hf_tokenizer, tokenizer_config
+from dslm.hf import (
+    export_tokenizer_sha256,
+    generation_config,
+    hf_config,
+    hf_state_dict,
+    hf_tokenizer,
+    recorded_origin,
+    tokenizer_config,
+)
 from dslm.logs import VERBOSE_HELP, LibraryOutput
 from dslm.model import ModelConfig
 from dslm.model_source import ModelSource, resolve_source
@@ -49,8 +64,10 @@ def export(source: str | Path, out: Path | None = None) -> Path:
     found.need_weights()
     out = out or default_out(found, "")
     check_new_folder(out)
-    cfg, weights, _ = read_weights(source)
-    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found))
+    cfg, weights, origin = read_weights(source)
+    write_hf(
+        out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found), origin_record(found, origin)
+    )
     return out
 
 
@@ -61,17 +78,27 @@ def write_hf(
     tokenizer: Path,
     framing: Framing = Framing(),
     source_sha256: str = "",
+    origin: dict | None = None,
 ) -> None:
     """The HF folder of a model of `cfg` with `weights` (as dslm.checkpoint.weights reads them), written under
     a temporary name, then renamed into place; config.json records the model's framing
-    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them."""
+    (dslm.hf.DIRECTION_KEY) and the checkpoint it came from (`origin`, dslm.hf.ORIGIN_KEY), tokenizer
+    files as write_tokenizer_files writes them."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing, origin), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(framing), indent=2) + "\n")
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         write_tokenizer_files(tmp, tokenizer, framing, source_sha256)
+
+
+def origin_record(source: ModelSource, origin: Origin) -> dict:
+    """What an export of `source` records as the checkpoint it came from (dslm.hf.ORIGIN_KEY): the
+    tag read (absolute), or for an export, the checkpoint it records (itself when it records none)."""
+    if source.is_export and (recorded := recorded_origin(source.path)):
+        return recorded
+    return {"path": str(Path(origin.path).absolute()), "step": origin.step}
 
 
 def training_sha256(source: ModelSource) -> str:
@@ -134,22 +161,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="--format onnx: int8 weights (ONNX Runtime's dynamic quantization), about 4x smaller",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="after writing, compare the export with its checkpoint (dslm-eval OUT --parity): print the parity "
+        "table, record OUT/parity.json, exit non-zero outside the format's bounds (the folder stays)",
+    )
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        metavar="N",
+        help="--check: held-out tokens scored, in whole val samples (default: dslm-eval's --parity-tokens default)",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_intermixed_args(argv)  # OUT may follow the options
+    if args.check_tokens is not None and args.check_tokens < 1:
+        p.error(f"--check-tokens {args.check_tokens} must be at least 1")
     if args.int8 and args.format != "onnx":
         p.error("--int8 goes with --format onnx")
     return args
 
 
-def run_hf(source: Path, out: Path | None) -> None:
+def run_hf(source: Path, out: Path | None) -> Path:
     out = export(source, out)
-    print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))", flush=True)
+    return out
 
 
-def run_onnx(source: Path, out: Path | None, int8: bool) -> None:
+def run_onnx(source: Path, out: Path | None, int8: bool) -> Path:
     out, origin = write_onnx(source, out, int8)
     step = f", step {origin.step}" if origin.step is not None else ""
-    print(f"wrote {out} from {origin.path}{step} (dslm-complete {out} --prompt ...)")
+    print(f"wrote {out} from {origin.path}{step} (dslm-complete {out} --prompt ...)", flush=True)
+    return out
+
+
+def check(out: Path, tokens: int | None) -> None:
+    """`dslm-eval OUT --parity` (dslm_eval.parity; dslm imports nothing of dslm_eval): its table on
+    stdout; `tokens`: its --parity-tokens, None for its default. Raises DslmError with dslm-eval's
+    one line when the export fails its bounds or cannot be checked."""
+    command = [sys.executable, "-m", "dslm_eval.cli", str(out), "--parity"]
+    command += ["--parity-tokens", str(tokens)] if tokens is not None else []
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)  # descriptor 1 is LibraryOutput's: its table goes to sys.stdout
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"dslm-eval exited with status {done.returncode}"]
+        raise DslmError(f"--check: {lines[-1].removeprefix('dslm-eval: error: ')}")
 
 
 def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin]:
@@ -169,15 +225,18 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
         framing,
         int8,
         lambda folder: write_tokenizer_files(folder, tokenizer, framing, sha256),
+        origin_record(found, origin),
     )
     return out, origin
 
 
 def run(args: argparse.Namespace) -> None:
     if args.format == "onnx":
-        run_onnx(args.checkpoint, args.out, args.int8)
+        out = run_onnx(args.checkpoint, args.out, args.int8)
     else:
-        run_hf(args.checkpoint, args.out)
+        out = run_hf(args.checkpoint, args.out)
+    if args.check:
+        check(out, args.check_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,123 @@
+"""An export folder of any format as one kind of model: token ids in, next-token logits out.
+
+Each format is one entry of BACKENDS: the files that identify its folder, the files that hold its
+weights (their size is the export's), its format name (parity bounds are keyed by it) and how to
+load it. A new format (GGUF for llama.cpp) is a new entry; dslm-eval and `dslm-export --check`
+then compare it with its checkpoint as they do the others (dslm_eval.parity).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dslm.errors import DslmError
+from dslm.model import GPT
+from dslm.model_source import HF_FILES, ONNX_FILES
+from dslm_eval.load import load_for_eval
+from dslm_local.graph import DATA_NAME, ONNX_NAME, WEIGHTS_KEY
+from dslm_local.onnx_model import PROMPT_CHUNK, OnnxModel
+
+
+class ExportModel(Protocol):
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Next-token logits (T, V) float32 at each position of the token ids `ids` (T,) int64,
+        read from the start of a sequence (T at most the model's context)."""
+        ...
+
+
+class TorchLogits:
+    """dslm's GPT (fp32, eval mode, on the CPU) as an ExportModel: a checkpoint's or an HF export's."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+
+    @torch.no_grad()
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        out = self.model(torch.from_numpy(ids).long()[None])[0]  # (T, padded V)
+        return out[:, : self.model.cfg.vocab_size].float().numpy()
+
+
+class OnnxLogits:
+    """An ONNX export run with ONNX Runtime as an ExportModel: each sequence fed PROMPT_CHUNK tokens
+    per pass through the KV cache, as dslm-complete feeds a prompt."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        self.model.reset()
+        tokens = ids.tolist()
+        return np.concatenate(
+            [self.model.forward(tokens[start : start + PROMPT_CHUNK]) for start in range(0, len(tokens), PROMPT_CHUNK)]
+        )
+
+
+def onnx_format(folder: Path) -> str:
+    """ "onnx" or "onnx-int8", as config.json records the weights' precision (WEIGHTS_KEY)."""
+    try:
+        weights = json.loads((folder / "config.json").read_text()).get(WEIGHTS_KEY, "fp32")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DslmError(f"{folder / 'config.json'}: not the config of a dslm ONNX export ({e})") from None
+    return "onnx-int8" if weights == "int8" else "onnx"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How dslm-eval reads one export format."""
+
+    files: tuple[str, ...]
+    """The files that make a folder this format's export (all of them present)."""
+    weights: tuple[str, ...]
+    """The files that hold its weights: their sizes summed are the export's size."""
+    format: Callable[[Path], str]
+    """The folder -> its format name (a key of dslm_eval.parity.BOUNDS)."""
+    load: Callable[[Path, int], ExportModel]
+    """(folder, threads: 0 for one per core) -> the model."""
+
+
+BACKENDS = (
+    Backend(
+        HF_FILES,
+        ("model.safetensors",),
+        lambda folder: "hf",
+        lambda folder, threads: TorchLogits(load_for_eval(folder).model),
+    ),
+    Backend(
+        ONNX_FILES, (ONNX_NAME, DATA_NAME), onnx_format, lambda folder, threads: OnnxLogits(OnnxModel(folder, threads))
+    ),
+)
+"""Every export format dslm-eval reads, the first whose files a folder holds wins."""
+
+
+def backend_of(folder: Path) -> Backend:
+    """The backend whose files `folder` holds. Raises DslmError for a folder that is no export."""
+    for backend in BACKENDS:
+        if all((folder / name).is_file() for name in backend.files):
+            return backend
+    formats = "; ".join(", ".join(b.files) for b in BACKENDS)
+    raise DslmError(f"{folder} is not an export folder (one of: {formats})")
+
+
+def load_export(folder: Path, threads: int = 0) -> ExportModel:
+    """The model of the export at `folder` (`threads`: its runtime's threads, 0 for one per core;
+    the torch backends use torch's). Raises DslmError for a folder that is no export, or one its
+    runtime cannot load."""
+    return backend_of(folder).load(folder, threads)
+
+
+def export_format(folder: Path) -> str:
+    """ "hf", "onnx", "onnx-int8" (later "gguf-f32", "gguf-f16", "gguf-q8_0"): the format of the
+    export at `folder`. Raises DslmError for a folder that is no export."""
+    return backend_of(folder).format(folder)
+
+
+def export_size(folder: Path) -> int:
+    """Bytes of the export's weight files."""
+    return sum((folder / name).stat().st_size for name in backend_of(folder).weights if (folder / name).is_file())
