@@ -53,7 +53,7 @@ from dslm.hf import recorded_origin
 from dslm.logs import VERBOSE_HELP, LibraryOutput, warning
 from dslm.metrics import Metrics
 from dslm.model_source import ModelSource, resolve_source
-from dslm.run_dir import RunDir, tag_for
+from dslm.run_dir import RunDir, run_of_export, tag_for
 from dslm.signals import test_pause
 from dslm_eval.checkers import CheckerLimits
 from dslm_eval.code_tasks import (
@@ -65,7 +65,7 @@ from dslm_eval.code_tasks import (
     run_compile_success,
     run_exact_match,
 )
-from dslm_eval.exports import TorchLogits, export_format, export_size, load_export
+from dslm_eval.exports import TorchLogits, export_format, export_size, find_backend, load_export
 from dslm_eval.generate import complete
 from dslm_eval.heldout import LabeledSamples, heldout_documents, token_bytes
 from dslm_eval.humaneval import MAX_SAMPLES, PassAtKConfig, humaneval_bpb, humaneval_problems, run_pass_at_k
@@ -606,8 +606,8 @@ def reference_of(export: Path, against: Path | None) -> Path:
                 f"{export} came from {origin['path']}, which is not there: name it with --against CHECKPOINT"
             )
         return Path(origin["path"])
-    found = resolve_source(export)
-    if found.run is None or not (tag := found.run.checkpoints / tag_for(found.step)).exists():
+    found = run_of_export(export)
+    if found is None or not (tag := found[0].checkpoints / tag_for(found[1])).exists():
         raise DslmError(f"{export} records no checkpoint it came from: name it with --against CHECKPOINT")
     return tag
 
@@ -639,10 +639,16 @@ def check_export(
     )
 
 
-def run_parity(args: argparse.Namespace, source: ModelSource) -> None:
+def without_torch_weights(target: Path) -> bool:
+    """Whether `target` is an export of a format other than HF (ONNX): the parity check is all
+    dslm-eval measures on it."""
+    return find_backend(target) is not None and export_format(target) != "hf"
+
+
+def run_parity(args: argparse.Namespace) -> None:
     """--parity: the table on stdout, parity.json in the export; DslmError naming what failed."""
-    if not source.is_export:
-        raise DslmError(f"--parity compares an export folder with its checkpoint; {args.target} is a {source.kind}")
+    if find_backend(args.target) is None:
+        raise DslmError(f"--parity compares an export folder with its checkpoint; {args.target} is not one")
     parity = check_export(args.target, args.against, args.shards, args.parity_tokens)
     path = write_parity(args.target, parity)
     print(f"{table(parity)}\n  -> {path}", flush=True)
@@ -651,10 +657,10 @@ def run_parity(args: argparse.Namespace, source: ModelSource) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    source = resolve_source(args.target)
-    if args.parity or args.against is not None or (source.is_export and source.kind != "hf"):
-        run_parity(args, source)
+    if args.parity or args.against is not None or without_torch_weights(args.target):
+        run_parity(args)
         return
+    source = resolve_source(args.target)
     targets = find_targets(source)
     if args.watch and source.kind != "run":
         raise DslmError("--watch follows a run directory (runs/NAME)")

@@ -96,13 +96,17 @@ BACKENDS = (
 """Every export format dslm-eval reads, the first whose files a folder holds wins."""
 
 
+def find_backend(folder: Path) -> Backend | None:
+    """The backend whose files `folder` holds, None for a folder that is no export (or no folder)."""
+    return next((b for b in BACKENDS if all((folder / name).is_file() for name in b.files)), None)
+
+
 def backend_of(folder: Path) -> Backend:
     """The backend whose files `folder` holds. Raises DslmError for a folder that is no export."""
-    for backend in BACKENDS:
-        if all((folder / name).is_file() for name in backend.files):
-            return backend
-    formats = "; ".join(", ".join(b.files) for b in BACKENDS)
-    raise DslmError(f"{folder} is not an export folder (one of: {formats})")
+    if (backend := find_backend(folder)) is None:
+        formats = "; ".join(", ".join(b.files) for b in BACKENDS)
+        raise DslmError(f"{folder} is not an export folder (one of: {formats})")
+    return backend
 
 
 def load_export(folder: Path, threads: int = 0) -> ExportModel:
