@@ -595,21 +595,21 @@ def shard_set_name(source: ModelSource, shards: Path) -> str:
 
 def reference_of(export: Path, against: Path | None) -> Path:
     """The checkpoint to compare the export at `export` with: `against` (a run: its chosen tag), else
-    the one its config.json records (dslm.hf.ORIGIN_KEY), else, for an export at its run's default
-    place, that run's tag of its step. Raises DslmError when there is none, or it is gone."""
+    the one its config.json records (dslm.hf.ORIGIN_KEY) or, where that is gone (a run moved) or
+    not recorded, for an export at its run's default place, that run's tag of its step. Raises
+    DslmError when there is none, naming the recorded one and --against."""
     if against is not None:
         found = resolve_source(against)
         return found.chosen_tag() if found.kind == "run" else found.path
-    if (origin := recorded_origin(export)) is not None:
-        if not Path(origin["path"]).exists():
-            raise DslmError(
-                f"{export} came from {origin['path']}, which is not there: name it with --against CHECKPOINT"
-            )
-        return Path(origin["path"])
-    found = run_of_export(export)
-    if found is None or not (tag := found[0].checkpoints / tag_for(found[1])).exists():
-        raise DslmError(f"{export} records no checkpoint it came from: name it with --against CHECKPOINT")
-    return tag
+    origin = recorded_origin(export)
+    recorded = Path(origin["path"]) if isinstance(origin, dict) and origin.get("path") else None
+    at_default = run_of_export(export)
+    for candidate in (recorded, at_default and at_default[0].checkpoints / tag_for(at_default[1])):
+        if candidate is not None and candidate.exists():
+            return candidate
+    if recorded is not None:
+        raise DslmError(f"{export} came from {recorded}, which is not there: name it with --against CHECKPOINT")
+    raise DslmError(f"{export} records no checkpoint it came from: name it with --against CHECKPOINT")
 
 
 def check_export(
