@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from dslm.export import export
 from dslm_eval.parity import BOUNDS
 
 BIN = Path(sys.executable).parent
@@ -114,3 +115,11 @@ def test_parity_against_another_checkpoint_and_without_one(base_run, onnx_export
     done = eval_parity(folder, "--against", onnx_exports[0])
     assert done.returncode == 0, done.stderr
     assert parity_of(folder)["checkpoint"] == str(onnx_exports[0] / "checkpoints" / "global_step7")
+
+
+def test_an_export_of_an_export_records_the_checkpoint_of_the_first(base_run, tmp_path):
+    tag = base_run / "checkpoints" / "global_step5"
+    export(tag, tmp_path / "first")
+    export(tmp_path / "first", tmp_path / "second")
+    origins = [json.loads((tmp_path / name / "config.json").read_text())["dslm_origin"] for name in ("first", "second")]
+    assert origins == [{"path": str(tag.absolute()), "step": 5}] * 2
