@@ -20,6 +20,11 @@ q8_0, with a Modelfile for `ollama create` beside it.
 
 Every export folder also holds its model card, README.md, with the loss curve beside it
 (dslm.model_card), written from what the run recorded.
+
+Every export's config.json records the checkpoint it came from (dslm.hf.ORIGIN_KEY). --check then
+compares the folder with it (`dslm-eval OUT --parity`): bits per byte on the run's held-out val
+samples and top-1 next-token agreement, printed as a table and recorded as OUT/parity.json; outside
+the format's bounds it exits non-zero with one line naming what failed, and the folder stays.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +53,7 @@ from dslm.hf import (
     hf_config,
     hf_state_dict,
     hf_tokenizer,
+    recorded_origin,
     runtime_config,
     tokenizer_config,
 )
@@ -65,8 +73,17 @@ def export(source: str | Path, out: Path | None = None) -> Path:
     found.need_weights()
     out = out or default_out(found, "")
     check_new_folder(out)
-    cfg, weights, _ = read_weights(source)
-    write_hf(out, cfg, weights, found.tokenizer_file(), found.framing(), training_sha256(found), found)
+    cfg, weights, origin = read_weights(source)
+    write_hf(
+        out,
+        cfg,
+        weights,
+        found.tokenizer_file(),
+        found.framing(),
+        training_sha256(found),
+        origin_record(found, origin),
+        found,
+    )
     return out
 
 
@@ -77,21 +94,31 @@ def write_hf(
     tokenizer: Path,
     framing: Framing = Framing(),
     source_sha256: str = "",
+    origin: dict | None = None,
     source: ModelSource | None = None,
 ) -> None:
     """The HF folder of a model of `cfg` with `weights` (as dslm.checkpoint.weights reads them), written under
     a temporary name, then renamed into place; config.json records the model's framing
-    (dslm.hf.DIRECTION_KEY), tokenizer files as write_tokenizer_files writes them; with the
-    `source` the weights were read from, its model card (dslm.model_card)."""
+    (dslm.hf.DIRECTION_KEY) and the checkpoint it came from (`origin`, dslm.hf.ORIGIN_KEY), tokenizer
+    files as write_tokenizer_files writes them; with the `source` the weights were read from, its
+    model card (dslm.model_card)."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, framing, origin), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(framing), indent=2) + "\n")
         save_file(hf_state_dict(weights, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         write_tokenizer_files(tmp, tokenizer, framing, source_sha256)
         if source is not None:
             write_model_card(tmp, source, "hf")
+
+
+def origin_record(source: ModelSource, origin: Origin) -> dict:
+    """What an export of `source` records as the checkpoint it came from (dslm.hf.ORIGIN_KEY): the
+    tag read (absolute), or for an export, the checkpoint it records (itself when it records none)."""
+    if source.is_export and (recorded := recorded_origin(source.path)):
+        return recorded
+    return {"path": str(Path(origin.path).absolute()), "step": origin.step}
 
 
 def training_sha256(source: ModelSource) -> str:
@@ -161,8 +188,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--format gguf: the weights' type: f32, f16 (half the size) or q8_0 (llama.cpp's 8-bit blocks, "
         "about a quarter) (default: f16)",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="after writing, compare the export with its checkpoint (dslm-eval OUT --parity): print the parity "
+        "table, record OUT/parity.json, exit non-zero outside the format's bounds (the folder stays)",
+    )
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        metavar="N",
+        help="--check: held-out tokens scored, in whole val samples (default: dslm-eval's --parity-tokens default)",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_intermixed_args(argv)  # OUT may follow the options
+    if args.check_tokens is not None and args.check_tokens < 1:
+        p.error(f"--check-tokens {args.check_tokens} must be at least 1")
     if args.int8 and args.format != "onnx":
         p.error("--int8 goes with --format onnx")
     if args.type and args.format != "gguf":
@@ -171,15 +212,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_hf(source: Path, out: Path | None) -> None:
+def run_hf(source: Path, out: Path | None) -> Path:
     out = export(source, out)
-    print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    print(f"wrote {out} (GPT2LMHeadModel.from_pretrained({str(out)!r}))", flush=True)
+    return out
 
 
-def run_onnx(source: Path, out: Path | None, int8: bool) -> None:
+def run_onnx(source: Path, out: Path | None, int8: bool) -> Path:
     out, origin = write_onnx(source, out, int8)
     step = f", step {origin.step}" if origin.step is not None else ""
-    print(f"wrote {out} from {origin.path}{step} (dslm-complete {out} --prompt ...)")
+    print(f"wrote {out} from {origin.path}{step} (dslm-complete {out} --prompt ...)", flush=True)
+    return out
+
+
+def check(out: Path, tokens: int | None) -> None:
+    """`dslm-eval OUT --parity` (dslm_eval.parity; dslm imports nothing of dslm_eval): its table on
+    stdout; `tokens`: its --parity-tokens, None for its default. Raises DslmError with dslm-eval's
+    one line when the export fails its bounds or cannot be checked."""
+    command = [sys.executable, "-m", "dslm_eval.cli", str(out), "--parity"]
+    command += ["--parity-tokens", str(tokens)] if tokens is not None else []
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)  # descriptor 1 is LibraryOutput's: its table goes to sys.stdout
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"dslm-eval exited with status {done.returncode}"]
+        raise DslmError(f"--check: {lines[-1].removeprefix('dslm-eval: error: ')}")
 
 
 def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin]:
@@ -198,7 +254,7 @@ def write_onnx(source: Path, out: Path | None, int8: bool) -> tuple[Path, Origin
         write_tokenizer_files(folder, tokenizer, framing, sha256)
         write_model_card(folder, found, "onnx-int8" if int8 else "onnx")
 
-    export_onnx(model_from(cfg, weights, origin.path), out, framing, int8, write_files)
+    export_onnx(model_from(cfg, weights, origin.path), out, framing, int8, write_files, origin_record(found, origin))
     return out, origin
 
 
@@ -219,7 +275,9 @@ def write_gguf_folder(source: Path, out: Path | None, type: str) -> tuple[Path, 
     name = GGUF_NAME.format(type=type)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(runtime_config(cfg, framing), indent=2) + "\n")
+        (tmp / "config.json").write_text(
+            json.dumps(runtime_config(cfg, framing, origin_record(found, origin)), indent=2) + "\n"
+        )
         write_tokenizer_files(tmp, tokenizer, framing, sha256)
         write_gguf(tmp / name, cfg, weights, load_text_tokenizer(tokenizer), framing, type)
         (tmp / "Modelfile").write_text(ollama_modelfile(name, framing))
@@ -249,19 +307,32 @@ def ollama_modelfile(name: str, framing: Framing) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_gguf(source: Path, out: Path | None, type: str) -> None:
+def run_gguf(source: Path, out: Path | None, type: str) -> Path:
     out, origin = write_gguf_folder(source, out, type)
     step = f", step {origin.step}" if origin.step is not None else ""
-    print(f"wrote {out} from {origin.path}{step} (llama-cli -m {out / GGUF_NAME.format(type=type)} -p ...)")
+    print(f"wrote {out} from {origin.path}{step} (llama-cli -m {out / GGUF_NAME.format(type=type)} -p ...)", flush=True)
+    return out
+
+
+def card_format(args: argparse.Namespace) -> str:
+    """The export's format as dslm.model_card names it: hf, onnx, onnx-int8 or gguf-TYPE."""
+    if args.format == "gguf":
+        return f"gguf-{args.type}"
+    return "onnx-int8" if args.int8 else args.format
 
 
 def run(args: argparse.Namespace) -> None:
     if args.format == "onnx":
-        run_onnx(args.checkpoint, args.out, args.int8)
+        out = run_onnx(args.checkpoint, args.out, args.int8)
     elif args.format == "gguf":
-        run_gguf(args.checkpoint, args.out, args.type)
+        out = run_gguf(args.checkpoint, args.out, args.type)
     else:
-        run_hf(args.checkpoint, args.out)
+        out = run_hf(args.checkpoint, args.out)
+    if args.check:
+        try:
+            check(out, args.check_tokens)
+        finally:  # the card shows the parity table, passed or not
+            write_model_card(out, resolve_source(args.checkpoint), card_format(args))
 
 
 def main(argv: list[str] | None = None) -> None:

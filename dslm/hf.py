@@ -37,6 +37,10 @@ DIRECTION_KEY, TEMPLATE_KEY, FIM_KEY = "dslm_direction", "dslm_template", "dslm_
 """dslm's own config.json keys (GPT2Config keeps unknown keys as attributes): the model's Framing.
 A "backward" model reads text reversed in token order: reverse a prompt's ids before the model and
 the generated ids after it. Absent: forward, no template."""
+ORIGIN_KEY = "dslm_origin"
+"""dslm-export's record in config.json of the checkpoint the weights came from: {"path": the tag
+(or an HF export without a record), "step": its step or null}. dslm-eval compares the export
+with it (dslm_eval.parity)."""
 
 BLOCK_NAMES = {
     "ln_1.weight": "ln_1.weight",
@@ -74,8 +78,9 @@ def is_conv1d(name: str) -> bool:
     return name.startswith("blocks.") and name.endswith(".weight") and ".ln_" not in name
 
 
-def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
-    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it) and its framing.
+def hf_config(cfg: ModelConfig, framing: Framing = Framing(), origin: dict | None = None) -> dict:
+    """GPT2Config's config.json for `cfg` (no head bias: dslm-export folds it), its framing and,
+    when given, the checkpoint it came from (`origin`, ORIGIN_KEY's record).
     Its eos_token_id is the token the model ends what it writes with (dslm.data.templates.stop_token):
     <|im_end|> for an instruction-tuned model, as generation_config.json says."""
     sizes = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_NAMES.items()}
@@ -97,14 +102,26 @@ def hf_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
         DIRECTION_KEY: framing.direction,
         TEMPLATE_KEY: framing.template,
         FIM_KEY: framing.fim,
+        **({ORIGIN_KEY: origin} if origin else {}),
     }
 
 
-def runtime_config(cfg: ModelConfig, framing: Framing = Framing()) -> dict:
+def runtime_config(cfg: ModelConfig, framing: Framing = Framing(), origin: dict | None = None) -> dict:
     """config.json of an export that is no transformers model (ONNX, GGUF): hf_config's sizes,
-    special token ids and framing, without "architectures" and "torch_dtype", which would name a
-    transformers model that is not in the folder."""
-    return {key: value for key, value in hf_config(cfg, framing).items() if key not in ("architectures", "torch_dtype")}
+    special token ids, framing and origin, without "architectures" and "torch_dtype", which would
+    name a transformers model that is not in the folder."""
+    config = hf_config(cfg, framing, origin)
+    return {key: value for key, value in config.items() if key not in ("architectures", "torch_dtype")}
+
+
+def recorded_origin(folder: Path) -> dict | None:
+    """The checkpoint an export's config.json records it came from (ORIGIN_KEY), None for an export
+    written before that record. Raises DslmError for a config.json that is not JSON."""
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text()).get(ORIGIN_KEY)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DslmError(f"{path}: not an export's config ({e})") from None
 
 
 def generation_config(framing: Framing) -> dict:

@@ -8,6 +8,8 @@ A model source is one of
   hf    a `dslm-export` folder (model.safetensors, config.json, tokenizer.json)
   onnx  a `dslm-export --format onnx` folder (model.onnx, config.json, tokenizer.json): what
         dslm-complete runs; it has no torch weights.
+  gguf  a `dslm-export --format gguf` folder (model-TYPE.gguf, config.json, tokenizer.json): what
+        llama.cpp runs; it has no torch weights.
 Each gives its tokenizer, its framing (direction, template) and, for a tag or run, its run's
 config, without its shards: a run carries its tokenizer (dslm.run_dir). The shards are needed only
 for perplexity on them (`shards`).
@@ -31,6 +33,14 @@ from dslm.run_dir import RunDir, run_of_export, run_of_tag
 
 HF_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 ONNX_FILES = ("model.onnx", "config.json", "tokenizer.json")
+GGUF_FILES = ("model-*.gguf", "config.json", "tokenizer.json")
+EXPORT_FILES = {"hf": HF_FILES, "onnx": ONNX_FILES, "gguf": GGUF_FILES}
+"""The files (glob patterns) that make a folder an export of each kind."""
+
+
+def holds(folder: Path, patterns: tuple[str, ...]) -> bool:
+    """Whether `folder` holds a file matching each of `patterns` (glob patterns)."""
+    return all(any(p.is_file() for p in folder.glob(pattern)) for pattern in patterns)
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class ModelSource:
     path: Path
     """As given."""
     kind: str
-    """"tag", "run", "hf" or "onnx"."""
+    """"tag", "run", "hf", "onnx" or "gguf"."""
     run: RunDir | None
     """The run the weights come from: the run itself, a tag's run, an export's at its default place
     (runs/NAME/export/stepN); None for an export elsewhere."""
@@ -56,7 +66,7 @@ class ModelSource:
 
     @property
     def is_export(self) -> bool:
-        return self.kind in ("hf", "onnx")
+        return self.kind in EXPORT_FILES
 
     def newest_tag(self) -> Path:
         """A tag, or a run's newest sealed, intact tag. Raises DslmError for a run without one."""
@@ -84,10 +94,11 @@ class ModelSource:
         return self.newest_tag()
 
     def need_weights(self) -> None:
-        """DslmError for an ONNX export: no torch command can read its graph."""
-        if self.kind == "onnx":
+        """DslmError for an ONNX or GGUF export: no torch command can read its graph or file."""
+        runner = {"onnx": "dslm-complete", "gguf": "llama.cpp"}.get(self.kind)
+        if runner is not None:
             raise DslmError(
-                f"{self.path} is an ONNX export, which holds no torch weights: dslm-complete runs it; "
+                f"{self.path} is an {self.kind.upper()} export, which holds no torch weights: {runner} runs it; "
                 f"use its checkpoint, run or HF export here"
             )
 
@@ -160,8 +171,8 @@ def resolve_source(path: str | Path) -> ModelSource:
     path = Path(path)
     if not path.exists():
         raise DslmError(f"{path} does not exist")
-    for kind, files in (("hf", HF_FILES), ("onnx", ONNX_FILES)):
-        if all((path / name).is_file() for name in files):
+    for kind, files in EXPORT_FILES.items():
+        if holds(path, files):
             run, step = run_of_export(path) or (None, None)
             return ModelSource(path, kind, run, step)
     if (run := RunDir.at(path)) is not None:

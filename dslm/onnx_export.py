@@ -126,10 +126,18 @@ def quantize_int8(source: Path, out: Path, work: Path) -> None:
         )
 
 
-def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_files: Callable[[Path], None]) -> None:
+def export_onnx(
+    model: GPT,
+    out: Path,
+    framing: Framing,
+    int8: bool,
+    write_files: Callable[[Path], None],
+    origin: dict | None = None,
+) -> None:
     """An ONNX export folder: model.onnx with its weights in model.onnx.data (ONNX Runtime maps that
     file instead of copying a protobuf's weights, and a model over 2 GB fits), config.json
-    (export_config), the tokenizer files and the model card (`write_files(folder)`), written under a temporary
+    (export_config, recording `origin`: dslm.hf.ORIGIN_KEY), the tokenizer files and the model card
+    (`write_files(folder)`), written under a temporary
     name and renamed into place. Raises DslmError when `out` exists. Says what it does on stderr,
     with a progress bar over its stages (the graph; int8)."""
     if out.exists():
@@ -141,7 +149,7 @@ def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_files
     )
     with atomic_path(out) as tmp, tqdm(total=1 + int8, desc="onnx export", unit="stage") as bar:
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(export_config(model, framing, int8), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(export_config(model, framing, int8, origin), indent=2) + "\n")
         bar.set_postfix_str("graph")
         if int8:
             (work := tmp / "work").mkdir()
@@ -158,6 +166,6 @@ def export_onnx(model: GPT, out: Path, framing: Framing, int8: bool, write_files
         write_files(tmp)
 
 
-def export_config(model: GPT, framing: Framing, int8: bool) -> dict:
-    """config.json of an ONNX export: dslm.hf.runtime_config and WEIGHTS_KEY."""
-    return {**runtime_config(model.cfg, framing), WEIGHTS_KEY: "int8" if int8 else "fp32"}
+def export_config(model: GPT, framing: Framing, int8: bool, origin: dict | None = None) -> dict:
+    """config.json of an ONNX export: dslm.hf.runtime_config (recording `origin`) and WEIGHTS_KEY."""
+    return {**runtime_config(model.cfg, framing, origin), WEIGHTS_KEY: "int8" if int8 else "fp32"}

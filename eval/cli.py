@@ -4,6 +4,7 @@
   dslm-eval runs/NAME --watch          ... and each new one as training writes it
   dslm-eval runs/NAME/checkpoints/global_stepN | runs/NAME/export/stepN | EXPORT --shards DIR
   dslm-eval runs/NAME --shards OTHER   on another shard set: results under its folder's name
+  dslm-eval EXPORT --parity [--against CHECKPOINT]   an export against the checkpoint it came from
 
 Metrics (--metrics): perplexity (loss, perplexity and bits per byte on the val shards, overall
 and per language), exact_match (line completion on held-out code, per language),
@@ -16,6 +17,13 @@ trained with fill-in-the-middle). Results go to runs/NAME/eval/stepN.json and to
 TensorBoard as eval/* at the checkpoint's step (the same scalars under the result's "scalars");
 on another shard set SET (--shards SET, not the run's own), to runs/NAME/eval/stepN/SET.json and
 eval/SET/*. A summary table is printed. dslm-train runs it on each checkpoint with train.evals.
+
+--parity compares an export folder (HF, ONNX, ONNX int8) with the checkpoint it came from (its
+config.json records it; --against names another): bits per byte of both on the same held-out val
+samples (--parity-tokens) and the fraction of positions where both pick the same next token. It
+prints the parity table, records it as EXPORT/parity.json, and exits non-zero, with one line
+naming what failed, when the export is outside its format's bounds (fp32: 0.1% and 100%; int8: 1%
+and 95%). An export without torch weights (ONNX) is always checked this way.
 """
 
 from __future__ import annotations
@@ -41,10 +49,11 @@ from dslm.data.manifest import MANIFEST_NAME, Manifest
 from dslm.errors import DslmError
 from dslm.evals import METRICS
 from dslm.files import atomic_write_text
+from dslm.hf import recorded_origin
 from dslm.logs import VERBOSE_HELP, LibraryOutput, warning
 from dslm.metrics import Metrics
 from dslm.model_source import ModelSource, resolve_source
-from dslm.run_dir import RunDir
+from dslm.run_dir import RunDir, run_of_export, tag_for
 from dslm.signals import test_pause
 from dslm_eval.checkers import CheckerLimits
 from dslm_eval.code_tasks import (
@@ -56,11 +65,13 @@ from dslm_eval.code_tasks import (
     run_compile_success,
     run_exact_match,
 )
+from dslm_eval.exports import TorchLogits, export_format, export_size, find_backend, load_export
 from dslm_eval.generate import complete
 from dslm_eval.heldout import LabeledSamples, heldout_documents, token_bytes
 from dslm_eval.humaneval import MAX_SAMPLES, PassAtKConfig, humaneval_bpb, humaneval_problems, run_pass_at_k
 from dslm_eval.infilling import InfillingConfig, run_fim_exact_match, torch_infill
 from dslm_eval.load import LoadedModel, load_for_eval, parse_device
+from dslm_eval.parity import DEFAULT_TOKENS, Parity, compare, failures, score, table, write_parity
 from dslm_eval.perplexity import ALL, perplexity
 from dslm_local.decoding import GenerationConfig
 
@@ -176,6 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     add_code_options(p)
+    add_parity_options(p)
     p.add_argument("--force", action="store_true", help="evaluate checkpoints that already have a result again")
     p.add_argument(
         "--watch",
@@ -198,7 +210,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.poll <= MAX_POLL_S:
         p.error(f"--poll {args.poll:g} must be within (0, {MAX_POLL_S}] seconds")
+    if args.parity_tokens < 1:
+        p.error(f"--parity-tokens {args.parity_tokens} must be at least 1")
     return args
+
+
+def add_parity_options(p: argparse.ArgumentParser) -> None:
+    """The options of the comparison of an export with its checkpoint (dslm_eval.parity)."""
+    p.add_argument(
+        "--parity",
+        action="store_true",
+        help="compare the export folder with the checkpoint it came from (bits per byte, top-1 agreement), "
+        "write EXPORT/parity.json, exit non-zero outside the format's bounds; always so for an ONNX export",
+    )
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="--parity against this checkpoint, run (its best, else latest checkpoint) or HF export instead "
+        "of the one the export records (implies --parity)",
+    )
+    p.add_argument(
+        "--parity-tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        metavar="N",
+        help="--parity: held-out tokens scored, in whole val samples (default: %(default)s)",
+    )
 
 
 def add_code_options(p: argparse.ArgumentParser) -> None:
@@ -555,7 +593,73 @@ def shard_set_name(source: ModelSource, shards: Path) -> str:
     return f"{shards.resolve().name}-{digest[:8]}"
 
 
+def reference_of(export: Path, against: Path | None) -> Path:
+    """The checkpoint to compare the export at `export` with: `against` (a run: its chosen tag), else
+    the one its config.json records (dslm.hf.ORIGIN_KEY) or, where that is gone (a run moved) or
+    not recorded, for an export at its run's default place, that run's tag of its step. Raises
+    DslmError when there is none, naming the recorded one and --against."""
+    if against is not None:
+        found = resolve_source(against)
+        return found.chosen_tag() if found.kind == "run" else found.path
+    origin = recorded_origin(export)
+    recorded = Path(origin["path"]) if isinstance(origin, dict) and origin.get("path") else None
+    at_default = run_of_export(export)
+    for candidate in (recorded, at_default and at_default[0].checkpoints / tag_for(at_default[1])):
+        if candidate is not None and candidate.exists():
+            return candidate
+    if recorded is not None:
+        raise DslmError(f"{export} came from {recorded}, which is not there: name it with --against CHECKPOINT")
+    raise DslmError(f"{export} records no checkpoint it came from: name it with --against CHECKPOINT")
+
+
+def check_export(
+    folder: Path, against: Path | None = None, shards: Path | None = None, tokens: int = DEFAULT_TOKENS
+) -> Parity:
+    """The export at `folder` against its checkpoint (reference_of) on at least `tokens` held-out
+    target tokens of the val split of `shards`, by default the checkpoint's run's data.shards.
+    Raises DslmError for a folder that is no export, no checkpoint to compare with, or shards
+    that do not fit the checkpoint (check_shards_fit)."""
+    fmt, reference = export_format(folder), reference_of(folder, against)
+    source = resolve_source(reference)
+    data = ValData(source.shards(shards), EvalConfig(metrics=("perplexity",)), folder)
+    loaded = load_for_eval(reference)
+    check_shards_fit(data, reference, loaded.framing.direction)
+    bytes_of = token_bytes(data.tokenizer, loaded.model.cfg.vocab_size)
+    ours = score(TorchLogits(loaded.model), data.samples, bytes_of, tokens, loaded.framing.direction)
+    theirs = score(load_export(folder), data.samples, bytes_of, tokens, loaded.framing.direction)
+    row = compare(theirs, ours, fmt, export_size(folder))
+    return Parity(
+        str(reference),
+        loaded.step,
+        str(data.shards),
+        ours.tokens,
+        {"bits_per_byte": ours.bits_per_byte},
+        [row],
+        row.passed,
+    )
+
+
+def without_torch_weights(target: Path) -> bool:
+    """Whether `target` is an export of a format other than HF (ONNX): the parity check is all
+    dslm-eval measures on it."""
+    return find_backend(target) is not None and export_format(target) != "hf"
+
+
+def run_parity(args: argparse.Namespace) -> None:
+    """--parity: the table on stdout, parity.json in the export; DslmError naming what failed."""
+    if find_backend(args.target) is None:
+        raise DslmError(f"--parity compares an export folder with its checkpoint; {args.target} is not one")
+    parity = check_export(args.target, args.against, args.shards, args.parity_tokens)
+    path = write_parity(args.target, parity)
+    print(f"{table(parity)}\n  -> {path}", flush=True)
+    if not parity.passed:
+        raise DslmError(f"{args.target} failed its parity check: {failures(parity)}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.parity or args.against is not None or without_torch_weights(args.target):
+        run_parity(args)
+        return
     source = resolve_source(args.target)
     targets = find_targets(source)
     if args.watch and source.kind != "run":

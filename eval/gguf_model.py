@@ -5,6 +5,7 @@ the tests compare what llama.cpp computes with dslm's own model."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import unicodedata
@@ -29,13 +30,15 @@ def import_llama_cpp():
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """llama.cpp's C++ log (it writes to file descriptor 2, past Python) sent to /dev/null."""
+    """llama.cpp's log away from the terminal: what its C++ writes to file descriptor 2 and what
+    llama-cpp-python's log callback prints to sys.stderr (which a command's LibraryOutput points at
+    the terminal itself) both go to /dev/null."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             os.dup2(null.fileno(), 2)
-        yield
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -62,6 +65,9 @@ class GgufModel:
                 )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise DslmError(f"{path}: llama.cpp cannot load it ({e})") from None
+        # llama.cpp's log goes through this logger once loaded; its warnings (a context rounded up
+        # past the model's) are not the command's output
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
         self.n_ctx = n_ctx
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on this machine's CPU, on real code (the interpreter's own
 # standard library): tokenizer + shards -> 2-rank DeepSpeed ZeRO-2 bf16 training -> eval -> export
-# (transformers, ONNX int8 for dslm-complete) -> instruction tuning.
+# (transformers, ONNX int8 for dslm-complete, GGUF q8_0 for llama.cpp with its parity check) -> instruction tuning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -29,10 +29,12 @@ rm -rf "$RUN"
 echo "== 3/5 evaluate the checkpoints: perplexity, exact match and compile success on held-out code"
 "$BIN/dslm-eval" "$RUN" --exact-match-samples 50 --compile-samples 20
 
-echo "== 4/5 export the last checkpoint for Hugging Face transformers, and as int8 ONNX for dslm-complete"
+echo "== 4/5 export the last checkpoint for Hugging Face transformers, as int8 ONNX for dslm-complete, and as"
+echo "   q8_0 GGUF for llama.cpp and Ollama, checked against the checkpoint (its parity table)"
 LATEST=$(cat "$RUN/checkpoints/latest")
 "$BIN/dslm-export" "$RUN/checkpoints/$LATEST"
 "$BIN/dslm-export" "$RUN/checkpoints/$LATEST" --format onnx --int8
+"$BIN/dslm-export" "$RUN/checkpoints/$LATEST" --format gguf --type q8_0 --check
 ONNX="$RUN/export/${LATEST/global_step/step}-onnx-int8"
 echo "dslm-complete $ONNX --prompt 'import os\nimport ' (onnxruntime, no torch):"
 "$BIN/dslm-complete" "$ONNX" --prompt $'import os\nimport '

@@ -280,6 +280,8 @@ CASES = [
     ),
     ("dslm-shard", "inspect {shards} --sho 1", "unrecognized arguments: --sho"),
     ("dslm-eval", "{base} --metric perplexity", "unrecognized arguments: --metric"),
+    # issue 30: --parity compares an export, not a checkpoint
+    ("dslm-eval", "{base}/checkpoints/global_step5 --parity", "--parity compares an export folder with its checkpoint"),
     ("dslm-generate", "{base} --prom x", "unrecognized arguments: --prom"),
     ("dslm-export", "{base} --form onnx", "unrecognized arguments: --form"),
     ("dslm-submit", "train --executor local --dry data.shards={shards}", "unrecognized arguments: --dry"),
@@ -729,6 +731,18 @@ SIZES = [
     ),
     (
         "dslm-eval",
+        "{onnx_copy} --parity",
+        "--parity-tokens {v}",
+        {0: "--parity-tokens 0 must be at least 1", -1: "--parity-tokens -1 must be at least 1", BIG: None},
+    ),
+    (
+        "dslm-export",
+        "{run} {root}/checked --check",
+        "--check-tokens {v}",
+        {0: "--check-tokens 0 must be at least 1", -1: "--check-tokens -1 must be at least 1", BIG: None},
+    ),
+    (
+        "dslm-eval",
         "{run} --metrics perplexity --force",
         "--poll {v}",
         {0: "--poll 0 must be within (0, 86400] seconds", -1: "--poll -1 must be within", BIG: "--poll 1e+09 must be"},
@@ -889,12 +903,20 @@ def option_argv(option: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def size_world(world, base_run, onnx_exports, code_corpus):
-    """`world` with a run to evaluate and generate from, an ONNX export and a file to complete in."""
+    """`world` with a run to evaluate and generate from, an ONNX export (and a copy of it to check
+    against its checkpoint) and a file to complete in."""
     root = Path(world["root"])
     run = root / "sized-run"
     shutil.copytree(base_run, run)  # eval writes its results into the run
     (root / "cursor.py").write_text("def f(x):\n    return x\n")
-    return {**world, "run": str(run), "onnx": str(onnx_exports[2]), "corpus": str(code_corpus / "json")}
+    onnx_copy = shutil.copytree(onnx_exports[2], root / "onnx-copy")  # --parity writes parity.json into it
+    return {
+        **world,
+        "run": str(run),
+        "onnx": str(onnx_exports[2]),
+        "onnx_copy": str(onnx_copy),
+        "corpus": str(code_corpus / "json"),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 source): greedy continuations, next-token agreement and bits per byte against dslm's model, token
 ids against dslm's tokenizer, the metadata llama.cpp and Ollama read, and the inputs it refuses."""
 
+import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -184,3 +186,32 @@ def test_type_without_gguf_is_one_line(gguf_exports, tmp_path):
     line = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and line.startswith("dslm-export: error: --type goes with --format gguf"), line
     assert not (tmp_path / "x").exists()
+
+
+def test_export_check_passes_q8_0_and_puts_the_parity_table_in_the_card(gguf_exports, tmp_path):
+    run, _, _ = gguf_exports
+    out = tmp_path / "q8"
+    done = run_export(run, "--format", "gguf", "--type", "q8_0", out, "--check", "--check-tokens", "1024")
+    assert done.returncode == 0, done.stderr
+    parity = json.loads((out / "parity.json").read_text())
+    (row,) = parity["rows"]
+    assert row["format"] == "gguf-q8_0" and row["passed"] and row["top1_agreement"] >= 0.95
+    assert row["size_bytes"] == (out / "model-q8_0.gguf").stat().st_size
+    assert "gguf-q8_0" in done.stdout and "gguf-q8_0" in (out / "README.md").read_text()
+
+
+def test_a_gguf_file_damaged_after_writing_fails_its_check_in_one_line(gguf_exports, tmp_path):
+    _, _, folders = gguf_exports
+    out = tmp_path / "f32"
+    shutil.copytree(folders["f32"], out)
+    reader = gguf.GGUFReader(out / "model-f32.gguf", "r+")
+    (tensor,) = [t for t in reader.tensors if t.name == "output.weight"]
+    tensor.data[: len(tensor.data) // 4] = 0  # a zeroed stretch, in place through the file's memory map
+    reader.data.flush()
+    del reader
+    done = subprocess.run(
+        [BIN / "dslm-eval", out, "--parity", "--parity-tokens", "1024"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()  # llama.cpp's own log is not on it
+    assert line.startswith("dslm-eval: error: ") and "gguf-f32" in line, line
