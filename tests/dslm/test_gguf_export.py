@@ -16,8 +16,10 @@ import torch
 
 from dslm.config import RunConfig, save_config
 from dslm.data.loader import DataConfig
-from dslm.data.tokens import BOS_ID, EOS_ID, FIM_TOKENS, load_text_tokenizer
+from dslm.data.templates import Framing
+from dslm.data.tokens import BOS_ID, EOS_ID, FIM_TOKENS, SPECIAL_TOKENS, load_text_tokenizer
 from dslm.export import main as export_main
+from dslm.hf import chat_template
 from dslm.model import GPT, ModelConfig
 from dslm_eval.generate import generate
 from dslm_local.decoding import GenerationConfig
@@ -215,3 +217,27 @@ def test_a_gguf_file_damaged_after_writing_fails_its_check_in_one_line(gguf_expo
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()  # llama.cpp's own log is not on it
     assert line.startswith("dslm-eval: error: ") and "gguf-f32" in line, line
+
+
+def test_a_templated_model_records_its_chat_template_and_stops_at_im_end(tmp_path, sft_shards):
+    run = small_run(tmp_path, sft_shards[0])
+    export_main([str(run), "--format", "gguf", "--type", "f32", str(tmp_path / "out")])
+    keys = metadata(tmp_path / "out")
+    assert keys["tokenizer.ggml.eos_token_id"] == SPECIAL_TOKENS.index("<|im_end|>")
+    assert keys["tokenizer.chat_template"] == chat_template(Framing(template=keys["dslm.template"]))
+    assert keys["dslm.template"] == "instruct"
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert 'TEMPLATE """<|im_start|><|instruction|>{{ .Prompt }}<|im_end|><|im_start|><|response|>"""' in modelfile
+    assert "PARAMETER stop <|im_end|>" in modelfile
+
+
+def test_an_hf_export_folder_exports_as_gguf_beside_it_with_the_same_logits(loaded, gguf_exports, tmp_path):
+    run, model, _ = gguf_exports
+    hf = tmp_path / "step9"
+    export_main([str(run), str(hf)])
+    export_main([str(hf), "--format", "gguf", "--type", "f32"])
+    ids = np.arange(40) % model.cfg.vocab_size
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)[None])[0].numpy()
+    got = loaded(tmp_path / "step9-gguf-f32", model).logits(ids)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
