@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from dslm.data.templates import Framing, stop_token
 from dslm.data.tokens import BOS_ID, PAD_ID, SPECIAL_TOKENS
 from dslm.errors import DslmError
-from dslm.hf import chat_template, gpt2_weights
+from dslm.hf import chat_template, gpt2_weights, renamed
 from dslm.model import ModelConfig
 from dslm_local.fim import FimIds
 
@@ -71,18 +71,14 @@ DSLM_KEYS = {"direction": "dslm.direction", "template": "dslm.template", "fim": 
 """dslm's own keys: the model's Framing (llama.cpp ignores keys it does not know)."""
 
 
-def tensor_names(cfg: ModelConfig) -> dict[str, str]:
-    """dslm's tensor names -> llama.cpp's, for every tensor of the file."""
-    names = {
-        "wte.weight": "token_embd.weight",
-        "wpe.weight": "position_embd.weight",
-        "ln_f.weight": "output_norm.weight",
-        "ln_f.bias": "output_norm.bias",
-        "lm_head.weight": "output.weight",
-    }
-    for i in range(cfg.n_layer):
-        names.update({f"blocks.{i}.{ours}": f"blk.{i}.{theirs}" for ours, theirs in BLOCK_TENSORS.items()})
-    return names
+OUTER_TENSORS = {
+    "wte.weight": "token_embd.weight",
+    "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight",
+    "ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+"""The tensors outside the blocks, dslm -> llama.cpp."""
 
 
 def stored(name: str, tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -120,7 +116,7 @@ def write_gguf(
     write_model_keys(writer, cfg, file_type)
     write_tokenizer_keys(writer, tok, cfg.vocab_size, framing)
     weights = gpt2_weights(weights, cfg)
-    for ours, theirs in tensor_names(cfg).items():
+    for ours, theirs in renamed(cfg, OUTER_TENSORS, BLOCK_TENSORS, "blk.{i}.").items():
         data = stored(ours, weights[ours], qtype)
         writer.add_tensor(theirs, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
     writer.write_header_to_file()

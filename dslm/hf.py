@@ -59,18 +59,26 @@ BLOCK_NAMES = {
 """A block's tensors, dslm -> GPT-2. GPT-2's Conv1D stores the Linear weights transposed."""
 
 
+def renamed(cfg: ModelConfig, outer: dict[str, str], block: dict[str, str], block_prefix: str) -> dict[str, str]:
+    """dslm's tensor names -> another format's, for every tensor of a GPT-2 model of `cfg` (no head
+    bias): `outer` for those outside the blocks, `block` for each block's, whose names there begin
+    with `block_prefix` formatted with the block's index (`i`)."""
+    names = dict(outer)
+    for i in range(cfg.n_layer):
+        names.update({f"blocks.{i}.{ours}": block_prefix.format(i=i) + theirs for ours, theirs in block.items()})
+    return names
+
+
 def weight_names(cfg: ModelConfig) -> dict[str, str]:
     """dslm's tensor names -> GPT2LMHeadModel's, for every tensor of the exported model."""
-    names = {
+    outer = {
         "wte.weight": "transformer.wte.weight",
         "wpe.weight": "transformer.wpe.weight",
         "ln_f.weight": "transformer.ln_f.weight",
         "ln_f.bias": "transformer.ln_f.bias",
         "lm_head.weight": "lm_head.weight",
     }
-    for i in range(cfg.n_layer):
-        names.update({f"blocks.{i}.{ours}": f"transformer.h.{i}.{theirs}" for ours, theirs in BLOCK_NAMES.items()})
-    return names
+    return renamed(cfg, outer, BLOCK_NAMES, "transformer.h.{i}.")
 
 
 def is_conv1d(name: str) -> bool:
