@@ -206,6 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--check-tokens {args.check_tokens} must be at least 1")
     if args.int8 and args.format != "onnx":
         p.error("--int8 goes with --format onnx")
+    if args.check_tokens is not None and not args.check:
+        p.error("--check-tokens goes with --check")
     if args.type and args.format != "gguf":
         p.error("--type goes with --format gguf")
     args.type = args.type or "f16"
@@ -280,19 +282,20 @@ def write_gguf_folder(source: Path, out: Path | None, type: str) -> tuple[Path, 
         )
         write_tokenizer_files(tmp, tokenizer, framing, sha256)
         write_gguf(tmp / name, cfg, weights, load_text_tokenizer(tokenizer), framing, type)
-        (tmp / "Modelfile").write_text(ollama_modelfile(name, framing))
+        (tmp / "Modelfile").write_text(ollama_modelfile(name, framing, cfg.block_size))
         write_model_card(tmp, found, f"gguf-{type}")
     return out, origin
 
 
-def ollama_modelfile(name: str, framing: Framing) -> str:
+def ollama_modelfile(name: str, framing: Framing, context: int) -> str:
     """An Ollama Modelfile for the GGUF file `name` beside it (`ollama create NAME -f Modelfile`):
-    greedy decoding, as dslm-complete's default, and the prompt framed as the model was trained
+    greedy decoding, as dslm-complete's default; the model's `context` in tokens (llama.cpp aborts
+    past the positions the model has, and Ollama's default is longer); the prompt framed as the model was trained
     (Ollama adds <bos> as the file asks): as it is for a model of documents; for a model tuned with
     a template, the given block, then the target block's opening markers, stopping at its close
     (what dslm-generate --template feeds; a template with reversed words, which Ollama's template
     language cannot reverse, takes its prompt reversed word by word, as the comment says)."""
-    lines = [f"FROM ./{name}", "PARAMETER temperature 0"]
+    lines = [f"FROM ./{name}", "PARAMETER temperature 0", f"PARAMETER num_ctx {context}"]
     if not framing.template:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
         return "\n".join(lines) + "\n"

@@ -95,11 +95,12 @@ class ModelSource:
 
     def need_weights(self) -> None:
         """DslmError for an ONNX or GGUF export: no torch command can read its graph or file."""
-        runner = {"onnx": "dslm-complete", "gguf": "llama.cpp"}.get(self.kind)
-        if runner is not None:
+        without = {"onnx": ("an ONNX", "dslm-complete"), "gguf": ("a GGUF", "llama.cpp")}.get(self.kind)
+        if without is not None:
+            what, runner = without
             raise DslmError(
-                f"{self.path} is an {self.kind.upper()} export, which holds no torch weights: {runner} runs it; "
-                f"use its checkpoint, run or HF export here"
+                f"{self.path} is {what} export, which holds no torch weights: {runner} runs it; use its "
+                f"checkpoint, run or HF export here"
             )
 
     def need_checkpoints(self) -> None:

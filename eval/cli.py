@@ -18,12 +18,13 @@ TensorBoard as eval/* at the checkpoint's step (the same scalars under the resul
 on another shard set SET (--shards SET, not the run's own), to runs/NAME/eval/stepN/SET.json and
 eval/SET/*. A summary table is printed. dslm-train runs it on each checkpoint with train.evals.
 
---parity compares an export folder (HF, ONNX, ONNX int8) with the checkpoint it came from (its
+--parity compares an export folder (HF, ONNX, ONNX int8, GGUF) with the checkpoint it came from (its
 config.json records it; --against names another): bits per byte of both on the same held-out val
 samples (--parity-tokens) and the fraction of positions where both pick the same next token. It
 prints the parity table, records it as EXPORT/parity.json, and exits non-zero, with one line
-naming what failed, when the export is outside its format's bounds (fp32: 0.1% and 100%; int8: 1%
-and 95%). An export without torch weights (ONNX) is always checked this way.
+naming what failed, when the export is outside its format's bounds (fp32: 0.1% and 100%; GGUF f32:
+0.1% and 99.9%; f16: 0.1% and 99%; int8 and q8_0: 1% and 95%). An export without torch weights
+(ONNX, GGUF) is always checked this way, whatever --metrics says.
 """
 
 from __future__ import annotations

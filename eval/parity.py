@@ -46,13 +46,15 @@ BOUNDS = {
     "hf": Bounds(0.1, 1.0),
     "onnx": Bounds(0.1, 1.0),
     "onnx-int8": Bounds(1.0, 0.95),
-    "gguf-f32": Bounds(0.1, 1.0),
+    "gguf-f32": Bounds(0.1, 0.999),
     "gguf-f16": Bounds(0.1, 0.99),
     "gguf-q8_0": Bounds(1.0, 0.95),
 }
 """Each export format's bounds (dslm_eval.exports.export_format names them): fp32 and f16 keep bits
 per byte within 0.1% and the checkpoint's choice everywhere (f16: 99%); int8 and q8_0 within 1%
-and 95%."""
+and 95%. GGUF f32 keeps it at 99.9% of positions: llama.cpp's CPU GELU reads a float16 table
+(ggml's GGML_GELU_FP16), so its f32 logits differ from dslm's by up to ~4e-3 (measured on the
+demo's model), which flips a rare near-tie (1 of 7,680 positions there)."""
 
 
 @dataclass

@@ -241,3 +241,16 @@ def test_an_hf_export_folder_exports_as_gguf_beside_it_with_the_same_logits(load
         expected = model(torch.from_numpy(ids)[None])[0].numpy()
     got = loaded(tmp_path / "step9-gguf-f32", model).logits(ids)
     assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+
+
+def test_the_modelfile_keeps_ollama_within_the_models_context(gguf_exports):
+    _, model, folders = gguf_exports
+    assert f"PARAMETER num_ctx {model.cfg.block_size}\n" in (folders["q8_0"] / "Modelfile").read_text()
+
+
+def test_check_tokens_without_check_is_one_line(gguf_exports, tmp_path):
+    run, _, _ = gguf_exports
+    done = run_export(run, "--format", "gguf", "--check-tokens", "10", tmp_path / "x")
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and line.startswith("dslm-export: error: --check-tokens goes with --check"), line
+    assert not (tmp_path / "x").exists()
