@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +93,23 @@ class GgufModel:
         self.llm.eval([int(i) for i in ids])
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids: list[int], max_new_tokens: int, stop: int | None = None) -> list[int]:
+    def greedy(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        stop: int | None = None,
+        stopped: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
         """The greedy continuation of `ids`: up to `max_new_tokens` ids, through llama.cpp's KV cache
-        (the prompt in one pass, then one token per pass), ending after `stop`."""
+        (the prompt in one pass, then one token per pass), ending after `stop`, or once
+        `stopped(new ids)` is true (dslm_local.decoding.Stopper.stopped: a stop string)."""
         self.llm.reset()
         self.llm.eval(list(ids))
         new: list[int] = []
         while len(new) < max_new_tokens and len(ids) + len(new) < self.n_ctx:
             token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             new.append(token)
-            if token == stop:
+            if token == stop or (stopped is not None and stopped(new)):
                 break
             self.llm.eval([token])
         return new
