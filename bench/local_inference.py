@@ -20,7 +20,8 @@ Each path runs in a fresh process of its own that loads the model and completes 
 turn (one sequence at a time, greedy, stopping at the end of the line), and reports the peak
 resident memory of the whole process (VmHWM, the kernel's high-water mark: interpreter,
 libraries, weights, buffers) and tokens per second over the completions. The ONNX and llama.cpp
-processes import no torch (checked). llama.cpp runs the GGUF file through llama-cpp-python
+processes import no torch (checked). The machine's 1-minute load average before and after each process
+says whether other work shared the cores. llama.cpp runs the GGUF file through llama-cpp-python
 (dslm_eval.gguf_model.GgufModel, which keeps the logits of every position, as the ONNX graph
 computes them for every prompt token), fed the prompt ids dslm-complete feeds the int8 export
 (Completer.prompt_ids, computed in the parent) and stopped as it stops (<eos>, or a newline in
@@ -155,10 +156,11 @@ def run_worker(mode: str, target: Path, lines_file: Path, args: argparse.Namespa
         "--threads",
         str(args.threads),
     ]
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"load_average": [load_before, os.getloadavg()[0]]}
 
 
 # ------------------------------------------------------------------ the parent
@@ -298,14 +300,15 @@ def report(args, lines, results, sizes, exact, commit) -> None:
         f"local_inference: {args.target}, {len(lines)} held-out lines, up to {args.max_new_tokens} new tokens each; "
         f"{device_line(args.threads)}; {datetime.date.today()}; commit {commit}"
     )
-    print("| path | model file | peak RSS (MiB) | tokens/s | greedy = torch | torch imported |")
-    print("|---|---|---|---|---|---|")
+    print("| path | model file | peak RSS (MiB) | tokens/s | greedy = torch | torch imported | load average |")
+    print("|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         same = sum(a == b for a, b in zip(r["texts"], torch_texts)) / len(torch_texts)
         size = sizes.get(mode.split(",")[0])
         print(
             f"| {mode} | {f'{size / 2**20:.1f} MiB' if size else '-'} | {r['peak_rss_mb']:.1f} | "
-            f"{r['new_tokens'] / r['seconds']:.1f} | {same:.1%} | {r['imported_torch']} |"
+            f"{r['new_tokens'] / r['seconds']:.1f} | {same:.1%} | {r['imported_torch']} | "
+            f"{r['load_average'][0]:.1f} to {r['load_average'][1]:.1f} |"
         )
     print(
         f"ONNX fp32 vs torch: max |logit difference| {exact['max_abs_logit_diff_fp32']:.2e}; int8 vs fp32: top-1 "
