@@ -44,7 +44,7 @@ def quiet_stderr():
 
 class GgufModel:
     """One GGUF file loaded by llama.cpp on the CPU, with a context of `n_ctx` tokens (at most the
-    model's block size) and `threads` threads (0: one per core). Raises DslmError for a file
+    model's block size) and `threads` threads (0: one per core), for the prompt's pass too. Raises DslmError for a file
     llama.cpp cannot load, with llama.cpp's reason where it gives one."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int = 0):
@@ -58,6 +58,7 @@ class GgufModel:
                     n_ctx=n_ctx,
                     n_batch=n_ctx,
                     n_threads=threads or os.cpu_count(),
+                    n_threads_batch=threads or os.cpu_count(),  # the prompt's pass: else one per core
                     logits_all=True,
                     verbose=False,
                 )
