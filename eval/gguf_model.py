@@ -44,8 +44,8 @@ def quiet_stderr():
 
 class GgufModel:
     """One GGUF file loaded by llama.cpp on the CPU, with a context of `n_ctx` tokens (at most the
-    model's block size) and `threads` threads (0: one per core), for the prompt's pass too. Raises DslmError for a file
-    llama.cpp cannot load, with llama.cpp's reason where it gives one."""
+    model's block size) and `threads` threads (0: one per core), for the prompt's pass too. Raises
+    DslmError for a file llama.cpp cannot load, with llama.cpp's reason where it gives one."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int = 0):
         llama_cpp = import_llama_cpp()
