@@ -20,13 +20,16 @@ Each path runs in a fresh process of its own that loads the model and completes 
 turn (one sequence at a time, greedy, stopping at the end of the line), and reports the peak
 resident memory of the whole process (VmHWM, the kernel's high-water mark: interpreter,
 libraries, weights, buffers) and tokens per second over the completions. The ONNX and llama.cpp
-processes import no torch (checked). The machine's 1-minute load average before and after each process
-says whether other work shared the cores. llama.cpp runs the GGUF file through llama-cpp-python
-(dslm_eval.gguf_model.GgufModel, which keeps the logits of every position, as the ONNX graph
-computes them for every prompt token), fed the prompt ids dslm-complete feeds the int8 export
-(Completer.prompt_ids, computed in the parent) and stopped as it stops (<eos>, or a newline in
-the new tokens' text decoded by dslm's tokenizer). int8 runs twice: as dslm-complete runs it, and with ONNX Runtime's
-default memory patterns, which dslm-complete turns off (dslm_local.onnx_model.session_options).
+processes import no torch (checked). The machine's 1-minute load average before and after each
+process says whether other work shared the cores. llama.cpp runs the GGUF file through
+llama-cpp-python (dslm_eval.gguf_model.GgufModel, which keeps the logits of every position, as
+the ONNX graph computes them for every prompt token), fed the prompt ids dslm-complete feeds the
+int8 export (Completer.prompt_ids, computed in the parent: its time leaves out the prompt's
+encoding, a few ms a line) and stopped as it stops (<eos>, or a newline in the text of the new
+tokens, decoded by dslm's tokenizer). int8 runs twice: as dslm-complete runs it, and with ONNX
+Runtime's default memory patterns, which dslm-complete turns off
+(dslm_local.onnx_model.session_options).
+
 Exactness, measured here in the parent: the largest |logit| difference between ONNX fp32 and
 torch over whole prompts; the share of lines whose greedy completion equals torch's; the
 int8 export's top-1 agreement with fp32 on every token of the held-out lines (teacher-forced);
