@@ -10,8 +10,8 @@ SOURCE is a checkpoint, a run or an export folder (as dslm-export takes); its ru
 (--shards for an export folder) give the held-out lines: the val split's documents per
 language, a line start sampled as dslm-eval's exact match does, the code before it as the
 prompt. Without SOURCE, --untrained PRESET (e.g. code-33m) is that model at its initialization
-with a FIM tokenizer of its vocabulary (complete_latency.untrained_source), and its lines come
-from shards of standard-library packages the tokenizer was not trained on (HELDOUT_PACKAGES):
+with a FIM tokenizer of its vocabulary (complete_latency.untrained_source), and the lines are
+drawn from shards of standard-library packages the tokenizer was not trained on (HELDOUT_PACKAGES):
 untrained weights cost what trained ones cost per token, but seldom end a line, so most lines
 run to --max-new-tokens and greedy agreement means little. The ONNX and GGUF exports are
 written to a temporary folder.
