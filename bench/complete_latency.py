@@ -48,6 +48,15 @@ TOKENIZER_PACKAGES = ("json", "email", "asyncio", "importlib", "logging", "unitt
 def untrained_export(preset: str, folder: Path) -> Path:
     """An int8 ONNX export of `preset` at its initialization, with a FIM tokenizer of its
     vocabulary, written by dslm-export under `folder`."""
+    out = folder / "untrained-onnx-int8"
+    export = [BIN / "dslm-export", untrained_source(preset, folder), out, "--format", "onnx", "--int8"]
+    subprocess.run(export, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def untrained_source(preset: str, folder: Path) -> Path:
+    """`preset` at its initialization as an export folder, folder/untrained, with a FIM tokenizer
+    of its vocabulary trained on TOKENIZER_PACKAGES (also at folder/tokenizer.json)."""
     from safetensors.torch import save_file
 
     from dslm.data.templates import Framing
@@ -68,10 +77,7 @@ def untrained_export(preset: str, folder: Path) -> Path:
     save_file(hf_state_dict(model.state_dict(), cfg), str(source / "model.safetensors"))
     (source / "config.json").write_text(json.dumps(hf_config(cfg, framing)))
     write_tokenizer_files(source, tokenizer_file, framing)
-    out = folder / "untrained-onnx-int8"
-    export = [BIN / "dslm-export", source, out, "--format", "onnx", "--int8"]
-    subprocess.run(export, check=True, stdout=subprocess.DEVNULL)
-    return out
+    return source
 
 
 def cursor_requests(n: int, lines_before: int, seed: int = 0) -> list[dict]:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,8 @@ def quiet_stderr():
 
 class GgufModel:
     """One GGUF file loaded by llama.cpp on the CPU, with a context of `n_ctx` tokens (at most the
-    model's block size) and `threads` threads (0: one per core). Raises DslmError for a file
-    llama.cpp cannot load, with llama.cpp's reason where it gives one."""
+    model's block size) and `threads` threads (0: one per core), for the prompt's pass too. Raises
+    DslmError for a file llama.cpp cannot load, with llama.cpp's reason where it gives one."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int = 0):
         llama_cpp = import_llama_cpp()
@@ -60,6 +61,7 @@ class GgufModel:
                     n_ctx=n_ctx,
                     n_batch=n_ctx,
                     n_threads=threads or os.cpu_count(),
+                    n_threads_batch=threads or os.cpu_count(),  # the prompt's pass: else one per core
                     logits_all=True,
                     verbose=False,
                 )
@@ -98,16 +100,23 @@ class GgufModel:
         self.llm.eval([int(i) for i in ids])
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids: list[int], max_new_tokens: int, stop: int | None = None) -> list[int]:
+    def greedy(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        stop: int | None = None,
+        stopped: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
         """The greedy continuation of `ids`: up to `max_new_tokens` ids, through llama.cpp's KV cache
-        (the prompt in one pass, then one token per pass), ending after `stop`."""
+        (the prompt in one pass, then one token per pass), ending after `stop`, or once
+        `stopped(new ids)` is true (dslm_local.decoding.Stopper.stopped: a stop string)."""
         self.llm.reset()
         self.llm.eval(list(ids))
         new: list[int] = []
         while len(new) < max_new_tokens and len(ids) + len(new) < self.n_ctx:
             token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             new.append(token)
-            if token == stop:
+            if token == stop or (stopped is not None and stopped(new)):
                 break
             self.llm.eval([token])
         return new

@@ -1,4 +1,5 @@
-"""bench/local_inference.py end to end on the tiny ONNX fixture's run, at its smallest settings."""
+"""bench/local_inference.py end to end on the tiny ONNX fixture's run, at its smallest settings: torch, ONNX
+and llama.cpp (GGUF) paths."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_each_path_reports_memory_and_speed_and_onnx_imports_no_torch(onnx_exports, tmp_path):
+def test_each_path_reports_memory_and_speed_and_onnx_and_llama_cpp_import_no_torch(onnx_exports, tmp_path):
     run, _, _, _ = onnx_exports
     out = tmp_path / "figures.json"
     cmd = [
@@ -31,8 +32,17 @@ def test_each_path_reports_memory_and_speed_and_onnx_imports_no_torch(onnx_expor
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     results = figures["results"]
-    assert list(results) == ["torch fp32", "onnx fp32", "onnx int8", "onnx int8, memory patterns on"]
+    assert list(results) == [
+        "torch fp32",
+        "onnx fp32",
+        "onnx int8",
+        "onnx int8, memory patterns on",
+        "llama.cpp q8_0",
+        "llama.cpp f16",
+    ]
     assert results["torch fp32"]["imported_torch"] and not results["onnx int8"]["imported_torch"]
+    assert not any(results[mode]["imported_torch"] for mode in ("llama.cpp q8_0", "llama.cpp f16"))
+    assert figures["llama_tokenizer_agreement"] == 1.0 and figures["sizes"]["llama.cpp q8_0"] > 0
     assert all(r["new_tokens"] > 0 and r["seconds"] > 0 for r in results.values())
     # the light path is lighter than torch's, whatever the machine
     assert results["onnx int8"]["peak_rss_mb"] < results["torch fp32"]["peak_rss_mb"] - 100
